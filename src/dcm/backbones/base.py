@@ -1,0 +1,133 @@
+"""The small protocol every teacher family implements, and what all of them share.
+
+A backbone owns the frozen pieces (prompt encoder, video codec) and the teacher transformer; the
+distillation code passes *which* transformer to run (teacher, student, expert) to ``predict``, so
+one adapter serves every model of a run.  Velocity parametrisation: v ≈ ε − x0 (METHODS.md).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of a batch; ``extra`` holds family-specific tensors (pooled, masks)."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    extra: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, idx: torch.Tensor | slice | list[int]) -> PromptEmbeds:
+        extra = {k: v[idx] for k, v in (self.extra or {}).items()} or None
+        return PromptEmbeds(self.hidden[idx], extra)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        move = (lambda t: t.to(device, dtype) if t.is_floating_point() and dtype else t.to(device))  # noqa: E731
+        return PromptEmbeds(move(self.hidden), {k: move(v) for k, v in (self.extra or {}).items()} or None)
+
+    @staticmethod
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
+        keys = (items[0].extra or {}).keys()
+        extra = {k: torch.cat([i.extra[k] for i in items]) for k in keys} or None
+        return PromptEmbeds(torch.cat([i.hidden for i in items]), extra)
+
+
+class Backbone(ABC):
+    """Interface of a teacher family.  Subclasses set the class attributes and implement the methods."""
+
+    family: str = ""
+    guidance_mode: str = "cfg"  # "cfg" (two forwards) or "embedded" (guidance is a model input)
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    timestep_layer_names: tuple[str, ...] = ()  # top-level modules/parameters DetE copies
+    transformer: nn.Module
+    guidance_scale: float = 1.0
+
+    # --- text
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        ...
+
+    # --- video <-> latents
+    @abstractmethod
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
+        ...
+
+    # --- the network
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The transformer blocks whose outputs are features for the discriminator."""
+        ...
+
+    @abstractmethod
+    def forward(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """One transformer forward: velocity for latents ``x`` at noise level ``sigma`` (B,)."""
+        ...
+
+    def feature_block_indices(self, model: nn.Module) -> list[int]:
+        """Every 2nd block (METHODS.md: the discriminator taps)."""
+        return list(range(0, len(self.blocks(model)), 2))
+
+    # --- shared behaviour
+    def predict(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                features: bool = False, guidance: torch.Tensor | None = None):
+        """Velocity, and with ``features=True`` also the outputs of every 2nd block (B, tokens, dim)."""
+        if not features:
+            return self.forward(model, x, sigma, cond, guidance)
+        with self.capture_features(model) as feats:
+            v = self.forward(model, x, sigma, cond, guidance)
+        return v, list(feats)
+
+    @contextmanager
+    def capture_features(self, model: nn.Module):
+        blocks = self.blocks(model)
+        taps = self.feature_block_indices(model)
+        feats: list[torch.Tensor] = [None] * len(taps)  # type: ignore[list-item]
+
+        def hook_for(slot: int):
+            def hook(_module, _inputs, output):
+                feats[slot] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        handles = [blocks[i].register_forward_hook(hook_for(k)) for k, i in enumerate(taps)]
+        try:
+            yield feats
+        finally:
+            for h in handles:
+                h.remove()
+
+    def guided_velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                        uncond: PromptEmbeds | None, scale: float | None = None) -> torch.Tensor:
+        """Teacher velocity with guidance: CFG v_u + w·(v_c − v_u) in one batched forward, or embedded."""
+        w = self.guidance_scale if scale is None else scale
+        if self.guidance_mode == "embedded":
+            g = torch.full((x.shape[0],), float(w), device=x.device)
+            return self.forward(model, x, sigma, cond, guidance=g)
+        if uncond is None or w == 1.0:
+            return self.forward(model, x, sigma, cond)
+        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]), PromptEmbeds.cat([uncond, cond]))
+        v_u, v_c = v.chunk(2)
+        return v_u + w * (v_c - v_u)
+
+    def null_prompts(self, batch: int) -> PromptEmbeds:
+        return self.encode_prompts([""] * batch)
+
+    @abstractmethod
+    def save(self, path) -> None:
+        ...

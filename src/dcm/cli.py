@@ -1,0 +1,98 @@
+"""``dcm``: run a stage, launch it (locally or on SLURM), inspect params and the stage table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dcm import config
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="experiment file (default: params.yaml)")
+    p.add_argument("--preset", default=None, help="overlay a preset on the params file (e.g. smoke); "
+                   "also read from $DCM_PRESET")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dcm.stages import STAGES
+
+    stage_lines = "\n".join(f"  {s.name:<15} {s.summary}" for s in STAGES.values())
+    parser = argparse.ArgumentParser(
+        prog="dcm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil a video diffusion teacher into a few-step Dual-Expert Consistency Model.",
+        epilog=f"stages:\n{stage_lines}",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one stage in this process")
+    run.add_argument("stage", choices=list(STAGES))
+    run.add_argument("--method", default=None, help="method for per-method stages")
+    _add_params_args(run)
+
+    launch = sub.add_parser("launch", help="run a stage through the configured launcher (local|slurm|debug)")
+    launch.add_argument("stage", choices=list(STAGES))
+    launch.add_argument("--method", default=None)
+    _add_params_args(launch)
+
+    show = sub.add_parser("params", help="print the validated params (with a preset overlay) as YAML")
+    _add_params_args(show)
+    show.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+
+    schema = sub.add_parser("schema", help="print or check the params JSON schema")
+    schema.add_argument("--write", default=None, help="write the schema to this path")
+
+    stages = sub.add_parser("stages", help="list the stages with their runs for these params")
+    _add_params_args(stages)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from dcm import stages
+
+    if args.command == "schema":
+        text = config.json_schema_text()
+        if args.write:
+            Path(args.write).write_text(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.command == "params":
+        import yaml
+
+        raw = config.load_raw(args.params, args.preset)
+        config.parse(raw)  # validate before writing anything
+        text = yaml.safe_dump(raw, sort_keys=False)
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    params = config.load(args.params, args.preset)
+    if args.command == "stages":
+        for s in stages.STAGES.values():
+            runs = s.methods(params, include_ablations=True) if s.per_method else ["-"]
+            print(f"{s.name:<15} {', '.join(runs)}")
+        return 0
+    if args.command == "run":
+        stages.get(args.stage).run(params, args.method)
+        return 0
+    if args.command == "launch":
+        from dcm import launch
+
+        return launch.launch(params, args.stage, args.method, params_path=args.params, preset=args.preset)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

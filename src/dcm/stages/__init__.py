@@ -1,0 +1,100 @@
+"""The stage table: one row per DAG stage.  dvc.yaml and the Snakefile are two views of it (a test
+holds them equal), ``dcm run <stage>`` dispatches through it, and ``dcm launch`` reads its resources.
+
+Paths may contain ``{method}``; such stages run once per method of the kind(s) in ``methods``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from dcm.config import ConfigError, Params
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()  # the params.yaml keys the stage reads (DVC re-runs it when they change)
+    method_kinds: tuple[str, ...] = ()  # non-empty: one run per method of these kinds
+
+    @property
+    def per_method(self) -> bool:
+        return bool(self.method_kinds)
+
+    def methods(self, params: Params, include_ablations: bool = False) -> list[str]:
+        names = params.methods if include_ablations else params.default_methods
+        return [m for m in names if params.methods[m].kind in self.method_kinds and self.trains(params, m)]
+
+    def trains(self, params: Params, method: str) -> bool:
+        """Stages that train skip methods that reuse another method's weights (checkpoint_from)."""
+        return not (self.name.startswith("train_") and params.methods[method].checkpoint_from)
+
+    def resolve(self, params: Params, method: str | None = None) -> dict[str, list[str]]:
+        """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in."""
+        fill = {"method": method or "", "weights": weights_path(params, method) if method else ""}
+        return {key: list(dict.fromkeys(p.format(**fill) for p in getattr(self, key)))
+                for key in ("deps", "outs", "metrics", "params")}
+
+    def run(self, params: Params, method: str | None = None) -> None:
+        if self.per_method:
+            if method is None:
+                raise ConfigError("--method", None, f"stage {self.name} needs one of {self.methods(params, True)}")
+            kind = params.method(method).kind
+            if kind not in self.method_kinds:
+                raise ConfigError("--method", method,
+                                  f"stage {self.name} runs methods of kind {list(self.method_kinds)}, not {kind!r}")
+        elif method is not None:
+            raise ConfigError("--method", method, f"stage {self.name} takes no method")
+        module = importlib.import_module(f"dcm.stages.{self.name}")
+        module.run(params, method) if self.per_method else module.run(params)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("prepare", "the training and evaluation (prompt, seed) sets",
+              outs=("data/prompts.json",), params=("seed", "world")),
+        Stage("teacher", "pretrain the toy teacher by flow matching (real backbones: record the weights)",
+              deps=("data/prompts.json",), outs=("models/teacher",),
+              params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps")),
+        Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
+              deps=("models/teacher", "data/prompts.json"), outs=("trajectories",),
+              params=("seed", "grid", "trajectories", "backbone.guidance_scale")),
+        Stage("train_baseline", "LCM / PCM consistency distillation",
+              deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}",),
+              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("consistency",)),
+        Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
+              deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}/seme",),
+              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",)),
+        Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
+              deps=("models/teacher", "trajectories", "checkpoints/{method}/seme"),
+              outs=("checkpoints/{method}/dete",),
+              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",)),
+        Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
+              deps=("data/prompts.json", "models/teacher", "{weights}"), outs=("samples/{method}",),
+              params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{method}"),
+              method_kinds=("teacher", "consistency", "dcm")),
+        Stage("evaluate", "shapes-bench (or VBench) scores, paired against the teacher",
+              deps=("samples/{method}", "samples/teacher"), metrics=("metrics/{method}.json",),
+              params=("evaluation", "world"), method_kinds=("teacher", "consistency", "dcm")),
+    ]
+}
+
+
+def weights_path(params: Params, method: str) -> str:
+    """What a method samples from: the teacher, or the checkpoint folder it (or checkpoint_from) trained."""
+    m = params.method(method)
+    if m.kind == "teacher":
+        return "models/teacher"
+    return f"checkpoints/{m.checkpoint_from or method}"
+
+
+def get(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError("stage", name, f"one of {list(STAGES)}")
+    return STAGES[name]

@@ -1,0 +1,113 @@
+"""MLflow, kept thin: one run per stage execution, tagged with what reproduces it.
+
+sqlite by default (MLflow 3's file store is gone); a server URI on clusters.  ``ensure_experiment``
+creates the database and experiment once, before jobs fan out (parallel first-time creation races).
+Set ``DCM_TRACKING=off`` to run without MLflow (the stage still writes its files).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from dcm.config import Params
+
+_ENV_TAGS = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.exp_name", "DVC_ROOT": "dvc.root",
+             "SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
+             "DCM_PARENT_RUN_ID": "mlflow.parentRunId"}
+
+
+def enabled() -> bool:
+    return os.environ.get("DCM_TRACKING", "on").lower() not in ("off", "0", "false", "no")
+
+
+def tracking_uri(params: Params) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+
+
+def ensure_experiment(params: Params) -> str | None:
+    """Create the tracking database and the experiment if needed; returns the experiment id."""
+    if not enabled():
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+    return exp.experiment_id if exp else mlflow.create_experiment(params.tracking.experiment)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class StageRun:
+    """Handle a stage logs through; a no-op when tracking is off."""
+
+    def __init__(self, mlflow_module=None):
+        self._mlflow = mlflow_module
+
+    @property
+    def run_id(self) -> str | None:
+        if self._mlflow is None:
+            return None
+        run = self._mlflow.active_run()
+        return run.info.run_id if run else None
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def artifact(self, path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None:
+            if os.path.isdir(path):
+                self._mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                self._mlflow.log_artifact(str(path), artifact_path)
+
+    def tags(self, values: Mapping[str, Any]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags({k: str(v) for k, v in values.items()})
+
+
+@contextmanager
+def stage_run(params: Params, stage: str, method: str | None = None,
+              param_keys: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+    """One MLflow run for one stage execution, with params and reproducibility tags."""
+    if not enabled():
+        yield StageRun(None)
+        return
+    import mlflow
+
+    experiment_id = ensure_experiment(params)
+    name = f"{stage}[{method}]" if method else stage
+    tags = {"dcm.stage": stage, "dcm.experiment": params.experiment}
+    if method:
+        tags["dcm.method"] = method
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    tags.update({tag: os.environ[var] for var, tag in _ENV_TAGS.items() if os.environ.get(var)})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags):
+        logged = flatten(param_keys if param_keys is not None else params.to_dict())
+        for start in range(0, len(logged), 90):  # MLflow caps a batch at 100 params
+            chunk = dict(list(logged.items())[start:start + 90])
+            mlflow.log_params({k: str(v)[:500] for k, v in chunk.items()})
+        yield StageRun(mlflow)
