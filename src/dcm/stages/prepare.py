@@ -1,0 +1,73 @@
+"""``prepare``: the training and evaluation (prompt, seed) sets, ``data/prompts.json``.
+
+Train rows cycle over a seeded shuffle of every caption of the world, with distinct seeds from
+[0, TRAIN_SEED_LIMIT).  Eval rows are ``world.eval_prompts`` captions chosen to spread evenly over
+every attribute value, each with ``world.eval_seeds`` distinct seeds ≥ TRAIN_SEED_LIMIT: unseen by
+teacher training and by the trajectories.  Everything is deterministic from ``params.seed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dcm import io, paths, tracking
+from dcm.config import ConfigError, Params
+from dcm.worlds import shapes
+
+TRAIN_SEED_LIMIT = 1_000_000  # train seeds lie in [0, limit); eval seeds in [limit, 2·limit)
+
+
+def balanced_captions(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` captions whose attribute values are as evenly used as possible (greedy, seeded ties).
+
+    Each pick is the caption whose values have been used least so far (sum over the attributes),
+    first in a seeded shuffle among equals, so every colour, shape, direction, … appears.
+    """
+    order = [captions[i] for i in rng.permutation(len(captions))]
+    attributes = {c: shapes.parse_caption(c) for c in order}
+    used = {key: dict.fromkeys(shapes.VOCABULARY[key], 0) for key in shapes.ATTRIBUTES}
+    chosen: list[str] = []
+    remaining = list(order)
+    for _ in range(count):
+        best = min(remaining, key=lambda c: sum(used[k][attributes[c][k]] for k in shapes.ATTRIBUTES))
+        remaining.remove(best)
+        chosen.append(best)
+        for key in shapes.ATTRIBUTES:
+            used[key][attributes[best][key]] += 1
+    return chosen
+
+
+def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
+    """The ``data/prompts.json`` contract: ``{"train": [...], "eval": [...]}`` rows of prompt_id, prompt, seed."""
+    captions = shapes.all_captions()
+    n_train = params.trajectories.num_trajectories
+    n_eval_prompts, n_eval_seeds = params.world.eval_prompts, params.world.eval_seeds
+    if n_eval_prompts > len(captions):
+        raise ConfigError("world.eval_prompts", n_eval_prompts, f"<= the number of captions ({len(captions)})")
+    if n_train > TRAIN_SEED_LIMIT or n_eval_prompts * n_eval_seeds > TRAIN_SEED_LIMIT:
+        raise ConfigError("trajectories.num_trajectories", n_train, f"<= {TRAIN_SEED_LIMIT} distinct seeds")
+    prompt_id = {c: i for i, c in enumerate(captions)}
+    train_rng, eval_rng = (np.random.default_rng([params.seed, k]) for k in (0, 1))
+
+    order = train_rng.permutation(len(captions))
+    train_seeds = train_rng.choice(TRAIN_SEED_LIMIT, size=n_train, replace=False)
+    train = [{"prompt_id": int(order[i % len(order)]), "prompt": captions[order[i % len(order)]],
+              "seed": int(train_seeds[i])} for i in range(n_train)]
+
+    eval_captions = balanced_captions(captions, n_eval_prompts, eval_rng)
+    eval_seeds = TRAIN_SEED_LIMIT + eval_rng.choice(TRAIN_SEED_LIMIT, size=n_eval_prompts * n_eval_seeds,
+                                                    replace=False)
+    rows = [(c, s) for c in eval_captions for s in range(n_eval_seeds)]
+    evaluation = [{"prompt_id": prompt_id[c], "prompt": c, "seed": int(eval_seeds[i])}
+                  for i, (c, _) in enumerate(rows)]
+    return {"train": train, "eval": evaluation}
+
+
+def run(params: Params) -> None:
+    prompt_sets = build_prompt_sets(params)
+    with tracking.stage_run(params, "prepare") as run_log:
+        io.write_json_atomic(paths.PROMPTS, prompt_sets)
+        run_log.metrics({"train_rows": len(prompt_sets["train"]), "eval_rows": len(prompt_sets["eval"]),
+                         "train_prompts": len({r["prompt_id"] for r in prompt_sets["train"]})})
+        run_log.artifact(paths.PROMPTS)
+    print(f"prepare: {len(prompt_sets['train'])} train rows, {len(prompt_sets['eval'])} eval rows -> {paths.PROMPTS}")

@@ -1,0 +1,35 @@
+"""Shared test set-up: one real MLflow sqlite database per session, no analytics, repo paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_sqlite(tmp_path_factory):
+    """Every stage run in the tests logs to a real sqlite MLflow store (created once, before fan-out)."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    yield f"sqlite:///{db}"
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A scratch project directory with the repo's params.yaml, as cwd."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
