@@ -34,10 +34,21 @@ class Stage:
         """Stages that train skip methods that reuse another method's weights (checkpoint_from)."""
         return not (self.name.startswith("train_") and params.methods[method].checkpoint_from)
 
-    def resolve(self, params: Params, method: str | None = None) -> dict[str, list[str]]:
-        """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in."""
-        fill = {"method": method or "", "weights": weights_path(params, method) if method else ""}
-        return {key: list(dict.fromkeys(p.format(**fill) for p in getattr(self, key)))
+    def resolve(self, params: Params, method: str | None = None,
+                include_ablations: bool = False) -> dict[str, list[str]]:
+        """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in;
+        a path with ``{each}`` is repeated for every evaluated method (the report's inputs)."""
+        fill = {"method": method or ""}
+        evaluated = STAGES["evaluate"].methods(params, include_ablations)
+
+        def expand(path: str) -> list[str]:
+            if "{each}" in path:
+                return [path.replace("{each}", m).format(**fill) for m in evaluated]
+            if path == "{weights}":
+                return weights_paths(params, method)
+            return [path.format(**fill)]
+
+        return {key: list(dict.fromkeys(p for path in getattr(self, key) for p in expand(path)))
                 for key in ("deps", "outs", "metrics", "params")}
 
     def run(self, params: Params, method: str | None = None) -> None:
@@ -82,6 +93,8 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate", "shapes-bench (or VBench) scores, paired against the teacher",
               deps=("samples/{method}", "samples/teacher"), metrics=("metrics/{method}.json",),
               params=("evaluation", "world"), method_kinds=("teacher", "consistency", "dcm")),
+        Stage("report", "comparison tables, plots, side-by-side videos; one MLflow parent run",
+              deps=("metrics/{each}.json", "samples/{each}"), outs=("reports",), params=("methods", "tracking")),
     ]
 }
 
@@ -92,6 +105,12 @@ def weights_path(params: Params, method: str) -> str:
     if m.kind == "teacher":
         return "models/teacher"
     return f"checkpoints/{m.checkpoint_from or method}"
+
+
+def weights_paths(params: Params, method: str) -> list[str]:
+    """The stage outputs a method's sampling depends on (DCM: the seme/ and dete/ folders)."""
+    root = weights_path(params, method)
+    return [f"{root}/seme", f"{root}/dete"] if params.method(method).kind == "dcm" else [root]
 
 
 def get(name: str) -> Stage:

@@ -374,7 +374,7 @@ VALUE_FLOOR = 0.1  # floor on the HSV value when dividing, so near-black pixels 
 TRIANGLE_OFFSET_THRESHOLD = 0.07  # (centroid row - box centre row) / box height; triangle ~0.16
 CORNER_THRESHOLD = 1.4  # |u| + |v| beyond which a box corner lies outside the inscribed disc
 SQUARE_CORNER_OCCUPANCY = 0.5  # share of box-corner pixels set: square ~1, disc ~0
-TEXTURE_CONTRAST_THRESHOLD = 0.2  # mean relative brightness change one band apart; clean ~0.65
+TEXTURE_CONTRAST_THRESHOLD = 0.15  # mean relative brightness change one band apart: clean ~0.65, plain <0.1
 STILL_THRESHOLD_AT_REFERENCE = 0.3  # px/frame below which the object does not move
 
 
@@ -516,7 +516,7 @@ def _edge_sharpness(saturation: np.ndarray, mask: np.ndarray, region: np.ndarray
     """Share of the object/background step taken in one pixel at the object boundary, in [0, 1].
 
     For every boundary pair (inside pixel p, outside 4-neighbour q = p + e) it compares the
-    one-pixel jump s(p) - s(q) with the wider step s(p - e) - s(q + e) on the saturation map,
+    one-pixel jump s(p) - s(q) with the wider step s(p - 2e) - s(q + 2e) on the saturation map,
     where textures are invisible; summed over all pairs, so noise averages out.  The boundary is
     located on a 5-pixel plus-shaped average of s, which keeps the choice of p and q from favouring
     pixels whose own noise happens to push them across the threshold (that would inflate the jump).
@@ -533,15 +533,14 @@ def _edge_sharpness(saturation: np.ndarray, mask: np.ndarray, region: np.ndarray
             n = s.shape[axis]
 
             def shifted(array: np.ndarray, start: int) -> np.ndarray:
-                return np.take(array, np.arange(start, start + n - 3), axis=axis)
+                return np.take(array, np.arange(start, start + n - 5), axis=axis)
 
-            # positions k, k+1, k+2, k+3 = p - e, p, q, q + e along the outward direction e
-            pairs = (shifted(m_in, 0) & shifted(m_in, 1) & shifted(m_out, 2)
-                     & shifted(m_out, 3))
+            # positions k .. k+5 = p - 2e, p - e, p, q, q + e, q + 2e along the outward direction e
+            pairs = shifted(m_in, 0) & shifted(m_in, 1) & shifted(m_in, 2)
+            pairs &= shifted(m_out, 3) & shifted(m_out, 4) & shifted(m_out, 5)
             if pairs.any():
-                s_inner, s_p, s_q, s_outer = (shifted(s, k) for k in range(4))
-                jump += float((s_p - s_q)[pairs].sum())
-                step += float((s_inner - s_outer)[pairs].sum())
+                jump += float((shifted(s, 2) - shifted(s, 3))[pairs].sum())
+                step += float((shifted(s, 0) - shifted(s, 5))[pairs].sum())
     if step <= 1e-6:
         return 0.0
     return float(np.clip(jump / step, 0.0, 1.0))

@@ -1,0 +1,122 @@
+"""Where a distillation micro-batch (x_n, x_{n−1}, prompt embeddings) comes from.
+
+Two sources behind one small interface, chosen by ``training.source``:
+
+- ``CachedSource``: teacher ODE trajectories solved once from noise (the ``trajectories`` stage);
+  x_n and x_{n−1} are consecutive stored points, no teacher forward during training.
+- ``OnlineSource``: the official DCM mode: a real data latent x0 of a training row (rendered by the
+  shapes world, encoded by the backbone) noised to x_n = (1−σ_n)·x0 + σ_n·ε with fresh ε, and
+  x_{n−1} = x_n + (σ_{n−1} − σ_n)·v_T by ONE guided teacher Euler step (CFG).
+
+Both draw any randomness from the generator the loop passes in, so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.schedule import TeacherGrid
+
+
+@dataclass
+class SourceBatch:
+    x_n: torch.Tensor  # (B, C, T, H, W) at σ_n
+    x_prev: torch.Tensor  # (B, C, T, H, W) at σ_{n−1}: the teacher's next point
+    cond: PromptEmbeds
+
+
+def _row_prompt(row) -> str:
+    return row["prompt"] if isinstance(row, dict) else row[1]
+
+
+def _row_seed(row) -> int:
+    return int(row["seed"] if isinstance(row, dict) else row[2])
+
+
+class CachedSource:
+    """Consecutive points of stored teacher trajectories (``dcm.trajectories.TrajectoryStore``).
+
+    The prompt embeddings of every stored row are computed once with the frozen teacher prompt
+    encoder and kept: the encoder never runs inside the loop.
+    """
+
+    kind = "cached"
+
+    def __init__(self, store, backbone: Backbone, device: torch.device | str = "cpu"):
+        self.store = store
+        self.device = torch.device(device)
+        self.grid_sigmas = np.asarray(store.grid_sigmas, dtype=np.float64)
+        prompts = [_row_prompt(r) for r in store.rows]
+        unique = sorted(set(prompts))
+        with torch.no_grad():
+            embeds = backbone.encode_prompts(unique)
+        slot = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([slot[p] for p in prompts], dtype=torch.long)
+        self.embeds = embeds.index(index).to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
+        traj = rows.tolist()
+        x_n = self.store.latents(traj, n.tolist())
+        x_prev = self.store.latents(traj, (n - 1).tolist())
+        return SourceBatch(torch.as_tensor(x_n, dtype=torch.float32).to(self.device),
+                           torch.as_tensor(x_prev, dtype=torch.float32).to(self.device),
+                           self.embeds.index(rows.to(self.device)))
+
+
+class OnlineSource:
+    """Noised data latents and one guided teacher Euler step per micro-batch (the official mode).
+
+    ``rows`` are the ``train`` rows of ``data/prompts.json``; a row's data latent is the encoded
+    render of ``sample_scene(default_rng(seed), size, frames, caption=prompt)``, made once and kept.
+    """
+
+    kind = "online"
+
+    def __init__(self, rows: Sequence[dict], backbone: Backbone, grid: TeacherGrid, size: int, frames: int,
+                 quality: str = "clean", device: torch.device | str = "cpu"):
+        from dcm.worlds import shapes
+
+        if not rows:
+            raise ValueError("the online source needs at least one training row")
+        self.backbone = backbone
+        self.device = torch.device(device)
+        self.grid_sigmas = grid.extended
+        prompts = [_row_prompt(r) for r in rows]
+        scenes = [shapes.sample_scene(np.random.default_rng(_row_seed(r)), size, frames, caption=p)
+                  for r, p in zip(rows, prompts)]
+        videos = shapes.render_batch(scenes, size, frames)
+        if quality == "low":  # MCM's low-quality video data, degraded deterministically per row
+            videos = torch.stack([shapes.degrade(v[None], np.random.default_rng(_row_seed(r)))[0]
+                                  for v, r in zip(videos, rows)])
+        with torch.no_grad():
+            self.x0 = backbone.encode_video(videos).float().to(self.device)
+            unique = sorted(set(prompts))
+            embeds = backbone.encode_prompts(unique)
+            slot = {p: i for i, p in enumerate(unique)}
+            self.embeds = embeds.index(torch.tensor([slot[p] for p in prompts])).to(self.device)
+            self.null = backbone.null_prompts(1).to(self.device)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    @torch.no_grad()
+    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
+        x0 = self.x0[rows.to(self.device)]
+        eps = torch.randn(x0.shape, generator=generator).to(self.device)
+        sigma_n = torch.as_tensor(self.grid_sigmas[(n + 1).numpy()], dtype=torch.float32, device=self.device)
+        sigma_prev = torch.as_tensor(self.grid_sigmas[n.numpy()], dtype=torch.float32, device=self.device)
+        s = sigma_n.view(-1, 1, 1, 1, 1)
+        x_n = (1.0 - s) * x0 + s * eps
+        cond = self.embeds.index(rows.to(self.device))
+        uncond = PromptEmbeds(self.null.hidden.expand(len(rows), -1, -1))
+        v_teacher = self.backbone.guided_velocity(self.backbone.transformer, x_n, sigma_n, cond, uncond)
+        x_prev = x_n + (sigma_prev - sigma_n).view(-1, 1, 1, 1, 1) * v_teacher.float()
+        return SourceBatch(x_n, x_prev, cond)

@@ -1,0 +1,164 @@
+"""The comparison people look at: the paper's table shape, the ablation table, plots, loss curves and a
+side-by-side video grid (same prompt and seed, every method), as Markdown and one HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+QUALITY_KEYS = ("total", "quality", "semantic")
+
+
+def _fmt_ci(ci) -> str:
+    return f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else ""
+
+
+def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:
+    """Rows of the main table: steps, NFE, latency, speedup vs teacher, Total/Quality/Semantic (×100)."""
+    teacher_latency = metrics.get("teacher", {}).get("latency_s")
+    rows = []
+    for name in order:
+        m = metrics[name]
+        latency = m.get("latency_s")
+        rows.append({
+            "method": name,
+            "steps": m.get("steps"),
+            "nfe": m.get("nfe"),
+            "latency_s": latency,
+            "speedup": (teacher_latency / latency) if teacher_latency and latency else None,
+            "total": 100 * m["total"], "total_ci95": m.get("total_ci95"),
+            "quality": 100 * m["quality"], "semantic": 100 * m["semantic"],
+            "diff_vs_teacher": m.get("diff_vs_teacher", {}).get("total"),
+            "psnr_vs_teacher": m.get("psnr_vs_teacher"),
+        })
+    return rows
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None or not np.isfinite(value) else format(value, fmt)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| method | steps | NFE | latency (s/video) | speedup | Total [95% CI] | Quality | Semantic "
+            "| Total − teacher [95% CI] | PSNR vs teacher (dB) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        diff = r["diff_vs_teacher"]
+        diff_text = f"{100 * diff['mean']:+.2f} {_fmt_ci(diff.get('ci95'))}" if diff else ""
+        speedup = _num(r["speedup"], ".1f")
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['nfe']} | {_num(r['latency_s'], '.3f')} | "
+            f"{speedup + '×' if speedup else ''} | {r['total']:.2f} {_fmt_ci(r['total_ci95'])} | "
+            f"{r['quality']:.2f} | {r['semantic']:.2f} | {diff_text} | {_num(r['psnr_vs_teacher'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def bar_plot(rows: list[dict], path: Path, title: str) -> Path:
+    """Total with 95% bootstrap intervals, Quality and Semantic per method."""
+    names = [r["method"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    width = 0.27
+    for k, key in enumerate(QUALITY_KEYS):
+        values = [r[key] for r in rows]
+        err = None
+        if key == "total":
+            err = np.array([[r[key] - 100 * r["total_ci95"][0], 100 * r["total_ci95"][1] - r[key]]
+                            if r["total_ci95"] else [0, 0] for r in rows]).T.clip(min=0)
+        ax.bar(x + (k - 1) * width, values, width, yerr=err, capsize=3, label=key.capitalize())
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("score (×100)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dimension_plot(metrics: dict[str, dict], order: list[str], path: Path) -> Path:
+    """Every shapes-bench dimension per method (grouped bars): where the methods differ."""
+    dims = sorted({d for name in order for d in metrics[name].get("dimensions", {})})
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(dims)), 4))
+    width = 0.8 / max(1, len(order))
+    x = np.arange(len(dims))
+    for k, name in enumerate(order):
+        values = [metrics[name].get("dimensions", {}).get(d, np.nan) for d in dims]
+        ax.bar(x + k * width - 0.4 + width / 2, values, width, label=name)
+    ax.set_xticks(x, [d.replace("_", " ") for d in dims], rotation=35, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.legend(ncol=min(5, len(order)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(histories: dict[str, Path], path: Path) -> Path | None:
+    """Training loss per method and expert from each stage's history.jsonl."""
+    series = {}
+    for label, file in histories.items():
+        steps, losses = [], []
+        for line in file.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec and "step" in rec:
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+        if steps:
+            series[label] = (steps, losses)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (steps, losses) in series.items():
+        ax.plot(steps, losses, label=label, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def video_grid(videos: dict[str, np.ndarray], path: Path, scale: int = 4, fps: int = 6) -> Path:
+    """One GIF: rows = examples, columns = methods; videos are (N, T, H, W, 3) uint8 per method."""
+    import imageio.v2 as imageio
+
+    names = list(videos)
+    n, t, h, w, _ = videos[names[0]].shape
+    pad = 2
+    grid = np.full((t, n * (h + pad), len(names) * (w + pad), 3), 255, dtype=np.uint8)
+    for j, name in enumerate(names):
+        for i in range(n):
+            grid[:, i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = videos[name][i]
+    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
+    imageio.mimsave(path, list(grid), duration=1000 / fps, loop=0)
+    return path
+
+
+def html_page(title: str, sections: list[tuple[str, str]]) -> str:
+    """A self-contained page: (heading, html body) sections."""
+    body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{content}" for h, content in sections)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style>"
+            f"</head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def markdown_to_html_table(md: str) -> str:
+    lines = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    if not cells:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+    return f"<table><tr>{head}</tr>{rows}</table>"

@@ -1,0 +1,84 @@
+"""``report``: reports/summary.md + reports/index.html with the method table (the paper's shape), the
+ablation table, plots, loss curves, the dynamics figure and a side-by-side video grid; one MLflow
+parent run with a child per method."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from dcm import paths, reporting, tracking
+from dcm.config import Params
+from dcm.io import atomic_dir, read_json
+from dcm.stages import STAGES
+
+GRID_EXAMPLES = 4
+
+
+def _to_uint8(video: np.ndarray) -> np.ndarray:
+    """(N, 3, T, H, W) in [-1, 1] → (N, T, H, W, 3) uint8."""
+    v = ((np.asarray(video, dtype=np.float32).clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
+    return v.transpose(0, 2, 3, 4, 1)
+
+
+def run(params: Params) -> None:
+    evaluated = [m for m in STAGES["evaluate"].methods(params, include_ablations=True)
+                 if paths.metrics(m).is_file()]
+    missing = [m for m in STAGES["evaluate"].methods(params) if m not in evaluated]
+    if missing:
+        raise FileNotFoundError(f"report: metrics missing for {missing} (run `dcm run evaluate --method M`)")
+    metrics = {m: read_json(paths.metrics(m)) for m in evaluated}
+    main_rows = [m for m in evaluated if not params.methods[m].ablation]
+    ablation_rows = [m for m in evaluated if params.methods[m].ablation]
+
+    with tracking.stage_run(params, "report", param_keys={"methods": ",".join(evaluated)}) as run_, \
+            atomic_dir(paths.REPORTS) as out:
+        sections, md = [], [f"# {params.experiment}: distillation results\n"]
+        table = reporting.markdown_table(reporting.method_table(metrics, main_rows))
+        md += ["## Methods (same prompts and seeds for every method; scores ×100)\n", table, ""]
+        sections.append(("Methods", reporting.markdown_to_html_table(table)))
+        reporting.bar_plot(reporting.method_table(metrics, main_rows), out / "scores.png", "Total / Quality / Semantic")
+        reporting.dimension_plot(metrics, main_rows, out / "dimensions.png")
+        sections.append(("Scores", "<img src='scores.png'><img src='dimensions.png'>"))
+        md += ["![scores](scores.png)", "![dimensions](dimensions.png)", ""]
+        if ablation_rows:
+            order = [m for m in ("teacher",) if m in metrics] + ablation_rows + [m for m in ("dcm",) if m in metrics]
+            abl = reporting.markdown_table(reporting.method_table(metrics, order))
+            md += ["## Ablations (the paper's Table 3 rows)\n", abl, ""]
+            sections.append(("Ablations", reporting.markdown_to_html_table(abl)))
+
+        histories = {str(f.parent.relative_to(paths.CHECKPOINTS)): f
+                     for f in sorted(paths.CHECKPOINTS.glob("**/history.jsonl"))} if paths.CHECKPOINTS.is_dir() else {}
+        if reporting.loss_curves(histories, out / "losses.png"):
+            sections.append(("Training losses", "<img src='losses.png'>"))
+            md += ["## Training losses\n", "![losses](losses.png)", ""]
+        for fig in sorted(paths.ANALYSIS.glob("*.png")) if paths.ANALYSIS.is_dir() else []:
+            shutil.copy(fig, out / f"analysis_{fig.name}")
+            sections.append((f"Analysis: {fig.stem}", f"<img src='analysis_{fig.name}'>"))
+            md += [f"![{fig.stem}](analysis_{fig.name})", ""]
+
+        videos = {}
+        for m in main_rows:
+            file = paths.samples(m) / "videos.safetensors"
+            if file.is_file():
+                tensors = load_file(str(file))
+                videos[m] = _to_uint8(next(iter(tensors.values()))[:GRID_EXAMPLES])
+        if videos:
+            reporting.video_grid(videos, out / "side_by_side.gif")
+            caption = "columns: " + ", ".join(videos) + "; rows: the first evaluation prompts (same seed per row)"
+            sections.append(("Side by side", f"<p>{caption}</p><img src='side_by_side.gif'>"))
+            md += ["## Side by side\n", caption, "", "![videos](side_by_side.gif)", ""]
+
+        (out / "summary.md").write_text("\n".join(md) + "\n")
+        (out / "index.html").write_text(reporting.html_page(f"dcm — {params.experiment}", sections))
+        for m in evaluated:
+            r = metrics[m]
+            values = {k: r[k] for k in ("total", "quality", "semantic", "latency_s", "nfe") if r.get(k) is not None}
+            values.update({f"dim.{k}": v for k, v in r.get("dimensions", {}).items()})
+            run_.child(m, values, {"dcm.method": m, "dcm.steps": r.get("steps")})
+        run_.metrics({f"{m}.total": metrics[m]["total"] for m in evaluated})
+        run_.artifact(out, "reports")
+    print(f"report: {paths.REPORTS / 'summary.md'} and {paths.REPORTS / 'index.html'}")
