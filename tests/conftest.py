@@ -7,11 +7,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# The tiny test models gain nothing from intra-op threads, and on a loaded 2-core machine threads
+# oversubscribe badly (100× slower forwards were seen); subprocesses inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)

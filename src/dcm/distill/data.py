@@ -91,11 +91,11 @@ class OnlineSource:
         self.grid_sigmas = grid.extended
         prompts = [_row_prompt(r) for r in rows]
         scenes = [shapes.sample_scene(np.random.default_rng(_row_seed(r)), size, frames, caption=p)
-                  for r, p in zip(rows, prompts)]
+                  for r, p in zip(rows, prompts, strict=True)]
         videos = shapes.render_batch(scenes, size, frames)
         if quality == "low":  # MCM's low-quality video data, degraded deterministically per row
             videos = torch.stack([shapes.degrade(v[None], np.random.default_rng(_row_seed(r)))[0]
-                                  for v, r in zip(videos, rows)])
+                                  for v, r in zip(videos, rows, strict=True)])
         with torch.no_grad():
             self.x0 = backbone.encode_video(videos).float().to(self.device)
             unique = sorted(set(prompts))

@@ -1,0 +1,188 @@
+"""The DAG views of the stage table: dvc.yaml (generated here), the Snakemake rules (built from the
+same table in workflow/rules/stages.smk) and the SLURM resources both launchers read.
+
+``python -m dcm.dag`` rewrites dvc.yaml from the table and params.yaml; ``--check`` fails when the
+file on disk is stale (a test runs it).  Per-method stages become DVC ``foreach`` stages over the
+methods the table gives for these params; a stage that gathers every evaluated method (the report)
+depends on the folders holding them, so it follows whatever the lists are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from dcm import config
+from dcm.config import ConfigError, Params
+from dcm.stages import STAGES, Stage, weights_path
+
+RESOURCES_FILE = Path("slurm/resources.yaml")
+RESOURCES_ENV = "DCM_SLURM_RESOURCES"  # another resources file (the local test cluster has no GPUs)
+DVC_HEADER = ("# Generated from the stage table (src/dcm/stages/__init__.py) by `python -m dcm.dag`;\n"
+              "# tests/test_orchestration.py holds it equal to the table and to the Snakefile.\n")
+
+
+# ------------------------------------------------------------------------------------ resources
+
+
+@dataclass(frozen=True)
+class Resources:
+    partition: str
+    account: str | None
+    gpus: int
+    gpu_type: str
+    nodes: int
+    cpus_per_task: int
+    mem_gb: float
+    time_min: int
+
+    @property
+    def gres(self) -> str | None:
+        return f"gpu:{self.gpu_type}:{self.gpus}" if self.gpus else None
+
+    @property
+    def tasks_per_node(self) -> int:
+        """One task per GPU (torch.distributed rank), or one task for CPU-only stages."""
+        return max(self.gpus, 1)
+
+
+def resources_path() -> Path:
+    return Path(os.environ.get(RESOURCES_ENV) or RESOURCES_FILE)
+
+
+def load_resources(stage: str, path: str | os.PathLike | None = None) -> Resources:
+    """The stage's resources: ``default`` overlaid by the stage's own entry, every key checked."""
+    path = Path(path) if path else resources_path()
+    if not path.is_file():
+        raise ConfigError(RESOURCES_ENV, str(path), "an existing SLURM resources file (slurm/resources.yaml)")
+    table = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(table) - set(STAGES) - {"default"})
+    if unknown:
+        raise ConfigError(f"{path}:{unknown[0]}", table[unknown[0]], f"'default' or a stage: {list(STAGES)}")
+    merged = {**(table.get("default") or {}), **(table.get(stage) or {})}
+    names = [f.name for f in fields(Resources)]
+    for key in sorted(set(merged) - set(names)):
+        raise ConfigError(f"{path}:{stage}.{key}", merged[key], f"one of {names}")
+    for key in names:
+        if key not in merged:
+            raise ConfigError(f"{path}:{stage}.{key}", None, "a value here or under 'default'")
+    for key in ("gpus", "nodes", "cpus_per_task", "time_min"):
+        value = merged[key]
+        minimum = 0 if key == "gpus" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{path}:{stage}.{key}", value, f"an integer >= {minimum}")
+    if not isinstance(merged["mem_gb"], (int, float)) or merged["mem_gb"] <= 0:
+        raise ConfigError(f"{path}:{stage}.mem_gb", merged["mem_gb"], "a number > 0")
+    return Resources(**merged)
+
+
+def snakemake_resources(stage: str) -> dict:
+    """The rule's ``resources:`` for Snakemake's slurm executor (same file as ``dcm launch``)."""
+    r = load_resources(stage)
+    out = {"slurm_partition": r.partition, "runtime": r.time_min, "mem_mb": int(r.mem_gb * 1024),
+           "cpus_per_task": r.cpus_per_task, "nodes": r.nodes, "tasks": 1}
+    if r.account:
+        out["slurm_account"] = r.account
+    if r.gres:
+        out["gres"] = r.gres
+    return out
+
+
+# ------------------------------------------------------------------------------------ the runs
+
+
+def runs(params: Params) -> list[tuple[Stage, str | None]]:
+    """Every (stage, method) run of the default DAG, in table order."""
+    return [(s, m) for s in STAGES.values() for m in (s.methods(params) if s.per_method else [None])]
+
+
+def gather_root(path: str) -> str:
+    """``metrics/{each}.json`` → ``metrics``: the folder holding every evaluated method's file."""
+    parts = Path(path).parts
+    return str(Path(*parts[:next(i for i, p in enumerate(parts) if "{each}" in p)]))
+
+
+# ------------------------------------------------------------------------------------ dvc.yaml
+
+
+def _template(path: str, var: str) -> str:
+    return path.replace("{method}", "${" + var + "}")
+
+
+def dvc_stage(stage: Stage, params: Params) -> dict | None:
+    """One dvc.yaml entry (a ``foreach`` for per-method stages; None when it runs for no method)."""
+    entry: dict = {}
+    if stage.per_method:
+        methods = stage.methods(params)
+        if not methods:
+            return None
+        if "{weights}" in stage.deps:
+            entry["foreach"] = {m: {"weights": weights_path(params, m)} for m in methods}
+            var = "key"
+        else:
+            entry["foreach"] = methods
+            var = "item"
+        do: dict = {"cmd": f"dcm launch {stage.name} --method ${{{var}}}"}
+    else:
+        var = ""
+        do = {"cmd": f"dcm launch {stage.name}"}
+
+    deps: list[str] = []
+    for path in stage.deps:
+        if path == "{weights}":
+            deps.append("${item.weights}")
+        elif "{each}" in path:
+            deps.append(gather_root(path))
+        else:
+            deps.append(_template(path, var))
+    if deps:
+        do["deps"] = list(dict.fromkeys(deps))
+    if stage.params:
+        do["params"] = [_template(p, var) for p in stage.params]
+    if stage.outs:
+        do["outs"] = [_template(p, var) for p in stage.outs]
+    if stage.metrics:
+        do["metrics"] = [{_template(p, var): {"cache": False}} for p in stage.metrics]
+    if stage.per_method:
+        entry["do"] = do
+        return entry
+    return do
+
+
+def dvc_yaml(params: Params) -> dict:
+    stages = {}
+    for stage in STAGES.values():
+        entry = dvc_stage(stage, params)
+        if entry is not None:
+            stages[stage.name] = entry
+    return {"stages": stages}
+
+
+def dvc_yaml_text(params: Params) -> str:
+    return DVC_HEADER + yaml.safe_dump(dvc_yaml(params), sort_keys=False, width=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcm.dag", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--output", default="dvc.yaml")
+    parser.add_argument("--check", action="store_true", help="fail if the output file is not up to date")
+    args = parser.parse_args(argv)
+    text = dvc_yaml_text(config.load(args.params))
+    out = Path(args.output)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            print(f"{out} is stale: regenerate it with `python -m dcm.dag`", file=sys.stderr)
+            return 1
+        return 0
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Consistency distillation: losses, batch sources, the one training loop, and the wiring the
+``train_*`` stages share (inputs checked before any work, student construction, one MLflow run)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dcm import io, paths, tracking
+from dcm.backbones import load_teacher
+from dcm.backbones.base import Backbone
+from dcm.config import ConfigError, Params
+from dcm.distill.data import CachedSource, OnlineSource
+from dcm.distill.loop import (
+    ConsistencyBatch,
+    DistillSpec,
+    Objective,
+    TemporalCoherence,
+    TrainingDiverged,
+    TrainResult,
+    save_transformer,
+    train,
+)
+from dcm.schedule import teacher_grid
+
+__all__ = ["ConsistencyBatch", "DistillSpec", "Objective", "TemporalCoherence", "TrainingDiverged", "TrainResult",
+           "train", "save_transformer", "CachedSource", "OnlineSource", "device", "check_inputs", "load_backbone",
+           "make_source", "full_parameter_student", "run_distillation"]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_inputs(params: Params) -> None:
+    """Fail before any model is loaded if an upstream stage has not run."""
+    if not (paths.TEACHER / "backbone.json").is_file():
+        raise ConfigError("models/teacher", str(paths.TEACHER), "a saved teacher: run `dcm run teacher` first")
+    if params.training.source == "cached":
+        if not (paths.TRAJECTORIES / "index.json").is_file():
+            raise ConfigError("training.source", "cached",
+                              f"needs the trajectory store in {paths.TRAJECTORIES}/: run `dcm run trajectories` "
+                              "(or set training.source: online)")
+    elif not paths.PROMPTS.is_file():
+        raise ConfigError("training.source", "online", f"needs {paths.PROMPTS}: run `dcm run prepare` first")
+
+
+def load_backbone(params: Params) -> Backbone:
+    backbone = load_teacher(params, paths.TEACHER)
+    dev = device()
+    backbone.transformer.to(dev)
+    if hasattr(backbone, "prompt_encoder"):
+        backbone.prompt_encoder.to(dev)
+    return backbone
+
+
+def make_source(params: Params, backbone: Backbone):
+    """The batch source ``training.source`` names: the cached trajectory store, or online teacher steps."""
+    if params.training.source == "cached":
+        from dcm.trajectories import TrajectoryStore
+
+        return CachedSource(TrajectoryStore(paths.TRAJECTORIES, verify=True), backbone, device())
+    rows = io.read_json(paths.PROMPTS)["train"]
+    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, params.world.quality, device())
+
+
+def full_parameter_student(backbone: Backbone) -> nn.Module:
+    """A full-parameter student initialised from the teacher transformer (a deep copy; the teacher stays frozen)."""
+    student = copy.deepcopy(backbone.transformer).requires_grad_(True)
+    return student.train()
+
+
+def run_distillation(params: Params, stage: str, method: str, spec: DistillSpec, backbone: Backbone, source,
+                     out_dir: str | Path) -> TrainResult:
+    """One MLflow run around the loop; the run's files (weights, history, train.json) land in ``out_dir``."""
+    out_dir = Path(out_dir)
+    with tracking.stage_run(params, stage, method) as tracker:
+        result = train(spec, backbone, source, params, out_dir, tracker)
+        tracker.metrics({"wall_s": result.wall_s, "steps": result.steps})
+        tracker.artifact(out_dir / "train.json")
+        tracker.artifact(out_dir / "history.jsonl")
+    print(f"{stage}[{method}]: {result.steps} steps in {result.wall_s:.1f} s -> {out_dir}")
+    return result

@@ -1,0 +1,316 @@
+"""SemE + DetE: the detail expert built from the semantic expert, per-sample routing, save/load.
+
+DetE (METHODS.md, "DetE") is initialised from SemE with the backbone frozen; it trains a PEFT LoRA
+adapter on every attention ``to_q``/``to_k``/``to_v``/``to_out.0`` plus copies of the
+timestep-dependent layers (``backbone.timestep_layer_names``).  The LoRA adapter is injected into
+SemE's own transformer, so the shared weights are stored once: SemE = that transformer with the
+adapter disabled and its own timestep layers; DetE = adapter enabled and the copied layers swapped
+in on the instance for the duration of the call.  With ``rank == 0`` (the +OD ablation, "two full
+experts") DetE is a full trainable copy of SemE instead.
+
+Routing is per sample: σ = timestep/1000 > σ_κ goes to SemE, σ ≤ σ_κ to DetE, outputs reassembled
+in batch order (the official code switched the whole batch on its first timestep).
+
+On disk (``checkpoints/<method>/``): ``seme/transformer/`` (diffusers) and ``dete/`` holding
+``adapter/`` (PEFT ``save_pretrained``), ``timestep_layers.safetensors`` and ``expert.json``
+(κ, σ_κ, rank, alpha, names); the full-copy form stores ``dete/transformer/`` instead of the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dcm.backbones.base import Backbone
+
+EXPERT_FILE = "expert.json"
+ADAPTER_DIR = "adapter"
+TIMESTEP_LAYERS_FILE = "timestep_layers.safetensors"
+FULL_DIR = "transformer"
+# Routing compares t = 1000·σ; a grid point stored in float32 may sit a hair above σ_κ, while
+# neighbouring grid points are ≥ 0.1 apart in t for any grid this project builds.
+ROUTING_TOLERANCE_T = 1e-2
+
+
+def sigma_kappa(params) -> float:
+    """σ_κ of the run's teacher grid: the routing threshold between the experts."""
+    from dcm.schedule import teacher_grid
+
+    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    return grid.sigma(params.grid.kappa)
+
+
+def _base_transformer(model: nn.Module) -> nn.Module:
+    """The diffusers transformer under a PEFT wrapper (``PeftModel.get_base_model``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class DualExpert(nn.Module):
+    """SemE and DetE behind the diffusers transformer's call signature, routed per sample by σ."""
+
+    def __init__(self, seme: nn.Module, *, kappa: int, sigma_kappa: float, timestep_layer_names: tuple[str, ...],
+                 rank: int, alpha: float, timestep_layers: dict[str, nn.Module | nn.Parameter] | None = None,
+                 dete_full: nn.Module | None = None):
+        super().__init__()
+        if (timestep_layers is None) == (dete_full is None):
+            raise ValueError("DualExpert needs either LoRA timestep layers (rank > 0) or a full DetE (rank == 0)")
+        self.model = seme  # the PeftModel (LoRA form) or the plain SemE transformer (full form)
+        self.kappa, self.sigma_kappa = int(kappa), float(sigma_kappa)
+        self.timestep_layer_names = tuple(timestep_layer_names)
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.dete_full = dete_full
+        self.dete_modules = nn.ModuleDict()
+        self.dete_parameters = nn.ParameterDict()
+        for name, layer in (timestep_layers or {}).items():
+            (self.dete_parameters if isinstance(layer, nn.Parameter) else self.dete_modules)[name] = layer
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def is_lora(self) -> bool:
+        return self.dete_full is None
+
+    @property
+    def seme_transformer(self) -> nn.Module:
+        return _base_transformer(self.model)
+
+    @property
+    def config(self):
+        return self.seme_transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.seme_transformer.dtype
+
+    def dete_timestep_layer(self, name: str) -> nn.Module | nn.Parameter:
+        return self.dete_parameters[name] if name in self.dete_parameters else self.dete_modules[name]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """DetE's own parameters: LoRA A/B + copied timestep layers, or the whole full copy."""
+        if not self.is_lora:
+            return list(self.dete_full.parameters())
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        return lora + list(self.dete_modules.parameters()) + list(self.dete_parameters.values())
+
+    def freeze_seme(self) -> DualExpert:
+        """Only DetE trains: SemE's (shared) weights frozen, DetE's own parameters trainable."""
+        self.requires_grad_(False)
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+        return self
+
+    def parameter_counts(self) -> dict[str, float]:
+        """Trainable DetE parameters and their fraction of one backbone (the SemE transformer)."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        backbone = sum(p.numel() for n, p in self.seme_transformer.named_parameters() if "lora_" not in n)
+        return {"dete_trainable_params": trainable, "backbone_params": backbone,
+                "dete_trainable_fraction_of_backbone": trainable / backbone}
+
+    # ----------------------------------------------------------------------------- experts
+    @contextmanager
+    def _dete_layers_swapped(self) -> Iterator[None]:
+        """DetE's timestep layers in place of SemE's on this transformer instance, restored afterwards."""
+        base = self.seme_transformer
+        originals = {name: getattr(base, name) for name in self.timestep_layer_names}
+        try:
+            for name in self.timestep_layer_names:
+                setattr(base, name, self.dete_timestep_layer(name))
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(base, name, original)
+
+    @contextmanager
+    def _adapter_disabled(self) -> Iterator[None]:
+        """PEFT's ``disable_adapter``; re-enabling marks the adapter trainable, so the flags are restored."""
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        flags = [p.requires_grad for p in lora]
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for p, flag in zip(lora, flags):
+                p.requires_grad_(flag)
+
+    def run_expert(self, expert: str, **inputs) -> torch.Tensor:
+        """One expert on the whole (sub-)batch; ``inputs`` are the transformer's keyword arguments."""
+        inputs["return_dict"] = False
+        if expert == "seme":
+            if self.is_lora:
+                with self._adapter_disabled():
+                    return self.model(**inputs)[0]
+            return self.model(**inputs)[0]
+        if expert == "dete":
+            if self.is_lora:
+                with self._dete_layers_swapped():
+                    return self.model(**inputs)[0]
+            return self.dete_full(**inputs)[0]
+        raise ValueError(f"expert must be 'seme' or 'dete', got {expert!r}")
+
+    def route(self, timestep: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: True where a sample goes to SemE (σ = t/1000 > σ_κ), False for DetE."""
+        t_kappa = 1000.0 * self.sigma_kappa
+        return timestep.detach().double() > t_kappa + ROUTING_TOLERANCE_T
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                return_dict: bool = True, **kwargs):
+        batch = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+        to_seme = self.route(timestep)
+        out = None
+        for expert, mask in (("seme", to_seme), ("dete", ~to_seme)):
+            idx = torch.nonzero(mask).flatten()
+            if idx.numel() == 0:
+                continue
+            sub = {k: (v[idx] if torch.is_tensor(v) and v.ndim and v.shape[0] == batch else v)
+                   for k, v in kwargs.items()}
+            if idx.numel() == batch:  # the whole batch to one expert: no gather/scatter
+                return self._wrap(self.run_expert(expert, hidden_states=hidden_states, timestep=timestep,
+                                                  encoder_hidden_states=encoder_hidden_states, **sub), return_dict)
+            y = self.run_expert(expert, hidden_states=hidden_states[idx], timestep=timestep[idx],
+                                encoder_hidden_states=encoder_hidden_states[idx], **sub)
+            if out is None:
+                out = y.new_zeros((batch, *y.shape[1:]))
+            out = out.index_copy(0, idx, y)  # out of place: keeps the autograd graph of both experts
+        return self._wrap(out, return_dict)
+
+    @staticmethod
+    def _wrap(sample: torch.Tensor, return_dict: bool):
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)
+
+    # ----------------------------------------------------------------------------- views
+    def materialize(self, expert: str) -> nn.Module:
+        """A stand-alone copy of one expert as a plain diffusers transformer (LoRA merged for DetE)."""
+        if expert == "seme":
+            if not self.is_lora:
+                return copy.deepcopy(self.model)
+            model = copy.deepcopy(self.model)
+            return model.unload()  # drops the adapter, leaves SemE's weights
+        if expert == "dete":
+            if not self.is_lora:
+                return copy.deepcopy(self.dete_full)
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            for name in self.timestep_layer_names:
+                setattr(merged, name, copy.deepcopy(self.dete_timestep_layer(name)))
+            return merged
+        raise ValueError(f"expert must be 'seme' or 'dete', got {expert!r}")
+
+
+def make_dete(seme_transformer: nn.Module, backbone: Backbone, rank: int, alpha: float, *, kappa: int,
+              sigma_kappa: float) -> DualExpert:
+    """DetE initialised from SemE (takes ownership of ``seme_transformer``: the adapter is injected into it).
+
+    rank > 0: LoRA (r = rank, lora_alpha = alpha) on every attention linear named by
+    ``backbone.lora_target_modules`` + copies of ``backbone.timestep_layer_names``; rank == 0: a full copy.
+    """
+    if rank < 0:
+        raise ValueError(f"lora rank must be >= 0, got {rank}")
+    names = tuple(backbone.timestep_layer_names)
+    common = dict(kappa=kappa, sigma_kappa=sigma_kappa, timestep_layer_names=names, rank=rank, alpha=alpha)
+    if rank == 0:
+        dete = copy.deepcopy(seme_transformer)
+        return DualExpert(seme_transformer, dete_full=dete, **common).freeze_seme()
+    if alpha <= 0:
+        raise ValueError(f"lora alpha must be > 0 when rank > 0, got {alpha}")
+    from peft import LoraConfig, get_peft_model
+
+    missing = [n for n in names if not hasattr(seme_transformer, n)]
+    if missing:
+        raise ValueError(f"timestep layers {missing} are not attributes of {type(seme_transformer).__name__}")
+    copies = {n: copy.deepcopy(getattr(seme_transformer, n)) for n in names}
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(backbone.lora_target_modules),
+                        init_lora_weights=True)  # B = 0: DetE starts exactly at SemE
+    peft_model = get_peft_model(seme_transformer, config)
+    return DualExpert(peft_model, timestep_layers=copies, **common).freeze_seme()
+
+
+# ------------------------------------------------------------------------------------ storage
+
+
+def save_dete(dual: DualExpert, dete_dir: str | Path) -> None:
+    """DetE's own weights into ``dete_dir``: adapter/ + timestep_layers.safetensors (or transformer/) + expert.json."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from dcm import io
+
+    dete_dir = Path(dete_dir)
+    dete_dir.mkdir(parents=True, exist_ok=True)
+    if dual.is_lora:
+        with io.atomic_dir(dete_dir / ADAPTER_DIR) as tmp:
+            dual.model.save_pretrained(tmp)
+        io.write_bytes_atomic(dete_dir / TIMESTEP_LAYERS_FILE, safetensors_bytes(timestep_layer_state(dual)))
+    else:
+        with io.atomic_dir(dete_dir / FULL_DIR) as tmp:
+            dual.dete_full.save_pretrained(tmp)
+    meta = {"kappa": dual.kappa, "sigma_kappa": dual.sigma_kappa, "rank": dual.rank, "alpha": dual.alpha,
+            "form": "lora" if dual.is_lora else "full", "timestep_layer_names": list(dual.timestep_layer_names),
+            **dual.parameter_counts()}
+    io.write_json_atomic(dete_dir / EXPERT_FILE, meta)
+
+
+def timestep_layer_state(dual: DualExpert) -> dict[str, torch.Tensor]:
+    """DetE's copied timestep layers as a flat state dict in the transformer's own key names."""
+    state: dict[str, torch.Tensor] = {}
+    for name in dual.timestep_layer_names:
+        layer = dual.dete_timestep_layer(name)
+        if isinstance(layer, nn.Parameter):
+            state[name] = layer.detach().cpu().contiguous()
+        else:
+            state.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in layer.state_dict().items()})
+    return state
+
+
+def load_dual_expert(seme_dir: str | Path, dete_dir: str | Path, backbone: Backbone) -> DualExpert:
+    """SemE (``seme_dir/transformer``, diffusers) + DetE (``dete_dir``, as ``save_dete`` wrote it), frozen, eval."""
+    from safetensors.torch import load_file
+
+    seme_dir, dete_dir = Path(seme_dir), Path(dete_dir)
+    meta_file = dete_dir / EXPERT_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{dete_dir} is not a saved DetE: {EXPERT_FILE} is missing (run `dcm run train_dete`)")
+    meta = json.loads(meta_file.read_text())
+    model_class = type(_base_transformer(backbone.transformer))
+    seme = model_class.from_pretrained(seme_dir / FULL_DIR)
+    common = dict(kappa=meta["kappa"], sigma_kappa=meta["sigma_kappa"], rank=meta["rank"], alpha=meta["alpha"],
+                  timestep_layer_names=tuple(meta["timestep_layer_names"]))
+    if meta["form"] == "full":
+        dual = DualExpert(seme, dete_full=model_class.from_pretrained(dete_dir / FULL_DIR), **common)
+    else:
+        from peft import PeftModel
+
+        copies = {n: copy.deepcopy(getattr(seme, n)) for n in common["timestep_layer_names"]}
+        state = load_file(dete_dir / TIMESTEP_LAYERS_FILE)
+        for name, layer in copies.items():
+            if isinstance(layer, nn.Parameter):
+                layer.data.copy_(state[name])
+            else:
+                prefix = f"{name}."
+                layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        peft_model = PeftModel.from_pretrained(seme, dete_dir / ADAPTER_DIR)
+        dual = DualExpert(peft_model, timestep_layers=copies, **common)
+    device = next(backbone.transformer.parameters()).device
+    return dual.requires_grad_(False).eval().to(device)
+
+
+def load_method_experts(params, method: str, backbone: Backbone) -> dict:
+    """Velocity functions for ``schedule.expert_schedule`` steps of a dcm-kind method.
+
+    Both names map to the same ``DualExpert``: it routes every sample by its own σ, so "seme" and
+    "dete" steps of the schedule reach SemE and DetE through σ_κ (checkpoint_from is honoured).
+    """
+    from dcm import paths
+    from dcm.sampling import student_velocity
+
+    source = params.method(method).checkpoint_from or method
+    dual = load_dual_expert(paths.checkpoint(source, "seme"), paths.checkpoint(source, "dete"), backbone)
+    velocity = student_velocity(backbone, dual)
+    return {"seme": velocity, "dete": velocity}

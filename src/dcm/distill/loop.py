@@ -1,0 +1,357 @@
+"""The one distillation loop for every consistency method (LCM, PCM, SemE, DetE, MCM).
+
+What differs between methods is data, not code: a ``DistillSpec`` names the student, its trainable
+parameters, the phases n is drawn from, the target network (online student or EMA), lr, steps and
+extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each step, top to bottom:
+
+    draw (trajectory, n) → x_n, x_{n−1}, cond from the source
+    x̂     = x_n + (σ_end − σ_n)·v_θ(x_n, t_n)                     student, with grad
+    x̂_tgt = x_{n−1} + (σ_end − σ_{n−1})·v_θ⁻(x_{n−1}, t_{n−1})    target, no grad (x_{n−1} at a boundary)
+    loss  = pseudo-Huber(x̂, x̂_tgt) + Σ objectives
+    backward (× grad_accum) → clip → AdamW → EMA → objectives' own steps → log → checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dcm import io
+from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.config import ConfigError, Params
+from dcm.distill import checkpoint, losses
+from dcm.schedule import Phase, teacher_grid
+
+HISTORY_FILE = "history.jsonl"
+SUMMARY_FILE = "train.json"
+ADAM_BETAS = (0.9, 0.999)
+
+
+@dataclass
+class ConsistencyBatch:
+    """One optimisation micro-batch, after the student and target forwards."""
+
+    step: int
+    n: torch.Tensor  # (B,) grid indices of x_n
+    sigma_n: torch.Tensor  # (B,) float32
+    sigma_prev: torch.Tensor
+    sigma_end: torch.Tensor
+    x_n: torch.Tensor  # (B, C, T, H, W): x_{t_n}
+    x_prev: torch.Tensor  # the teacher's x_{t_{n−1}}
+    cond: PromptEmbeds
+    x_end_pred: torch.Tensor  # student endpoint x̂ (with grad)
+    x_end_target: torch.Tensor  # target x̂_tgt (no grad); = x_prev where n−1 == end
+
+
+class Objective:
+    """Extra loss terms beside the consistency loss.  Subclasses set ``name`` and override what they need."""
+
+    name: str = "objective"
+
+    def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
+        """Weighted scalar terms, summed into the student's loss and logged by key."""
+        return {}
+
+    def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
+        """Anything that steps after the student (e.g. a discriminator); returns values to log."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class TemporalCoherence(Objective):
+    """SemE's temporal coherence loss on the endpoints, weight λ_TC, frame offset l (METHODS.md)."""
+
+    name = "tc"
+
+    def __init__(self, weight: float, offset: int):
+        self.weight, self.offset = weight, offset
+
+    def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
+        return {"tc": self.weight * losses.temporal_coherence(batch.x_end_pred, batch.x_end_target, self.offset)}
+
+
+@dataclass
+class DistillSpec:
+    """What differs between distillation methods."""
+
+    name: str
+    student: nn.Module  # called through backbone.predict(student, x, sigma, cond)
+    trainable: list[nn.Parameter]
+    phases: list[Phase]  # n uniform over their union; each n's end from its phase
+    target: Literal["online", "ema"]
+    lr: float
+    train_steps: int
+    objectives: list[Objective] = field(default_factory=list)
+    save: Callable[[Path], None] | None = None  # writes the final weights into the run's folder
+    settings: dict = field(default_factory=dict)  # extra identity a resume must match (method params)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_s: float
+    resumed_from: int  # step the run continued from (0 = fresh)
+    losses: list[float]  # total loss of every step this process ran
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: names the step, the loss terms and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def phase_tables(phases: list[Phase], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drawable grid indices (sorted union of the phases) and each index's phase end (−1 = σ_min)."""
+    end_of = torch.full((steps,), -2, dtype=torch.long)
+    for phase in phases:
+        if phase.last >= steps:
+            raise ValueError(f"phase {phase} reaches beyond the teacher grid (N = {steps})")
+        if (end_of[phase.first:phase.last + 1] != -2).any():
+            raise ValueError(f"phases overlap: {phases}")
+        end_of[phase.first:phase.last + 1] = phase.end
+    allowed = torch.nonzero(end_of != -2).flatten()
+    return allowed, end_of
+
+
+def draw_indices(num_rows: int, allowed_n: torch.Tensor, batch_size: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's trajectory rows and grid indices n, each uniform (n over the phases' union)."""
+    rows = torch.randint(num_rows, (batch_size,), generator=generator)
+    n = allowed_n[torch.randint(len(allowed_n), (batch_size,), generator=generator)]
+    return rows, n
+
+
+def named_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> list[str]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(trainable) if id(p) not in names]
+    if missing:
+        raise ValueError(f"trainable parameters {missing[:3]} are not parameters of the student")
+    return [names[id(p)] for p in trainable]
+
+
+def resume_settings(spec: DistillSpec, params: Params) -> dict:
+    """Everything a resumed run must share with the run that wrote the state (train_steps may grow)."""
+    training = {k: v for k, v in vars(params.training).items() if k not in ("checkpoint_every", "log_every")}
+    return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases], "target": spec.target,
+            "lr": spec.lr, "seed": params.seed, "training": training, "grid": vars(params.grid),
+            "backbone": params.backbone.family, "objectives": [o.name for o in spec.objectives], **spec.settings}
+
+
+def _check_grid(source, params: Params) -> np.ndarray:
+    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    sigmas = np.asarray(source.grid_sigmas, dtype=np.float64)
+    if sigmas.shape != grid.extended.shape or not np.allclose(sigmas, grid.extended, rtol=1e-5, atol=1e-6):
+        raise ConfigError("grid", {"steps": params.grid.steps, "shift": params.grid.shift},
+                          f"the grid the batch source was made with ({len(sigmas) - 1} steps, "
+                          f"σ_0 = {sigmas[1] if len(sigmas) > 1 else None}): re-run `dcm run trajectories`")
+    return grid.extended
+
+
+def _truncate_history(path: Path, last_step: int) -> None:
+    """Keep the history of the steps the resume state covers (a killed run may have logged more)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < last_step]
+    io.write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------- loop
+
+
+def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir: str | Path, tracker) -> TrainResult:
+    """Distil ``spec.student`` for ``spec.train_steps`` steps into ``out_dir`` (resuming from its ``resume/``)."""
+    cfg = params.training
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sigmas_ext = torch.as_tensor(_check_grid(source, params), dtype=torch.float32)  # position n + 1 ↔ index n
+    allowed_n, end_of = phase_tables(spec.phases, params.grid.steps)
+    if not spec.trainable:
+        raise ValueError(f"{spec.name}: no trainable parameters")
+    names = named_trainable(spec.student, spec.trainable)
+    device = spec.trainable[0].device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext)
+
+    # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
+    ema_model, ema_params = None, []
+    if spec.target == "ema":
+        ema_model = copy.deepcopy(spec.student).requires_grad_(False)
+        ema_named = dict(ema_model.named_parameters())
+        ema_params = [ema_named[name] for name in names]
+    target_model = ema_model if ema_model is not None else spec.student
+
+    optimizer = torch.optim.AdamW(spec.trainable, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    sampler = torch.Generator().manual_seed(params.seed)
+    run_fingerprint = checkpoint.fingerprint(resume_settings(spec, params))
+
+    start, wall_before, last_checkpoint = 0, 0.0, None
+    state = checkpoint.load(out_dir, run_fingerprint)
+    if state is not None and state["step"] > spec.train_steps:
+        print(f"{spec.name}: resume state is at step {state['step']} > train_steps {spec.train_steps}; starting afresh")
+        state = None
+    if state is not None:
+        student_params = dict(spec.student.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                student_params[name].copy_(state["trainable"][name])
+            if ema_params:
+                for name, p in zip(names, ema_params, strict=True):
+                    p.copy_(state["ema"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        for obj in spec.objectives:
+            obj.load_state_dict(state["objectives"].get(obj.name, {}))
+        checkpoint.restore_rng(state["rng"], sampler)
+        start, wall_before = state["step"], state["wall_s"]
+        last_checkpoint = f"{checkpoint.state_path(out_dir)} (step {start})"
+        print(f"{spec.name}: resuming from step {start} ({checkpoint.state_path(out_dir)})")
+    history_path = out_dir / HISTORY_FILE
+    if start:
+        _truncate_history(history_path, start)
+    else:
+        history_path.unlink(missing_ok=True)
+
+    def save_state(step: int, wall_s: float) -> str:
+        path = checkpoint.save(out_dir, {
+            "step": step, "wall_s": wall_s, "fingerprint": run_fingerprint,
+            "trainable": {n: p.detach().cpu().clone() for n, p in zip(names, spec.trainable, strict=True)},
+            "ema": ({n: p.detach().cpu().clone() for n, p in zip(names, ema_params, strict=True)}
+                    if ema_params else None),
+            "optimizer": optimizer.state_dict(),
+            "objectives": {o.name: o.state_dict() for o in spec.objectives},
+            "rng": checkpoint.rng_state(sampler)})
+        return f"{path} (step {step})"
+
+    spec.student.train()
+    t0 = time.perf_counter()
+    step_losses: list[float] = []
+    bar = tqdm(range(start, spec.train_steps), desc=spec.name, initial=start, total=spec.train_steps,
+               dynamic_ncols=True)
+    with open(history_path, "a") as history:
+        for step in bar:
+            step_t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            micro_batches: list[ConsistencyBatch] = []
+            logged: dict[str, float] = {}
+            record_n, record_loss = [], []
+            for _ in range(cfg.grad_accum):
+                # --- draw trajectories and grid indices n (uniform over the phases' union)
+                rows, n = draw_indices(len(source), allowed_n, cfg.batch_size, sampler)
+                end = end_of[n]
+                data = source.batch(rows, n, sampler)
+                sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
+                at_boundary = (n - 1 == end).to(device)
+
+                # --- student endpoint, with grad
+                with autocast():
+                    v = backbone.predict(spec.student, data.x_n, sigma_n, data.cond)
+                x_end_pred = losses.euler_endpoint(data.x_n, v.float(), sigma_n, sigma_end)
+
+                # --- consistency target, no grad (x_{n−1} itself at the phase boundary)
+                with torch.no_grad(), autocast():
+                    v_prev = backbone.predict(target_model, data.x_prev, sigma_prev, data.cond)
+                x_end_target = losses.consistency_target(data.x_prev, v_prev.float(), sigma_prev, sigma_end,
+                                                         at_boundary)
+
+                batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
+                                         x_end_pred, x_end_target)
+                terms = {"consistency": losses.pseudo_huber(x_end_pred, x_end_target, cfg.huber_c)}
+                for obj in spec.objectives:
+                    for key, value in obj.generator_loss(batch).items():
+                        terms[f"{obj.name}/{key}" if key != obj.name else key] = value
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    raise TrainingDiverged(f"{spec.name}: non-finite loss at step {step} (terms {values}); "
+                                           f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
+                (loss / cfg.grad_accum).backward()
+                micro_batches.append(batch)
+                for k, v_ in terms.items():
+                    logged[k] = logged.get(k, 0.0) + float(v_.detach()) / cfg.grad_accum
+                logged["loss"] = logged.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+                record_n += n.tolist()
+                record_loss += losses.pseudo_huber_per_sample(x_end_pred.detach(), x_end_target, cfg.huber_c).tolist()
+
+            # --- optimiser step, EMA, the objectives' own steps
+            grad_norm = torch.nn.utils.clip_grad_norm_(spec.trainable, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(f"{spec.name}: non-finite gradient norm at step {step} (terms {logged}); "
+                                       f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
+            optimizer.step()
+            if ema_params:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema_params, spec.trainable, strict=True):
+                        p_ema.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+            for obj in spec.objectives:
+                for batch in micro_batches:
+                    for key, value in obj.after_generator_step(batch).items():
+                        logged[f"{obj.name}/{key}"] = float(value)
+
+            # --- log
+            step_s = time.perf_counter() - step_t0
+            logged["grad_norm"] = float(grad_norm)
+            step_losses.append(logged["loss"])
+            history.write(json.dumps({"step": step, **logged, "step_s": step_s, "n": record_n, "loss_per_sample": record_loss}) + "\n")
+            history.flush()
+            tracker.metrics(logged, step=step)
+            bar.set_postfix(loss=f"{logged['loss']:.4g}", gnorm=f"{logged['grad_norm']:.3g}", refresh=False)
+
+            # --- checkpoint
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == spec.train_steps:
+                last_checkpoint = save_state(done, wall_before + time.perf_counter() - t0)
+    bar.close()
+    if start >= spec.train_steps and start:
+        print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
+
+    wall_s = wall_before + time.perf_counter() - t0
+    if spec.save is not None:
+        spec.save(out_dir)
+    n_trainable = sum(p.numel() for p in spec.trainable)
+    n_total = sum(p.numel() for p in spec.student.parameters())
+    summary = {"method": spec.name, "steps": max(start, spec.train_steps), "resumed_from": start,
+               "wall_s": round(wall_s, 3), "steps_per_s": (round((spec.train_steps - start) / (time.perf_counter() - t0), 4)
+                               if spec.train_steps > start else None),
+               "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_params": n_trainable, "total_params": n_total,
+               "trainable_fraction": n_trainable / max(n_total, 1), "batch_size": params.training.batch_size,
+               "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
+               "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(device),
+               "final_loss": _last_logged_loss(history_path)}
+    io.write_json_atomic(out_dir / SUMMARY_FILE, summary)
+    return TrainResult(steps=summary["steps"], wall_s=wall_s, resumed_from=start, losses=step_losses)
+
+
+def save_transformer(model: nn.Module, folder: str = "transformer") -> Callable[[Path], None]:
+    """A ``DistillSpec.save`` for a full-parameter student: diffusers ``save_pretrained`` into ``<out>/transformer``."""
+
+    def save(out_dir: Path) -> None:
+        with io.atomic_dir(Path(out_dir) / folder) as tmp:
+            model.save_pretrained(tmp)
+
+    return save
+

@@ -1,0 +1,1 @@
+"""Evaluation: shapes-bench (analytic dimensions), VBench wrapper, latency, VBench-style aggregation."""

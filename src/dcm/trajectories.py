@@ -1,0 +1,346 @@
+"""Teacher ODE solves and the sharded, checksummed trajectory store.
+
+A trajectory is the guided teacher's Euler path from noise at σ_{N−1} = 1 down the whole grid to
+σ_0 and one more step to σ_min (METHODS.md: x ← x + (σ_next − σ)·v_T, CFG v_T = v_u + w·(v_c − v_u)).
+It is stored at every point of ``TeacherGrid.extended`` = [σ_min, σ_0, …, σ_{N−1}], ascending, so
+grid index n lives at position n + 1 and n = −1 (σ_min) at position 0.
+
+On disk (``trajectories/``)::
+
+    shard-00000.safetensors   tensor "latents" (S, N+1, C, T, H, W) in bf16/fp16/fp32, S = shard_size
+    shard-00001.safetensors   (the last shard may hold fewer trajectories)
+    index.json                format version, fingerprint, grid, guidance, dtype, latent shape and,
+                              per shard, its file name, sha256 and rows (prompt_id, prompt, seed)
+
+``TrajectoryWriter`` builds the folder shard by shard so that a killed run resumes: each shard is
+written to a temporary file, fsynced and renamed (a reader never sees half a shard), carries the
+store's fingerprint in its safetensors metadata, and is reused on resume only when that fingerprint
+matches.  ``index.partial.json`` marks a store in progress; ``index.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from dcm import io
+from dcm.backbones.base import Backbone
+from dcm.sampling import sample, teacher_velocity
+from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid, uniform_schedule
+
+FORMAT_VERSION = 1
+INDEX = "index.json"
+PARTIAL_INDEX = "index.partial.json"
+TENSOR = "latents"
+METADATA_KEY = "dcm"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUT = "(S, N+1, C, T, H, W); axis 1 ascending over grid.sigmas: position n+1 = grid index n, 0 = sigma_min"
+
+
+class StoreError(RuntimeError):
+    """A trajectory store that is missing, incomplete, corrupted or of another format."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(path: str | os.PathLike, exclude: Sequence[str] = ("training.json",)) -> str:
+    """sha256 over every file (relative path + content) of a folder: identifies the teacher's weights."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ teacher solve
+
+
+def initial_noise(seed: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """The contract of data/prompts.json: a row's noise is randn(latent_shape) from its own seed."""
+    return torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+@torch.no_grad()
+def solve(backbone: Backbone, grid: TeacherGrid, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+    """Guided teacher Euler solves over the full grid, σ_{N−1} → … → σ_0 → σ_min.
+
+    Returns (B, N+1, C, T, H, W) float32 in ``grid.extended`` order (ascending σ; noise last).
+    """
+    device = next(backbone.transformer.parameters()).device
+    cond = backbone.encode_prompts(prompts)
+    uncond = backbone.null_prompts(len(prompts)) if backbone.guidance_mode == "cfg" else None
+    steps = uniform_schedule(grid, grid.steps)
+    path = sample({"teacher": teacher_velocity(backbone, uncond)}, steps, noise.to(device), cond,
+                  final_sigma=grid.sigma_min, keep_trajectory=True)
+    return torch.stack(path[::-1], dim=1).float().cpu()
+
+
+# ------------------------------------------------------------------------------------ header
+
+
+def store_header(grid: TeacherGrid, num_train_timesteps: int, shift: float, guidance_mode: str,
+                 guidance_scale: float, dtype: str, latent_shape: Sequence[int], shard_size: int,
+                 batch_size: int, rows: list[dict], teacher_sha256: str) -> dict[str, Any]:
+    """Everything the stored values depend on; its hash is the fingerprint a resume must match."""
+    if dtype not in DTYPES:
+        raise ValueError(f"trajectory dtype {dtype!r} is not one of {list(DTYPES)}")
+    header = {
+        "format_version": FORMAT_VERSION,
+        "grid": {"steps": grid.steps, "shift": float(shift), "num_train_timesteps": int(num_train_timesteps),
+                 "sigmas": [float(s) for s in grid.extended]},
+        "guidance": {"mode": guidance_mode, "scale": float(guidance_scale)},
+        "dtype": dtype,
+        "latent_shape": [int(d) for d in latent_shape],
+        "layout": LAYOUT,
+        "shard_size": int(shard_size),
+        "batch_size": int(batch_size),  # batch composition changes float rounding: part of the identity
+        "num_trajectories": len(rows),
+        "teacher_sha256": teacher_sha256,
+    }
+    identity = {**header, "rows": [[r["prompt_id"], r["prompt"], r["seed"]] for r in rows]}
+    header["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return header
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TrajectoryWriter:
+    """Builds a store shard by shard; a re-run with the same header resumes, another header starts over."""
+
+    def __init__(self, root: str | os.PathLike, header: dict[str, Any], rows: list[dict]):
+        self.root = Path(root)
+        self.header = header
+        self.rows = [{"prompt_id": int(r["prompt_id"]), "prompt": str(r["prompt"]), "seed": int(r["seed"])}
+                     for r in rows]
+        size = header["shard_size"]
+        self.shard_rows = [self.rows[i:i + size] for i in range(0, len(self.rows), size)]
+        self.entries: dict[int, dict] = {}
+        self.started_over = False
+        self._open()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header["fingerprint"]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_rows)
+
+    def _open(self) -> None:
+        index, partial = self.root / INDEX, self.root / PARTIAL_INDEX
+        recorded: dict = {}
+        if index.is_file():
+            recorded = _read_json_or_none(index) or {}
+        elif partial.is_file():
+            recorded = _read_json_or_none(partial) or {}
+        if recorded and recorded.get("fingerprint") != self.fingerprint:
+            shutil.rmtree(self.root)  # another grid, guidance, row set or teacher: never resume it
+            self.started_over = True
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stray in self.root.glob(".*.tmp-*"):  # temp files of a killed write
+            stray.unlink(missing_ok=True)
+        known = {e["file"]: e for e in recorded.get("shards", [])}
+        for i in range(self.num_shards):
+            entry = self._reusable(i, known.get(shard_name(i)))
+            if entry is not None:
+                self.entries[i] = entry
+        if not index.is_file() or len(self.entries) < self.num_shards:
+            index.unlink(missing_ok=True)
+            self._write_partial()
+
+    def _reusable(self, i: int, recorded: dict | None) -> dict | None:
+        """A finished shard of this very store: same fingerprint and rows, hash as recorded (if recorded)."""
+        path = self.root / shard_name(i)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+        except Exception:  # unreadable header: recompute the shard
+            return None
+        if meta.get("fingerprint") != self.fingerprint or meta.get("shard") != i or meta.get("rows") != self.shard_rows[i]:
+            return None
+        digest = file_sha256(path)
+        if recorded is not None and recorded.get("sha256") != digest:
+            return None
+        return {"file": path.name, "sha256": digest, "rows": self.shard_rows[i]}
+
+    def _write_partial(self) -> None:
+        done = [self.entries[i] for i in sorted(self.entries)]
+        io.write_json_atomic(self.root / PARTIAL_INDEX, {**self.header, "shards": done})
+
+    def pending(self) -> list[int]:
+        """Shard indices still to compute, in order."""
+        return [i for i in range(self.num_shards) if i not in self.entries]
+
+    def write(self, i: int, latents: torch.Tensor) -> dict:
+        """Store shard ``i`` atomically (temp file, fsync, rename); ``latents`` is (S, N+1, C, T, H, W)."""
+        expected = (len(self.shard_rows[i]), len(self.header["grid"]["sigmas"]), *self.header["latent_shape"])
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"shard {i}: latents of shape {tuple(latents.shape)}, expected {expected}")
+        meta = {"fingerprint": self.fingerprint, "shard": i, "rows": self.shard_rows[i]}
+        tensor = latents.detach().to("cpu", DTYPES[self.header["dtype"]]).contiguous()
+        data = safetensors_bytes({TENSOR: tensor}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        io.write_bytes_atomic(self.root / shard_name(i), data)
+        _fsync_dir(self.root)
+        entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(), "rows": self.shard_rows[i]}
+        self.entries[i] = entry
+        self._write_partial()
+        return entry
+
+    def finish(self) -> dict:
+        """Write index.json last; leave only index.json and the shards in the folder."""
+        missing = self.pending()
+        if missing:
+            raise StoreError(f"{self.root}: shards {missing} are not written yet")
+        index = {**self.header, "shards": [self.entries[i] for i in range(self.num_shards)]}
+        keep = {INDEX} | {e["file"] for e in index["shards"]}
+        for path in self.root.iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        io.write_json_atomic(self.root / INDEX, index)
+        _fsync_dir(self.root)
+        return index
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return io.read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------ reader
+
+
+class TrajectoryStore:
+    """Random access to stored teacher trajectories: ``latents(traj, n)`` reads only the slices it needs."""
+
+    def __init__(self, root: str | os.PathLike, verify: bool = True):
+        self.root = Path(root)
+        index_path = self.root / INDEX
+        if not index_path.is_file():
+            if (self.root / PARTIAL_INDEX).is_file():
+                raise StoreError(f"{self.root} is an unfinished trajectory store (no {INDEX}, only "
+                                 f"{PARTIAL_INDEX}): re-run `dcm run trajectories` to finish it")
+            raise StoreError(f"{index_path} not found: run `dcm run trajectories` first")
+        self.index = io.read_json(index_path)
+        if self.index.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{index_path}: format_version {self.index.get('format_version')!r}, "
+                             f"this code reads {FORMAT_VERSION}: re-run `dcm run trajectories`")
+        self.grid_sigmas = np.asarray(self.index["grid"]["sigmas"], dtype=np.float64)
+        self.latent_shape = tuple(self.index["latent_shape"])
+        self.dtype = DTYPES[self.index["dtype"]]
+        self.shards = self.index["shards"]
+        self.rows: list[dict] = [row for shard in self.shards for row in shard["rows"]]
+        self._shard_of = np.concatenate([np.full(len(s["rows"]), k) for k, s in enumerate(self.shards)]
+                                        or [np.zeros(0)]).astype(np.int64)
+        self._local = np.concatenate([np.arange(len(s["rows"])) for s in self.shards] or [np.zeros(0)]).astype(np.int64)
+        self._handles: dict[int, Any] = {}
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """sha256 of every shard against index.json; the error names the shard and both hashes."""
+        for shard in self.shards:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise StoreError(f"trajectory shard {path} listed in {INDEX} is missing")
+            actual = file_sha256(path)
+            if actual != shard["sha256"]:
+                raise StoreError(f"trajectory shard {path} is corrupted: sha256 {actual}, "
+                                 f"{INDEX} expects {shard['sha256']}")
+
+    # --- metadata
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def steps(self) -> int:
+        """N, the teacher grid size (grid indices 0 … N−1, plus −1 for σ_min)."""
+        return len(self.grid_sigmas) - 1
+
+    @property
+    def guidance(self) -> dict:
+        return dict(self.index["guidance"])
+
+    def sigma(self, n: int) -> float:
+        return float(self.grid_sigmas[self._position(n)])
+
+    def prompts(self, traj) -> list[str]:
+        return [self.rows[i]["prompt"] for i in self._trajectories(traj)]
+
+    def seeds(self, traj) -> list[int]:
+        return [self.rows[i]["seed"] for i in self._trajectories(traj)]
+
+    # --- values
+    def latents(self, traj: Sequence[int] | torch.Tensor, n: Sequence[int] | torch.Tensor | int) -> torch.Tensor:
+        """float32 (B, C, T, H, W): trajectory traj[i] at grid index n[i] (−1 = σ_min, N−1 = the noise)."""
+        rows = self._trajectories(traj)
+        ns = [int(n)] * len(rows) if isinstance(n, (int, np.integer)) else _as_ints(n)
+        if len(ns) != len(rows):
+            raise ValueError(f"latents: {len(rows)} trajectories but {len(ns)} grid indices")
+        out = torch.empty((len(rows), *self.latent_shape), dtype=torch.float32)
+        for b, (row, step) in enumerate(zip(rows, ns, strict=True)):
+            position = self._position(step)
+            piece = self._slice(int(self._shard_of[row]))[int(self._local[row]), position]
+            out[b] = piece.float()
+        return out
+
+    def _slice(self, shard: int):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.root / self.shards[shard]["file"], framework="pt")
+        return self._handles[shard].get_slice(TENSOR)
+
+    def _position(self, n: int) -> int:
+        if not SIGMA_MIN_INDEX <= n < self.steps:
+            raise IndexError(f"grid index {n} outside [-1, {self.steps - 1}]")
+        return n + 1
+
+    def _trajectories(self, traj) -> list[int]:
+        rows = _as_ints(traj)
+        bad = [t for t in rows if not 0 <= t < len(self)]
+        if bad:
+            raise IndexError(f"trajectory indices {bad[:5]} outside [0, {len(self) - 1}]")
+        return rows
+
+    def __getstate__(self):  # open safetensors handles do not pickle (DataLoader workers reopen them)
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def _as_ints(values) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        return [int(v) for v in values.reshape(-1).tolist()]
+    return [int(v) for v in np.asarray(values).reshape(-1)]

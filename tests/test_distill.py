@@ -1,0 +1,332 @@
+"""The distillation engine: phases honoured, targets as configured, exact resume, guards, stage outputs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcm import config, distill, paths, schedule
+from dcm.backbones import create_teacher, load_teacher
+from dcm.distill import losses
+from dcm.distill.loop import Objective, TrainingDiverged, draw_indices, phase_tables, train
+from dcm.tracking import StageRun
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_STORE = importlib.util.find_spec("dcm.trajectories") is not None
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def smoke_params(**training):
+    raw = config.load_raw("params.yaml", preset="smoke")
+    raw["training"].update(training)
+    return config.parse(raw)
+
+
+@pytest.fixture
+def smoke(tmp_path, monkeypatch):
+    """A scratch smoke project: prompts.json and a random (untrained) teacher saved to models/teacher."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCM_TRACKING", "off")
+    params = smoke_params()
+    from dcm.stages import prepare
+
+    prepare.run(params)
+    create_teacher(params).save(paths.TEACHER)
+    return tmp_path
+
+
+def online_setup(params):
+    """The saved teacher and the batch source ``training.source`` names."""
+    backbone = load_teacher(params, paths.TEACHER)
+    return backbone, distill.make_source(params, backbone)
+
+
+def make_spec(params, backbone, phases, target="online", steps=6, objectives=(), name="test"):
+    student = distill.full_parameter_student(backbone)
+    return distill.DistillSpec(name=name, student=student, trainable=list(student.parameters()), phases=phases,
+                               target=target, lr=1e-3, train_steps=steps, objectives=list(objectives),
+                               save=distill.save_transformer(student))
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+class Record(Objective):
+    """Keeps every batch the loop shows the objectives (with the student as it was for that forward)."""
+
+    name = "record"
+
+    def __init__(self, student=None):
+        self.batches, self.students, self.student = [], [], student
+
+    def generator_loss(self, batch):
+        self.batches.append(batch)
+        if self.student is not None:
+            self.students.append(copy.deepcopy(self.student))
+        return {}
+
+
+class FailAt(Objective):
+    """Injects a failure at one step: a NaN loss term, or an interruption (a killed job)."""
+
+    name = "fail"
+
+    def __init__(self, step, kind):
+        self.step, self.kind, self.armed = step, kind, True
+
+    def generator_loss(self, batch):
+        if batch.step == self.step and self.armed:
+            if self.kind == "nan":
+                return {"fail": torch.tensor(float("nan"))}
+            self.armed = False  # the requeued job runs past this step
+            raise KeyboardInterrupt("simulated preemption")
+        return {}
+
+
+# ----------------------------------------------------------------------------- phases and draws
+
+
+@pytest.mark.parametrize("phases", [schedule.pcm_phases(50, 1), schedule.pcm_phases(50, 4),
+                                    [schedule.expert_phases(50, 37)["seme"]],
+                                    [schedule.expert_phases(50, 37)["dete"]]])
+def test_drawn_indices_cover_exactly_the_phases_union_uniformly(phases):
+    allowed, end_of = phase_tables(phases, 50)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(50)
+    for _ in range(400):
+        _, n = draw_indices(8, allowed, 16, generator)
+        counts += torch.bincount(n, minlength=50)
+    expected = {n for p in phases for n in range(p.first, p.last + 1)}
+    assert {int(i) for i in torch.nonzero(counts).flatten()} == expected
+    drawn = counts[sorted(expected)]
+    assert drawn.min() > 0.6 * drawn.mean()  # uniform over the union, not per phase
+    for p in phases:
+        assert all(int(end_of[n]) == p.end for n in range(p.first, p.last + 1))
+
+
+def test_seme_phase_from_kappa_and_pcm_phase_ends():
+    allowed, end_of = phase_tables([schedule.expert_phases(50, 37)["seme"]], 50)
+    assert allowed.tolist() == list(range(38, 50)) and set(end_of[38:].tolist()) == {37}
+    _, end_of = phase_tables(schedule.pcm_phases(50, 4), 50)
+    assert [int(end_of[n]) for n in (0, 11, 12, 24, 25, 36, 37, 49)] == [-1, -1, 11, 11, 24, 24, 36, 36]
+
+
+def test_training_draws_n_only_from_the_seme_phase_with_its_end(smoke):
+    params = smoke_params(source="online")
+    backbone, source = online_setup(params)
+    phase = schedule.expert_phases(params.grid.steps, params.grid.kappa)["seme"]
+    record = Record()
+    spec = make_spec(params, backbone, [phase], steps=4, objectives=[record])
+    train(spec, backbone, source, params, smoke / "run", StageRun(None))
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift)
+    drawn = torch.cat([b.n for b in record.batches])
+    assert drawn.min() >= phase.first and drawn.max() <= phase.last
+    for b in record.batches:
+        torch.testing.assert_close(b.sigma_end, torch.full_like(b.sigma_end, grid.sigma(phase.end)))
+        torch.testing.assert_close(b.sigma_n, torch.tensor([grid.sigma(int(n)) for n in b.n]))
+        torch.testing.assert_close(b.sigma_prev, torch.tensor([grid.sigma(int(n) - 1) for n in b.n]))
+    logged = [n for row in history(smoke / "run") for n in row["n"]]
+    assert logged == drawn.tolist()
+
+
+# --------------------------------------------------------------------------------- the targets
+
+
+def test_online_target_is_the_current_student_without_grad(smoke):
+    params = smoke_params(source="online")
+    backbone, source = online_setup(params)
+    spec = make_spec(params, backbone, schedule.pcm_phases(params.grid.steps, 2), steps=3)
+    record = Record(spec.student)
+    spec.objectives = [record]
+    train(spec, backbone, source, params, smoke / "run", StageRun(None))
+    b, student_then = record.batches[-1], record.students[-1]
+    assert not b.x_end_target.requires_grad and b.x_end_pred.requires_grad
+    with torch.no_grad():
+        v = backbone.predict(student_then, b.x_prev, b.sigma_prev, b.cond)
+    expected = losses.consistency_target(b.x_prev, v, b.sigma_prev, b.sigma_end, b.sigma_prev == b.sigma_end)
+    torch.testing.assert_close(b.x_end_target, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_target_with_decay_one_stays_the_initial_student(smoke):
+    params = smoke_params(source="online", ema_decay=1.0)
+    backbone, source = online_setup(params)
+    spec = make_spec(params, backbone, schedule.pcm_phases(params.grid.steps, 1), target="ema", steps=3)
+    initial = copy.deepcopy(spec.student)
+    record = Record(spec.student)
+    spec.objectives = [record]
+    train(spec, backbone, source, params, smoke / "run", StageRun(None))
+    b = record.batches[-1]
+    with torch.no_grad():
+        v_initial = backbone.predict(initial, b.x_prev, b.sigma_prev, b.cond)
+        v_current = backbone.predict(record.students[-1], b.x_prev, b.sigma_prev, b.cond)
+    not_boundary = b.sigma_prev != b.sigma_end
+    assert not_boundary.any()
+    target_initial = losses.euler_endpoint(b.x_prev, v_initial, b.sigma_prev, b.sigma_end)
+    target_current = losses.euler_endpoint(b.x_prev, v_current, b.sigma_prev, b.sigma_end)
+    torch.testing.assert_close(b.x_end_target[not_boundary], target_initial[not_boundary], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(b.x_end_target[not_boundary], target_current[not_boundary], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("source_kind", ["online", "cached"])
+def test_resume_gives_identical_next_losses(smoke, source_kind):
+    """6 steps straight vs 3 steps, a kill during step 4, and a resume: the same losses, bit for bit (CPU)."""
+    params = smoke_params(source=source_kind, checkpoint_every=3)
+    if source_kind == "cached":
+        from dcm.stages import trajectories
+
+        trajectories.run(params)
+    backbone, source = online_setup(params)
+    phases = schedule.pcm_phases(params.grid.steps, 2)
+
+    def spec(*objectives):
+        return make_spec(params, backbone, phases, target="ema", steps=6,
+                         objectives=[distill.TemporalCoherence(1.0, 2), *objectives])
+
+    kill = FailAt(4, "interrupt")  # the same objectives in both runs: only the kill differs
+    kill.armed = False
+    straight = train(spec(kill), backbone, source, params, smoke / "straight", StageRun(None))
+    kill.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        train(spec(kill), backbone, source, params, smoke / "resumed", StageRun(None))
+    assert (smoke / "resumed" / "resume" / "state.pt").is_file()
+    resumed = train(spec(kill), backbone, source, params, smoke / "resumed", StageRun(None))
+    assert resumed.resumed_from == 3
+    assert resumed.losses == straight.losses[3:]
+    assert [r["loss"] for r in history(smoke / "resumed")] == [r["loss"] for r in history(smoke / "straight")]
+    assert [r["step"] for r in history(smoke / "resumed")] == list(range(6))
+
+
+def test_resume_state_from_other_settings_is_discarded(smoke):
+    params = smoke_params(source="online", checkpoint_every=2)
+    backbone, source = online_setup(params)
+    phases = schedule.pcm_phases(params.grid.steps, 2)
+    train(make_spec(params, backbone, phases, steps=2), backbone, source, params, smoke / "run", StageRun(None))
+    other = make_spec(params, backbone, schedule.pcm_phases(params.grid.steps, 1), steps=2)
+    result = train(other, backbone, source, params, smoke / "run", StageRun(None))
+    assert result.resumed_from == 0 and len(result.losses) == 2
+
+
+# ------------------------------------------------------------------------------------- guards
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint_named(smoke):
+    params = smoke_params(source="online", checkpoint_every=3)
+    backbone, source = online_setup(params)
+    spec = make_spec(params, backbone, schedule.pcm_phases(params.grid.steps, 1), steps=6,
+                     objectives=[FailAt(4, "nan")])
+    with pytest.raises(TrainingDiverged) as err:
+        train(spec, backbone, source, params, smoke / "run", StageRun(None))
+    message = str(err.value)
+    assert "step 4" in message and "'fail': nan" in message and "consistency" in message
+    assert "resume/state.pt (step 3)" in message
+
+
+def test_source_made_on_another_grid_is_refused_before_training(smoke):
+    params = smoke_params(source="online")
+    backbone, source = online_setup(params)
+    raw = config.load_raw("params.yaml", preset="smoke")
+    raw["grid"]["shift"] = 5.0
+    other = config.parse(raw)
+    spec = make_spec(other, backbone, schedule.pcm_phases(other.grid.steps, 1), steps=1)
+    with pytest.raises(config.ConfigError, match="grid"):
+        train(spec, backbone, source, other, smoke / "run", StageRun(None))
+    assert not (smoke / "run" / "history.jsonl").exists()
+
+
+def test_stage_without_teacher_fails_with_a_clear_message(tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    from dcm.stages import train_baseline
+
+    with pytest.raises(config.ConfigError, match="models/teacher"):
+        train_baseline.run(smoke_params(), "lcm")
+
+
+# ------------------------------------------------------------------------------ stage smoke runs
+
+
+def _stage_params(smoke):
+    """Cached trajectories when the store exists, else the online mode (same loop, same outputs)."""
+    if HAS_STORE:
+        params = smoke_params()
+        from dcm.stages import trajectories
+
+        trajectories.run(params)
+        return params
+    return smoke_params(source="online")
+
+
+@pytest.mark.slow
+def test_lcm_and_pcm_smoke_runs_write_loadable_transformers(smoke, monkeypatch, mlflow_sqlite):
+    from diffusers import WanTransformer3DModel
+
+    from dcm.stages import train_baseline
+
+    monkeypatch.setenv("DCM_TRACKING", "on")
+    params = _stage_params(smoke)
+    for method in ("lcm", "pcm"):
+        train_baseline.run(params, method)
+        out = paths.checkpoint(method)
+        model = WanTransformer3DModel.from_pretrained(out / "transformer")
+        teacher = load_teacher(params, paths.TEACHER).transformer
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in teacher.parameters())
+        summary = json.loads((out / "train.json").read_text())
+        assert summary["steps"] == params.methods[method].train_steps == len(history(out))
+        assert summary["trainable_fraction"] == 1.0 and summary["peak_rss_mb"] > 0
+        assert summary["target"] == params.methods[method].target
+        assert (out / "resume" / "state.pt").is_file()
+    assert json.loads((paths.checkpoint("pcm") / "train.json").read_text())["phases"] == [[0, 4, -1], [5, 9, 4]]
+
+
+@pytest.mark.slow
+def test_seme_smoke_run_trains_the_high_noise_phase_with_temporal_coherence(smoke):
+    from diffusers import WanTransformer3DModel
+
+    from dcm.stages import train_seme
+
+    params = _stage_params(smoke)
+    train_seme.run(params, "dcm")
+    out = paths.checkpoint("dcm", "seme")
+    WanTransformer3DModel.from_pretrained(out / "transformer")
+    rows = history(out)
+    assert len(rows) == params.methods["dcm"].seme.train_steps
+    assert all(params.grid.kappa < n <= params.grid.steps - 1 for r in rows for n in r["n"])
+    assert all("tc" in r and r["tc"] >= 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_STORE, reason="dcm.trajectories (the store) is not in the tree yet")
+def test_cached_source_pairs_consecutive_stored_points(smoke):
+    from dcm.stages import trajectories
+    from dcm.trajectories import TrajectoryStore
+
+    params = smoke_params()
+    trajectories.run(params)
+    store = TrajectoryStore(paths.TRAJECTORIES, verify=True)
+    backbone = load_teacher(params, paths.TEACHER)
+    source = distill.CachedSource(store, backbone)
+    rows, n = torch.tensor([0, 1]), torch.tensor([0, 5])
+    batch = source.batch(rows, n, torch.Generator())
+    torch.testing.assert_close(batch.x_n, torch.as_tensor(store.latents([0, 1], [0, 5])).float())
+    torch.testing.assert_close(batch.x_prev, torch.as_tensor(store.latents([0, 1], [-1, 4])).float())
+    prompts = [r["prompt"] if isinstance(r, dict) else r[1] for r in store.rows]
+    torch.testing.assert_close(batch.cond.hidden, backbone.encode_prompts(prompts[:2]).hidden)

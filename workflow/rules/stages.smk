@@ -1,0 +1,49 @@
+# One rule per stage of the stage table, each one `dcm run <stage> [--method M]` shell line;
+# input/output from Stage.resolve, resources from slurm/resources.yaml (dcm.dag.snakemake_resources).
+# Per-method stages take the method as a wildcard constrained to the methods the table runs.
+from dcm import config as dcm_config
+from dcm import dag as dcm_dag
+from dcm.stages import STAGES
+
+PARAMS = dcm_config.parse(config)
+
+
+def _is_dir(path):
+    return not path.endswith((".json", ".yaml", ".txt", ".csv"))
+
+
+def _outputs(stage):
+    pattern = {"method": "{method}"} if stage.per_method else {}
+    paths = [p.format(**pattern) if pattern else p for p in stage.outs + stage.metrics]
+    return [directory(p) if _is_dir(p) else p for p in paths]
+
+
+def _inputs(stage):
+    if stage.per_method:
+        return lambda wildcards: STAGES[stage.name].resolve(PARAMS, wildcards.method)["deps"]
+    return stage.resolve(PARAMS)["deps"]
+
+
+def dag_targets():
+    """Every output of the default DAG (the Snakefile's `all`)."""
+    targets = []
+    for stage, method in dcm_dag.runs(PARAMS):
+        resolved = stage.resolve(PARAMS, method)
+        targets += resolved["outs"] + resolved["metrics"]
+    return targets
+
+
+for _stage in STAGES.values():
+    if _stage.per_method and not _stage.methods(PARAMS):
+        continue
+    rule:
+        name: _stage.name
+        input: _inputs(_stage)
+        output: _outputs(_stage)
+        wildcard_constraints:
+            method="|".join(_stage.methods(PARAMS)) if _stage.per_method else ".+"
+        resources: **dcm_dag.snakemake_resources(_stage.name)
+        params:  # bound now: a loop's shell string would see the last stage
+            stage=_stage.name,
+            method=(lambda w: f" --method {w.method}") if _stage.per_method else "",
+        shell: "dcm run {params.stage}{params.method}"
