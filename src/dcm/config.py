@@ -341,6 +341,12 @@ def validate(params: Params) -> Params:
                         raise ConfigError(f"{key}.{expert}", None, "required for a dcm method")
             if m.sample_steps < 2:
                 raise ConfigError(f"{key}.sample_steps", m.sample_steps, ">= 2 (at least one step per expert)")
+            n_seme = (m.sample_steps + 1) // 2
+            if n_seme > g.steps - 1 - g.kappa or m.sample_steps - n_seme > g.kappa + 1:
+                raise ConfigError(f"{key}.sample_steps", m.sample_steps,
+                                  f"at most {2 * min(g.steps - 1 - g.kappa, g.kappa + 1)} here: each expert needs "
+                                  f"one grid point per step (SemE has {g.steps - 1 - g.kappa}, DetE {g.kappa + 1} "
+                                  f"with grid.steps={g.steps}, kappa={g.kappa})")
             if m.dete is not None and m.dete.lora_rank > 0 and m.dete.lora_alpha <= 0:
                 raise ConfigError(f"{key}.dete.lora_alpha", m.dete.lora_alpha, "> 0 when lora_rank > 0")
         if m.kind == "teacher" and m.sample_steps > g.steps:

@@ -111,8 +111,13 @@ def split_points(first_index: int, end_index: int, count: int) -> list[int]:
     SemE [49 → 37] in 2 steps gives [49, 43]; DetE [37 → −1] in 2 steps gives [37, 18]: the
     official HunyuanVideo 4-step sigmas [1.0, 0.992, 0.9818, 0.9124] at shift 17.
     """
+    if not 1 <= count <= first_index - end_index:
+        raise ValueError(f"cannot place {count} steps on grid indices {first_index} down to {end_index + 1}")
     points = np.linspace(first_index, end_index, count + 1)[:-1]
-    return [int(np.floor(p + 0.5)) for p in points]
+    indices = [int(np.floor(p + 0.5)) for p in points]
+    for k in range(1, count):  # rounding may collide when steps are dense: keep them strictly decreasing
+        indices[k] = min(indices[k], indices[k - 1] - 1)
+    return indices
 
 
 @dataclass(frozen=True)

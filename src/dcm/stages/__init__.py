@@ -69,7 +69,7 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("prepare", "the training and evaluation (prompt, seed) sets",
-              outs=("data/prompts.json",), params=("seed", "world")),
+              outs=("data/prompts.json",), params=("seed", "world", "trajectories.num_trajectories")),
         Stage("teacher", "pretrain the toy teacher by flow matching (real backbones: record the weights)",
               deps=("data/prompts.json",), outs=("models/teacher",),
               params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps")),

@@ -1,0 +1,100 @@
+"""``sample --method M``: the shared evaluation (prompt, seed) rows, sampled with the method's schedule.
+
+Writes ``samples/<M>/``: one mp4 per row, ``latents.safetensors``, ``videos.safetensors`` (decoded,
+float16) and ``samples.json`` (schedule, NFE, seconds per video) — the same rows and noise for every
+method, so every comparison downstream is paired.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dcm import io, paths, tracking
+from dcm.backbones import load_teacher
+from dcm.config import ConfigError, Params
+from dcm.sampling import nfe, sample, student_velocity, teacher_velocity
+from dcm.schedule import (SamplingStep, expert_schedule, pcm_phases, phase_schedule, teacher_grid,
+                          uniform_schedule)
+from dcm.stages import weights_paths
+from dcm.trajectories import initial_noise
+from dcm.video import write_mp4
+
+BATCH = 8
+
+
+def schedule_for(params: Params, method: str) -> list[SamplingStep]:
+    """The (σ, expert) steps a method samples with, derived from params."""
+    m = params.method(method)
+    g = params.grid
+    grid = teacher_grid(g.steps, g.shift, g.num_train_timesteps)
+    if m.kind == "teacher":
+        return uniform_schedule(grid, m.sample_steps, "teacher")
+    if m.kind == "dcm":
+        return expert_schedule(grid, g.kappa, m.sample_steps)
+    source = params.method(m.checkpoint_from) if m.checkpoint_from else m
+    if source.phases == m.sample_steps:
+        return phase_schedule(grid, pcm_phases(g.steps, source.phases))
+    return uniform_schedule(grid, m.sample_steps, "student")
+
+
+def _experts(params: Params, method: str, backbone) -> tuple[dict, dict]:
+    """Velocity functions per expert name, and the forwards each costs (CFG teacher: 2)."""
+    m = params.method(method)
+    if m.kind == "teacher":
+        if backbone.guidance_mode != "cfg":
+            return {"teacher": teacher_velocity(backbone, None)}, {}
+
+        def guided(x, sigma, cond):
+            return backbone.guided_velocity(backbone.transformer, x, sigma, cond, backbone.null_prompts(len(cond)))
+
+        return {"teacher": guided}, {"teacher": 2 if backbone.guidance_scale != 1.0 else 1}
+    if m.kind == "dcm":
+        from dcm.distill.experts import load_method_experts
+
+        return load_method_experts(params, method, backbone), {}
+    from diffusers import WanTransformer3DModel
+
+    folder = paths.checkpoint(m.checkpoint_from or method) / "transformer"
+    student = WanTransformer3DModel.from_pretrained(folder).eval().requires_grad_(False)
+    return {"student": student_velocity(backbone, student)}, {}
+
+
+def run(params: Params, method: str) -> None:
+    missing = [p for p in [str(paths.PROMPTS), *weights_paths(params, method)] if not Path(p).exists()]
+    if missing:
+        raise ConfigError(f"sample --method {method}", missing, "existing inputs: run the upstream stages first")
+    rows = io.read_json(paths.PROMPTS)["eval"]
+    backbone = load_teacher(params, paths.TEACHER)
+    steps = schedule_for(params, method)
+    latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
+    experts, forwards = _experts(params, method, backbone)
+    latents, videos, seconds = [], [], 0.0
+    with tracking.stage_run(params, "sample", method) as run_, io.atomic_dir(paths.samples(method)) as out:
+        for start in tqdm(range(0, len(rows), BATCH), desc=f"sample[{method}]", unit="batch"):
+            chunk = rows[start:start + BATCH]
+            noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in chunk])
+            cond = backbone.encode_prompts([r["prompt"] for r in chunk])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                x = sample(experts, steps, noise, cond)
+                video = backbone.decode_latents(x)
+            seconds += time.perf_counter() - t0
+            latents.append(x)
+            videos.append(video)
+        latents_t, videos_t = torch.cat(latents), torch.cat(videos)
+        for i, (row, video) in enumerate(zip(rows, videos_t)):
+            write_mp4(out / f"{i:03d}_{row['prompt_id']}_{row['seed']}.mp4", video)
+        save_file({"latents": latents_t.contiguous()}, str(out / "latents.safetensors"))
+        save_file({"videos": videos_t.to(torch.float16).contiguous()}, str(out / "videos.safetensors"))
+        record = {"method": method, "kind": params.method(method).kind,
+                  "steps": [[s.sigma, s.expert] for s in steps], "num_steps": len(steps),
+                  "nfe": nfe(steps, forwards), "seconds_per_video": seconds / len(rows), "rows": rows}
+        io.write_json_atomic(out / "samples.json", record)
+        run_.metrics({"seconds_per_video": record["seconds_per_video"], "nfe": record["nfe"]})
+    print(f"sample[{method}]: {len(rows)} videos, {record['seconds_per_video']:.3f} s/video, NFE {record['nfe']}"
+          f" → {paths.samples(method)}")
