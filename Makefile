@@ -36,7 +36,8 @@ demo: setup
 
 # Opt-in ablation rows of the paper (VCM, +OD, +OD+PE, +OD+PE+TC): same stages, same budget.
 ablations: setup
-	DCM_ABLATIONS=1 $(VENV)/bin/dvc repro
+	$(VENV)/bin/dvc repro
+	$(VENV)/bin/dcm ablations
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

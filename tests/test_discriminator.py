@@ -10,8 +10,16 @@ import torch
 
 from dcm import config, schedule
 from dcm.backbones.toy import ToyBackbone
-from dcm.distill.discriminator import (Discriminator, GanFeatureMatching, discriminator_hinge, feature_matching,
-                                       generator_adversarial, generator_hinge, group_count, output_projection)
+from dcm.distill.discriminator import (
+    Discriminator,
+    GanFeatureMatching,
+    discriminator_hinge,
+    feature_matching,
+    generator_adversarial,
+    generator_hinge,
+    group_count,
+    output_projection,
+)
 from dcm.distill.loop import ConsistencyBatch
 
 REPO = Path(__file__).resolve().parents[1]

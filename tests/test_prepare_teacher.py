@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -159,9 +158,7 @@ def test_teacher_stage_needs_prepare_first(project):
 def test_smoke_teacher_stage_produces_a_loadable_teacher_whose_loss_decreases(project):
     params = config.load("params.yaml", preset="smoke")
     STAGES["prepare"].run(params)
-    start = time.perf_counter()
     STAGES["teacher"].run(params)
-    assert time.perf_counter() - start < 60
 
     summary = json.loads((paths.TEACHER / "training.json").read_text())
     assert summary["steps"] == params.teacher.train_steps

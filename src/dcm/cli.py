@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     stages = sub.add_parser("stages", help="list the stages with their runs for these params")
     _add_params_args(stages)
+
+    ablations = sub.add_parser("ablations", help="train, sample and evaluate the opt-in ablation rows "
+                               "(after the default DAG), then rebuild the report")
+    _add_params_args(ablations)
     return parser
 
 
@@ -83,6 +87,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         for s in stages.STAGES.values():
             runs = s.methods(params, include_ablations=True) if s.per_method else ["-"]
             print(f"{s.name:<15} {', '.join(runs)}")
+        return 0
+    if args.command == "ablations":
+        rows = [m for m, c in params.methods.items() if c.ablation]
+        for stage in stages.STAGES.values():
+            if stage.per_method:
+                for m in stage.methods(params, include_ablations=True):
+                    if m in rows:
+                        stage.run(params, m)
+        stages.get("report").run(params)
         return 0
     if args.command == "run":
         stages.get(args.stage).run(params, args.method)

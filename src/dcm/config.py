@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -67,9 +67,9 @@ class ToyBackboneConfig:
 @dataclass
 class BackboneConfig:
     family: Literal["toy", "wan", "hunyuan", "cogvideox"]
-    path: Optional[str]  # local diffusers folder for real backbones (never a hub id)
+    path: str | None  # local diffusers folder for real backbones (never a hub id)
     guidance_scale: float = field(**at_least(0))  # CFG scale (embedded guidance for hunyuan)
-    toy: Optional[ToyBackboneConfig] = None
+    toy: ToyBackboneConfig | None = None
 
 
 @dataclass
@@ -147,9 +147,9 @@ class MethodConfig:
     lr: float = field(default=1e-4, **positive())
     phases: int = field(default=1, **at_least(1))  # consistency: 1 = LCM, K = PCM
     target: Literal["online", "ema"] = "online"
-    seme: Optional[ExpertConfig] = None
-    dete: Optional[ExpertConfig] = None
-    checkpoint_from: Optional[str] = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
+    seme: ExpertConfig | None = None
+    dete: ExpertConfig | None = None
+    checkpoint_from: str | None = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
     ablation: bool = False  # opt-in rows: not part of the default DAG
 
 

@@ -5,7 +5,6 @@ parent run with a child per method."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file

@@ -18,8 +18,14 @@ from dcm import io, paths, tracking
 from dcm.backbones import load_teacher
 from dcm.config import ConfigError, Params
 from dcm.sampling import nfe, sample, student_velocity, teacher_velocity
-from dcm.schedule import (SamplingStep, expert_schedule, pcm_phases, phase_schedule, teacher_grid,
-                          uniform_schedule)
+from dcm.schedule import (
+    SamplingStep,
+    expert_schedule,
+    pcm_phases,
+    phase_schedule,
+    teacher_grid,
+    uniform_schedule,
+)
 from dcm.stages import weights_paths
 from dcm.trajectories import initial_noise
 from dcm.video import write_mp4
