@@ -34,6 +34,25 @@ def mlflow_sqlite(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+@pytest.fixture(scope="module")
+def params():
+    """The smoke preset, validated."""
+    from dcm import config
+
+    return config.load(REPO / "params.yaml", preset="smoke")
+
+
+@pytest.fixture(scope="module")
+def backbone(params):
+    """A random-weight toy teacher, frozen as ``load_teacher`` leaves it."""
+    from dcm.backbones.toy import ToyBackbone
+
+    bb = ToyBackbone.create(params.backbone.toy, params.backbone.guidance_scale, seed=0)
+    bb.transformer.requires_grad_(False)
+    bb.prompt_encoder.requires_grad_(False)
+    return bb
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A scratch project directory with the repo's params.yaml, as cwd."""

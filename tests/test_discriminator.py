@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcm import config, schedule
-from dcm.backbones.toy import ToyBackbone
+from dcm import schedule
 from dcm.distill.discriminator import (
     Discriminator,
     GanFeatureMatching,
@@ -23,27 +22,6 @@ from dcm.distill.discriminator import (
 from dcm.distill.loop import ConsistencyBatch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def params():
-    return config.load(REPO / "params.yaml", preset="smoke")
-
-
-@pytest.fixture(scope="module")
-def backbone(params):
-    bb = ToyBackbone.create(params.backbone.toy, params.backbone.guidance_scale, seed=0)
-    bb.transformer.requires_grad_(False)
-    bb.prompt_encoder.requires_grad_(False)
-    return bb
 
 
 def make_objective(backbone, params, **weights) -> GanFeatureMatching:

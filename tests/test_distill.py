@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,16 +17,6 @@ from dcm.distill.loop import Objective, TrainingDiverged, draw_indices, phase_ta
 from dcm.tracking import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_STORE = importlib.util.find_spec("dcm.trajectories") is not None
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smoke_params(**training):
@@ -265,14 +254,12 @@ def test_stage_without_teacher_fails_with_a_clear_message(tmp_path, monkeypatch)
 
 
 def _stage_params(smoke):
-    """Cached trajectories when the store exists, else the online mode (same loop, same outputs)."""
-    if HAS_STORE:
-        params = smoke_params()
-        from dcm.stages import trajectories
+    """Smoke params with cached trajectories written by the real stage."""
+    params = smoke_params()
+    from dcm.stages import trajectories
 
-        trajectories.run(params)
-        return params
-    return smoke_params(source="online")
+    trajectories.run(params)
+    return params
 
 
 @pytest.mark.slow
@@ -314,7 +301,6 @@ def test_seme_smoke_run_trains_the_high_noise_phase_with_temporal_coherence(smok
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_STORE, reason="dcm.trajectories (the store) is not in the tree yet")
 def test_cached_source_pairs_consecutive_stored_points(smoke):
     from dcm.stages import trajectories
     from dcm.trajectories import TrajectoryStore

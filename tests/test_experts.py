@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dcm import config, paths, schedule
-from dcm.backbones.toy import ToyBackbone
 from dcm.distill.discriminator import GanFeatureMatching
 from dcm.distill.experts import DualExpert, load_dual_expert, load_method_experts, make_dete, save_dete
 from dcm.distill.loop import ConsistencyBatch
@@ -19,28 +18,6 @@ from dcm.sampling import sample
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moves left"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster than two spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def params():
-    return config.load(REPO / "params.yaml", preset="smoke")
-
-
-@pytest.fixture(scope="module")
-def backbone(params):
-    bb = ToyBackbone.create(params.backbone.toy, params.backbone.guidance_scale, seed=0)
-    bb.transformer.requires_grad_(False)
-    bb.prompt_encoder.requires_grad_(False)  # as load_teacher leaves it: frozen
-    return bb
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcm import config
 from dcm.backbones import create_teacher
 from dcm.backbones.toy import PAD, UNK, ToyBackbone, caption_vocabulary
 from dcm.worlds import shapes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def params():
-    return config.load(REPO / "params.yaml", preset="smoke")
 
 
 @pytest.fixture(scope="module")

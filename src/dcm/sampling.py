@@ -21,9 +21,22 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor]
 
 def teacher_velocity(backbone: Backbone, uncond: PromptEmbeds | None, scale: float | None = None,
                      model: nn.Module | None = None) -> Velocity:
-    """The guided teacher (CFG or embedded guidance) as a velocity function."""
+    """The guided teacher (CFG or embedded guidance) as a velocity function.
+
+    With CFG and no ``uncond`` given, the null prompt is encoded once per batch size and reused.
+    """
     net = backbone.transformer if model is None else model
-    return lambda x, sigma, cond: backbone.guided_velocity(net, x, sigma, cond, uncond, scale)
+    null_by_batch: dict[int, PromptEmbeds] = {}
+
+    def velocity(x, sigma, cond):
+        null = uncond
+        if null is None and backbone.guidance_mode == "cfg":
+            if len(cond) not in null_by_batch:
+                null_by_batch[len(cond)] = backbone.null_prompts(len(cond))
+            null = null_by_batch[len(cond)]
+        return backbone.guided_velocity(net, x, sigma, cond, null, scale)
+
+    return velocity
 
 
 def student_velocity(backbone: Backbone, model: nn.Module) -> Velocity:

@@ -52,13 +52,8 @@ def _experts(params: Params, method: str, backbone) -> tuple[dict, dict]:
     """Velocity functions per expert name, and the forwards each costs (CFG teacher: 2)."""
     m = params.method(method)
     if m.kind == "teacher":
-        if backbone.guidance_mode != "cfg":
-            return {"teacher": teacher_velocity(backbone, None)}, {}
-
-        def guided(x, sigma, cond):
-            return backbone.guided_velocity(backbone.transformer, x, sigma, cond, backbone.null_prompts(len(cond)))
-
-        return {"teacher": guided}, {"teacher": 2 if backbone.guidance_scale != 1.0 else 1}
+        cfg_forwards = 2 if backbone.guidance_mode == "cfg" and backbone.guidance_scale != 1.0 else 1
+        return {"teacher": teacher_velocity(backbone, None)}, {"teacher": cfg_forwards}
     if m.kind == "dcm":
         from dcm.distill.experts import load_method_experts
 
