@@ -3,14 +3,17 @@ cluster (slurm/local-cluster/start.sh).  The torch.distributed mapping is a plai
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import submitit
+import torch
 import yaml
 
 from dcm import config, launch
@@ -103,3 +106,115 @@ def test_snakemake_slurm_profile_runs_prepare_then_teacher(cluster_project):
         env={**os.environ, "DCM_TRACKING": "off"})
     assert out.returncode == 0, out.stdout[-3000:]
     assert Path("data/prompts.json").is_file() and Path("models/teacher").is_dir()
+
+
+def _prepare_training_inputs(params_path: str = "params.yaml") -> None:
+    """prepare → teacher → trajectories in this process (the inputs of a training stage)."""
+    from dcm import stages
+
+    params = config.load(params_path)
+    local = config.parse({**config.load_raw(params_path), "launcher": "local"})
+    assert params.launcher == "slurm"
+    for name in ("prepare", "teacher", "trajectories"):
+        stages.get(name).run(local)
+
+
+def _set_resources(stage: str, **values) -> None:
+    table = yaml.safe_load(Path("resources.yaml").read_text())
+    table.setdefault(stage, {}).update(values)
+    Path("resources.yaml").write_text(yaml.safe_dump(table))
+
+
+def _set_method(method: str, **values) -> None:
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["methods"][method].update(values)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _student_weights(method: str) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(f"checkpoints/{method}/transformer").glob("*.safetensors"))
+    assert files, f"no saved student in checkpoints/{method}/transformer"
+    out = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_launch_trains_as_a_two_task_gloo_job_with_identical_ranks(cluster_project):
+    """train_baseline as 2 SLURM tasks: gloo process group, gradients averaged, rank 0 writes."""
+    from dcm import distributed
+    from dcm.backbones import load_teacher
+
+    _prepare_training_inputs()
+    _set_resources("train_baseline", tasks=2, cpus_per_task=1)
+    params = config.load("params.yaml")
+    assert launch.launch(params, "train_baseline", "lcm", "params.yaml", None) == 0
+
+    record = json.loads(Path("checkpoints/lcm/distributed.json").read_text())
+    assert record["world_size"] == 2
+    first, second = record["parameter_digests"]
+    assert first == second  # every rank took the same optimiser steps
+    teacher = load_teacher(params, "models/teacher")
+    assert first != distributed.parameter_digest(list(teacher.transformer.parameters()))  # and training moved them
+    summary = json.loads(Path("checkpoints/lcm/train.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 2 * params.training.batch_size
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weights(cluster_project):
+    from dcm import stages
+
+    _prepare_training_inputs()
+    _set_method("lcm", train_steps=60)
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["training"]["checkpoint_every"] = 3
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    # the uninterrupted run, in this process
+    reference = Path("reference")
+    reference.mkdir()
+    for name in ("params.yaml", "data", "models", "trajectories"):
+        src = Path(name)
+        shutil.copytree(src, reference / name) if src.is_dir() else shutil.copy(src, reference / name)
+    here = Path.cwd()
+    os.chdir(reference)
+    try:
+        stages.get("train_baseline").run(config.parse({**config.load_raw("params.yaml"), "launcher": "local"}), "lcm")
+        expected = _student_weights("lcm")
+    finally:
+        os.chdir(here)
+
+    # the same run as a SLURM job, preempted with SIGUSR1 once it has checkpointed
+    params = config.load("params.yaml")
+    signal_name = launch.use_preempt_signal()
+    assert signal_name == "USR1"
+    resources = launch.dag.load_resources("train_baseline")
+    executor = submitit.AutoExecutor(folder=Path.cwd() / launch.LOG_FOLDER, cluster="slurm")
+    executor.update_parameters(**launch.slurm_parameters(resources, "dcm-preempt-test"))
+    job = executor.submit(launch.StageJob("train_baseline", "lcm", str(Path("params.yaml").resolve()), None,
+                                          str(Path.cwd())))
+    state = Path("checkpoints/lcm/resume/state.pt")
+    deadline = time.monotonic() + 300
+    while not state.is_file():
+        assert time.monotonic() < deadline, "the job never checkpointed"
+        assert launch.squeue_state(job.job_id) not in launch.TERMINAL_STATES
+        time.sleep(0.5)
+    history = Path("checkpoints/lcm/history.jsonl")
+    steps_before = len(history.read_text().splitlines())
+    assert steps_before < 60, "the job finished before it could be preempted: raise train_steps"
+    subprocess.run(["scancel", "--signal=USR1", str(job.job_id)], check=True)
+    assert launch._wait(job, stream=False) == 0
+    log = Path(str(job.paths.stderr)).read_text() + Path(str(job.paths.stdout)).read_text()
+    assert "Caught signal SIGUSR1" in log and "preempted" in log
+    assert "resuming from step" in log
+    summary = json.loads(Path("checkpoints/lcm/train.json").read_text())
+    assert summary["resumed_from"] > 0 and summary["steps"] == 60
+    got = _student_weights("lcm")
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name

@@ -46,6 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     stages = sub.add_parser("stages", help="list the stages with their runs for these params")
     _add_params_args(stages)
 
+    vbench = sub.add_parser("vbench", help="the real VBench backend (evaluation.backend: vbench)")
+    vbench_sub = vbench.add_subparsers(dest="vbench_command", required=True)
+    setup = vbench_sub.add_parser("setup", help="create VBench's own virtual environment from the pinned "
+                                  "requirements (src/dcm/evaluation/vbench-requirements.txt)")
+    setup.add_argument("--venv", default=".venv-vbench", help="where (evaluation.vbench.venv; default .venv-vbench)")
+    setup.add_argument("--requirements", default=None, help="another requirements file (default: the pinned one)")
+    setup.add_argument("--python", default=sys.executable, help="interpreter for the venv (3.10 or 3.11)")
+
+    analyze = sub.add_parser("analyze", help="analyses outside the DAG (the DAG's own is `dcm run analyze`)")
+    analyze_sub = analyze.add_subparsers(dest="analyze_command", required=True)
+    diff = analyze_sub.add_parser("params", help="relative weight change ||ΔW||/||W|| per module group between "
+                                  "two checkpoints (transformer folders, or checkpoints/<method>/seme|dete)")
+    diff.add_argument("a", help="reference checkpoint (W)")
+    diff.add_argument("b", help="changed checkpoint (W + ΔW)")
+    diff.add_argument("--plot", default="param_change.png", help="bar plot path (default: param_change.png)")
+    diff.add_argument("--json", default=None, help="also write the table as JSON here")
+
     ablations = sub.add_parser("ablations", help="train, sample and evaluate the opt-in ablation rows "
                                "(after the default DAG), then rebuild the report")
     _add_params_args(ablations)
@@ -64,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from dcm import stages
 
+    if args.command == "vbench":
+        from dcm.evaluation import vbench
+
+        vbench.create_env(args.venv, args.requirements or vbench.REQUIREMENTS, args.python)
+        print(f"VBench environment ready: {args.venv} (set evaluation.vbench.venv to it)")
+        return 0
+    if args.command == "analyze":
+        from dcm import analysis_params
+
+        analysis_params.main(args.a, args.b, args.plot, args.json)
+        return 0
     if args.command == "schema":
         text = config.json_schema_text()
         if args.write:

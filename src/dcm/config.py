@@ -65,11 +65,27 @@ class ToyBackboneConfig:
 
 
 @dataclass
+class RealBackboneConfig:
+    """Real teachers (wan, hunyuan, cogvideox): the video size and how the frozen parts run."""
+
+    height: int = field(**at_least(16))  # pixels, a multiple of 16 (VAE ×8 · patch 2)
+    width: int = field(**at_least(16))
+    frames: int = field(**at_least(1))  # pixel frames, 4k+1 (the VAEs compress time 4×)
+    max_sequence_length: int | None = field(default=None, **at_least(1))  # text tokens; null: the family's own
+    text_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen text encoders
+    vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    negative_prompt: str = ""  # the unconditional prompt of CFG (wan, cogvideox)
+
+
+@dataclass
 class BackboneConfig:
     family: Literal["toy", "wan", "hunyuan", "cogvideox"]
     path: str | None  # local diffusers folder for real backbones (never a hub id)
     guidance_scale: float = field(**at_least(0))  # CFG scale (embedded guidance for hunyuan)
     toy: ToyBackboneConfig | None = None
+    real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, cogvideox
 
 
 @dataclass
@@ -138,10 +154,26 @@ class ExpertConfig:
 
 
 @dataclass
+class McmConfig:
+    """MCM (Motion Consistency Model): motion-space consistency, image discriminator, mixed trajectories."""
+
+    cd_target: Literal["raw", "diff", "learn"] = "learn"  # motion representation the consistency loss compares
+    head_ema_decay: float = field(default=0.95, **between(0, 1))  # EMA of the learn head on the target side
+    video_quality: Literal["clean", "low"] = "low"  # the distillation videos (MCM: low-quality video data)
+    mix_portion: float = field(default=0.5, **between(0, 1))  # share of samples started from the student's own x0
+    disc_weight: float = field(default=1.0, **at_least(0))  # image discriminator (0 = off)
+    disc_lr: float = field(default=5e-5, **positive())
+    disc_r1: float = field(default=1e-5, **at_least(0))  # R1 penalty on the real images' features
+    disc_frames: int = field(default=2, **at_least(1))  # single frames scored per video
+    disc_sigma: float = field(default=0.1, **between(0, 1, exclusive_max=True))  # noise of the frozen-teacher backbone
+    hq_images: int = field(default=512, **at_least(1))  # size of the high-quality still-image set
+
+
+@dataclass
 class MethodConfig:
     """One row of the comparison: how it is trained (if at all) and sampled."""
 
-    kind: Literal["teacher", "consistency", "dcm"]
+    kind: Literal["teacher", "consistency", "dcm", "mcm"]
     sample_steps: int = field(**at_least(1))
     train_steps: int = field(default=0, **at_least(0))  # consistency methods: optimisation steps
     lr: float = field(default=1e-4, **positive())
@@ -149,8 +181,20 @@ class MethodConfig:
     target: Literal["online", "ema"] = "online"
     seme: ExpertConfig | None = None
     dete: ExpertConfig | None = None
+    mcm: McmConfig | None = None  # kind mcm (defaults when omitted)
     checkpoint_from: str | None = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
     ablation: bool = False  # opt-in rows: not part of the default DAG
+
+
+@dataclass
+class VBenchConfig:
+    """The real VBench backend (dcm.evaluation.vbench): its own venv, weights from a local directory."""
+
+    venv: str = ".venv-vbench"  # created by `dcm vbench setup`
+    weights_dir: str | None = None  # VBench's VBENCH_CACHE_DIR layout; nothing is downloaded
+    mode: Literal["custom_input", "standard"] = "custom_input"  # standard = the 946-prompt suite
+    dimensions: list[str] = field(default_factory=list)  # empty: every dimension the mode supports
+    ngpus: int = field(default=1, **at_least(1))
 
 
 @dataclass
@@ -158,6 +202,17 @@ class EvaluationConfig:
     backend: Literal["shapes-bench", "vbench"] = "shapes-bench"
     bootstrap: int = field(default=1000, **at_least(10))
     latency_repeats: int = field(default=3, **at_least(1))
+    vbench: VBenchConfig = field(default_factory=VBenchConfig)
+
+
+@dataclass
+class AnalysisConfig:
+    """The ``analyze`` stage: one model distilled over the whole range, probed per grid index."""
+
+    train_steps: int = field(default=150, **at_least(1))
+    lr: float = field(default=1e-4, **positive())
+    target: Literal["online", "ema"] = "online"
+    probe_batch: int = field(default=8, **at_least(1))  # trajectories per grid index for loss / grad norm
 
 
 @dataclass
@@ -180,6 +235,7 @@ class Params:
     evaluation: EvaluationConfig
     launcher: Literal["local", "slurm", "debug"] = "local"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def method(self, name: str) -> MethodConfig:
         if name not in self.methods:
@@ -325,15 +381,31 @@ def validate(params: Params) -> Params:
             raise ConfigError("backbone.path", bb.path, f"a local diffusers folder is required for family '{bb.family}'")
         if not Path(os.path.expanduser(bb.path)).is_dir():
             raise ConfigError("backbone.path", bb.path, "an existing local directory with the pipeline's weights")
+        if bb.real is None:
+            raise ConfigError("backbone.real", None, f"required when backbone.family is {bb.family!r} "
+                              "(height, width, frames of the videos)")
+        if bb.real.frames % 4 != 1:
+            raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
+        for key in ("height", "width"):
+            if getattr(bb.real, key) % 16:
+                raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key), "a multiple of 16 (VAE 8x, patch 2)")
     for name, m in params.methods.items():
         key = f"methods.{name}"
         if m.checkpoint_from is not None and m.checkpoint_from not in params.methods:
             raise ConfigError(f"{key}.checkpoint_from", m.checkpoint_from, f"one of {sorted(params.methods)}")
-        if m.kind == "consistency":
+        if m.mcm is not None and m.kind != "mcm":
+            raise ConfigError(f"{key}.mcm", dataclasses.asdict(m.mcm),
+                              f"only for kind 'mcm' (this method is kind {m.kind!r})")
+        if m.kind == "mcm":
+            m.mcm = m.mcm or McmConfig()
+            if m.mcm.disc_frames > params.world.frames:
+                raise ConfigError(f"{key}.mcm.disc_frames", m.mcm.disc_frames,
+                                  f"<= world.frames ({params.world.frames}): frames are sampled per video")
+        if m.kind in ("consistency", "mcm"):
             if m.phases > g.steps:
                 raise ConfigError(f"{key}.phases", m.phases, f"must be <= grid.steps ({g.steps})")
             if m.train_steps < 1 and m.checkpoint_from is None:
-                raise ConfigError(f"{key}.train_steps", m.train_steps, ">= 1 for a consistency method")
+                raise ConfigError(f"{key}.train_steps", m.train_steps, f">= 1 for a {m.kind} method")
         if m.kind == "dcm":
             if m.checkpoint_from is None:
                 for expert in ("seme", "dete"):

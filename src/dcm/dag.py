@@ -40,6 +40,7 @@ class Resources:
     cpus_per_task: int
     mem_gb: float
     time_min: int
+    tasks: int = 0  # tasks (ranks) per node; 0: one per GPU, or one for a CPU-only stage
 
     @property
     def gres(self) -> str | None:
@@ -47,8 +48,8 @@ class Resources:
 
     @property
     def tasks_per_node(self) -> int:
-        """One task per GPU (torch.distributed rank), or one task for CPU-only stages."""
-        return max(self.gpus, 1)
+        """One task (torch.distributed rank) per GPU, one for CPU-only stages, unless ``tasks`` says."""
+        return self.tasks or max(self.gpus, 1)
 
 
 def resources_path() -> Path:
@@ -69,11 +70,11 @@ def load_resources(stage: str, path: str | os.PathLike | None = None) -> Resourc
     for key in sorted(set(merged) - set(names)):
         raise ConfigError(f"{path}:{stage}.{key}", merged[key], f"one of {names}")
     for key in names:
-        if key not in merged:
+        if key not in merged and key != "tasks":
             raise ConfigError(f"{path}:{stage}.{key}", None, "a value here or under 'default'")
-    for key in ("gpus", "nodes", "cpus_per_task", "time_min"):
-        value = merged[key]
-        minimum = 0 if key == "gpus" else 1
+    for key in ("gpus", "nodes", "cpus_per_task", "time_min", "tasks"):
+        value = merged.get(key, 0)
+        minimum = 0 if key in ("gpus", "tasks") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{path}:{stage}.{key}", value, f"an integer >= {minimum}")
     if not isinstance(merged["mem_gb"], (int, float)) or merged["mem_gb"] <= 0:
@@ -85,7 +86,7 @@ def snakemake_resources(stage: str) -> dict:
     """The rule's ``resources:`` for Snakemake's slurm executor (same file as ``dcm launch``)."""
     r = load_resources(stage)
     out = {"slurm_partition": r.partition, "runtime": r.time_min, "mem_mb": int(r.mem_gb * 1024),
-           "cpus_per_task": r.cpus_per_task, "nodes": r.nodes, "tasks": 1}
+           "cpus_per_task": r.cpus_per_task, "nodes": r.nodes, "tasks": r.tasks_per_node * r.nodes}
     if r.account:
         out["slurm_account"] = r.account
     if r.gres:

@@ -6,7 +6,8 @@
   the job's log here while it runs and returns its exit status (non-zero, with the log tail, when
   it fails).  The job re-reads the same params file and preset, sets up torch.distributed's
   environment from submitit's ``JobEnvironment``, and requeues itself on preemption or timeout
-  (the stages resume from their own checkpoints).
+  (the stages resume from their own checkpoints).  The preemption signal is SIGUSR1 (sbatch
+  ``--signal=USR1@90``); set ``SUBMITIT_PREEMPT_SIGNAL=USR2`` where NCCL or the site claims USR1.
 
 Never called from inside a Snakemake SLURM job: Snakemake's rules call ``dcm run`` (no nested
 submission).
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import submitit
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from dcm import config, dag
 from dcm.config import ConfigError, Params
@@ -29,6 +31,19 @@ LOG_FOLDER = Path("slurm/logs/%j")  # job-array safe (%j, not %A_%a)
 POLL_SECONDS = 1.0
 TAIL_LINES = 40
 PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
+PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+def use_preempt_signal(name: str | None = None) -> str:
+    """The signal SLURM sends before preemption/timeout (default USR1) for this process and its jobs.
+
+    submitit reads SUBMITIT_PREEMPT_SIGNAL when it is imported; set both the class attribute (sbatch's
+    ``--signal``, already imported here) and the variable (the job's own submitit, via sbatch's export).
+    """
+    name = name or os.environ.get(PREEMPT_SIGNAL_ENV) or "USR1"
+    os.environ[PREEMPT_SIGNAL_ENV] = name
+    SlurmJobEnvironment.USR_SIG = name
+    return name
 
 
 def distributed_env(job_env: submitit.JobEnvironment) -> dict[str, str]:
@@ -112,6 +127,7 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
         executor.update_parameters(name=name, timeout_min=dag.load_resources(stage).time_min)
         return _wait(executor.submit(job), stream=False)
     if params.launcher == "slurm":
+        use_preempt_signal()
         resources = dag.load_resources(stage)
         executor = submitit.AutoExecutor(folder=Path.cwd() / LOG_FOLDER, cluster="slurm")
         executor.update_parameters(**slurm_parameters(resources, name))
@@ -176,7 +192,7 @@ def _wait(job: submitit.Job, stream: bool) -> int:
             time.sleep(POLL_SECONDS)
         for f in followers:
             f.poll()
-        job.result()
+        job.results()  # every task of a multi-task job
     except KeyboardInterrupt:
         print(f"dcm launch: interrupted; cancelling job {job.job_id}", file=sys.stderr)
         job.cancel(check=False)

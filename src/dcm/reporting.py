@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -152,6 +153,21 @@ def html_page(title: str, sections: list[tuple[str, str]]) -> str:
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style>"
             f"</head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def unresolved_images(page: str, folder: Path) -> list[str]:
+    """Image sources of ``page`` that are not relative paths to existing files under ``folder``."""
+    sources = re.findall(r"<img[^>]*\ssrc=['\"]([^'\"]+)['\"]", page)
+    return [s for s in sources if re.match(r"^([a-z]+:|/)", s) or not (Path(folder) / s).is_file()]
+
+
+def analysis_note(dynamics_json: Path) -> str:
+    """One line under the dynamics figure: the proposed κ next to the configured one."""
+    if not dynamics_json.is_file():
+        return ""
+    d = json.loads(dynamics_json.read_text())
+    return (f"proposed κ = {d['proposed_kappa']} (σ {d['sigma_proposed']:.4f}), configured grid.kappa = "
+            f"{d['configured_kappa']} (σ {d['sigma_configured']:.4f}); rule: {d['rule']}")
 
 
 def markdown_to_html_table(md: str) -> str:

@@ -21,7 +21,11 @@ _ENV_TAGS = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.exp_name", "DVC_ROOT
 
 
 def enabled() -> bool:
-    return os.environ.get("DCM_TRACKING", "on").lower() not in ("off", "0", "false", "no")
+    """Tracking is on unless DCM_TRACKING=off; in a multi-rank job only rank 0 logs."""
+    from dcm import distributed
+
+    return (os.environ.get("DCM_TRACKING", "on").lower() not in ("off", "0", "false", "no")
+            and distributed.is_main())
 
 
 def tracking_uri(params: Params) -> str:

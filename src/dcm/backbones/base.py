@@ -8,6 +8,7 @@ one adapter serves every model of a run.  Velocity parametrisation: v ≈ ε −
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -66,7 +67,19 @@ class Backbone(ABC):
 
     @abstractmethod
     def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of a ``frames`` × ``size`` × ``size`` video (real families: see ``video_latent_shape``)."""
         ...
+
+    def video_latent_shape(self, params) -> tuple[int, int, int, int]:
+        """The latent shape of the run's videos: world.frames × world.size² (real families: backbone.real)."""
+        return self.latent_shape(params.world.frames, params.world.size)
+
+    def to(self, device: torch.device | str) -> Backbone:
+        """Move the networks this backbone holds (every ``nn.Module`` attribute) to ``device``."""
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(device)
+        return self
 
     # --- the network
     @abstractmethod
@@ -83,6 +96,24 @@ class Backbone(ABC):
     def feature_block_indices(self, model: nn.Module) -> list[int]:
         """Every 2nd block (METHODS.md: the discriminator taps)."""
         return list(range(0, len(self.blocks(model)), 2))
+
+    def model_timestep(self, sigma: float) -> float:
+        """The transformer's timestep input at noise level σ: 1000·σ (a VP family maps it); experts route on it."""
+        return 1000.0 * float(sigma)
+
+    def feature_dim(self, model: nn.Module) -> int:
+        """Width of the tapped block outputs (the transformer's inner dim)."""
+        return int(unwrap(model).proj_out.in_features)
+
+    def token_patch(self, model: nn.Module) -> tuple[int, int, int]:
+        """(t, h, w) patch of the transformer's tokens: latent grid / patch = the discriminator's token grid."""
+        return tuple(int(p) for p in unwrap(model).config.patch_size)
+
+    def feature_projection(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Block features → the output head (``norm_out`` + ``proj_out``) for feature matching; Wan's form."""
+        from dcm.distill.discriminator import output_projection
+
+        return output_projection(model)
 
     # --- shared behaviour
     def predict(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
@@ -131,3 +162,20 @@ class Backbone(ABC):
     @abstractmethod
     def save(self, path) -> None:
         ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The diffusers transformer (a ``ModelMixin``) under expert / PEFT / DDP / FSDP wrappers."""
+    from diffusers import ModelMixin
+
+    seen = 0
+    while not isinstance(model, ModelMixin) and seen < 8:
+        for attr in ("seme_transformer", "module", "base_model", "model"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and inner is not model:
+                model = inner
+                break
+        else:
+            break
+        seen += 1
+    return model

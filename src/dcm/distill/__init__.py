@@ -35,11 +35,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_inputs(params: Params) -> None:
-    """Fail before any model is loaded if an upstream stage has not run."""
+def check_inputs(params: Params, source: str | None = None) -> None:
+    """Fail before any model is loaded if an upstream stage has not run (``source`` overrides training.source)."""
     if not (paths.TEACHER / "backbone.json").is_file():
         raise ConfigError("models/teacher", str(paths.TEACHER), "a saved teacher: run `dcm run teacher` first")
-    if params.training.source == "cached":
+    if (source or params.training.source) == "cached":
         if not (paths.TRAJECTORIES / "index.json").is_file():
             raise ConfigError("training.source", "cached",
                               f"needs the trajectory store in {paths.TRAJECTORIES}/: run `dcm run trajectories` "
@@ -50,22 +50,20 @@ def check_inputs(params: Params) -> None:
 
 def load_backbone(params: Params) -> Backbone:
     backbone = load_teacher(params, paths.TEACHER)
-    dev = device()
-    backbone.transformer.to(dev)
-    if hasattr(backbone, "prompt_encoder"):
-        backbone.prompt_encoder.to(dev)
-    return backbone
+    return backbone.to(device())
 
 
-def make_source(params: Params, backbone: Backbone):
-    """The batch source ``training.source`` names: the cached trajectory store, or online teacher steps."""
-    if params.training.source == "cached":
+def make_source(params: Params, backbone: Backbone, source: str | None = None, quality: str | None = None):
+    """The batch source ``training.source`` (or ``source``) names: the cached trajectory store, or online
+    teacher steps on the shapes world's videos of ``world.quality`` (or ``quality``: MCM's low-quality data)."""
+    if (source or params.training.source) == "cached":
         from dcm.trajectories import TrajectoryStore
 
         return CachedSource(TrajectoryStore(paths.TRAJECTORIES, verify=True), backbone, device())
     rows = io.read_json(paths.PROMPTS)["train"]
     grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
-    return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, params.world.quality, device())
+    return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, quality or params.world.quality,
+                        device())
 
 
 def full_parameter_student(backbone: Backbone) -> nn.Module:

@@ -14,7 +14,7 @@ Both draw any randomness from the generator the loop passes in, so a resumed run
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ class SourceBatch:
     x_n: torch.Tensor  # (B, C, T, H, W) at σ_n
     x_prev: torch.Tensor  # (B, C, T, H, W) at σ_{n−1}: the teacher's next point
     cond: PromptEmbeds
+    counts: dict[str, int] = field(default_factory=dict)  # samples per origin (MCM's mix), logged by the loop
 
 
 def _row_prompt(row) -> str:
@@ -109,7 +110,12 @@ class OnlineSource:
 
     @torch.no_grad()
     def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
-        x0 = self.x0[rows.to(self.device)]
+        return self.batch_from_x0(self.x0[rows.to(self.device)], rows, n, generator)
+
+    @torch.no_grad()
+    def batch_from_x0(self, x0: torch.Tensor, rows: torch.Tensor, n: torch.Tensor,
+                      generator: torch.Generator) -> SourceBatch:
+        """x0 noised to x_n with fresh ε, then one guided teacher Euler step to x_{n−1} (rows give the prompts)."""
         eps = torch.randn(x0.shape, generator=generator).to(self.device)
         sigma_n = torch.as_tensor(self.grid_sigmas[(n + 1).numpy()], dtype=torch.float32, device=self.device)
         sigma_prev = torch.as_tensor(self.grid_sigmas[n.numpy()], dtype=torch.float32, device=self.device)

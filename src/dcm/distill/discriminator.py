@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcm import distributed
 from dcm.backbones.base import Backbone
 from dcm.distill.loop import ConsistencyBatch, Objective
 
@@ -157,13 +158,13 @@ class GanFeatureMatching(Objective):
         self.backbone, self.teacher = backbone, teacher
         self.gan_weight, self.fm_weight, self.max_grad_norm = gan_weight, fm_weight, max_grad_norm
         self.dete_sigmas = torch.as_tensor(list(dete_sigmas), dtype=torch.float32)
-        dim = _block_dim(teacher)
+        dim = backbone.feature_dim(teacher)
         device = next(teacher.parameters()).device
         taps = len(backbone.feature_block_indices(teacher))
-        self.discriminator = Discriminator(dim, taps, _patch_size(teacher)).to(device)
+        self.discriminator = Discriminator(dim, taps, backbone.token_patch(teacher)).to(device)
         self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                            weight_decay=weight_decay)
-        self.project = output_projection(teacher)
+        self.project = backbone.feature_projection(teacher)
         self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def adversarial_features(self, batch: ConsistencyBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -204,6 +205,7 @@ class GanFeatureMatching(Objective):
         fake_logits = self.discriminator(feat_fake, thw)
         loss = discriminator_hinge(real_logits, fake_logits)
         loss.backward()
+        distributed.average_gradients(list(self.discriminator.parameters()))
         torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.max_grad_norm)
         self.optimizer.step()
         return {"d_loss": float(loss.detach()),
@@ -218,16 +220,3 @@ class GanFeatureMatching(Objective):
             return
         self.discriminator.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def _block_dim(teacher: nn.Module) -> int:
-    """Width of the tapped block outputs (the transformer's inner dim)."""
-    from dcm.backbones.toy import _unwrap
-
-    return int(_unwrap(teacher).proj_out.in_features)
-
-
-def _patch_size(teacher: nn.Module) -> tuple[int, int, int]:
-    from dcm.backbones.toy import _unwrap
-
-    return tuple(_unwrap(teacher).config.patch_size)

@@ -56,12 +56,14 @@ class DualExpert(nn.Module):
 
     def __init__(self, seme: nn.Module, *, kappa: int, sigma_kappa: float, timestep_layer_names: tuple[str, ...],
                  rank: int, alpha: float, timestep_layers: dict[str, nn.Module | nn.Parameter] | None = None,
-                 dete_full: nn.Module | None = None):
+                 dete_full: nn.Module | None = None, t_kappa: float | None = None):
         super().__init__()
         if (timestep_layers is None) == (dete_full is None):
             raise ValueError("DualExpert needs either LoRA timestep layers (rank > 0) or a full DetE (rank == 0)")
         self.model = seme  # the PeftModel (LoRA form) or the plain SemE transformer (full form)
         self.kappa, self.sigma_kappa = int(kappa), float(sigma_kappa)
+        # the transformer's timestep input at σ_κ (1000·σ_κ; a VP family maps it: Backbone.model_timestep)
+        self.t_kappa = 1000.0 * self.sigma_kappa if t_kappa is None else float(t_kappa)
         self.timestep_layer_names = tuple(timestep_layer_names)
         self.rank, self.alpha = int(rank), float(alpha)
         self.dete_full = dete_full
@@ -154,8 +156,7 @@ class DualExpert(nn.Module):
 
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
         """(B,) bool: True where a sample goes to SemE (σ = t/1000 > σ_κ), False for DetE."""
-        t_kappa = 1000.0 * self.sigma_kappa
-        return timestep.detach().double() > t_kappa + ROUTING_TOLERANCE_T
+        return timestep.detach().double() > self.t_kappa + ROUTING_TOLERANCE_T
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 return_dict: bool = True, **kwargs):
@@ -215,7 +216,8 @@ def make_dete(seme_transformer: nn.Module, backbone: Backbone, rank: int, alpha:
     if rank < 0:
         raise ValueError(f"lora rank must be >= 0, got {rank}")
     names = tuple(backbone.timestep_layer_names)
-    common = dict(kappa=kappa, sigma_kappa=sigma_kappa, timestep_layer_names=names, rank=rank, alpha=alpha)
+    common = dict(kappa=kappa, sigma_kappa=sigma_kappa, timestep_layer_names=names, rank=rank, alpha=alpha,
+                  t_kappa=backbone.model_timestep(sigma_kappa))
     if rank == 0:
         dete = copy.deepcopy(seme_transformer)
         return DualExpert(seme_transformer, dete_full=dete, **common).freeze_seme()
@@ -281,6 +283,7 @@ def load_dual_expert(seme_dir: str | Path, dete_dir: str | Path, backbone: Backb
     model_class = type(_base_transformer(backbone.transformer))
     seme = model_class.from_pretrained(seme_dir / FULL_DIR)
     common = dict(kappa=meta["kappa"], sigma_kappa=meta["sigma_kappa"], rank=meta["rank"], alpha=meta["alpha"],
+                  t_kappa=backbone.model_timestep(meta["sigma_kappa"]),
                   timestep_layer_names=tuple(meta["timestep_layer_names"]))
     if meta["form"] == "full":
         dual = DualExpert(seme, dete_full=model_class.from_pretrained(dete_dir / FULL_DIR), **common)

@@ -7,7 +7,7 @@ extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each st
     draw (trajectory, n) → x_n, x_{n−1}, cond from the source
     x̂     = x_n + (σ_end − σ_n)·v_θ(x_n, t_n)                     student, with grad
     x̂_tgt = x_{n−1} + (σ_end − σ_{n−1})·v_θ⁻(x_{n−1}, t_{n−1})    target, no grad (x_{n−1} at a boundary)
-    loss  = pseudo-Huber(x̂, x̂_tgt) + Σ objectives
+    loss  = pseudo-Huber(M(x̂), M⁻(x̂_tgt)) + Σ objectives    M = identity unless a ConsistencySpace is given (MCM)
     backward (× grad_accum) → clip → AdamW → EMA → objectives' own steps → log → checkpoint
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dcm import io
+from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds
 from dcm.config import ConfigError, Params
 from dcm.distill import checkpoint, losses
@@ -36,6 +37,7 @@ from dcm.schedule import Phase, teacher_grid
 
 HISTORY_FILE = "history.jsonl"
 SUMMARY_FILE = "train.json"
+DISTRIBUTED_FILE = "distributed.json"  # multi-rank runs: every rank's parameter digest after training
 ADAM_BETAS = (0.9, 0.999)
 
 
@@ -87,6 +89,35 @@ class TemporalCoherence(Objective):
         return {"tc": self.weight * losses.temporal_coherence(batch.x_end_pred, batch.x_end_target, self.offset)}
 
 
+class ConsistencySpace:
+    """Where the consistency loss compares the endpoints: pseudo-Huber(M(x̂), M⁻(x̂_tgt)).
+
+    The identity here (LCM, PCM, DCM).  MCM's disentangled motion distillation maps both sides to a
+    motion representation; a learnable M trains with the student (``parameters``, same optimiser) and
+    its target side M⁻ may be an EMA copy (``after_optimizer_step``); both go into the resume state.
+    """
+
+    name: str = "raw"
+
+    def student(self, x_end_pred: torch.Tensor) -> torch.Tensor:
+        return x_end_pred
+
+    def target(self, x_end_target: torch.Tensor) -> torch.Tensor:
+        return x_end_target
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def after_optimizer_step(self) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
 @dataclass
 class DistillSpec:
     """What differs between distillation methods."""
@@ -101,6 +132,7 @@ class DistillSpec:
     objectives: list[Objective] = field(default_factory=list)
     save: Callable[[Path], None] | None = None  # writes the final weights into the run's folder
     settings: dict = field(default_factory=dict)  # extra identity a resume must match (method params)
+    consistency_space: ConsistencySpace | None = None  # None: the loss compares the raw endpoints
 
 
 @dataclass
@@ -152,7 +184,8 @@ def resume_settings(spec: DistillSpec, params: Params) -> dict:
     training = {k: v for k, v in vars(params.training).items() if k not in ("checkpoint_every", "log_every")}
     return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases], "target": spec.target,
             "lr": spec.lr, "seed": params.seed, "training": training, "grid": vars(params.grid),
-            "backbone": params.backbone.family, "objectives": [o.name for o in spec.objectives], **spec.settings}
+            "backbone": params.backbone.family, "objectives": [o.name for o in spec.objectives],
+            **({"consistency_space": spec.consistency_space.name} if spec.consistency_space else {}), **spec.settings}
 
 
 def _check_grid(source, params: Params) -> np.ndarray:
@@ -176,6 +209,19 @@ def _truncate_history(path: Path, last_step: int) -> None:
 def _last_logged_loss(path: Path) -> float | None:
     lines = path.read_text().splitlines() if path.is_file() else []
     return json.loads(lines[-1])["loss"] if lines else None
+
+
+def _source_counts(path: Path) -> dict:
+    """Samples per origin over the whole run (the history spans resumes) and their realised fractions."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("source/"):
+                origin = key.removeprefix("source/")
+                counts[origin] = counts.get(origin, 0) + int(value)
+    total = sum(counts.values())
+    return {"source_counts": counts, "source_fractions": {k: v / total for k, v in counts.items()}} if total else {}
 
 
 def peak_rss_mb() -> float:
@@ -206,8 +252,12 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         ema_params = [ema_named[name] for name in names]
     target_model = ema_model if ema_model is not None else spec.student
 
-    optimizer = torch.optim.AdamW(spec.trainable, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    space = spec.consistency_space or ConsistencySpace()
+    stepped = [*spec.trainable, *space.parameters()]  # a learnable M trains with the student
+    optimizer = torch.optim.AdamW(stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
     sampler = torch.Generator().manual_seed(params.seed)
+    ranks = distributed.world()  # data parallel: each rank its slice of one global batch, grads averaged
+    distributed.broadcast_parameters(stepped)
     run_fingerprint = checkpoint.fingerprint(resume_settings(spec, params))
 
     start, wall_before, last_checkpoint = 0, 0.0, None
@@ -226,15 +276,17 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         optimizer.load_state_dict(state["optimizer"])
         for obj in spec.objectives:
             obj.load_state_dict(state["objectives"].get(obj.name, {}))
+        space.load_state_dict(state.get("consistency_space") or {})
         checkpoint.restore_rng(state["rng"], sampler)
         start, wall_before = state["step"], state["wall_s"]
         last_checkpoint = f"{checkpoint.state_path(out_dir)} (step {start})"
         print(f"{spec.name}: resuming from step {start} ({checkpoint.state_path(out_dir)})")
     history_path = out_dir / HISTORY_FILE
-    if start:
-        _truncate_history(history_path, start)
-    else:
-        history_path.unlink(missing_ok=True)
+    if ranks.is_main:
+        if start:
+            _truncate_history(history_path, start)
+        else:
+            history_path.unlink(missing_ok=True)
 
     def save_state(step: int, wall_s: float) -> str:
         path = checkpoint.save(out_dir, {
@@ -244,6 +296,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     if ema_params else None),
             "optimizer": optimizer.state_dict(),
             "objectives": {o.name: o.state_dict() for o in spec.objectives},
+            "consistency_space": space.state_dict(),
             "rng": checkpoint.rng_state(sampler)})
         return f"{path} (step {step})"
 
@@ -251,19 +304,24 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     t0 = time.perf_counter()
     step_losses: list[float] = []
     bar = tqdm(range(start, spec.train_steps), desc=spec.name, initial=start, total=spec.train_steps,
-               dynamic_ncols=True)
-    with open(history_path, "a") as history:
+               dynamic_ncols=True, disable=not ranks.is_main)
+    with open(history_path if ranks.is_main else os.devnull, "a") as history:
         for step in bar:
             step_t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             micro_batches: list[ConsistencyBatch] = []
             logged: dict[str, float] = {}
             record_n, record_loss = [], []
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 # --- draw trajectories and grid indices n (uniform over the phases' union)
-                rows, n = draw_indices(len(source), allowed_n, cfg.batch_size, sampler)
+                rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * ranks.size, sampler)
+                source_rng = sampler
+                if ranks.size > 1:  # this rank's slice; its own noise stream, replayable from the step
+                    mine = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)
+                    rows, n = rows[mine], n[mine]
+                    source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, ranks.rank)) % 2**62)
                 end = end_of[n]
-                data = source.batch(rows, n, sampler)
+                data = source.batch(rows, n, source_rng)
                 sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
                 at_boundary = (n - 1 == end).to(device)
 
@@ -280,7 +338,10 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
 
                 batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
                                          x_end_pred, x_end_target)
-                terms = {"consistency": losses.pseudo_huber(x_end_pred, x_end_target, cfg.huber_c)}
+                m_pred = space.student(x_end_pred)
+                with torch.no_grad():
+                    m_target = space.target(x_end_target)
+                terms = {"consistency": losses.pseudo_huber(m_pred, m_target, cfg.huber_c)}
                 for obj in spec.objectives:
                     for key, value in obj.generator_loss(batch).items():
                         terms[f"{obj.name}/{key}" if key != obj.name else key] = value
@@ -295,10 +356,13 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     logged[k] = logged.get(k, 0.0) + float(v_.detach()) / cfg.grad_accum
                 logged["loss"] = logged.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
                 record_n += n.tolist()
-                record_loss += losses.pseudo_huber_per_sample(x_end_pred.detach(), x_end_target, cfg.huber_c).tolist()
+                record_loss += losses.pseudo_huber_per_sample(m_pred.detach(), m_target, cfg.huber_c).tolist()
+                for origin, count in data.counts.items():  # where the samples came from (MCM's mixed trajectories)
+                    logged[f"source/{origin}"] = logged.get(f"source/{origin}", 0.0) + count
 
             # --- optimiser step, EMA, the objectives' own steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(spec.trainable, cfg.max_grad_norm)
+            distributed.average_gradients(stepped)
+            grad_norm = torch.nn.utils.clip_grad_norm_(stepped, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(f"{spec.name}: non-finite gradient norm at step {step} (terms {logged}); "
                                        f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
@@ -307,6 +371,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                 with torch.no_grad():
                     for p_ema, p in zip(ema_params, spec.trainable, strict=True):
                         p_ema.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+            space.after_optimizer_step()
             for obj in spec.objectives:
                 for batch in micro_batches:
                     for key, value in obj.after_generator_step(batch).items():
@@ -323,13 +388,19 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
 
             # --- checkpoint
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == spec.train_steps:
+            if ranks.is_main and (done % cfg.checkpoint_every == 0 or done == spec.train_steps):
                 last_checkpoint = save_state(done, wall_before + time.perf_counter() - t0)
     bar.close()
     if start >= spec.train_steps and start:
         print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
 
     wall_s = wall_before + time.perf_counter() - t0
+    digests = distributed.gather_objects(distributed.parameter_digest(spec.trainable))
+    if not ranks.is_main:
+        distributed.barrier()  # rank 0 writes the outputs
+        return TrainResult(steps=max(start, spec.train_steps), wall_s=wall_s, resumed_from=start, losses=step_losses)
+    if ranks.size > 1:
+        io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {"world_size": ranks.size, "parameter_digests": digests})
     if spec.save is not None:
         spec.save(out_dir)
     n_trainable = sum(p.numel() for p in spec.trainable)
@@ -341,8 +412,10 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                "trainable_fraction": n_trainable / max(n_total, 1), "batch_size": params.training.batch_size,
                "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
                "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(device),
-               "final_loss": _last_logged_loss(history_path)}
+               "final_loss": _last_logged_loss(history_path), **_source_counts(history_path), "world_size": ranks.size,
+               "global_batch_size": params.training.batch_size * ranks.size}
     io.write_json_atomic(out_dir / SUMMARY_FILE, summary)
+    distributed.barrier()
     return TrainResult(steps=summary["steps"], wall_s=wall_s, resumed_from=start, losses=step_losses)
 
 

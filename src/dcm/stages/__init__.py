@@ -21,6 +21,7 @@ class Stage:
     metrics: tuple[str, ...] = ()
     params: tuple[str, ...] = ()  # the params.yaml keys the stage reads (DVC re-runs it when they change)
     method_kinds: tuple[str, ...] = ()  # non-empty: one run per method of these kinds
+    data_parallel: bool = False  # runs on every rank of a multi-task job; other stages on rank 0 only
 
     @property
     def per_method(self) -> bool:
@@ -61,9 +62,18 @@ class Stage:
                                   f"stage {self.name} runs methods of kind {list(self.method_kinds)}, not {kind!r}")
         elif method is not None:
             raise ConfigError("--method", method, f"stage {self.name} takes no method")
-        module = importlib.import_module(f"dcm.stages.{self.name}")
-        module.run(params, method) if self.per_method else module.run(params)
+        from dcm import distributed
 
+        module = importlib.import_module(f"dcm.stages.{self.name}")
+        with distributed.process_group() as world:
+            if world.size > 1 and not self.data_parallel and not world.is_main:
+                print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
+                return
+            module.run(params, method) if self.per_method else module.run(params)
+
+
+# The grid keys that fix the teacher's ODE solves (κ only splits the grid between the experts).
+TEACHER_GRID = ("grid.steps", "grid.shift", "grid.num_train_timesteps")
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -75,26 +85,34 @@ STAGES: dict[str, Stage] = {
               params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps")),
         Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
               deps=("models/teacher", "data/prompts.json"), outs=("trajectories",),
-              params=("seed", "grid", "trajectories", "backbone.guidance_scale")),
-        Stage("train_baseline", "LCM / PCM consistency distillation",
-              deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}",),
-              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("consistency",)),
+              params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale")),
+        Stage("analyze", "per-timestep loss / grad-norm dynamics of one whole-range model; proposes kappa",
+              deps=("models/teacher", "trajectories"), outs=("analysis",),
+              params=("seed", "grid", "training", "analysis")),
+        Stage("train_baseline", "LCM / PCM consistency distillation; MCM on the shapes world's low-quality videos",
+              deps=("models/teacher", "trajectories", "data/prompts.json"), outs=("checkpoints/{method}",),
+              params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{method}"),
+              method_kinds=("consistency", "mcm"),
+              data_parallel=True),
         Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
               deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}/seme",),
-              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",)),
+              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",),
+              data_parallel=True),
         Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
               deps=("models/teacher", "trajectories", "checkpoints/{method}/seme"),
               outs=("checkpoints/{method}/dete",),
-              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",)),
+              params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",),
+              data_parallel=True),
         Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
               deps=("data/prompts.json", "models/teacher", "{weights}"), outs=("samples/{method}",),
               params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{method}"),
-              method_kinds=("teacher", "consistency", "dcm")),
+              method_kinds=("teacher", "consistency", "dcm", "mcm")),
         Stage("evaluate", "shapes-bench (or VBench) scores, paired against the teacher",
               deps=("samples/{method}", "samples/teacher"), metrics=("metrics/{method}.json",),
-              params=("evaluation", "world"), method_kinds=("teacher", "consistency", "dcm")),
+              params=("evaluation", "world"), method_kinds=("teacher", "consistency", "dcm", "mcm")),
         Stage("report", "comparison tables, plots, side-by-side videos; one MLflow parent run",
-              deps=("metrics/{each}.json", "samples/{each}"), outs=("reports",), params=("methods", "tracking")),
+              deps=("metrics/{each}.json", "samples/{each}", "analysis"), outs=("reports",),
+              params=("methods", "tracking")),
     ]
 }
 

@@ -1,4 +1,5 @@
-"""``evaluate --method M``: shapes-bench scores of ``samples/<M>`` paired with ``samples/teacher``.
+"""``evaluate --method M``: shapes-bench (or real VBench, ``evaluation.backend``) scores of ``samples/<M>``
+paired with ``samples/teacher``.
 
 Writes ``metrics/<M>.json`` (per-dimension scores, Quality, Semantic, Total with a 95% bootstrap
 interval, the paired Total difference to the teacher with its interval, PSNR vs teacher-50, latency,
@@ -38,13 +39,22 @@ def _totals(scores: list[dict[str, float]]) -> np.ndarray:
 
 
 def run(params: Params, method: str) -> None:
-    if params.evaluation.backend != "shapes-bench":
-        raise ConfigError("evaluation.backend", params.evaluation.backend,
-                          "'shapes-bench' in this version (the VBench backend is not built yet)")
     for m in dict.fromkeys([method, TEACHER]):
         if not (paths.samples(m) / "samples.json").is_file():
             raise ConfigError(f"evaluate --method {method}", str(paths.samples(m)),
                               f"existing samples: run `dcm run sample --method {m}` first")
+    if params.evaluation.backend == "vbench":
+        from dcm.evaluation import vbench
+
+        # the paired difference needs the teacher's per-row VBench totals: evaluate the teacher first
+        teacher = paths.metrics(TEACHER)
+        metrics = vbench.evaluate(params, method, io.read_json(teacher) if teacher.is_file() else None)
+    else:
+        metrics = _shapes_bench_metrics(params, method)
+    _write(params, method, metrics)
+
+
+def _shapes_bench_metrics(params: Params, method: str) -> dict:
     record = io.read_json(paths.samples(method) / "samples.json")
     rows = record["rows"]
     scores = _row_scores(params, method, rows)
@@ -66,9 +76,15 @@ def run(params: Params, method: str) -> None:
         "per_row": [{"prompt": r["prompt"], "seed": r["seed"], "total": float(t), **s}
                     for r, t, s in zip(rows, totals, scores)],
     }
+    return metrics
+
+
+def _write(params: Params, method: str, metrics: dict) -> None:
     with tracking.stage_run(params, "evaluate", method) as run_:
         io.write_json_atomic(paths.metrics(method), metrics)
-        run_.metrics({k: metrics[k] for k in ("total", "quality", "semantic", "latency_s", "match_rate")})
-        run_.metrics({f"dim.{k}": v for k, v in dims.items()})
-    print(f"evaluate[{method}]: Total {100 * metrics['total']:.2f} (Quality {100 * metrics['quality']:.2f}, "
-          f"Semantic {100 * metrics['semantic']:.2f}), match rate {metrics['match_rate']:.2%}")
+        run_.metrics({k: metrics[k] for k in ("total", "quality", "semantic", "latency_s", "match_rate")
+                      if metrics.get(k) is not None})
+        run_.metrics({f"dim.{k}": v for k, v in metrics["dimensions"].items()})
+    match = f", match rate {metrics['match_rate']:.2%}" if metrics.get("match_rate") is not None else ""
+    print(f"evaluate[{method}] ({metrics['backend']}): Total {100 * metrics['total']:.2f} "
+          f"(Quality {100 * metrics['quality']:.2f}, Semantic {100 * metrics['semantic']:.2f}){match}")

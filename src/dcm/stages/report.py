@@ -56,8 +56,9 @@ def run(params: Params) -> None:
             md += ["## Training losses\n", "![losses](losses.png)", ""]
         for fig in sorted(paths.ANALYSIS.glob("*.png")) if paths.ANALYSIS.is_dir() else []:
             shutil.copy(fig, out / f"analysis_{fig.name}")
-            sections.append((f"Analysis: {fig.stem}", f"<img src='analysis_{fig.name}'>"))
-            md += [f"![{fig.stem}](analysis_{fig.name})", ""]
+            note = reporting.analysis_note(fig.with_suffix(".json"))
+            sections.append((f"Analysis: {fig.stem}", f"<p>{note}</p><img src='analysis_{fig.name}'>"))
+            md += [f"![{fig.stem}](analysis_{fig.name})", note, ""]
 
         videos = {}
         for m in main_rows:
@@ -72,7 +73,11 @@ def run(params: Params) -> None:
             md += ["## Side by side\n", caption, "", "![videos](side_by_side.gif)", ""]
 
         (out / "summary.md").write_text("\n".join(md) + "\n")
-        (out / "index.html").write_text(reporting.html_page(f"dcm — {params.experiment}", sections))
+        page = reporting.html_page(f"dcm — {params.experiment}", sections)
+        broken = reporting.unresolved_images(page, out)
+        if broken:  # every image is a relative path to a file in reports/, or the page would show it broken
+            raise RuntimeError(f"report: index.html refers to images that are not in {paths.REPORTS}/: {broken}")
+        (out / "index.html").write_text(page)
         for m in evaluated:
             r = metrics[m]
             values = {k: r[k] for k in ("total", "quality", "semantic", "latency_s", "nfe") if r.get(k) is not None}

@@ -58,10 +58,8 @@ def _experts(params: Params, method: str, backbone) -> tuple[dict, dict]:
         from dcm.distill.experts import load_method_experts
 
         return load_method_experts(params, method, backbone), {}
-    from diffusers import WanTransformer3DModel
-
     folder = paths.checkpoint(m.checkpoint_from or method) / "transformer"
-    student = WanTransformer3DModel.from_pretrained(folder).eval().requires_grad_(False)
+    student = type(backbone.transformer).from_pretrained(folder).eval().requires_grad_(False)
     return {"student": student_velocity(backbone, student)}, {}
 
 
@@ -72,7 +70,7 @@ def run(params: Params, method: str) -> None:
     rows = io.read_json(paths.PROMPTS)["eval"]
     backbone = load_teacher(params, paths.TEACHER)
     steps = schedule_for(params, method)
-    latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
+    latent_shape = backbone.video_latent_shape(params)
     experts, forwards = _experts(params, method, backbone)
     latents, videos, seconds = [], [], 0.0
     with tracking.stage_run(params, "sample", method) as run_, io.atomic_dir(paths.samples(method)) as out:

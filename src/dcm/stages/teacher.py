@@ -2,7 +2,9 @@
 
 The folder is a saved backbone (``backbone.save``: transformer/, prompt_encoder/, backbone.json)
 plus ``training.json`` (steps, final loss, wall time, loss curve); ``load_teacher(params,
-"models/teacher")`` reads it back.
+"models/teacher")`` reads it back.  A real family (wan, hunyuan, cogvideox) does not train: the
+folder at ``backbone.path`` is checked and recorded (backbone.json with its absolute path and a
+digest of its config files) with the text embeddings of every prompt (``record_teacher``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dcm import io, paths, tracking
-from dcm.backbones import create_teacher
+from dcm.backbones import create_teacher, record_teacher
 from dcm.config import ConfigError, Params
 from dcm.stages.prepare import TRAIN_SEED_LIMIT
 from dcm.teacher_training import train_teacher
@@ -29,6 +31,8 @@ def _check_inputs(params: Params) -> None:
 
 def run(params: Params) -> None:
     _check_inputs(params)
+    if params.backbone.family != "toy":
+        return _record(params)
     backbone = create_teacher(params)
     with tracking.stage_run(params, "teacher") as run_log:
         history = train_teacher(backbone, params, log=run_log.metrics)
@@ -44,3 +48,16 @@ def run(params: Params) -> None:
         run_log.artifact(paths.TEACHER / "training.json")
     print(f"teacher: {history.steps} steps in {history.wall_s:.0f} s "
           f"({summary['steps_per_s']} steps/s), final loss {history.final_loss:.4f} -> {paths.TEACHER}")
+
+
+def _record(params: Params) -> None:
+    """A real teacher: record the configured folder and the text embeddings of every prompt."""
+    prompt_sets = io.read_json(paths.PROMPTS)
+    prompts = [row["prompt"] for key in ("train", "eval") for row in prompt_sets.get(key, [])]
+    with tracking.stage_run(params, "teacher") as run_log:
+        with io.atomic_dir(paths.TEACHER) as tmp:
+            backbone = record_teacher(params, prompts, tmp)
+        run_log.metrics({"prompts": len(backbone.prompt_table)})
+        run_log.artifact(paths.TEACHER / "backbone.json")
+    print(f"teacher: recorded {params.backbone.family} folder {backbone.path} with "
+          f"{len(backbone.prompt_table)} prompt embeddings -> {paths.TEACHER}")

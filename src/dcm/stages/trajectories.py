@@ -46,9 +46,8 @@ def run(params: Params) -> None:
     cfg = params.trajectories
     grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     backbone = load_teacher(params, paths.TEACHER)
-    backbone.transformer.to(_device())
-    backbone.prompt_encoder.to(_device())
-    latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
+    backbone.to(_device())
+    latent_shape = backbone.video_latent_shape(params)
     header = store_header(grid, params.grid.num_train_timesteps, params.grid.shift, backbone.guidance_mode,
                           backbone.guidance_scale, cfg.dtype, latent_shape, cfg.shard_size, cfg.batch_size,
                           rows, folder_digest(paths.TEACHER))

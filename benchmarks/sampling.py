@@ -1,0 +1,161 @@
+"""Sampling latency per method: median wall seconds per video, NFE, speedup over teacher-50.
+
+Every method samples the same batch (same prompts, same noise) with its own (σ, expert) schedule
+from ``dcm.stages.sample.schedule_for`` through the one sampler (``dcm.sampling.sample``), decode
+included as in the ``sample`` stage, in this one process on this hardware.  Repeats are interleaved
+across methods (round-robin, after one warm-up call each) so that load drifts hit all of them alike.
+
+Weights: run from a project folder; each method uses its trained weights when present there
+(``models/teacher``, ``checkpoints/<m>/transformer``, ``checkpoints/<dcm>/{seme,dete}``) and otherwise
+a random-init network of the same architecture — the cost of a forward does not depend on the weight
+values.  A DCM without trained experts is SemE = a copy of the teacher plus a LoRA DetE built by
+``make_dete`` (rank/alpha from params) with random adapter weights, routed per sample by σ_κ exactly
+as the trained one.  Each line says which weights it used.
+
+Prints per method: median s/video, NFE, speedup = t(teacher-50) / t(method); for DCM-4 a line
+``efficiency: X`` with X = speedup / (NFE_teacher / NFE_dcm): 1 means the expert switching costs
+nothing beyond its forwards.  Also prints DCM vs the single-model student with the same NFE.
+
+    python benchmarks/sampling.py [--params params.yaml] [--preset smoke] [--repeats 7] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dcm import config, paths
+from dcm.backbones import create_teacher, load_teacher
+from dcm.sampling import nfe, sample, student_velocity, teacher_velocity
+from dcm.schedule import teacher_grid
+from dcm.stages.sample import schedule_for
+from dcm.trajectories import initial_noise
+
+
+def teacher_backbone(params):
+    if (paths.TEACHER / "backbone.json").is_file():
+        return load_teacher(params, paths.TEACHER), "trained (models/teacher)"
+    backbone = create_teacher(params)
+    backbone.transformer.requires_grad_(False)
+    return backbone, "random-init"
+
+
+def experts_for(params, method: str, backbone):
+    """(velocity functions per expert name, forwards per step per expert, which weights)."""
+    m = params.method(method)
+    if m.kind == "teacher":
+        cfg = 2 if backbone.guidance_mode == "cfg" and backbone.guidance_scale != 1.0 else 1
+        return {"teacher": teacher_velocity(backbone, None)}, {"teacher": cfg}, "teacher"
+    source = m.checkpoint_from or method
+    if m.kind == "dcm":
+        from dcm.distill.experts import load_method_experts, make_dete, sigma_kappa
+
+        if (paths.checkpoint(source, "dete") / "expert.json").is_file():
+            return load_method_experts(params, method, backbone), {}, f"trained (checkpoints/{source})"
+        dete = params.method(source).dete
+        rank, alpha = (dete.lora_rank, dete.lora_alpha) if dete and dete.lora_rank > 0 else (16, 32.0)
+        dual = make_dete(copy.deepcopy(backbone.transformer), backbone, rank, alpha,
+                         kappa=params.grid.kappa, sigma_kappa=sigma_kappa(params))
+        with torch.no_grad():  # a random adapter: DetE differs from SemE, as after training
+            for name, p in dual.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        dual = dual.requires_grad_(False).eval()
+        velocity = student_velocity(backbone, dual)
+        return {"seme": velocity, "dete": velocity}, {}, f"random-init LoRA DetE r={rank} on the teacher's weights"
+    folder = paths.checkpoint(source) / "transformer"
+    if folder.is_dir():
+        model = type(backbone.transformer).from_pretrained(folder).eval().requires_grad_(False)
+        weights = f"trained (checkpoints/{source})"
+    else:
+        model, weights = copy.deepcopy(backbone.transformer).eval(), "random-init (teacher copy)"
+    return {"student": student_velocity(backbone, model)}, {}, weights
+
+
+def _dual_of(velocity):
+    """The DualExpert behind a ``student_velocity`` closure."""
+    from dcm.distill.experts import DualExpert
+
+    cells = [c.cell_contents for c in velocity.__closure__ or ()]
+    return next(c for c in cells if isinstance(c, DualExpert))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--methods", default="teacher,euler4,lcm,pcm,dcm", help="comma-separated; teacher first")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per method (median)")
+    ap.add_argument("--batch", type=int, default=4, help="videos per sampler call")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--merged", action="store_true", help="also time DCM with each expert materialised as a "
+                    "plain transformer (LoRA merged): separates routing/adapter overhead from the forwards")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = config.load(args.params, args.preset)
+    methods = [m for m in args.methods.split(",") if m in params.methods]
+    if not methods or methods[0] != "teacher":
+        raise SystemExit("--methods must start with 'teacher' (speedups are relative to it)")
+
+    backbone, teacher_weights = teacher_backbone(params)
+    rows = [{"prompt": "a red striped square moves right quickly", "seed": 1000 + i} for i in range(args.batch)]
+    latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
+    noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in rows])
+    cond = backbone.encode_prompts([r["prompt"] for r in rows])
+
+    runs = {}
+    for m in methods:
+        experts, forwards, weights = experts_for(params, m, backbone)
+        steps = schedule_for(params, m)
+        runs[m] = {"experts": experts, "steps": steps, "nfe": nfe(steps, forwards), "times": [],
+                   "weights": teacher_weights if weights == "teacher" else weights}
+
+    def call(m: str) -> float:
+        r = runs[m]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            backbone.decode_latents(sample(r["experts"], r["steps"], noise, cond))
+        return (time.perf_counter() - t0) / args.batch
+
+    dcm = next((m for m in methods if params.method(m).kind == "dcm"), None)
+    if dcm and args.merged:  # the same two experts as plain transformers (LoRA merged), switched by the schedule
+        model = _dual_of(runs[dcm]["experts"]["seme"])
+        runs[f"{dcm}-merged"] = {**runs[dcm], "times": [], "weights": runs[dcm]["weights"] + ", merged per expert",
+                                 "experts": {e: student_velocity(backbone, model.materialize(e).eval())
+                                             for e in ("seme", "dete")}}
+        methods.append(f"{dcm}-merged")
+    for m in methods:  # warm-up: allocator, kernels, lazily built modules
+        call(m)
+    for _ in range(args.repeats):
+        for m in methods:
+            runs[m]["times"].append(call(m))
+
+    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    print(f"sampling latency: {params.experiment} world {params.world.frames}x{params.world.size}x{params.world.size}, "
+          f"grid N={grid.steps}, kappa={params.grid.kappa}, batch {args.batch}, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads, device cpu")
+    t_teacher, nfe_teacher = statistics.median(runs["teacher"]["times"]), runs["teacher"]["nfe"]
+    print(f"{'method':<10} {'steps':>5} {'NFE':>5} {'s/video':>10} {'speedup':>8}  weights")
+    for m in methods:
+        r = runs[m]
+        med = statistics.median(r["times"])
+        print(f"{m:<10} {len(r['steps']):>5} {r['nfe']:>5} {med:>10.4f} {t_teacher / med:>7.1f}x  {r['weights']}")
+    if dcm:
+        t_dcm = statistics.median(runs[dcm]["times"])
+        speedup, nfe_ratio = t_teacher / t_dcm, nfe_teacher / runs[dcm]["nfe"]
+        print(f"{dcm}: speedup {speedup:.2f}x at NFE ratio {nfe_ratio:.2f} ({nfe_teacher} / {runs[dcm]['nfe']})")
+        same_nfe = [m for m in methods if m != dcm and runs[m]["nfe"] == runs[dcm]["nfe"]
+                    and (m not in params.methods or params.method(m).kind != "teacher")]
+        for m in same_nfe:
+            print(f"{dcm} vs {m} (same NFE): time ratio {statistics.median(runs[m]['times']) / t_dcm:.3f}")
+        print(f"efficiency: {speedup / nfe_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

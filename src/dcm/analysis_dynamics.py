@@ -1,0 +1,184 @@
+"""Training dynamics of ONE model distilled over the whole trajectory: the paper's motivating figure.
+
+DCM (arXiv 2506.03123, Fig. 2) observes that a single consistency model trained on every timestep
+sees very different loss and gradient magnitudes at high and low noise, and splits the trajectory
+at κ into two experts.  Here:
+
+1. distil a full-parameter student over the whole grid (one phase, n ∈ [0, N−1] → σ_min) for
+   ``analysis.train_steps`` steps with the shared loop (``dcm.distill.train``, the VCM setting);
+2. per grid index n, on a fixed probe batch (the same trajectories at every n) measure the
+   consistency loss and the gradient norm ‖∇_θ L_n‖ of the trained student, one backward pass per n;
+   the loop's own per-sample (n, loss) records give the loss seen during training beside it;
+3. propose κ where the discrepancy splits.
+
+The κ rule (documented in dynamics.json too): z-score log10 of the probe loss and of the gradient
+norm over n, fit both jointly with a two-segment piecewise-constant model — low-noise indices
+[0, s−1] and high-noise [s, N−1] — and take the split s with the least squared error (the largest
+change point, binary segmentation's first split).  κ = s − 1, the last index of the detail range
+(DetE trains on [0, κ], SemE on [κ+1, N−1]), so κ ∈ [0, N−2] as grid.kappa requires.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcm.backbones.base import Backbone
+from dcm.config import Params
+from dcm.distill import losses
+from dcm.distill.loop import HISTORY_FILE, DistillSpec, train
+from dcm.schedule import pcm_phases, teacher_grid
+
+KAPPA_RULE = ("two-segment piecewise-constant least-squares fit of z-scored log10 probe loss and log10 "
+              "gradient norm over the grid index; kappa = last index of the low-noise segment")
+TRAIN_DIR = "train"
+
+
+@dataclass
+class Dynamics:
+    sigmas: np.ndarray  # (N,) σ_n
+    probe_loss: np.ndarray  # (N,) consistency loss of the trained student on the probe batch
+    grad_norm: np.ndarray  # (N,) ‖∇θ L_n‖ on the probe batch
+    train_loss: np.ndarray  # (N,) mean per-sample loss recorded in the second half of training (nan: unseen)
+    train_count: np.ndarray  # (N,) samples behind train_loss
+    proposed_kappa: int
+    configured_kappa: int
+
+    def to_json(self) -> dict:
+        def finite(a):
+            return [None if not np.isfinite(v) else float(v) for v in a]
+
+        return {"rule": KAPPA_RULE, "proposed_kappa": self.proposed_kappa, "configured_kappa": self.configured_kappa,
+                "sigma_proposed": float(self.sigmas[self.proposed_kappa]),
+                "sigma_configured": float(self.sigmas[self.configured_kappa]),
+                "index": list(range(len(self.sigmas))), "sigma": finite(self.sigmas),
+                "probe_loss": finite(self.probe_loss), "grad_norm": finite(self.grad_norm),
+                "train_loss": finite(self.train_loss), "train_count": [int(c) for c in self.train_count]}
+
+
+def whole_range_spec(params: Params, student: nn.Module) -> DistillSpec:
+    """One model, one phase over the whole grid (n ∈ [0, N−1] → σ_min): the single-model setting."""
+    a = params.analysis
+    return DistillSpec(name="analyze", student=student, trainable=list(student.parameters()),
+                       phases=pcm_phases(params.grid.steps, 1), target=a.target, lr=a.lr,
+                       train_steps=a.train_steps, settings={"analysis": True})
+
+
+def probe(student: nn.Module, backbone: Backbone, source, params: Params, batch: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid index: consistency loss and gradient norm of ``student`` on the same probe trajectories.
+
+    The loss is the loop's (pseudo-Huber between the student's σ_min endpoint from x_n and the online
+    target from the teacher's x_{n−1}); one backward pass per index, so each norm is that index's alone.
+    """
+    steps = params.grid.steps
+    sigmas_ext = torch.as_tensor(teacher_grid(steps, params.grid.shift, params.grid.num_train_timesteps).extended,
+                                 dtype=torch.float32)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    device = trainable[0].device
+    rows = torch.arange(batch) % len(source)
+    loss_at, norm_at = np.zeros(steps), np.zeros(steps)
+    student.train()
+    for n_index in range(steps):
+        n = torch.full((batch,), n_index, dtype=torch.long)
+        data = source.batch(rows, n, torch.Generator().manual_seed(params.seed + n_index))
+        sigma_n = sigmas_ext[n + 1].to(device)
+        sigma_prev = sigmas_ext[n].to(device)
+        sigma_end = sigmas_ext[torch.zeros_like(n)].to(device)  # σ_min: the whole range is one phase
+        x_end = losses.euler_endpoint(data.x_n, backbone.predict(student, data.x_n, sigma_n, data.cond).float(),
+                                      sigma_n, sigma_end)
+        with torch.no_grad():
+            v_prev = backbone.predict(student, data.x_prev, sigma_prev, data.cond).float()
+        target = losses.consistency_target(data.x_prev, v_prev, sigma_prev, sigma_end, (n == 0).to(device))
+        loss = losses.pseudo_huber(x_end, target, params.training.huber_c)
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+        norm_at[n_index] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+        loss_at[n_index] = float(loss.detach())
+    return loss_at, norm_at
+
+
+def training_loss_per_index(history: Path, steps: int, from_step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean per-sample consistency loss per grid index from the loop's history (steps ≥ from_step)."""
+    total, count = np.zeros(steps), np.zeros(steps, dtype=int)
+    for line in history.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["step"] < from_step:
+            continue
+        for n, value in zip(rec["n"], rec["loss_per_sample"]):
+            total[n] += value
+            count[n] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan), count
+
+
+def change_point(curves: np.ndarray) -> int:
+    """Split s (1 ≤ s ≤ N−1) minimising the joint two-segment squared error of the rows of ``curves`` (K, N)."""
+    curves = np.atleast_2d(np.asarray(curves, dtype=np.float64))
+    n = curves.shape[1]
+    if n < 2:
+        raise ValueError("a change point needs at least two grid indices")
+    costs = []
+    for s in range(1, n):
+        left, right = curves[:, :s], curves[:, s:]
+        costs.append(((left - left.mean(1, keepdims=True)) ** 2).sum() + ((right - right.mean(1, keepdims=True)) ** 2).sum())
+    return 1 + int(np.argmin(costs))
+
+
+def _zscore_log(values: np.ndarray) -> np.ndarray:
+    logs = np.log10(np.maximum(np.asarray(values, dtype=np.float64), 1e-30))
+    spread = logs.std()
+    return (logs - logs.mean()) / spread if spread > 0 else logs * 0.0
+
+
+def propose_kappa(probe_loss: np.ndarray, grad_norm: np.ndarray) -> int:
+    """κ by the documented rule (module docstring): the last index of the low-noise segment."""
+    return change_point(np.stack([_zscore_log(probe_loss), _zscore_log(grad_norm)])) - 1
+
+
+def plot(d: Dynamics, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = np.arange(len(d.sigmas))
+    fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True)
+    ax_loss.plot(index, d.probe_loss, "o-", ms=3, label="probe batch (trained student)")
+    seen = np.isfinite(d.train_loss)
+    ax_loss.plot(index[seen], d.train_loss[seen], "x", ms=4, alpha=0.7, label="during training (2nd half)")
+    ax_loss.set_ylabel("consistency loss")
+    ax_norm.plot(index, d.grad_norm, "o-", ms=3, color="tab:red")
+    ax_norm.set_ylabel("gradient norm")
+    ax_norm.set_xlabel("teacher grid index n (σ_n grows with n; 0 = low noise)")
+    for ax in (ax_loss, ax_norm):
+        ax.set_yscale("log")
+        ax.axvline(d.configured_kappa + 0.5, color="gray", ls="--", label=f"configured κ = {d.configured_kappa}")
+        ax.axvline(d.proposed_kappa + 0.5, color="black", ls="-", label=f"proposed κ = {d.proposed_kappa}")
+    ax_loss.legend(fontsize=8)
+    ax_loss.set_title("one model distilled over the whole trajectory: per-timestep dynamics")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def analyze(params: Params, backbone: Backbone, source, student: nn.Module, out_dir: Path, tracker) -> Dynamics:
+    """Train the whole-range model into ``out_dir/train``, probe it, propose κ; writes dynamics.{json,png}."""
+    out_dir = Path(out_dir)
+    spec = whole_range_spec(params, student)
+    train(spec, backbone, source, params, out_dir / TRAIN_DIR, tracker)
+    probe_loss, grad_norm = probe(student, backbone, source, params, params.analysis.probe_batch)
+    train_loss, count = training_loss_per_index(out_dir / TRAIN_DIR / HISTORY_FILE, params.grid.steps,
+                                                params.analysis.train_steps // 2)
+    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    d = Dynamics(sigmas=np.asarray(grid.sigmas), probe_loss=probe_loss, grad_norm=grad_norm, train_loss=train_loss,
+                 train_count=count, proposed_kappa=propose_kappa(probe_loss, grad_norm),
+                 configured_kappa=params.grid.kappa)
+    (out_dir / "dynamics.json").write_text(json.dumps(d.to_json(), indent=1) + "\n")
+    plot(d, out_dir / "dynamics.png")
+    return d

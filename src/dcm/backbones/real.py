@@ -1,0 +1,255 @@
+"""What the real teachers (wan, hunyuan, cogvideox) share: a diffusers pipeline folder on local disk.
+
+The folder is the pipeline layout ``save_pretrained`` writes and the released ``*-Diffusers``
+repositories ship (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``, …).  It is read with the pipeline's own ``from_pretrained`` on a
+path with ``local_files_only=True``: never a hub id, never the network.
+
+The ``teacher`` stage does not train a real teacher: it checks the folder and *records* it into
+``models/teacher`` (``record_teacher``):
+
+    backbone.json               family, pipeline class, absolute folder, sha256 of its config files
+                                (model_index, component configs, tokenizer files, weight-file names
+                                and sizes: a changed folder is caught without hashing 10⁹ weights)
+    prompt_embeds.safetensors   the text conditioning of every prompt of data/prompts.json and the
+                                negative prompt, encoded once by the text encoders
+
+Every later stage loads the recorded folder without its text encoders: prompts are looked up in
+the table, and the encoders are loaded (lazily, once) only for a prompt that is not in it.  This is
+where the issue's "embeddings cached so the text encoders need not stay in memory" lives: the
+trajectory store stays latents-only, and sampling reuses the same table for the eval prompts.
+
+Precision: the transformer loads in fp32 (master weights; the training loop autocasts to bf16 on
+GPU), the text encoders and the VAE in ``backbone.real.text_dtype`` / ``vae_dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dcm.backbones.base import Backbone, PromptEmbeds, unwrap
+from dcm.config import ConfigError, RealBackboneConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RECORD_FILE = "backbone.json"
+PROMPT_TABLE_FILE = "prompt_embeds.safetensors"
+CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")  # hashed by content
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # hashed by name and size
+
+
+class PipelineBackbone(Backbone):
+    """A ``Backbone`` around a diffusers pipeline object; subclasses set the class attributes below."""
+
+    pipeline_class_name: str = ""  # diffusers pipeline class of the folder
+    components: tuple[str, ...] = ()  # sub-folders the folder must have
+    text_components: tuple[str, ...] = ()  # loaded only when a prompt misses the prompt table
+    default_max_sequence_length: int = 256
+
+    def __init__(self, pipe, settings: RealBackboneConfig, guidance_scale: float, path: str | Path | None = None):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = getattr(pipe, "vae", None)
+        self.settings = settings
+        self.guidance_scale = float(guidance_scale)
+        self.path = Path(path).resolve() if path is not None else None
+        self.device = torch.device("cpu")
+        self.prompt_table: dict[str, PromptEmbeds] = {}  # prompt -> one row, on the CPU
+        if self.vae is not None:
+            if settings.vae_tiling:
+                self.vae.enable_tiling()
+            if settings.vae_slicing and hasattr(self.vae, "enable_slicing"):
+                self.vae.enable_slicing()
+
+    # --------------------------------------------------------------------------- the folder
+    @classmethod
+    def pipeline_class(cls):
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def check_folder(cls, path: str | os.PathLike | None, key: str = "backbone.path") -> Path:
+        """The folder, resolved; a ConfigError naming every missing component otherwise."""
+        if not path:
+            raise ConfigError(key, path, f"a local {cls.pipeline_class_name} folder for family '{cls.family}'")
+        folder = Path(os.path.expanduser(str(path))).resolve()
+        if not folder.is_dir():
+            raise ConfigError(key, str(path), f"an existing local {cls.pipeline_class_name} folder (never a hub id)")
+        missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+        if not missing:
+            found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+            if found not in (None, cls.pipeline_class_name):
+                raise ConfigError(key, str(path), f"a {cls.pipeline_class_name} folder for family '{cls.family}', "
+                                                  f"not a {found} (check backbone.family)")
+        for name in cls.components:
+            sub = folder / name
+            if not sub.is_dir() or not any(sub.iterdir()):
+                missing.append(f"{name}/")
+            elif name not in ("tokenizer", "tokenizer_2", "scheduler") and not _has_weights(sub):
+                missing.append(f"{name}/ weights (*.safetensors or *.bin)")
+        if missing:
+            raise ConfigError(key, str(path), f"a {cls.pipeline_class_name} folder ({', '.join(cls.components)}); "
+                                              f"missing: {', '.join(missing)}")
+        return folder
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, settings: RealBackboneConfig, guidance_scale: float,
+                    text_encoders: bool = False, networks: bool = True) -> PipelineBackbone:
+        """Load the pipeline from a local folder: transformer (fp32) and VAE, text encoders only if asked."""
+        folder = cls.check_folder(path)
+        skip = {} if text_encoders else dict.fromkeys(cls.text_components)
+        if not networks:
+            skip.update(transformer=None, vae=None)
+        dtypes = {"default": torch.float32, "vae": DTYPES[settings.vae_dtype],
+                  **dict.fromkeys(cls.text_components, DTYPES[settings.text_dtype])}
+        pipe = cls.pipeline_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtypes, **skip)
+        backbone = cls(pipe, settings, guidance_scale, folder)
+        if backbone.transformer is not None:
+            backbone.transformer.eval().requires_grad_(False)
+        if backbone.vae is not None:
+            backbone.vae.eval().requires_grad_(False)
+        return backbone
+
+    def load_text_encoders(self) -> None:
+        """The text encoders of the folder, loaded once (they are skipped while the prompt table suffices)."""
+        missing = [n for n in self.text_components if getattr(self.pipe, n, None) is None]
+        if not missing:
+            return
+        if self.path is None:
+            raise RuntimeError(f"{type(self).__name__}: no text encoders and no folder to load them from")
+        index = json.loads((self.path / "model_index.json").read_text())
+        for name in missing:
+            library, class_name = index[name]
+            model_class = getattr(importlib.import_module(library), class_name)
+            encoder = model_class.from_pretrained(self.path / name, torch_dtype=DTYPES[self.settings.text_dtype],
+                                                  local_files_only=True)
+            self.pipe.register_modules(**{name: encoder.eval().requires_grad_(False).to(self.device)})
+
+    def config_digest(self) -> str:
+        return folder_config_digest(self.path)
+
+    # --------------------------------------------------------------------------- prompts
+    @property
+    def max_sequence_length(self) -> int:
+        return self.settings.max_sequence_length or self.default_max_sequence_length
+
+    def encode_text(self, prompts: list[str]) -> PromptEmbeds:
+        """The pipeline's own ``encode_prompt`` on the text encoders (subclasses)."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_table))
+        if missing:
+            self.load_text_encoders()
+            with torch.no_grad():
+                encoded = self.encode_text(missing).to("cpu")
+            for i, prompt in enumerate(missing):
+                self.prompt_table[prompt] = encoded.index(slice(i, i + 1))
+        return PromptEmbeds.cat([self.prompt_table[p] for p in prompts]).to(self.device)
+
+    def null_prompts(self, batch: int) -> PromptEmbeds:
+        return self.encode_prompts([self.settings.negative_prompt] * batch)
+
+    # --------------------------------------------------------------------------- video
+    def video_latent_shape(self, params) -> tuple[int, int, int, int]:
+        real = params.backbone.real
+        return self.latent_shape_hw(real.frames, real.height, real.width)
+
+    def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
+        return self.latent_shape_hw(frames, size, size)
+
+    def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- devices, saving
+    def to(self, device: torch.device | str) -> PipelineBackbone:
+        self.device = torch.device(device)
+        for name in ("transformer", "vae", *self.text_components):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, nn.Module):
+                module.to(self.device)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The record of the folder (backbone.json) and the prompt table (prompt_embeds.safetensors)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        prompts = list(self.prompt_table)
+        tensors = {}
+        for i, prompt in enumerate(prompts):
+            row = self.prompt_table[prompt]
+            tensors[f"{i}.hidden"] = row.hidden.contiguous()
+            tensors.update({f"{i}.{k}": v.contiguous() for k, v in (row.extra or {}).items()})
+        save_file(tensors, str(path / PROMPT_TABLE_FILE), metadata={"prompts": json.dumps(prompts)})
+        record = {"family": self.family, "pipeline": self.pipeline_class_name, "path": str(self.path),
+                  "config_sha256": self.config_digest(), "guidance_mode": self.guidance_mode,
+                  "guidance_scale": self.guidance_scale, "prompts": len(prompts),
+                  "settings": dataclasses.asdict(self.settings)}
+        (path / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def load_prompt_table(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        file = Path(path) / PROMPT_TABLE_FILE
+        if not file.is_file():
+            return
+        with safe_open(str(file), framework="pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+            keys = set(f.keys())
+            for i, prompt in enumerate(prompts):
+                extra = {k.split(".", 1)[1]: f.get_tensor(k) for k in sorted(keys)
+                         if k.startswith(f"{i}.") and k != f"{i}.hidden"}
+                self.prompt_table[prompt] = PromptEmbeds(f.get_tensor(f"{i}.hidden"), extra or None)
+
+    # --------------------------------------------------------------------------- network helpers
+    def timestep(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """t = 1000·σ per sample (flow-matching families)."""
+        return (sigma.reshape(-1).to(x.device, torch.float32) * 1000.0).expand(x.shape[0])
+
+    def feature_projection(self, model: nn.Module):
+        """Features → ``proj_out(norm_out.norm(·))``: the output head without its timestep modulation.
+
+        The adaptive ``norm_out`` needs a timestep embedding that a block output alone does not carry;
+        its inner LayerNorm is affine-free, as Wan's ``norm_out`` is (METHODS.md, DetE).
+        """
+        m = unwrap(model)
+        return lambda feat: m.proj_out(m.norm_out.norm(feat.float()).to(feat.dtype))
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json") for p in folder.rglob("*"))
+
+
+def folder_config_digest(folder: str | os.PathLike) -> str:
+    """sha256 over the folder's config/tokenizer files (content) and its weight files (name and size)."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        if file.suffix in CONFIG_SUFFIXES:
+            digest.update(f"{rel}\0".encode() + hashlib.sha256(file.read_bytes()).digest())
+        elif file.suffix in WEIGHT_SUFFIXES:
+            digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
+    return digest.hexdigest()
+
+
+def read_record(folder: str | os.PathLike) -> dict:
+    file = Path(folder) / RECORD_FILE
+    if not file.is_file():
+        raise ConfigError(str(folder), str(file), "a recorded teacher: run `dcm run teacher` first")
+    return json.loads(file.read_text())

@@ -1,0 +1,87 @@
+"""Wan 2.1 text-to-video (``WanPipeline``) as a teacher: UMT5 text encoder, Wan VAE, WanTransformer3DModel.
+
+Conventions (checked against diffusers' ``WanPipeline`` and ``FlowMatchEulerDiscreteScheduler``):
+the transformer is called with t = 1000·σ and its output is the flow velocity v ≈ ε − x0 (the
+scheduler steps x ← x + (σ_next − σ)·v), so ``forward`` returns it unchanged.  Guidance is CFG
+v_u + w·(v_c − v_u) with the negative prompt (``backbone.real.negative_prompt``, "" by default)
+as the unconditional input.  Latents are the VAE's mean, normalised with the VAE config's
+``latents_mean`` / ``latents_std`` as the pipeline does before decoding.
+
+Discriminator taps: every 2nd of ``blocks`` (0, 2, …, 28 for the 30-block 1.3B model).
+DetE copies ``condition_embedder`` (time + text embedding), ``scale_shift_table`` (the output
+modulation: Wan's ``norm_out`` is an affine-free LayerNorm, the modulation lives in this table),
+``norm_out`` and ``proj_out``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcm.backbones.base import PromptEmbeds, unwrap
+from dcm.backbones.real import PipelineBackbone
+
+# Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
+TRANSFORMER_CONFIGS = {
+    "1.3B": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "14B": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+}
+
+
+class WanBackbone(PipelineBackbone):
+    family = "wan"
+    guidance_mode = "cfg"
+    timestep_layer_names = ("condition_embedder", "scale_shift_table", "norm_out", "proj_out")
+    pipeline_class_name = "WanPipeline"
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    text_components = ("text_encoder",)
+    default_max_sequence_length = 512  # WanPipeline.__call__'s default
+
+    def encode_text(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_sequence_length, device=self.device)
+        return PromptEmbeds(embeds)  # padded positions are zero (the pipeline zeroes them)
+
+    # --- video
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
+        mean, std = self._latent_stats(z)
+        return (z - mean) / std
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(latents.float())
+        z = (latents.float() * std + mean).to(self.vae.device, self.vae.dtype)
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        cfg = self.vae.config if self.vae is not None else None
+        temporal = cfg.scale_factor_temporal if cfg else 4
+        spatial = cfg.scale_factor_spatial if cfg else 8
+        channels = cfg.z_dim if cfg else self.transformer.config.in_channels
+        return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+    # --- network
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return unwrap(model).blocks
+
+    def feature_projection(self, model: nn.Module):
+        from dcm.distill.discriminator import output_projection
+
+        return output_projection(model)  # Wan's norm_out is the affine-free LayerNorm itself
+
+    def forward(self, model, x, sigma, cond, guidance=None):
+        return model(hidden_states=x, timestep=self.timestep(sigma, x), encoder_hidden_states=cond.hidden.to(x.dtype),
+                     return_dict=False)[0]

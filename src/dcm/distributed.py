@@ -1,0 +1,112 @@
+"""Data-parallel training across the tasks of a (multi-node) job, kept thin.
+
+The launcher (submitit on SLURM, ``torchrun`` or ``accelerate launch``) sets torch.distributed's
+``env://`` variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); ``process_group``
+opens the group for one stage (NCCL with GPUs, gloo on CPU).  The training loop then does what DDP
+does, explicitly: every rank starts from rank 0's weights, draws its own slice of one global batch,
+and gradients are averaged over ranks before clipping and the optimiser step, so every rank takes
+the same step.  Rank 0 alone logs, checkpoints and writes the stage's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's rank and the number of ranks (rank 0 of 1 until ``process_group`` opened a group)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World(0, 1)
+
+
+def is_main() -> bool:
+    return world().is_main
+
+
+@contextmanager
+def process_group() -> Iterator[World]:
+    """Open the process group when the environment names more than one rank (and close it after)."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "SLURM_PROCID" in os.environ:  # a multi-task SLURM step not started by submitit (Snakemake)
+        import submitit
+
+        from dcm.launch import distributed_env
+
+        os.environ.update(distributed_env(submitit.JobEnvironment()))
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or dist.is_initialized():
+        yield world()
+        return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={size} but {missing} are not set: launch through `dcm launch` "
+                           "(submitit), torchrun or accelerate")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, init_method="env://")
+    try:
+        yield world()
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
+    """Every rank starts from rank 0's weights."""
+    if world().size > 1:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """DDP's gradient all-reduce: the mean over ranks of each gradient (a missing one counts as 0)."""
+    size = world().size
+    if size <= 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(size)
+
+
+def barrier() -> None:
+    if world().size > 1:
+        dist.barrier()
+
+
+def parameter_digest(params: Sequence[torch.Tensor]) -> str:
+    """sha256 of the parameters' bytes: equal on every rank iff the ranks hold the same weights."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_objects(value) -> list:
+    """``value`` of every rank, in rank order (just ``[value]`` outside a distributed job)."""
+    if world().size <= 1:
+        return [value]
+    out: list = [None] * world().size
+    dist.all_gather_object(out, value)
+    return out

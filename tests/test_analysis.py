@@ -1,0 +1,170 @@
+"""Analyses: the per-timestep training dynamics and κ proposal (``analyze`` stage), and the relative
+weight change per module group between two checkpoints (``dcm analyze params``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcm import analysis_dynamics as dyn
+from dcm import analysis_params as ap
+from dcm import cli, config, paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ κ rule
+
+
+def test_change_point_finds_the_step_of_a_two_level_curve():
+    curve = np.r_[np.full(7, 0.1), np.full(13, 2.0)] + np.random.default_rng(0).normal(0, 0.02, 20)
+    assert dyn.change_point(curve) == 7
+
+
+def test_proposed_kappa_is_the_last_low_noise_index_where_loss_and_grad_norm_jump():
+    n = np.arange(50)
+    loss = np.where(n <= 30, 1e-3, 2e-2) * (1 + 0.05 * np.sin(n))
+    grad_norm = np.where(n <= 30, 0.05, 0.9) * (1 + 0.05 * np.cos(n))
+    assert dyn.propose_kappa(loss, grad_norm) == 30
+
+
+def test_proposed_kappa_follows_the_gradient_norm_when_the_loss_is_flat():
+    n = np.arange(10)
+    assert dyn.propose_kappa(np.full(10, 0.03), np.where(n <= 2, 0.1, 1.0)) == 2
+
+
+def test_training_loss_per_index_averages_the_loops_per_sample_records(tmp_path):
+    history = tmp_path / "history.jsonl"
+    records = [{"step": 0, "n": [0, 1], "loss_per_sample": [9.0, 9.0]},
+               {"step": 1, "n": [0, 0, 2], "loss_per_sample": [1.0, 3.0, 5.0]},
+               {"step": 2, "n": [2], "loss_per_sample": [7.0]}]
+    history.write_text("".join(json.dumps(r) + "\n" for r in records))
+    mean, count = dyn.training_loss_per_index(history, steps=4, from_step=1)
+    assert count.tolist() == [2, 0, 2, 0]
+    assert mean[0] == 2.0 and mean[2] == 6.0 and np.isnan(mean[1]) and np.isnan(mean[3])
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+@pytest.mark.slow
+def test_analyze_stage_distils_one_model_and_writes_the_dynamics_figure(tmp_path, monkeypatch, capsys):
+    from dcm.backbones import create_teacher
+    from dcm.stages import analyze, prepare, trajectories
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCM_TRACKING", "off")
+    params = config.load("params.yaml", preset="smoke")
+    prepare.run(params)
+    create_teacher(params).save(paths.TEACHER)
+    trajectories.run(params)
+    analyze.run(params)
+
+    out = json.loads((paths.ANALYSIS / "dynamics.json").read_text())
+    steps = params.grid.steps
+    assert out["configured_kappa"] == params.grid.kappa and 0 <= out["proposed_kappa"] <= steps - 2
+    assert len(out["probe_loss"]) == len(out["grad_norm"]) == steps
+    assert all(v > 0 and np.isfinite(v) for v in out["probe_loss"] + out["grad_norm"])
+    assert (paths.ANALYSIS / "dynamics.png").stat().st_size > 0
+    history = [json.loads(line) for line in (paths.ANALYSIS / "train" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == params.analysis.train_steps
+    assert {n for r in history for n in r["n"]} <= set(range(steps))  # one phase over the whole grid
+    assert f"configured grid.kappa = {params.grid.kappa}" in capsys.readouterr().out
+
+
+def test_probe_measures_each_index_alone_and_leaves_no_gradients(params, backbone):
+    from dcm.distill.data import SourceBatch
+    from dcm.schedule import teacher_grid
+
+    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+
+    class Source:  # x_n on the straight path of fixed x0/ε: the probe needs only ``batch`` and ``len``
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            shape = (2, *backbone.latent_shape(params.world.frames, params.world.size))
+            self.x0, self.eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+            self.cond = backbone.encode_prompts(["a red square moves left", "a blue disc moves up"])
+
+        def __len__(self):
+            return 2
+
+        def batch(self, rows, n, generator):
+            s = torch.as_tensor(grid.extended, dtype=torch.float32)
+            at = (lambda i: s[i].view(-1, 1, 1, 1, 1))
+            return SourceBatch((1 - at(n + 1)) * self.x0 + at(n + 1) * self.eps,
+                               (1 - at(n)) * self.x0 + at(n) * self.eps, self.cond.index(rows))
+
+    student = copy.deepcopy(backbone.transformer).requires_grad_(True)
+    loss, norm = dyn.probe(student, backbone, Source(), params, batch=2)
+    assert loss.shape == norm.shape == (params.grid.steps,)
+    assert np.all(norm > 0) and np.all(np.isfinite(loss))
+    assert all(p.grad is None for p in student.parameters())
+    again_loss, again_norm = dyn.probe(student, backbone, Source(), params, batch=2)
+    np.testing.assert_allclose(again_norm, norm, rtol=1e-5)  # nothing accumulates between indices
+
+
+# ------------------------------------------------------------------------------ parameter change
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_relative_change_per_group_matches_a_hand_computation(tmp_path, backbone):
+    a = copy.deepcopy(backbone.transformer)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for name, p in b.named_parameters():
+            if ".ffn." in name:
+                p.mul_(1.1)  # ΔW = 0.1·W on every FFN tensor: relative change exactly 0.1
+    changes = ap.relative_change(ap.load_weights(_save(a, tmp_path / "a")), ap.load_weights(_save(b, tmp_path / "b")))
+    assert changes["FFN"]["relative_change"] == pytest.approx(0.1, rel=1e-5)
+    assert all(c["relative_change"] == 0 for g, c in changes.items() if g != "FFN")
+    assert set(changes) == {"timestep embedding", "attention linears", "FFN", "norms", "output", "other"}
+    assert sum(c["params"] for c in changes.values()) == sum(p.numel() for p in a.parameters())
+
+
+def test_lora_dete_is_merged_before_comparing_with_its_seme(tmp_path, backbone, capsys):
+    from dcm.distill.experts import make_dete, save_dete
+
+    method = tmp_path / "checkpoints" / "dcm"
+    seme = copy.deepcopy(backbone.transformer)
+    _save(seme, method / "seme" / "transformer")
+    dual = make_dete(copy.deepcopy(seme), backbone, rank=2, alpha=4.0, kappa=5, sigma_kappa=0.8)
+    with torch.no_grad():
+        for name, p in dual.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        dual.dete_modules["condition_embedder"].time_proj.weight.mul_(1.5)
+    save_dete(dual, method / "dete")
+
+    assert main_cli(["analyze", "params", str(method / "seme"), str(method / "dete"),
+                     "--plot", str(tmp_path / "change.png"), "--json", str(tmp_path / "change.json")]) == 0
+    groups = json.loads((tmp_path / "change.json").read_text())["groups"]
+    assert groups["attention linears"]["relative_change"] > 0  # the merged LoRA
+    assert groups["timestep embedding"]["relative_change"] > 0  # DetE's copied layers
+    assert groups["FFN"]["relative_change"] == 0 and groups["norms"]["relative_change"] == 0
+    assert groups["other"]["relative_change"] == 0
+    merged = dual.materialize("dete").state_dict()
+    assert torch.equal(ap.load_weights(method / "dete")["blocks.0.attn1.to_q.weight"],
+                       merged["blocks.0.attn1.to_q.weight"])
+    out = capsys.readouterr().out
+    assert "| attention linears |" in out and "‖ΔW‖/‖W‖" in out
+    assert (tmp_path / "change.png").stat().st_size > 0
+
+
+def main_cli(argv):
+    return cli.main(argv)
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused_with_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint; expected a diffusers transformer folder"):
+        ap.load_weights(tmp_path)

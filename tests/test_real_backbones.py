@@ -1,0 +1,418 @@
+"""Real teachers (wan, hunyuan, cogvideox) on tiny random pipelines built from the same diffusers and
+transformers classes, saved with ``save_pretrained`` and loaded through the adapters' normal path."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dcm import cli, config, paths, schedule
+from dcm.backbones import adapter_class, load_teacher, record_teacher
+from dcm.backbones.cogvideox import (
+    TRANSFORMER_CONFIGS as COG_CONFIGS,
+)
+from dcm.backbones.cogvideox import (
+    VPTimesteps,
+    flow_to_vp,
+    flow_velocity_to_vp,
+    vp_coefficients,
+    vp_velocity_to_flow,
+)
+from dcm.backbones.hunyuan import TRANSFORMER_CONFIGS as HY_CONFIGS
+from dcm.backbones.hunyuan import embedded_guidance
+from dcm.backbones.toy import caption_vocabulary
+from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
+from dcm.config import ConfigError
+from dcm.distill.experts import make_dete
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("wan", "hunyuan", "cogvideox")
+VIDEO = {"height": 32, "width": 32, "frames": 9}  # 3 latent frames of 4×4: 2×2 tokens per frame
+PROMPTS = ["a red striped square moves left slowly", "a blue circle moves up quickly"]
+
+
+# ------------------------------------------------------------------------------ tiny pipelines
+
+
+def tiny_tokenizer(max_length: int = 512):
+    """A word-level tokenizer over the shapes captions (plus pad/unk/eos), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in caption_vocabulary() if w not in ("<pad>", "<unk>")]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   model_max_length=max_length)
+
+
+def build_wan(folder: Path) -> None:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                          num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=WanTransformer3DModel(**WAN_CONFIGS["tiny"]))
+    pipe.save_pretrained(folder)
+
+
+def build_hunyuan(folder: Path) -> None:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer = tiny_tokenizer()
+    llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=512, pad_token_id=0))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        eos_token_id=2, pad_token_id=0))
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+                                    temporal_compression_ratio=4, mid_block_add_attention=True)
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, text_encoder_2=clip,
+                                tokenizer_2=tiny_tokenizer(77), vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                transformer=HunyuanVideoTransformer3DModel(**HY_CONFIGS["tiny"]))
+    pipe.save_pretrained(folder)
+
+
+def build_cogvideox(folder: Path) -> None:
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                      num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       timestep_spacing="trailing", snr_shift_scale=3.0, clip_sample=False,
+                                       set_alpha_to_one=True)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
+                             transformer=CogVideoXTransformer3DModel(**COG_CONFIGS["tiny"]))
+    pipe.save_pretrained(folder)
+
+
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """One saved tiny pipeline folder per family (built lazily, once per module)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            BUILDERS[family](folder)
+            built[family] = folder
+        return built[family]
+
+    return get
+
+
+def family_raw(family: str, folder: Path, **real) -> dict:
+    """The smoke preset with a real family: params.yaml content for a scratch project."""
+    raw = config.load_raw(REPO / "params.yaml", "smoke")
+    settings = {**VIDEO, "max_sequence_length": 12, "text_dtype": "fp32", "vae_dtype": "fp32", **real}
+    return config.deep_merge(raw, {"experiment": f"tiny-{family}",
+                                   "backbone": {"family": family, "path": str(folder), "guidance_scale": 6.0,
+                                                "real": settings}})
+
+
+def family_params(family: str, folder: Path, **real):
+    return config.parse(family_raw(family, folder, **real))
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """Adapters loaded through ``from_folder`` (text encoders lazily), frozen, per family."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            params = family_params(family, folders(family))
+            bb = params.backbone
+            cache[family] = (adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale), params)
+        return cache[family]
+
+    return get
+
+
+def inputs(backbone, params, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *backbone.video_latent_shape(params), generator=g)
+    sigma = torch.tensor([0.9, 0.3])[:batch]
+    return x, sigma, backbone.encode_prompts(PROMPTS[:batch])
+
+
+# ------------------------------------------------------------------------------ the protocol
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_gives_a_velocity_of_the_latent_shape_and_every_second_block_as_features(family, loaded):
+    backbone, params = loaded(family)
+    x, sigma, cond = inputs(backbone, params)
+    with torch.no_grad():
+        v, feats = backbone.predict(backbone.transformer, x, sigma, cond, features=True)
+        v_plain = backbone.predict(backbone.transformer, x, sigma, cond)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    torch.testing.assert_close(v, v_plain)
+    blocks = backbone.blocks(backbone.transformer)
+    assert len(feats) == len(range(0, len(blocks), 2)) >= 2
+    t, h, w = (d // p for d, p in zip(x.shape[2:], backbone.token_patch(backbone.transformer)))
+    for f in feats:
+        assert f.shape == (2, t * h * w, backbone.feature_dim(backbone.transformer))  # video tokens only
+        assert backbone.feature_projection(backbone.transformer)(f).shape[:2] == (2, t * h * w)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_embed_differently_and_come_from_the_pipeline_encoder(family, loaded):
+    backbone, _ = loaded(family)
+    a, b = backbone.encode_prompts(PROMPTS).hidden
+    assert not torch.allclose(a, b)
+    assert all(getattr(backbone.pipe, n) is not None for n in backbone.text_components)  # loaded on demand
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vae_round_trip_keeps_the_latent_shape(family, loaded):
+    backbone, params = loaded(family)
+    video = torch.rand(1, 3, VIDEO["frames"], VIDEO["height"], VIDEO["width"]) * 2 - 1
+    with torch.no_grad():
+        latents = backbone.encode_video(video)
+        decoded = backbone.decode_latents(latents)
+    assert latents.shape == (1, *backbone.video_latent_shape(params))
+    assert decoded.shape == video.shape and decoded.abs().max() <= 1
+
+
+def test_guidance_modes_embedded_for_hunyuan_cfg_for_wan_and_cogvideox(loaded):
+    assert [adapter_class(f).guidance_mode for f in FAMILIES] == ["cfg", "embedded", "cfg"]
+    backbone, params = loaded("hunyuan")
+    assert float(embedded_guidance(torch.tensor([6.0]))) == 6016.0  # the pipeline's bf16 guidance input
+    x, sigma, cond = inputs(backbone, params)
+    with torch.no_grad():
+        guided = backbone.guided_velocity(backbone.transformer, x, sigma, cond, None, scale=6.0)
+        plain = backbone.predict(backbone.transformer, x, sigma, cond)  # students get the teacher's w
+        other = backbone.guided_velocity(backbone.transformer, x, sigma, cond, None, scale=1.0)
+    torch.testing.assert_close(guided, plain)
+    assert not torch.allclose(guided, other)  # guidance is an input of the network
+
+
+def test_wan_cfg_combines_conditional_and_negative_prompt_forwards(loaded):
+    backbone, params = loaded("wan")
+    x, sigma, cond = inputs(backbone, params)
+    uncond = backbone.null_prompts(2)
+    with torch.no_grad():
+        guided = backbone.guided_velocity(backbone.transformer, x, sigma, cond, uncond, scale=5.0)
+        v_c = backbone.predict(backbone.transformer, x, sigma, cond)
+        v_u = backbone.predict(backbone.transformer, x, sigma, uncond)
+    torch.testing.assert_close(guided, v_u + 5.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ CogVideoX: VP ↔ flow
+
+
+def test_cogvideox_v_prediction_maps_to_the_flow_velocity_and_back():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 4, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, 3, 4, 4, generator=g,
+                                                                                          dtype=torch.float64)
+    sigma = torch.tensor([1.0, 0.97, 0.5, 0.1, 0.017], dtype=torch.float64)
+    s_ = sigma.view(-1, 1, 1, 1, 1)
+    x_flow = (1 - s_) * x0 + s_ * eps
+    a, s, _ = (c.view(-1, 1, 1, 1, 1) for c in vp_coefficients(sigma))
+    z_true, v_true = a * x0 + s * eps, a * eps - s * x0  # the VP sample and CogVideoX's v target
+    z = flow_to_vp(x_flow, sigma)
+    torch.testing.assert_close(z, z_true)
+    u = vp_velocity_to_flow(z, v_true, sigma)
+    torch.testing.assert_close(u, eps - x0)  # v ≈ ε − x0 of METHODS.md
+    torch.testing.assert_close(x_flow - s_ * u, x0)  # x0 back from the flow velocity
+    torch.testing.assert_close(flow_velocity_to_vp(x_flow, u, sigma), v_true)
+
+
+def test_cogvideox_timesteps_round_trip_and_sigma_one_is_the_last_timestep(loaded):
+    backbone, _ = loaded("cogvideox")
+    vp: VPTimesteps = backbone.vp
+    t = torch.tensor([0.0, 17.0, 500.0, 981.0, 999.0])
+    torch.testing.assert_close(vp.timestep(vp.sigma(t)), t)
+    assert float(vp.sigma(torch.tensor([999.0]))) == pytest.approx(1.0)  # zero terminal SNR
+    assert backbone.model_timestep(1.0) == pytest.approx(999.0)
+    # routing threshold of the experts is in the network's own timestep units
+    assert backbone.model_timestep(0.5) != pytest.approx(500.0)
+
+
+# ------------------------------------------------------------------------------ DetE on each family
+
+
+def has_weights(layer) -> bool:
+    return isinstance(layer, torch.nn.Parameter) or any(True for _ in layer.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dete_trains_only_lora_and_the_copied_timestep_layers(family, loaded):
+    backbone, params = loaded(family)
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    kappa = params.grid.kappa
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=kappa,
+                     sigma_kappa=grid.sigma(kappa))
+    trainable = {n for n, p in dual.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith(("dete_modules.", "dete_parameters.")) for n in trainable)
+    copied = {n.split(".")[1] for n in trainable if n.startswith(("dete_modules.", "dete_parameters."))}
+    assert copied == {n for n in backbone.timestep_layer_names if has_weights(getattr(backbone.transformer, n))}
+    before = {n: p.detach().clone() for n, p in dual.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in dual.parameters() if p.requires_grad], lr=1e-2)
+    x, _, cond = inputs(backbone, params)
+    sigma = torch.tensor([grid.sigma(kappa), grid.sigma(0)])  # both at or below σ_κ: DetE
+    for _ in range(2):
+        optimizer.zero_grad()
+        backbone.predict(dual, x, sigma, cond).pow(2).mean().backward()
+        optimizer.step()
+    changed = {n for n, p in dual.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any("lora_B" in n for n in changed)
+    frozen = set(before) - trainable
+    assert frozen and all(torch.equal(dual.get_parameter(n), before[n]) for n in frozen)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_missing_components_are_listed_by_name(folders, tmp_path):
+    import shutil
+
+    broken = tmp_path / "wan"
+    shutil.copytree(folders("wan"), broken)
+    shutil.rmtree(broken / "vae")
+    for f in (broken / "transformer").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"backbone\.path = .* missing: transformer/ weights .*, vae/"):
+        adapter_class("wan").check_folder(broken)
+
+
+def test_wrong_family_and_missing_paths_fail_with_the_key(folders, tmp_path):
+    with pytest.raises(ConfigError, match=r"not a WanPipeline \(check backbone\.family\)"):
+        adapter_class("hunyuan").check_folder(folders("wan"))
+    raw = family_raw("wan", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"backbone\.path = .*nowhere.* an existing local directory"):
+        config.parse(raw)
+    raw = family_raw("wan", folders("wan"))
+    raw["backbone"]["real"]["frames"] = 8
+    with pytest.raises(ConfigError, match=r"backbone\.real\.frames = 8 .* 4k\+1"):
+        config.parse(raw)
+    del raw["backbone"]["real"]
+    with pytest.raises(ConfigError, match=r"backbone\.real = None .* required when backbone\.family is 'wan'"):
+        config.parse(raw)
+
+
+def test_recorded_teacher_refuses_a_changed_folder(folders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cog"
+    shutil.copytree(folders("cogvideox"), folder)
+    params = family_params("cogvideox", folder)
+    record_teacher(params, PROMPTS, tmp_path / "teacher")
+    record = json.loads((tmp_path / "teacher" / "backbone.json").read_text())
+    assert record["family"] == "cogvideox" and record["path"] == str(folder.resolve())
+    backbone = load_teacher(params, tmp_path / "teacher")
+    assert set(PROMPTS) <= set(backbone.prompt_table)
+    assert all(getattr(backbone.pipe, n) is None for n in backbone.text_components)  # not loaded
+    cfg = folder / "transformer" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"num_layers": 4', '"num_layers": 2'))
+    with pytest.raises(ConfigError, match=r"changed since\): re-run `dcm run teacher`"):
+        load_teacher(params, tmp_path / "teacher")
+
+
+# ------------------------------------------------------------------------------ the DAG
+
+
+def run(*argv: str) -> None:
+    assert cli.main(["run", *argv]) == 0
+
+
+def start_project(family: str, folder: Path, root: Path, monkeypatch) -> None:
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(family_raw(family, folder), sort_keys=False))
+    monkeypatch.chdir(root)
+    run("prepare")
+    run("teacher")
+
+
+@pytest.mark.parametrize("family,mode", [("hunyuan", "embedded"), ("wan", "cfg")])
+def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tmp_path, monkeypatch):
+    start_project(family, folders(family), tmp_path / "project", monkeypatch)
+    assert (paths.TEACHER / "prompt_embeds.safetensors").is_file()
+    run("trajectories")
+    index = json.loads((paths.TRAJECTORIES / "index.json").read_text())
+    assert index["guidance"] == {"mode": mode, "scale": 6.0}
+    params = config.load("params.yaml")
+    backbone = load_teacher(params, paths.TEACHER)
+    assert index["latent_shape"] == list(backbone.video_latent_shape(params))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, monkeypatch):
+    start_project(family, folders(family), tmp_path / "project", monkeypatch)
+    run("trajectories")
+    run("train_seme", "--method", "dcm")
+    run("train_dete", "--method", "dcm")
+    run("sample", "--method", "dcm")
+    expert = json.loads((paths.checkpoint("dcm", "dete") / "expert.json").read_text())
+    assert expert["timestep_layer_names"] == list(adapter_class(family).timestep_layer_names)
+    record = json.loads((paths.samples("dcm") / "samples.json").read_text())
+    assert record["num_steps"] == 4 and record["nfe"] == 4
+    assert len(list(paths.samples("dcm").glob("*.mp4"))) == len(record["rows"])
+
+
+# ------------------------------------------------------------------------------ presets, resources
+
+
+@pytest.mark.parametrize("family,kappa,shift,dcm_steps,fm", [("hunyuan", 37, 17.0, 4, 1.0), ("wan", 34, 17.0, 6, 10.0),
+                                                             ("cogvideox", 37, 4.0, 4, 1.0)])
+def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, tmp_path):
+    raw = config.load_raw(REPO / "params.yaml", family)
+    raw["backbone"]["path"] = str(tmp_path)  # the preset names a placeholder folder
+    params = config.parse(raw)
+    assert params.backbone.family == family and params.backbone.guidance_scale == 6.0
+    assert (params.grid.steps, params.grid.shift, params.grid.kappa) == (50, shift, kappa)
+    dcm = params.methods["dcm"]
+    assert dcm.sample_steps == dcm_steps and (dcm.dete.lora_rank, dcm.dete.lora_alpha) == (128, 256.0)
+    assert (dcm.seme.lr, dcm.dete.lr, dcm.dete.disc_lr, dcm.dete.fm_weight) == (1e-6, 5e-6, 1e-5, fm)
+    assert dcm.seme.tc_offset == 3 and params.backbone.real.frames % 4 == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resource_rows_cover_every_stage(family):
+    from dcm.dag import load_resources
+    from dcm.stages import STAGES
+
+    rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
+    assert rows["train_seme"].gpus * rows["train_seme"].nodes == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]

@@ -1,0 +1,96 @@
+"""MLflow tracking against a real server on loopback: jobs logging at once lose nothing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dcm import config, tracking
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 with a sqlite backend, as a cluster's tracking URI would be."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not come up:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+JOB = textwrap.dedent("""
+    import sys
+    from dcm import config, tracking
+    params = config.load(sys.argv[1], "smoke")
+    with tracking.stage_run(params, "train_baseline", sys.argv[2]) as run:
+        for step in range({steps}):
+            run.metrics({{"loss": 1.0 / (step + 1), "grad_norm": float(step)}}, step=step)
+        print("RUN_ID=" + run.run_id)
+""")
+
+
+@pytest.mark.slow
+def test_two_jobs_logging_to_one_server_at_once_lose_no_metric(mlflow_server, tmp_path, monkeypatch):
+    params = config.load(REPO / "params.yaml", "smoke")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    tracking.ensure_experiment(params)  # created once, before the jobs fan out
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    script = tmp_path / "job.py"
+    script.write_text(JOB.format(steps=STEPS))
+    jobs = [subprocess.Popen([sys.executable, str(script), str(REPO / "params.yaml"), method], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for method in ("lcm", "pcm")]
+    outputs = [j.communicate(timeout=300) for j in jobs]
+    for job, (out, err) in zip(jobs, outputs):
+        assert job.returncode == 0, err[-3000:]
+    run_ids = [line.split("=", 1)[1] for out, _ in outputs for line in out.splitlines() if line.startswith("RUN_ID=")]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    for run_id, method in zip(run_ids, ("lcm", "pcm")):
+        run = client.get_run(run_id)
+        assert run.data.tags["dcm.method"] == method and run.info.status == "FINISHED"
+        for key in ("loss", "grad_norm"):
+            history = client.get_metric_history(run_id, key)
+            assert sorted(m.step for m in history) == list(range(STEPS)), (method, key)
+        assert {m.value for m in client.get_metric_history(run_id, "grad_norm")} == {float(s) for s in range(STEPS)}

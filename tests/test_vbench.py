@@ -1,0 +1,277 @@
+"""The real-VBench backend on the parts that need no pretrained weights: its environment, the command
+line, vbench's results format, the missing-weights error and the VBench aggregation (METHODS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dcm.config import ConfigError
+from dcm.evaluation import vbench
+from dcm.evaluation.scoring import VBENCH, aggregate
+
+QUALITY = [d for d, dim in VBENCH.items() if dim.group == "quality"]
+SEMANTIC = [d for d, dim in VBENCH.items() if dim.group == "semantic"]
+
+
+def raw(dim: str, normalised: float) -> float:
+    """The raw VBench score whose normalised value is ``normalised``."""
+    d = VBENCH[dim]
+    return d.min + normalised * (d.max - d.min)
+
+
+def paper_teacher_inputs() -> dict[str, float]:
+    """Uneven per-dimension scores built to reproduce the paper's HunyuanVideo teacher row.
+
+    Normalised quality scores average (with dynamic degree at weight 0.5) to 0.8500 and semantic ones
+    to 0.7934; the last dimension of each group takes up the remainder.
+    """
+    q = {"subject_consistency": 0.95, "background_consistency": 0.97, "temporal_flickering": 0.93,
+         "motion_smoothness": 0.90, "dynamic_degree": 0.70, "aesthetic_quality": 0.62}
+    q["imaging_quality"] = 0.8500 * 6.5 - sum(v * VBENCH[d].weight for d, v in q.items())
+    s = {"object_class": 0.86, "multiple_objects": 0.70, "human_action": 0.94, "color": 0.91,
+         "spatial_relationship": 0.68, "scene": 0.60, "appearance_style": 0.72, "temporal_style": 0.77}
+    s["overall_consistency"] = 0.7934 * 9 - sum(s.values())
+    assert 0 <= q["imaging_quality"] <= 1 and 0 <= s["overall_consistency"] <= 1
+    return {d: raw(d, v) for d, v in {**q, **s}.items()}
+
+
+def write_results(path: Path, means: dict[str, float], videos: list[str]) -> Path:
+    """A results file in vbench 0.1.5's format: {dim: [mean, [{video_path, video_results, …}]]}."""
+    out = {}
+    for d, m in means.items():
+        per_video = []
+        for v in videos:
+            entry = {"video_path": v, "video_results": m}
+            if d == "human_action":
+                entry = {"video_path": v, "video_results": m >= 0.5, "cor_num_per_video": int(m >= 0.5)}
+            if d == "background_consistency":
+                entry.update({"video_sim": m * 7, "cnt_per_video": 7})
+            per_video.append(entry)
+        out[d] = [m, per_video]
+    path.write_text(json.dumps(out, indent=4))
+    return path
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def test_aggregation_reproduces_the_paper_teacher_row():
+    scores = aggregate(paper_teacher_inputs(), VBENCH)
+    assert round(100 * scores["quality"], 2) == 85.00
+    assert round(100 * scores["semantic"], 2) == 79.34
+    assert round(100 * scores["total"], 2) == 83.87  # (4·85.00 + 79.34)/5 = 83.868
+
+
+def test_aggregation_matches_a_hand_computation():
+    scores = {d: VBENCH[d].max for d in VBENCH}  # every dimension at its max: normalised 1
+    scores["motion_smoothness"] = 0.8    # (0.8 − 0.706)/(0.9975 − 0.706) = 0.32247
+    scores["dynamic_degree"] = 0.4       # weight 0.5 → contributes 0.2
+    scores["scene"] = 0.4111             # 0.4111/0.8222 = 0.5
+    scores["appearance_style"] = 0.0009  # at its min: 0
+    quality = (5 + (0.8 - 0.706) / (0.9975 - 0.706) + 0.5 * 0.4) / 6.5
+    semantic = (7 + 0.5 + 0) / 9
+    out = aggregate(scores, VBENCH)
+    assert out["quality"] == pytest.approx(quality, abs=1e-12)
+    assert out["semantic"] == pytest.approx(semantic, abs=1e-12)
+    assert out["total"] == pytest.approx((4 * quality + semantic) / 5, abs=1e-12)
+    # Q = (5 + 0.32247 + 0.2)/6.5 = 0.84961, S = 7.5/9 = 0.83333, Total = (4Q + S)/5 = 0.84636
+    assert (round(100 * out["quality"], 2), round(100 * out["semantic"], 2), round(100 * out["total"], 2)) == \
+        (84.96, 83.33, 84.64)
+
+
+def test_custom_input_summary_averages_the_scored_semantic_dimensions_and_names_the_rest():
+    dims = vbench.dimensions_for("custom_input")
+    assert set(QUALITY) <= set(dims) and not set(dims) & vbench.CUSTOM_UNSUPPORTED
+    means = {d: raw(d, 0.5) for d in dims}
+    means["human_action"] = 1.0
+    out = vbench.summarise(means)
+    assert out["quality"] == pytest.approx(0.5)
+    assert out["semantic"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)  # temporal_style, overall_consistency
+    assert sorted(out["dimensions_not_scored"]) == sorted(vbench.CUSTOM_UNSUPPORTED)
+
+
+# ------------------------------------------------------------------------------ results file
+
+
+def test_parse_results_reads_vbenchs_output_and_reproduces_the_paper_row(tmp_path):
+    means = paper_teacher_inputs()
+    videos = [str(tmp_path / f"a red square moves left-{k}.mp4") for k in range(2)]
+    path = write_results(tmp_path / "results_2025-01-01-00:00:00_eval_results.json", means, videos)
+    assert vbench.find_results(tmp_path) == path
+    parsed = vbench.parse_results(path)
+    assert set(parsed) == set(VBENCH)
+    assert parsed["human_action"][1][videos[0]] == 1.0  # bool per video → 0/1
+    out = vbench.summarise({d: parsed[d][0] for d in parsed})
+    assert (round(100 * out["total"], 2), round(100 * out["quality"], 2), round(100 * out["semantic"], 2)) == \
+        (83.87, 85.00, 79.34)
+    assert out["dimensions_not_scored"] == []
+
+
+def test_parse_results_rejects_an_unknown_dimension(tmp_path):
+    path = tmp_path / "x_eval_results.json"
+    path.write_text(json.dumps({"sharpness": [0.5, []]}))
+    with pytest.raises(ValueError, match="unknown VBench dimension 'sharpness'"):
+        vbench.parse_results(path)
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def test_missing_weights_are_listed_before_any_work(tmp_path):
+    (tmp_path / "clip_model").mkdir()
+    (tmp_path / "clip_model" / "ViT-B-32.pt").write_bytes(b"x")
+    dims = ["background_consistency", "temporal_flickering", "motion_smoothness", "temporal_style"]
+    with pytest.raises(ConfigError) as err:
+        vbench.check_weights(tmp_path, dims)
+    message = str(err.value)
+    assert "evaluation.vbench.weights_dir" in message
+    assert "amt_model/amt-s.pth" in message and "(for motion_smoothness)" in message
+    assert "ViCLIP/ViClip-InternVid-10M-FLT.pth" in message and "bpe_simple_vocab_16e6.txt.gz" in message
+    assert "ViT-B-32.pt" not in message  # present
+    assert vbench.check_weights(tmp_path, ["background_consistency", "temporal_flickering"]) == tmp_path
+
+
+def test_unset_weights_dir_and_unsupported_dimensions_fail_with_the_key():
+    with pytest.raises(ConfigError, match="evaluation.vbench.weights_dir"):
+        vbench.check_weights(None, ["temporal_flickering"])
+    with pytest.raises(ConfigError, match="evaluation.vbench.dimensions.*'color'.*not scorable"):
+        vbench.dimensions_for("custom_input", ["color"])
+    with pytest.raises(ConfigError, match="evaluation.vbench.dimensions.*'sharpness'"):
+        vbench.dimensions_for("standard", ["sharpness"])
+
+
+def test_run_checks_weights_before_touching_the_environment_or_the_videos(tmp_path):
+    cfg = SimpleNamespace(mode="custom_input", dimensions=[], weights_dir=str(tmp_path / "weights"),
+                          venv=str(tmp_path / "no-venv"), ngpus=1)
+    (tmp_path / "weights").mkdir()
+
+    def never(*a, **k):
+        raise AssertionError("vbench must not run")
+
+    with pytest.raises(ConfigError, match="missing:"):
+        vbench.run_vbench(cfg, [], tmp_path / "no-samples", tmp_path / "work", run=never)
+    assert not (tmp_path / "work").exists()
+
+
+# ------------------------------------------------------------------------------ invocation
+
+
+def test_command_line_is_vbench_launch_in_custom_input_mode_with_local_weights(tmp_path):
+    cmd = vbench.command(tmp_path / "venv", tmp_path / "videos", tmp_path / "out",
+                         ["subject_consistency", "dynamic_degree"], "custom_input", tmp_path / "prompts.json", 2)
+    assert cmd[:8] == [str(tmp_path / "venv/bin/python"), "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node", "2", "-m", "vbench.launch.evaluate"]
+    i = cmd.index("--dimension")
+    assert cmd[i + 1:i + 3] == ["subject_consistency", "dynamic_degree"]
+    assert cmd[cmd.index("--mode") + 1] == "custom_input"
+    assert cmd[cmd.index("--prompt_file") + 1] == str(tmp_path / "prompts.json")
+    # argparse type=bool: any string is True, so the flag is "True" and "False" is never passed
+    assert cmd[cmd.index("--load_ckpt_from_local") + 1] == "True" and "False" not in cmd
+    standard = vbench.command(tmp_path / "venv", tmp_path / "v", tmp_path / "o", ["scene"], "standard")
+    assert standard[standard.index("--mode") + 1] == "vbench_standard" and "--prompt_file" not in standard
+
+
+def test_environment_points_vbench_at_the_weights_and_keeps_hubs_offline(tmp_path):
+    env = vbench.environment(tmp_path, base={"PYTHONPATH": "/dcm/src", "PATH": "/usr/bin"})
+    assert env["VBENCH_CACHE_DIR"] == str(tmp_path.resolve())
+    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    assert "PYTHONPATH" not in env and env["PATH"] == "/usr/bin"
+
+
+def _samples(tmp_path: Path, prompts: list[str]) -> tuple[Path, list[dict]]:
+    samples = tmp_path / "samples" / "m"
+    samples.mkdir(parents=True)
+    rows = [{"prompt": p, "prompt_id": k, "seed": 10 + k} for k, p in enumerate(prompts)]
+    for i, r in enumerate(rows):
+        (samples / f"{i:03d}_{r['prompt_id']}_{r['seed']}.mp4").write_bytes(b"mp4")
+    return samples, rows
+
+
+def test_stage_videos_writes_vbench_prompt_file_and_standard_names(tmp_path):
+    samples, rows = _samples(tmp_path, ["a red square moves left", "a blue disc", "a red square moves left"])
+    videos, prompt_file, index = vbench.stage_videos(rows, samples, tmp_path / "custom", "custom_input")
+    prompts = json.loads(prompt_file.read_text())
+    assert sorted(prompts.values()) == sorted(r["prompt"] for r in rows)
+    assert all(Path(p).is_absolute() and Path(p).resolve().parent == samples.resolve() for p in prompts)
+    assert sorted(index.values()) == [0, 1, 2]
+    videos, prompt_file, index = vbench.stage_videos(rows, samples, tmp_path / "std", "standard")
+    assert prompt_file is None
+    assert sorted(p.name for p in videos.iterdir()) == ["a blue disc-0.mp4", "a red square moves left-0.mp4",
+                                                        "a red square moves left-1.mp4"]
+    assert index[str(videos / "a red square moves left-1.mp4")] == 2
+
+
+def test_run_vbench_invokes_the_venv_and_maps_per_video_scores_back_to_rows(tmp_path):
+    """The subprocess is replaced by a writer of vbench's output format; everything around it is real."""
+    samples, rows = _samples(tmp_path, ["p0", "p1"])
+    weights = tmp_path / "weights"
+    dims = ["temporal_flickering", "temporal_style"]
+    for f in vbench.WEIGHTS["temporal_style"]:
+        (weights / f).parent.mkdir(parents=True, exist_ok=True)
+        (weights / f).write_bytes(b"w")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    calls = []
+
+    def fake_vbench(cmd, env, cwd):
+        calls.append((cmd, env))
+        videos = Path(cmd[cmd.index("--videos_path") + 1])
+        prompt_map = json.loads(Path(cmd[cmd.index("--prompt_file") + 1]).read_text())
+        assert set(prompt_map) == {str(p) for p in videos.iterdir()}
+        out = Path(cmd[cmd.index("--output_path") + 1])
+        out.mkdir(parents=True)
+        paths = sorted(prompt_map)
+        results = {"temporal_flickering": [0.97, [{"video_path": p, "video_results": 0.96 + 0.02 * i}
+                                                  for i, p in enumerate(paths)]],
+                   "temporal_style": [0.2, [{"video_path": p, "video_results": 0.2} for p in paths]]}
+        (out / "results_2025_eval_results.json").write_text(json.dumps(results))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    cfg = SimpleNamespace(mode="custom_input", dimensions=dims, weights_dir=str(weights), venv=str(venv), ngpus=1)
+    means, per_row = vbench.run_vbench(cfg, rows, samples, tmp_path / "work", run=fake_vbench)
+    (cmd, env), = calls
+    assert cmd[0] == str(venv / "bin" / "python") and env["VBENCH_CACHE_DIR"] == str(weights.resolve())
+    assert means == {"temporal_flickering": 0.97, "temporal_style": 0.2}
+    assert [r["temporal_flickering"] for r in per_row] == pytest.approx([0.96, 0.98])
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def test_setup_creates_a_real_venv_and_installs_the_given_requirements(tmp_path):
+    """A real ``python -m venv`` and a real pip run, on a tiny requirements file instead of VBench's."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing to install: the test checks the mechanics, not VBench\n")
+    seen = []
+
+    def run(cmd, check):
+        seen.append(cmd)
+        return subprocess.run(cmd, check=check, capture_output=True)
+
+    venv = tmp_path / "vb"
+    py = vbench.create_env(venv, requirements, sys.executable, run=run, upgrade_pip=False)
+    assert py == venv / "bin" / "python" and py.exists()
+    assert seen[0][:3] == [sys.executable, "-m", "venv"]
+    assert seen[-1] == [str(py), "-m", "pip", "install", "-r", str(requirements.resolve())]
+    version = subprocess.run([str(py), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
+    assert Path(version.stdout.strip()).resolve() == venv.resolve()  # its own environment
+    stamp = json.loads((venv / vbench.STAMP_FILE).read_text())
+    assert stamp["requirements"] == str(requirements.resolve())
+    assert vbench.check_env(venv) == py
+
+
+def test_setup_uses_the_pinned_requirements_by_default(tmp_path):
+    cmds = vbench.setup_commands(tmp_path / "vb")
+    assert cmds[-1][-2:] == ["-r", str(vbench.REQUIREMENTS.resolve())]
+    pins = vbench.REQUIREMENTS.read_text()
+    for pin in ("vbench==0.1.5", "numpy==1.26.4", "transformers==4.33.2"):
+        assert pin in pins
+    with pytest.raises(ConfigError, match="dcm vbench setup"):
+        vbench.check_env(tmp_path / "missing")
