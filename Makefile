@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	$(VENV)/bin/dcm stages
-	$(VENV)/bin/dvc repro
+	@# one MLflow parent run for this pipeline execution; every stage run nests under it
+	@run_id=$$($(VENV)/bin/dcm pipeline-run); status=0; \
+	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro || status=$$?; \
+	$(VENV)/bin/dcm pipeline-run --finish "$$run_id" --exit-status $$status; exit $$status
 	@echo
 	@echo "== done =="
 	@echo "comparison table : reports/summary.md  (HTML: reports/index.html)"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,40 @@ def project(tmp_path, monkeypatch):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# Metrics keys that measure wall time (differ between any two runs); everything else is deterministic.
+TIMING_KEYS = {"latency_s"}
+
+
+def deterministic_metrics(folder: Path) -> dict[str, dict]:
+    """metrics/<method>.json of a run, less the wall-time keys, for comparing two runs of one DAG."""
+    return {f.stem: {k: v for k, v in json.loads(f.read_text()).items() if k not in TIMING_KEYS}
+            for f in sorted(Path(folder).glob("*.json"))}
+
+
+def run_dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run([str(bin_dir / "dvc"), *args], cwd=repo, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def dvc_smoke_repo(tmp_path_factory):
+    """A temporary git + DVC repo of this project with the smoke params, after one ``dvc repro``.
+
+    Returns (repo, stdout of that repro, its metrics less timing) -- the metrics are read right away,
+    so tests that change the repo afterwards don't affect what others compare against.
+    """
+    repo = tmp_path_factory.mktemp("dvc-smoke")
+    for name in ("Snakefile", "dvc.yaml", "workflow"):
+        src = REPO / name
+        shutil.copytree(src, repo / name) if src.is_dir() else shutil.copy(src, repo / name)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    run_dvc(repo, "init", "-q")
+    subprocess.run([str(Path(sys.executable).parent / "dcm"), "params", "--params", str(REPO / "params.yaml"),
+                    "--preset", "smoke", "-o", "params.yaml"], cwd=repo, check=True)
+    first = run_dvc(repo, "repro")
+    return repo, first.stdout, deterministic_metrics(repo / "metrics")

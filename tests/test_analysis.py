@@ -97,9 +97,9 @@ def test_probe_measures_each_index_alone_and_leaves_no_gradients(params, backbon
 
         def batch(self, rows, n, generator):
             s = torch.as_tensor(grid.extended, dtype=torch.float32)
-            at = (lambda i: s[i].view(-1, 1, 1, 1, 1))
-            return SourceBatch((1 - at(n + 1)) * self.x0 + at(n + 1) * self.eps,
-                               (1 - at(n)) * self.x0 + at(n) * self.eps, self.cond.index(rows))
+            hi, lo = s[n + 1].view(-1, 1, 1, 1, 1), s[n].view(-1, 1, 1, 1, 1)  # σ_n, σ_{n−1}
+            return SourceBatch((1 - hi) * self.x0 + hi * self.eps, (1 - lo) * self.x0 + lo * self.eps,
+                               self.cond.index(rows))
 
     student = copy.deepcopy(backbone.transformer).requires_grad_(True)
     loss, norm = dyn.probe(student, backbone, Source(), params, batch=2)
@@ -146,7 +146,7 @@ def test_lora_dete_is_merged_before_comparing_with_its_seme(tmp_path, backbone, 
         dual.dete_modules["condition_embedder"].time_proj.weight.mul_(1.5)
     save_dete(dual, method / "dete")
 
-    assert main_cli(["analyze", "params", str(method / "seme"), str(method / "dete"),
+    assert cli.main(["analyze", "params", str(method / "seme"), str(method / "dete"),
                      "--plot", str(tmp_path / "change.png"), "--json", str(tmp_path / "change.json")]) == 0
     groups = json.loads((tmp_path / "change.json").read_text())["groups"]
     assert groups["attention linears"]["relative_change"] > 0  # the merged LoRA
@@ -159,10 +159,6 @@ def test_lora_dete_is_merged_before_comparing_with_its_seme(tmp_path, backbone, 
     out = capsys.readouterr().out
     assert "| attention linears |" in out and "‖ΔW‖/‖W‖" in out
     assert (tmp_path / "change.png").stat().st_size > 0
-
-
-def main_cli(argv):
-    return cli.main(argv)
 
 
 def test_a_folder_that_is_no_checkpoint_is_refused_with_what_is_expected(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -136,22 +137,15 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(tmp_path):
+def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_smoke_repo):
     missing = _missing_stage_modules()
     if missing:
         pytest.skip(f"stage modules not written yet: {', '.join(missing)}")
-    for name in ("Snakefile", "dvc.yaml", "workflow"):
-        src = REPO / name
-        shutil.copytree(src, tmp_path / name) if src.is_dir() else shutil.copy(src, tmp_path / name)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    _dvc(tmp_path, "init", "-q")
-    subprocess.run([str(BIN / "dcm"), "params", "--params", str(REPO / "params.yaml"), "--preset", "smoke",
-                    "-o", "params.yaml"], cwd=tmp_path, check=True)
-    first = _dvc(tmp_path, "repro")
+    tmp_path, first_stdout, _ = dvc_smoke_repo
     params = config.load(tmp_path / "params.yaml")
     for s, m in dag.runs(params):
         for path in s.resolve(params, m)["outs"] + s.resolve(params, m)["metrics"]:
-            assert (tmp_path / path).exists(), (path, first.stdout[-2000:])
+            assert (tmp_path / path).exists(), (path, first_stdout[-2000:])
     again = _dvc(tmp_path, "repro")
     assert "Running stage" not in again.stdout
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
@@ -160,3 +154,16 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(tmp_
     changed = _dvc(tmp_path, "repro")
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
     assert ran == {"train_baseline@lcm", "sample@lcm", "evaluate@lcm", "report"}
+
+    # an experiment with another κ: only the expert split and what follows it re-run
+    subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "add", "-A"],
+                   cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "commit", "-qm", "smoke"],
+                   cwd=tmp_path, check=True)
+    kappa = raw["grid"]["kappa"] - 1
+    exp = _dvc(tmp_path, "exp", "run", "-S", f"grid.kappa={kappa}")
+    ran = set(re.findall(r"Running stage '([^']+)'", exp.stdout))
+    assert {"train_seme@dcm", "train_dete@dcm", "sample@dcm", "evaluate@dcm", "report"} <= ran, ran
+    assert not ran & {"prepare", "teacher", "trajectories", "train_baseline@lcm", "train_baseline@pcm"}, ran
+    shown = json.loads(_dvc(tmp_path, "exp", "show", "--json").stdout)
+    assert f'"kappa": {kappa}' in json.dumps(shown), "dvc exp show lists the experiment's κ"

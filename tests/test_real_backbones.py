@@ -54,7 +54,12 @@ def tiny_tokenizer(max_length: int = 512):
 
 
 def build_wan(folder: Path) -> None:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = tiny_tokenizer()

@@ -94,3 +94,21 @@ def test_two_jobs_logging_to_one_server_at_once_lose_no_metric(mlflow_server, tm
             history = client.get_metric_history(run_id, key)
             assert sorted(m.step for m in history) == list(range(STEPS)), (method, key)
         assert {m.value for m in client.get_metric_history(run_id, "grad_norm")} == {float(s) for s in range(STEPS)}
+
+
+def test_stage_runs_nest_under_the_pipeline_parent_run(monkeypatch, mlflow_sqlite):
+    from mlflow.tracking import MlflowClient
+
+    params = config.load(REPO / "params.yaml", "smoke")
+    parent = tracking.start_pipeline_run(params, "pipeline-test")
+    monkeypatch.setenv("DCM_PARENT_RUN_ID", parent)
+    monkeypatch.setenv("DVC_STAGE", "train_baseline@lcm")
+    with tracking.stage_run(params, "train_baseline", "lcm") as run:
+        run.metrics({"loss": 0.5}, step=0)
+        child = run.run_id
+    tracking.finish_pipeline_run(params, parent, 0)
+    client = MlflowClient(mlflow_sqlite)
+    tags = client.get_run(child).data.tags
+    assert tags["mlflow.parentRunId"] == parent and tags["dvc.stage"] == "train_baseline@lcm"
+    assert tags["dcm.method"] == "lcm"
+    assert client.get_run(parent).info.status == "FINISHED"

@@ -275,3 +275,53 @@ def test_setup_uses_the_pinned_requirements_by_default(tmp_path):
         assert pin in pins
     with pytest.raises(ConfigError, match="dcm vbench setup"):
         vbench.check_env(tmp_path / "missing")
+
+
+def test_evaluate_writes_the_shapes_bench_metrics_schema_from_vbench_output(project, tmp_path):
+    """The stage's vbench path end to end, with vbench's process replaced by a writer of its output."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from dcm import config
+
+    raw_params = config.load_raw("params.yaml", preset="smoke")
+    weights = tmp_path / "weights"
+    for f in {f for d in vbench.dimensions_for("custom_input") for f in vbench.WEIGHTS[d]}:
+        (weights / f).parent.mkdir(parents=True, exist_ok=True)
+        (weights / f).write_bytes(b"w")
+    (project / "venv" / "bin").mkdir(parents=True)
+    (project / "venv" / "bin" / "python").write_text("")
+    raw_params["evaluation"].update(backend="vbench", vbench={"venv": "venv", "weights_dir": str(weights)})
+    params = config.parse(raw_params)
+    rows = [{"prompt": f"prompt {i}", "prompt_id": i, "seed": i} for i in range(3)]
+    for m in ("teacher", "dcm"):
+        samples = project / "samples" / m
+        samples.mkdir(parents=True)
+        for i, r in enumerate(rows):
+            (samples / f"{i:03d}_{r['prompt_id']}_{r['seed']}.mp4").write_bytes(b"mp4")
+        video = np.zeros((3, 3, 4, 8, 8), np.float16) + (0.1 if m == "dcm" else 0.0)
+        save_file({"videos": video}, str(samples / "videos.safetensors"))
+        (samples / "samples.json").write_text(json.dumps({"num_steps": 4, "nfe": 4, "seconds_per_video": 0.5,
+                                                          "rows": rows}))
+
+    seen = []
+
+    def fake_vbench(cmd, env, cwd):
+        seen.append(cmd)
+        out = Path(cmd[cmd.index("--output_path") + 1])
+        out.mkdir(parents=True)
+        prompt_map = json.loads(Path(cmd[cmd.index("--prompt_file") + 1]).read_text())
+        dims = cmd[cmd.index("--dimension") + 1:cmd.index("--mode")]
+        write_results(out / "results_x_eval_results.json", {d: raw(d, 0.8) for d in dims}, sorted(prompt_map))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    metrics = vbench.evaluate(params, "dcm", None, run=fake_vbench)
+    assert seen[0][0] == str((project / "venv" / "bin" / "python").absolute())  # vbench runs elsewhere
+    for key in ("method", "backend", "steps", "nfe", "latency_s", "dimensions", "quality", "semantic", "total",
+                "total_ci95", "diff_vs_teacher", "psnr_vs_teacher", "per_row"):
+        assert key in metrics, key
+    assert metrics["backend"] == "vbench" and metrics["quality"] == pytest.approx(0.8)
+    row_total = (4 * 0.8 + (1.0 + 0.8 + 0.8) / 3) / 5  # human_action per video is correct-or-not: 1
+    assert len(metrics["per_row"]) == 3 and all(r["total"] == pytest.approx(row_total) for r in metrics["per_row"])
+    assert sorted(metrics["dimensions_not_scored"]) == sorted(vbench.CUSTOM_UNSUPPORTED)
+    assert 10 < metrics["psnr_vs_teacher"] < 60

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="run a stage through the configured launcher (local|slurm|debug)")
     launch.add_argument("stage", choices=list(STAGES))
     launch.add_argument("--method", default=None)
+    launch.add_argument("--methods", default=None, help="several methods of a per-method stage at once: a "
+                        "comma list or 'all'; with launcher: slurm one job array")
     _add_params_args(launch)
 
     show = sub.add_parser("params", help="print the validated params (with a preset overlay) as YAML")
@@ -62,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("b", help="changed checkpoint (W + ΔW)")
     diff.add_argument("--plot", default="param_change.png", help="bar plot path (default: param_change.png)")
     diff.add_argument("--json", default=None, help="also write the table as JSON here")
+
+    pipeline = sub.add_parser("pipeline-run", help="open the MLflow parent run of one pipeline execution and "
+                              "print its id: export DCM_PARENT_RUN_ID=$(dcm pipeline-run) before dvc repro")
+    _add_params_args(pipeline)
+    pipeline.add_argument("--name", default=None, help="run name (default: pipeline-<experiment>)")
+    pipeline.add_argument("--finish", default=None, metavar="RUN_ID", help="close that parent run instead")
+    pipeline.add_argument("--exit-status", type=int, default=0, help="with --finish: the pipeline's exit status")
 
     ablations = sub.add_parser("ablations", help="train, sample and evaluate the opt-in ablation rows "
                                "(after the default DAG), then rebuild the report")
@@ -116,6 +125,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             runs = s.methods(params, include_ablations=True) if s.per_method else ["-"]
             print(f"{s.name:<15} {', '.join(runs)}")
         return 0
+    if args.command == "pipeline-run":
+        from dcm import tracking
+
+        if args.finish:
+            tracking.finish_pipeline_run(params, args.finish, args.exit_status)
+        else:
+            print(tracking.start_pipeline_run(params, args.name) or "")
+        return 0
     if args.command == "ablations":
         rows = [m for m, c in params.methods.items() if c.ablation]
         for stage in stages.STAGES.values():
@@ -131,6 +148,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch":
         from dcm import launch
 
+        if args.methods:
+            if args.method:
+                raise config.ConfigError("--method", args.method, "either --method or --methods, not both")
+            methods = launch.resolve_methods(params, args.stage, args.methods)
+            return launch.launch_array(params, args.stage, methods, params_path=args.params, preset=args.preset)
         return launch.launch(params, args.stage, args.method, params_path=args.params, preset=args.preset)
     raise AssertionError(args.command)
 

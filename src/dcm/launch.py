@@ -139,6 +139,47 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
     raise ConfigError("launcher", params.launcher, "one of local, slurm, debug")
 
 
+def resolve_methods(params: Params, stage: str, methods: str) -> list[str]:
+    """``--methods lcm,pcm`` or ``--methods all`` (every default-DAG method of the stage), checked."""
+    from dcm import stages
+
+    row = stages.get(stage)
+    allowed = row.methods(params, include_ablations=True)
+    if not row.per_method:
+        raise ConfigError("--methods", methods, f"stage {stage} takes no method")
+    names = row.methods(params) if methods == "all" else [m for m in methods.split(",") if m]
+    unknown = [m for m in names if m not in allowed]
+    if unknown or not names:
+        raise ConfigError("--methods", methods, f"'all' or a comma list of {allowed}")
+    return names
+
+
+def launch_array(params: Params, stage: str, methods: list[str], params_path: str = "params.yaml",
+                 preset: str | None = None) -> int:
+    """One stage for several methods: a SLURM job array (one task per method), or one after another."""
+    from dcm import stages
+
+    stage_row = stages.get(stage)
+    if params.launcher != "slurm":
+        return max((launch(params, stage, m, params_path, preset) for m in methods), default=0)
+    use_preempt_signal()
+    resources = dag.load_resources(stage)
+    executor = submitit.AutoExecutor(folder=Path.cwd() / LOG_FOLDER, cluster="slurm")
+    executor.update_parameters(**slurm_parameters(resources, f"dcm-{stage}-array"))
+    workdir, path = str(Path.cwd()), str(Path(params_path).resolve())
+    for m in methods:  # the whole array is checked before anything is submitted
+        if params.method(m).kind not in stage_row.method_kinds:
+            raise ConfigError("--methods", m, f"a method of kind {list(stage_row.method_kinds)}")
+    with executor.batch():
+        jobs = [executor.submit(StageJob(stage, m, path, preset, workdir)) for m in methods]
+    print(f"dcm launch: {stage} for {methods} submitted as SLURM job array {jobs[0].job_id.split('_')[0]}; "
+          f"logs: {Path(str(jobs[0].paths.stdout)).parent}", file=sys.stderr, flush=True)
+    statuses = [_wait(job, stream=False) for job in jobs]
+    for m, status in zip(methods, statuses):
+        print(f"dcm launch: {stage}[{m}] {'done' if status == 0 else 'FAILED'}", file=sys.stderr)
+    return max(statuses)
+
+
 class _LogFollower:
     """Prints what a file gained since the last look (the job's log, while it runs)."""
 

@@ -62,6 +62,32 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def start_pipeline_run(params: Params, name: str | None = None) -> str | None:
+    """Create the parent run of one pipeline execution (its stage runs nest under it through
+    DCM_PARENT_RUN_ID) and the experiment, before any job fans out; returns the run id."""
+    if not enabled():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = ensure_experiment(params)
+    tags = {"dcm.stage": "pipeline", "dcm.experiment": params.experiment}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    tags.update({tag: os.environ[var] for var, tag in _ENV_TAGS.items()
+                 if os.environ.get(var) and var != "DCM_PARENT_RUN_ID"})
+    run = MlflowClient(tracking_uri(params)).create_run(experiment_id, run_name=name or f"pipeline-{params.experiment}",
+                                                        tags=tags)
+    return run.info.run_id
+
+
+def finish_pipeline_run(params: Params, run_id: str, exit_status: int = 0) -> None:
+    if enabled() and run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri(params)).set_terminated(run_id, "FINISHED" if exit_status == 0 else "FAILED")
+
+
 class StageRun:
     """Handle a stage logs through; a no-op when tracking is off."""
 

@@ -288,10 +288,11 @@ def run_vbench(cfg, rows: Sequence[dict], samples_dir: str | os.PathLike, work_d
     dimensions = dimensions_for(cfg.mode, cfg.dimensions)
     table_for(dimensions)
     weights = check_weights(cfg.weights_dir, dimensions)
-    check_env(cfg.venv)
+    check_env(os.path.expanduser(cfg.venv))
     videos, prompt_file, index = stage_videos(rows, samples_dir, work_dir, cfg.mode)
     out = Path(work_dir).resolve() / "results"
-    cmd = command(cfg.venv, videos, out, dimensions, cfg.mode, prompt_file, cfg.ngpus)
+    venv = Path(os.path.expanduser(cfg.venv)).absolute()  # vbench runs in work_dir: no relative paths
+    cmd = command(venv, videos, out, dimensions, cfg.mode, prompt_file, cfg.ngpus)
     print("+", " ".join(cmd), flush=True)
     result = run(cmd, env=environment(weights), cwd=str(work_dir))
     if result.returncode != 0:

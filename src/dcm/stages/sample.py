@@ -60,6 +60,7 @@ def _experts(params: Params, method: str, backbone) -> tuple[dict, dict]:
         return load_method_experts(params, method, backbone), {}
     folder = paths.checkpoint(m.checkpoint_from or method) / "transformer"
     student = type(backbone.transformer).from_pretrained(folder).eval().requires_grad_(False)
+    student.to(next(backbone.transformer.parameters()).device)
     return {"student": student_velocity(backbone, student)}, {}
 
 
@@ -68,7 +69,8 @@ def run(params: Params, method: str) -> None:
     if missing:
         raise ConfigError(f"sample --method {method}", missing, "existing inputs: run the upstream stages first")
     rows = io.read_json(paths.PROMPTS)["eval"]
-    backbone = load_teacher(params, paths.TEACHER)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_teacher(params, paths.TEACHER).to(device)
     steps = schedule_for(params, method)
     latent_shape = backbone.video_latent_shape(params)
     experts, forwards = _experts(params, method, backbone)
@@ -76,15 +78,17 @@ def run(params: Params, method: str) -> None:
     with tracking.stage_run(params, "sample", method) as run_, io.atomic_dir(paths.samples(method)) as out:
         for start in tqdm(range(0, len(rows), BATCH), desc=f"sample[{method}]", unit="batch"):
             chunk = rows[start:start + BATCH]
-            noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in chunk])
+            noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in chunk]).to(device)
             cond = backbone.encode_prompts([r["prompt"] for r in chunk])
             t0 = time.perf_counter()
             with torch.no_grad():
                 x = sample(experts, steps, noise, cond)
                 video = backbone.decode_latents(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
-            latents.append(x)
-            videos.append(video)
+            latents.append(x.cpu())
+            videos.append(video.cpu())
         latents_t, videos_t = torch.cat(latents), torch.cat(videos)
         for i, (row, video) in enumerate(zip(rows, videos_t)):
             write_mp4(out / f"{i:03d}_{row['prompt_id']}_{row['seed']}.mp4", video)
