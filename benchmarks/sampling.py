@@ -9,8 +9,13 @@ Weights: run from a project folder; each method uses its trained weights when pr
 (``models/teacher``, ``checkpoints/<m>/transformer``, ``checkpoints/<dcm>/{seme,dete}``) and otherwise
 a random-init network of the same architecture — the cost of a forward does not depend on the weight
 values.  A DCM without trained experts is SemE = a copy of the teacher plus a LoRA DetE built by
-``make_dete`` (rank/alpha from params) with random adapter weights, routed per sample by σ_κ exactly
-as the trained one.  Each line says which weights it used.
+``make_dete`` (rank/alpha from params) with random adapter weights.  The ``dcm`` row samples as the
+``sample`` stage does (``merge_experts``: each expert a plain transformer, LoRA merged);
+``--routed`` adds the per-sample routing wrapper.  Each line says which weights it used.
+
+A CFG teacher counts 2 NFE per step but runs them as one doubled-batch forward, which costs less
+than two forwards on most hardware: the teacher's time per NFE is lower than a student's, and so X
+below stays under 1 for every few-step student alike (compare the LCM line), switching or not.
 
 Prints per method: median s/video, NFE, speedup = t(teacher-50) / t(method); for DCM-4 a line
 ``efficiency: X`` with X = speedup / (NFE_teacher / NFE_dcm): 1 means the expert switching costs
@@ -45,7 +50,7 @@ def teacher_backbone(params):
     return backbone, "random-init"
 
 
-def experts_for(params, method: str, backbone):
+def experts_for(params, method: str, backbone, routed: bool | None = None):
     """(velocity functions per expert name, forwards per step per expert, which weights)."""
     m = params.method(method)
     if m.kind == "teacher":
@@ -55,8 +60,11 @@ def experts_for(params, method: str, backbone):
     if m.kind == "dcm":
         from dcm.distill.experts import load_method_experts, make_dete, sigma_kappa
 
+        merged = m.merge_experts if routed is None else not routed
+        form = "merged per expert" if merged else "routed SemE+DetE wrapper"
         if (paths.checkpoint(source, "dete") / "expert.json").is_file():
-            return load_method_experts(params, method, backbone), {}, f"trained (checkpoints/{source})"
+            return (load_method_experts(params, method, backbone, merged=merged), {},
+                    f"trained (checkpoints/{source}), {form}")
         dete = params.method(source).dete
         rank, alpha = (dete.lora_rank, dete.lora_alpha) if dete and dete.lora_rank > 0 else (16, 32.0)
         dual = make_dete(copy.deepcopy(backbone.transformer), backbone, rank, alpha,
@@ -66,8 +74,11 @@ def experts_for(params, method: str, backbone):
                 if "lora_B" in name:
                     p.normal_(0, 0.01)
         dual = dual.requires_grad_(False).eval()
+        weights = f"random-init LoRA DetE r={rank} on the teacher's weights, {form}"
+        if merged:
+            return {e: student_velocity(backbone, dual.materialize(e).eval()) for e in ("seme", "dete")}, {}, weights
         velocity = student_velocity(backbone, dual)
-        return {"seme": velocity, "dete": velocity}, {}, f"random-init LoRA DetE r={rank} on the teacher's weights"
+        return {"seme": velocity, "dete": velocity}, {}, weights
     folder = paths.checkpoint(source) / "transformer"
     if folder.is_dir():
         model = type(backbone.transformer).from_pretrained(folder).eval().requires_grad_(False)
@@ -75,14 +86,6 @@ def experts_for(params, method: str, backbone):
     else:
         model, weights = copy.deepcopy(backbone.transformer).eval(), "random-init (teacher copy)"
     return {"student": student_velocity(backbone, model)}, {}, weights
-
-
-def _dual_of(velocity):
-    """The DualExpert behind a ``student_velocity`` closure."""
-    from dcm.distill.experts import DualExpert
-
-    cells = [c.cell_contents for c in velocity.__closure__ or ()]
-    return next(c for c in cells if isinstance(c, DualExpert))
 
 
 def main() -> None:
@@ -93,8 +96,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per method (median)")
     ap.add_argument("--batch", type=int, default=4, help="videos per sampler call")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--merged", action="store_true", help="also time DCM with each expert materialised as a "
-                    "plain transformer (LoRA merged): separates routing/adapter overhead from the forwards")
+    ap.add_argument("--routed", action="store_true", help="also time DCM through the routed SemE+DetE wrapper "
+                    "(one set of weights, adapter toggled per forward) beside the merged experts `sample` uses")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = config.load(args.params, args.preset)
@@ -123,12 +126,10 @@ def main() -> None:
         return (time.perf_counter() - t0) / args.batch
 
     dcm = next((m for m in methods if params.method(m).kind == "dcm"), None)
-    if dcm and args.merged:  # the same two experts as plain transformers (LoRA merged), switched by the schedule
-        model = _dual_of(runs[dcm]["experts"]["seme"])
-        runs[f"{dcm}-merged"] = {**runs[dcm], "times": [], "weights": runs[dcm]["weights"] + ", merged per expert",
-                                 "experts": {e: student_velocity(backbone, model.materialize(e).eval())
-                                             for e in ("seme", "dete")}}
-        methods.append(f"{dcm}-merged")
+    if dcm and args.routed:  # the same two experts through the per-sample routing wrapper
+        experts, _, weights = experts_for(params, dcm, backbone, routed=True)
+        runs[f"{dcm}-routed"] = {**runs[dcm], "times": [], "weights": weights, "experts": experts}
+        methods.append(f"{dcm}-routed")
     for m in methods:  # warm-up: allocator, kernels, lazily built modules
         call(m)
     for _ in range(args.repeats):

@@ -188,3 +188,61 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
     steps = schedule.expert_schedule(grid, params.grid.kappa, params.methods["dcm"].sample_steps)
     x = sample(experts, steps, latents(backbone, params, 1), backbone.encode_prompts([PROMPT]))
     assert torch.isfinite(x).all()
+
+
+def test_export_loads_with_stock_diffusers_and_peft_and_samples_like_dcm(backbone, params, grid, tmp_path):
+    """The exported folder, read with diffusers + peft only (no dcm model code), gives dcm's 4-step samples."""
+    import json as json_
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from dcm.export import export_dual_expert
+    from dcm.sampling import student_velocity
+
+    dual = build(backbone, grid, params)
+    perturb_dete(dual)
+    dual = dual.requires_grad_(False).eval()
+    steps = schedule.expert_schedule(grid, params.grid.kappa, 4)
+    out = export_dual_expert(dual, steps, tmp_path / "export", "dcm")
+
+    seme = WanTransformer3DModel.from_pretrained(out / "transformer").eval()
+    dete = WanTransformer3DModel.from_pretrained(out / "transformer")
+    missing, unexpected = dete.load_state_dict(load_file(out / "dete_timestep_layers.safetensors"), strict=False)
+    assert not unexpected
+    dete = PeftModel.from_pretrained(dete, out / "dete_lora").eval()
+    plan = json_.loads((out / "student_schedule.json").read_text())
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
+    scheduler.set_timesteps(sigmas=[s["sigma"] for s in plan["steps"]])
+    assert [s["expert"] for s in plan["steps"]] == ["seme", "seme", "dete", "dete"]
+
+    noise = latents(backbone, params, 2)
+    cond = backbone.encode_prompts([PROMPT, "a blue striped square moves up slowly"])
+    x = noise.clone()
+    with torch.no_grad():
+        for step, t in zip(plan["steps"], scheduler.timesteps):
+            model = seme if step["expert"] == "seme" else dete
+            v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=cond.hidden,
+                      return_dict=False)[0]
+            x = scheduler.step(v, t, x).prev_sample
+    ours = sample({"seme": student_velocity(backbone, dual), "dete": student_velocity(backbone, dual)},
+                  steps, noise, cond)
+    torch.testing.assert_close(x, ours, rtol=1e-4, atol=1e-4)
+    seme_only = sample({"seme": student_velocity(backbone, dual.materialize("seme"))},
+                       [schedule.SamplingStep(s.sigma, "seme") for s in steps], noise, cond)
+    assert not torch.allclose(ours, seme_only, atol=1e-3)  # DetE really took the last two steps
+
+
+def test_merged_experts_sample_like_the_routed_dual_expert(backbone, params, grid):
+    from dcm.sampling import student_velocity
+
+    dual = build(backbone, grid, params)
+    perturb_dete(dual)
+    dual = dual.requires_grad_(False).eval()
+    steps = schedule.expert_schedule(grid, params.grid.kappa, 4)
+    noise, cond = latents(backbone, params, 2), backbone.encode_prompts([PROMPT, PROMPT])
+    routed = sample({e: student_velocity(backbone, dual) for e in ("seme", "dete")}, steps, noise, cond)
+    merged = sample({e: student_velocity(backbone, dual.materialize(e).eval()) for e in ("seme", "dete")},
+                    steps, noise, cond)
+    torch.testing.assert_close(merged, routed, rtol=1e-4, atol=1e-4)

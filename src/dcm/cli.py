@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--plot", default="param_change.png", help="bar plot path (default: param_change.png)")
     diff.add_argument("--json", default=None, help="also write the table as JSON here")
 
+    export = sub.add_parser("export", help="write a trained dcm method as a folder stock diffusers + peft load "
+                            "(transformer, LoRA, copied timestep layers, scheduler, the student schedule)")
+    _add_params_args(export)
+    export.add_argument("--method", default="dcm", help="a method of kind dcm (default: dcm)")
+    export.add_argument("--out", default=None, help="output folder (default: export/<method>)")
+
     pipeline = sub.add_parser("pipeline-run", help="open the MLflow parent run of one pipeline execution and "
                               "print its id: export DCM_PARENT_RUN_ID=$(dcm pipeline-run) before dvc repro")
     _add_params_args(pipeline)
@@ -124,6 +130,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         for s in stages.STAGES.values():
             runs = s.methods(params, include_ablations=True) if s.per_method else ["-"]
             print(f"{s.name:<15} {', '.join(runs)}")
+        return 0
+    if args.command == "export":
+        from dcm.export import export
+
+        print(f"exported {args.method} -> {export(params, args.method, args.out)}")
         return 0
     if args.command == "pipeline-run":
         from dcm import tracking

@@ -183,6 +183,9 @@ class MethodConfig:
     dete: ExpertConfig | None = None
     mcm: McmConfig | None = None  # kind mcm (defaults when omitted)
     checkpoint_from: str | None = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
+    # dcm sampling: each expert as a plain transformer (DetE's LoRA merged into a copy: 2x weights in
+    # memory, no adapter toggling per forward); false: the routed SemE+DetE wrapper (one set of weights)
+    merge_experts: bool = True
     ablation: bool = False  # opt-in rows: not part of the default DAG
 
 

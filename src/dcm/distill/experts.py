@@ -304,16 +304,21 @@ def load_dual_expert(seme_dir: str | Path, dete_dir: str | Path, backbone: Backb
     return dual.requires_grad_(False).eval().to(device)
 
 
-def load_method_experts(params, method: str, backbone: Backbone) -> dict:
+def load_method_experts(params, method: str, backbone: Backbone, merged: bool | None = None) -> dict:
     """Velocity functions for ``schedule.expert_schedule`` steps of a dcm-kind method.
 
-    Both names map to the same ``DualExpert``: it routes every sample by its own σ, so "seme" and
-    "dete" steps of the schedule reach SemE and DetE through σ_κ (checkpoint_from is honoured).
+    merged (default: ``methods.<m>.merge_experts``): each name is its expert as a plain transformer
+    (``materialize``: DetE's LoRA merged into a copy), so a step costs one forward of an ordinary
+    model.  Otherwise both names map to the same ``DualExpert``, which routes every sample by its own
+    σ through σ_κ: one set of weights in memory.  checkpoint_from is honoured.
     """
     from dcm import paths
     from dcm.sampling import student_velocity
 
     source = params.method(method).checkpoint_from or method
     dual = load_dual_expert(paths.checkpoint(source, "seme"), paths.checkpoint(source, "dete"), backbone)
+    if params.method(method).merge_experts if merged is None else merged:
+        return {e: student_velocity(backbone, dual.materialize(e).eval().requires_grad_(False))
+                for e in ("seme", "dete")}
     velocity = student_velocity(backbone, dual)
     return {"seme": velocity, "dete": velocity}
