@@ -191,7 +191,7 @@ def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weigh
         os.chdir(here)
 
     # the same run as a SLURM job, preempted with SIGUSR1 once it has checkpointed
-    params = config.load("params.yaml")
+    assert config.load("params.yaml").launcher == "slurm"
     signal_name = launch.use_preempt_signal()
     assert signal_name == "USR1"
     resources = launch.dag.load_resources("train_baseline")

@@ -80,7 +80,7 @@ def test_two_jobs_logging_to_one_server_at_once_lose_no_metric(mlflow_server, tm
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for method in ("lcm", "pcm")]
     outputs = [j.communicate(timeout=300) for j in jobs]
-    for job, (out, err) in zip(jobs, outputs):
+    for job, (_out, err) in zip(jobs, outputs):
         assert job.returncode == 0, err[-3000:]
     run_ids = [line.split("=", 1)[1] for out, _ in outputs for line in out.splitlines() if line.startswith("RUN_ID=")]
 
