@@ -112,3 +112,17 @@ def test_stage_runs_nest_under_the_pipeline_parent_run(monkeypatch, mlflow_sqlit
     assert tags["mlflow.parentRunId"] == parent and tags["dvc.stage"] == "train_baseline@lcm"
     assert tags["dcm.method"] == "lcm"
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_report_children_are_in_the_parents_experiment(mlflow_sqlite):
+    from mlflow.tracking import MlflowClient
+
+    params = config.load(REPO / "params.yaml", "smoke")
+    with tracking.stage_run(params, "report") as run:
+        run.child("lcm", {"total": 0.5}, {"dcm.method": "lcm"})
+        parent = run.run_id
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert [c.info.run_name for c in children] == ["lcm"]
+    assert children[0].data.metrics["total"] == 0.5

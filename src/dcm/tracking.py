@@ -115,7 +115,9 @@ class StageRun:
     def child(self, name: str, metrics: Mapping[str, float], tags: Mapping[str, Any] | None = None) -> None:
         """A nested run under this one (the report: one child per method, compared in the MLflow UI)."""
         if self._mlflow is not None:
-            with self._mlflow.start_run(run_name=name, nested=True, tags={k: str(v) for k, v in (tags or {}).items()}):
+            parent = self._mlflow.active_run()  # same experiment as the parent (not MLflow's Default)
+            with self._mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id,
+                                        tags={k: str(v) for k, v in (tags or {}).items()}):
                 self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def tags(self, values: Mapping[str, Any]) -> None:
