@@ -356,3 +356,7 @@ def test_mcm_trains_samples_and_evaluates_through_the_stage_table(smoke, monkeyp
     assert dcm_run("evaluate", "mcm") in (0, None)
     metrics = json.loads(paths.metrics("mcm").read_text())
     assert metrics["method"] == "mcm" and metrics["steps"] == 4 and np.isfinite(metrics["total"])
+    for dim, (lo, hi) in metrics["dimensions_ci95"].items():  # per-dimension intervals, paired differences
+        assert lo <= metrics["dimensions"][dim] + 1e-12 and metrics["dimensions"][dim] <= hi + 1e-12, dim
+        diff = metrics["diff_vs_teacher"][dim]
+        assert diff["ci95"][0] <= diff["mean"] + 1e-12 <= diff["ci95"][1] + 2e-12, dim

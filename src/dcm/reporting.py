@@ -61,6 +61,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dimension_table(metrics: dict[str, dict], order: list[str]) -> str:
+    """Per-dimension means ×100 with their 95% bootstrap interval where the metrics carry one."""
+    dims = list(next(iter(metrics.values())).get("dimensions", {})) if metrics else []
+    lines = ["| method | " + " | ".join(d.replace("_", " ") for d in dims) + " |", "|" + "---|" * (len(dims) + 1)]
+    for name in order:
+        m = metrics[name]
+        cells = []
+        for d in dims:
+            ci = m.get("dimensions_ci95", {}).get(d)
+            value = m["dimensions"].get(d)
+            cells.append("" if value is None else f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+                                                                        if ci else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bar_plot(rows: list[dict], path: Path, title: str) -> Path:
     """Total with 95% bootstrap intervals, Quality and Semantic per method."""
     names = [r["method"] for r in rows]

@@ -59,19 +59,32 @@ class PromptEncoder(ModelMixin, ConfigMixin):
         return h.masked_fill(pad, 0.0)  # padding carries no signal: the null prompt is all zeros
 
 
-class PixelCodec:
-    """Lossless stand-in for a VAE: (B, 3, T, H, W) ↔ (B, 3·f², T, H/f, W/f) by pixel (un)shuffle."""
+# Pixel statistics of shapes-world videos in [-1, 1] (dark-grey background, an 11 px object):
+# mean -0.39, std 0.22.  Like a VAE's latents_mean / latents_std (Wan) the codec normalises with
+# them, so latents have unit scale: un-normalised, x0 (std 0.22) drowns in ε (std 1) already at
+# σ ≈ 0.2, most of the σ range carries no signal and the teacher never learns layout.
+LATENT_MEAN = -0.39
+LATENT_STD = 0.22
 
-    def __init__(self, factor: int):
+
+class PixelCodec:
+    """Stand-in for a VAE: (B, 3, T, H, W) ↔ (B, 3·f², T, H/f, W/f) by pixel (un)shuffle, normalised
+    to (x − mean) / std; exact up to float rounding."""
+
+    def __init__(self, factor: int, mean: float = 0.0, std: float = 1.0):
         self.factor = factor
+        self.mean = float(mean)
+        self.std = float(std)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = video.shape
         frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         z = F.pixel_unshuffle(frames, self.factor)
-        return z.reshape(b, t, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+        z = z.reshape(b, t, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+        return (z - self.mean) / self.std
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents * self.std + self.mean
         b, c, t, h, w = latents.shape
         frames = latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         x = F.pixel_shuffle(frames, self.factor)
@@ -85,10 +98,10 @@ class ToyBackbone(Backbone):
     timestep_layer_names = ("condition_embedder", "scale_shift_table", "norm_out", "proj_out")
 
     def __init__(self, transformer: WanTransformer3DModel, prompt_encoder: PromptEncoder, codec_factor: int,
-                 guidance_scale: float = 4.0):
+                 guidance_scale: float = 4.0, latent_mean: float = LATENT_MEAN, latent_std: float = LATENT_STD):
         self.transformer = transformer
         self.prompt_encoder = prompt_encoder
-        self.codec = PixelCodec(codec_factor)
+        self.codec = PixelCodec(codec_factor, latent_mean, latent_std)
         self.guidance_scale = guidance_scale
 
     # --------------------------------------------------------------------------- construction
@@ -116,13 +129,16 @@ class ToyBackbone(Backbone):
         transformer = WanTransformer3DModel.from_pretrained(path / "transformer")
         encoder = PromptEncoder.from_pretrained(path / "prompt_encoder")
         scale = meta["guidance_scale"] if guidance_scale is None else guidance_scale
-        return cls(transformer, encoder, meta["codec_factor"], scale)
+        # a folder saved before the codec normalised its latents: identity normalisation
+        return cls(transformer, encoder, meta["codec_factor"], scale,
+                   meta.get("latent_mean", 0.0), meta.get("latent_std", 1.0))
 
     def save(self, path: str | Path, transformer: nn.Module | None = None) -> None:
         path = Path(path)
         (transformer or self.transformer).save_pretrained(path / "transformer")
         self.prompt_encoder.save_pretrained(path / "prompt_encoder")
-        meta = {"family": self.family, "codec_factor": self.codec.factor, "guidance_scale": self.guidance_scale}
+        meta = {"family": self.family, "codec_factor": self.codec.factor, "guidance_scale": self.guidance_scale,
+                "latent_mean": self.codec.mean, "latent_std": self.codec.std}
         (path / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     # --------------------------------------------------------------------------- protocol

@@ -62,15 +62,24 @@ def _shapes_bench_metrics(params: Params, method: str) -> dict:
     summary = aggregate(dims, SHAPES_BENCH)
     totals = _totals(scores)
     n, seed = params.evaluation.bootstrap, params.seed
-    teacher_totals = totals if method == TEACHER else _totals(_row_scores(params, TEACHER, rows))
+    teacher_scores = scores if method == TEACHER else _row_scores(params, TEACHER, rows)
+    teacher_totals = _totals(teacher_scores)
     diff = totals - teacher_totals
+
+    def per_dimension_diff(d: str) -> dict:  # paired: the same (prompt, seed) rows as the teacher
+        delta = np.array([s[d] - t[d] for s, t in zip(scores, teacher_scores)])
+        return {"mean": float(delta.mean()), "ci95": list(bootstrap(delta, np.mean, n, seed))}
+
     videos, teacher_videos = _videos(method), _videos(TEACHER)
     psnrs = [psnr(v, t) for v, t in zip(videos, teacher_videos)]
     metrics = {
         "method": method, "backend": "shapes-bench", "steps": record["num_steps"], "nfe": record["nfe"],
         "latency_s": record["seconds_per_video"], "dimensions": dims, **summary,
         "total_ci95": list(bootstrap(totals, np.mean, n, seed)),
-        "diff_vs_teacher": {"total": {"mean": float(diff.mean()), "ci95": list(bootstrap(diff, np.mean, n, seed))}},
+        "dimensions_ci95": {d: list(bootstrap(np.array([s[d] for s in scores]), np.mean, n, seed))
+                            for d in SHAPES_BENCH},
+        "diff_vs_teacher": {"total": {"mean": float(diff.mean()), "ci95": list(bootstrap(diff, np.mean, n, seed))},
+                            **{d: per_dimension_diff(d) for d in SHAPES_BENCH}},
         "psnr_vs_teacher": float(np.mean(psnrs)) if np.all(np.isfinite(psnrs)) else None,
         "match_rate": float(np.mean([s["object_class"] * s["color"] * s["motion_direction"] for s in scores])),
         "per_row": [{"prompt": r["prompt"], "seed": r["seed"], "total": float(t), **s}

@@ -43,6 +43,9 @@ def run(params: Params) -> None:
         reporting.dimension_plot(metrics, main_rows, out / "dimensions.png")
         sections.append(("Scores", "<img src='scores.png'><img src='dimensions.png'>"))
         md += ["![scores](scores.png)", "![dimensions](dimensions.png)", ""]
+        dim_table = reporting.dimension_table(metrics, main_rows)
+        md += ["## Per dimension (×100, [95% CI])\n", dim_table, ""]
+        sections.append(("Per dimension", reporting.markdown_to_html_table(dim_table)))
         if ablation_rows:
             order = [m for m in ("teacher",) if m in metrics] + ablation_rows + [m for m in ("dcm",) if m in metrics]
             abl = reporting.markdown_table(reporting.method_table(metrics, order))
