@@ -40,7 +40,8 @@ def expand_dvc(doc: dict) -> dict[str, dict[str, set[str]]]:
                         body = body.replace("${item." + k + "}", v)
                 body = body.replace("${key}", key).replace("${item}", method)
             stage = yaml.safe_load(body)
-            outs = set(stage.get("outs", [])) | {next(iter(m)) for m in stage.get("metrics", [])}
+            outs = {o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])}
+            outs |= {next(iter(m)) for m in stage.get("metrics", [])}
             runs[f"{name}@{method}" if method else name] = {"deps": set(stage.get("deps", [])), "outs": outs,
                                                             "cmd": stage["cmd"]}
     return runs
@@ -167,3 +168,15 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
     assert not ran & {"prepare", "teacher", "trajectories", "train_baseline@lcm", "train_baseline@pcm"}, ran
     shown = json.loads(_dvc(tmp_path, "exp", "show", "--json").stdout)
     assert f'"kappa": {kappa}' in json.dumps(shown), "dvc exp show lists the experiment's κ"
+
+
+def test_resumable_stages_keep_their_outputs_when_dvc_reruns_them():
+    """DVC deletes a stage's outs before running it unless persisted: the stages that resume from their
+    own partial outputs (trajectory shards, training checkpoints) must persist them, the others not."""
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name, entry in doc["stages"].items():
+        outs = entry.get("do", entry).get("outs", [])
+        persisted = [o for o in outs if isinstance(o, dict) and next(iter(o.values())).get("persist")]
+        assert bool(persisted) == STAGES[name].resumable, name
+    assert {s.name for s in STAGES.values() if s.resumable} >= {"trajectories", "train_baseline", "train_seme",
+                                                                  "train_dete"}

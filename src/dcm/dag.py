@@ -146,7 +146,10 @@ def dvc_stage(stage: Stage, params: Params) -> dict | None:
     if stage.params:
         do["params"] = [_template(p, var) for p in stage.params]
     if stage.outs:
-        do["outs"] = [_template(p, var) for p in stage.outs]
+        # a resumable stage keeps its outputs when DVC re-runs it (DVC deletes outs first otherwise),
+        # so a killed `dvc repro` resumes from the finished shards / the last checkpoint
+        do["outs"] = [{_template(p, var): {"persist": True}} if stage.resumable else _template(p, var)
+                      for p in stage.outs]
     if stage.metrics:
         do["metrics"] = [{_template(p, var): {"cache": False}} for p in stage.metrics]
     if stage.per_method:

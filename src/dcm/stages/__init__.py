@@ -22,6 +22,7 @@ class Stage:
     params: tuple[str, ...] = ()  # the params.yaml keys the stage reads (DVC re-runs it when they change)
     method_kinds: tuple[str, ...] = ()  # non-empty: one run per method of these kinds
     data_parallel: bool = False  # runs on every rank of a multi-task job; other stages on rank 0 only
+    resumable: bool = False  # picks up its own partial outputs (shards, checkpoints): DVC persists them
 
     @property
     def per_method(self) -> bool:
@@ -84,7 +85,7 @@ STAGES: dict[str, Stage] = {
               deps=("data/prompts.json",), outs=("models/teacher",),
               params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps")),
         Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
-              deps=("models/teacher", "data/prompts.json"), outs=("trajectories",),
+              deps=("models/teacher", "data/prompts.json"), outs=("trajectories",), resumable=True,
               params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale")),
         Stage("analyze", "per-timestep loss / grad-norm dynamics of one whole-range model; proposes kappa",
               deps=("models/teacher", "trajectories"), outs=("analysis",),
@@ -93,16 +94,16 @@ STAGES: dict[str, Stage] = {
               deps=("models/teacher", "trajectories", "data/prompts.json"), outs=("checkpoints/{method}",),
               params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{method}"),
               method_kinds=("consistency", "mcm"),
-              data_parallel=True),
+              data_parallel=True, resumable=True),
         Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
               deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}/seme",),
               params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",),
-              data_parallel=True),
+              data_parallel=True, resumable=True),
         Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
               deps=("models/teacher", "trajectories", "checkpoints/{method}/seme"),
               outs=("checkpoints/{method}/dete",),
               params=("seed", "grid", "training", "methods.{method}"), method_kinds=("dcm",),
-              data_parallel=True),
+              data_parallel=True, resumable=True),
         Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
               deps=("data/prompts.json", "models/teacher", "{weights}"), outs=("samples/{method}",),
               params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{method}"),
