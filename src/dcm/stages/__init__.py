@@ -70,7 +70,21 @@ class Stage:
             if world.size > 1 and not self.data_parallel and not world.is_main:
                 print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
                 return
+            seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
             module.run(params, method) if self.per_method else module.run(params)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators from ``params.seed``: a stage run twice, in any
+    process (dvc, Snakemake, a SLURM job), computes the same thing."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # The grid keys that fix the teacher's ODE solves (κ only splits the grid between the experts).
