@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcm.backbones.base import PromptEmbeds, unwrap
+from dcm.backbones.base import unwrap
 from dcm.backbones.real import PipelineBackbone
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
@@ -133,20 +133,7 @@ class CogVideoXBackbone(PipelineBackbone):
             return int(self.transformer.config.max_text_seq_length)
         return int(json.loads((self.path / "transformer" / "config.json").read_text())["max_text_seq_length"])
 
-    def encode_text(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                            max_sequence_length=self.max_sequence_length, device=self.device)
-        return PromptEmbeds(embeds)
-
     # --- video
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
-        return z * self.vae.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents.float() / self.vae.config.scaling_factor).to(self.vae.device, self.vae.dtype)
-        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
-
     @property
     def spatial_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8

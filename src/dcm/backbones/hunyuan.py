@@ -61,14 +61,6 @@ class HunyuanBackbone(PipelineBackbone):
         return PromptEmbeds(hidden, {"attention_mask": mask, "pooled": pooled})
 
     # --- video
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
-        return z * self.vae.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents.float() / self.vae.config.scaling_factor).to(self.vae.device, self.vae.dtype)
-        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
-
     def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         cfg = self.vae.config if self.vae is not None else None
         temporal = cfg.temporal_compression_ratio if cfg else 4

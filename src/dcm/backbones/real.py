@@ -30,6 +30,7 @@ import hashlib
 import importlib
 import json
 import os
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
@@ -142,8 +143,11 @@ class PipelineBackbone(Backbone):
         return self.settings.max_sequence_length or self.default_max_sequence_length
 
     def encode_text(self, prompts: list[str]) -> PromptEmbeds:
-        """The pipeline's own ``encode_prompt`` on the text encoders (subclasses)."""
-        raise NotImplementedError
+        """The pipeline's own ``encode_prompt`` on its T5-style encoder (Wan, CogVideoX); padded positions
+        come back zeroed.  Families with other text inputs (Hunyuan: pooled + mask) override this."""
+        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_sequence_length, device=self.device)
+        return PromptEmbeds(embeds)
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_table))
@@ -166,8 +170,24 @@ class PipelineBackbone(Backbone):
     def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
         return self.latent_shape_hw(frames, size, size)
 
+    @abstractmethod
     def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        raise NotImplementedError
+        """(channels, latent frames, latent height, latent width) of a video of this size."""
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mode → the transformer's latent space (the VAE's scaling factor; Wan overrides)."""
+        return z * self.vae.config.scaling_factor
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.vae.config.scaling_factor
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
+        return self.normalize_latents(z)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.denormalize_latents(latents.float()).to(self.vae.device, self.vae.dtype)
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
     # --------------------------------------------------------------------------- devices, saving
     def to(self, device: torch.device | str) -> PipelineBackbone:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcm.backbones.base import PromptEmbeds, unwrap
+from dcm.backbones.base import unwrap
 from dcm.backbones.real import PipelineBackbone
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
@@ -44,11 +44,6 @@ class WanBackbone(PipelineBackbone):
     text_components = ("text_encoder",)
     default_max_sequence_length = 512  # WanPipeline.__call__'s default
 
-    def encode_text(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                            max_sequence_length=self.max_sequence_length, device=self.device)
-        return PromptEmbeds(embeds)  # padded positions are zero (the pipeline zeroes them)
-
     # --- video
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
@@ -56,15 +51,14 @@ class WanBackbone(PipelineBackbone):
         std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
         return mean, std
 
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Wan's VAE has per-channel latents_mean / latents_std instead of one scaling factor."""
         mean, std = self._latent_stats(z)
         return (z - mean) / std
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(latents.float())
-        z = (latents.float() * std + mean).to(self.vae.device, self.vae.dtype)
-        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(latents)
+        return latents * std + mean
 
     def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         cfg = self.vae.config if self.vae is not None else None
