@@ -56,6 +56,31 @@ def backbone(params):
     return bb
 
 
+def smoke_params(**training):
+    """The smoke preset, with ``training`` keys overridden."""
+    from dcm import config
+
+    raw = config.load_raw(REPO / "params.yaml", preset="smoke")
+    raw["training"].update(training)
+    return config.parse(raw)
+
+
+@pytest.fixture
+def smoke(tmp_path, monkeypatch):
+    """A scratch smoke project: prompts.json and a random (untrained) teacher saved to models/teacher."""
+    from dcm import paths
+    from dcm.backbones import create_teacher
+    from dcm.stages import prepare
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCM_TRACKING", "off")
+    params = smoke_params()
+    prepare.run(params)
+    create_teacher(params).save(paths.TEACHER)
+    return tmp_path
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A scratch project directory with the repo's params.yaml, as cwd."""

@@ -10,33 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import smoke_params
 from dcm import config, distill, paths, schedule
-from dcm.backbones import create_teacher, load_teacher
+from dcm.backbones import load_teacher
 from dcm.distill import losses
 from dcm.distill.loop import Objective, TrainingDiverged, draw_indices, phase_tables, train
 from dcm.tracking import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def smoke_params(**training):
-    raw = config.load_raw("params.yaml", preset="smoke")
-    raw["training"].update(training)
-    return config.parse(raw)
-
-
-@pytest.fixture
-def smoke(tmp_path, monkeypatch):
-    """A scratch smoke project: prompts.json and a random (untrained) teacher saved to models/teacher."""
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DCM_TRACKING", "off")
-    params = smoke_params()
-    from dcm.stages import prepare
-
-    prepare.run(params)
-    create_teacher(params).save(paths.TEACHER)
-    return tmp_path
 
 
 def online_setup(params):

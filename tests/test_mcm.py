@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import smoke_params
 from dcm import config, distill, paths, schedule
-from dcm.backbones import create_teacher, load_teacher
+from dcm.backbones import load_teacher
 from dcm.distill import mcm
 from dcm.distill.data import OnlineSource
 from dcm.distill.loop import ConsistencyBatch, Objective, train
@@ -22,26 +22,6 @@ from dcm.tracking import StageRun
 from dcm.worlds import shapes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def smoke_params(**training):
-    raw = config.load_raw(REPO / "params.yaml", preset="smoke")
-    raw["training"].update(training)
-    return config.parse(raw)
-
-
-@pytest.fixture
-def smoke(tmp_path, monkeypatch):
-    """A scratch smoke project: prompts.json and a random (untrained) teacher saved to models/teacher."""
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DCM_TRACKING", "off")
-    params = smoke_params()
-    from dcm.stages import prepare
-
-    prepare.run(params)
-    create_teacher(params).save(paths.TEACHER)
-    return tmp_path
 
 
 def video_source(params, backbone, quality="low", rows=4) -> OnlineSource:
