@@ -137,6 +137,34 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: 
     return times
 
 
+def base_parser(doc: str, repeats: int, warmup: int):
+    """The options both GPU benchmarks take: family, --tiny, video size, repeats and warm-up."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=list(SIZES), default="wan")
+    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks the script runs)")
+    ap.add_argument("--frames", type=int), ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    return ap
+
+
+def video_size(args) -> tuple[int, int, int]:
+    """(frames, height, width): the family's stated size (or the tiny one), each overridable."""
+    frames, height, width = TINY_VIDEO if args.tiny else VIDEO[args.family]
+    return args.frames or frames, args.height or height, args.width or width
+
+
+def preset_grid(family: str):
+    """The teacher grid and κ of the family's preset (src/dcm/presets/<family>.yaml)."""
+    from dcm.config import preset_overlay
+    from dcm.schedule import teacher_grid
+
+    grid = preset_overlay(family)["grid"]
+    return teacher_grid(grid["steps"], grid["shift"], grid.get("num_train_timesteps", 1000)), grid["kappa"]
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -15,7 +15,6 @@ the speedup.  ``--depth-scale`` shrinks the block count when a model does not fi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,28 +25,19 @@ import gpu_common as common  # noqa: E402
 
 from dcm.distill.experts import make_dete  # noqa: E402
 from dcm.sampling import sample, student_velocity, teacher_velocity  # noqa: E402
-from dcm.schedule import expert_schedule, teacher_grid, uniform_schedule  # noqa: E402
-
-KAPPA = {"wan": 34, "hunyuan": 37, "cogvideox": 37}
-SHIFT = {"wan": 17.0, "hunyuan": 17.0, "cogvideox": 4.0}
+from dcm.schedule import expert_schedule, uniform_schedule  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=list(common.SIZES), default="wan")
-    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks the script runs)")
-    ap.add_argument("--frames", type=int), ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
+    ap = common.base_parser(__doc__, repeats=3, warmup=1)
     ap.add_argument("--teacher-steps", type=int, default=50)
     ap.add_argument("--dcm-steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--depth-scale", type=float, default=1.0, help="fraction of the blocks to build")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     device, dtype = common.device_and_dtype(args.tiny)
-    frames, height, width = common.TINY_VIDEO if args.tiny else common.VIDEO[args.family]
-    frames, height, width = args.frames or frames, args.height or height, args.width or width
+    frames, height, width = common.video_size(args)
     backbone, cfg = common.build_backbone(args.family, args.tiny, frames, height, width, args.depth_scale)
     backbone.transformer.to(device, dtype).eval().requires_grad_(False)
     backbone.to(device)
@@ -61,8 +51,7 @@ def main() -> None:
              if args.depth_scale != 1.0 else ""))
     print(f"video: {frames} frames {height}×{width} → latent {tuple(latent)}, {tokens} video tokens, batch 1")
 
-    grid = teacher_grid(50, SHIFT[args.family], 1000)
-    kappa = KAPPA[args.family]
+    grid, kappa = common.preset_grid(args.family)
     noise = torch.randn(1, *latent, device=device, dtype=dtype)
     cond = common.random_cond(backbone, 1, device, dtype)
     uncond = common.random_cond(backbone, 1, device, dtype) if backbone.guidance_mode == "cfg" else None

@@ -23,7 +23,6 @@ target fwd (F) = 4F; DetE step adds the teacher's feature forwards for real (F) 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from contextlib import nullcontext
@@ -38,10 +37,7 @@ from dcm.distill import losses  # noqa: E402
 from dcm.distill.discriminator import GanFeatureMatching  # noqa: E402
 from dcm.distill.experts import make_dete  # noqa: E402
 from dcm.distill.loop import ConsistencyBatch  # noqa: E402
-from dcm.schedule import teacher_grid  # noqa: E402
 
-KAPPA = {"wan": 34, "hunyuan": 37, "cogvideox": 37}
-SHIFT = {"wan": 17.0, "hunyuan": 17.0, "cogvideox": 4.0}
 FM_WEIGHT = {"wan": 10.0, "hunyuan": 1.0, "cogvideox": 1.0}
 
 
@@ -89,14 +85,12 @@ def make_step(expert: str, backbone, student, teacher, trainable, x_n, x_prev, c
 
 def measure(args, depth_scale: float) -> dict:
     device, _ = common.device_and_dtype(args.tiny)
-    frames, height, width = common.TINY_VIDEO if args.tiny else common.VIDEO[args.family]
-    frames, height, width = args.frames or frames, args.height or height, args.width or width
+    frames, height, width = common.video_size(args)
     backbone, cfg = common.build_backbone(args.family, args.tiny, frames, height, width, depth_scale)
     backbone.transformer.to(device).eval().requires_grad_(False)  # fp32 master weights, frozen teacher
     backbone.to(device)
     latent = backbone.latent_shape_hw(frames, height, width)
-    grid = teacher_grid(50, SHIFT[args.family], 1000)
-    kappa = KAPPA[args.family]
+    grid, kappa = common.preset_grid(args.family)
     x_n = torch.randn(1, *latent, device=device)
     x_prev = x_n + 0.01 * torch.randn_like(x_n)
     cond = common.random_cond(backbone, 1, device, torch.float32)
@@ -132,12 +126,7 @@ def measure(args, depth_scale: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=list(common.SIZES), default="wan")
-    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks the script runs)")
-    ap.add_argument("--frames", type=int), ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap = common.base_parser(__doc__, repeats=5, warmup=2)
     ap.add_argument("--depth-scale", type=float, default=None,
                     help="fraction of the blocks (default 1; HunyuanVideo on one GPU: halve until it fits)")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
