@@ -31,7 +31,7 @@ from torch import nn
 from dcm.backbones.base import Backbone
 from dcm.config import Params
 from dcm.distill import losses
-from dcm.distill.loop import HISTORY_FILE, DistillSpec, train
+from dcm.distill.loop import HISTORY_FILE, DistillSpec, endpoints, train
 from dcm.schedule import pcm_phases, teacher_grid
 
 KAPPA_RULE = ("two-segment piecewise-constant least-squares fit of z-scored log10 probe loss and log10 "
@@ -90,11 +90,8 @@ def probe(student: nn.Module, backbone: Backbone, source, params: Params, batch:
         sigma_n = sigmas_ext[n + 1].to(device)
         sigma_prev = sigmas_ext[n].to(device)
         sigma_end = sigmas_ext[torch.zeros_like(n)].to(device)  # σ_min: the whole range is one phase
-        x_end = losses.euler_endpoint(data.x_n, backbone.predict(student, data.x_n, sigma_n, data.cond).float(),
-                                      sigma_n, sigma_end)
-        with torch.no_grad():
-            v_prev = backbone.predict(student, data.x_prev, sigma_prev, data.cond).float()
-        target = losses.consistency_target(data.x_prev, v_prev, sigma_prev, sigma_end, (n == 0).to(device))
+        x_end, target = endpoints(backbone, student, student, data, sigma_n, sigma_prev, sigma_end,
+                                  (n == 0).to(device))
         loss = losses.pseudo_huber(x_end, target, params.training.huber_c)
         grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         norm_at[n_index] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))

@@ -228,6 +228,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def endpoints(backbone: Backbone, student: nn.Module, target_model: nn.Module, data, sigma_n: torch.Tensor,
+              sigma_prev: torch.Tensor, sigma_end: torch.Tensor, at_boundary: torch.Tensor,
+              autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂, x̂_tgt): the student's phase endpoint from x_n, with grad, and the target network's from
+    x_{n−1}, without grad (x_{n−1} itself where ``at_boundary``)."""
+    with autocast():
+        v = backbone.predict(student, data.x_n, sigma_n, data.cond)
+    x_end_pred = losses.euler_endpoint(data.x_n, v.float(), sigma_n, sigma_end)
+    with torch.no_grad(), autocast():
+        v_prev = backbone.predict(target_model, data.x_prev, sigma_prev, data.cond)
+    x_end_target = losses.consistency_target(data.x_prev, v_prev.float(), sigma_prev, sigma_end, at_boundary)
+    return x_end_pred, x_end_target
+
+
 # --------------------------------------------------------------------------------------- loop
 
 
@@ -325,16 +339,8 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                 sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
                 at_boundary = (n - 1 == end).to(device)
 
-                # --- student endpoint, with grad
-                with autocast():
-                    v = backbone.predict(spec.student, data.x_n, sigma_n, data.cond)
-                x_end_pred = losses.euler_endpoint(data.x_n, v.float(), sigma_n, sigma_end)
-
-                # --- consistency target, no grad (x_{n−1} itself at the phase boundary)
-                with torch.no_grad(), autocast():
-                    v_prev = backbone.predict(target_model, data.x_prev, sigma_prev, data.cond)
-                x_end_target = losses.consistency_target(data.x_prev, v_prev.float(), sigma_prev, sigma_end,
-                                                         at_boundary)
+                x_end_pred, x_end_target = endpoints(backbone, spec.student, target_model, data, sigma_n,
+                                                     sigma_prev, sigma_end, at_boundary, autocast)
 
                 batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
                                          x_end_pred, x_end_target)
@@ -395,11 +401,12 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
 
     wall_s = wall_before + time.perf_counter() - t0
-    digests = distributed.gather_objects(distributed.parameter_digest(spec.trainable))
-    if not ranks.is_main:
-        distributed.barrier()  # rank 0 writes the outputs
-        return TrainResult(steps=max(start, spec.train_steps), wall_s=wall_s, resumed_from=start, losses=step_losses)
-    if ranks.size > 1:
+    if ranks.size > 1:  # every rank's weights, for the record that they stayed identical
+        digests = distributed.gather_objects(distributed.parameter_digest(spec.trainable))
+        if not ranks.is_main:
+            distributed.barrier()  # rank 0 writes the outputs
+            return TrainResult(steps=max(start, spec.train_steps), wall_s=wall_s, resumed_from=start,
+                               losses=step_losses)
         io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {"world_size": ranks.size, "parameter_digests": digests})
     if spec.save is not None:
         spec.save(out_dir)
