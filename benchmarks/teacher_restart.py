@@ -50,6 +50,9 @@ def main() -> None:
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     descending = [float(s) for s in grid.sigmas[::-1]]
     scale = params.backbone.guidance_scale if args.guidance is None else args.guidance
+    bad = [s for s in args.starts if not descending[-1] <= s <= 1.0]
+    if bad:
+        ap.error(f"--starts {bad}: each start σ must lie in [{descending[-1]:.4f}, 1] (the grid's lowest σ to 1)")
 
     x0 = clean_latents(backbone, rows, size, frames)
     eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
