@@ -27,9 +27,10 @@ from dcm.schedule import SamplingStep
 from dcm.worlds import shapes
 
 
-def clean_latents(backbone, rows: list[dict], size: int, frames: int) -> torch.Tensor:
+def clean_latents(backbone, rows: list[dict], size: int, frames: int, jitter: float | None) -> torch.Tensor:
     """Latents of the rendered ground-truth video of each (prompt, seed) row."""
-    scenes = [shapes.sample_scene(np.random.default_rng(r["seed"]), size, frames, caption=r["prompt"]) for r in rows]
+    scenes = [shapes.sample_scene(np.random.default_rng(r["seed"]), size, frames, caption=r["prompt"], jitter=jitter)
+              for r in rows]
     return backbone.encode_video(shapes.render_batch(scenes, size, frames))
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     if bad:
         ap.error(f"--starts {bad}: each start σ must lie in [{descending[-1]:.4f}, 1] (the grid's lowest σ to 1)")
 
-    x0 = clean_latents(backbone, rows, size, frames)
+    x0 = clean_latents(backbone, rows, size, frames, params.world.position_jitter)
     eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
     cond = backbone.encode_prompts([r["prompt"] for r in rows])
     velocity = teacher_velocity(backbone, backbone.null_prompts(len(rows)), scale)

@@ -83,7 +83,8 @@ def main() -> None:
     print(f"preset {args.preset or 'shapes'}: batch {params.training.batch_size}, latents {latent_shape}, "
           f"{sum(p.numel() for p in backbone.transformer.parameters()) / 1e6:.2f} M params, "
           f"{torch.get_num_threads()} thread(s)")
-    online = distill.OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, params.world.quality)
+    online = distill.OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, params.world.quality,
+                                  jitter=params.world.position_jitter)
     times: dict[str, list[float]] = {"cached": [], "online": []}
     with tempfile.TemporaryDirectory() as store_dir:
         cached = distill.CachedSource(write_store(Path(store_dir), backbone, rows, grid, params), backbone)

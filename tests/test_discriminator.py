@@ -143,7 +143,7 @@ def test_discriminator_step_changes_only_the_discriminator(backbone, params):
 
 def test_objective_works_on_a_second_latent_shape(backbone, params):
     gan = make_objective(backbone, params)
-    batch = make_batch(backbone, params, batch=1, frames=3, size=24)
+    batch = make_batch(backbone, params, batch=1, frames=2 * params.backbone.toy.patch_size[0], size=24)
     terms = gan.generator_loss(batch)
     assert all(torch.isfinite(v) for v in terms.values())
     assert gan.after_generator_step(batch)["d_loss"] >= 0

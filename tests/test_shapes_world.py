@@ -124,6 +124,25 @@ def test_object_stays_inside_frame(size):
     assert ring.max() <= -0.2 + 1e-6 and ring.min() >= -0.6 - 1e-6
 
 
+@pytest.mark.parametrize("size", [16, 32])
+def test_position_jitter_keeps_tracks_near_the_centre_and_the_same_stream(size):
+    jitter = 1.5
+    for seed in range(300):
+        free = sample_scene(np.random.default_rng(seed), size, FRAMES)
+        near = sample_scene(np.random.default_rng(seed), size, FRAMES, jitter=jitter)
+        assert near.attributes == free.attributes and near.background_seed == free.background_seed
+        track = near.track(FRAMES, size)
+        middle = (track[0] + track[-1]) / 2  # the track's midpoint, (size - 1) / 2 when centred
+        assert np.all(np.abs(middle - (size - 1) / 2) <= jitter * size / 32 + 1e-9)
+        centres = near.pixel_track(FRAMES, size)
+        half, margin = object_half_extent(size), frame_margin(size)
+        assert centres.min() - half >= margin and centres.max() + half <= size - 1 - margin
+    videos = render_batch([sample_scene(np.random.default_rng(s), size, FRAMES, jitter=jitter) for s in range(100)],
+                          size, FRAMES)
+    scenes = [sample_scene(np.random.default_rng(s), size, FRAMES, jitter=jitter) for s in range(100)]
+    assert all(detect(v, size_hint=size).attributes == sc.attributes for v, sc in zip(videos, scenes, strict=True))
+
+
 def test_detector_accuracy_on_clean_videos_at_least_99_percent():
     scenes = _scenes(500, seed=2)
     videos = render_batch(scenes, SIZE, FRAMES)

@@ -94,6 +94,8 @@ class WorldConfig:
     size: int = field(**at_least(16))
     frames: int = field(**at_least(2))
     quality: Literal["clean", "low"] = "clean"  # the teacher's training videos ("low" is MCM's setting)
+    # start centres within ± this many px (at the 32 px reference) of the centred track; null: anywhere
+    position_jitter: float | None = field(default=None, **at_least(0))
     eval_prompts: int = field(default=16, **at_least(1))
     eval_seeds: int = field(default=2, **at_least(1))
 
@@ -379,6 +381,9 @@ def validate(params: Params) -> Params:
                               f"must be a multiple of codec_factor·patch ({unit}) for the toy backbone")
         if len(bb.toy.patch_size) != 3 or min(bb.toy.patch_size) < 1:
             raise ConfigError("backbone.toy.patch_size", bb.toy.patch_size, "three positive integers (t, h, w)")
+        if params.world.frames % bb.toy.patch_size[0]:
+            raise ConfigError("world.frames", params.world.frames,
+                              f"must be a multiple of backbone.toy.patch_size[0] ({bb.toy.patch_size[0]}) for the toy backbone")
     else:
         if not bb.path:
             raise ConfigError("backbone.path", bb.path, f"a local diffusers folder is required for family '{bb.family}'")

@@ -43,16 +43,16 @@ class TrainingLog:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def scene_batch(rng: np.random.Generator, batch: int, size: int, frames: int, quality: str
-                ) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(rng: np.random.Generator, batch: int, size: int, frames: int, quality: str,
+                jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
     """Videos (B, 3, T, H, W) and captions of ``batch`` random scenes, each from its own training seed.
 
-    A scene is ``sample_scene(default_rng(seed))`` as in the prompts contract; seeds lie in
+    A scene is ``sample_scene(default_rng(seed), jitter=jitter)`` as in the prompts contract; seeds lie in
     [0, TRAIN_SEED_LIMIT), so the evaluation seeds are never seen.  ``quality == "low"`` degrades
     the videos (MCM's low-quality video data).
     """
     seeds = rng.integers(0, TRAIN_SEED_LIMIT, size=batch)
-    scenes = [shapes.sample_scene(np.random.default_rng(int(s)), size, frames) for s in seeds]
+    scenes = [shapes.sample_scene(np.random.default_rng(int(s)), size, frames, jitter=jitter) for s in seeds]
     videos = shapes.render_batch(scenes, size, frames)
     if quality == "low":
         videos = shapes.degrade(videos, rng)
@@ -108,7 +108,8 @@ def train_teacher(backbone: Backbone, params: Params,
     start = time.perf_counter()
     bar = tqdm(range(cfg.train_steps), desc="teacher", unit="step", dynamic_ncols=True)
     for step in bar:
-        videos, captions = scene_batch(rng, cfg.batch_size, world.size, world.frames, world.quality)
+        videos, captions = scene_batch(rng, cfg.batch_size, world.size, world.frames, world.quality,
+                                        world.position_jitter)
         drop = torch.rand(len(captions), generator=generator) < cfg.cfg_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         x0 = backbone.encode_video(videos)

@@ -63,7 +63,7 @@ def make_source(params: Params, backbone: Backbone, source: str | None = None, q
     rows = io.read_json(paths.PROMPTS)["train"]
     grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, quality or params.world.quality,
-                        device())
+                        device(), jitter=params.world.position_jitter)
 
 
 def full_parameter_student(backbone: Backbone) -> nn.Module:

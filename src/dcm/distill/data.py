@@ -76,13 +76,13 @@ class OnlineSource:
     """Noised data latents and one guided teacher Euler step per micro-batch (the official mode).
 
     ``rows`` are the ``train`` rows of ``data/prompts.json``; a row's data latent is the encoded
-    render of ``sample_scene(default_rng(seed), size, frames, caption=prompt)``, made once and kept.
+    render of ``sample_scene(default_rng(seed), size, frames, caption=prompt, jitter=jitter)``, made once and kept.
     """
 
     kind = "online"
 
     def __init__(self, rows: Sequence[dict], backbone: Backbone, grid: TeacherGrid, size: int, frames: int,
-                 quality: str = "clean", device: torch.device | str = "cpu"):
+                 quality: str = "clean", device: torch.device | str = "cpu", jitter: float | None = None):
         from dcm.worlds import shapes
 
         if not rows:
@@ -91,7 +91,7 @@ class OnlineSource:
         self.device = torch.device(device)
         self.grid_sigmas = grid.extended
         prompts = [_row_prompt(r) for r in rows]
-        scenes = [shapes.sample_scene(np.random.default_rng(_row_seed(r)), size, frames, caption=p)
+        scenes = [shapes.sample_scene(np.random.default_rng(_row_seed(r)), size, frames, caption=p, jitter=jitter)
                   for r, p in zip(rows, prompts, strict=True)]
         videos = shapes.render_batch(scenes, size, frames)
         if quality == "low":  # MCM's low-quality video data, degraded deterministically per row

@@ -200,13 +200,18 @@ class FrameFeatures(Protocol):
 
 class TeacherFrameFeatures:
     """The frozen teacher as the image backbone: single latent frames noised to a low σ_d, null prompt,
-    outputs of every 2nd block (the DetE taps).  Noise ε comes from the global torch RNG (in the resume state)."""
+    outputs of every 2nd block (the DetE taps).  Noise ε comes from the global torch RNG (in the resume state).
+
+    A teacher whose tokens span ``t > 1`` latent frames (the shapes toy's temporal tubes) sees each
+    frame as a still clip of ``t`` copies, noised independently; its token grid is still (1, H, W) / patch.
+    """
 
     def __init__(self, backbone: Backbone, teacher: nn.Module, sigma: float):
         self.backbone, self.teacher, self.sigma = backbone, teacher, float(sigma)
         self.dim = backbone.feature_dim(teacher)
         self.num_taps = len(backbone.feature_block_indices(teacher))
-        self.patch_size = backbone.token_patch(teacher)
+        self.clip_frames, ph, pw = backbone.token_patch(teacher)
+        self.patch_size = (1, ph, pw)
         with torch.no_grad():
             self.null = backbone.null_prompts(1)
 
@@ -222,6 +227,7 @@ class TeacherFrameFeatures:
 
     def __call__(self, frames: torch.Tensor) -> list[torch.Tensor]:
         n = frames.shape[0]
+        frames = frames.expand(-1, -1, self.clip_frames, -1, -1)  # a still clip filling one temporal patch
         sigma = torch.full((n,), self.sigma, device=frames.device)
         eps = torch.randn(frames.shape).to(frames.device)
         x = (1.0 - self.sigma) * frames + self.sigma * eps
@@ -346,7 +352,8 @@ def build(params, method: str, backbone: Backbone, student: nn.Module, videos: O
     objectives: list[Objective] = []
     if cfg.disc_weight > 0:
         features = TeacherFrameFeatures(backbone, backbone.transformer, cfg.disc_sigma)
-        images = shapes.hq_images(cfg.hq_images, seed=params.seed + 1, size=params.world.size)
+        images = shapes.hq_images(cfg.hq_images, seed=params.seed + 1, size=params.world.size,
+                                   jitter=params.world.position_jitter)
         objectives.append(ImageDiscriminator(features, images, weight=cfg.disc_weight, disc_lr=cfg.disc_lr,
                                              r1_weight=cfg.disc_r1, frames=cfg.disc_frames,
                                              max_grad_norm=params.training.max_grad_norm, device=device))

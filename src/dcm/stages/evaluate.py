@@ -29,7 +29,8 @@ def _row_scores(params: Params, method: str, rows: list[dict]) -> list[dict[str,
     size, frames = params.world.size, params.world.frames
     scores = []
     for row, video in zip(rows, _videos(method)):
-        scene = shapes.sample_scene(np.random.default_rng(row["seed"]), size, frames, caption=row["prompt"])
+        scene = shapes.sample_scene(np.random.default_rng(row["seed"]), size, frames, caption=row["prompt"],
+                                    jitter=params.world.position_jitter)
         scores.append(score_video(video, scene, size, frames))
     return scores
 

@@ -193,12 +193,15 @@ def _start_range(velocity: float, frames: int, size: int) -> tuple[float, float]
 
 
 def sample_scene(
-    rng: np.random.Generator, size: int, frames: int, caption: str | None = None
+    rng: np.random.Generator, size: int, frames: int, caption: str | None = None,
+    jitter: float | None = None,
 ) -> Scene:
     """A random scene (or one with ``caption``'s attributes) whose track stays inside the frame.
 
-    The random stream consumed is the same with or without a caption.  If the track is too long
-    to fit (too many frames for the speed), it is centred on the frame and the object leaves it.
+    ``jitter`` (px at the 32 px reference size) narrows where the track may start: within ± jitter
+    of the track centred on the frame (still inside the frame); ``None`` allows anywhere it fits.
+    The random stream consumed is the same with or without a caption or jitter.  If the track is
+    too long to fit (too many frames for the speed), it is centred and the object leaves the frame.
     """
     attributes = {attribute: VOCABULARY[attribute][rng.integers(len(VOCABULARY[attribute]))]
                   for attribute in ATTRIBUTES}
@@ -209,6 +212,10 @@ def sample_scene(
     start = []
     for velocity in (unit_x * speed, unit_y * speed):
         low, high = _start_range(velocity, frames, size)
+        if jitter is not None:
+            centred = (size - 1) / 2 - velocity * (frames - 1) / 2
+            spread = jitter * _scale(size)
+            low, high = max(low, centred - spread), min(high, centred + spread)
         u = rng.random()
         if low <= high:
             start.append(low + u * (high - low))
@@ -328,10 +335,10 @@ def render(scene: Scene, size: int, frames: int) -> torch.Tensor:
     return render_batch([scene], size, frames)[0]
 
 
-def hq_images(n: int, seed: int, size: int) -> torch.Tensor:
+def hq_images(n: int, seed: int, size: int, jitter: float | None = None) -> torch.Tensor:
     """(n, 3, size, size) clean single frames of random scenes (the high-quality still images)."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, size, frames=1) for _ in range(n)]
+    scenes = [sample_scene(rng, size, frames=1, jitter=jitter) for _ in range(n)]
     return render_batch(scenes, size, frames=1)[:, :, 0]
 
 
