@@ -6,7 +6,8 @@ pseudo-Huber endpoint loss, backward, clip 1.0, AdamW (wd 1e-3); SemE adds the t
 loss and trains every parameter; DetE is ``make_dete`` (LoRA r = 128, α = 256 + copied timestep
 layers, backbone frozen) with ``GanFeatureMatching`` (frozen-teacher features of real and fake,
 discriminator heads, their own AdamW step).  Activation checkpointing is on (diffusers'
-``enable_gradient_checkpointing``) unless ``--no-checkpointing``.
+``enable_gradient_checkpointing`` on the student and the frozen teacher, as ``training.gradient_checkpointing``)
+unless ``--no-checkpointing``.
 
 One GPU, no FSDP: a 13B full-parameter SemE (fp32 weights + AdamW states ≈ 16 bytes/parameter) does
 not fit, so ``--depth-scale`` (default: automatic for HunyuanVideo, halving until a step fits) builds
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_common as common  # noqa: E402
 
+from dcm.backbones.base import enable_activation_checkpointing  # noqa: E402
 from dcm.distill import losses  # noqa: E402
 from dcm.distill.discriminator import GanFeatureMatching  # noqa: E402
 from dcm.distill.experts import make_dete  # noqa: E402
@@ -108,8 +110,8 @@ def measure(args, depth_scale: float) -> dict:
             student = make_dete(seme, backbone, 4 if args.tiny else 128, 8 if args.tiny else 256, kappa=kappa,
                                 sigma_kappa=grid.sigma(kappa)).to(device)
             trainable = student.trainable_parameters()
-        if args.checkpointing:
-            common.unwrap(student).enable_gradient_checkpointing()
+        if args.checkpointing:  # as training.gradient_checkpointing: the student and the GAN teacher pass
+            enable_activation_checkpointing(student, backbone.transformer)
         student.train()
         step = make_step(expert, backbone, student, backbone.transformer, trainable, x_n, x_prev, cond, grid, kappa,
                          device, FM_WEIGHT[args.family])

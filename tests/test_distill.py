@@ -297,3 +297,66 @@ def test_cached_source_pairs_consecutive_stored_points(smoke):
     torch.testing.assert_close(batch.x_prev, torch.as_tensor(store.latents([0, 1], [-1, 4])).float())
     prompts = [r["prompt"] if isinstance(r, dict) else r[1] for r in store.rows]
     torch.testing.assert_close(batch.cond.hidden, backbone.encode_prompts(prompts[:2]).hidden)
+
+
+# ------------------------------------------------------------------------------ activation checkpointing
+
+
+def _dete_run(params, out: Path):
+    """A short DetE run with GAN + FM through the loop, from a fresh load of the saved teacher."""
+    from dcm.distill.discriminator import GanFeatureMatching
+    from dcm.distill.experts import make_dete
+
+    torch.manual_seed(0)
+    backbone, source = online_setup(params)
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    kappa = params.grid.kappa
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=kappa,
+                     sigma_kappa=grid.sigma(kappa))
+    with torch.no_grad():  # LoRA B starts at zero: move it so the adapter's gradients flow through A too
+        for name, p in dual.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
+    gan = GanFeatureMatching(backbone, backbone.transformer, [grid.sigma(n) for n in range(kappa + 1)],
+                             gan_weight=1.0, fm_weight=1.0, disc_lr=1e-3)
+    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase],
+                               target="online", lr=1e-3, train_steps=3, objectives=[gan])
+    before = [p.detach().clone() for p in spec.trainable]
+    result = train(spec, backbone, source, params, out, StageRun(None))
+    assert any(not torch.equal(a, b) for a, b in zip(before, spec.trainable, strict=True)), "DetE trained"
+    return result, dual, backbone
+
+
+def test_activation_checkpointing_changes_memory_not_the_dete_run(smoke):
+    """gradient_checkpointing on: the student and the GAN teacher recompute blocks; losses and weights match."""
+    plain, dual_plain, _ = _dete_run(smoke_params(source="online"), smoke / "plain")
+    params = smoke_params(source="online", gradient_checkpointing=True)
+    ckpt, dual_ckpt, backbone = _dete_run(params, smoke / "ckpt")
+    assert dual_ckpt.seme_transformer.gradient_checkpointing and backbone.transformer.gradient_checkpointing
+    assert not dual_plain.seme_transformer.gradient_checkpointing
+    torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-7)
+    for (name, a), (_, b) in zip(dual_ckpt.named_parameters(), dual_plain.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # a resume state written without checkpointing is accepted with it (same maths, other memory)
+    assert distill.loop.resume_settings(distill.DistillSpec("x", dual_ckpt, [], [], "online", 1.0, 1), params) == \
+        distill.loop.resume_settings(distill.DistillSpec("x", dual_ckpt, [], [], "online", 1.0, 1),
+                                     smoke_params(source="online"))
+
+
+def test_lora_seme_with_grad_and_checkpointing_is_refused(smoke):
+    """Backward would recompute SemE's blocks with the adapter re-enabled: refused, not silently wrong."""
+    from dcm.backbones.base import enable_activation_checkpointing
+    from dcm.distill.experts import make_dete
+
+    params = smoke_params(source="online")
+    backbone, _ = online_setup(params)
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=params.grid.kappa, sigma_kappa=0.5)
+    assert enable_activation_checkpointing(dual) == 1
+    shape = backbone.latent_shape(params.world.frames, params.world.size)
+    x = torch.randn(1, *shape)
+    cond = backbone.encode_prompts(["a red circle moves left"])
+    with pytest.raises(RuntimeError, match="activation checkpointing"):
+        backbone.predict(dual, x, torch.tensor([0.9]), cond)
+    with torch.no_grad():  # sampling is unaffected
+        assert backbone.predict(dual, x, torch.tensor([0.9]), cond).shape == x.shape

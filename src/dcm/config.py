@@ -140,6 +140,10 @@ class TrainingConfig:
     ema_decay: float = field(default=0.95, **between(0, 1))
     checkpoint_every: int = field(default=100, **at_least(1))
     log_every: int = field(default=10, **at_least(1))
+    # recompute each transformer block's activations in backward (student, and the frozen teacher where a
+    # loss backpropagates through it: DetE's fake features, MCM's frame features); needed for real
+    # backbones at full resolution on 80 GB GPUs
+    gradient_checkpointing: bool = False
 
 
 @dataclass

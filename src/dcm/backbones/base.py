@@ -164,6 +164,21 @@ class Backbone(ABC):
         ...
 
 
+def enable_activation_checkpointing(*models: nn.Module) -> int:
+    """diffusers' block-level activation checkpointing on every transformer inside ``models`` (through
+    expert / PEFT / DDP wrappers); it acts only on forwards with grad enabled.  Returns how many it set."""
+    from diffusers import ModelMixin
+
+    count, seen = 0, set()
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, ModelMixin) and id(module) not in seen and module._supports_gradient_checkpointing:
+                seen.add(id(module))
+                module.enable_gradient_checkpointing()
+                count += 1
+    return count
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The diffusers transformer (a ``ModelMixin``) under expert / PEFT / DDP / FSDP wrappers."""
     from diffusers import ModelMixin

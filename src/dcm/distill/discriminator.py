@@ -182,6 +182,9 @@ class GanFeatureMatching(Objective):
                                              features=True)
         return [f.detach() for f in feat_real], feat_fake
 
+    def grad_networks(self) -> list[nn.Module]:
+        return [self.teacher]  # the fake features' forward runs with grad
+
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
         feat_real, feat_fake = self.adversarial_features(batch)
         self._pending[id(batch)] = (feat_real, [f.detach() for f in feat_fake])

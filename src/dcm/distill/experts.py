@@ -144,6 +144,10 @@ class DualExpert(nn.Module):
         inputs["return_dict"] = False
         if expert == "seme":
             if self.is_lora:
+                if torch.is_grad_enabled() and getattr(self.seme_transformer, "gradient_checkpointing", False):
+                    # backward would recompute the blocks after the adapter is re-enabled: wrong gradients
+                    raise RuntimeError("SemE under a LoRA DualExpert cannot run with grad and activation "
+                                       "checkpointing (training.gradient_checkpointing); train SemE on its own")
                 with self._adapter_disabled():
                     return self.model(**inputs)[0]
             return self.model(**inputs)[0]

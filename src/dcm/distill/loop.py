@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dcm import distributed, io
-from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
 from dcm.config import ConfigError, Params
 from dcm.distill import checkpoint, losses
 from dcm.schedule import Phase, teacher_grid
@@ -69,6 +69,10 @@ class Objective:
     def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
         """Anything that steps after the student (e.g. a discriminator); returns values to log."""
         return {}
+
+    def grad_networks(self) -> list[nn.Module]:
+        """Frozen networks the generator loss backpropagates through (activation checkpointing covers them)."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
@@ -181,7 +185,9 @@ def named_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> list[str
 
 def resume_settings(spec: DistillSpec, params: Params) -> dict:
     """Everything a resumed run must share with the run that wrote the state (train_steps may grow)."""
-    training = {k: v for k, v in vars(params.training).items() if k not in ("checkpoint_every", "log_every")}
+    # checkpointing changes memory, not the maths: a job may resume with it switched on after running out of memory
+    unshared = ("checkpoint_every", "log_every", "gradient_checkpointing")
+    training = {k: v for k, v in vars(params.training).items() if k not in unshared}
     return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases], "target": spec.target,
             "lr": spec.lr, "seed": params.seed, "training": training, "grid": vars(params.grid),
             "backbone": params.backbone.family, "objectives": [o.name for o in spec.objectives],
@@ -266,6 +272,11 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         ema_params = [ema_named[name] for name in names]
     target_model = ema_model if ema_model is not None else spec.student
 
+    if cfg.gradient_checkpointing:
+        nets = [spec.student, *(net for obj in spec.objectives for net in obj.grad_networks())]
+        if not enable_activation_checkpointing(*nets):
+            raise ConfigError("training.gradient_checkpointing", True,
+                              f"false for {spec.name}: its student holds no transformer that supports it")
     space = spec.consistency_space or ConsistencySpace()
     stepped = [*spec.trainable, *space.parameters()]  # a learnable M trains with the student
     optimizer = torch.optim.AdamW(stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)

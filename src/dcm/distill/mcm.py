@@ -291,6 +291,10 @@ class ImageDiscriminator(Objective):
         self.real_bank = features.real_frames(hq_images.to(device))
         self._pending: dict[int, tuple[list[torch.Tensor], torch.Size]] = {}
 
+    def grad_networks(self) -> list[nn.Module]:
+        teacher = getattr(self.features, "teacher", None)  # TeacherFrameFeatures: the fake frames' forward
+        return [teacher] if isinstance(teacher, nn.Module) else []
+
     def fake_frames(self, batch: ConsistencyBatch) -> torch.Tensor:
         x0 = student_x0(batch)
         return self.features.video_frames(x0, segment_frames(x0.shape[0], x0.shape[2], self.frames))
