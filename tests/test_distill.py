@@ -14,7 +14,7 @@ from conftest import smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.backbones import load_teacher
 from dcm.distill import losses
-from dcm.distill.loop import Objective, TrainingDiverged, draw_indices, phase_tables, train
+from dcm.distill.loop import Objective, TrainingDiverged, autocast_for, draw_indices, phase_tables, train
 from dcm.tracking import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def online_setup(params):
     """The saved teacher and the batch source ``training.source`` names."""
-    backbone = load_teacher(params, paths.TEACHER)
+    backbone = distill.load_backbone(params)  # on distill.device(), as the stages load it
     return backbone, distill.make_source(params, backbone)
 
 
@@ -109,8 +109,8 @@ def test_training_draws_n_only_from_the_seme_phase_with_its_end(smoke):
     assert drawn.min() >= phase.first and drawn.max() <= phase.last
     for b in record.batches:
         torch.testing.assert_close(b.sigma_end, torch.full_like(b.sigma_end, grid.sigma(phase.end)))
-        torch.testing.assert_close(b.sigma_n, torch.tensor([grid.sigma(int(n)) for n in b.n]))
-        torch.testing.assert_close(b.sigma_prev, torch.tensor([grid.sigma(int(n) - 1) for n in b.n]))
+        torch.testing.assert_close(b.sigma_n.cpu(), torch.tensor([grid.sigma(int(n)) for n in b.n]))
+        torch.testing.assert_close(b.sigma_prev.cpu(), torch.tensor([grid.sigma(int(n) - 1) for n in b.n]))
     logged = [n for row in history(smoke / "run") for n in row["n"]]
     assert logged == drawn.tolist()
 
@@ -127,8 +127,8 @@ def test_online_target_is_the_current_student_without_grad(smoke):
     train(spec, backbone, source, params, smoke / "run", StageRun(None))
     b, student_then = record.batches[-1], record.students[-1]
     assert not b.x_end_target.requires_grad and b.x_end_pred.requires_grad
-    with torch.no_grad():
-        v = backbone.predict(student_then, b.x_prev, b.sigma_prev, b.cond)
+    with torch.no_grad(), autocast_for(b.x_prev.device)():  # the loop's precision (bf16 autocast on CUDA)
+        v = backbone.predict(student_then, b.x_prev, b.sigma_prev, b.cond).float()
     expected = losses.consistency_target(b.x_prev, v, b.sigma_prev, b.sigma_end, b.sigma_prev == b.sigma_end)
     torch.testing.assert_close(b.x_end_target, expected, rtol=1e-5, atol=1e-5)
 
@@ -142,9 +142,9 @@ def test_ema_target_with_decay_one_stays_the_initial_student(smoke):
     spec.objectives = [record]
     train(spec, backbone, source, params, smoke / "run", StageRun(None))
     b = record.batches[-1]
-    with torch.no_grad():
-        v_initial = backbone.predict(initial, b.x_prev, b.sigma_prev, b.cond)
-        v_current = backbone.predict(record.students[-1], b.x_prev, b.sigma_prev, b.cond)
+    with torch.no_grad(), autocast_for(b.x_prev.device)():
+        v_initial = backbone.predict(initial, b.x_prev, b.sigma_prev, b.cond).float()
+        v_current = backbone.predict(record.students[-1], b.x_prev, b.sigma_prev, b.cond).float()
     not_boundary = b.sigma_prev != b.sigma_end
     assert not_boundary.any()
     target_initial = losses.euler_endpoint(b.x_prev, v_initial, b.sigma_prev, b.sigma_end)
@@ -316,7 +316,7 @@ def _dete_run(params, out: Path):
     with torch.no_grad():  # LoRA B starts at zero: move it so the adapter's gradients flow through A too
         for name, p in dual.model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+                p.normal_(0.0, 0.02, generator=torch.Generator(p.device).manual_seed(1))
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
     gan = GanFeatureMatching(backbone, backbone.transformer, [grid.sigma(n) for n in range(kappa + 1)],
                              gan_weight=1.0, fm_weight=1.0, disc_lr=1e-3)
@@ -354,9 +354,10 @@ def test_lora_seme_with_grad_and_checkpointing_is_refused(smoke):
     dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=params.grid.kappa, sigma_kappa=0.5)
     assert enable_activation_checkpointing(dual) == 1
     shape = backbone.latent_shape(params.world.frames, params.world.size)
-    x = torch.randn(1, *shape)
+    x = torch.randn(1, *shape).to(distill.device())
+    sigma = torch.tensor([0.9], device=x.device)
     cond = backbone.encode_prompts(["a red circle moves left"])
     with pytest.raises(RuntimeError, match="activation checkpointing"):
-        backbone.predict(dual, x, torch.tensor([0.9]), cond)
+        backbone.predict(dual, x, sigma, cond)
     with torch.no_grad():  # sampling is unaffected
-        assert backbone.predict(dual, x, torch.tensor([0.9]), cond).shape == x.shape
+        assert backbone.predict(dual, x, sigma, cond).shape == x.shape

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from conftest import smoke_params
 from dcm import config, distill, paths, schedule
-from dcm.backbones import load_teacher
 from dcm.distill import mcm
 from dcm.distill.data import OnlineSource
 from dcm.distill.loop import ConsistencyBatch, Objective, train
@@ -273,7 +272,7 @@ def mcm_spec(params, backbone, method="mcm", steps=6, extra=()):
     torch.manual_seed(11)  # head and discriminator initialisation, equal in every run
     student = distill.full_parameter_student(backbone)
     videos = distill.make_source(params, backbone, source="online", quality=params.methods[method].mcm.video_quality)
-    source, space, objectives = mcm.build(params, method, backbone, student, videos, "cpu")
+    source, space, objectives = mcm.build(params, method, backbone, student, videos, distill.device())
     spec = distill.DistillSpec(name=method, student=student, trainable=list(student.parameters()),
                                phases=schedule.pcm_phases(params.grid.steps, 1), target="ema", lr=1e-3,
                                train_steps=steps, objectives=[*objectives, *extra], consistency_space=space)
@@ -287,7 +286,7 @@ def history(out: Path) -> list[dict]:
 def test_resume_of_an_mcm_run_gives_identical_next_losses(smoke):
     """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, head, discriminator, mix counts."""
     params = smoke_params(checkpoint_every=3)
-    backbone = load_teacher(params, paths.TEACHER)
+    backbone = distill.load_backbone(params)  # on distill.device(), as the stages load it
     kill = FailAt(4)
     spec, source = mcm_spec(params, backbone, extra=[kill])
     straight = train(spec, backbone, source, params, smoke / "straight", StageRun(None))

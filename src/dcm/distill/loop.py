@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -234,6 +235,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def autocast_for(device: torch.device) -> Callable[[], object]:
+    """The training forwards' precision context: bf16 autocast on CUDA (fp32 master weights), none on CPU."""
+    return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
+
+
 def endpoints(backbone: Backbone, student: nn.Module, target_model: nn.Module, data, sigma_n: torch.Tensor,
               sigma_prev: torch.Tensor, sigma_end: torch.Tensor, at_boundary: torch.Tensor,
               autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +268,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         raise ValueError(f"{spec.name}: no trainable parameters")
     names = named_trainable(spec.student, spec.trainable)
     device = spec.trainable[0].device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext)
+    autocast = autocast_for(device)
 
     # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
     ema_model, ema_params = None, []
