@@ -13,6 +13,7 @@ from dcm.distill.discriminator import (
     Discriminator,
     GanFeatureMatching,
     discriminator_hinge,
+    discriminator_summary,
     feature_matching,
     generator_adversarial,
     generator_hinge,
@@ -147,3 +148,18 @@ def test_objective_works_on_a_second_latent_shape(backbone, params):
     terms = gan.generator_loss(batch)
     assert all(torch.isfinite(v) for v in terms.values())
     assert gan.after_generator_step(batch)["d_loss"] >= 0
+
+
+def test_discriminator_summary_flags_heads_at_chance_over_the_second_half():
+    """Hinge L_D = 2 with D(real) = D(fake): at chance; a separating D is not flagged; no GAN: None."""
+    def rows(d_loss, real, fake, n=10):
+        return [{"step": i, "gan/d_loss": d_loss, "gan/d_real": real, "gan/d_fake": fake} for i in range(n)]
+
+    chance = discriminator_summary(rows(2.004, -0.09, -0.093))
+    assert chance["at_chance"] and chance["steps"] == [5, 9]
+    assert chance["d_loss"] == pytest.approx(2.004) and chance["real_minus_fake"] == pytest.approx(0.003)
+    # separating only late: the first half does not count
+    early_chance = rows(2.0, 0.0, 0.0, 5) + [{**r, "step": r["step"] + 5} for r in rows(1.2, 0.6, -0.5, 5)]
+    late = discriminator_summary(early_chance)
+    assert not late["at_chance"] and late["real_minus_fake"] == pytest.approx(1.1)
+    assert discriminator_summary([{"step": 0, "loss": 1.0}]) is None

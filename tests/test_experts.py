@@ -181,6 +181,7 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert all(0 <= n <= params.grid.kappa for r in rows for n in r["n"])
     assert all({"gan/gan_g", "gan/fm", "gan/d_loss"} <= r.keys() for r in rows)
+    assert summary["discriminator"]["steps"][1] == len(rows) - 1 and "at_chance" in summary["discriminator"]
 
     backbone = load_teacher(params, paths.TEACHER)
     experts = load_method_experts(params, "dcm", backbone)

@@ -138,6 +138,26 @@ def _frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
+CHANCE_TOLERANCE = 0.05  # |mean L_D − 2| and |mean D(real) − D(fake)| below this: the heads do not separate
+
+
+def discriminator_summary(rows: Sequence[dict], prefix: str = "gan/") -> dict | None:
+    """How the discriminator did over the second half of a run's logged steps (``history.jsonl`` rows).
+
+    Hinge L_D is 2 when D(real) = D(fake) = 0, i.e. at chance.  A run whose heads stay there gives the
+    generator a term with no real/fake signal in it (its gradient only follows D's current random
+    direction): ``at_chance`` flags it.  None when the rows carry no discriminator loss.
+    """
+    logged = [r for r in rows if f"{prefix}d_loss" in r]
+    if not logged:
+        return None
+    late = logged[len(logged) // 2:]
+    d_loss = sum(r[f"{prefix}d_loss"] for r in late) / len(late)
+    margin = sum(r[f"{prefix}d_real"] - r[f"{prefix}d_fake"] for r in late) / len(late)
+    return {"steps": [late[0]["step"], late[-1]["step"]], "d_loss": d_loss, "real_minus_fake": margin,
+            "at_chance": abs(d_loss - 2.0) < CHANCE_TOLERANCE and abs(margin) < CHANCE_TOLERANCE}
+
+
 # --------------------------------------------------------------------------------- objective
 
 

@@ -220,7 +220,7 @@ def _last_logged_loss(path: Path) -> float | None:
 
 def _source_counts(path: Path) -> dict:
     """Samples per origin over the whole run (the history spans resumes) and their realised fractions."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    rows = io.read_jsonl(path)
     counts: dict[str, int] = {}
     for row in rows:
         for key, value in row.items():

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dcm import distill, io, paths, schedule
 from dcm.config import ConfigError, Params
-from dcm.distill.discriminator import GanFeatureMatching
+from dcm.distill.discriminator import GanFeatureMatching, discriminator_summary
 from dcm.distill.experts import FULL_DIR, make_dete, save_dete
+from dcm.distill.loop import HISTORY_FILE
 
 
 def run(params: Params, method: str) -> None:
@@ -49,6 +50,14 @@ def run(params: Params, method: str) -> None:
     # train.json (the loop's) also names the expert's size against one backbone
     summary = io.read_json(out_dir / "train.json")
     summary.update(dual.parameter_counts(), lora_rank=dete.lora_rank, lora_alpha=dete.lora_alpha, kappa=kappa)
+    disc = discriminator_summary(io.read_jsonl(out_dir / HISTORY_FILE)) if objectives else None
+    if disc is not None:
+        summary["discriminator"] = disc
+        if disc["at_chance"]:
+            print(f"train_dete[{method}]: warning: the discriminator stayed at chance over steps "
+                  f"{disc['steps'][0]}-{disc['steps'][1]} (mean hinge D loss {disc['d_loss']:.3f}, "
+                  f"D(real) - D(fake) = {disc['real_minus_fake']:+.4f}): the GAN term gave DetE no real/fake "
+                  f"signal; compare with a gan_weight 0 run (methods.{method}.dete)")
     io.write_json_atomic(out_dir / "train.json", summary)
     counts = dual.parameter_counts()
     print(f"train_dete[{method}]: {counts['dete_trainable_params']} trainable parameters = "
