@@ -49,3 +49,32 @@ def test_teacher_restart_rejects_a_start_outside_the_grid(smoke):
     cmd = [sys.executable, str(REPO / "benchmarks" / "teacher_restart.py"), "--preset", "smoke", "--starts", "0.0001"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--starts [0.0001]: each start σ must lie in" in done.stderr
+
+
+def test_validate_scores_methods_on_rows_disjoint_from_train_and_eval(smoke):
+    """benchmarks/validate.py: teacher + the named methods on the validation split, one table row each."""
+    from dcm import config, io, paths
+    from dcm.stages.prepare import validation_rows
+
+    params = config.load("params.yaml", preset="smoke")
+    rows = validation_rows(params)
+    sets = io.read_json(paths.PROMPTS)
+    assert len(rows) == len(sets["eval"]) and len({r["seed"] for r in rows}) == len(rows)
+    assert not {r["seed"] for r in rows} & {r["seed"] for key in ("train", "eval") for r in sets[key]}
+    assert rows == validation_rows(params)  # deterministic from params.seed
+
+    out = run_script("validate.py", "--methods", "euler4")
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [line.split("|")[1].strip() for line in table] == ["teacher", "euler4"]
+    teacher_diff = table[0].split("|")[3].strip()
+    assert teacher_diff.startswith("+0.0")  # the teacher's paired difference to itself
+    for line in table:
+        total = float(line.split("|")[2].split()[0])
+        assert 0.0 <= total <= 100.0
+
+
+def test_validate_refuses_an_untrained_method(smoke):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "validate.py"), "--preset", "smoke", "--methods", "pcm"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "--methods pcm" in done.stderr and "run its training stages first" in done.stderr

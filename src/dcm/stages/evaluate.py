@@ -26,9 +26,14 @@ def _videos(method: str) -> torch.Tensor:
 
 
 def _row_scores(params: Params, method: str, rows: list[dict]) -> list[dict[str, float]]:
+    return score_rows(params, rows, _videos(method))
+
+
+def score_rows(params: Params, rows: list[dict], videos: torch.Tensor) -> list[dict[str, float]]:
+    """shapes-bench scores of each row's video against the world's ground truth for its (prompt, seed)."""
     size, frames = params.world.size, params.world.frames
     scores = []
-    for row, video in zip(rows, _videos(method)):
+    for row, video in zip(rows, videos, strict=True):
         scene = shapes.sample_scene(np.random.default_rng(row["seed"]), size, frames, caption=row["prompt"],
                                     jitter=params.world.position_jitter)
         scores.append(score_video(video, scene, size, frames))

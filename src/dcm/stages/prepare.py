@@ -14,7 +14,7 @@ from dcm import io, paths, tracking
 from dcm.config import ConfigError, Params
 from dcm.worlds import shapes
 
-TRAIN_SEED_LIMIT = 1_000_000  # train seeds lie in [0, limit); eval seeds in [limit, 2·limit)
+TRAIN_SEED_LIMIT = 1_000_000  # train seeds lie in [0, limit); eval in [limit, 2·limit); validation in [2·limit, 3·limit)
 
 
 def balanced_captions(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
@@ -61,6 +61,20 @@ def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
     evaluation = [{"prompt_id": prompt_id[c], "prompt": c, "seed": int(eval_seeds[i])}
                   for i, (c, _) in enumerate(rows)]
     return {"train": train, "eval": evaluation}
+
+
+def validation_rows(params: Params) -> list[dict]:
+    """A validation split shaped like the eval rows (balanced captions × ``world.eval_seeds``) with seeds in
+    [2·limit, 3·limit): unseen by training and disjoint from the eval rows, for choosing hyperparameters
+    without looking at the numbers that get reported (``benchmarks/validate.py``).  Not in prompts.json."""
+    captions = shapes.all_captions()
+    n_prompts, n_seeds = params.world.eval_prompts, params.world.eval_seeds
+    rng = np.random.default_rng([params.seed, 2])
+    chosen = balanced_captions(captions, min(n_prompts, len(captions)), rng)
+    seeds = 2 * TRAIN_SEED_LIMIT + rng.choice(TRAIN_SEED_LIMIT, size=len(chosen) * n_seeds, replace=False)
+    prompt_id = {c: i for i, c in enumerate(captions)}
+    return [{"prompt_id": prompt_id[c], "prompt": c, "seed": int(seeds[i * n_seeds + k])}
+            for i, c in enumerate(chosen) for k in range(n_seeds)]
 
 
 def run(params: Params) -> None:

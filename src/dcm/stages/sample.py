@@ -64,6 +64,32 @@ def _experts(params: Params, method: str, backbone) -> tuple[dict, dict]:
     return {"student": student_velocity(backbone, student)}, {}
 
 
+def generate(params: Params, method: str, backbone, rows: list[dict], desc: str | None = None):
+    """Sample ``rows`` (prompt, seed) with the method's schedule: (latents, decoded videos, s/video, steps, NFE).
+
+    The noise of a row is ``initial_noise(seed)``, so every method sees the same start for the same row.
+    """
+    device = next(backbone.transformer.parameters()).device
+    steps = schedule_for(params, method)
+    latent_shape = backbone.video_latent_shape(params)
+    experts, forwards = _experts(params, method, backbone)
+    latents, videos, seconds = [], [], 0.0
+    for start in tqdm(range(0, len(rows), BATCH), desc=desc or f"sample[{method}]", unit="batch"):
+        chunk = rows[start:start + BATCH]
+        noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in chunk]).to(device)
+        cond = backbone.encode_prompts([r["prompt"] for r in chunk])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = sample(experts, steps, noise, cond)
+            video = backbone.decode_latents(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        latents.append(x.cpu())
+        videos.append(video.cpu())
+    return torch.cat(latents), torch.cat(videos), seconds / len(rows), steps, nfe(steps, forwards)
+
+
 def run(params: Params, method: str) -> None:
     missing = [p for p in [str(paths.PROMPTS), *weights_paths(params, method)] if not Path(p).exists()]
     if missing:
@@ -71,32 +97,15 @@ def run(params: Params, method: str) -> None:
     rows = io.read_json(paths.PROMPTS)["eval"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = load_teacher(params, paths.TEACHER).to(device)
-    steps = schedule_for(params, method)
-    latent_shape = backbone.video_latent_shape(params)
-    experts, forwards = _experts(params, method, backbone)
-    latents, videos, seconds = [], [], 0.0
     with tracking.stage_run(params, "sample", method) as run_, io.atomic_dir(paths.samples(method)) as out:
-        for start in tqdm(range(0, len(rows), BATCH), desc=f"sample[{method}]", unit="batch"):
-            chunk = rows[start:start + BATCH]
-            noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in chunk]).to(device)
-            cond = backbone.encode_prompts([r["prompt"] for r in chunk])
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                x = sample(experts, steps, noise, cond)
-                video = backbone.decode_latents(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
-            latents.append(x.cpu())
-            videos.append(video.cpu())
-        latents_t, videos_t = torch.cat(latents), torch.cat(videos)
+        latents_t, videos_t, seconds_per_video, steps, cost = generate(params, method, backbone, rows)
         for i, (row, video) in enumerate(zip(rows, videos_t)):
             write_mp4(out / f"{i:03d}_{row['prompt_id']}_{row['seed']}.mp4", video)
         save_file({"latents": latents_t.contiguous()}, str(out / "latents.safetensors"))
         save_file({"videos": videos_t.to(torch.float16).contiguous()}, str(out / "videos.safetensors"))
         record = {"method": method, "kind": params.method(method).kind,
                   "steps": [[s.sigma, s.expert] for s in steps], "num_steps": len(steps),
-                  "nfe": nfe(steps, forwards), "seconds_per_video": seconds / len(rows), "rows": rows}
+                  "nfe": cost, "seconds_per_video": seconds_per_video, "rows": rows}
         io.write_json_atomic(out / "samples.json", record)
         run_.metrics({"seconds_per_video": record["seconds_per_video"], "nfe": record["nfe"]})
     print(f"sample[{method}]: {len(rows)} videos, {record['seconds_per_video']:.3f} s/video, NFE {record['nfe']}"
