@@ -155,6 +155,12 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
     changed = _dvc(tmp_path, "repro")
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
     assert ran == {"train_baseline@lcm", "sample@lcm", "evaluate@lcm", "report"}
+    # a DetE setting: SemE (params methods.dcm.seme only) stays, DetE and what samples from it re-run
+    raw["methods"]["dcm"]["dete"]["lr"] = 1.0e-4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(tmp_path, "repro").stdout))
+    assert "train_dete@dcm" in ran and "train_seme@dcm" not in ran, ran
+    assert ran <= {"train_dete@dcm", "sample@dcm", "sample@dcm8", "evaluate@dcm", "evaluate@dcm8", "report"}, ran
 
     # an experiment with another κ: only the expert split and what follows it re-run
     subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "add", "-A"],
