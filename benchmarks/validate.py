@@ -23,10 +23,9 @@ import torch
 from dcm import config, paths
 from dcm.backbones import load_teacher
 from dcm.config import ConfigError
-from dcm.evaluation.scoring import aggregate, bootstrap
-from dcm.evaluation.shapes_bench import SHAPES_BENCH
+from dcm.evaluation.scoring import bootstrap
 from dcm.stages import weights_paths
-from dcm.stages.evaluate import score_rows
+from dcm.stages.evaluate import match_rate, row_totals, score_rows
 from dcm.stages.prepare import validation_rows
 from dcm.stages.sample import generate
 
@@ -61,7 +60,7 @@ def main() -> None:
     def scored(method: str) -> tuple[list[dict], np.ndarray]:
         _, videos, *_ = generate(params, method, backbone, rows, desc=f"validate[{method}]")
         scores = score_rows(params, rows, videos.to(torch.float16).float())  # as sample stores, evaluate reads
-        return scores, np.array([aggregate(s, SHAPES_BENCH)["total"] for s in scores])
+        return scores, row_totals(scores)
 
     def ci(values: np.ndarray) -> str:
         lo, hi = bootstrap(values, np.mean, n, seed)
@@ -69,16 +68,15 @@ def main() -> None:
 
     teacher_scores, teacher_totals = scored(TEACHER)
     print(f"validation split: {len(rows)} rows ({params.world.eval_prompts} captions × {params.world.eval_seeds} "
-          f"seeds ≥ {rows and min(r['seed'] for r in rows)}), shapes-bench, {n} bootstrap resamples")
+          f"seeds ≥ {min(r['seed'] for r in rows)}), shapes-bench, {n} bootstrap resamples")
     print("| method | Total [95% CI] | Total − teacher [95% CI] | match | " + " | ".join(SHOWN) + " |")
     print("|---|---|---|---|" + "---|" * len(SHOWN))
     for m in [TEACHER, *methods]:
         scores, totals = (teacher_scores, teacher_totals) if m == TEACHER else scored(m)
         diff = totals - teacher_totals
-        match = np.mean([s["object_class"] * s["color"] * s["motion_direction"] for s in scores])
         dims = " | ".join(f"{100 * np.mean([s[d] for s in scores]):.1f}" for d in SHOWN)
         print(f"| {m} | {100 * totals.mean():.1f} {ci(totals)} | {100 * diff.mean():+.1f} {ci(diff)} | "
-              f"{100 * match:.0f}% | {dims} |")
+              f"{100 * match_rate(scores):.0f}% | {dims} |")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,12 @@ def score_rows(params: Params, rows: list[dict], videos: torch.Tensor) -> list[d
     return scores
 
 
-def _totals(scores: list[dict[str, float]]) -> np.ndarray:
+def match_rate(scores: list[dict[str, float]]) -> float:
+    """Fraction of rows whose colour, shape and motion direction all match the prompt."""
+    return float(np.mean([s["object_class"] * s["color"] * s["motion_direction"] for s in scores]))
+
+
+def row_totals(scores: list[dict[str, float]]) -> np.ndarray:
     return np.array([aggregate(s, SHAPES_BENCH)["total"] for s in scores])
 
 
@@ -66,10 +71,10 @@ def _shapes_bench_metrics(params: Params, method: str) -> dict:
     scores = _row_scores(params, method, rows)
     dims = {d: float(np.mean([s[d] for s in scores])) for d in SHAPES_BENCH}
     summary = aggregate(dims, SHAPES_BENCH)
-    totals = _totals(scores)
+    totals = row_totals(scores)
     n, seed = params.evaluation.bootstrap, params.seed
     teacher_scores = scores if method == TEACHER else _row_scores(params, TEACHER, rows)
-    teacher_totals = _totals(teacher_scores)
+    teacher_totals = row_totals(teacher_scores)
     diff = totals - teacher_totals
 
     def per_dimension_diff(d: str) -> dict:  # paired: the same (prompt, seed) rows as the teacher
@@ -87,7 +92,7 @@ def _shapes_bench_metrics(params: Params, method: str) -> dict:
         "diff_vs_teacher": {"total": {"mean": float(diff.mean()), "ci95": list(bootstrap(diff, np.mean, n, seed))},
                             **{d: per_dimension_diff(d) for d in SHAPES_BENCH}},
         "psnr_vs_teacher": float(np.mean(psnrs)) if np.all(np.isfinite(psnrs)) else None,
-        "match_rate": float(np.mean([s["object_class"] * s["color"] * s["motion_direction"] for s in scores])),
+        "match_rate": match_rate(scores),
         "per_row": [{"prompt": r["prompt"], "seed": r["seed"], "total": float(t), **s}
                     for r, t, s in zip(rows, totals, scores)],
     }

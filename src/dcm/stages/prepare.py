@@ -46,7 +46,6 @@ def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
         raise ConfigError("world.eval_prompts", n_eval_prompts, f"<= the number of captions ({len(captions)})")
     if n_train > TRAIN_SEED_LIMIT or n_eval_prompts * n_eval_seeds > TRAIN_SEED_LIMIT:
         raise ConfigError("trajectories.num_trajectories", n_train, f"<= {TRAIN_SEED_LIMIT} distinct seeds")
-    prompt_id = {c: i for i, c in enumerate(captions)}
     train_rng, eval_rng = (np.random.default_rng([params.seed, k]) for k in (0, 1))
 
     order = train_rng.permutation(len(captions))
@@ -54,27 +53,27 @@ def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
     train = [{"prompt_id": int(order[i % len(order)]), "prompt": captions[order[i % len(order)]],
               "seed": int(train_seeds[i])} for i in range(n_train)]
 
-    eval_captions = balanced_captions(captions, n_eval_prompts, eval_rng)
-    eval_seeds = TRAIN_SEED_LIMIT + eval_rng.choice(TRAIN_SEED_LIMIT, size=n_eval_prompts * n_eval_seeds,
-                                                    replace=False)
-    rows = [(c, s) for c in eval_captions for s in range(n_eval_seeds)]
-    evaluation = [{"prompt_id": prompt_id[c], "prompt": c, "seed": int(eval_seeds[i])}
-                  for i, (c, _) in enumerate(rows)]
+    evaluation = held_out_rows(captions, n_eval_prompts, n_eval_seeds, eval_rng, TRAIN_SEED_LIMIT)
     return {"train": train, "eval": evaluation}
+
+
+def held_out_rows(captions: list[str], n_prompts: int, n_seeds: int, rng: np.random.Generator,
+                  seed_base: int) -> list[dict]:
+    """Balanced captions × ``n_seeds`` distinct seeds from [seed_base, seed_base + limit), caption-major."""
+    prompt_id = {c: i for i, c in enumerate(captions)}
+    chosen = balanced_captions(captions, n_prompts, rng)
+    seeds = seed_base + rng.choice(TRAIN_SEED_LIMIT, size=n_prompts * n_seeds, replace=False)
+    return [{"prompt_id": prompt_id[c], "prompt": c, "seed": int(seeds[i * n_seeds + k])}
+            for i, c in enumerate(chosen) for k in range(n_seeds)]
 
 
 def validation_rows(params: Params) -> list[dict]:
     """A validation split shaped like the eval rows (balanced captions × ``world.eval_seeds``) with seeds in
     [2·limit, 3·limit): unseen by training and disjoint from the eval rows, for choosing hyperparameters
     without looking at the numbers that get reported (``benchmarks/validate.py``).  Not in prompts.json."""
-    captions = shapes.all_captions()
-    n_prompts, n_seeds = params.world.eval_prompts, params.world.eval_seeds
     rng = np.random.default_rng([params.seed, 2])
-    chosen = balanced_captions(captions, min(n_prompts, len(captions)), rng)
-    seeds = 2 * TRAIN_SEED_LIMIT + rng.choice(TRAIN_SEED_LIMIT, size=len(chosen) * n_seeds, replace=False)
-    prompt_id = {c: i for i, c in enumerate(captions)}
-    return [{"prompt_id": prompt_id[c], "prompt": c, "seed": int(seeds[i * n_seeds + k])}
-            for i, c in enumerate(chosen) for k in range(n_seeds)]
+    return held_out_rows(shapes.all_captions(), params.world.eval_prompts, params.world.eval_seeds, rng,
+                         2 * TRAIN_SEED_LIMIT)
 
 
 def run(params: Params) -> None:
