@@ -11,6 +11,7 @@ from dcm.schedule import (
     Phase,
     expert_phases,
     expert_schedule,
+    explicit_schedule,
     pcm_phases,
     phase_of,
     phase_schedule,
@@ -130,3 +131,80 @@ def test_full_uniform_schedule_walks_the_whole_grid_downwards(grid):
 def test_phase_schedule_steps_from_each_phase_top(grid):
     steps = phase_schedule(grid, pcm_phases(50, 4))
     assert [s.sigma for s in steps] == [grid.sigma(n) for n in (49, 36, 24, 11)]
+
+
+# ------------------------------------------------------------------ official schedules as data
+
+# The spec (METHODS.md, Inference): the released lists, written here independently of any preset.
+HUNYUAN_4_STEP_SIGMAS = [1.0, 0.992, 0.9818, 0.9124]
+HUNYUAN_4_STEP = [[1000 * s, e] for s, e in zip(HUNYUAN_4_STEP_SIGMAS, ["seme", "seme", "dete", "dete"], strict=True)]
+WAN_6_STEP = [[1000, "seme"], [992, "seme"], [982, "seme"], [949, "dete"], [905, "dete"], [810, "dete"]]
+WAN_SHIFT, WAN_KAPPA = 17.0, 34  # src/dcm/presets/wan.yaml grid; κ = 34 (METHODS.md)
+
+
+def test_explicit_schedule_gives_the_official_hunyuan_four_steps(grid):
+    steps = explicit_schedule(HUNYUAN_4_STEP)
+    np.testing.assert_allclose([s.sigma for s in steps], HUNYUAN_4_STEP_SIGMAS, rtol=0, atol=1e-12)
+    assert [s.expert for s in steps] == ["seme", "seme", "dete", "dete"]
+    # the derived schedule agrees with the official one to the 1e-3 the paper prints
+    derived = expert_schedule(grid, 37, 4)
+    np.testing.assert_allclose([s.sigma for s in derived], [s.sigma for s in steps], atol=1e-3)
+    assert [s.expert for s in derived] == [s.expert for s in steps]
+
+
+def test_explicit_schedule_gives_the_official_wan_six_steps():
+    steps = explicit_schedule(WAN_6_STEP, num_train_timesteps=1000, experts={"seme", "dete"})
+    np.testing.assert_allclose([s.sigma for s in steps], [1.0, 0.992, 0.982, 0.949, 0.905, 0.81], rtol=0, atol=1e-12)
+    assert [s.expert for s in steps] == ["seme"] * 3 + ["dete"] * 3
+    # Every SemE step lies above σ_κ and every DetE step below it, so κ = 34 routes them the same way ...
+    wan_grid = teacher_grid(50, WAN_SHIFT)
+    sigma_kappa = wan_grid.sigma(WAN_KAPPA)
+    assert all(s.sigma > sigma_kappa for s in steps[:3]) and all(s.sigma < sigma_kappa for s in steps[3:])
+
+
+def test_derived_wan_schedule_departs_from_the_official_list():
+    """... but the derived split (SemE from σ_49 to σ_κ, DetE from σ_κ to σ_min, evenly in grid index)
+    is not Wan's released list: derived t ≈ [1000, 993.5, 985.5, 975.4, 935.4, 843.0] (indices 49, 44, 39 |
+    34, 22, 11) against the official [1000, 992, 982, 949, 905, 810] (within 0.6 of grid indices 49, 43, 37 | 25, 17, 9).
+    The official list is data, not a rule of (steps, shift, κ): it must come from ``explicit_schedule``."""
+    wan_grid = teacher_grid(50, WAN_SHIFT)
+    derived = expert_schedule(wan_grid, WAN_KAPPA, 6)
+    official = explicit_schedule(WAN_6_STEP)
+    assert [s.expert for s in derived] == [s.expert for s in official]  # same expert split ...
+    derived_t = np.array([1000 * s.sigma for s in derived])
+    official_t = np.array([1000 * s.sigma for s in official])
+    np.testing.assert_allclose(derived_t, [1000.0, 993.51, 985.51, 975.41, 935.41, 842.98], atol=0.01)
+    assert np.abs(derived_t - official_t).max() > 25  # ... at other timesteps (DetE's first step: 975 vs 949)
+    assert derived_t[3] == pytest.approx(1000 * wan_grid.sigma(WAN_KAPPA))  # derived DetE starts at σ_κ
+    # the official timesteps sit within 0.6 of grid timesteps (992.04, 981.76, 948.50, 905.33, 809.52)
+    nearest = [int(np.argmin(np.abs(1000 * wan_grid.sigmas - t))) for t in official_t]
+    assert nearest == [49, 43, 37, 25, 17, 9]
+    np.testing.assert_allclose(official_t, 1000 * wan_grid.sigmas[nearest], atol=0.6)
+
+
+@pytest.mark.parametrize(("pairs", "message"), [
+    ([], "non-empty list"),
+    ("1000 seme", "non-empty list"),
+    ([[1000, "seme"], [1000, "dete"]], r"schedule\[1\].*decrease strictly"),
+    ([[900, "seme"], [950, "seme"]], r"schedule\[1\].*decrease strictly"),
+    ([[1001, "seme"]], r"schedule\[0\].*\(0, 1000\]"),
+    ([[0, "dete"]], r"\(0, 1000\]"),
+    ([[-5, "dete"]], r"\(0, 1000\]"),
+    ([[True, "seme"]], "t must be a number"),
+    ([["1000", "seme"]], "t must be a number"),
+    ([[1000, ""]], "non-empty name"),
+    ([[1000, 3]], "non-empty name"),
+    ([[1000, "seme", 1]], r"\[t, expert\] pair"),
+    (["seme"], r"\[t, expert\] pair"),
+    ([[1000, "seme"], [900, "dete"], [800, "seme"]], r"schedule\[2\].*'seme' already handed over"),
+])
+def test_explicit_schedule_rejects_bad_lists(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        explicit_schedule(pairs)
+
+
+def test_explicit_schedule_checks_expert_names_and_scales_by_the_training_timesteps():
+    with pytest.raises(ValueError, match=r"expert 'student' is not one of \['dete', 'seme'\]"):
+        explicit_schedule([[1000, "student"]], experts=("seme", "dete"))
+    steps = explicit_schedule([(500, "student"), (250.5, "student")], num_train_timesteps=500)
+    assert [s.sigma for s in steps] == [1.0, 0.501] and {s.expert for s in steps} == {"student"}

@@ -9,7 +9,9 @@ schedule are derived here from (steps, shift, κ) instead of being hard-coded.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 
@@ -147,3 +149,40 @@ def uniform_schedule(grid: TeacherGrid, steps: int, expert: str = "teacher") -> 
     if steps == grid.steps:
         return [SamplingStep(float(s), expert) for s in grid.sigmas[::-1]]
     return [SamplingStep(grid.sigma(n), expert) for n in split_points(grid.steps - 1, SIGMA_MIN_INDEX, steps)]
+
+
+def explicit_schedule(pairs: Sequence[Sequence], num_train_timesteps: int = 1000,
+                      experts: Collection[str] | None = None) -> list[SamplingStep]:
+    """Sampling steps from an explicit list of ``[t, expert]`` pairs, σ = t / num_train_timesteps.
+
+    The official lists as data (METHODS.md, Inference), e.g. Wan's ``[[1000, "seme"], [992, "seme"],
+    [982, "seme"], [949, "dete"], [905, "dete"], [810, "dete"]]``.  Checked: at least one pair; each
+    a ``[t, expert]`` pair with 0 < t ≤ num_train_timesteps and a non-empty expert name (one of
+    ``experts`` when given); t strictly decreasing; each expert's steps contiguous (an expert that
+    hands over never takes the trajectory back).  Errors name the pair's position and value.
+    """
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
+        raise ValueError(f"a schedule is a non-empty list of [t, expert] pairs, got {pairs!r}")
+    allowed = None if experts is None else set(experts)
+    steps: list[SamplingStep] = []
+    finished: set[str] = set()
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"schedule[{i}] = {pair!r}: expected a [t, expert] pair")
+        t, expert = pair
+        if isinstance(t, bool) or not isinstance(t, Real) or not 0 < float(t) <= num_train_timesteps:
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: t must be a number in (0, {num_train_timesteps}]")
+        if not isinstance(expert, str) or not expert:
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: the expert must be a non-empty name")
+        if allowed is not None and expert not in allowed:
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: expert {expert!r} is not one of {sorted(allowed)}")
+        if steps and float(t) / num_train_timesteps >= steps[-1].sigma:
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: t must decrease strictly "
+                             f"(previous t = {steps[-1].sigma * num_train_timesteps:g})")
+        if steps and expert != steps[-1].expert:
+            finished.add(steps[-1].expert)
+        if expert in finished:
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: {expert!r} already handed over to another expert "
+                             "(each expert's steps must be contiguous)")
+        steps.append(SamplingStep(float(t) / num_train_timesteps, expert))
+    return steps
