@@ -1,23 +1,28 @@
-"""Typed experiment parameters: ``params.yaml`` loaded into dataclasses and validated before any work.
+"""Typed experiment parameters: ``params.yaml`` validated by pydantic into dataclasses before any work.
 
-Every error names the key path, the offending value and what is allowed.  The JSON schema in
-``workflow/schemas/params.schema.json`` (Snakemake's ``validate``) is generated from the same
-dataclasses (``dcm schema``), so the two contracts cannot drift apart.
+Every error names the key path, the offending value and what is allowed (:class:`ConfigError`; pydantic's
+errors are translated to that form).  The JSON schema in ``workflow/schemas/params.schema.json``
+(Snakemake's ``validate``) is pydantic's schema of the same dataclasses (``dcm schema``), so the two
+contracts cannot drift apart.  Checks that need more than one key live in :func:`validate`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+from dcm import schedule
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -30,221 +35,261 @@ class ConfigError(ValueError):
         super().__init__(f"params: {key} = {value!r} is invalid: {allowed}")
 
 
-def _range(minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False,
-           exclusive_max: bool = False) -> dict:
-    return {"minimum": minimum, "maximum": maximum, "exclusive_min": exclusive_min, "exclusive_max": exclusive_max}
+# YAML types, strictly: no "2" for 2, no 2.0 for an integer, no 1 for true; an integer is accepted as a
+# number.  Numbers must be finite (no .nan / .inf), unknown keys are errors.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def positive() -> dict:
-    return {"metadata": _range(0, exclusive_min=True)}
+def positive(default: Any = ...) -> Any:
+    return Field(default, gt=0)
 
 
-def at_least(minimum: float) -> dict:
-    return {"metadata": _range(minimum)}
+def at_least(minimum: float, default: Any = ...) -> Any:
+    return Field(default, ge=minimum)
 
 
-def between(minimum: float, maximum: float, exclusive_max: bool = False) -> dict:
-    return {"metadata": _range(minimum, maximum, exclusive_max=exclusive_max)}
+def between(minimum: float, maximum: float, default: Any = ..., exclusive_max: bool = False) -> Any:
+    return Field(default, ge=minimum, **({"lt": maximum} if exclusive_max else {"le": maximum}))
 
 
 # --------------------------------------------------------------------------------------- sections
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ToyBackboneConfig:
     """Tiny diffusers WanTransformer3DModel + pixel-unshuffle codec + learned prompt encoder."""
 
-    num_layers: int = field(**at_least(1))
-    num_attention_heads: int = field(**at_least(1))
-    attention_head_dim: int = field(**at_least(8))
-    ffn_dim: int = field(**at_least(1))
-    text_dim: int = field(**at_least(8))
-    freq_dim: int = field(**at_least(8))
-    codec_factor: int = field(**at_least(1))  # pixel-unshuffle factor: latent channels = 3·f²
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_layers: Int = at_least(1)
+    num_attention_heads: Int = at_least(1)
+    attention_head_dim: Int = at_least(8)
+    ffn_dim: Int = at_least(1)
+    text_dim: Int = at_least(8)
+    freq_dim: Int = at_least(8)
+    codec_factor: Int = at_least(1)  # pixel-unshuffle factor: latent channels = 3·f²
+    patch_size: list[Int] = Field(default_factory=lambda: [1, 2, 2])
 
 
-@dataclass
+@dataclass(config=SECTION)
 class RealBackboneConfig:
     """Real teachers (wan, hunyuan, cogvideox): the video size and how the frozen parts run."""
 
-    height: int = field(**at_least(16))  # pixels, a multiple of 16 (VAE ×8 · patch 2)
-    width: int = field(**at_least(16))
-    frames: int = field(**at_least(1))  # pixel frames, 4k+1 (the VAEs compress time 4×)
-    max_sequence_length: int | None = field(default=None, **at_least(1))  # text tokens; null: the family's own
+    height: Int = at_least(16)  # pixels, a multiple of 16 (VAE ×8 · patch 2)
+    width: Int = at_least(16)
+    frames: Int = at_least(1)  # pixel frames, 4k+1 (the VAEs compress time 4×)
+    max_sequence_length: Int | None = at_least(1, None)  # text tokens; null: the family's own
     text_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen text encoders
     vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    negative_prompt: str = ""  # the unconditional prompt of CFG (wan, cogvideox)
+    vae_tiling: Bool = False
+    vae_slicing: Bool = False
+    negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, cogvideox)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class BackboneConfig:
     family: Literal["toy", "wan", "hunyuan", "cogvideox"]
-    path: str | None  # local diffusers folder for real backbones (never a hub id)
-    guidance_scale: float = field(**at_least(0))  # CFG scale (embedded guidance for hunyuan)
+    path: Str | None  # local diffusers folder for real backbones (never a hub id)
+    guidance_scale: Float = at_least(0)  # CFG scale (embedded guidance for hunyuan)
     toy: ToyBackboneConfig | None = None
     real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, cogvideox
 
 
-@dataclass
+@dataclass(config=SECTION)
 class WorldConfig:
     name: Literal["shapes"]
-    size: int = field(**at_least(16))
-    frames: int = field(**at_least(2))
+    size: Int = at_least(16)
+    frames: Int = at_least(2)
     quality: Literal["clean", "low"] = "clean"  # the teacher's training videos ("low" is MCM's setting)
     # start centres within ± this many px (at the 32 px reference) of the centred track; null: anywhere
-    position_jitter: float | None = field(default=None, **at_least(0))
-    eval_prompts: int = field(default=16, **at_least(1))
-    eval_seeds: int = field(default=2, **at_least(1))
+    position_jitter: Float | None = at_least(0, None)
+    eval_prompts: Int = at_least(1, 16)
+    eval_seeds: Int = at_least(1, 2)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class GridConfig:
-    steps: int = field(**at_least(2))
-    shift: float = field(**positive())
-    num_train_timesteps: int = field(default=1000, **at_least(2))
-    kappa: int = field(default=37, **at_least(0))
+    steps: Int = at_least(2)
+    shift: Float = positive()
+    num_train_timesteps: Int = at_least(2, 1000)
+    kappa: Int = at_least(0, 37)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TeacherConfig:
-    train_steps: int = field(**at_least(1))
-    batch_size: int = field(**at_least(1))
-    lr: float = field(**positive())
-    weight_decay: float = field(default=0.0, **at_least(0))
-    warmup_steps: int = field(default=0, **at_least(0))
-    cfg_dropout: float = field(default=0.1, **between(0, 1, exclusive_max=True))
-    log_every: int = field(default=10, **at_least(1))
+    train_steps: Int = at_least(1)
+    batch_size: Int = at_least(1)
+    lr: Float = positive()
+    weight_decay: Float = at_least(0, 0.0)
+    warmup_steps: Int = at_least(0, 0)
+    cfg_dropout: Float = between(0, 1, 0.1, exclusive_max=True)
+    log_every: Int = at_least(1, 10)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrajectoryConfig:
-    num_trajectories: int = field(**at_least(1))
-    batch_size: int = field(**at_least(1))
-    shard_size: int = field(**at_least(1))
+    num_trajectories: Int = at_least(1)
+    batch_size: Int = at_least(1)
+    shard_size: Int = at_least(1)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainingConfig:
     """Settings every distillation stage shares (one training loop for all methods)."""
 
     source: Literal["cached", "online"]  # cached teacher trajectories, or the official noised-data mode
-    batch_size: int = field(**at_least(1))
-    grad_accum: int = field(default=1, **at_least(1))
-    huber_c: float = field(default=0.001, **positive())
-    weight_decay: float = field(default=1e-3, **at_least(0))
-    max_grad_norm: float = field(default=1.0, **positive())
-    ema_decay: float = field(default=0.95, **between(0, 1))
-    checkpoint_every: int = field(default=100, **at_least(1))
-    log_every: int = field(default=10, **at_least(1))
+    batch_size: Int = at_least(1)
+    grad_accum: Int = at_least(1, 1)
+    huber_c: Float = positive(0.001)
+    weight_decay: Float = at_least(0, 1e-3)
+    max_grad_norm: Float = positive(1.0)
+    ema_decay: Float = between(0, 1, 0.95)
+    checkpoint_every: Int = at_least(1, 100)
+    log_every: Int = at_least(1, 10)
     # recompute each transformer block's activations in backward (student, and the frozen teacher where a
     # loss backpropagates through it: DetE's fake features, MCM's frame features); needed for real
     # backbones at full resolution on 80 GB GPUs
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Bool = False
+    # share of training prompts replaced by the empty prompt's embedding (official Wan recipe: 0.1;
+    # HunyuanVideo: 0, its guidance is embedded)
+    prompt_dropout: Float = between(0, 1, 0.0, exclusive_max=True)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ExpertConfig:
-    train_steps: int = field(**at_least(1))
-    lr: float = field(**positive())
-    tc_weight: float = field(default=0.0, **at_least(0))  # temporal coherence loss weight (SemE)
-    tc_offset: int = field(default=3, **at_least(1))  # frame offset l, in latent frames
-    lora_rank: int = field(default=0, **at_least(0))  # 0 = full fine-tune (the +OD ablation)
-    lora_alpha: float = field(default=0.0, **at_least(0))
-    gan_weight: float = field(default=0.0, **at_least(0))  # GAN + feature matching on DetE
-    fm_weight: float = field(default=1.0, **at_least(0))
-    disc_lr: float = field(default=1e-5, **positive())
+    """What both experts of a dcm method share: their own optimisation budget."""
+
+    train_steps: Int = at_least(1)
+    lr: Float = positive()
 
 
-@dataclass
+@dataclass(config=SECTION)
+class SemeConfig(ExpertConfig):
+    """SemE: full-parameter expert on the high-noise range, with the temporal coherence loss."""
+
+    tc_weight: Float = at_least(0, 0.0)  # temporal coherence loss weight (paper: 1)
+    tc_offset: Int = at_least(1, 3)  # frame offset l, in latent frames (paper: 3)
+
+
+@dataclass(config=SECTION)
+class DeteConfig(ExpertConfig):
+    """DetE: LoRA + copied timestep layers on the low-noise range, GAN and feature matching (paper defaults)."""
+
+    lora_rank: Int = at_least(0, 128)  # 0 = full fine-tune (the +OD ablation)
+    lora_alpha: Float = at_least(0, 256.0)
+    gan_weight: Float = at_least(0, 1.0)  # scales the generator's hinge term (0 = no discriminator)
+    fm_weight: Float = at_least(0, 1.0)  # λ_fm, feature matching on frozen-teacher features (0 = off)
+    disc_lr: Float = positive(1e-5)
+
+
+@dataclass(config=SECTION)
 class McmConfig:
     """MCM (Motion Consistency Model): motion-space consistency, image discriminator, mixed trajectories."""
 
     cd_target: Literal["raw", "diff", "learn"] = "learn"  # motion representation the consistency loss compares
-    head_ema_decay: float = field(default=0.95, **between(0, 1))  # EMA of the learn head on the target side
+    head_ema_decay: Float = between(0, 1, 0.95)  # EMA of the learn head on the target side
     video_quality: Literal["clean", "low"] = "low"  # the distillation videos (MCM: low-quality video data)
-    mix_portion: float = field(default=0.5, **between(0, 1))  # share of samples started from the student's own x0
-    disc_weight: float = field(default=1.0, **at_least(0))  # image discriminator (0 = off)
-    disc_lr: float = field(default=5e-5, **positive())
-    disc_r1: float = field(default=1e-5, **at_least(0))  # R1 penalty on the real images' features
-    disc_frames: int = field(default=2, **at_least(1))  # single frames scored per video
-    disc_sigma: float = field(default=0.1, **between(0, 1, exclusive_max=True))  # noise of the frozen-teacher backbone
-    hq_images: int = field(default=512, **at_least(1))  # size of the high-quality still-image set
+    mix_portion: Float = between(0, 1, 0.5)  # share of samples started from the student's own x0
+    disc_weight: Float = at_least(0, 1.0)  # image discriminator (0 = off)
+    disc_lr: Float = positive(5e-5)
+    disc_r1: Float = at_least(0, 1e-5)  # R1 penalty on the real images' features
+    disc_frames: Int = at_least(1, 2)  # single frames scored per video
+    disc_sigma: Float = between(0, 1, 0.1, exclusive_max=True)  # noise of the frozen-teacher backbone
+    hq_images: Int = at_least(1, 512)  # size of the high-quality still-image set
 
 
-@dataclass
+# the experts a sampling schedule may name, per method kind
+SCHEDULE_EXPERTS = {"teacher": ("teacher",), "consistency": ("student",), "mcm": ("student",), "dcm": ("seme", "dete")}
+
+
+@dataclass(config=SECTION)
 class MethodConfig:
     """One row of the comparison: how it is trained (if at all) and sampled."""
 
     kind: Literal["teacher", "consistency", "dcm", "mcm"]
-    sample_steps: int = field(**at_least(1))
-    train_steps: int = field(default=0, **at_least(0))  # consistency methods: optimisation steps
-    lr: float = field(default=1e-4, **positive())
-    phases: int = field(default=1, **at_least(1))  # consistency: 1 = LCM, K = PCM
+    sample_steps: Int = at_least(1)
+    train_steps: Int = at_least(0, 0)  # consistency methods: optimisation steps
+    lr: Float = positive(1e-4)
+    phases: Int = at_least(1, 1)  # consistency: 1 = LCM, K = PCM
     target: Literal["online", "ema"] = "online"
-    seme: ExpertConfig | None = None
-    dete: ExpertConfig | None = None
+    seme: SemeConfig | None = None
+    dete: DeteConfig | None = None
     mcm: McmConfig | None = None  # kind mcm (defaults when omitted)
-    checkpoint_from: str | None = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
+    checkpoint_from: Str | None = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
     # dcm sampling: each expert as a plain transformer (DetE's LoRA merged into a copy: 2x weights in
     # memory, no adapter toggling per forward); false: the routed SemE+DetE wrapper (one set of weights)
-    merge_experts: bool = True
-    ablation: bool = False  # opt-in rows: not part of the default DAG
+    merge_experts: Bool = True
+    # explicit sampling schedule: [t, expert] per step, t = teacher timestep (1000·σ) strictly decreasing,
+    # the last step goes to 0; null: derived from the grid (and κ for dcm)
+    schedule: list[tuple[Float, Str]] | None = None
+    ablation: Bool = False  # opt-in rows: not part of the default DAG
 
 
-@dataclass
+@dataclass(config=SECTION)
 class VBenchConfig:
     """The real VBench backend (dcm.evaluation.vbench): its own venv, weights from a local directory."""
 
-    venv: str = ".venv-vbench"  # created by `dcm vbench setup`
-    weights_dir: str | None = None  # VBench's VBENCH_CACHE_DIR layout; nothing is downloaded
+    venv: Str = ".venv-vbench"  # created by `dcm vbench setup`
+    weights_dir: Str | None = None  # VBench's VBENCH_CACHE_DIR layout; nothing is downloaded
     mode: Literal["custom_input", "standard"] = "custom_input"  # standard = the 946-prompt suite
-    dimensions: list[str] = field(default_factory=list)  # empty: every dimension the mode supports
-    ngpus: int = field(default=1, **at_least(1))
+    dimensions: list[Str] = Field(default_factory=list)  # empty: every dimension the mode supports
+    ngpus: Int = at_least(1, 1)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class EvaluationConfig:
     backend: Literal["shapes-bench", "vbench"] = "shapes-bench"
-    bootstrap: int = field(default=1000, **at_least(10))
-    latency_repeats: int = field(default=3, **at_least(1))
-    vbench: VBenchConfig = field(default_factory=VBenchConfig)
+    bootstrap: Int = at_least(10, 1000)
+    latency_repeats: Int = at_least(1, 3)
+    vbench: VBenchConfig = Field(default_factory=VBenchConfig)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class AnalysisConfig:
     """The ``analyze`` stage: one model distilled over the whole range, probed per grid index."""
 
-    train_steps: int = field(default=150, **at_least(1))
-    lr: float = field(default=1e-4, **positive())
+    train_steps: Int = at_least(1, 150)
+    lr: Float = positive(1e-4)
     target: Literal["online", "ema"] = "online"
-    probe_batch: int = field(default=8, **at_least(1))  # trajectories per grid index for loss / grad norm
+    probe_batch: Int = at_least(1, 8)  # trajectories per grid index for loss / grad norm
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "dcm"
+    uri: Str = "sqlite:///mlflow.db"
+    experiment: Str = "dcm"
 
 
-@dataclass
+@functools.lru_cache(maxsize=8)
+def _teacher_grid(steps: int, shift: float, num_train_timesteps: int) -> schedule.TeacherGrid:
+    return schedule.teacher_grid(steps, shift, num_train_timesteps)
+
+
+@dataclass(config=SECTION, kw_only=True)  # keyword-only: required sections follow the ranged seed
 class Params:
-    experiment: str
-    seed: int = field(**at_least(0))
+    """The whole experiment: one ``params.yaml`` (optionally with a preset overlay)."""
+
+    experiment: Str
+    seed: Int = at_least(0)
     backbone: BackboneConfig
     world: WorldConfig
     grid: GridConfig
     teacher: TeacherConfig
     trajectories: TrajectoryConfig
     training: TrainingConfig
-    methods: dict[str, MethodConfig]
+    methods: dict[Str, MethodConfig] = Field(min_length=1)
     evaluation: EvaluationConfig
     launcher: Literal["local", "slurm", "debug"] = "local"
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names_are_strings(cls, value: Any) -> Any:
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
     def method(self, name: str) -> MethodConfig:
         if name not in self.methods:
@@ -255,11 +300,19 @@ class Params:
     def default_methods(self) -> list[str]:
         return [m for m, c in self.methods.items() if not c.ablation]
 
+    def teacher_grid(self) -> schedule.TeacherGrid:
+        """The teacher grid of ``grid`` (steps, shift, num_train_timesteps), computed once per setting."""
+        g = self.grid
+        return _teacher_grid(g.steps, g.shift, g.num_train_timesteps)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# ------------------------------------------------------------------------ generic typed loading
+PARAMS = TypeAdapter(Params)
+
+
+# ------------------------------------------------------------------- pydantic errors as ConfigError
 
 
 def _type_name(tp: Any) -> str:
@@ -269,7 +322,10 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        (inner,) = typing.get_args(tp)
+        return "a list of [t, expert] pairs" if typing.get_origin(inner) is tuple else f"a list of {_type_name(inner)}"
+    if origin is tuple:
+        return PAIR
     if origin is dict:
         return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
     if tp is type(None):
@@ -279,93 +335,146 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _check_range(key: str, value: float, meta: dict) -> None:
-    lo, hi = meta.get("minimum"), meta.get("maximum")
-    if lo is not None and (value <= lo if meta.get("exclusive_min") else value < lo):
-        raise ConfigError(key, value, f"must be {'>' if meta.get('exclusive_min') else '>='} {lo}"
-                          + (f" and {'<' if meta.get('exclusive_max') else '<='} {hi}" if hi is not None else ""))
-    if hi is not None and (value >= hi if meta.get("exclusive_max") else value > hi):
-        raise ConfigError(key, value, f"must be {'<' if meta.get('exclusive_max') else '<='} {hi}"
-                          + (f" and >= {lo}" if lo is not None else ""))
+PAIR = "a [t, expert] pair: t a finite number, expert a name"
 
 
-def _convert(tp: Any, value: Any, key: str, meta: dict | None = None) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _non_null(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+@dataclasses.dataclass
+class _Where:
+    """What a pydantic error location points at: key path, annotation, and the section field it belongs to."""
+
+    key: str = ""
+    tp: Any = Params
+    owner: type | None = None  # the section (dataclass) and field name, when the location is a field
+    name: str | None = None
+    depth: int = 0  # how many location parts the key covers (a [t, expert] pair's members are not split)
+
+
+def _locate(loc: tuple) -> _Where:
+    w = _Where()
+    for part in loc:
+        tp = _non_null(w.tp)
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            w.owner, w.name = tp, str(part)
+            w.key = f"{w.key}.{part}" if w.key else str(part)
+            w.tp = typing.get_type_hints(tp).get(str(part))
+        elif origin is dict and part != "[key]":
+            w.owner = w.name = None
+            w.key, w.tp = f"{w.key}.{part}", typing.get_args(tp)[1]
+        elif origin is list and isinstance(part, int):
+            w.owner = w.name = None
+            w.key, w.tp = f"{w.key}[{part}]", typing.get_args(tp)[0]
+        else:  # a pair's member, or a mapping's key: report the whole item
+            break
+        w.depth += 1
+    return w
+
+
+def _item(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key, meta)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(key, value, _type_name(tp))
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(key, value, _type_name(tp))
-        (inner,) = typing.get_args(tp)
-        return [_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict) or not value:
-            raise ConfigError(key, value, _type_name(tp) + " (at least one)")
-        _, inner = typing.get_args(tp)
-        return {str(k): _convert(inner, v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, value, "true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, value, "an integer" + _range_text(meta))
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, value, "a number" + _range_text(meta))
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, value, "a string")
-    if meta:
-        _check_range(key, value, meta)
-    return value
+    return raw
 
 
-def _range_text(meta: dict | None) -> str:
-    if not meta:
-        return ""
-    parts = []
-    if meta.get("minimum") is not None:
-        parts.append(f"{'>' if meta.get('exclusive_min') else '>='} {meta['minimum']}")
-    if meta.get("maximum") is not None:
-        parts.append(f"{'<' if meta.get('exclusive_max') else '<='} {meta['maximum']}")
-    return " " + " and ".join(parts) if parts else ""
+def _bounds(owner: type | None, name: str | None) -> dict:
+    """The field's range constraints: {'>=': 0, '<': 1, …}."""
+    if owner is None or name not in getattr(owner, "__pydantic_fields__", {}):
+        return {}
+    out = {}
+    for meta in owner.__pydantic_fields__[name].metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(meta, attr, None) is not None:
+                out[op] = getattr(meta, attr)
+    return out
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys, missing keys, wrong types and ranges fail."""
-    where = prefix or "<top level>"
-    if not isinstance(data, dict):
-        raise ConfigError(where, data, "a mapping")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(key, data[unknown[0]], f"unknown key; allowed keys here: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(key, None, f"missing required key ({_type_name(hints[name])})")
-            continue
-        kwargs[name] = _convert(hints[name], data[name], key, dict(f.metadata) or None)
-    return cls(**kwargs)
+def _range_text(bounds: dict, first: str | None = None) -> str:
+    """'>= 0 and < 1'; ``first``: '<' or '>' puts the violated side first."""
+    lower = [f"{op} {v}" for op, v in bounds.items() if op.startswith(">")]
+    upper = [f"{op} {v}" for op, v in bounds.items() if op.startswith("<")]
+    return " and ".join(upper + lower if first == "<" else lower + upper)
+
+
+def _unknown_key(w: _Where) -> str:
+    allowed = f"allowed keys here: {', '.join(f.name for f in dataclasses.fields(w.owner))}"
+    for this, other, label, section in ((SemeConfig, DeteConfig, "SemE", "dete"), (DeteConfig, SemeConfig, "DetE", "seme")):
+        if w.owner is this and w.name in {f.name for f in dataclasses.fields(other)}:
+            there = f"{w.key.rsplit('.', 2)[0]}.{section}.{w.name}"
+            return f"a {'DetE' if section == 'dete' else 'SemE'} key, not a {label} one (set {there}); {allowed}"
+    return f"unknown key; {allowed}"
+
+
+def _translate(exc: ValidationError, raw: Any) -> ConfigError:
+    errors = exc.errors(include_url=False)
+    unknown = [e for e in errors if e["type"] in ("unexpected_keyword_argument", "extra_forbidden")]
+    err = (unknown or errors)[0]
+    kind, loc = err["type"], tuple(err["loc"])
+    w = _locate(loc)
+    key = w.key or "<top level>"
+    value = err.get("input")
+    if w.depth < len(loc):  # inside a [t, expert] pair: name the pair
+        value = _item(raw, loc[: w.depth])
+        if isinstance(value, tuple):
+            value = list(value)
+        return ConfigError(key, value, PAIR)
+    tp = _non_null(w.tp)
+    if typing.get_origin(tp) is tuple:
+        return ConfigError(key, value, PAIR)
+    bounds = _bounds(w.owner, w.name)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden") and w.owner is not None:
+        return ConfigError(key, value, _unknown_key(w))
+    if kind == "missing":
+        return ConfigError(key, None, f"missing required key ({_type_name(w.tp)})")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return ConfigError(key, value, f"must be {_range_text(bounds, '<' if kind.startswith('less') else '>')}")
+    if kind == "finite_number":
+        return ConfigError(key, value, " ".join(["a finite number", _range_text(bounds)]).strip())
+    if kind.startswith(("int_", "float_", "bool_", "string_")) or kind == "literal_error":
+        return ConfigError(key, value, " ".join([_type_name(tp), _range_text(bounds)]).strip())
+    if kind == "too_short" and typing.get_origin(tp) is dict:
+        return ConfigError(key, value, f"{_type_name(tp)} (at least one)")
+    if kind in ("dict_type", "dataclass_type", "model_type", "list_type", "tuple_type"):
+        return ConfigError(key, value, _type_name(tp) + (" (at least one)" if typing.get_origin(tp) is dict else ""))
+    return ConfigError(key, value, err["msg"])
 
 
 # ------------------------------------------------------------------------ cross-field validation
+
+
+def _check_schedule(key: str, m: MethodConfig, g: GridConfig) -> None:
+    if m.schedule is None:
+        return
+    pairs = [list(p) for p in m.schedule]
+    if len(pairs) != m.sample_steps:
+        raise ConfigError(f"{key}.schedule", pairs, f"{m.sample_steps} [t, expert] pairs, one per sampling step "
+                          f"({key}.sample_steps = {m.sample_steps})")
+    experts = SCHEDULE_EXPERTS[m.kind]
+    for i, (t, expert) in enumerate(pairs):
+        where = f"{key}.schedule[{i}]"
+        if not 0 < t <= g.num_train_timesteps:
+            raise ConfigError(where, pairs[i], f"t (a teacher timestep) must be > 0 and <= grid.num_train_timesteps "
+                              f"({g.num_train_timesteps})")
+        if expert not in experts:
+            raise ConfigError(where, pairs[i], f"the expert must be {' or '.join(map(repr, experts))} for a "
+                              f"{m.kind} method")
+        if i and t >= pairs[i - 1][0]:
+            raise ConfigError(where, pairs[i], f"t must decrease strictly: < {pairs[i - 1][0]} (the step before)")
+        if i and expert == "seme" and pairs[i - 1][1] == "dete":
+            raise ConfigError(where, pairs[i], "every seme step comes before every dete step (SemE takes the "
+                              "high-noise range)")
+    if m.kind == "dcm" and {e for _, e in pairs} != {"seme", "dete"}:
+        raise ConfigError(f"{key}.schedule", pairs, "at least one seme and one dete step")
 
 
 def validate(params: Params) -> Params:
@@ -408,6 +517,10 @@ def validate(params: Params) -> Params:
         if m.mcm is not None and m.kind != "mcm":
             raise ConfigError(f"{key}.mcm", dataclasses.asdict(m.mcm),
                               f"only for kind 'mcm' (this method is kind {m.kind!r})")
+        for expert in ("seme", "dete"):
+            if getattr(m, expert) is not None and m.kind != "dcm":
+                raise ConfigError(f"{key}.{expert}", dataclasses.asdict(getattr(m, expert)),
+                                  f"only for kind 'dcm' (this method is kind {m.kind!r})")
         if m.kind == "mcm":
             m.mcm = m.mcm or McmConfig()
             if m.mcm.disc_frames > params.world.frames:
@@ -435,6 +548,7 @@ def validate(params: Params) -> Params:
                 raise ConfigError(f"{key}.dete.lora_alpha", m.dete.lora_alpha, "> 0 when lora_rank > 0")
         if m.kind == "teacher" and m.sample_steps > g.steps:
             raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({g.steps})")
+        _check_schedule(key, m, g)
     return params
 
 
@@ -471,7 +585,12 @@ def load_raw(path: str | os.PathLike = "params.yaml", preset: str | None = None)
 
 
 def parse(raw: dict) -> Params:
-    return validate(from_dict(Params, raw))
+    """Validate a raw mapping (``params.yaml`` as loaded) into :class:`Params`; raises :class:`ConfigError`."""
+    try:
+        params = PARAMS.validate_python(raw)
+    except ValidationError as e:
+        raise _translate(e, raw) from None
+    return validate(params)
 
 
 def load(path: str | os.PathLike = "params.yaml", preset: str | None = None) -> Params:
@@ -482,47 +601,24 @@ def load(path: str | os.PathLike = "params.yaml", preset: str | None = None) -> 
 # -------------------------------------------------------------------------------- JSON schema
 
 
-def _schema(tp: Any, meta: dict | None = None) -> dict:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return {"anyOf": [_schema(a, meta) for a in typing.get_args(tp)]}
-    if origin is Literal:
-        return {"enum": list(typing.get_args(tp))}
-    if origin is list:
-        return {"type": "array", "items": _schema(typing.get_args(tp)[0])}
-    if origin is dict:
-        return {"type": "object", "minProperties": 1, "additionalProperties": _schema(typing.get_args(tp)[1])}
-    if dataclasses.is_dataclass(tp):
-        return dataclass_schema(tp)
-    if tp is type(None):
-        return {"type": "null"}
-    out: dict = {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}[tp]}
-    if meta and tp in (int, float):
-        if meta.get("minimum") is not None:
-            out["exclusiveMinimum" if meta.get("exclusive_min") else "minimum"] = meta["minimum"]
-        if meta.get("maximum") is not None:
-            out["exclusiveMaximum" if meta.get("exclusive_max") else "maximum"] = meta["maximum"]
+def _tidy(schema: Any) -> Any:
+    """pydantic's schema without titles and defaults: Snakemake's ``validate`` would write defaults into its
+    config, so the Snakefile sees params.yaml as written (DVC does)."""
+    if isinstance(schema, list):
+        return [_tidy(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in ("title", "default"):
+            continue
+        out[k] = {name: _tidy(s) for name, s in v.items()} if k in ("properties", "$defs") else _tidy(v)
     return out
-
-
-def dataclass_schema(cls: type) -> dict:
-    hints = typing.get_type_hints(cls)
-    props, required = {}, []
-    for f in dataclasses.fields(cls):
-        props[f.name] = _schema(hints[f.name], dict(f.metadata) or None)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
-    schema = {"type": "object", "properties": props, "additionalProperties": False}
-    if required:
-        schema["required"] = required
-    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-        schema["description"] = cls.__doc__.strip().splitlines()[0]
-    return schema
 
 
 def json_schema() -> dict:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "dcm params.yaml",
-            **dataclass_schema(Params)}
+            **_tidy(PARAMS.json_schema())}
 
 
 def json_schema_text() -> str:
