@@ -1,4 +1,4 @@
-"""The trajectory store and the ``trajectories`` stage: exact random access, checksums, atomic resume."""
+"""The trajectory store and the ``trajectories`` stage: exact fp32 teacher steps, random access, checksums, atomic resume."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import yaml
 
 from dcm import config, io, paths
 from dcm.backbones import create_teacher, load_teacher
+from dcm.backbones.base import PromptEmbeds
+from dcm.distill.data import CachedSource
 from dcm.sampling import sample, teacher_velocity
 from dcm.schedule import teacher_grid, uniform_schedule
 from dcm.stages import trajectories as stage
@@ -28,8 +30,11 @@ from dcm.trajectories import (
     StoreError,
     TrajectoryStore,
     TrajectoryWriter,
+    bytes_per_trajectory,
     initial_noise,
     shard_name,
+    solve,
+    solve_velocity,
     store_header,
 )
 
@@ -69,7 +74,7 @@ def no_tracking(monkeypatch):
 def fake_header(rows, latent_shape=(3, 2, 2, 2), shard_size=2, **overrides):
     grid = teacher_grid(10, 3.0)
     args = {"grid": grid, "num_train_timesteps": 1000, "shift": 3.0, "guidance_mode": "cfg", "guidance_scale": 4.0,
-            "dtype": "bf16", "latent_shape": latent_shape, "shard_size": shard_size, "batch_size": 2,
+            "dtype": "fp32", "latent_shape": latent_shape, "shard_size": shard_size, "batch_size": 2,
             "rows": rows, "teacher_sha256": "0" * 64}
     args.update(overrides)
     return store_header(**args)
@@ -103,22 +108,82 @@ def test_store_layout_is_fixed_size_shards_plus_index(tmp_path):
     index = json.loads((tmp_path / "store" / INDEX).read_text())
     assert [len(s["rows"]) for s in index["shards"]] == [2, 2, 1]  # the last shard may be shorter
     assert index["grid"]["sigmas"] == [float(s) for s in teacher_grid(10, 3.0).extended]
-    assert index["guidance"] == {"mode": "cfg", "scale": 4.0} and index["dtype"] == "bf16"
+    assert index["guidance"] == {"mode": "cfg", "scale": 4.0}
+    assert index["format_version"] == 2 and index["dtype"] == "fp32" and index["exact_steps"] is True
     store = TrajectoryStore(tmp_path / "store")
+    assert store.exact_steps
     assert len(store) == 5 and store.latent_shape == (3, 2, 2, 2)
     assert [r["seed"] for r in store.rows] == [r["seed"] for r in ROWS]
     assert store.prompts([4, 0]) == [ROWS[4]["prompt"], ROWS[0]["prompt"]]
     assert store.sigma(-1) == pytest.approx(teacher_grid(10, 3.0).sigma_min) and store.sigma(9) == 1.0
     got = store.latents(torch.tensor([4, 1, 2]), torch.tensor([-1, 9, 3]))
-    want = torch.stack([values[4, 0], values[1, 10], values[2, 4]]).to(torch.bfloat16).float()
+    want = torch.stack([values[4, 0], values[1, 10], values[2, 4]])
     assert got.dtype == torch.float32 and got.shape == (3, 3, 2, 2, 2)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the shard files are the fp32 tensors plus a small header
+    sizes = [(tmp_path / "store" / shard_name(i)).stat().st_size for i in range(3)]
+    per_traj = bytes_per_trajectory((3, 2, 2, 2), 10)
+    assert per_traj == 4 * 11 * 24 and all(0 < size - rows * per_traj < 1024 for size, rows in zip(sizes, [2, 2, 1]))
 
 
-def test_fp32_store_is_exact(tmp_path):
+def test_fp32_store_pairs_are_exact(tmp_path):
     values = write_random_store(tmp_path / "store", dtype="fp32")
-    got = TrajectoryStore(tmp_path / "store").latents([3, 3], [0, 5])
+    store = TrajectoryStore(tmp_path / "store")
+    got = store.latents([3, 3], [0, 5])
     torch.testing.assert_close(got, torch.stack([values[3, 1], values[3, 6]]), rtol=0, atol=0)
+    x_n, x_prev = store.pair([3, 0, 4], [0, 9, 5])  # n = 0 pairs σ_0 with σ_min
+    torch.testing.assert_close(x_n, torch.stack([values[3, 1], values[0, 10], values[4, 6]]), rtol=0, atol=0)
+    torch.testing.assert_close(x_prev, torch.stack([values[3, 0], values[0, 9], values[4, 5]]), rtol=0, atol=0)
+    with pytest.raises(IndexError, match="grid index -1 has no previous point"):
+        store.pair([0], [-1])
+    with pytest.raises(IndexError, match="grid index 10"):
+        store.pair([0], [10])
+
+
+def test_bf16_store_rounds_every_point_and_says_so(tmp_path):
+    values = write_random_store(tmp_path / "store", dtype="bf16")
+    store = TrajectoryStore(tmp_path / "store")
+    assert not store.exact_steps and json.loads((tmp_path / "store" / INDEX).read_text())["exact_steps"] is False
+    got = store.latents([4, 1], [-1, 9])
+    torch.testing.assert_close(got, torch.stack([values[4, 0], values[1, 10]]).to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert bytes_per_trajectory((3, 2, 2, 2), 10, "bf16") == bytes_per_trajectory((3, 2, 2, 2), 10) // 2
+
+
+def test_exact_store_takes_only_float32_latents(tmp_path):
+    writer = TrajectoryWriter(tmp_path / "store", fake_header(ROWS), ROWS)
+    with pytest.raises(ValueError, match="float32 latents, got torch.bfloat16"):
+        writer.write(0, torch.zeros(2, 11, 3, 2, 2, 2, dtype=torch.bfloat16))
+
+
+def test_format_1_store_is_refused_with_a_clear_error(tmp_path):
+    write_random_store(tmp_path / "store")
+    index_path = tmp_path / "store" / INDEX
+    index = json.loads(index_path.read_text())
+    index["format_version"] = 1
+    index["dtype"] = "bf16"
+    del index["exact_steps"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(StoreError, match=r"format_version 1, this code reads only 2 \(format 1 rounded every point.*"
+                                         r"not the fp32 step\).*re-run `dcm run trajectories`"):
+        TrajectoryStore(tmp_path / "store")
+    index["format_version"], index["exact_steps"] = 2, True  # bf16 claiming exact steps: not written by this code
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="dtype 'bf16' with exact_steps True"):
+        TrajectoryStore(tmp_path / "store", verify=False)
+
+
+def test_bytes_per_trajectory_at_the_real_presets_latent_sizes():
+    """Sizes of one 51-point trajectory (N = 50) at the presets' video sizes (latent: 16 channels,
+    (frames − 1)/4 + 1 frames, height/8 × width/8; no models needed).  The exact layouts all need about
+    4 bytes per element per point (bf16 points + fp32 steps: 302 B/element; fp32 noise + fp32 steps read
+    by cumulative sum: 204; fp32 points: 204), so the exact store is plain fp32 points."""
+    got = {}
+    for preset in ("hunyuan", "wan"):
+        real = config.load_raw(REPO / "params.yaml", preset=preset)["backbone"]["real"]  # (parsing wants the weights)
+        shape = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)
+        got[preset] = (shape, bytes_per_trajectory(shape, 50, "fp32"), bytes_per_trajectory(shape, 50, "bf16"))
+    assert got["hunyuan"] == ((16, 32, 90, 160), 1_504_051_200, 752_025_600)  # 1.50 GB (bf16: 0.75 GB)
+    assert got["wan"] == ((16, 21, 60, 104), 427_714_560, 213_857_280)  # 0.43 GB (bf16: 0.21 GB)
 
 
 def test_latents_reject_indices_outside_the_store(tmp_path):
@@ -180,12 +245,91 @@ def test_writer_resumes_finished_shards_and_recomputes_a_damaged_one(tmp_path):
     assert not list((tmp_path / "store").glob(".*.tmp-*"))  # a killed write's temp file is swept
 
 
+# ------------------------------------------------- precision: the cached step is the fp32 teacher step
+
+SHIFT17 = teacher_grid(50, 17.0, 1000)  # the real presets' grid
+FIELD_SHAPE = (4, 3, 8, 8)
+FIELD_MU = torch.randn(FIELD_SHAPE, generator=torch.Generator().manual_seed(3)) * 0.7 + 0.3
+
+
+def field(x, sigma, cond):
+    """A deterministic, elementwise teacher velocity: the exact flow towards FIELD_MU plus a nonlinearity."""
+    return (x - FIELD_MU) / sigma.view(-1, 1, 1, 1, 1) + 0.2 * torch.sin(3.0 * x)
+
+
+class _PromptStub:
+    """What CachedSource needs of a backbone: a prompt encoder."""
+
+    def encode_prompts(self, prompts):
+        return PromptEmbeds(torch.arange(len(prompts), dtype=torch.float32).view(-1, 1, 1))
+
+
+def cached_source(root: Path, dtype: str, paths_: torch.Tensor, backbone=None, rows=ROWS[:3]) -> CachedSource:
+    header = fake_header(rows, latent_shape=tuple(paths_.shape[2:]), shard_size=len(rows), grid=SHIFT17, shift=17.0,
+                         dtype=dtype)
+    writer = TrajectoryWriter(root, header, rows)
+    writer.write(0, paths_)
+    writer.finish()
+    if dtype == "fp32":
+        return CachedSource(TrajectoryStore(root), backbone or _PromptStub())
+    with pytest.warns(RuntimeWarning, match="rounded, not the fp32 step"):
+        return CachedSource(TrajectoryStore(root), backbone or _PromptStub())
+
+
+def step_errors(source: CachedSource, velocity, cond_of=lambda rows: None) -> np.ndarray:
+    """Per grid index n: max |x_{n−1} (cache) − (x_n + (σ_{n−1} − σ_n)·v(x_n))| / mean |(σ_{n−1} − σ_n)·v(x_n)|,
+    the online fp32 teacher step taken from the cache's own x_n; and the same for x_n − x_{n−1}."""
+    rows = torch.arange(len(source))
+    errors = []
+    for n in range(SHIFT17.steps):
+        batch = source.batch(rows, torch.full((len(rows),), n), torch.Generator())
+        sigma_n, sigma_prev = SHIFT17.sigma(n), SHIFT17.sigma(n - 1)
+        with torch.no_grad():
+            step = (sigma_prev - sigma_n) * velocity(batch.x_n, torch.full((len(rows),), sigma_n), cond_of(rows))
+        size = step.abs().mean()
+        errors.append([((batch.x_prev - (batch.x_n + step)).abs().max() / size).item(),
+                       (((batch.x_prev - batch.x_n) - step).abs().max() / size).item()])
+    return np.asarray(errors)
+
+
+def test_cached_target_is_the_online_fp32_teacher_step_at_every_shift17_grid_index(tmp_path):
+    noise = torch.randn(3, *FIELD_SHAPE, generator=torch.Generator().manual_seed(0))
+    paths_ = solve_velocity(field, SHIFT17, noise, None)
+    assert paths_.dtype == torch.float32 and paths_.shape == (3, 51, *FIELD_SHAPE)
+
+    exact = step_errors(cached_source(tmp_path / "fp32", "fp32", paths_), field)
+    # (measured: the target x_{n−1} is the online one bit for bit; x_n − x_{n−1} is the step up to
+    # 1.7e-4 of its size, the solver's rounding of x_n + step to fp32)
+    assert exact.max() <= 1e-3, exact.max(axis=0)
+
+    # bf16 storage of both points fails the bound at every grid index: its max error is 0.03 of the
+    # step at n = 0 (the largest step, Δσ = 0.24: 30x the bound) and 6.5x to 17.5x the step's mean size
+    # over SemE's range n ∈ [38, 49] (Δσ ≈ 1.2e-3 to 2e-3): there the "step" is rounding noise.
+    rounded = step_errors(cached_source(tmp_path / "bf16", "bf16", paths_), field)
+    assert (rounded[:, 0] > 1e-3).all() and (rounded[:, 1] > 1e-3).all()
+    assert rounded[0, 0] > 0.01 and rounded[38:, 0].min() > 3.0, rounded[:, 0]
+
+
+def test_cached_target_from_the_toy_teacher_is_its_online_fp32_step(tmp_path, teacher_dir):
+    """The same check with the tiny guided toy teacher (CFG) solving the shift-17, 50-step grid."""
+    params = config.parse(smoke_raw())
+    backbone = load_teacher(params, teacher_dir)
+    rows = ROWS[:2]
+    shape = backbone.latent_shape(params.world.frames, params.world.size)
+    noise = torch.stack([initial_noise(r["seed"], shape) for r in rows])
+    paths_ = solve(backbone, SHIFT17, [r["prompt"] for r in rows], noise)
+    source = cached_source(tmp_path / "fp32", "fp32", paths_, backbone=backbone, rows=rows)
+    velocity = teacher_velocity(backbone, None)
+    errors = step_errors(source, velocity, cond_of=lambda idx: source.embeds.index(idx))
+    assert errors.max() <= 1e-3, errors.max(axis=0)
+
+
 # ------------------------------------------------------------------------ the stage, end to end
 
 
 @pytest.mark.slow
 def test_store_roundtrip_random_access(tmp_path, teacher_dir, monkeypatch, no_tracking):
-    params = make_project(tmp_path, teacher_dir, smoke_raw())
+    params = make_project(tmp_path, teacher_dir, smoke_raw(dtype="fp32"))
     monkeypatch.chdir(tmp_path)
     stage.run(params)
     assert sorted(p.name for p in paths.TRAJECTORIES.iterdir()) == [INDEX, shard_name(0), shard_name(1)]
@@ -204,9 +348,10 @@ def test_store_roundtrip_random_access(tmp_path, teacher_dir, monkeypatch, no_tr
     N = grid.steps
     for n in range(-1, N):
         want = path[N - 1 - n]  # path[0] = noise at σ_{N−1}, path[N] = σ_min
-        got = store.latents(picks, [n, n])
-        torch.testing.assert_close(got, want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(store.latents(picks, [N - 1, N - 1]), noise.to(torch.bfloat16).float(), rtol=0, atol=0)
+        got = store.latents(picks, [n, n])  # fp32 store; the stage solved them in batches of 4, here 2
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert store.exact_steps
+    torch.testing.assert_close(store.latents(picks, [N - 1, N - 1]), noise, rtol=0, atol=0)
     assert not torch.equal(store.latents(picks, [-1, -1]), store.latents(picks, [0, 0]))  # σ_min is one more step
 
 

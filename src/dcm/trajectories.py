@@ -5,12 +5,34 @@ A trajectory is the guided teacher's Euler path from noise at σ_{N−1} = 1 dow
 It is stored at every point of ``TeacherGrid.extended`` = [σ_min, σ_0, …, σ_{N−1}], ascending, so
 grid index n lives at position n + 1 and n = −1 (σ_min) at position 0.
 
-On disk (``trajectories/``)::
+On disk (``trajectories/``, format version 2)::
 
-    shard-00000.safetensors   tensor "latents" (S, N+1, C, T, H, W) in bf16/fp16/fp32, S = shard_size
+    shard-00000.safetensors   tensor "latents" (S, N+1, C, T, H, W), S = shard_size, fp32 by default
     shard-00001.safetensors   (the last shard may hold fewer trajectories)
-    index.json                format version, fingerprint, grid, guidance, dtype, latent shape and,
-                              per shard, its file name, sha256 and rows (prompt_id, prompt, seed)
+    index.json                format version, fingerprint, grid, guidance, dtype, exact_steps, latent
+                              shape and, per shard, its file name, sha256 and rows (prompt_id, prompt, seed)
+
+Precision (METHODS.md, Consistency distillation step).  The consistency signal is the teacher step
+x_n − x_{n−1} = (σ_n − σ_{n−1})·v_T.  On the shift-17 grid Δσ ≈ 1.2e-3 near σ = 1, so the step is
+~1e-3 of a latent of size ~1, below bf16's rounding of that latent (up to 2⁻⁸ relative); rounding
+both points to bf16 independently makes the stored difference mostly rounding noise across SemE's
+range (and still off by far more than 1e-3 of the step at every grid index, tests/test_trajectories.py).
+The solve runs in fp32, and an fp32 store keeps every point bit for bit as the solver made it, so
+``TrajectoryStore.pair`` returns x_n, x_{n−1} whose difference is the solver's fp32 step
+(``exact_steps: true``).  Layouts that keep the step exact, bytes per trajectory at N = 50 (51 points):
+
+    layout                                       B/elem   Hunyuan 720p    Wan 480p
+                                                          16×32×90×160    16×21×60×104
+    bf16 points (format 1's default, NOT exact)     102   0.75 GB         0.21 GB
+    fp32 points                     (this store)    204   1.50 GB         0.43 GB
+    bf16 points + fp32 steps (or fp32 velocity)     302   2.23 GB         0.63 GB
+    fp32 noise + fp32 steps, x_n by cumulative sum  204   1.50 GB         0.43 GB
+    noise from the seed + fp32 steps (cumsum)       200   1.47 GB         0.42 GB
+
+Every exact layout needs ~4 bytes per element per grid point, and fp32 points are the smallest one
+with O(1) random access to x_n (the cumulative ones read up to N slices per sample), so an exact
+store is plain fp32.  ``dtype`` bf16/fp16 is still accepted (half the bytes) but the store records
+``exact_steps: false`` and ``dcm.distill.data.CachedSource`` warns that its teacher step is rounded.
 
 ``TrajectoryWriter`` builds the folder shard by shard so that a killed run resumes: each shard is
 written to a temporary file, fsynced and renamed (a reader never sees half a shard), carries the
@@ -34,16 +56,17 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from dcm import io
-from dcm.backbones.base import Backbone
-from dcm.sampling import sample, teacher_velocity
+from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.sampling import Velocity, sample, teacher_velocity
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid, uniform_schedule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: exact_steps in the header; fp32 = exact teacher steps (1: bf16 points, steps rounded)
 INDEX = "index.json"
 PARTIAL_INDEX = "index.partial.json"
 TENSOR = "latents"
 METADATA_KEY = "dcm"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXACT_DTYPE = "fp32"  # the faithful storage: x_n − x_{n−1} is the solver's fp32 step
 LAYOUT = "(S, N+1, C, T, H, W); axis 1 ascending over grid.sigmas: position n+1 = grid index n, 0 = sigma_min"
 
 
@@ -90,19 +113,33 @@ def solve(backbone: Backbone, grid: TeacherGrid, prompts: list[str], noise: torc
     device = next(backbone.transformer.parameters()).device
     cond = backbone.encode_prompts(prompts)
     uncond = backbone.null_prompts(len(prompts)) if backbone.guidance_mode == "cfg" else None
-    steps = uniform_schedule(grid, grid.steps)
-    path = sample({"teacher": teacher_velocity(backbone, uncond)}, steps, noise.to(device), cond,
+    return solve_velocity(teacher_velocity(backbone, uncond), grid, noise.to(device), cond)
+
+
+@torch.no_grad()
+def solve_velocity(velocity: Velocity, grid: TeacherGrid, noise: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+    """Euler solve of any velocity field over the full grid in fp32 (the points stay fp32 whatever the
+    field returns); (B, N+1, C, T, H, W) float32 in ``grid.extended`` order."""
+    path = sample({"teacher": velocity}, uniform_schedule(grid, grid.steps), noise.to(dtype=torch.float32), cond,
                   final_sigma=grid.sigma_min, keep_trajectory=True)
-    return torch.stack(path[::-1], dim=1).float().cpu()
+    return torch.stack(path[::-1], dim=1).cpu()
 
 
 # ------------------------------------------------------------------------------------ header
 
 
+def bytes_per_trajectory(latent_shape: Sequence[int], steps: int, dtype: str = EXACT_DTYPE) -> int:
+    """Tensor bytes of one stored trajectory: N + 1 points of ``latent_shape`` (shard headers aside)."""
+    return int(np.prod(latent_shape)) * (steps + 1) * DTYPES[dtype].itemsize
+
+
 def store_header(grid: TeacherGrid, num_train_timesteps: int, shift: float, guidance_mode: str,
                  guidance_scale: float, dtype: str, latent_shape: Sequence[int], shard_size: int,
                  batch_size: int, rows: list[dict], teacher_sha256: str) -> dict[str, Any]:
-    """Everything the stored values depend on; its hash is the fingerprint a resume must match."""
+    """Everything the stored values depend on; its hash is the fingerprint a resume must match.
+
+    ``dtype`` "fp32" is the exact store (``exact_steps``); "bf16"/"fp16" round every point.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"trajectory dtype {dtype!r} is not one of {list(DTYPES)}")
     header = {
@@ -111,6 +148,7 @@ def store_header(grid: TeacherGrid, num_train_timesteps: int, shift: float, guid
                  "sigmas": [float(s) for s in grid.extended]},
         "guidance": {"mode": guidance_mode, "scale": float(guidance_scale)},
         "dtype": dtype,
+        "exact_steps": dtype == EXACT_DTYPE,  # x_n − x_{n−1} read back = the solver's fp32 step
         "latent_shape": [int(d) for d in latent_shape],
         "layout": LAYOUT,
         "shard_size": int(shard_size),
@@ -208,6 +246,9 @@ class TrajectoryWriter:
         expected = (len(self.shard_rows[i]), len(self.header["grid"]["sigmas"]), *self.header["latent_shape"])
         if tuple(latents.shape) != expected:
             raise ValueError(f"shard {i}: latents of shape {tuple(latents.shape)}, expected {expected}")
+        if self.header["exact_steps"] and latents.dtype != torch.float32:
+            raise ValueError(f"shard {i}: an exact ({EXACT_DTYPE}) store takes the solver's float32 latents, "
+                             f"got {latents.dtype} (its steps would already be rounded)")
         meta = {"fingerprint": self.fingerprint, "shard": i, "rows": self.shard_rows[i]}
         tensor = latents.detach().to("cpu", DTYPES[self.header["dtype"]]).contiguous()
         data = safetensors_bytes({TENSOR: tensor}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
@@ -255,12 +296,19 @@ class TrajectoryStore:
                                  f"{PARTIAL_INDEX}): re-run `dcm run trajectories` to finish it")
             raise StoreError(f"{index_path} not found: run `dcm run trajectories` first")
         self.index = io.read_json(index_path)
-        if self.index.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{index_path}: format_version {self.index.get('format_version')!r}, "
-                             f"this code reads {FORMAT_VERSION}: re-run `dcm run trajectories`")
+        version = self.index.get("format_version")
+        if version != FORMAT_VERSION:
+            why = (" (format 1 rounded every point to its dtype, bf16 by default, so the teacher step "
+                   "x_n − x_{n−1} it returns is not the fp32 step)" if version == 1 else "")
+            raise StoreError(f"{index_path}: trajectory store format_version {version!r}, this code reads "
+                             f"only {FORMAT_VERSION}{why}: delete {self.root} and re-run `dcm run trajectories`")
+        if self.index.get("dtype") not in DTYPES or self.index.get("exact_steps") != (self.index["dtype"] == EXACT_DTYPE):
+            raise StoreError(f"{index_path}: dtype {self.index.get('dtype')!r} with exact_steps "
+                             f"{self.index.get('exact_steps')!r} is not a store this code writes")
         self.grid_sigmas = np.asarray(self.index["grid"]["sigmas"], dtype=np.float64)
         self.latent_shape = tuple(self.index["latent_shape"])
         self.dtype = DTYPES[self.index["dtype"]]
+        self.exact_steps: bool = self.index["exact_steps"]
         self.shards = self.index["shards"]
         self.rows: list[dict] = [row for shard in self.shards for row in shard["rows"]]
         self._shard_of = np.concatenate([np.full(len(s["rows"]), k) for k, s in enumerate(self.shards)]
@@ -316,6 +364,28 @@ class TrajectoryStore:
             piece = self._slice(int(self._shard_of[row]))[int(self._local[row]), position]
             out[b] = piece.float()
         return out
+
+    def pair(self, traj: Sequence[int] | torch.Tensor,
+             n: Sequence[int] | torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_n, x_{n−1}), float32 (B, C, T, H, W) each, for grid indices n ∈ [0, N−1] (n − 1 = −1: σ_min).
+
+        Both points come from one read of two neighbouring stored positions.  In an exact store
+        (``exact_steps``) they are the solver's fp32 values, so x_n − x_{n−1} is its fp32 teacher step
+        (σ_n − σ_{n−1})·v_T, up to the rounding of the solver's own addition (≤ half an ulp of x).
+        """
+        rows = self._trajectories(traj)
+        ns = [int(n)] * len(rows) if isinstance(n, (int, np.integer)) else _as_ints(n)
+        if len(ns) != len(rows):
+            raise ValueError(f"pair: {len(rows)} trajectories but {len(ns)} grid indices")
+        x_n = torch.empty((len(rows), *self.latent_shape), dtype=torch.float32)
+        x_prev = torch.empty_like(x_n)
+        for b, (row, step) in enumerate(zip(rows, ns, strict=True)):
+            if step == SIGMA_MIN_INDEX:
+                raise IndexError(f"grid index {step} has no previous point (σ_min ends the trajectory)")
+            position = self._position(step)
+            both = self._slice(int(self._shard_of[row]))[int(self._local[row]), position - 1:position + 1]
+            x_prev[b], x_n[b] = both[0].float(), both[1].float()
+        return x_n, x_prev
 
     def _slice(self, shard: int):
         if shard not in self._handles:

@@ -3,7 +3,8 @@
 Two sources behind one small interface, chosen by ``training.source``:
 
 - ``CachedSource``: teacher ODE trajectories solved once from noise (the ``trajectories`` stage);
-  x_n and x_{n−1} are consecutive stored points, no teacher forward during training.
+  x_n and x_{n−1} are consecutive stored points, no teacher forward during training.  From an
+  exact (fp32) store x_n − x_{n−1} is the solver's fp32 teacher step (METHODS.md, Precision).
 - ``OnlineSource``: the official DCM mode: a real data latent x0 of a training row (rendered by the
   shapes world, encoded by the backbone) noised to x_n = (1−σ_n)·x0 + σ_n·ε with fresh ε, and
   x_{n−1} = x_n + (σ_{n−1} − σ_n)·v_T by ONE guided teacher Euler step (CFG).
@@ -13,6 +14,7 @@ Both draw any randomness from the generator the loop passes in, so a resumed run
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,13 +45,23 @@ class CachedSource:
     """Consecutive points of stored teacher trajectories (``dcm.trajectories.TrajectoryStore``).
 
     The prompt embeddings of every stored row are computed once with the frozen teacher prompt
-    encoder and kept: the encoder never runs inside the loop.
+    encoder and kept: the encoder never runs inside the loop.  x_n and x_{n−1} are read together
+    (``TrajectoryStore.pair``) and only moved to the device, never recomputed or re-rounded, so from
+    an exact store their difference is the fp32 teacher step.  A rounded (bf16/fp16) store is read
+    with a warning.
     """
 
     kind = "cached"
 
     def __init__(self, store, backbone: Backbone, device: torch.device | str = "cpu"):
         self.store = store
+        self.exact_steps = bool(getattr(store, "exact_steps", False))
+        if not self.exact_steps:
+            dtype = getattr(store, "index", {}).get("dtype", "rounded")
+            warnings.warn(f"trajectory store {getattr(store, 'root', store)} holds {dtype} "
+                          "points: the teacher step x_n − x_{n−1} it gives is rounded, not the fp32 step "
+                          "(METHODS.md, Precision); set trajectories.dtype: fp32 and re-run `dcm run trajectories`",
+                          RuntimeWarning, stacklevel=2)
         self.device = torch.device(device)
         self.grid_sigmas = np.asarray(store.grid_sigmas, dtype=np.float64)
         prompts = [_row_prompt(r) for r in store.rows]
@@ -64,12 +76,8 @@ class CachedSource:
         return len(self.store)
 
     def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
-        traj = rows.tolist()
-        x_n = self.store.latents(traj, n.tolist())
-        x_prev = self.store.latents(traj, (n - 1).tolist())
-        return SourceBatch(torch.as_tensor(x_n, dtype=torch.float32).to(self.device),
-                           torch.as_tensor(x_prev, dtype=torch.float32).to(self.device),
-                           self.embeds.index(rows.to(self.device)))
+        x_n, x_prev = self.store.pair(rows.tolist(), n.tolist())
+        return SourceBatch(x_n.to(self.device), x_prev.to(self.device), self.embeds.index(rows.to(self.device)))
 
 
 class OnlineSource:
