@@ -208,3 +208,17 @@ def test_explicit_schedule_checks_expert_names_and_scales_by_the_training_timest
         explicit_schedule([[1000, "student"]], experts=("seme", "dete"))
     steps = explicit_schedule([(500, "student"), (250.5, "student")], num_train_timesteps=500)
     assert [s.sigma for s in steps] == [1.0, 0.501] and {s.expert for s in steps} == {"student"}
+
+
+@pytest.mark.parametrize(("preset", "spec"), [("hunyuan", HUNYUAN_4_STEP), ("wan", WAN_6_STEP)])
+def test_real_presets_give_the_official_steps_through_dcm_config(preset, spec, tmp_path):
+    from pathlib import Path
+
+    from dcm import config
+
+    raw = config.load_raw(Path(__file__).resolve().parents[1] / "params.yaml", preset)
+    raw["backbone"]["path"] = str(tmp_path)  # parsing wants an existing weights folder
+    params = config.parse(raw)
+    dcm = params.method("dcm")
+    steps = explicit_schedule(dcm.schedule, params.grid.num_train_timesteps, experts=("seme", "dete"))
+    assert steps == explicit_schedule(spec) and len(steps) == dcm.sample_steps
