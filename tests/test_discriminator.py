@@ -1,50 +1,154 @@
-"""Discriminator heads on teacher features, and the GAN / feature-matching losses of METHODS.md (DetE)."""
+"""DetE's adversarial path as the official code has it (METHODS.md, DetE), part by part against hand
+computations: σ_adv set, re-noising, heads, the teacher's modulated output head, autocast, the
+independent GAN / feature-matching switches, and per-term gradient norms in the loop's history."""
 
 from __future__ import annotations
 
 import copy
+import json
+import math
+import types
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dcm import schedule
+from conftest import smoke_params
+from dcm import distill, schedule
+from dcm.backbones.base import PromptEmbeds, unpatchify
 from dcm.distill.discriminator import (
+    CMAP_DIM,
     Discriminator,
+    DiscriminatorHead,
     GanFeatureMatching,
-    discriminator_hinge,
+    adversarial_sigmas,
     discriminator_summary,
-    feature_matching,
-    generator_adversarial,
-    generator_hinge,
     group_count,
-    output_projection,
+    head_parameter_count,
 )
-from dcm.distill.loop import ConsistencyBatch
+from dcm.distill.loop import ConsistencyBatch, Objective, TemporalCoherence, term_grad_norm, train
+from dcm.tracking import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_BF16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
 
 
 def make_objective(backbone, params, **weights) -> GanFeatureMatching:
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     kw = {"gan_weight": 1.0, "fm_weight": 10.0, "disc_lr": 1e-2, **weights}
-    return GanFeatureMatching(backbone, backbone.transformer, [grid.sigma(n) for n in range(params.grid.kappa + 1)],
-                              **kw)
+    return GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, params.grid.kappa), **kw)
 
 
-def make_batch(backbone, params, batch: int = 2, frames: int | None = None, size: int | None = None):
+def make_batch(backbone, params, batch: int = 2, frames: int | None = None, size: int | None = None,
+               autocast=None):
     shape = backbone.latent_shape(frames or params.world.frames, size or params.world.size)
     gen = torch.Generator().manual_seed(0)
     x_end_target = torch.randn((batch, *shape), generator=gen)
     x_end_pred = (x_end_target + 0.3 * torch.randn((batch, *shape), generator=gen)).requires_grad_(True)
     sigma = torch.full((batch,), 0.5)
+    sigma_end = torch.full((batch,), 0.02)  # DetE's endpoints live at σ_min
     cond = backbone.encode_prompts(["a red circle moves left"] * batch)
-    return ConsistencyBatch(0, torch.zeros(batch, dtype=torch.long), sigma, sigma, sigma * 0, x_end_target,
-                            x_end_target, cond, x_end_pred, x_end_target)
+    return ConsistencyBatch(0, torch.zeros(batch, dtype=torch.long), sigma, sigma, sigma_end, x_end_target,
+                            x_end_target, cond, x_end_pred, x_end_target, **({"autocast": autocast} if autocast else {}))
+
+
+class TeacherSpy:
+    """Records every teacher forward the objective makes: (x, σ, autocast on, grad on)."""
+
+    def __init__(self, backbone, monkeypatch):
+        self.calls = []
+        predict = backbone.predict
+
+        def spy(model, x, sigma, cond, features=False, guidance=None):
+            self.calls.append((x.detach().clone(), sigma.clone(), torch.is_autocast_enabled("cpu"),
+                               torch.is_grad_enabled()))
+            return predict(model, x, sigma, cond, features=features, guidance=guidance)
+
+        monkeypatch.setattr(backbone, "predict", spy)
+
+
+# ------------------------------------------------------------------------------------------- σ_adv
+
+
+def test_sigma_adv_is_drawn_from_sigma_min_and_the_grid_below_kappa():
+    """Official sigmas_prev[U[0, κ+1)] = {σ_min, σ_0, …, σ_{κ−1}}: κ+1 levels, σ_κ and above never."""
+    grid = schedule.teacher_grid(50, 17.0)
+    sigmas = adversarial_sigmas(grid, 37)
+    assert len(sigmas) == 38 and sigmas[0] == grid.sigma_min == pytest.approx(0.0167, abs=1e-4)
+    assert sigmas[1] == pytest.approx(0.2576, abs=1e-4) and sigmas[-1] == grid.sigma(36)
+    assert max(sigmas) < grid.sigma(37) == pytest.approx(0.98176, abs=1e-5)
+    small = schedule.teacher_grid(10, 3.0)
+    assert adversarial_sigmas(small, 2) == [small.sigma_min, small.sigma(0), small.sigma(1)]
+
+
+def test_objective_renoises_real_and_fake_with_one_noise_from_sigma_end(backbone, params, monkeypatch):
+    """x_adv = ((1 − σ_adv)·x + (σ_adv − σ_end)·ε′)/(1 − σ_end), the same σ_adv and ε′ for real and fake."""
+    gan = make_objective(backbone, params)
+    batch = make_batch(backbone, params)
+    spy = TeacherSpy(backbone, monkeypatch)
+    torch.manual_seed(3)
+    gan.adversarial_features(batch)
+    torch.manual_seed(3)  # the objective's draws, by hand: σ_adv index, then ε′
+    pick = torch.randint(len(gan.adv_sigmas), (2,))
+    eps = torch.randn(batch.x_end_pred.shape)
+    s = gan.adv_sigmas[pick].view(-1, 1, 1, 1, 1)
+    s_end = batch.sigma_end.view(-1, 1, 1, 1, 1)
+    (x_real, sigma_real, _, grad_real), (x_fake, sigma_fake, _, grad_fake) = spy.calls
+    torch.testing.assert_close(x_real, ((1 - s) * batch.x_end_target + (s - s_end) * eps) / (1 - s_end))
+    torch.testing.assert_close(x_fake, ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+    assert torch.equal(sigma_real, sigma_fake) and torch.equal(sigma_real, gan.adv_sigmas[pick])
+    assert not grad_real and grad_fake  # the real pass has no graph, the fake one carries it to x̂
+
+
+def test_sigma_adv_never_leaves_the_official_set(backbone, params, monkeypatch):
+    gan = make_objective(backbone, params)
+    batch = make_batch(backbone, params, batch=4)
+    spy = TeacherSpy(backbone, monkeypatch)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(6):
+            gan.adversarial_features(batch)
+    drawn = {round(float(s), 6) for _, sigma, _, _ in spy.calls for s in sigma}
+    allowed = {round(float(s), 6) for s in gan.adv_sigmas}
+    assert drawn <= allowed and len(drawn) > 1
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    assert round(grid.sigma(params.grid.kappa), 6) not in allowed and round(grid.sigma_min, 6) in allowed
+
+
+# ------------------------------------------------------------------------------------------- heads
 
 
 def test_group_norm_uses_32_groups_or_the_largest_divisor_below():
     assert group_count(64) == 32 and group_count(48) == 24 and group_count(30) == 30 and group_count(7) == 7
+
+
+@pytest.mark.parametrize("dim, expected", [(3072, 3072 * 1024 + 1024**2 + 7 * 1024 + 1),  # HunyuanVideo: 4 201 473
+                                           (1536, 1536 * 1024 + 1024**2 + 7 * 1024 + 1)])  # Wan 1.3B: 2 628 609
+def test_head_width_is_min_c_1024_with_one_residual_conv(dim, expected):
+    """C·h (stem conv) + h + h² + h (residual conv) + 4h (two GroupNorms) + h + 1 (logit conv), h = 1024."""
+    head = DiscriminatorHead(dim)
+    assert expected == head_parameter_count(dim) == sum(p.numel() for p in head.parameters())
+    assert [m.out_channels for m in head.modules() if isinstance(m, torch.nn.Conv2d)] == [1024, 1024, 1]
+    assert {m.negative_slope for m in head.modules() if isinstance(m, torch.nn.LeakyReLU)} == {0.01}
+    assert DiscriminatorHead(48).stem[0].out_channels == 48  # narrower than 1024: C itself
+
+
+def test_head_forward_by_hand():
+    """Identity convs, two tokens: GN (one channel per group over the frame) → LeakyReLU(0.01), the
+    residual block added back, then a logit conv reading channel 0."""
+    head = DiscriminatorHead(2, hidden=2)
+    with torch.no_grad():
+        for conv in (head.stem[0], head.residual[0]):
+            conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            conv.bias.zero_()
+        head.to_logit.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+        head.to_logit.bias.zero_()
+    grid = torch.tensor([[1.0, 3.0], [2.0, -2.0]]).view(1, 2, 1, 2)  # channel 0: 1, 3; channel 1: 2, −2
+    # stem: GN → channel 0 (−1, 1), channel 1 (1, −1); LeakyReLU → (−0.01, 1), (1, −0.01)
+    # residual: GN of (−0.01, 1) → (−1, 1) → (−0.01, 1); added back → channel 0 (−0.02, 2)
+    torch.testing.assert_close(head(grid).flatten(), torch.tensor([-0.02, 2.0]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("latent_thw", [(8, 4, 4), (3, 6, 10)])
@@ -66,38 +170,131 @@ def test_heads_read_each_frames_token_grid_from_the_input_shape(latent_thw):
         disc([f[:, :-1] for f in feats], latent_thw)
 
 
-def test_hinge_losses_have_the_paper_signs_and_weights():
-    real = [torch.tensor([0.5, 2.0]), torch.tensor([-1.0, 1.0])]
-    fake = [torch.tensor([-2.0, 0.5]), torch.tensor([0.0, 3.0])]
-    # head 1: mean(relu(1+fake)) = (0 + 1.5)/2, mean(relu(1−real)) = (0.5 + 0)/2 → 1.0
-    # head 2: (1 + 4)/2 + (2 + 0)/2 = 3.5;  L_D = (1.0 + 3.5)/2
-    assert discriminator_hinge(real, fake).item() == pytest.approx(2.25)
-    # generator: head 1 mean(relu(1−fake)) = (3 + 0.5)/2 = 1.75; head 2 (1 + 0)/2 = 0.5 → (1.75 + 0.5)/2
-    assert generator_hinge(fake).item() == pytest.approx(1.125)
-    # L_G = 0.1·(5·1.125 + λ_fm·FM), λ_fm = 10, FM = 0.2
-    assert generator_adversarial(fake, torch.tensor(0.2), 10.0).item() == pytest.approx(0.1 * (5 * 1.125 + 10 * 0.2))
-    # a more convincing fake lowers the generator loss and raises the discriminator's
-    better = [f + 1.0 for f in fake]
-    assert generator_hinge(better) < generator_hinge(fake)
-    assert discriminator_hinge(real, better) > discriminator_hinge(real, fake)
+def test_text_conditioned_head_is_a_projection_of_the_prompt():
+    """logit = ⟨to_logit(h), W·c⟩/√64 per token: linear in the condition, different prompts different logits."""
+    torch.manual_seed(0)
+    disc = Discriminator(16, num_taps=1, patch_size=(1, 2, 2), cond_dim=8)
+    feats = [torch.randn(2, 2 * 2 * 2, 16)]  # 2 frames of 2×2 tokens
+    c1, c2 = torch.randn(2, 8), torch.randn(2, 8)
+    l1, l2, l12 = (disc(feats, (2, 4, 4), c)[0] for c in (c1, c2, c1 + c2))
+    assert not torch.allclose(l1, l2)
+    bias = disc(feats, (2, 4, 4), torch.zeros(2, 8))[0]  # W·0 = the cond map's bias
+    torch.testing.assert_close(l12 - bias, (l1 - bias) + (l2 - bias), atol=1e-5, rtol=1e-4)
+    head = disc.heads[0]
+    frames = feats[0].reshape(2, 2, 2, 2, 16).permute(0, 1, 4, 2, 3).reshape(4, 16, 2, 2)
+    h = head.stem(frames)
+    out = head.to_logit(h + head.residual(h))  # (frames, 64, 2, 2)
+    cmap = head.cond_map(c1.repeat_interleave(2, dim=0))  # each frame its video's prompt
+    by_hand = (out * cmap[:, :, None, None]).sum(1) / math.sqrt(CMAP_DIM)
+    torch.testing.assert_close(l1, by_hand.reshape(2, 8))
+    with pytest.raises(ValueError, match="pooled"):
+        disc(feats, (2, 4, 4))
 
 
-def test_feature_matching_is_mse_after_the_projection():
-    fake = [torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.0, 0.0]]])]
-    real = [torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[3.0, 0.0]]])]
-    # identity projection: tap 1 mse = (0 + 4)/2 = 2, tap 2 = (9 + 0)/2 = 4.5 → mean 3.25
-    assert feature_matching(fake, real, lambda f: f).item() == pytest.approx(3.25)
-    assert feature_matching(fake, real, lambda f: 2 * f).item() == pytest.approx(13.0)
+# ------------------------------------------------------------------- the teacher's output head (FM)
 
 
-def test_feature_projection_is_the_teachers_output_head_without_modulation(backbone):
+def _tiny_real_backbones():
+    """Wan, HunyuanVideo and CogVideoX adapters around tiny random transformers (no pipeline folders)."""
+    from diffusers import (
+        CogVideoXDDIMScheduler,
+        CogVideoXTransformer3DModel,
+        HunyuanVideoTransformer3DModel,
+        WanTransformer3DModel,
+    )
+
+    from dcm.backbones import cogvideox, hunyuan, wan
+
+    settings = types.SimpleNamespace()
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(**wan.TRANSFORMER_CONFIGS["tiny"]).eval()
+    yield wan.WanBackbone(types.SimpleNamespace(transformer=m), settings, 5.0), 16, PromptEmbeds(torch.randn(2, 6, 32))
+    m = HunyuanVideoTransformer3DModel(**hunyuan.TRANSFORMER_CONFIGS["tiny"]).eval()
+    cond = PromptEmbeds(torch.randn(2, 6, 32), {"attention_mask": torch.ones(2, 6, dtype=torch.long),
+                                                "pooled": torch.randn(2, 32)})
+    yield hunyuan.HunyuanBackbone(types.SimpleNamespace(transformer=m), settings, 6.0), 4, cond
+    m = CogVideoXTransformer3DModel(**cogvideox.TRANSFORMER_CONFIGS["tiny"]).eval()
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       timestep_spacing="trailing", snr_shift_scale=3.0, set_alpha_to_one=True)
+    yield (cogvideox.CogVideoXBackbone(types.SimpleNamespace(transformer=m, scheduler=scheduler), settings, 6.0),
+           4, PromptEmbeds(torch.randn(2, 8, 32)))
+
+
+def _last_block_projection_and_output(bb, x, cond, monkeypatch):
+    """Project a tap on the LAST block: through the output head it must be the network's own output."""
+    model = bb.transformer
+    last = len(bb.blocks(model)) - 1
+    monkeypatch.setattr(bb, "feature_block_indices", lambda _model: [0, last])
+    raw = {}
+
+    def keep(_module, _inputs, out):
+        raw["out"] = out[0]
+
+    handle = model.register_forward_hook(keep)
+    with torch.no_grad():
+        _, feats = bb.predict(model, x, torch.tensor([0.3, 0.8]), cond, features=True)
+        projected = bb.project_features(model, feats)
+    handle.remove()
+    return feats, projected, raw["out"]
+
+
+def test_toy_features_through_the_modulated_head_reproduce_the_teachers_output(backbone, params, monkeypatch):
+    x = torch.randn(2, *backbone.latent_shape(params.world.frames, params.world.size))
+    cond = backbone.encode_prompts(["a red circle moves left", "a blue square moves up quickly"])
+    feats, projected, output = _last_block_projection_and_output(backbone, x, cond, monkeypatch)
+    assert feats.latent_thw == tuple(x.shape[2:]) and projected[0].shape == x.shape
+    torch.testing.assert_close(projected[1], output)
+    # the modulation is part of it: the same taps under the other sample's time embedding differ
+    swapped = copy.copy(feats)
+    swapped.head_condition = feats.head_condition.flip(0)
+    assert not torch.allclose(backbone.project_features(backbone.transformer, swapped)[1], output)
+
+
+def test_wan_head_modulation_by_hand(backbone):
+    """Wan: shift, scale = table + temb; out = proj_out(LayerNorm(h)·(1 + scale) + shift)."""
     model = backbone.transformer
-    feat = torch.randn(2, 5, model.proj_out.in_features)
-    expected = model.proj_out(torch.nn.functional.layer_norm(feat, feat.shape[-1:], eps=1e-6))
-    torch.testing.assert_close(output_projection(model)(feat), expected, atol=1e-5, rtol=1e-5)
+    dim = model.proj_out.in_features
+    torch.manual_seed(1)
+    hidden, temb = torch.randn(1, 3, dim), torch.randn(1, dim)
+    table = model.scale_shift_table[0]  # (2, dim): shift row, scale row
+    shift, scale = table[0] + temb[0], table[1] + temb[0]
+    expected = model.proj_out(F.layer_norm(hidden, (dim,), eps=1e-6) * (1 + scale) + shift)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.output_head(model, hidden, temb), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_generator_loss_weights_and_gradients(backbone, params):
+def test_unpatchify_by_hand():
+    """Two tokens of a 1×1×2 grid, patch (1, 1, 2), 2 channels: token values (p, C) or (C, p)."""
+    tokens = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]])  # (B=1, 2 tokens, 4 values)
+    last = unpatchify(tokens, (1, 1, 4), (1, 1, 2), channels_last=True)  # values (w0c0, w0c1, w1c0, w1c1)
+    torch.testing.assert_close(last.flatten(2), torch.tensor([[[1.0, 3.0, 5.0, 7.0], [2.0, 4.0, 6.0, 8.0]]]))
+    first = unpatchify(tokens, (1, 1, 4), (1, 1, 2), channels_last=False)  # values (c0w0, c0w1, c1w0, c1w1)
+    torch.testing.assert_close(first.flatten(2), torch.tensor([[[1.0, 2.0, 5.0, 6.0], [3.0, 4.0, 7.0, 8.0]]]))
+
+
+def test_real_families_map_features_through_their_own_output_head(monkeypatch):
+    """Wan, HunyuanVideo, CogVideoX: the last block's tap through ``project_features`` is the transformer's
+    own output (CogVideoX's is (B, T, C, H, W): the engine's layout is (B, C, T, H, W))."""
+    for bb, channels, cond in _tiny_real_backbones():
+        x = torch.randn(2, channels, 3, 4, 4)
+        _, projected, output = _last_block_projection_and_output(bb, x, cond, monkeypatch)
+        if bb.family == "cogvideox":
+            output = output.transpose(1, 2)
+        assert projected[0].shape == x.shape, bb.family
+        torch.testing.assert_close(projected[1], output, msg=bb.family)
+
+
+def test_backbones_no_longer_import_the_distillation_layer():
+    for path in (REPO / "src" / "dcm" / "backbones").glob("*.py"):
+        assert "dcm.distill" not in path.read_text(), path.name
+    assert "_unwrap" not in (REPO / "src" / "dcm" / "distill" / "discriminator.py").read_text()
+
+
+# ---------------------------------------------------------------------------------------- objective
+
+
+def test_generator_loss_weights_and_gradients_by_hand(backbone, params):
     gan = make_objective(backbone, params, gan_weight=2.0, fm_weight=10.0)
     batch = make_batch(backbone, params)
     torch.manual_seed(3)
@@ -106,9 +303,13 @@ def test_generator_loss_weights_and_gradients(backbone, params):
     torch.manual_seed(3)  # the same σ_adv and ε′: recompute by hand
     feat_real, feat_fake = gan.adversarial_features(batch)
     logits = gan.discriminator(feat_fake, batch.x_end_pred.shape[2:])
-    torch.testing.assert_close(terms["gan_g"], 0.1 * 5 * 2.0 * generator_hinge(logits))
-    torch.testing.assert_close(terms["fm"], 0.1 * 10.0 * feature_matching(feat_fake, feat_real, gan.project))
-    assert terms["fm"] > 0
+    hinge = sum(F.relu(1 - lg).mean() for lg in logits) / len(logits)
+    proj_fake = backbone.project_features(backbone.transformer, feat_fake)
+    proj_real = backbone.project_features(backbone.transformer, feat_real)
+    fm = sum(F.mse_loss(f, r) for f, r in zip(proj_fake, proj_real)) / len(proj_fake)
+    torch.testing.assert_close(terms["gan_g"], 0.1 * 5 * 2.0 * hinge)
+    torch.testing.assert_close(terms["fm"], 0.1 * 10.0 * fm)
+    assert proj_fake[0].shape == batch.x_end_pred.shape and terms["fm"] > 0  # compared in latent space
     sum(terms.values()).backward()
     assert batch.x_end_pred.grad is not None and batch.x_end_pred.grad.abs().sum() > 0  # the fake carries grad
     assert all(p.grad is None for p in gan.discriminator.parameters())  # the generator pass leaves D alone
@@ -122,6 +323,46 @@ def test_real_and_fake_share_the_noise_and_sigma(backbone, params):
     feat_real, feat_fake = gan.adversarial_features(batch)
     for r, f in zip(feat_real, feat_fake):
         torch.testing.assert_close(r, f.detach())
+    torch.testing.assert_close(feat_real.head_condition, feat_fake.head_condition.detach())
+
+
+def test_teacher_feature_passes_and_the_head_run_inside_the_training_autocast(backbone, params):
+    """The batch's autocast (the loop's ``autocast_for``; CPU bf16 here) wraps both teacher passes and
+    the output head of feature matching: checked inside hooked forwards."""
+    gan = make_objective(backbone, params)
+    seen = []
+    model = backbone.transformer
+    hooks = [model.blocks[0].register_forward_hook(lambda *_: seen.append(("block", torch.is_autocast_enabled("cpu")))),
+             model.proj_out.register_forward_hook(lambda *_: seen.append(("head", torch.is_autocast_enabled("cpu"))))]
+    try:
+        gan.generator_loss(make_batch(backbone, params, autocast=CPU_BF16))
+        on = list(seen)
+        seen.clear()
+        gan.generator_loss(make_batch(backbone, params))  # default: no autocast (the CPU path)
+    finally:
+        for h in hooks:
+            h.remove()
+    # real pass, fake pass (each: block 0, its own head), then the FM head on fake and real taps
+    assert [k for k, _ in on] == ["block", "head", "block", "head", "head", "head"]
+    assert all(flag for _, flag in on) and not any(flag for _, flag in seen)
+
+
+@pytest.mark.parametrize("gan_weight, fm_weight, terms", [(1.0, 0.0, {"gan_g"}), (0.0, 1.0, {"fm"}),
+                                                          (0.1, 1.0, {"gan_g", "fm"})])
+def test_gan_and_feature_matching_switch_on_independently(backbone, params, gan_weight, fm_weight, terms):
+    gan = make_objective(backbone, params, gan_weight=gan_weight, fm_weight=fm_weight)
+    batch = make_batch(backbone, params)
+    assert set(gan.generator_loss(batch)) == terms
+    logged = gan.after_generator_step(batch)
+    if gan_weight > 0:
+        assert {"d_loss", "d_real", "d_fake"} <= logged.keys() and gan.state_dict()
+    else:  # feature matching alone: no heads, no D step, nothing to resume
+        assert gan.discriminator is None and logged == {} and gan.state_dict() == {}
+
+
+def test_both_switches_off_is_refused(backbone, params):
+    with pytest.raises(ValueError, match="gan_weight 0.0 and fm_weight 0.0"):
+        make_objective(backbone, params, gan_weight=0.0, fm_weight=0.0)
 
 
 def test_discriminator_step_changes_only_the_discriminator(backbone, params):
@@ -163,3 +404,90 @@ def test_discriminator_summary_flags_heads_at_chance_over_the_second_half():
     late = discriminator_summary(early_chance)
     assert not late["at_chance"] and late["real_minus_fake"] == pytest.approx(1.1)
     assert discriminator_summary([{"step": 0, "loss": 1.0}]) is None
+
+
+# -------------------------------------------------------------------- the loop: autocast, grad norms
+
+
+def test_term_grad_norm_by_hand_leaves_grad_alone():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    q = torch.nn.Parameter(torch.tensor([0.5]))
+    term = 3 * p[0] + 4 * p[1] + 0 * q.sum()  # ∂/∂p = (3, 4), ∂/∂q = 0 → 5
+    assert term_grad_norm(term, [p, q]) == pytest.approx(5.0)
+    assert p.grad is None and q.grad is None
+    assert term_grad_norm(torch.tensor(1.0), [p]) == 0.0  # a constant term: no gradient
+    term.backward()  # the graph was kept for the step's own backward
+    torch.testing.assert_close(p.grad, torch.tensor([3.0, 4.0]))
+
+
+class AutocastSpy(Objective):
+    name = "spy"
+
+    def __init__(self):
+        self.seen = []
+
+    def generator_loss(self, batch):
+        with batch.autocast():
+            self.seen.append(torch.is_autocast_enabled("cpu"))
+        return {}
+
+
+def test_the_loop_hands_its_autocast_to_the_objectives(smoke, monkeypatch):
+    from dcm.distill import loop
+
+    monkeypatch.setattr(loop, "autocast_for", lambda device: CPU_BF16)
+    params = smoke_params(source="online")
+    backbone = distill.load_backbone(params)
+    source = distill.make_source(params, backbone)
+    student = distill.full_parameter_student(backbone)
+    spy = AutocastSpy()
+    phase = schedule.expert_phases(params.grid.steps, params.grid.kappa)["dete"]
+    spec = distill.DistillSpec(name="spy", student=student, trainable=list(student.parameters()), phases=[phase],
+                               target="online", lr=1e-4, train_steps=1, objectives=[spy])
+    train(spec, backbone, source, params, smoke / "spy", StageRun(None))
+    assert spy.seen == [True]
+
+
+def _dete_run(out: Path, log_every: int):
+    """3 DetE steps (LoRA) with GAN + FM and temporal coherence through the loop, from a fresh teacher load."""
+    from dcm.distill.experts import make_dete
+
+    params = smoke_params(source="online", log_every=log_every)
+    torch.manual_seed(0)
+    backbone = distill.load_backbone(params)
+    source = distill.make_source(params, backbone)
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    kappa = params.grid.kappa
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=kappa,
+                     sigma_kappa=grid.sigma(kappa))
+    with torch.no_grad():  # LoRA B starts at zero: move it so the adapter's gradients flow through A too
+        for name, p in dual.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    gan = GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa), gan_weight=1.0,
+                             fm_weight=1.0, disc_lr=1e-3)
+    phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
+    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase],
+                               target="online", lr=1e-3, train_steps=3,
+                               objectives=[TemporalCoherence(1.0, 1), gan])
+    train(spec, backbone, source, params, out, StageRun(None))
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    return [p.detach().clone() for p in spec.trainable], gan, rows
+
+
+def test_per_term_grad_norms_are_logged_on_logging_steps_and_change_nothing(smoke):
+    """log_every 1: every step holds grad_norm/<term> for each term; log_every 1000: only step 0.  The
+    trained DetE, the discriminator and the logged losses are bit-identical either way."""
+    logged, gan_logged, rows_logged = _dete_run(smoke / "every", log_every=1)
+    plain, gan_plain, rows_plain = _dete_run(smoke / "first", log_every=1000)
+    keys = {"grad_norm/consistency", "grad_norm/tc", "grad_norm/gan/gan_g", "grad_norm/gan/fm"}
+    assert all(keys <= r.keys() and all(r[k] > 0 for k in keys) for r in rows_logged)
+    assert keys <= rows_plain[0].keys() and not any(k.startswith("grad_norm/") for r in rows_plain[1:] for k in r)
+    assert all(torch.equal(a, b) for a, b in zip(logged, plain, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(gan_logged.discriminator.parameters(),
+                                                 gan_plain.discriminator.parameters(), strict=True))
+    for a, b in zip(rows_logged, rows_plain, strict=True):
+        assert {k: v for k, v in a.items() if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")} \
+            == {k: v for k, v in b.items() if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")}
+    # the pre-clip total is at most the sum of its terms' norms (triangle inequality)
+    assert all(r["grad_norm"] <= sum(r[k] for k in keys) * (1 + 1e-5) for r in rows_logged)

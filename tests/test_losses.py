@@ -95,3 +95,71 @@ def test_target_at_phase_boundary_is_stored_x_end():
     target = losses.consistency_target(x_prev, v_prev, sigma_prev, sigma_end, torch.tensor([True, False]))
     assert torch.equal(target[0], x_prev[0])
     torch.testing.assert_close(target[1], x_prev[1] + (0.2 - 0.6) * v_prev[1])
+
+
+# ------------------------------------------------------------------------- DetE: GAN + feature matching
+
+
+def test_adversarial_noising_from_sigma_end_to_sigma_adv_by_hand():
+    """x_adv = ((1 − σ_adv)·x + (σ_adv − σ_end)·ε′)/(1 − σ_end), per sample."""
+    x = torch.tensor([2.0, -1.0]).view(2, 1, 1, 1, 1)
+    eps = torch.tensor([0.5, 4.0]).view(2, 1, 1, 1, 1)
+    sigma_adv, sigma_end = torch.tensor([0.6, 0.2]), torch.tensor([0.2, 0.2])
+    out = losses.adversarial_noising(x, eps, sigma_adv, sigma_end).flatten()
+    # sample 0: (0.4·2 + 0.4·0.5)/0.8 = 1.25;  sample 1 at σ_adv = σ_end: (0.8·(−1) + 0)/0.8 = −1 (x itself)
+    torch.testing.assert_close(out, torch.tensor([1.25, -1.0]))
+    # σ_end = 0 is the plain forward process (1 − σ)·x + σ·ε
+    plain = losses.adversarial_noising(x, eps, sigma_adv, 0.0).flatten()
+    torch.testing.assert_close(plain, torch.tensor([0.4 * 2 + 0.6 * 0.5, 0.8 * -1 + 0.2 * 4.0]))
+
+
+def test_hinge_losses_have_the_paper_signs_and_weights():
+    real = [torch.tensor([0.5, 2.0]), torch.tensor([-1.0, 1.0])]
+    fake = [torch.tensor([-2.0, 0.5]), torch.tensor([0.0, 3.0])]
+    # head 1: mean(relu(1+fake)) = (0 + 1.5)/2, mean(relu(1−real)) = (0.5 + 0)/2 → 1.0
+    # head 2: (1 + 4)/2 + (2 + 0)/2 = 3.5;  L_D = (1.0 + 3.5)/2
+    assert losses.discriminator_hinge(real, fake).item() == pytest.approx(2.25)
+    # generator: head 1 mean(relu(1−fake)) = (3 + 0.5)/2 = 1.75; head 2 (1 + 0)/2 = 0.5 → (1.75 + 0.5)/2
+    assert losses.generator_hinge(fake).item() == pytest.approx(1.125)
+    # a more convincing fake lowers the generator loss and raises the discriminator's
+    better = [f + 1.0 for f in fake]
+    assert losses.generator_hinge(better) < losses.generator_hinge(fake)
+    assert losses.discriminator_hinge(real, better) > losses.discriminator_hinge(real, fake)
+
+
+def test_feature_matching_is_the_mse_averaged_over_taps_in_fp32():
+    fake = [torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.0, 0.0]]], dtype=torch.bfloat16)]
+    real = [torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[3.0, 0.0]]], dtype=torch.bfloat16)]
+    # tap 1 mse = (0 + 4)/2 = 2, tap 2 = (9 + 0)/2 = 4.5 → mean 3.25
+    fm = losses.feature_matching(fake, real)
+    assert fm.item() == pytest.approx(3.25) and fm.dtype == torch.float32
+
+
+@pytest.mark.parametrize("lambda_gan, lambda_fm", [(1.0, 1.0), (1.0, 10.0), (0.1, 1.0)])
+def test_dete_generator_loss_is_the_papers_sum_split_into_its_two_terms(lambda_gan, lambda_fm):
+    """L_G = 0.1·(5·λ_gan·L_hinge + λ_fm·L_FM); each term alone when the other is off (None)."""
+    hinge, fm = torch.tensor(1.125), torch.tensor(0.2)
+    terms = losses.dete_generator_loss(hinge, fm, lambda_gan, lambda_fm)
+    assert set(terms) == {"gan_g", "fm"}
+    assert sum(terms.values()).item() == pytest.approx(0.1 * (5 * lambda_gan * 1.125 + lambda_fm * 0.2))
+    assert terms["gan_g"].item() == pytest.approx(0.5 * lambda_gan * 1.125)
+    assert losses.dete_generator_loss(None, fm, lambda_gan, lambda_fm) == {"fm": terms["fm"]}
+    assert losses.dete_generator_loss(hinge, None, lambda_gan, lambda_fm) == {"gan_g": terms["gan_g"]}
+
+
+# ---------------------------------------------------------------------------------- MCM: WGAN + R1
+
+
+def test_wgan_losses_and_r1_by_hand():
+    real = [torch.tensor([0.5, 2.0]), torch.tensor([-3.0, 1.0])]
+    fake = [torch.tensor([-2.0, 0.5]), torch.tensor([0.0, 3.0])]
+    # G: −mean(fake) per head → 0.75, −1.5 → mean −0.375
+    assert losses.wgan_generator(fake).item() == pytest.approx(-0.375)
+    # D head 1: mean(max(−1, −real)) = (−0.5 − 1)/2 = −0.75; mean(max(−1, fake)) = (−1 + 0.5)/2 = −0.25 → −1
+    # D head 2: (3 − 1)/2 = 1; (0 + 3)/2 = 1.5 → 2.5;  mean over heads 0.75
+    assert losses.wgan_discriminator(real, fake).item() == pytest.approx(0.75)
+    # R1 with D(f) = Σ w·f per sample: the gradient is w everywhere, ‖w‖² per token, 4 tokens per sample
+    feats = [torch.randn(3, 4, 2, requires_grad=True)]
+    w = torch.tensor([1.0, -2.0])
+    logits = [(feats[0] * w).sum(-1)]
+    assert losses.r1_penalty(logits, feats).item() == pytest.approx(4 * 5.0)

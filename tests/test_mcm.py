@@ -126,21 +126,6 @@ def test_learn_target_side_is_an_ema_copy_of_the_head():
 # ------------------------------------------------------------------------------ image discriminator
 
 
-def test_wgan_losses_and_r1_by_hand():
-    real = [torch.tensor([0.5, 2.0]), torch.tensor([-3.0, 1.0])]
-    fake = [torch.tensor([-2.0, 0.5]), torch.tensor([0.0, 3.0])]
-    # G: −mean(fake) per head → 0.75, −1.5 → mean −0.375
-    assert mcm.wgan_generator(fake).item() == pytest.approx(-0.375)
-    # D head 1: mean(max(−1, −real)) = (−0.5 − 1)/2 = −0.75; mean(max(−1, fake)) = (−1 + 0.5)/2 = −0.25 → −1
-    # D head 2: (3 − 1)/2 = 1; (0 + 3)/2 = 1.5 → 2.5;  mean over heads 0.75
-    assert mcm.wgan_discriminator(real, fake).item() == pytest.approx(0.75)
-    # R1 with D(f) = Σ w·f per sample: the gradient is w everywhere, ‖w‖² per sample
-    feats = [torch.randn(3, 4, 2, requires_grad=True)]
-    w = torch.tensor([1.0, -2.0])
-    logits = [(feats[0] * w).sum(-1)]
-    assert mcm.r1_penalty(logits, feats).item() == pytest.approx(4 * 5.0)
-
-
 def make_batch(backbone, params, batch=2):
     shape = backbone.latent_shape(params.world.frames, params.world.size)
     gen = torch.Generator().manual_seed(0)
@@ -165,10 +150,53 @@ class SpyFeatures(mcm.TeacherFrameFeatures):
         return feats
 
 
+def hq_set(backbone, params, n=6):
+    images, captions = mcm.hq_stills(n, seed=1, size=params.world.size)
+    return images, backbone.encode_prompts(captions).pooled()
+
+
+def test_hq_stills_are_the_worlds_hq_images_with_their_captions(params):
+    images, captions = mcm.hq_stills(5, seed=3, size=params.world.size, jitter=1.5)
+    assert torch.equal(images, shapes.hq_images(5, seed=3, size=params.world.size, jitter=1.5))
+    assert len(captions) == 5 and all(shapes.parse_caption(c) for c in captions)
+
+
+def test_pooled_prompt_is_the_mean_of_the_non_padding_tokens(backbone):
+    cond = backbone.encode_prompts(["a red circle moves left", "a blue striped square moves up quickly"])
+    words = [5, 7]  # tokens of each caption; the rest of the 8 positions are zero padding
+    for row, n in enumerate(words):
+        assert cond.hidden[row, n:].abs().sum() == 0 and (cond.hidden[row, :n].abs().sum(-1) > 0).all()
+        torch.testing.assert_close(cond.pooled()[row], cond.hidden[row, :n].mean(0))
+
+
+def test_image_discriminator_logits_depend_on_the_prompt(backbone, params):
+    """MCM's heads are text-conditioned: the same frames scored under two prompts get different logits,
+    and the generator term follows the batch's prompts."""
+    torch.manual_seed(0)
+    features = mcm.TeacherFrameFeatures(backbone, backbone.transformer, 0.1)
+    disc = mcm.ImageDiscriminator(features, *hq_set(backbone, params), weight=1.0, disc_lr=1e-3, r1_weight=0.0,
+                                  frames=2)
+    frames = disc.real_bank[:2]
+    torch.manual_seed(1)
+    feats = features(frames)
+    a, b = (backbone.encode_prompts([p] * 2).pooled() for p in ("a red circle moves left",
+                                                                "a blue striped square moves up quickly"))
+    logits_a, logits_b = disc.discriminator(feats, frames.shape[2:], a), disc.discriminator(feats, frames.shape[2:], b)
+    assert all(not torch.allclose(x, y) for x, y in zip(logits_a, logits_b))
+    batch = make_batch(backbone, params)
+    other = make_batch(backbone, params)
+    other.cond = backbone.encode_prompts(["a blue striped square moves up quickly"] * 2)
+    torch.manual_seed(2)
+    g_a = disc.generator_loss(batch)["img_g"]
+    torch.manual_seed(2)  # the same frames and noise: only the prompt differs
+    g_b = disc.generator_loss(other)["img_g"]
+    assert not torch.allclose(g_a, g_b)
+
+
 def test_image_discriminator_scores_single_frames_of_the_students_x0(backbone, params):
     features = SpyFeatures(backbone, backbone.transformer, 0.1)
-    images = shapes.hq_images(6, seed=1, size=params.world.size)
-    disc = mcm.ImageDiscriminator(features, images, weight=1.0, disc_lr=1e-3, r1_weight=1e-5, frames=2)
+    images, text = hq_set(backbone, params)
+    disc = mcm.ImageDiscriminator(features, images, text, weight=1.0, disc_lr=1e-3, r1_weight=1e-5, frames=2)
     batch = make_batch(backbone, params, batch=3)
     c, t, h, w = backbone.latent_shape(params.world.frames, params.world.size)
     assert disc.real_bank.shape == (6, c, 1, h, w)  # still images are one-frame latents

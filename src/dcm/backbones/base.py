@@ -8,9 +8,9 @@ one adapter serves every model of a run.  Velocity parametrisation: v ≈ ε −
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,61 @@ class PromptEmbeds:
         keys = (items[0].extra or {}).keys()
         extra = {k: torch.cat([i.extra[k] for i in items]) for k in keys} or None
         return PromptEmbeds(torch.cat([i.hidden for i in items]), extra)
+
+    def pooled(self) -> torch.Tensor:
+        """(B, D) one vector per prompt: the family's pooled embedding (Hunyuan's CLIP) where it has one,
+        else the mean of the non-padding token embeddings (padding rows are all zero in every family)."""
+        if self.extra and "pooled" in self.extra:
+            return self.extra["pooled"]
+        hidden = self.hidden.float()
+        real = (hidden.abs().sum(-1, keepdim=True) > 0).float()
+        return (hidden * real).sum(1) / real.sum(1).clamp(min=1.0)
+
+
+def token_grid(latent_thw: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """(T', H', W') of the transformer's tokens: latent frames/height/width over the patch size."""
+    t, h, w = latent_thw
+    pt, ph, pw = patch_size
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"latent (T, H, W) = {tuple(latent_thw)} is not divisible by the patch size {tuple(patch_size)}")
+    return t // pt, h // ph, w // pw
+
+
+def unpatchify(tokens: torch.Tensor, latent_thw: Sequence[int], patch_size: Sequence[int],
+               channels_last: bool) -> torch.Tensor:
+    """Output-head tokens (B, T'·H'·W', p_t·p_h·p_w·C) → latents (B, C, T, H, W).
+
+    Each token holds its patch's values as (p_t, p_h, p_w, C) (Wan: ``channels_last``) or (C, p_t, p_h, p_w)
+    (HunyuanVideo, CogVideoX), tokens ordered (frame, row, column).
+    """
+    b = tokens.shape[0]
+    (t, h, w), (pt, ph, pw) = token_grid(latent_thw, patch_size), patch_size
+    if channels_last:
+        x = tokens.reshape(b, t, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    else:
+        x = tokens.reshape(b, t, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, x.shape[1], t * pt, h * ph, w * pw)
+
+
+@dataclass
+class TeacherFeatures(Sequence):
+    """What one feature pass of a transformer gives DetE's discriminator and feature matching: the
+    tapped block outputs (B, tokens, dim), in tap order, and what the output head needs to map them
+    to latent space (the timestep embedding it modulates with, the latent shape).  Iterates over the taps."""
+
+    taps: list[torch.Tensor] = field(default_factory=list)
+    head_condition: torch.Tensor | None = None
+    latent_thw: tuple[int, int, int] = (0, 0, 0)
+
+    def __len__(self) -> int:
+        return len(self.taps)
+
+    def __getitem__(self, index):
+        return self.taps[index]
+
+    def detach(self) -> TeacherFeatures:
+        condition = self.head_condition.detach() if self.head_condition is not None else None
+        return TeacherFeatures([t.detach() for t in self.taps], condition, self.latent_thw)
 
 
 class Backbone(ABC):
@@ -109,34 +164,59 @@ class Backbone(ABC):
         """(t, h, w) patch of the transformer's tokens: latent grid / patch = the discriminator's token grid."""
         return tuple(int(p) for p in unwrap(model).config.patch_size)
 
-    def feature_projection(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Block features → the output head (``norm_out`` + ``proj_out``) for feature matching; Wan's form."""
-        from dcm.distill.discriminator import output_projection
+    # --- the output head, for feature matching (METHODS.md, DetE)
+    @abstractmethod
+    def watch_head_condition(self, model: nn.Module, store: Callable[[torch.Tensor], None]):
+        """Register a hook that hands ``store`` the conditioning the output head modulates with (the
+        timestep embedding) during a forward of ``model``; returns the hook's handle."""
+        ...
 
-        return output_projection(model)
+    @abstractmethod
+    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+        """The transformer's final layer on block outputs (B, tokens, dim): modulated ``norm_out``, then
+        ``proj_out``; (B, tokens, patch values), before unpatchifying."""
+        ...
+
+    #: how a token of the output head holds its patch: (p_t, p_h, p_w, C) (Wan) or (C, p_t, p_h, p_w)
+    head_channels_last: bool = False
+
+    def project_features(self, model: nn.Module, features: TeacherFeatures) -> list[torch.Tensor]:
+        """Each tap through the teacher's output head at the pass's t (modulation included), unpatchified
+        to the network's output space (B, C, T, H, W): what feature matching compares."""
+        if features.head_condition is None:
+            raise ValueError("these features carry no output-head conditioning: take them with predict(features=True)")
+        patch = self.token_patch(model)
+        return [unpatchify(self.output_head(model, tap, features.head_condition), features.latent_thw, patch,
+                           self.head_channels_last) for tap in features.taps]
 
     # --- shared behaviour
     def predict(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
                 features: bool = False, guidance: torch.Tensor | None = None):
-        """Velocity, and with ``features=True`` also the outputs of every 2nd block (B, tokens, dim)."""
+        """Velocity, and with ``features=True`` also a ``TeacherFeatures``: the outputs of every 2nd block
+        (B, tokens, dim) and the output head's conditioning of this forward."""
         if not features:
             return self.forward(model, x, sigma, cond, guidance)
         with self.capture_features(model) as feats:
             v = self.forward(model, x, sigma, cond, guidance)
-        return v, list(feats)
+        feats.latent_thw = tuple(int(d) for d in x.shape[2:])
+        return v, feats
 
     @contextmanager
     def capture_features(self, model: nn.Module):
         blocks = self.blocks(model)
         taps = self.feature_block_indices(model)
-        feats: list[torch.Tensor] = [None] * len(taps)  # type: ignore[list-item]
+        feats = TeacherFeatures([None] * len(taps))  # type: ignore[list-item]
 
         def hook_for(slot: int):
             def hook(_module, _inputs, output):
-                feats[slot] = output[0] if isinstance(output, tuple) else output
+                feats.taps[slot] = output[0] if isinstance(output, tuple) else output
             return hook
 
+        def store(condition: torch.Tensor) -> None:
+            feats.head_condition = condition
+
         handles = [blocks[i].register_forward_hook(hook_for(k)) for k, i in enumerate(taps)]
+        handles.append(self.watch_head_condition(model, store))
         try:
             yield feats
         finally:

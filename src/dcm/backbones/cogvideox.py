@@ -20,8 +20,11 @@ Latents are the VAE mean × ``scaling_factor`` in the engine's (B, C, T, H, W) l
 transformer takes (B, T, C, H, W), so ``forward`` transposes in and out.
 
 Discriminator taps: every 2nd of ``transformer_blocks`` (their first output is the video tokens,
-frame-major).  DetE copies ``time_embedding`` (the timestep MLP; ``time_proj`` is parameter-free),
-``norm_out`` (the timestep-modulated output norm) and ``proj_out``: the same three roles as
+frame-major).  Feature matching maps them through the output head as the forward does:
+``proj_out(norm_out(norm_final(h), temb=emb))`` (``norm_out`` an AdaLayerNorm on the time embedding),
+tokens holding (C, p_t, p, p); the result is the network's own (VP v-prediction) output space.
+DetE copies ``time_embedding`` (the timestep MLP; ``time_proj`` is parameter-free), ``norm_out``
+(the timestep-modulated output norm) and ``proj_out``: the same three roles as
 HunyuanVideo's and Wan's choices (our choice; the DCM paper reports CogVideoX without naming them).
 Text length is the transformer's ``max_text_seq_length`` (its positional table assumes it).
 """
@@ -153,9 +156,13 @@ class CogVideoXBackbone(PipelineBackbone):
         cfg = unwrap(model).config
         return (int(cfg.patch_size_t or 1), int(cfg.patch_size), int(cfg.patch_size))
 
-    def feature_projection(self, model: nn.Module):
+    def watch_head_condition(self, model: nn.Module, store):
+        return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, _args, kwargs: store(kwargs["temb"]),
+                                                                with_kwargs=True)
+
+    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
         m = unwrap(model)
-        return lambda feat: m.proj_out(m.norm_out.norm(m.norm_final(feat.float())).to(feat.dtype))
+        return m.proj_out(m.norm_out(m.norm_final(hidden), temb=head_condition))
 
     def rotary_embedding(self, model: nn.Module, latent_thw: tuple[int, int, int], device):
         """The pipeline's RoPE tables for this latent grid (CogVideoX-5B and 1.5), cached per shape."""

@@ -14,7 +14,9 @@ with its 95-token system prefix cropped, their attention mask, CLIP's pooled out
 ``PromptEmbeds(hidden, {"attention_mask", "pooled"})``.  Latents: VAE mean × ``scaling_factor``.
 
 Discriminator taps: every 2nd single-stream block (0, 2, …, 38); their outputs are split into
-video and text tokens and the hook keeps the video tokens.  DetE copies ``time_text_embed``
+video and text tokens and the hook keeps the video tokens.  Feature matching maps them through the
+output head as the forward does: ``proj_out(norm_out(h, temb))`` (``norm_out`` is an
+AdaLayerNormContinuous, temb the time/guidance/pooled-text embedding), tokens holding (C, p_t, p, p).  DetE copies ``time_text_embed``
 (timestep + guidance + pooled-text embedding), ``norm_out`` and ``proj_out`` (METHODS.md); the
 token refiner (``context_embedder``) also sees t but is shared, as in the official code.
 """
@@ -75,6 +77,13 @@ class HunyuanBackbone(PipelineBackbone):
     def token_patch(self, model: nn.Module) -> tuple[int, int, int]:
         cfg = unwrap(model).config
         return (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
+
+    def watch_head_condition(self, model: nn.Module, store):
+        return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, args: store(args[1]))
+
+    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+        m = unwrap(model)
+        return m.proj_out(m.norm_out(hidden, head_condition))
 
     def forward(self, model, x, sigma, cond, guidance=None):
         batch = x.shape[0]

@@ -17,7 +17,8 @@ from diffusers import ModelMixin, WanTransformer3DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.backbones.base import Backbone, PromptEmbeds, unwrap
+from dcm.backbones.wan import WanOutputHead
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -91,7 +92,7 @@ class PixelCodec:
         return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
 
-class ToyBackbone(Backbone):
+class ToyBackbone(WanOutputHead, Backbone):
     family = "toy"
     guidance_mode = "cfg"
     # Wan's timestep-dependent layers: the time/text embedder, the output modulation and projection.
@@ -157,21 +158,10 @@ class ToyBackbone(Backbone):
         return (3 * f * f, frames, size // f, size // f)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return _unwrap(model).blocks
+        return unwrap(model).blocks
 
     def forward(self, model, x, sigma, cond, guidance=None):
         timestep = (sigma * 1000.0).to(x.dtype).expand(x.shape[0])
         return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.hidden.to(x.dtype),
                      return_dict=False)[0]
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The diffusers model under PEFT / DDP / expert wrappers."""
-    while True:
-        for attr in ("module", "base_model", "model"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module) and not hasattr(model, "blocks"):
-                model = inner
-                break
-        else:
-            return model

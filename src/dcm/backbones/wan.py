@@ -7,7 +7,8 @@ v_u + w·(v_c − v_u) with the negative prompt (``backbone.real.negative_prompt
 as the unconditional input.  Latents are the VAE's mean, normalised with the VAE config's
 ``latents_mean`` / ``latents_std`` as the pipeline does before decoding.
 
-Discriminator taps: every 2nd of ``blocks`` (0, 2, …, 28 for the 30-block 1.3B model).
+Discriminator taps: every 2nd of ``blocks`` (0, 2, …, 28 for the 30-block 1.3B model).  Feature
+matching maps them through the output head (``WanOutputHead``, shared with the shapes toy).
 DetE copies ``condition_embedder`` (time + text embedding), ``scale_shift_table`` (the output
 modulation: Wan's ``norm_out`` is an affine-free LayerNorm, the modulation lives in this table),
 ``norm_out`` and ``proj_out``.
@@ -35,7 +36,33 @@ TRANSFORMER_CONFIGS = {
 }
 
 
-class WanBackbone(PipelineBackbone):
+class WanOutputHead:
+    """WanTransformer3DModel's final layer (its forward, step 5), for Wan and the shapes toy:
+
+        shift, scale = scale_shift_table + temb          (temb: the condition embedder's time embedding)
+        out = proj_out(norm_out(h)·(1 + scale) + shift)  (norm_out: affine-free LayerNorm, in fp32)
+
+    tokens hold their patch as (p_t, p_h, p_w, C).
+    """
+
+    head_channels_last = True
+
+    def watch_head_condition(self, model: nn.Module, store):
+        # Wan calls norm_out without temb: take it where it is made, the condition embedder's first output
+        return unwrap(model).condition_embedder.register_forward_hook(lambda _m, _inputs, out: store(out[0]))
+
+    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+        m = unwrap(model)
+        table, temb = m.scale_shift_table.to(head_condition.device), head_condition
+        if temb.ndim == 3:  # one timestep per token (Wan 2.2 TI2V): temb (B, tokens, dim)
+            shift, scale = (table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (table + temb.unsqueeze(1)).chunk(2, dim=1)
+        return m.proj_out((m.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden))
+
+
+class WanBackbone(WanOutputHead, PipelineBackbone):
     family = "wan"
     guidance_mode = "cfg"
     timestep_layer_names = ("condition_embedder", "scale_shift_table", "norm_out", "proj_out")
@@ -70,11 +97,6 @@ class WanBackbone(PipelineBackbone):
     # --- network
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return unwrap(model).blocks
-
-    def feature_projection(self, model: nn.Module):
-        from dcm.distill.discriminator import output_projection
-
-        return output_projection(model)  # Wan's norm_out is the affine-free LayerNorm itself
 
     def forward(self, model, x, sigma, cond, guidance=None):
         return model(hidden_states=x, timestep=self.timestep(sigma, x), encoder_hidden_states=cond.hidden.to(x.dtype),

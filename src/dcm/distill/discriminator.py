@@ -1,32 +1,47 @@
 """DetE's adversarial training: discriminator heads on frozen-teacher features, hinge GAN and feature matching.
 
-METHODS.md (DetE): real = the consistency target x̂_tgt, fake = the student endpoint x̂; both are
-forward-diffused with the same noise ε′ to σ_adv drawn from the DetE range of the teacher grid; the
-frozen teacher at t_adv gives features from every 2nd block; one head per tap scores each frame's
-token grid.  Losses, H heads, token-mean inside each term:
+METHODS.md (DetE), as the official code does it: real = the consistency target x̂_tgt, fake = the
+student endpoint x̂; both are forward-diffused with the same noise ε′ from σ_end to σ_adv,
+
+    σ_adv ~ U{σ_min, σ_0, …, σ_{κ−1}}           (sigmas_prev[U[0, κ+1)]: the x_{n−1} levels of DetE's n)
+    x_adv = ((1 − σ_adv)·x + (σ_adv − σ_end)·ε′)/(1 − σ_end)
+
+the frozen teacher at t_adv gives features from every 2nd block (under the training autocast); one
+head per tap scores each frame's token grid; feature matching compares the taps after the teacher's
+output head at t_adv (modulation included), unpatchified to latent space.  The loss equations live in
+``dcm.distill.losses``:
 
     L_D = Σ_h [relu(1 + D_h(fake)) + relu(1 − D_h(real))] / H
-    L_G = 0.1 · (5 · Σ_h relu(1 − D_h(fake)) / H + λ_fm · mse(feat_fake, feat_real))
+    L_G = 0.1 · (5 · λ_gan · Σ_h relu(1 − D_h(fake)) / H + λ_fm · mse(feat_fake, feat_real))
 
-Generator step then discriminator step (1:1); D: AdamW, betas (0, 0.999), clip 1.0.
+Generator step then discriminator step (1:1); D: AdamW, betas (0, 0.999), clip 1.0.  The hinge term
+(and D) is on when λ_gan > 0, feature matching when λ_fm > 0, independently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcm import distributed
-from dcm.backbones.base import Backbone
+from dcm.backbones.base import Backbone, TeacherFeatures, token_grid
+from dcm.distill import losses
 from dcm.distill.loop import ConsistencyBatch, Objective
+from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid
 
-GENERATOR_SCALE = 0.1  # the outer 0.1 of L_G
-HINGE_WEIGHT = 5.0  # the 5 in front of the generator hinge
 DISC_BETAS = (0.0, 0.999)
+HEAD_WIDTH = 1024  # official head width: min(C, 1024)
+LEAKY_SLOPE = 0.01
+CMAP_DIM = 64  # width of a text-conditioned head's projection (MCM / StyleGAN-T's cmap_dim)
+
+
+def adversarial_sigmas(grid: TeacherGrid, kappa: int) -> list[float]:
+    """The σ_adv DetE draws from: sigmas_prev[0..κ] = [σ_min, σ_0, …, σ_{κ−1}] (official: U[0, κ+1))."""
+    return [grid.sigma(n) for n in range(SIGMA_MIN_INDEX, kappa)]
 
 
 def group_count(channels: int, most: int = 32) -> int:
@@ -34,49 +49,63 @@ def group_count(channels: int, most: int = 32) -> int:
     return max(g for g in range(1, min(most, channels) + 1) if channels % g == 0)
 
 
-def _norm_act(channels: int) -> list[nn.Module]:
-    return [nn.GroupNorm(group_count(channels), channels), nn.LeakyReLU(0.2)]
+def _conv_norm_act(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.GroupNorm(group_count(c_out), c_out), nn.LeakyReLU(LEAKY_SLOPE))
 
 
 class DiscriminatorHead(nn.Module):
-    """1×1 conv → GroupNorm → LeakyReLU → residual 1×1-conv block → 1×1 conv to one logit per token."""
+    """h = act(GN(conv(x))); h = h + act(GN(conv(h))); logit = conv(h): one logit per token (official widths).
 
-    def __init__(self, dim: int, hidden: int | None = None):
+    With ``cond_dim`` the head is text-conditioned, projection-discriminator style (MCM's heads):
+    the last conv gives a ``CMAP_DIM`` vector per token and logit = ⟨it, W·c⟩/√CMAP_DIM for the
+    prompt's pooled embedding c.
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None, cond_dim: int | None = None):
         super().__init__()
-        hidden = hidden or dim
-        self.stem = nn.Sequential(nn.Conv2d(dim, hidden, 1), *_norm_act(hidden))
-        self.residual = nn.Sequential(nn.Conv2d(hidden, hidden, 1), *_norm_act(hidden), nn.Conv2d(hidden, hidden, 1))
-        self.to_logit = nn.Conv2d(hidden, 1, 1)
+        hidden = hidden or min(dim, HEAD_WIDTH)
+        self.stem = _conv_norm_act(dim, hidden)
+        self.residual = _conv_norm_act(hidden, hidden)
+        self.to_logit = nn.Conv2d(hidden, CMAP_DIM if cond_dim else 1, 1)
+        self.cond_map = nn.Linear(cond_dim, CMAP_DIM) if cond_dim else None
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.stem(grid)
-        return self.to_logit(h + self.residual(h))
+        out = self.to_logit(h + self.residual(h))
+        if self.cond_map is None:
+            return out
+        if cond is None:
+            raise ValueError("a text-conditioned discriminator head needs the prompts' pooled embeddings")
+        cmap = self.cond_map(cond.float())[:, :, None, None]
+        return (out * cmap).sum(1, keepdim=True) / math.sqrt(CMAP_DIM)
 
 
-def token_grid(latent_thw: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
-    """(T', H', W') of the transformer's tokens: latent frames/height/width over the patch size."""
-    t, h, w = latent_thw
-    pt, ph, pw = patch_size
-    if t % pt or h % ph or w % pw:
-        raise ValueError(f"latent (T, H, W) = {tuple(latent_thw)} is not divisible by the patch size {tuple(patch_size)}")
-    return t // pt, h // ph, w // pw
+def head_parameter_count(dim: int, hidden: int | None = None) -> int:
+    """Parameters of one unconditioned head: C·h + h (stem conv) + h² + h (residual conv) + 2·2h (two
+    GroupNorms) + h + 1 (logit conv) = C·h + h² + 7h + 1, with h = min(C, 1024)."""
+    h = hidden or min(dim, HEAD_WIDTH)
+    return dim * h + h * h + 7 * h + 1
 
 
 class Discriminator(nn.Module):
     """One ``DiscriminatorHead`` per feature tap; the token grid comes from each call's latent shape."""
 
-    def __init__(self, dim: int, num_taps: int, patch_size: Sequence[int], hidden: int | None = None):
+    def __init__(self, dim: int, num_taps: int, patch_size: Sequence[int], hidden: int | None = None,
+                 cond_dim: int | None = None):
         super().__init__()
         if num_taps < 1:
             raise ValueError(f"a discriminator needs at least one feature tap, got {num_taps}")
         self.patch_size = tuple(int(p) for p in patch_size)
-        self.heads = nn.ModuleList(DiscriminatorHead(dim, hidden) for _ in range(num_taps))
+        self.heads = nn.ModuleList(DiscriminatorHead(dim, hidden, cond_dim) for _ in range(num_taps))
 
-    def forward(self, features: Sequence[torch.Tensor], latent_thw: Sequence[int]) -> list[torch.Tensor]:
-        """Per head the logits (B, T'·H'·W'), one per token; ``features`` are (B, tokens, dim) block outputs."""
+    def forward(self, features: Sequence[torch.Tensor], latent_thw: Sequence[int],
+                cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per head the logits (B, T'·H'·W'), one per token; ``features`` are (B, tokens, dim) block outputs,
+        ``cond`` (B, cond_dim) the prompts' pooled embeddings for text-conditioned heads."""
         if len(features) != len(self.heads):
             raise ValueError(f"{len(features)} feature taps for {len(self.heads)} discriminator heads")
         t, h, w = token_grid(latent_thw, self.patch_size)
+        frame_cond = cond.repeat_interleave(t, dim=0) if cond is not None else None  # each frame its prompt
         logits = []
         for head, feat in zip(self.heads, features):
             b, tokens, dim = feat.shape
@@ -84,50 +113,12 @@ class Discriminator(nn.Module):
                 raise ValueError(f"features have {tokens} tokens but the latent grid is {t}×{h}×{w} = {t * h * w}")
             # tokens are ordered (frame, row, column): each frame's tokens become a (dim, H', W') image
             frames = feat.float().reshape(b, t, h, w, dim).permute(0, 1, 4, 2, 3).reshape(b * t, dim, h, w)
-            logits.append(head(frames).reshape(b, t * h * w))
+            logits.append(head(frames, frame_cond).reshape(b, t * h * w))
         return logits
 
 
-# ----------------------------------------------------------------------------------- losses
-
-
-def discriminator_hinge(real_logits: Sequence[torch.Tensor], fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L_D = Σ_h [relu(1 + D_h(fake)) + relu(1 − D_h(real))] / H, each term a mean over tokens."""
-    terms = [F.relu(1.0 + fake).mean() + F.relu(1.0 - real).mean() for real, fake in zip(real_logits, fake_logits)]
-    return torch.stack(terms).sum() / len(terms)
-
-
-def generator_hinge(fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_h relu(1 − D_h(fake)) / H, each term a mean over tokens."""
-    return torch.stack([F.relu(1.0 - fake).mean() for fake in fake_logits]).sum() / len(fake_logits)
-
-
-def feature_matching(feat_fake: Sequence[torch.Tensor], feat_real: Sequence[torch.Tensor],
-                     project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """mse(project(feat_fake), project(feat_real)), averaged over taps; ``project`` = the teacher's output head."""
-    terms = [F.mse_loss(project(fake).float(), project(real).float()) for fake, real in zip(feat_fake, feat_real)]
-    return torch.stack(terms).mean()
-
-
-def generator_adversarial(fake_logits: Sequence[torch.Tensor], fm: torch.Tensor, fm_weight: float) -> torch.Tensor:
-    """L_G = 0.1 · (5 · generator_hinge + λ_fm · FM)."""
-    return GENERATOR_SCALE * (HINGE_WEIGHT * generator_hinge(fake_logits) + fm_weight * fm)
-
-
-def output_projection(teacher: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Features → the teacher's ``proj_out(norm_out(·))``, without Wan's final shift/scale modulation.
-
-    Wan modulates after ``norm_out`` with (shift, scale) from the timestep embedding; a block output
-    alone carries no timestep, so the projection skips that modulation (norm_out is affine-free).
-    """
-    from dcm.backbones.toy import _unwrap
-
-    model = _unwrap(teacher)
-    return lambda feat: model.proj_out(model.norm_out(feat.float()).to(feat.dtype))
-
-
 @contextmanager
-def _frozen(module: nn.Module):
+def frozen(module: nn.Module):
     """No gradients into ``module`` for the block (the generator pass through D)."""
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
@@ -164,82 +155,97 @@ def discriminator_summary(rows: Sequence[dict], prefix: str = "gan/") -> dict | 
 class GanFeatureMatching(Objective):
     """DetE's GAN + feature-matching terms, and the discriminator's own step after each generator step.
 
-    ``gan_weight`` scales the hinge term (1 → the paper's 0.1·5), ``fm_weight`` is λ_fm.  σ_adv is drawn
-    per sample uniformly from the DetE grid indices [0, κ] with the global torch RNG (which the loop's
-    resume state restores), ε′ likewise.
+    ``adv_sigmas``: the σ_adv to draw from (``adversarial_sigmas(grid, κ)``); σ_end is each sample's
+    phase end (σ_min for DetE).  ``gan_weight`` = λ_gan scales the hinge term (1 → the paper's 0.1·5)
+    and switches it and the discriminator on (> 0); ``fm_weight`` = λ_fm likewise for feature matching.
+    σ_adv and ε′ come from the global torch RNG (which the loop's resume state restores).
     """
 
     name = "gan"
 
-    def __init__(self, backbone: Backbone, teacher: nn.Module, dete_sigmas: Sequence[float], *, gan_weight: float,
+    def __init__(self, backbone: Backbone, teacher: nn.Module, adv_sigmas: Sequence[float], *, gan_weight: float,
                  fm_weight: float, disc_lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0):
-        if not len(dete_sigmas):
+        if not len(adv_sigmas):
             raise ValueError("GanFeatureMatching needs at least one σ_adv to draw from")
+        if gan_weight <= 0 and fm_weight <= 0:
+            raise ValueError(f"GanFeatureMatching with gan_weight {gan_weight} and fm_weight {fm_weight}: "
+                             "nothing to train (one of them must be > 0)")
         self.backbone, self.teacher = backbone, teacher
         self.gan_weight, self.fm_weight, self.max_grad_norm = gan_weight, fm_weight, max_grad_norm
-        self.dete_sigmas = torch.as_tensor(list(dete_sigmas), dtype=torch.float32)
-        dim = backbone.feature_dim(teacher)
-        device = next(teacher.parameters()).device
-        taps = len(backbone.feature_block_indices(teacher))
-        self.discriminator = Discriminator(dim, taps, backbone.token_patch(teacher)).to(device)
-        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
-                                           weight_decay=weight_decay)
-        self.project = backbone.feature_projection(teacher)
+        self.adv_sigmas = torch.as_tensor(list(adv_sigmas), dtype=torch.float32)
+        self.discriminator = self.optimizer = None
+        if gan_weight > 0:
+            device = next(teacher.parameters()).device
+            taps = len(backbone.feature_block_indices(teacher))
+            self.discriminator = Discriminator(backbone.feature_dim(teacher), taps,
+                                               backbone.token_patch(teacher)).to(device)
+            self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
+                                               weight_decay=weight_decay)
         self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def adversarial_features(self, batch: ConsistencyBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Teacher features of real (x̂_tgt, no grad) and fake (x̂, with grad), both diffused with one ε′ to σ_adv."""
+    def adversarial_features(self, batch: ConsistencyBatch) -> tuple[TeacherFeatures, TeacherFeatures]:
+        """Teacher features of real (x̂_tgt, no grad) and fake (x̂, with grad), both diffused with one ε′ from
+        σ_end to one σ_adv per sample, in the training autocast."""
         x_real, x_fake = batch.x_end_target.detach(), batch.x_end_pred
-        b = x_fake.shape[0]
-        pick = torch.randint(len(self.dete_sigmas), (b,))
-        sigma_adv = self.dete_sigmas[pick].to(x_fake.device)
-        noise = torch.randn(x_fake.shape).to(x_fake.device)  # ε′, shared by real and fake
-        s = sigma_adv.view(-1, *([1] * (x_fake.ndim - 1)))
-        with torch.no_grad():
-            _, feat_real = self.backbone.predict(self.teacher, (1 - s) * x_real + s * noise, sigma_adv, batch.cond,
-                                                 features=True)
-        _, feat_fake = self.backbone.predict(self.teacher, (1 - s) * x_fake + s * noise, sigma_adv, batch.cond,
-                                             features=True)
-        return [f.detach() for f in feat_real], feat_fake
+        pick = torch.randint(len(self.adv_sigmas), (x_fake.shape[0],))
+        sigma_adv = self.adv_sigmas[pick].to(x_fake.device)
+        eps = torch.randn(x_fake.shape).to(x_fake.device)  # ε′, shared by real and fake
+        x_adv_real = losses.adversarial_noising(x_real, eps, sigma_adv, batch.sigma_end)
+        x_adv_fake = losses.adversarial_noising(x_fake, eps, sigma_adv, batch.sigma_end)
+        with batch.autocast():
+            with torch.no_grad():
+                _, feat_real = self.backbone.predict(self.teacher, x_adv_real, sigma_adv, batch.cond, features=True)
+            _, feat_fake = self.backbone.predict(self.teacher, x_adv_fake, sigma_adv, batch.cond, features=True)
+        return feat_real.detach(), feat_fake
 
     def grad_networks(self) -> list[nn.Module]:
         return [self.teacher]  # the fake features' forward runs with grad
 
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
         feat_real, feat_fake = self.adversarial_features(batch)
-        self._pending[id(batch)] = (feat_real, [f.detach() for f in feat_fake])
-        with _frozen(self.discriminator):
-            fake_logits = self.discriminator(feat_fake, batch.x_end_pred.shape[2:])
-        fm = feature_matching(feat_fake, feat_real, self.project)
-        return {"gan_g": GENERATOR_SCALE * HINGE_WEIGHT * self.gan_weight * generator_hinge(fake_logits),
-                "fm": GENERATOR_SCALE * self.fm_weight * fm}
+        L_hinge = L_FM = None
+        if self.discriminator is not None:
+            self._pending[id(batch)] = (feat_real.taps, feat_fake.detach().taps)
+            with frozen(self.discriminator):
+                L_hinge = losses.generator_hinge(self.discriminator(feat_fake, feat_fake.latent_thw))
+        if self.fm_weight > 0:
+            with batch.autocast():
+                proj_fake = self.backbone.project_features(self.teacher, feat_fake)
+                with torch.no_grad():
+                    proj_real = self.backbone.project_features(self.teacher, feat_real)
+            L_FM = losses.feature_matching(proj_fake, proj_real)
+        return losses.dete_generator_loss(L_hinge, L_FM, self.gan_weight, self.fm_weight)
 
     def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
         """One D step on the batch's real features and its detached fakes (hinge, clip 1.0, AdamW)."""
+        if self.discriminator is None:
+            return {}
         pending = self._pending.pop(id(batch), None)
         if pending is None:
             with torch.no_grad():
                 feat_real, feat_fake = self.adversarial_features(batch)
-            pending = (feat_real, [f.detach() for f in feat_fake])
+            pending = (feat_real.taps, feat_fake.detach().taps)
         feat_real, feat_fake = pending
         thw = batch.x_end_pred.shape[2:]
         self.optimizer.zero_grad(set_to_none=True)
-        real_logits = self.discriminator(feat_real, thw)
-        fake_logits = self.discriminator(feat_fake, thw)
-        loss = discriminator_hinge(real_logits, fake_logits)
+        D_real = self.discriminator(feat_real, thw)
+        D_fake = self.discriminator(feat_fake, thw)
+        loss = losses.discriminator_hinge(D_real, D_fake)
         loss.backward()
         distributed.average_gradients(list(self.discriminator.parameters()))
         torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.max_grad_norm)
         self.optimizer.step()
         return {"d_loss": float(loss.detach()),
-                "d_real": float(torch.stack([r.detach().mean() for r in real_logits]).mean()),
-                "d_fake": float(torch.stack([f.detach().mean() for f in fake_logits]).mean())}
+                "d_real": float(torch.stack([r.detach().mean() for r in D_real]).mean()),
+                "d_fake": float(torch.stack([f.detach().mean() for f in D_fake]).mean())}
 
     def state_dict(self) -> dict:
+        if self.discriminator is None:
+            return {}
         return {"heads": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if not state:
+        if not state or self.discriminator is None:
             return
         self.discriminator.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])

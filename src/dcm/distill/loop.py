@@ -9,6 +9,11 @@ extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each st
     x̂_tgt = x_{n−1} + (σ_end − σ_{n−1})·v_θ⁻(x_{n−1}, t_{n−1})    target, no grad (x_{n−1} at a boundary)
     loss  = pseudo-Huber(M(x̂), M⁻(x̂_tgt)) + Σ objectives    M = identity unless a ConsistencySpace is given (MCM)
     backward (× grad_accum) → clip → AdamW → EMA → objectives' own steps → log → checkpoint
+
+Every ``training.log_every`` steps the history also holds each loss term's gradient norm before
+clipping (``grad_norm/<term>``), from extra ``autograd.grad`` passes that leave ``.grad`` untouched;
+with grad_accum > 1 it is the mean over micro-batches (an upper bound of the accumulated term's norm),
+and in multi-rank runs this rank's (before the gradient average).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -56,6 +61,8 @@ class ConsistencyBatch:
     cond: PromptEmbeds
     x_end_pred: torch.Tensor  # student endpoint x̂ (with grad)
     x_end_target: torch.Tensor  # target x̂_tgt (no grad); = x_prev where n−1 == end
+    # the training forwards' precision context (``autocast_for``): objectives run their teacher passes in it
+    autocast: Callable[[], AbstractContextManager] = nullcontext
 
 
 class Objective:
@@ -235,9 +242,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def autocast_for(device: torch.device) -> Callable[[], object]:
+def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
     """The training forwards' precision context: bf16 autocast on CUDA (fp32 master weights), none on CPU."""
     return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
+
+
+def term_grad_norm(term: torch.Tensor, params: Sequence[nn.Parameter]) -> float:
+    """‖∂term/∂θ‖₂ over ``params``, by ``autograd.grad`` with the graph kept: ``.grad`` stays untouched, so
+    the step's own backward (and the training result) is the same with or without it."""
+    wanted = [p for p in params if p.requires_grad]
+    if not term.requires_grad or not wanted:
+        return 0.0
+    grads = torch.autograd.grad(term, wanted, retain_graph=True, allow_unused=True)
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def endpoints(backbone: Backbone, student: nn.Module, target_model: nn.Module, data, sigma_n: torch.Tensor,
@@ -343,6 +361,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
             micro_batches: list[ConsistencyBatch] = []
             logged: dict[str, float] = {}
             record_n, record_loss = [], []
+            term_norms = step % cfg.log_every == 0  # a logging step: each term's gradient norm too
             for micro in range(cfg.grad_accum):
                 # --- draw trajectories and grid indices n (uniform over the phases' union)
                 rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * ranks.size, sampler)
@@ -360,7 +379,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                                                      sigma_prev, sigma_end, at_boundary, autocast)
 
                 batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
-                                         x_end_pred, x_end_target)
+                                         x_end_pred, x_end_target, autocast)
                 m_pred = space.student(x_end_pred)
                 with torch.no_grad():
                     m_target = space.target(x_end_target)
@@ -373,6 +392,10 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     raise TrainingDiverged(f"{spec.name}: non-finite loss at step {step} (terms {values}); "
                                            f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
+                if term_norms:  # before the backward frees the graph; per micro-batch, averaged below
+                    for k, v_ in terms.items():
+                        key = f"grad_norm/{k}"
+                        logged[key] = logged.get(key, 0.0) + term_grad_norm(v_, stepped) / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
                 micro_batches.append(batch)
                 for k, v_ in terms.items():

@@ -1,11 +1,14 @@
-"""The consistency-distillation losses of the papers, one short function each (METHODS.md).
+"""Every loss equation of the papers, one short function each, named as the papers name them (METHODS.md).
 
 Flow matching throughout: x_σ = (1−σ)·x0 + σ·ε, the network predicts v ≈ ε − x0.  The
-parametrisation (x0 from v, the Euler endpoint, the consistency target with its phase boundary)
-lives here and nowhere else; the training loop and the objectives call these functions.
+parametrisation (x0 from v, the Euler endpoint, the consistency target with its phase boundary),
+the consistency and temporal-coherence losses, DetE's GAN + feature-matching losses and MCM's
+WGAN + R1 losses live here and nowhere else; the training loop and the objectives call them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +64,71 @@ def temporal_coherence(x_pred: torch.Tensor, x_target: torch.Tensor, offset: int
     motion_pred = x_pred[:, :, offset:] - x_pred[:, :, :-offset]
     motion_target = x_target[:, :, offset:] - x_target[:, :, :-offset]
     return F.mse_loss(motion_pred.float(), motion_target.float())
+
+
+# ------------------------------------------------------------- DetE: GAN + feature matching (DCM)
+# H discriminator heads, one per teacher feature tap; every head's term is a mean over its tokens.
+
+GENERATOR_SCALE = 0.1  # the outer 0.1 of L_G
+HINGE_WEIGHT = 5.0  # the 5 in front of the generator hinge
+
+
+def adversarial_noising(x: torch.Tensor, eps: torch.Tensor, sigma_adv: torch.Tensor,
+                        sigma_end: torch.Tensor | float) -> torch.Tensor:
+    """An endpoint at σ_end forward-diffused to σ_adv (DCM, DetE; official code):
+    x_adv = ((1 − σ_adv)·x + (σ_adv − σ_end)·ε′)/(1 − σ_end); σ_adv = σ_end gives x back."""
+    s_adv, s_end = _per_sample(sigma_adv, x), _per_sample(sigma_end, x)
+    return ((1 - s_adv) * x + (s_adv - s_end) * eps) / (1 - s_end)
+
+
+def discriminator_hinge(D_real: Sequence[torch.Tensor], D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_D = Σ_h [relu(1 + D_h(fake)) + relu(1 − D_h(real))] / H (DCM, DetE)."""
+    terms = [F.relu(1.0 + fake).mean() + F.relu(1.0 - real).mean()
+             for real, fake in zip(D_real, D_fake, strict=True)]
+    return torch.stack(terms).sum() / len(terms)
+
+
+def generator_hinge(D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_hinge = Σ_h relu(1 − D_h(fake)) / H: the generator's hinge term of L_G (DCM, DetE)."""
+    return torch.stack([F.relu(1.0 - fake).mean() for fake in D_fake]).sum() / len(D_fake)
+
+
+def feature_matching(feat_fake: Sequence[torch.Tensor], feat_real: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_FM = mse(feat_fake, feat_real) in fp32, averaged over taps; the features are the teacher's
+    output head applied to each tap (``Backbone.project_features``), in latent space (DCM, DetE)."""
+    terms = [F.mse_loss(fake.float(), real.float()) for fake, real in zip(feat_fake, feat_real, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def dete_generator_loss(L_hinge: torch.Tensor | None, L_FM: torch.Tensor | None, lambda_gan: float = 1.0,
+                        lambda_fm: float = 1.0) -> dict[str, torch.Tensor]:
+    """L_G = 0.1·(5·λ_gan·L_hinge + λ_fm·L_FM) (DCM, DetE: λ_gan = 1, λ_fm = 1 Hunyuan / 10 Wan), returned
+    as its two summands {"gan_g", "fm"} (their sum is L_G) so each is logged; a term passed as None is off."""
+    terms = {}
+    if L_hinge is not None:
+        terms["gan_g"] = GENERATOR_SCALE * HINGE_WEIGHT * lambda_gan * L_hinge
+    if L_FM is not None:
+        terms["fm"] = GENERATOR_SCALE * lambda_fm * L_FM
+    return terms
+
+
+# ------------------------------------------------------------------- MCM: image discriminator (WGAN)
+
+
+def wgan_generator(D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_G = −D(fake) (MCM), each head a mean over its logits, averaged over heads."""
+    return torch.stack([-fake.mean() for fake in D_fake]).mean()
+
+
+def wgan_discriminator(D_real: Sequence[torch.Tensor], D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_D = max(−1, −D(real)) + max(−1, D(fake)) (MCM's clipped WGAN), means over logits and heads."""
+    terms = [torch.clamp(-real, min=-1.0).mean() + torch.clamp(fake, min=-1.0).mean()
+             for real, fake in zip(D_real, D_fake, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def r1_penalty(D_real: Sequence[torch.Tensor], feat_real: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R1 = E‖∂ΣD(real)/∂feat_real‖² (MCM, weight γ_R1): the squared gradient norm per real sample,
+    summed over taps, averaged over samples (with graph, so it trains D)."""
+    grads = torch.autograd.grad(sum(d.sum() for d in D_real), list(feat_real), create_graph=True)
+    return torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).mean()

@@ -17,9 +17,12 @@ toward a high-quality still-image set (METHODS.md, "MCM").  Three parts, each pa
   draws once per step for the whole batch; per sample has the same expectation and a finer mix.
 - Image discriminator (``ImageDiscriminator``, an ``Objective``): scores SINGLE frames (``frames``
   per video, one from each of as many temporal segments) of the student's x0 prediction against the
-  shapes world's high-quality still images.  WGAN-style losses with an R1 penalty (METHODS.md):
-    L_G = −D(fake),   L_D = max(−1, −D(real)) + max(−1, D(fake)) + γ_R1 · ‖∂D(real)/∂feat_real‖²
-  D = the DetE discriminator heads (``discriminator.Discriminator``), one per feature tap.
+  shapes world's high-quality still images.  WGAN-style losses with an R1 penalty (METHODS.md;
+  the equations in ``dcm.distill.losses``):
+    L_G = −D(fake, c),   L_D = max(−1, −D(real, c)) + max(−1, D(fake, c)) + γ_R1 · ‖∂D(real)/∂feat_real‖²
+  D = the DetE discriminator heads (``discriminator.Discriminator``), one per feature tap, text-conditioned
+  as MCM's are (projection style: logit = ⟨head(feat), W·c⟩/√64, c the pooled prompt embedding): a fake
+  frame with its video's prompt, a real still with its own caption.
 
 Discriminator backbone (no DINO weights here): ``TeacherFrameFeatures`` = the frozen teacher run on
 single latent frames at low noise σ_d (x = (1−σ_d)·f + σ_d·ε, null prompt), features from every 2nd
@@ -33,6 +36,7 @@ import copy
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -41,7 +45,7 @@ from dcm import distributed
 from dcm.backbones.base import Backbone
 from dcm.distill import losses
 from dcm.distill.data import OnlineSource, SourceBatch
-from dcm.distill.discriminator import DISC_BETAS, Discriminator, _frozen, group_count
+from dcm.distill.discriminator import DISC_BETAS, Discriminator, frozen, group_count
 from dcm.distill.loop import ConsistencyBatch, ConsistencySpace, Objective
 
 MOTION_HIDDEN = 64  # width of the learnable motion head (the released code's hidden_dim)
@@ -233,7 +237,7 @@ class TeacherFrameFeatures:
         x = (1.0 - self.sigma) * frames + self.sigma * eps
         cond = self.null.index([0] * n)
         _, feats = self.backbone.predict(self.teacher, x, sigma, cond, features=True)
-        return feats
+        return feats.taps
 
 
 def segment_frames(batch: int, frames: int, count: int) -> torch.Tensor:
@@ -252,44 +256,31 @@ def student_x0(batch: ConsistencyBatch) -> torch.Tensor:
     return losses.x0_from_velocity(batch.x_n, v, batch.sigma_n)
 
 
-def wgan_generator(fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """L_G = −D(fake), each head a mean over its logits, averaged over heads."""
-    return torch.stack([-fake.mean() for fake in fake_logits]).mean()
-
-
-def wgan_discriminator(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """L_D = max(−1, −D(real)) + max(−1, D(fake)) (MCM's clipped WGAN), means over logits and heads."""
-    terms = [torch.clamp(-real, min=-1.0).mean() + torch.clamp(fake, min=-1.0).mean()
-             for real, fake in zip(real_logits, fake_logits, strict=True)]
-    return torch.stack(terms).mean()
-
-
-def r1_penalty(real_logits: list[torch.Tensor], real_features: list[torch.Tensor]) -> torch.Tensor:
-    """R1 = E‖∂ΣD(real)/∂feat_real‖², the squared gradient norm per real sample summed over taps, averaged."""
-    grads = torch.autograd.grad(sum(lg.sum() for lg in real_logits), real_features, create_graph=True)
-    return torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).mean()
-
-
 class ImageDiscriminator(Objective):
     """MCM's image discriminator on single frames of the student's x0 vs high-quality still images.
 
     Generator term ``img_g`` = weight · L_G on ``frames`` segment-sampled frames per video; after the
     student's step one D step (L_D + γ_R1·R1, clip ``max_grad_norm``, AdamW betas (0, 0.999)) on as
-    many real frames drawn from the image set and the detached fake features.
+    many real frames drawn from the image set and the detached fake features.  ``hq_text`` (N, D): the
+    pooled prompt embedding of each still's caption (``PromptEmbeds.pooled``), the heads' condition.
     """
 
     name = "img_gan"
 
-    def __init__(self, features: FrameFeatures, hq_images: torch.Tensor, *, weight: float, disc_lr: float,
-                 r1_weight: float, frames: int, max_grad_norm: float = 1.0, weight_decay: float = 0.0,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, features: FrameFeatures, hq_images: torch.Tensor, hq_text: torch.Tensor, *, weight: float,
+                 disc_lr: float, r1_weight: float, frames: int, max_grad_norm: float = 1.0,
+                 weight_decay: float = 0.0, device: torch.device | str = "cpu"):
+        if len(hq_text) != len(hq_images):
+            raise ValueError(f"{len(hq_images)} high-quality images but {len(hq_text)} caption embeddings")
         self.features, self.weight, self.r1_weight, self.frames = features, weight, r1_weight, frames
         self.max_grad_norm = max_grad_norm
-        self.discriminator = Discriminator(features.dim, features.num_taps, features.patch_size).to(device)
+        self.discriminator = Discriminator(features.dim, features.num_taps, features.patch_size,
+                                           cond_dim=hq_text.shape[1]).to(device)
         self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                            weight_decay=weight_decay)
         self.real_bank = features.real_frames(hq_images.to(device))
-        self._pending: dict[int, tuple[list[torch.Tensor], torch.Size]] = {}
+        self.real_text = hq_text.detach().float().to(device)
+        self._pending: dict[int, tuple[list[torch.Tensor], torch.Size, torch.Tensor]] = {}
 
     def grad_networks(self) -> list[nn.Module]:
         teacher = getattr(self.features, "teacher", None)  # TeacherFrameFeatures: the fake frames' forward
@@ -299,37 +290,42 @@ class ImageDiscriminator(Objective):
         x0 = student_x0(batch)
         return self.features.video_frames(x0, segment_frames(x0.shape[0], x0.shape[2], self.frames))
 
+    def fake_text(self, batch: ConsistencyBatch) -> torch.Tensor:
+        """Each fake frame's condition: its video's pooled prompt embedding (frames are video-major)."""
+        return batch.cond.pooled().float().repeat_interleave(self.frames, dim=0)
+
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
-        fake = self.fake_frames(batch)
-        feats = self.features(fake)
-        self._pending[id(batch)] = ([f.detach() for f in feats], fake.shape)
-        with _frozen(self.discriminator):
-            logits = self.discriminator(feats, fake.shape[2:])
-        return {"img_g": self.weight * wgan_generator(logits)}
+        fake, text = self.fake_frames(batch), self.fake_text(batch)
+        with batch.autocast():
+            feats = self.features(fake)
+        self._pending[id(batch)] = ([f.detach() for f in feats], fake.shape, text)
+        with frozen(self.discriminator):
+            D_fake = self.discriminator(feats, fake.shape[2:], text)
+        return {"img_g": self.weight * losses.wgan_generator(D_fake)}
 
     def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
         pending = self._pending.pop(id(batch), None)
         if pending is None:
-            with torch.no_grad():
+            with torch.no_grad(), batch.autocast():
                 fake = self.fake_frames(batch)
-                pending = ([f.detach() for f in self.features(fake)], fake.shape)
-        fake_feats, fake_shape = pending
-        pick = torch.randint(len(self.real_bank), (fake_shape[0],))
-        real = self.real_bank[pick.to(self.real_bank.device)]
-        with torch.no_grad():
-            real_feats = [f.detach().requires_grad_(True) for f in self.features(real)]
+                pending = ([f.detach() for f in self.features(fake)], fake.shape, self.fake_text(batch))
+        feat_fake, fake_shape, fake_text = pending
+        pick = torch.randint(len(self.real_bank), (fake_shape[0],)).to(self.real_bank.device)
+        real, real_text = self.real_bank[pick], self.real_text[pick]
+        with torch.no_grad(), batch.autocast():
+            feat_real = [f.detach().float().requires_grad_(True) for f in self.features(real)]
         self.optimizer.zero_grad(set_to_none=True)
-        real_logits = self.discriminator(real_feats, real.shape[2:])
-        fake_logits = self.discriminator(fake_feats, fake_shape[2:])
-        loss = wgan_discriminator(real_logits, fake_logits)
-        r1 = r1_penalty(real_logits, real_feats) if self.r1_weight > 0 else loss.new_zeros(())
+        D_real = self.discriminator(feat_real, real.shape[2:], real_text)
+        D_fake = self.discriminator(feat_fake, fake_shape[2:], fake_text)
+        loss = losses.wgan_discriminator(D_real, D_fake)
+        r1 = losses.r1_penalty(D_real, feat_real) if self.r1_weight > 0 else loss.new_zeros(())
         (loss + self.r1_weight * r1).backward()
         distributed.average_gradients(list(self.discriminator.parameters()))
         torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.max_grad_norm)
         self.optimizer.step()
         return {"d_loss": float(loss.detach()), "r1": float(r1.detach()),
-                "d_real": float(torch.stack([r.detach().mean() for r in real_logits]).mean()),
-                "d_fake": float(torch.stack([f.detach().mean() for f in fake_logits]).mean())}
+                "d_real": float(torch.stack([r.detach().mean() for r in D_real]).mean()),
+                "d_fake": float(torch.stack([f.detach().mean() for f in D_fake]).mean())}
 
     def state_dict(self) -> dict:
         return {"heads": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -343,12 +339,19 @@ class ImageDiscriminator(Objective):
 # ------------------------------------------------------------------------------------------ wiring
 
 
+def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
+    """``shapes.hq_images`` (the same scenes and pixels for the same seed) with each still's caption."""
+    from dcm.worlds import shapes
+
+    rng = np.random.default_rng(seed)
+    scenes = [shapes.sample_scene(rng, size, frames=1, jitter=jitter) for _ in range(n)]
+    return shapes.render_batch(scenes, size, frames=1)[:, :, 0], [scene.caption for scene in scenes]
+
+
 def build(params, method: str, backbone: Backbone, student: nn.Module, videos: OnlineSource, device
           ) -> tuple[MixedTrajectorySource, MotionSpace, list[Objective]]:
     """The MCM parts for ``methods.<method>``: the mixed source over ``videos``, the motion space, the
-    image discriminator on the shapes world's high-quality stills (seeded from params.seed)."""
-    from dcm.worlds import shapes
-
+    image discriminator on the shapes world's high-quality stills and their captions (seeded from params.seed)."""
     cfg = params.method(method).mcm
     channels = backbone.latent_shape(params.world.frames, params.world.size)[0]
     space = MotionSpace(cfg.cd_target, channels, cfg.head_ema_decay, device)
@@ -356,9 +359,11 @@ def build(params, method: str, backbone: Backbone, student: nn.Module, videos: O
     objectives: list[Objective] = []
     if cfg.disc_weight > 0:
         features = TeacherFrameFeatures(backbone, backbone.transformer, cfg.disc_sigma)
-        images = shapes.hq_images(cfg.hq_images, seed=params.seed + 1, size=params.world.size,
-                                   jitter=params.world.position_jitter)
-        objectives.append(ImageDiscriminator(features, images, weight=cfg.disc_weight, disc_lr=cfg.disc_lr,
+        images, captions = hq_stills(cfg.hq_images, seed=params.seed + 1, size=params.world.size,
+                                     jitter=params.world.position_jitter)
+        with torch.no_grad():
+            text = backbone.encode_prompts(captions).pooled()
+        objectives.append(ImageDiscriminator(features, images, text, weight=cfg.disc_weight, disc_lr=cfg.disc_lr,
                                              r1_weight=cfg.disc_r1, frames=cfg.disc_frames,
                                              max_grad_norm=params.training.max_grad_norm, device=device))
     return source, space, objectives

@@ -2,8 +2,9 @@
 
 DetE is built from the trained SemE (``checkpoints/<method>/seme``): LoRA (``dete.lora_rank``,
 ``dete.lora_alpha``) + copied timestep layers, or a full copy with rank 0 (the +OD ablation).  It
-trains on the low-noise phase n ∈ [0, κ] ending at σ_min with the online target, plus GAN +
-feature matching on frozen-teacher features when ``dete.gan_weight > 0``.  Writes
+trains on the low-noise phase n ∈ [0, κ] ending at σ_min with the online target, plus the GAN hinge
+when ``dete.gan_weight > 0`` and feature matching when ``dete.fm_weight > 0`` (each on its own), on
+frozen-teacher features.  Writes
 ``checkpoints/<method>/dete/`` (adapter/, timestep_layers.safetensors, expert.json, train.json).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dcm import distill, io, paths, schedule
 from dcm.config import ConfigError, Params
-from dcm.distill.discriminator import GanFeatureMatching, discriminator_summary
+from dcm.distill.discriminator import GanFeatureMatching, adversarial_sigmas, discriminator_summary
 from dcm.distill.experts import FULL_DIR, make_dete, save_dete
 from dcm.distill.loop import HISTORY_FILE
 
@@ -34,9 +35,9 @@ def run(params: Params, method: str) -> None:
     dual = make_dete(seme, backbone, dete.lora_rank, dete.lora_alpha, kappa=kappa, sigma_kappa=grid.sigma(kappa))
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
     objectives = []
-    if dete.gan_weight > 0:
+    if dete.gan_weight > 0 or dete.fm_weight > 0:
         objectives.append(GanFeatureMatching(
-            backbone, backbone.transformer, [grid.sigma(n) for n in range(phase.first, phase.last + 1)],
+            backbone, backbone.transformer, adversarial_sigmas(grid, kappa),
             gan_weight=dete.gan_weight, fm_weight=dete.fm_weight, disc_lr=dete.disc_lr,
             weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm))
     spec = distill.DistillSpec(
