@@ -24,6 +24,7 @@ from dcm.distill.discriminator import (
     DiscriminatorHead,
     GanFeatureMatching,
     adversarial_sigmas,
+    dete_objective,
     discriminator_summary,
     group_count,
     head_parameter_count,
@@ -358,6 +359,21 @@ def test_gan_and_feature_matching_switch_on_independently(backbone, params, gan_
         assert {"d_loss", "d_real", "d_fake"} <= logged.keys() and gan.state_dict()
     else:  # feature matching alone: no heads, no D step, nothing to resume
         assert gan.discriminator is None and logged == {} and gan.state_dict() == {}
+
+
+def test_params_rows_get_their_adversarial_terms_and_the_ablation_rows_none(backbone):
+    """params.yaml: dcm has hinge + FM; od, od_pe, od_pe_tc (Table 3's rows before GAN) have neither."""
+    from dcm import config
+
+    full = config.load(REPO / "params.yaml")
+    grid = full.teacher_grid()
+    built = {m: dete_objective(backbone, c.dete, grid, full.grid.kappa, full.training)
+             for m, c in full.methods.items() if c.kind == "dcm" and c.dete is not None}
+    assert {m for m, o in built.items() if o is None} == {"od", "od_pe", "od_pe_tc"}
+    dcm = built["dcm"]
+    assert dcm.discriminator is not None and (dcm.gan_weight, dcm.fm_weight) == (full.methods["dcm"].dete.gan_weight,
+                                                                                full.methods["dcm"].dete.fm_weight)
+    assert dcm.adv_sigmas.tolist() == pytest.approx(adversarial_sigmas(grid, full.grid.kappa))
 
 
 def test_both_switches_off_is_refused(backbone, params):

@@ -249,3 +249,14 @@ class GanFeatureMatching(Objective):
             return
         self.discriminator.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def dete_objective(backbone: Backbone, dete, grid: TeacherGrid, kappa: int, training) -> GanFeatureMatching | None:
+    """The adversarial objective of ``methods.<m>.dete`` (``DeteConfig``) on the frozen teacher: the hinge
+    term when ``gan_weight > 0``, feature matching when ``fm_weight > 0``; None when both are 0 (the
+    ablation rows od, od_pe, od_pe_tc)."""
+    if dete.gan_weight <= 0 and dete.fm_weight <= 0:
+        return None
+    return GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa),
+                              gan_weight=dete.gan_weight, fm_weight=dete.fm_weight, disc_lr=dete.disc_lr,
+                              weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dcm import distill, io, paths, schedule
 from dcm.config import ConfigError, Params
-from dcm.distill.discriminator import GanFeatureMatching, adversarial_sigmas, discriminator_summary
+from dcm.distill.discriminator import dete_objective, discriminator_summary
 from dcm.distill.experts import FULL_DIR, make_dete, save_dete
 from dcm.distill.loop import HISTORY_FILE
 
@@ -34,12 +34,8 @@ def run(params: Params, method: str) -> None:
     seme = type(backbone.transformer).from_pretrained(seme_dir).to(distill.device())
     dual = make_dete(seme, backbone, dete.lora_rank, dete.lora_alpha, kappa=kappa, sigma_kappa=grid.sigma(kappa))
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
-    objectives = []
-    if dete.gan_weight > 0 or dete.fm_weight > 0:
-        objectives.append(GanFeatureMatching(
-            backbone, backbone.transformer, adversarial_sigmas(grid, kappa),
-            gan_weight=dete.gan_weight, fm_weight=dete.fm_weight, disc_lr=dete.disc_lr,
-            weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm))
+    adversarial = dete_objective(backbone, dete, grid, kappa, params.training)
+    objectives = [adversarial] if adversarial is not None else []
     spec = distill.DistillSpec(
         name=f"{method}/dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase], target="online",
         lr=dete.lr, train_steps=dete.train_steps, objectives=objectives, save=lambda out: save_dete(dual, out),
