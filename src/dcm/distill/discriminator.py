@@ -183,13 +183,18 @@ class GanFeatureMatching(Objective):
                                                weight_decay=weight_decay)
         self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def adversarial_features(self, batch: ConsistencyBatch) -> tuple[TeacherFeatures, TeacherFeatures]:
+    def draw(self, batch: ConsistencyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ_adv (B,), ε′): one level per sample from ``adv_sigmas``, one noise shared by real and fake."""
+        x = batch.x_end_pred
+        pick = torch.randint(len(self.adv_sigmas), (x.shape[0],))
+        return self.adv_sigmas[pick].to(x.device), torch.randn(x.shape).to(x.device)
+
+    def adversarial_features(self, batch: ConsistencyBatch, drawn: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> tuple[TeacherFeatures, TeacherFeatures]:
         """Teacher features of real (x̂_tgt, no grad) and fake (x̂, with grad), both diffused with one ε′ from
-        σ_end to one σ_adv per sample, in the training autocast."""
+        σ_end to one σ_adv per sample (``drawn``, or a fresh ``draw``), in the training autocast."""
         x_real, x_fake = batch.x_end_target.detach(), batch.x_end_pred
-        pick = torch.randint(len(self.adv_sigmas), (x_fake.shape[0],))
-        sigma_adv = self.adv_sigmas[pick].to(x_fake.device)
-        eps = torch.randn(x_fake.shape).to(x_fake.device)  # ε′, shared by real and fake
+        sigma_adv, eps = drawn if drawn is not None else self.draw(batch)
         x_adv_real = losses.adversarial_noising(x_real, eps, sigma_adv, batch.sigma_end)
         x_adv_fake = losses.adversarial_noising(x_fake, eps, sigma_adv, batch.sigma_end)
         with batch.autocast():
