@@ -1,18 +1,40 @@
-"""Export a trained DCM as a folder that stock diffusers + peft load, with no ``dcm`` code.
+"""Export a trained DCM as a folder that stock diffusers + peft load, with no ``dcm`` model code.
 
-The toy pipeline is not a stock diffusers pipeline, so the export is its parts:
+The export is the dual expert's parts, for every family:
 
-    transformer/                        SemE, diffusers format (WanTransformer3DModel.from_pretrained)
+    transformer/                        SemE, diffusers format (<Class>.from_pretrained; the class is
+                                        named in student_schedule.json and transformer/config.json)
     dete_lora/                          DetE's PEFT LoRA adapter (peft.PeftModel.from_pretrained)
     dete_timestep_layers.safetensors    DetE's copies of the timestep layers, transformer key names
     scheduler/                          FlowMatchEulerDiscreteScheduler, shift 1: set_timesteps(sigmas=…)
                                         reproduces the student's sigmas exactly
-    student_schedule.json               [(σ, expert)] of the few-step schedule, plus σ_κ
-    README.md                           the loading recipe
+    student_schedule.json               family, transformer class, [(σ, expert, model timestep)] of the
+                                        few-step schedule, σ_κ, the family's extra inputs
+    README.md                           the loading and sampling recipe of this family
 
 Loading DetE with stock tools: a second ``from_pretrained`` of ``transformer/``,
 ``load_state_dict(timestep layers, strict=False)``, then ``PeftModel.from_pretrained(…, dete_lora/)``.
 A full-copy DetE (rank 0, the +OD ablation) exports ``dete_transformer/`` instead of the two DetE parts.
+
+What differs per family is the forward call (the recipe is written for the family, and
+tests/test_export.py follows it for tiny Wan, HunyuanVideo and CogVideoX pipelines):
+
+- wan / toy (WanTransformer3DModel): ``hidden_states, timestep = 1000·σ, encoder_hidden_states``;
+  the output is the flow velocity the Euler step takes.
+- hunyuan (HunyuanVideoTransformer3DModel): also ``encoder_attention_mask``, ``pooled_projections``
+  and the embedded ``guidance`` input: the teacher's w · 1000 rounded through bf16 (6 → 6016), the
+  value the adapter gives every student forward (recorded as ``guidance``).
+- cogvideox (CogVideoXTransformer3DModel): a VP v-prediction model.  Each step records the model's
+  timestep (the fractional VP t of σ) and the VP coefficients (α, s, r) of σ; the recipe feeds
+  ``z = x / r`` transposed to (B, T, C, H, W), and turns the output v into the flow velocity
+  ``u = (s·z + α·v) − (α·z − s·v)`` before the scheduler's Euler step (``backbones/cogvideox.py``).
+  No stock scheduler does this mapping with these fractional timesteps, so it is an explicit step
+  of the recipe (plain tensor arithmetic, no dcm code); RoPE tables, where the model uses them,
+  come from the stock pipeline's ``_prepare_rotary_positional_embeddings``.
+
+Text encoders and the VAE are not copied: they are the teacher pipeline folder's (recorded as
+``teacher``), loaded with the stock pipeline class and ``transformer=seme``.  The toy teacher's
+prompt encoder and pixel codec are dcm classes: its recipe says so.
 """
 
 from __future__ import annotations
@@ -20,42 +42,96 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from dcm import io, paths, schedule
 from dcm.config import ConfigError, Params
 from dcm.distill.experts import ADAPTER_DIR, FULL_DIR, DualExpert, load_dual_expert, timestep_layer_state
 
 SCHEDULE_FILE = "student_schedule.json"
+FORMAT_VERSION = 2
 
-RECIPE = """# DCM export ({method})
+# the forward convention of each diffusers transformer class (the toy teacher is a WanTransformer3DModel)
+CLASS_CONVENTION = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan",
+                    "CogVideoXTransformer3DModel": "cogvideox"}
+FAMILY_CONVENTION = {"toy": "wan", "wan": "wan", "hunyuan": "hunyuan", "cogvideox": "cogvideox"}
+PIPELINES = {"wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline", "cogvideox": "CogVideoXPipeline"}
+DTYPE_NAMES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 
-Stock diffusers + peft only:
 
-```python
-import json, torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-from peft import PeftModel
-from safetensors.torch import load_file
+def transformer_class_name(dual: DualExpert) -> str:
+    """The diffusers class of SemE (and DetE): what ``from_pretrained`` is called on."""
+    name = type(dual.seme_transformer).__name__
+    import diffusers
 
-seme = WanTransformer3DModel.from_pretrained("transformer")
-dete = WanTransformer3DModel.from_pretrained("transformer")
-dete.load_state_dict(load_file("dete_timestep_layers.safetensors"), strict=False)
-dete = PeftModel.from_pretrained(dete, "dete_lora")
-plan = json.load(open("student_schedule.json"))
-scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("scheduler")
-scheduler.set_timesteps(sigmas=[s["sigma"] for s in plan["steps"]])
-for step, t in zip(plan["steps"], scheduler.timesteps):
-    model = seme if step["expert"] == "seme" else dete
-    v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=text, return_dict=False)[0]
-    x = scheduler.step(v, t, x).prev_sample
-```
-"""
+    if not hasattr(diffusers, name):
+        raise ValueError(f"{name} is not a diffusers class: the export would not load with stock diffusers")
+    return name
+
+
+def _float32(value: float | torch.Tensor) -> float:
+    """The float32 value the engine computes with, as a JSON float (exact: float32 ⊂ float64)."""
+    return float(torch.as_tensor(value, dtype=torch.float32))
+
+
+def export_steps(steps: list[schedule.SamplingStep], convention: str, backbone=None) -> list[dict]:
+    """The schedule as written: σ, expert, the transformer's timestep input at σ (as the adapter computes
+    it: float32 σ), and for CogVideoX the VP coefficients (α, s, r) of σ (``backbones.cogvideox``)."""
+    rows = []
+    for step in steps:
+        sigma = torch.tensor([step.sigma], dtype=torch.float32)  # the sampler's σ tensor
+        row = {"sigma": step.sigma, "expert": step.expert}
+        if convention == "cogvideox":
+            from dcm.backbones.cogvideox import vp_coefficients
+
+            alpha, s, r = vp_coefficients(sigma)
+            row.update(timestep=_float32(backbone.vp.timestep(sigma)[0]), alpha=_float32(alpha[0]),
+                       s=_float32(s[0]), r=_float32(r[0]))
+        else:
+            row["timestep"] = _float32(sigma[0] * 1000.0)  # t = 1000·σ in float32 (= scheduler.timesteps)
+        rows.append(row)
+    return rows
 
 
 def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out: str | Path,
-                       method: str = "dcm") -> Path:
-    """Write ``dual`` and its sampling ``steps`` into ``out`` (atomically replaced)."""
+                       method: str = "dcm", backbone=None, teacher: str | Path | None = None) -> Path:
+    """Write ``dual`` and its sampling ``steps`` into ``out`` (atomically replaced).
+
+    ``backbone`` (the teacher's adapter) gives the family and what its forward needs beyond the
+    transformer (HunyuanVideo's guidance input, CogVideoX's VP table, text settings); without it the
+    family is unknown and only the Wan convention can be written.  ``teacher``: the teacher folder the
+    recipe points to for text encoders and VAE (default: the backbone's pipeline folder).
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
     from safetensors.torch import save_file
+
+    class_name = transformer_class_name(dual)
+    family = getattr(backbone, "family", None)
+    convention = FAMILY_CONVENTION.get(family) if family else CLASS_CONVENTION.get(class_name)
+    if convention is None:
+        raise ValueError(f"no export recipe for {class_name} (family {family!r})")
+    if convention != CLASS_CONVENTION.get(class_name):
+        raise ValueError(f"family {family!r} with a {class_name}: expected {CLASS_CONVENTION.get(class_name)!r}")
+    if backbone is None and convention != "wan":
+        raise ValueError(f"exporting a {class_name} needs its backbone (the {convention} forward's extra inputs)")
+    if teacher is None and getattr(backbone, "path", None) is not None:
+        teacher = backbone.path
+
+    plan = {"format": FORMAT_VERSION, "method": method, "family": family, "transformer_class": class_name,
+            "convention": convention, "teacher": str(teacher) if teacher is not None else None,
+            "kappa": dual.kappa, "sigma_kappa": dual.sigma_kappa, "t_kappa": dual.t_kappa,
+            "dete_form": "lora" if dual.is_lora else "full", "final_sigma": 0.0,
+            "steps": export_steps(steps, convention, backbone)}
+    if convention == "hunyuan":
+        from dcm.backbones.hunyuan import embedded_guidance
+
+        plan["guidance_scale"] = float(backbone.guidance_scale)
+        plan["guidance"] = float(embedded_guidance(torch.tensor([backbone.guidance_scale]))[0])
+    if family in PIPELINES:
+        settings = backbone.settings
+        plan["pipeline"] = {"class": PIPELINES[family], "max_sequence_length": int(backbone.max_sequence_length),
+                            "text_dtype": settings.text_dtype, "vae_dtype": settings.vae_dtype,
+                            "vae_tiling": bool(settings.vae_tiling), "vae_slicing": bool(settings.vae_slicing)}
 
     out = Path(out)
     with io.atomic_dir(out) as tmp:
@@ -68,12 +144,168 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
         # shift 1, no dynamic shifting: set_timesteps(sigmas=…) keeps the given sigmas as they are
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
                                         ).save_pretrained(tmp / "scheduler")
-        plan = {"method": method, "kappa": dual.kappa, "sigma_kappa": dual.sigma_kappa,
-                "dete_form": "lora" if dual.is_lora else "full", "final_sigma": 0.0,
-                "steps": [{"sigma": s.sigma, "expert": s.expert} for s in steps]}
         (tmp / SCHEDULE_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-        (tmp / "README.md").write_text(RECIPE.format(method=method))
+        (tmp / "README.md").write_text(recipe(plan))
     return out
+
+
+# ------------------------------------------------------------------------------------ the recipe
+
+
+def recipe(plan: dict) -> str:
+    """README.md of the export for this plan's family: every ```python block runs as written, in order,
+    from the export folder, once ``prompts`` (a list of str) and the latent grid ``C, T, H, W`` are set
+    (tests/test_export.py executes them)."""
+    cls, family = plan["transformer_class"], plan["family"]
+    teacher = plan["teacher"] or "<teacher folder>"
+    experts = ", ".join(f"{s['expert']} at σ = {s['sigma']:.4g}" for s in plan["steps"])
+    if family == "toy":
+        tools = "Stock diffusers + peft for the experts; the toy teacher's text encoder and codec need dcm (step 2)."
+    else:
+        tools = "Stock diffusers + peft + torch only, no dcm code."
+    lines = [f"# DCM export ({plan['method']}): {family or 'family not recorded'}, {cls}", "",
+             f"{len(plan['steps'])} Euler steps, no re-noising: {experts}, then σ = 0. SemE above "
+             f"σ_κ = {plan['sigma_kappa']:.6g}, DetE at and below.", "", tools,
+             "Run the blocks below in order from this folder, with `prompts` (a list of strings) and the latent "
+             "grid `C, T, H, W` of the teacher for your video size set.", "",
+             "## 1. Load the experts", "", _load_block(plan)]
+    text = _text_block(plan, teacher)
+    if text:
+        lines += ["## 2. Text conditioning", "", text]
+    else:
+        lines += ["## 2. Text conditioning", "",
+                  "This export was written without its teacher backbone: set `text` to the teacher's prompt "
+                  "embedding (B, L, text_dim) of `prompts`, as the teacher encodes it.", ""]
+    lines += ["## 3. Noise", "", _code(["x = torch.randn(len(prompts), C, T, H, W)  # latents are (B, C, T, H, W)"]),
+              "## 4. Sample", "", _sample_block(plan)]
+    decode = _decode_block(plan)
+    if decode:
+        lines += ["## 5. Decode", "", decode]
+    return "\n".join(lines)
+
+
+def _code(lines: list[str]) -> str:
+    return "\n".join(["```python", *lines, "```", ""])
+
+
+def _load_block(plan: dict) -> str:
+    cls, family = plan["transformer_class"], plan["family"]
+    imports = f"from diffusers import FlowMatchEulerDiscreteScheduler, {cls}"
+    if family in PIPELINES:
+        imports += f", {PIPELINES[family]}"
+    lines = ["import json", "", "import torch", imports, "from peft import PeftModel",
+             "from safetensors.torch import load_file", "",
+             'plan = json.load(open("student_schedule.json"))',
+             f'seme = {cls}.from_pretrained("transformer").eval()']
+    if plan["dete_form"] == "lora":
+        lines += [f'dete = {cls}.from_pretrained("transformer")',
+                  "# DetE = SemE's weights + its own copies of the timestep layers + the LoRA adapter",
+                  'dete.load_state_dict(load_file("dete_timestep_layers.safetensors"), strict=False)',
+                  'dete = PeftModel.from_pretrained(dete, "dete_lora").eval()']
+    else:
+        lines += [f'dete = {cls}.from_pretrained("dete_transformer").eval()  # full-copy DetE']
+    return _code(lines)
+
+
+def _text_block(plan: dict, teacher: str) -> str:
+    family = plan["family"]
+    if family is None:
+        return ""
+    if family == "toy":
+        return ("The shapes toy teacher's prompt encoder and pixel codec are dcm classes, not stock diffusers: "
+                "this step needs dcm.\n\n"
+                + _code(["from dcm.backbones.toy import ToyBackbone", "",
+                         f'toy = ToyBackbone.from_pretrained("{teacher}")',
+                         "text = toy.encode_prompts(prompts).hidden"]))
+    text = plan["pipeline"]
+    encoders = ("text_encoder", "text_encoder_2") if family == "hunyuan" else ("text_encoder",)
+    dtypes = ", ".join([f'"vae": {DTYPE_NAMES[text["vae_dtype"]]}',
+                        *(f'"{e}": {DTYPE_NAMES[text["text_dtype"]]}' for e in encoders)])
+    lines = ["# the teacher pipeline's text encoders and VAE, holding SemE as its transformer",
+             f'pipe = {PIPELINES[family]}.from_pretrained("{teacher}", transformer=seme,',
+             f'    torch_dtype={{"default": torch.float32, {dtypes}}})']
+    max_len = text["max_sequence_length"]
+    if family == "hunyuan":
+        lines += [f"text, pooled, mask = pipe.encode_prompt(prompts, max_sequence_length={max_len})",
+                  "text, pooled = text.float(), pooled.float()"]
+        note = (f"Guidance is embedded: every forward gets `guidance = {plan['guidance']:g}` (the teacher's "
+                f"w = {plan['guidance_scale']:g} as its pipeline passes it: w · 1000, rounded through bf16).")
+    else:
+        lines += [f"text, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, "
+                  f"max_sequence_length={max_len})",
+                  "text = text.float()"]
+        note = ("The teacher's classifier-free guidance is distilled into both experts: one forward per step "
+                "with the prompt, no negative prompt.")
+    return note + "\n\n" + _code(lines)
+
+
+def _sample_block(plan: dict) -> str:
+    convention = plan["convention"]
+    lines = ['scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("scheduler")',
+             '# shift 1: exactly these sigmas, then 0; scheduler.step is x + (σ_next − σ)·v',
+             'scheduler.set_timesteps(sigmas=[s["sigma"] for s in plan["steps"]])']
+    if convention == "cogvideox":
+        lines += ["# RoPE tables of the latent grid, as the pipeline makes them (None for models without RoPE)",
+                  "f = pipe.vae_scale_factor_spatial",
+                  "rope = (pipe._prepare_rotary_positional_embeddings(H * f, W * f, T, x.device)",
+                  "        if seme.config.use_rotary_positional_embeddings else None)"]
+    lines += ["with torch.no_grad():",
+              '    for step, t in zip(plan["steps"], scheduler.timesteps):',
+              '        model = seme if step["expert"] == "seme" else dete']
+    if convention == "wan":
+        lines += ["        # timestep t = 1000·σ (= step[\"timestep\"]); the output is the flow velocity",
+                  "        v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=text,",
+                  "                  return_dict=False)[0]"]
+    elif convention == "hunyuan":
+        lines += ["        # timestep t = 1000·σ (= step[\"timestep\"]); the output is the flow velocity",
+                  "        v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=text,",
+                  "                  encoder_attention_mask=mask, pooled_projections=pooled,",
+                  '                  guidance=torch.full((len(x),), plan["guidance"]), return_dict=False)[0]']
+    else:
+        lines += ["        # VP v-prediction: the model sees z = x / r at the VP timestep of σ (not the",
+                  "        # scheduler's t = 1000·σ), frames before channels; its v becomes the flow velocity",
+                  '        z = x / step["r"]',
+                  "        out = model(hidden_states=z.transpose(1, 2), encoder_hidden_states=text,",
+                  '                    timestep=torch.full((len(x),), step["timestep"]), image_rotary_emb=rope,',
+                  "                    return_dict=False)[0].transpose(1, 2)",
+                  '        x0 = step["alpha"] * z - step["s"] * out',
+                  '        eps = step["s"] * z + step["alpha"] * out',
+                  "        v = eps - x0"]
+    lines += ["        x = scheduler.step(v, t, x).prev_sample"]
+    text = _code(lines)
+    if convention == "cogvideox":
+        text += ("\nCogVideoX is a VP diffusion model with v-prediction (ᾱ_t from its DDIM scheduler); the Euler "
+                 "step runs in the flow parametrisation x_σ = (1 − σ)·x0 + σ·ε. Each step of "
+                 "`student_schedule.json` holds r = √((1−σ)² + σ²), α = (1−σ)/r, s = σ/r (the VP sample is "
+                 "z = x/r) and the model's fractional timestep: σ interpolated on the teacher scheduler's "
+                 "σ_t = s_t/(α_t + s_t), clamped to [0, 999]. No stock scheduler does this mapping at these "
+                 "fractional timesteps, so it is written out above (tensor arithmetic only).\n")
+    return text
+
+
+def _decode_block(plan: dict) -> str:
+    family = plan["family"]
+    if family is None:
+        return ""
+    if family == "toy":
+        return _code(["video = toy.decode_latents(x)  # (B, 3, frames, height, width) in [-1, 1]"])
+    if family == "wan":
+        lines = ["mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)",
+                 "std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)",
+                 "latents = x * std + mean"]
+    else:
+        lines = ["latents = x / pipe.vae.config.scaling_factor  # (B, C, T, H, W): the VAE's layout"]
+    if plan["pipeline"]["vae_tiling"]:
+        lines += ["pipe.vae.enable_tiling()  # as the run decoded (backbone.real.vae_tiling)"]
+    if plan["pipeline"]["vae_slicing"]:
+        lines += ["pipe.vae.enable_slicing()  # as the run decoded (backbone.real.vae_slicing)"]
+    lines += ["with torch.no_grad():",
+              "    video = pipe.vae.decode(latents.to(pipe.vae.dtype)).sample.float().clamp(-1, 1)",
+              "# video: (B, 3, frames, height, width) in [-1, 1]"]
+    return _code(lines)
+
+
+# ------------------------------------------------------------------------------------ the stage
 
 
 def export(params: Params, method: str, out: str | Path | None = None) -> Path:
@@ -94,4 +326,6 @@ def export(params: Params, method: str, out: str | Path | None = None) -> Path:
     dual = load_dual_expert(seme_dir, dete_dir, backbone)
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     steps = schedule.expert_schedule(grid, dual.kappa, config.sample_steps)
-    return export_dual_expert(dual, steps, paths.EXPORT / method if out is None else out, method)
+    teacher = getattr(backbone, "path", None) or Path(paths.TEACHER).resolve()
+    return export_dual_expert(dual, steps, paths.EXPORT / method if out is None else out, method,
+                              backbone=backbone, teacher=teacher)
