@@ -392,7 +392,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     raise TrainingDiverged(f"{spec.name}: non-finite loss at step {step} (terms {values}); "
                                            f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
-                if term_norms:  # before the backward frees the graph; per micro-batch, averaged below
+                if term_norms:  # before the backward frees the graph; the mean over micro-batches
                     for k, v_ in terms.items():
                         key = f"grad_norm/{k}"
                         logged[key] = logged.get(key, 0.0) + term_grad_norm(v_, stepped) / cfg.grad_accum
