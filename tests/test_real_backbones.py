@@ -416,8 +416,8 @@ def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resource_rows_cover_every_stage(family):
-    from dcm.dag import load_resources
-    from dcm.stages import STAGES
+    from dcm.pipeline.dag import load_resources
+    from dcm.pipeline.table import STAGES
 
     rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
     assert rows["train_seme"].gpus * rows["train_seme"].nodes == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]
