@@ -1,4 +1,4 @@
-# The DAG as Snakemake rules: the same stage table as dvc.yaml (src/dcm/stages/__init__.py).
+# The DAG as Snakemake rules: the same stage table as dvc.yaml (src/dcm/pipeline/table.py).
 #   snakemake --cores 2                                  # locally (or --profile workflow/profiles/local)
 #   snakemake --profile workflow/profiles/slurm          # each rule a SLURM job (slurm/resources.yaml)
 from snakemake.utils import validate

@@ -1,7 +1,7 @@
 """Sampling latency per method: median wall seconds per video, NFE, speedup over teacher-50.
 
 Every method samples the same batch (same prompts, same noise) with its own (σ, expert) schedule
-from ``dcm.stages.sample.schedule_for`` through the one sampler (``dcm.sampling.sample``), decode
+from ``dcm.methods.schedule_for`` through the one sampler (``dcm.sampling.sample``), decode
 included as in the ``sample`` stage, in this one process on this hardware.  Repeats are interleaved
 across methods (round-robin, after one warm-up call each) so that load drifts hit all of them alike.
 
@@ -36,10 +36,10 @@ import torch
 
 from dcm import config, paths
 from dcm.backbones import create_teacher, load_teacher
+from dcm.data.trajectories import initial_noise
+from dcm.methods import dcm_experts, guidance_forwards, schedule_for
 from dcm.sampling import nfe, sample, student_velocity, teacher_velocity
 from dcm.schedule import teacher_grid
-from dcm.stages.sample import schedule_for
-from dcm.trajectories import initial_noise
 
 
 def teacher_backbone(params):
@@ -54,21 +54,21 @@ def experts_for(params, method: str, backbone, routed: bool | None = None):
     """(velocity functions per expert name, forwards per step per expert, which weights)."""
     m = params.method(method)
     if m.kind == "teacher":
-        cfg = 2 if backbone.guidance_mode == "cfg" and backbone.guidance_scale != 1.0 else 1
-        return {"teacher": teacher_velocity(backbone, None)}, {"teacher": cfg}, "teacher"
+        return {"teacher": teacher_velocity(backbone, None)}, {"teacher": guidance_forwards(backbone)}, "teacher"
     source = m.checkpoint_from or method
     if m.kind == "dcm":
-        from dcm.distill.experts import load_method_experts, make_dete, sigma_kappa
+        from dcm.distill.experts import make_dete
 
         merged = m.merge_experts if routed is None else not routed
         form = "merged per expert" if merged else "routed SemE+DetE wrapper"
         if (paths.checkpoint(source, "dete") / "expert.json").is_file():
-            return (load_method_experts(params, method, backbone, merged=merged), {},
+            return (dcm_experts(params, method, backbone, merged=merged), {},
                     f"trained (checkpoints/{source}), {form}")
         dete = params.method(source).dete
         rank, alpha = (dete.lora_rank, dete.lora_alpha) if dete and dete.lora_rank > 0 else (16, 32.0)
+        grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
         dual = make_dete(copy.deepcopy(backbone.transformer), backbone, rank, alpha,
-                         kappa=params.grid.kappa, sigma_kappa=sigma_kappa(params))
+                         kappa=params.grid.kappa, sigma_kappa=grid.sigma(params.grid.kappa))
         with torch.no_grad():  # a random adapter: DetE differs from SemE, as after training
             for name, p in dual.model.named_parameters():
                 if "lora_B" in name:

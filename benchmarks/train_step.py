@@ -27,9 +27,9 @@ import torch
 
 from dcm import config, distill, schedule
 from dcm.backbones import create_teacher
-from dcm.stages.prepare import build_prompt_sets
+from dcm.data.prompts import build_prompt_sets
+from dcm.data.trajectories import TrajectoryStore, TrajectoryWriter, initial_noise, solve, store_header
 from dcm.tracking import StageRun
-from dcm.trajectories import TrajectoryStore, TrajectoryWriter, initial_noise, solve, store_header
 
 
 def write_store(root: Path, backbone, rows: list[dict], grid: schedule.TeacherGrid, params) -> TrajectoryStore:

@@ -2,7 +2,7 @@
 
 The DAG reports every method on the eval rows of ``data/prompts.json``.  Choosing a loss weight, κ or
 budget by those same numbers would select on the test set.  This script samples the *validation* rows
-(``dcm.stages.prepare.validation_rows``: the same shape as the eval rows, other captions order and
+(``dcm.data.prompts.validation_rows``: the same shape as the eval rows, other captions order and
 seeds in a range used by nothing else) with each trained method and the teacher, scores them with the
 shapes-bench exactly as ``evaluate`` does (videos rounded through float16 as ``sample`` stores them),
 and prints one row per method with 95% bootstrap intervals and the paired difference to the teacher.
@@ -23,11 +23,10 @@ import torch
 from dcm import config, paths
 from dcm.backbones import load_teacher
 from dcm.config import ConfigError
+from dcm.data.prompts import validation_rows
+from dcm.evaluation.metrics import match_rate, row_totals, score_rows
 from dcm.evaluation.scoring import bootstrap
-from dcm.stages import weights_paths
-from dcm.stages.evaluate import match_rate, row_totals, score_rows
-from dcm.stages.prepare import validation_rows
-from dcm.stages.sample import generate
+from dcm.methods import generate, weights_paths
 
 TEACHER = "teacher"
 SHOWN = ("imaging_quality", "motion_smoothness", "subject_consistency", "object_class")

@@ -70,7 +70,7 @@ def smoke(tmp_path, monkeypatch):
     """A scratch smoke project: prompts.json and a random (untrained) teacher saved to models/teacher."""
     from dcm import paths
     from dcm.backbones import create_teacher
-    from dcm.stages import prepare
+    from dcm.pipeline.stages import prepare
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)

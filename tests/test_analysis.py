@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from dcm import analysis_dynamics as dyn
-from dcm import analysis_params as ap
 from dcm import cli, config, paths
+from dcm.analysis import dynamics as dyn
+from dcm.analysis import param_change as ap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_training_loss_per_index_averages_the_loops_per_sample_records(tmp_path)
 @pytest.mark.slow
 def test_analyze_stage_distils_one_model_and_writes_the_dynamics_figure(tmp_path, monkeypatch, capsys):
     from dcm.backbones import create_teacher
-    from dcm.stages import analyze, prepare, trajectories
+    from dcm.pipeline.stages import analyze, prepare, trajectories
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)

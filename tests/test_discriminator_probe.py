@@ -17,7 +17,7 @@ def run_probe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_probe_prints_held_out_accuracy_per_sigma_adv_bucket(smoke):
-    from dcm.stages import train_dete, train_seme
+    from dcm.pipeline.stages import train_dete, train_seme
 
     refused = run_probe()
     assert refused.returncode == 1 and "Traceback" not in refused.stderr and "train_dete" in refused.stderr

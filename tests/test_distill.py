@@ -161,7 +161,7 @@ def test_resume_gives_identical_next_losses(smoke, source_kind):
     """6 steps straight vs 3 steps, a kill during step 4, and a resume: the same losses, bit for bit (CPU)."""
     params = smoke_params(source=source_kind, checkpoint_every=3)
     if source_kind == "cached":
-        from dcm.stages import trajectories
+        from dcm.pipeline.stages import trajectories
 
         trajectories.run(params)
     backbone, source = online_setup(params)
@@ -225,10 +225,10 @@ def test_source_made_on_another_grid_is_refused_before_training(smoke):
 def test_stage_without_teacher_fails_with_a_clear_message(tmp_path, monkeypatch):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    from dcm.stages import train_baseline
+    from dcm.pipeline.table import STAGES
 
-    with pytest.raises(config.ConfigError, match="models/teacher"):
-        train_baseline.run(smoke_params(), "lcm")
+    with pytest.raises(config.ConfigError, match=r"models/teacher.*run `dcm run teacher`"):
+        STAGES["train_baseline"].run(smoke_params(), "lcm")
 
 
 # ------------------------------------------------------------------------------ stage smoke runs
@@ -237,7 +237,7 @@ def test_stage_without_teacher_fails_with_a_clear_message(tmp_path, monkeypatch)
 def _stage_params(smoke):
     """Smoke params with cached trajectories written by the real stage."""
     params = smoke_params()
-    from dcm.stages import trajectories
+    from dcm.pipeline.stages import trajectories
 
     trajectories.run(params)
     return params
@@ -247,7 +247,7 @@ def _stage_params(smoke):
 def test_lcm_and_pcm_smoke_runs_write_loadable_transformers(smoke, monkeypatch, mlflow_sqlite):
     from diffusers import WanTransformer3DModel
 
-    from dcm.stages import train_baseline
+    from dcm.pipeline.stages import train_baseline
 
     monkeypatch.setenv("DCM_TRACKING", "on")
     params = _stage_params(smoke)
@@ -269,7 +269,7 @@ def test_lcm_and_pcm_smoke_runs_write_loadable_transformers(smoke, monkeypatch, 
 def test_seme_smoke_run_trains_the_high_noise_phase_with_temporal_coherence(smoke):
     from diffusers import WanTransformer3DModel
 
-    from dcm.stages import train_seme
+    from dcm.pipeline.stages import train_seme
 
     params = _stage_params(smoke)
     train_seme.run(params, "dcm")
@@ -283,8 +283,8 @@ def test_seme_smoke_run_trains_the_high_noise_phase_with_temporal_coherence(smok
 
 @pytest.mark.slow
 def test_cached_source_pairs_consecutive_stored_points(smoke):
-    from dcm.stages import trajectories
-    from dcm.trajectories import TrajectoryStore
+    from dcm.data.trajectories import TrajectoryStore
+    from dcm.pipeline.stages import trajectories
 
     params = smoke_params()
     trajectories.run(params)

@@ -12,8 +12,9 @@ import torch
 
 from dcm import config, paths, schedule
 from dcm.distill.discriminator import GanFeatureMatching
-from dcm.distill.experts import DualExpert, load_dual_expert, load_method_experts, make_dete, save_dete
+from dcm.distill.experts import DualExpert, load_dual_expert, make_dete, save_dete
 from dcm.distill.loop import ConsistencyBatch
+from dcm.methods import dcm_experts
 from dcm.sampling import sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,8 @@ def test_missing_dete_folder_is_named(backbone, tmp_path):
 def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkeypatch):
     """SemE then DetE on the smoke preset (online source), then 4-step sampling through both experts."""
     from dcm.backbones import create_teacher, load_teacher
-    from dcm.stages import prepare, train_dete, train_seme
+    from dcm.pipeline.stages import prepare, train_dete, train_seme
+    from dcm.pipeline.table import STAGES
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
@@ -168,8 +170,8 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
     params = config.parse(raw)
     prepare.run(params)
     create_teacher(params).save(paths.TEACHER)
-    with pytest.raises(config.ConfigError, match="train_seme"):
-        train_dete.run(params, "dcm")
+    with pytest.raises(config.ConfigError, match=r"checkpoints/dcm/seme.*`dcm run train_seme --method dcm`"):
+        STAGES["train_dete"].run(params, "dcm")
     train_seme.run(params, "dcm")
     train_dete.run(params, "dcm")
 
@@ -184,7 +186,7 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
     assert summary["discriminator"]["steps"][1] == len(rows) - 1 and "at_chance" in summary["discriminator"]
 
     backbone = load_teacher(params, paths.TEACHER)
-    experts = load_method_experts(params, "dcm", backbone)
+    experts = dcm_experts(params, "dcm", backbone)
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     steps = schedule.expert_schedule(grid, params.grid.kappa, params.methods["dcm"].sample_steps)
     x = sample(experts, steps, latents(backbone, params, 1), backbone.encode_prompts([PROMPT]))
@@ -199,7 +201,7 @@ def test_export_loads_with_stock_diffusers_and_peft_and_samples_like_dcm(backbon
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from dcm.export import export_dual_expert
+    from dcm.methods.export import export_dual_expert
     from dcm.sampling import student_velocity
 
     dual = build(backbone, grid, params)

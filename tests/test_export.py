@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from dcm import schedule
 from dcm.backbones import adapter_class
 from dcm.distill.experts import DualExpert, make_dete
-from dcm.export import SCHEDULE_FILE, export_dual_expert
+from dcm.methods.export import SCHEDULE_FILE, export_dual_expert
 from dcm.sampling import sample, student_velocity
 from test_real_backbones import BUILDERS, PROMPTS, family_params
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dcm import config, dag, launch
+from dcm import config
 from dcm.config import ConfigError
-from dcm.stages import STAGES
+from dcm.pipeline import dag, launch
+from dcm.pipeline.table import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -127,7 +128,7 @@ def test_resources_overlay_default_and_name_the_bad_key(tmp_path):
 
 
 def _missing_stage_modules() -> list[str]:
-    return [f"dcm.stages.{s}" for s in STAGES if importlib.util.find_spec(f"dcm.stages.{s}") is None]
+    return [f"dcm.pipeline.stages.{s}" for s in STAGES if importlib.util.find_spec(f"dcm.pipeline.stages.{s}") is None]
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:

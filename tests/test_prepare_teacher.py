@@ -12,9 +12,15 @@ import torch
 from dcm import config, paths
 from dcm.backbones import create_teacher, load_teacher
 from dcm.config import ConfigError
-from dcm.stages import STAGES
-from dcm.stages.prepare import TRAIN_SEED_LIMIT, build_prompt_sets
-from dcm.teacher_training import flow_matching_loss, sample_sigmas, scene_batch, train_teacher, warmup_cosine
+from dcm.data.prompts import TRAIN_SEED_LIMIT, build_prompt_sets
+from dcm.distill.teacher_pretraining import (
+    flow_matching_loss,
+    sample_sigmas,
+    scene_batch,
+    train_teacher,
+    warmup_cosine,
+)
+from dcm.pipeline.table import STAGES
 from dcm.worlds import shapes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -197,7 +197,7 @@ def test_forward_gives_a_velocity_of_the_latent_shape_and_every_second_block_as_
     t, h, w = (d // p for d, p in zip(x.shape[2:], backbone.token_patch(backbone.transformer)))
     for f in feats:
         assert f.shape == (2, t * h * w, backbone.feature_dim(backbone.transformer))  # video tokens only
-        assert backbone.feature_projection(backbone.transformer)(f).shape[:2] == (2, t * h * w)
+    assert [p.shape for p in backbone.project_features(backbone.transformer, feats)] == [x.shape] * len(feats)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -416,8 +416,8 @@ def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resource_rows_cover_every_stage(family):
-    from dcm.dag import load_resources
-    from dcm.stages import STAGES
+    from dcm.pipeline.dag import load_resources
+    from dcm.pipeline.table import STAGES
 
     rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
     assert rows["train_seme"].gpus * rows["train_seme"].nodes == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from dcm import config
-from dcm.stages import report
+from dcm.pipeline.stages import report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dcm import config, paths
-from dcm.stages import report
+from dcm.pipeline.stages import report
 from test_report import _write_method
 
 CHROMIUM = shutil.which("chromium")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import FlowMatchLCMScheduler
 
+from dcm.data.trajectories import initial_noise
 from dcm.distill import losses
 from dcm.distill.loop import endpoints
 from dcm.sampling import renoise_generators, sample, sample_lcm
 from dcm.schedule import SamplingStep, explicit_schedule, pcm_phases, phase_schedule, teacher_grid
-from dcm.trajectories import initial_noise
 
 SHAPE = (4, 3, 6, 6)  # (C, T, H, W)
 MU = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))

@@ -17,7 +17,8 @@ import submitit
 import torch
 import yaml
 
-from dcm import config, launch
+from dcm import config, distributed
+from dcm.pipeline import launch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,8 +47,8 @@ def test_distributed_env_maps_submitit_job_environment(monkeypatch):
                        "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "5",
                        "SLURM_LOCALID": "1", "_TEST_CLUSTER_": "slurm"}.items():
         monkeypatch.setenv(key, value)
-    env = launch.distributed_env(submitit.JobEnvironment())
-    assert env == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(launch.PORT_BASE + 4242 % launch.PORT_SPAN),
+    env = distributed.distributed_env(submitit.JobEnvironment())
+    assert env == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(distributed.PORT_BASE + 4242 % distributed.PORT_SPAN),
                    "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "1"}
 
 
@@ -111,13 +112,13 @@ def test_snakemake_slurm_profile_runs_prepare_then_teacher(cluster_project):
 
 def _prepare_training_inputs(params_path: str = "params.yaml") -> None:
     """prepare → teacher → trajectories in this process (the inputs of a training stage)."""
-    from dcm import stages
+    from dcm.pipeline import table
 
     params = config.load(params_path)
     local = config.parse({**config.load_raw(params_path), "launcher": "local"})
     assert params.launcher == "slurm"
     for name in ("prepare", "teacher", "trajectories"):
-        stages.get(name).run(local)
+        table.get(name).run(local)
 
 
 def _set_resources(stage: str, **values) -> None:
@@ -168,7 +169,7 @@ def test_launch_trains_as_a_two_task_gloo_job_with_identical_ranks(cluster_proje
 @pytest.mark.slow
 @needs_cluster
 def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weights(cluster_project):
-    from dcm import stages
+    from dcm.pipeline import table
 
     _prepare_training_inputs()
     _set_method("lcm", train_steps=60)
@@ -185,7 +186,7 @@ def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weigh
     here = Path.cwd()
     os.chdir(reference)
     try:
-        stages.get("train_baseline").run(config.parse({**config.load_raw("params.yaml"), "launcher": "local"}), "lcm")
+        table.get("train_baseline").run(config.parse({**config.load_raw("params.yaml"), "launcher": "local"}), "lcm")
         expected = _student_weights("lcm")
     finally:
         os.chdir(here)

@@ -54,7 +54,7 @@ def test_teacher_restart_rejects_a_start_outside_the_grid(smoke):
 def test_validate_scores_methods_on_rows_disjoint_from_train_and_eval(smoke):
     """benchmarks/validate.py: teacher + the named methods on the validation split, one table row each."""
     from dcm import config, io, paths
-    from dcm.stages.prepare import validation_rows
+    from dcm.data.prompts import validation_rows
 
     params = config.load("params.yaml", preset="smoke")
     rows = validation_rows(params)

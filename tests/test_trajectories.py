@@ -19,12 +19,8 @@ import yaml
 from dcm import config, io, paths
 from dcm.backbones import create_teacher, load_teacher
 from dcm.backbones.base import PromptEmbeds
-from dcm.distill.data import CachedSource
-from dcm.sampling import sample, teacher_velocity
-from dcm.schedule import teacher_grid, uniform_schedule
-from dcm.stages import trajectories as stage
-from dcm.stages.prepare import build_prompt_sets
-from dcm.trajectories import (
+from dcm.data.prompts import build_prompt_sets
+from dcm.data.trajectories import (
     INDEX,
     PARTIAL_INDEX,
     StoreError,
@@ -37,6 +33,11 @@ from dcm.trajectories import (
     solve_velocity,
     store_header,
 )
+from dcm.distill.data import CachedSource
+from dcm.pipeline.stages import trajectories as stage
+from dcm.pipeline.table import STAGES
+from dcm.sampling import sample, teacher_velocity
+from dcm.schedule import teacher_grid, uniform_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -421,8 +422,8 @@ def test_stale_partial_store_with_other_params_is_not_resumed(tmp_path, teacher_
 
 def test_stage_without_prompts_fails_before_loading_the_teacher(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(config.ConfigError, match="data/prompts.json"):
-        stage.run(config.parse(smoke_raw()))
+    with pytest.raises(config.ConfigError, match=r"data/prompts.json.*`dcm run prepare`"):
+        STAGES["trajectories"].run(config.parse(smoke_raw()))
 
 
 def test_stage_rejects_a_row_count_other_than_num_trajectories(tmp_path, teacher_dir, monkeypatch):

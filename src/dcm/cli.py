@@ -16,7 +16,7 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dcm.stages import STAGES
+    from dcm.pipeline.table import STAGES
 
     stage_lines = "\n".join(f"  {s.name:<15} {s.summary}" for s in STAGES.values())
     parser = argparse.ArgumentParser(
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from dcm import stages
+    from dcm.pipeline import table
 
     if args.command == "vbench":
         from dcm.evaluation import vbench
@@ -103,9 +103,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"VBench environment ready: {args.venv} (set evaluation.vbench.venv to it)")
         return 0
     if args.command == "analyze":
-        from dcm import analysis_params
+        from dcm.analysis import param_change
 
-        analysis_params.main(args.a, args.b, args.plot, args.json)
+        param_change.main(args.a, args.b, args.plot, args.json)
         return 0
     if args.command == "schema":
         text = config.json_schema_text()
@@ -127,12 +127,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     params = config.load(args.params, args.preset)
     if args.command == "stages":
-        for s in stages.STAGES.values():
+        for s in table.STAGES.values():
             runs = s.methods(params, include_ablations=True) if s.per_method else ["-"]
             print(f"{s.name:<15} {', '.join(runs)}")
         return 0
     if args.command == "export":
-        from dcm.export import export
+        from dcm.methods.export import export
 
         print(f"exported {args.method} -> {export(params, args.method, args.out)}")
         return 0
@@ -146,18 +146,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ablations":
         rows = [m for m, c in params.methods.items() if c.ablation]
-        for stage in stages.STAGES.values():
+        for stage in table.STAGES.values():
             if stage.per_method:
                 for m in stage.methods(params, include_ablations=True):
                     if m in rows:
                         stage.run(params, m)
-        stages.get("report").run(params)
+        table.get("report").run(params)
         return 0
     if args.command == "run":
-        stages.get(args.stage).run(params, args.method)
+        table.get(args.stage).run(params, args.method)
         return 0
     if args.command == "launch":
-        from dcm import launch
+        from dcm.pipeline import launch
 
         if args.methods:
             if args.method:

@@ -15,9 +15,16 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    import submitit
+
+
+PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
 
 
 @dataclass(frozen=True)
@@ -41,14 +48,32 @@ def is_main() -> bool:
     return world().is_main
 
 
+def distributed_env(job_env: submitit.JobEnvironment) -> dict[str, str]:
+    """torch.distributed's env:// variables for this task of a (multi-node, multi-GPU) job.
+
+    Rank 0's host is the master; the port is derived from the job id so that two jobs sharing a
+    node do not collide and every task of one job agrees without talking.
+    """
+    job_id = str(job_env.job_id).split("_")[0]
+    digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
+    tasks_per_node = max(job_env.num_tasks // max(job_env.num_nodes, 1), 1)
+    return {
+        "MASTER_ADDR": job_env.hostnames[0],
+        "MASTER_PORT": str(PORT_BASE + int(digits) % PORT_SPAN),
+        "RANK": str(job_env.global_rank),
+        "WORLD_SIZE": str(job_env.num_tasks),
+        "LOCAL_RANK": str(job_env.local_rank),
+        "LOCAL_WORLD_SIZE": str(tasks_per_node),
+        "NODE_RANK": str(job_env.node),
+    }
+
+
 @contextmanager
 def process_group() -> Iterator[World]:
     """Open the process group when the environment names more than one rank (and close it after)."""
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
             and "SLURM_PROCID" in os.environ:  # a multi-task SLURM step not started by submitit (Snakemake)
         import submitit
-
-        from dcm.launch import distributed_env
 
         os.environ.update(distributed_env(submitit.JobEnvironment()))
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,9 +1,9 @@
 # One rule per stage of the stage table, each one `dcm run <stage> [--method M]` shell line;
-# input/output from Stage.resolve, resources from slurm/resources.yaml (dcm.dag.snakemake_resources).
+# input/output from Stage.resolve, resources from slurm/resources.yaml (dcm.pipeline.dag.snakemake_resources).
 # Per-method stages take the method as a wildcard constrained to the methods the table runs.
 from dcm import config as dcm_config
-from dcm import dag as dcm_dag
-from dcm.stages import STAGES
+from dcm.pipeline import dag as dcm_dag
+from dcm.pipeline.table import STAGES
 
 PARAMS = dcm_config.parse(config)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dcm.backbones.base import Backbone, PromptEmbeds, unwrap
+from dcm.backbones.base import Backbone, PromptEmbeds
 from dcm.config import ConfigError, RealBackboneConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -235,15 +235,6 @@ class PipelineBackbone(Backbone):
     def timestep(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """t = 1000·σ per sample (flow-matching families)."""
         return (sigma.reshape(-1).to(x.device, torch.float32) * 1000.0).expand(x.shape[0])
-
-    def feature_projection(self, model: nn.Module):
-        """Features → ``proj_out(norm_out.norm(·))``: the output head without its timestep modulation.
-
-        The adaptive ``norm_out`` needs a timestep embedding that a block output alone does not carry;
-        its inner LayerNorm is affine-free, as Wan's ``norm_out`` is (METHODS.md, DetE).
-        """
-        m = unwrap(model)
-        return lambda feat: m.proj_out(m.norm_out.norm(feat.float()).to(feat.dtype))
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -36,9 +36,8 @@ def device() -> torch.device:
 
 
 def check_inputs(params: Params, source: str | None = None) -> None:
-    """Fail before any model is loaded if an upstream stage has not run (``source`` overrides training.source)."""
-    if not (paths.TEACHER / "backbone.json").is_file():
-        raise ConfigError("models/teacher", str(paths.TEACHER), "a saved teacher: run `dcm run teacher` first")
+    """Fail before any model is loaded if the batch source ``training.source`` (or ``source``) needs is not
+    complete (the trajectories stage resumes, so its folder can exist half-written)."""
     if (source or params.training.source) == "cached":
         if not (paths.TRAJECTORIES / "index.json").is_file():
             raise ConfigError("training.source", "cached",
@@ -57,7 +56,7 @@ def make_source(params: Params, backbone: Backbone, source: str | None = None, q
     """The batch source ``training.source`` (or ``source``) names: the cached trajectory store, or online
     teacher steps on the shapes world's videos of ``world.quality`` (or ``quality``: MCM's low-quality data)."""
     if (source or params.training.source) == "cached":
-        from dcm.trajectories import TrajectoryStore
+        from dcm.data.trajectories import TrajectoryStore
 
         return CachedSource(TrajectoryStore(paths.TRAJECTORIES, verify=True), backbone, device())
     rows = io.read_json(paths.PROMPTS)["train"]

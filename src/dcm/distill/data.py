@@ -42,7 +42,7 @@ def _row_seed(row) -> int:
 
 
 class CachedSource:
-    """Consecutive points of stored teacher trajectories (``dcm.trajectories.TrajectoryStore``).
+    """Consecutive points of stored teacher trajectories (``dcm.data.trajectories.TrajectoryStore``).
 
     The prompt embeddings of every stored row are computed once with the frozen teacher prompt
     encoder and kept: the encoder never runs inside the loop.  x_n and x_{n−1} are read together

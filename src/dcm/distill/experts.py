@@ -38,14 +38,6 @@ FULL_DIR = "transformer"
 ROUTING_TOLERANCE_T = 1e-2
 
 
-def sigma_kappa(params) -> float:
-    """σ_κ of the run's teacher grid: the routing threshold between the experts."""
-    from dcm.schedule import teacher_grid
-
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
-    return grid.sigma(params.grid.kappa)
-
-
 def _base_transformer(model: nn.Module) -> nn.Module:
     """The diffusers transformer under a PEFT wrapper (``PeftModel.get_base_model``)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -306,23 +298,3 @@ def load_dual_expert(seme_dir: str | Path, dete_dir: str | Path, backbone: Backb
         dual = DualExpert(peft_model, timestep_layers=copies, **common)
     device = next(backbone.transformer.parameters()).device
     return dual.requires_grad_(False).eval().to(device)
-
-
-def load_method_experts(params, method: str, backbone: Backbone, merged: bool | None = None) -> dict:
-    """Velocity functions for ``schedule.expert_schedule`` steps of a dcm-kind method.
-
-    merged (default: ``methods.<m>.merge_experts``): each name is its expert as a plain transformer
-    (``materialize``: DetE's LoRA merged into a copy), so a step costs one forward of an ordinary
-    model.  Otherwise both names map to the same ``DualExpert``, which routes every sample by its own
-    σ through σ_κ: one set of weights in memory.  checkpoint_from is honoured.
-    """
-    from dcm import paths
-    from dcm.sampling import student_velocity
-
-    source = params.method(method).checkpoint_from or method
-    dual = load_dual_expert(paths.checkpoint(source, "seme"), paths.checkpoint(source, "dete"), backbone)
-    if params.method(method).merge_experts if merged is None else merged:
-        return {e: student_velocity(backbone, dual.materialize(e).eval().requires_grad_(False))
-                for e in ("seme", "dete")}
-    velocity = student_velocity(backbone, dual)
-    return {"seme": velocity, "dete": velocity}

@@ -24,13 +24,14 @@ from pathlib import Path
 import submitit
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from dcm import config, dag
+from dcm import config
 from dcm.config import ConfigError, Params
+from dcm.distributed import distributed_env
+from dcm.pipeline import dag
 
 LOG_FOLDER = Path("slurm/logs/%j")  # job-array safe (%j, not %A_%a)
 POLL_SECONDS = 1.0
 TAIL_LINES = 40
-PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 
 
@@ -46,26 +47,6 @@ def use_preempt_signal(name: str | None = None) -> str:
     return name
 
 
-def distributed_env(job_env: submitit.JobEnvironment) -> dict[str, str]:
-    """torch.distributed's env:// variables for this task of a (multi-node, multi-GPU) job.
-
-    Rank 0's host is the master; the port is derived from the job id so that two jobs sharing a
-    node do not collide and every task of one job agrees without talking.
-    """
-    job_id = str(job_env.job_id).split("_")[0]
-    digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
-    tasks_per_node = max(job_env.num_tasks // max(job_env.num_nodes, 1), 1)
-    return {
-        "MASTER_ADDR": job_env.hostnames[0],
-        "MASTER_PORT": str(PORT_BASE + int(digits) % PORT_SPAN),
-        "RANK": str(job_env.global_rank),
-        "WORLD_SIZE": str(job_env.num_tasks),
-        "LOCAL_RANK": str(job_env.local_rank),
-        "LOCAL_WORLD_SIZE": str(tasks_per_node),
-        "NODE_RANK": str(job_env.node),
-    }
-
-
 class StageJob(submitit.helpers.Checkpointable):
     """The submitted callable: ``dcm run <stage> [--method M]`` inside the job."""
 
@@ -77,7 +58,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self.workdir = workdir
 
     def __call__(self) -> None:
-        from dcm import stages
+        from dcm.pipeline import table
 
         os.chdir(self.workdir)
         try:
@@ -86,7 +67,7 @@ class StageJob(submitit.helpers.Checkpointable):
             env = {}
         os.environ.update(env)
         params = config.load(self.params_path, self.preset)
-        stages.get(self.stage).run(params, self.method)
+        table.get(self.stage).run(params, self.method)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Preempted or timed out: requeue the same call; the stage resumes from its checkpoints."""
@@ -114,9 +95,9 @@ def slurm_parameters(resources: dag.Resources, job_name: str) -> dict:
 
 def launch(params: Params, stage: str, method: str | None, params_path: str = "params.yaml",
            preset: str | None = None) -> int:
-    from dcm import stages
+    from dcm.pipeline import table
 
-    stage_row = stages.get(stage)  # unknown stage: ConfigError before anything is submitted
+    stage_row = table.get(stage)  # unknown stage: ConfigError before anything is submitted
     if params.launcher == "local":
         stage_row.run(params, method)
         return 0
@@ -141,9 +122,9 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
 
 def resolve_methods(params: Params, stage: str, methods: str) -> list[str]:
     """``--methods lcm,pcm`` or ``--methods all`` (every default-DAG method of the stage), checked."""
-    from dcm import stages
+    from dcm.pipeline import table
 
-    row = stages.get(stage)
+    row = table.get(stage)
     allowed = row.methods(params, include_ablations=True)
     if not row.per_method:
         raise ConfigError("--methods", methods, f"stage {stage} takes no method")
@@ -157,9 +138,9 @@ def resolve_methods(params: Params, stage: str, methods: str) -> list[str]:
 def launch_array(params: Params, stage: str, methods: list[str], params_path: str = "params.yaml",
                  preset: str | None = None) -> int:
     """One stage for several methods: a SLURM job array (one task per method), or one after another."""
-    from dcm import stages
+    from dcm.pipeline import table
 
-    stage_row = stages.get(stage)
+    stage_row = table.get(stage)
     if params.launcher != "slurm":
         return max((launch(params, stage, m, params_path, preset) for m in methods), default=0)
     use_preempt_signal()

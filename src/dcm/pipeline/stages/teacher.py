@@ -14,14 +14,12 @@ import torch
 from dcm import io, paths, tracking
 from dcm.backbones import create_teacher, record_teacher
 from dcm.config import ConfigError, Params
-from dcm.stages.prepare import TRAIN_SEED_LIMIT
-from dcm.teacher_training import train_teacher
+from dcm.data.prompts import TRAIN_SEED_LIMIT
+from dcm.distill.teacher_pretraining import train_teacher
 
 
 def _check_inputs(params: Params) -> None:
     """The eval seeds must lie outside the training range the teacher draws its scenes from."""
-    if not paths.PROMPTS.is_file():
-        raise ConfigError("data/prompts.json", str(paths.PROMPTS), "an existing file: run `dcm run prepare` first")
     rows = io.read_json(paths.PROMPTS).get("eval", [])
     leaked = [r["seed"] for r in rows if r["seed"] < TRAIN_SEED_LIMIT]
     if leaked:

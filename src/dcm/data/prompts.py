@@ -1,4 +1,4 @@
-"""``prepare``: the training and evaluation (prompt, seed) sets, ``data/prompts.json``.
+"""The (prompt, seed) rows of every split: training, evaluation (``data/prompts.json``) and validation.
 
 Train rows cycle over a seeded shuffle of every caption of the world, with distinct seeds from
 [0, TRAIN_SEED_LIMIT).  Eval rows are ``world.eval_prompts`` captions chosen to spread evenly over
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcm import io, paths, tracking
 from dcm.config import ConfigError, Params
 from dcm.worlds import shapes
 
@@ -74,13 +73,3 @@ def validation_rows(params: Params) -> list[dict]:
     rng = np.random.default_rng([params.seed, 2])
     return held_out_rows(shapes.all_captions(), params.world.eval_prompts, params.world.eval_seeds, rng,
                          2 * TRAIN_SEED_LIMIT)
-
-
-def run(params: Params) -> None:
-    prompt_sets = build_prompt_sets(params)
-    with tracking.stage_run(params, "prepare") as run_log:
-        io.write_json_atomic(paths.PROMPTS, prompt_sets)
-        run_log.metrics({"train_rows": len(prompt_sets["train"]), "eval_rows": len(prompt_sets["eval"]),
-                         "train_prompts": len({r["prompt_id"] for r in prompt_sets["train"]})})
-        run_log.artifact(paths.PROMPTS)
-    print(f"prepare: {len(prompt_sets['train'])} train rows, {len(prompt_sets['eval'])} eval rows -> {paths.PROMPTS}")

@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 from safetensors.numpy import load_file
 
-from dcm import paths, reporting, tracking
+from dcm import paths, tracking
 from dcm.config import Params
+from dcm.evaluation import reporting
 from dcm.io import atomic_dir, read_json
-from dcm.stages import STAGES
+from dcm.pipeline.table import STAGES
 
 GRID_EXAMPLES = 4
 

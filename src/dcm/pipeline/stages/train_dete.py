@@ -23,9 +23,6 @@ def run(params: Params, method: str) -> None:
         raise ConfigError(f"methods.{method}.dete", None, "an expert config (train_steps, lr, lora_rank, …)")
     distill.check_inputs(params)
     seme_dir = paths.checkpoint(method, "seme") / FULL_DIR
-    if not (seme_dir / "config.json").is_file():
-        raise ConfigError(f"methods.{method}.seme", str(seme_dir),
-                          f"a trained SemE: run `dcm run train_seme --method {method}` first")
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     kappa = params.grid.kappa
 

@@ -1,5 +1,5 @@
 """``analyze``: per-timestep loss and gradient-norm dynamics of one model distilled over the whole
-trajectory, and the κ they propose (``dcm.analysis_dynamics``).
+trajectory, and the κ they propose (``dcm.analysis.dynamics``).
 
 Writes ``analysis/`` — ``dynamics.png`` (the report shows it), ``dynamics.json`` (per-index curves, the
 proposed and the configured κ, the rule) and ``train/`` (the loop's history and summary) — in one
@@ -9,7 +9,7 @@ MLflow run.
 from __future__ import annotations
 
 from dcm import distill, io, paths, tracking
-from dcm.analysis_dynamics import analyze
+from dcm.analysis.dynamics import analyze
 from dcm.config import Params
 
 

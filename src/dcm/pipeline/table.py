@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from dcm.config import ConfigError, Params
+from dcm.methods import weights_paths
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,35 @@ class Stage:
                                   f"stage {self.name} runs methods of kind {list(self.method_kinds)}, not {kind!r}")
         elif method is not None:
             raise ConfigError("--method", method, f"stage {self.name} takes no method")
+        self.check_inputs(params, method)
         from dcm import distributed
 
-        module = importlib.import_module(f"dcm.stages.{self.name}")
+        module = importlib.import_module(f"dcm.pipeline.stages.{self.name}")
         with distributed.process_group() as world:
             if world.size > 1 and not self.data_parallel and not world.is_main:
                 print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
                 return
             seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
             module.run(params, method) if self.per_method else module.run(params)
+
+
+    def check_inputs(self, params: Params, method: str | None = None) -> None:
+        """Fail before any work when an input of this run is missing, naming the runs that write it."""
+        missing = [p for p in self.resolve(params, method)["deps"] if not Path(p).exists()]
+        if missing:
+            todo = ", ".join(dict.fromkeys(producer(params, p) for p in missing))
+            where = f"{self.name} --method {method}" if method else self.name
+            raise ConfigError(where, missing, f"existing inputs: run {todo} first")
+
+
+def producer(params: Params, path: str) -> str:
+    """The ``dcm run`` command whose outputs hold ``path`` (every method, ablation rows included)."""
+    for stage in STAGES.values():
+        for method in stage.methods(params, include_ablations=True) if stage.per_method else [None]:
+            outs = stage.resolve(params, method, include_ablations=True)
+            if any(path == out or path.startswith(f"{out}/") for key in ("outs", "metrics") for out in outs[key]):
+                return f"`dcm run {stage.name}" + (f" --method {method}`" if method else "`")
+    return f"the stage that writes {path}"
 
 
 def seed_everything(seed: int) -> None:
@@ -130,20 +152,6 @@ STAGES: dict[str, Stage] = {
               params=("methods", "tracking")),
     ]
 }
-
-
-def weights_path(params: Params, method: str) -> str:
-    """What a method samples from: the teacher, or the checkpoint folder it (or checkpoint_from) trained."""
-    m = params.method(method)
-    if m.kind == "teacher":
-        return "models/teacher"
-    return f"checkpoints/{m.checkpoint_from or method}"
-
-
-def weights_paths(params: Params, method: str) -> list[str]:
-    """The stage outputs a method's sampling depends on (DCM: the seme/ and dete/ folders)."""
-    root = weights_path(params, method)
-    return [f"{root}/seme", f"{root}/dete"] if params.method(method).kind == "dcm" else [root]
 
 
 def get(name: str) -> Stage:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dcm import schedule
 from dcm.backbones.base import Backbone
 from dcm.config import Params
-from dcm.stages.prepare import TRAIN_SEED_LIMIT
+from dcm.data.prompts import TRAIN_SEED_LIMIT
 from dcm.worlds import shapes
 
 # σ ~ mixture: with this probability a logit-normal σ (mass at mid noise, where layout and

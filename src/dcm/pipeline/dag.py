@@ -1,7 +1,7 @@
 """The DAG views of the stage table: dvc.yaml (generated here), the Snakemake rules (built from the
 same table in workflow/rules/stages.smk) and the SLURM resources both launchers read.
 
-``python -m dcm.dag`` rewrites dvc.yaml from the table and params.yaml; ``--check`` fails when the
+``python -m dcm.pipeline.dag`` rewrites dvc.yaml from the table and params.yaml; ``--check`` fails when the
 file on disk is stale (a test runs it).  Per-method stages become DVC ``foreach`` stages over the
 methods the table gives for these params; a stage that gathers every evaluated method (the report)
 depends on the folders holding them, so it follows whatever the lists are.
@@ -19,11 +19,12 @@ import yaml
 
 from dcm import config
 from dcm.config import ConfigError, Params
-from dcm.stages import STAGES, Stage, weights_path
+from dcm.methods import weights_path
+from dcm.pipeline.table import STAGES, Stage
 
 RESOURCES_FILE = Path("slurm/resources.yaml")
 RESOURCES_ENV = "DCM_SLURM_RESOURCES"  # another resources file (the local test cluster has no GPUs)
-DVC_HEADER = ("# Generated from the stage table (src/dcm/stages/__init__.py) by `python -m dcm.dag`;\n"
+DVC_HEADER = ("# Generated from the stage table (src/dcm/pipeline/table.py) by `python -m dcm.pipeline.dag`;\n"
               "# tests/test_orchestration.py holds it equal to the table and to the Snakefile.\n")
 
 
@@ -172,7 +173,7 @@ def dvc_yaml_text(params: Params) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcm.dag", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dcm.pipeline.dag", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--output", default="dvc.yaml")
     parser.add_argument("--check", action="store_true", help="fail if the output file is not up to date")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     if args.check:
         if not out.is_file() or out.read_text() != text:
-            print(f"{out} is stale: regenerate it with `python -m dcm.dag`", file=sys.stderr)
+            print(f"{out} is stale: regenerate it with `python -m dcm.pipeline.dag`", file=sys.stderr)
             return 1
         return 0
     out.write_text(text)

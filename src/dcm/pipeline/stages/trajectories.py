@@ -1,7 +1,7 @@
 """``trajectories``: guided teacher ODE solves of the ``train`` rows, stored as checksummed shards.
 
 Reads ``data/prompts.json`` and ``models/teacher``; writes ``trajectories/`` (see
-``dcm.trajectories``).  Resumable: a run killed at any moment recomputes only the shards that are
+``dcm.data.trajectories``).  Resumable: a run killed at any moment recomputes only the shards that are
 missing, batches never span shards, and a store made with other params is started over.
 """
 
@@ -15,16 +15,12 @@ from tqdm import tqdm
 from dcm import io, paths, tracking
 from dcm.backbones import load_teacher
 from dcm.config import ConfigError, Params
+from dcm.data.trajectories import TrajectoryWriter, folder_digest, initial_noise, solve, store_header
 from dcm.schedule import teacher_grid
-from dcm.trajectories import TrajectoryWriter, folder_digest, initial_noise, solve, store_header
 
 
 def _train_rows(params: Params) -> list[dict]:
     """The ``train`` rows, checked against the params before any teacher forward."""
-    if not paths.PROMPTS.is_file():
-        raise ConfigError("data/prompts.json", str(paths.PROMPTS), "an existing file: run `dcm run prepare` first")
-    if not (paths.TEACHER / "backbone.json").is_file():
-        raise ConfigError("models/teacher", str(paths.TEACHER), "a saved teacher: run `dcm run teacher` first")
     rows = io.read_json(paths.PROMPTS).get("train")
     wanted = params.trajectories.num_trajectories
     if not isinstance(rows, list) or len(rows) != wanted:
