@@ -39,7 +39,6 @@ from dcm.backbones import create_teacher, load_teacher
 from dcm.data.trajectories import initial_noise
 from dcm.methods import dcm_experts, guidance_forwards, schedule_for
 from dcm.sampling import nfe, sample, student_velocity, teacher_velocity
-from dcm.schedule import teacher_grid
 
 
 def teacher_backbone(params):
@@ -66,7 +65,7 @@ def experts_for(params, method: str, backbone, routed: bool | None = None):
                     f"trained (checkpoints/{source}), {form}")
         dete = params.method(source).dete
         rank, alpha = (dete.lora_rank, dete.lora_alpha) if dete and dete.lora_rank > 0 else (16, 32.0)
-        grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+        grid = params.teacher_grid()
         dual = make_dete(copy.deepcopy(backbone.transformer), backbone, rank, alpha,
                          kappa=params.grid.kappa, sigma_kappa=grid.sigma(params.grid.kappa))
         with torch.no_grad():  # a random adapter: DetE differs from SemE, as after training
@@ -136,7 +135,7 @@ def main() -> None:
         for m in methods:
             runs[m]["times"].append(call(m))
 
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     print(f"sampling latency: {params.experiment} world {params.world.frames}x{params.world.size}x{params.world.size}, "
           f"grid N={grid.steps}, kappa={params.grid.kappa}, batch {args.batch}, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, device cpu")

@@ -57,7 +57,7 @@ def main() -> None:
     params = config.load(args.params, args.preset)
     backbone = load_teacher(params, args.teacher)
     rows = io.read_json(paths.PROMPTS)["eval"][: args.limit]
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     shape = backbone.latent_shape(params.world.frames, params.world.size)
     noise = initial_noise(rows, shape)
     scale = params.backbone.guidance_scale if args.guidance is None else args.guidance

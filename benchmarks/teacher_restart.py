@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from teacher_accuracy import MATCH_KEYS, score
 
-from dcm import config, io, paths, schedule
+from dcm import config, io, paths
 from dcm.backbones import load_teacher
 from dcm.sampling import sample, teacher_velocity
 from dcm.schedule import SamplingStep
@@ -48,7 +48,7 @@ def main() -> None:
     backbone = load_teacher(params, args.teacher)
     rows = io.read_json(paths.PROMPTS)["eval"][: args.limit]
     size, frames = params.world.size, params.world.frames
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     descending = [float(s) for s in grid.sigmas[::-1]]
     scale = params.backbone.guidance_scale if args.guidance is None else args.guidance
     bad = [s for s in args.starts if not descending[-1] <= s <= 1.0]

@@ -69,7 +69,7 @@ def main() -> None:
     backbone = create_teacher(params)
     backbone.transformer.requires_grad_(False).eval()
     backbone.prompt_encoder.requires_grad_(False)
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     rows = build_prompt_sets(params)["train"][: params.training.batch_size]
     latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
     steps = args.warmup + args.steps

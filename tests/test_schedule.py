@@ -222,3 +222,6 @@ def test_real_presets_give_the_official_steps_through_dcm_config(preset, spec, t
     dcm = params.method("dcm")
     steps = explicit_schedule(dcm.schedule, params.grid.num_train_timesteps, experts=("seme", "dete"))
     assert steps == explicit_schedule(spec) and len(steps) == dcm.sample_steps
+    from dcm.methods import schedule_for
+
+    assert schedule_for(params, "dcm") == steps  # what the sample stage and the benchmarks use

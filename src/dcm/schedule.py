@@ -18,6 +18,11 @@ import numpy as np
 SIGMA_MIN_INDEX = -1
 
 
+def noised(x0, noise, sigma):
+    """Forward noising of flow matching, x_σ = (1 − σ)·x0 + σ·ε (``sigma`` a float or broadcastable tensor)."""
+    return (1.0 - sigma) * x0 + sigma * noise
+
+
 def training_sigmas(num_train_timesteps: int, shift: float) -> np.ndarray:
     """The 1000 training sigmas of diffusers' FlowMatchEulerDiscreteScheduler(shift), ascending."""
     s = np.arange(1, num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps

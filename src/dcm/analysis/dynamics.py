@@ -172,7 +172,7 @@ def analyze(params: Params, backbone: Backbone, source, student: nn.Module, out_
     probe_loss, grad_norm = probe(student, backbone, source, params, params.analysis.probe_batch)
     train_loss, count = training_loss_per_index(out_dir / TRAIN_DIR / HISTORY_FILE, params.grid.steps,
                                                 params.analysis.train_steps // 2)
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     d = Dynamics(sigmas=np.asarray(grid.sigmas), probe_loss=probe_loss, grad_norm=grad_norm, train_loss=train_loss,
                  train_count=count, proposed_kappa=propose_kappa(probe_loss, grad_norm),
                  configured_kappa=params.grid.kappa)

@@ -24,7 +24,6 @@ from dcm.distill.loop import (
     save_transformer,
     train,
 )
-from dcm.schedule import teacher_grid
 
 __all__ = ["ConsistencyBatch", "DistillSpec", "Objective", "TemporalCoherence", "TrainingDiverged", "TrainResult",
            "train", "save_transformer", "CachedSource", "OnlineSource", "device", "check_inputs", "load_backbone",
@@ -60,7 +59,7 @@ def make_source(params: Params, backbone: Backbone, source: str | None = None, q
 
         return CachedSource(TrajectoryStore(paths.TRAJECTORIES, verify=True), backbone, device())
     rows = io.read_json(paths.PROMPTS)["train"]
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, quality or params.world.quality,
                         device(), jitter=params.world.position_jitter)
 

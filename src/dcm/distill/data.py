@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dcm.backbones.base import Backbone, PromptEmbeds
-from dcm.schedule import TeacherGrid
+from dcm.schedule import TeacherGrid, noised
 
 
 @dataclass
@@ -128,7 +128,7 @@ class OnlineSource:
         sigma_n = torch.as_tensor(self.grid_sigmas[(n + 1).numpy()], dtype=torch.float32, device=self.device)
         sigma_prev = torch.as_tensor(self.grid_sigmas[n.numpy()], dtype=torch.float32, device=self.device)
         s = sigma_n.view(-1, 1, 1, 1, 1)
-        x_n = (1.0 - s) * x0 + s * eps
+        x_n = noised(x0, eps, s)
         cond = self.embeds.index(rows.to(self.device))
         uncond = PromptEmbeds(self.null.hidden.expand(len(rows), -1, -1))
         v_teacher = self.backbone.guided_velocity(self.backbone.transformer, x_n, sigma_n, cond, uncond)

@@ -39,7 +39,7 @@ from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
 from dcm.config import ConfigError, Params
 from dcm.distill import checkpoint, losses
-from dcm.schedule import Phase, teacher_grid
+from dcm.schedule import Phase
 
 HISTORY_FILE = "history.jsonl"
 SUMMARY_FILE = "train.json"
@@ -203,7 +203,7 @@ def resume_settings(spec: DistillSpec, params: Params) -> dict:
 
 
 def _check_grid(source, params: Params) -> np.ndarray:
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     sigmas = np.asarray(source.grid_sigmas, dtype=np.float64)
     if sigmas.shape != grid.extended.shape or not np.allclose(sigmas, grid.extended, rtol=1e-5, atol=1e-6):
         raise ConfigError("grid", {"steps": params.grid.steps, "shift": params.grid.shift},

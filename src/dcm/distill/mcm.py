@@ -47,6 +47,7 @@ from dcm.distill import losses
 from dcm.distill.data import OnlineSource, SourceBatch
 from dcm.distill.discriminator import DISC_BETAS, Discriminator, frozen, group_count
 from dcm.distill.loop import ConsistencyBatch, ConsistencySpace, Objective
+from dcm.schedule import noised
 
 MOTION_HIDDEN = 64  # width of the learnable motion head (the released code's hidden_dim)
 MOTION_HEAD_FILE = "motion_head.safetensors"
@@ -234,7 +235,7 @@ class TeacherFrameFeatures:
         frames = frames.expand(-1, -1, self.clip_frames, -1, -1)  # a still clip filling one temporal patch
         sigma = torch.full((n,), self.sigma, device=frames.device)
         eps = torch.randn(frames.shape).to(frames.device)
-        x = (1.0 - self.sigma) * frames + self.sigma * eps
+        x = noised(frames, eps, self.sigma)
         cond = self.null.index([0] * n)
         _, feats = self.backbone.predict(self.teacher, x, sigma, cond, features=True)
         return feats.taps

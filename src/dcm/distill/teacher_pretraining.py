@@ -71,7 +71,7 @@ def flow_matching_loss(backbone: Backbone, model: torch.nn.Module, x0: torch.Ten
                        sigma: torch.Tensor, cond) -> torch.Tensor:
     """MSE between v_θ(x_σ, σ, c) and v = ε − x0 at x_σ = (1 − σ)·x0 + σ·ε."""
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-    x_sigma = (1 - s) * x0 + s * eps
+    x_sigma = schedule.noised(x0, eps, s)
     v = eps - x0
     return (backbone.predict(model, x_sigma, sigma, cond).float() - v).pow(2).mean()
 

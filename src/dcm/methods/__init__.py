@@ -15,16 +15,16 @@ from tqdm import tqdm
 
 from dcm import paths
 from dcm.backbones.base import Backbone
-from dcm.config import Params
+from dcm.config import SCHEDULE_EXPERTS, Params
 from dcm.data.trajectories import initial_noise
 from dcm.distill.experts import load_dual_expert
 from dcm.sampling import Velocity, nfe, sample, student_velocity, teacher_velocity
 from dcm.schedule import (
     SamplingStep,
     expert_schedule,
+    explicit_schedule,
     pcm_phases,
     phase_schedule,
-    teacher_grid,
     uniform_schedule,
 )
 
@@ -32,10 +32,13 @@ BATCH = 8  # rows per sampler call
 
 
 def schedule_for(params: Params, method: str) -> list[SamplingStep]:
-    """The (σ, expert) steps a method samples with, derived from params."""
+    """The (σ, expert) steps a method samples with: its explicit ``schedule`` (the official lists of the
+    real presets), else derived from the grid (and κ for dcm)."""
     m = params.method(method)
     g = params.grid
-    grid = teacher_grid(g.steps, g.shift, g.num_train_timesteps)
+    if m.schedule is not None:
+        return explicit_schedule(m.schedule, g.num_train_timesteps, experts=SCHEDULE_EXPERTS[m.kind])
+    grid = params.teacher_grid()
     if m.kind == "teacher":
         return uniform_schedule(grid, m.sample_steps, "teacher")
     if m.kind == "dcm":

@@ -324,7 +324,7 @@ def export(params: Params, method: str, out: str | Path | None = None) -> Path:
 
     backbone = load_teacher(params, paths.TEACHER)
     dual = load_dual_expert(seme_dir, dete_dir, backbone)
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     steps = schedule.expert_schedule(grid, dual.kappa, config.sample_steps)
     teacher = getattr(backbone, "path", None) or Path(paths.TEACHER).resolve()
     return export_dual_expert(dual, steps, paths.EXPORT / method if out is None else out, method,

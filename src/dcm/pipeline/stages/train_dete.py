@@ -23,7 +23,7 @@ def run(params: Params, method: str) -> None:
         raise ConfigError(f"methods.{method}.dete", None, "an expert config (train_steps, lr, lora_rank, …)")
     distill.check_inputs(params)
     seme_dir = paths.checkpoint(method, "seme") / FULL_DIR
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     kappa = params.grid.kappa
 
     backbone = distill.load_backbone(params)

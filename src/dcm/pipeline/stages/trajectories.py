@@ -16,7 +16,6 @@ from dcm import io, paths, tracking
 from dcm.backbones import load_teacher
 from dcm.config import ConfigError, Params
 from dcm.data.trajectories import TrajectoryWriter, folder_digest, initial_noise, solve, store_header
-from dcm.schedule import teacher_grid
 
 
 def _train_rows(params: Params) -> list[dict]:
@@ -40,7 +39,7 @@ def _device() -> torch.device:
 def run(params: Params) -> None:
     rows = _train_rows(params)
     cfg = params.trajectories
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    grid = params.teacher_grid()
     backbone = load_teacher(params, paths.TEACHER)
     backbone.to(_device())
     latent_shape = backbone.video_latent_shape(params)
