@@ -361,3 +361,35 @@ def test_lora_seme_with_grad_and_checkpointing_is_refused(smoke):
         backbone.predict(dual, x, sigma, cond)
     with torch.no_grad():  # sampling is unaffected
         assert backbone.predict(dual, x, sigma, cond).shape == x.shape
+
+
+def test_prompt_dropout_gives_dropped_rows_the_empty_prompt_in_every_tensor():
+    from dcm.backbones.base import PromptEmbeds
+    from dcm.distill.loop import drop_prompts
+
+    cond = PromptEmbeds(torch.ones(3, 2, 4), {"pooled": torch.ones(3, 5), "mask": torch.ones(3, 2, dtype=torch.bool)})
+    null = PromptEmbeds(torch.zeros(3, 2, 4), {"pooled": torch.zeros(3, 5), "mask": torch.zeros(3, 2, dtype=torch.bool)})
+    out = drop_prompts(cond, null, torch.tensor([False, True, False]))
+    assert out.hidden[:, 0, 0].tolist() == [1, 0, 1]
+    assert out.extra["pooled"][:, 0].tolist() == [1, 0, 1] and out.extra["mask"][:, 0].tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="does not match"):
+        drop_prompts(cond, PromptEmbeds(torch.zeros(3, 7, 4)), torch.tensor([True, False, False]))
+
+
+def test_prompt_dropout_changes_training_only_when_set(smoke):
+    """p = 0 draws nothing (same run as before the option existed); p > 0 trains on some empty prompts."""
+    import copy
+
+    finals = {}
+    for p in (0.0, 0.0, 0.5):
+        params = smoke_params(source="online", prompt_dropout=p)
+        backbone = distill.load_backbone(params)
+        student = distill.full_parameter_student(backbone)
+        spec = distill.DistillSpec(name=f"drop{p}", student=student, trainable=list(student.parameters()),
+                                   phases=[schedule.Phase(0, params.grid.steps - 1, -1)], train_steps=2, lr=1e-3,
+                                   target="online")
+        train(spec, backbone, distill.make_source(params, backbone), params, smoke / f"drop{len(finals)}",
+              StageRun(None))
+        finals[len(finals)] = copy.deepcopy(torch.cat([q.detach().flatten() for q in student.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+    assert not torch.equal(finals[0], finals[2])

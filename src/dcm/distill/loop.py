@@ -25,7 +25,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -242,6 +242,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def drop_prompts(cond: PromptEmbeds, null: PromptEmbeds, drop: torch.Tensor) -> PromptEmbeds:
+    """Prompt dropout (training.prompt_dropout; official Wan recipe 10%): the rows where ``drop`` is set get
+    the empty prompt's embedding (every tensor of it: hidden states, masks, pooled) for the student and
+    its target; the teacher's trajectory stays the guided one it was solved with."""
+    def pick(mine: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        if mine.shape != empty.shape:
+            raise ValueError(f"prompt dropout: empty-prompt embedding {tuple(empty.shape)} does not match the "
+                             f"batch's {tuple(mine.shape)}")
+        return torch.where(drop.to(mine.device).view(-1, *[1] * (mine.dim() - 1)), empty.to(mine.dtype), mine)
+
+    hidden = pick(cond.hidden, null.hidden)
+    extra = {k: pick(v, (null.extra or {})[k]) for k, v in (cond.extra or {}).items()} or None
+    return PromptEmbeds(hidden, extra)
+
+
 def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
     """The training forwards' precision context: bf16 autocast on CUDA (fp32 master weights), none on CPU."""
     return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
@@ -349,6 +364,14 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
             "rng": checkpoint.rng_state(sampler)})
         return f"{path} (step {step})"
 
+    null_by_batch: dict[int, PromptEmbeds] = {}
+
+    def null_cond(batch: int) -> PromptEmbeds:
+        if batch not in null_by_batch:
+            with torch.no_grad():
+                null_by_batch[batch] = backbone.null_prompts(batch).to(device)
+        return null_by_batch[batch]
+
     spec.student.train()
     t0 = time.perf_counter()
     step_losses: list[float] = []
@@ -372,6 +395,9 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, ranks.rank)) % 2**62)
                 end = end_of[n]
                 data = source.batch(rows, n, source_rng)
+                if cfg.prompt_dropout > 0:  # no draw at 0: runs without dropout keep their random stream
+                    drop = torch.rand(len(rows), generator=source_rng) < cfg.prompt_dropout
+                    data = replace(data, cond=drop_prompts(data.cond, null_cond(len(rows)), drop))
                 sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
                 at_boundary = (n - 1 == end).to(device)
 
