@@ -253,3 +253,13 @@ def test_sections_stay_plain_dataclasses():
     assert set(vars(params.grid)) == {"steps", "shift", "num_train_timesteps", "kappa"}
     with pytest.raises(Exception, match="lora_rank"):
         config.DeteConfig(train_steps=1, lr=1e-6, lora_rank=-1)
+
+
+def test_lcm_sampler_only_for_consistency_students():
+    from pathlib import Path
+
+    raw = config.load_raw(Path(__file__).resolve().parents[1] / "params.yaml", "smoke")
+    assert config.parse(raw).method("lcm").sampler == "lcm" and config.parse(raw).method("pcm").sampler == "euler"
+    raw["methods"]["dcm"]["sampler"] = "lcm"
+    with pytest.raises(config.ConfigError, match=r"methods\.dcm\.sampler = 'lcm'.*'euler' for kind 'dcm'"):
+        config.parse(raw)

@@ -133,7 +133,8 @@ class TrajectoryConfig:
     num_trajectories: Int = at_least(1)
     batch_size: Int = at_least(1)
     shard_size: Int = at_least(1)
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # fp32: the teacher step x_n − x_{n−1} is exact (METHODS.md, Precision); bf16/fp16 round every point
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass(config=SECTION)
@@ -225,6 +226,9 @@ class MethodConfig:
     # explicit sampling schedule: [t, expert] per step, t = teacher timestep (1000·σ) strictly decreasing,
     # the last step goes to 0; null: derived from the grid (and κ for dcm)
     schedule: list[tuple[Float, Str]] | None = None
+    # euler: deterministic Euler through the steps (PCM, DCM, the teacher); lcm: LCM's multistep sampler
+    # (predict x0, re-noise to the next σ with fresh noise; consistency and mcm kinds only)
+    sampler: Literal["euler", "lcm"] = "euler"
     ablation: Bool = False  # opt-in rows: not part of the default DAG
 
 
@@ -549,6 +553,8 @@ def validate(params: Params) -> Params:
         if m.kind == "teacher" and m.sample_steps > g.steps:
             raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({g.steps})")
         _check_schedule(key, m, g)
+        if m.sampler == "lcm" and m.kind not in ("consistency", "mcm"):
+            raise ConfigError(f"{key}.sampler", m.sampler, f"'euler' for kind {m.kind!r} (lcm: consistency and mcm only)")
     return params
 
 

@@ -18,7 +18,7 @@ from dcm.backbones.base import Backbone
 from dcm.config import SCHEDULE_EXPERTS, Params
 from dcm.data.trajectories import initial_noise
 from dcm.distill.experts import load_dual_expert
-from dcm.sampling import Velocity, nfe, sample, student_velocity, teacher_velocity
+from dcm.sampling import Velocity, nfe, sample, sample_lcm, student_velocity, teacher_velocity
 from dcm.schedule import (
     SamplingStep,
     expert_schedule,
@@ -102,7 +102,8 @@ def load_experts(params: Params, method: str, backbone: Backbone, merged: bool |
 
 
 def generate(params: Params, method: str, backbone: Backbone, rows: list[dict], desc: str | None = None):
-    """Sample ``rows`` (prompt, seed) with the method's schedule: (latents, decoded videos, s/video, steps, NFE).
+    """Sample ``rows`` (prompt, seed) with the method's schedule and sampler (Euler, or LCM's multistep
+    re-noising): (latents, decoded videos, s/video, steps, NFE).
 
     The noise of a row is ``initial_noise(seed)``, so every method sees the same start for the same row.
     """
@@ -110,6 +111,7 @@ def generate(params: Params, method: str, backbone: Backbone, rows: list[dict], 
     steps = schedule_for(params, method)
     latent_shape = backbone.video_latent_shape(params)
     experts, forwards = load_experts(params, method, backbone)
+    lcm_sampler = params.method(method).sampler == "lcm"
     latents, videos, seconds = [], [], 0.0
     for start in tqdm(range(0, len(rows), BATCH), desc=desc or f"sample[{method}]", unit="batch"):
         chunk = rows[start:start + BATCH]
@@ -117,7 +119,10 @@ def generate(params: Params, method: str, backbone: Backbone, rows: list[dict], 
         cond = backbone.encode_prompts([r["prompt"] for r in chunk])
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = sample(experts, steps, noise, cond)
+            if lcm_sampler:  # fresh re-noising per row, seeded from the row: paired across methods and batches
+                x = sample_lcm(experts, steps, noise, cond, seeds=[r["seed"] for r in chunk])
+            else:
+                x = sample(experts, steps, noise, cond)
             video = backbone.decode_latents(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
