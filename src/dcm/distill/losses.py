@@ -39,6 +39,11 @@ def consistency_target(x_prev: torch.Tensor, v_prev: torch.Tensor, sigma_prev: t
     return torch.where(_per_sample(at_boundary, x_prev).bool(), x_prev, target)
 
 
+def flow_matching(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Teacher pretraining (rectified flow): mse(v_θ(x_σ, σ, c), ε − x0), x_σ = (1 − σ)·x0 + σ·ε."""
+    return (v_pred.float() - (eps - x0)).pow(2).mean()
+
+
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
     """Pseudo-Huber distance mean(√((x − y)² + c²) − c), computed in fp32 (c = 0.001 in DCM/PCM)."""
     d = x.float() - y.float()

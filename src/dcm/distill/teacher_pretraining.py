@@ -24,6 +24,7 @@ from dcm import schedule
 from dcm.backbones.base import Backbone
 from dcm.config import Params
 from dcm.data.prompts import TRAIN_SEED_LIMIT
+from dcm.distill import losses
 from dcm.worlds import shapes
 
 # σ ~ mixture: with this probability a logit-normal σ (mass at mid noise, where layout and
@@ -69,11 +70,9 @@ def sample_sigmas(batch: int, train_sigmas: torch.Tensor, generator: torch.Gener
 
 def flow_matching_loss(backbone: Backbone, model: torch.nn.Module, x0: torch.Tensor, eps: torch.Tensor,
                        sigma: torch.Tensor, cond) -> torch.Tensor:
-    """MSE between v_θ(x_σ, σ, c) and v = ε − x0 at x_σ = (1 − σ)·x0 + σ·ε."""
-    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-    x_sigma = schedule.noised(x0, eps, s)
-    v = eps - x0
-    return (backbone.predict(model, x_sigma, sigma, cond).float() - v).pow(2).mean()
+    """``losses.flow_matching`` of the model's velocity at x_σ = (1 − σ)·x0 + σ·ε."""
+    x_sigma = schedule.noised(x0, eps, sigma.view(-1, *([1] * (x0.dim() - 1))))
+    return losses.flow_matching(backbone.predict(model, x_sigma, sigma, cond), x0, eps)
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
