@@ -187,3 +187,20 @@ def test_resumable_stages_keep_their_outputs_when_dvc_reruns_them():
         assert bool(persisted) == STAGES[name].resumable, name
     assert {s.name for s in STAGES.values() if s.resumable} >= {"trajectories", "train_baseline", "train_seme",
                                                                   "train_dete"}
+
+
+def test_stage_inputs_are_checked_from_the_table_naming_the_runs_that_write_them(project):
+    """Missing inputs fail before any work and name the `dcm run` that writes them; the trajectory store is
+    required only where a cached source reads it (MCM and training.source: online train on the videos)."""
+    from dcm.pipeline.table import STAGES
+
+    params = config.load("params.yaml", preset="smoke")
+    with pytest.raises(config.ConfigError) as err:
+        STAGES["train_dete"].check_inputs(params, "dcm")
+    assert "`dcm run teacher`" in str(err.value) and "`dcm run trajectories`" in str(err.value)
+    assert "`dcm run train_seme --method dcm`" in str(err.value)
+    with pytest.raises(config.ConfigError) as err:
+        STAGES["train_baseline"].check_inputs(params, "mcm")
+    assert "trajectories" not in str(err.value) and "`dcm run teacher`" in str(err.value)
+    with pytest.raises(config.ConfigError, match=r"samples/teacher.*`dcm run sample --method teacher`"):
+        STAGES["evaluate"].check_inputs(params, "lcm")

@@ -79,11 +79,20 @@ class Stage:
 
     def check_inputs(self, params: Params, method: str | None = None) -> None:
         """Fail before any work when an input of this run is missing, naming the runs that write it."""
-        missing = [p for p in self.resolve(params, method)["deps"] if not Path(p).exists()]
+        missing = [p for p in self.resolve(params, method)["deps"]
+                   if not Path(p).exists() and self.reads(params, method, p)]
         if missing:
             todo = ", ".join(dict.fromkeys(producer(params, p) for p in missing))
             where = f"{self.name} --method {method}" if method else self.name
             raise ConfigError(where, missing, f"existing inputs: run {todo} first")
+
+
+    def reads(self, params: Params, method: str | None, path: str) -> bool:
+        """Whether this run reads ``path``: the trajectory store is read only by a cached batch source
+        (``training.source: cached``; MCM always trains online on the world's videos)."""
+        if path != "trajectories" or not self.name.startswith(("train_", "analyze")):
+            return True
+        return params.training.source == "cached" and not (method and params.method(method).kind == "mcm")
 
 
 def producer(params: Params, path: str) -> str:
