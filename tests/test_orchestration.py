@@ -49,7 +49,7 @@ def expand_dvc(doc: dict) -> dict[str, dict[str, set[str]]]:
 
 
 def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
-    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1"], cwd=workdir,
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all", "report_ablations"], cwd=workdir,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stdout
     runs = {}
@@ -145,21 +145,21 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
         pytest.skip(f"stage modules not written yet: {', '.join(missing)}")
     tmp_path, first_stdout, _ = dvc_smoke_repo
     params = config.load(tmp_path / "params.yaml")
-    for s, m in dag.runs(params):
+    for s, m in dag.runs(params, include_ablations=False):
         for path in s.resolve(params, m)["outs"] + s.resolve(params, m)["metrics"]:
             assert (tmp_path / path).exists(), (path, first_stdout[-2000:])
-    again = _dvc(tmp_path, "repro")
+    again = _dvc(tmp_path, "repro", "report")
     assert "Running stage" not in again.stdout
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     raw["methods"]["lcm"]["lr"] = 2.0e-4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    changed = _dvc(tmp_path, "repro")
+    changed = _dvc(tmp_path, "repro", "report")
     ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
     assert ran == {"train_baseline@lcm", "sample@lcm", "evaluate@lcm", "report"}
     # a DetE setting: SemE (params methods.dcm.seme only) stays, DetE and what samples from it re-run
     raw["methods"]["dcm"]["dete"]["lr"] = 1.0e-4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(tmp_path, "repro").stdout))
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(tmp_path, "repro", "report").stdout))
     assert "train_dete@dcm" in ran and "train_seme@dcm" not in ran, ran
     assert ran <= {"train_dete@dcm", "sample@dcm", "sample@dcm8", "evaluate@dcm", "evaluate@dcm8", "report"}, ran
 
@@ -169,7 +169,7 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
     subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "commit", "-qm", "smoke"],
                    cwd=tmp_path, check=True)
     kappa = raw["grid"]["kappa"] - 1
-    exp = _dvc(tmp_path, "exp", "run", "-S", f"grid.kappa={kappa}")
+    exp = _dvc(tmp_path, "exp", "run", "report", "-S", f"grid.kappa={kappa}")
     ran = set(re.findall(r"Running stage '([^']+)'", exp.stdout))
     assert {"train_seme@dcm", "train_dete@dcm", "sample@dcm", "evaluate@dcm", "report"} <= ran, ran
     assert not ran & {"prepare", "teacher", "trajectories", "train_baseline@lcm", "train_baseline@pcm"}, ran

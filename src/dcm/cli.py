@@ -78,9 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--finish", default=None, metavar="RUN_ID", help="close that parent run instead")
     pipeline.add_argument("--exit-status", type=int, default=0, help="with --finish: the pipeline's exit status")
 
-    ablations = sub.add_parser("ablations", help="train, sample and evaluate the opt-in ablation rows "
-                               "(after the default DAG), then rebuild the report")
-    _add_params_args(ablations)
     return parser
 
 
@@ -143,15 +140,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             tracking.finish_pipeline_run(params, args.finish, args.exit_status)
         else:
             print(tracking.start_pipeline_run(params, args.name) or "")
-        return 0
-    if args.command == "ablations":
-        rows = [m for m, c in params.methods.items() if c.ablation]
-        for stage in table.STAGES.values():
-            if stage.per_method:
-                for m in stage.methods(params, include_ablations=True):
-                    if m in rows:
-                        stage.run(params, m)
-        table.get("report").run(params)
         return 0
     if args.command == "run":
         table.get(args.stage).run(params, args.method)

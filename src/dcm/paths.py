@@ -13,6 +13,7 @@ SAMPLES = Path("samples")
 METRICS = Path("metrics")
 ANALYSIS = Path("analysis")
 REPORTS = Path("reports")
+ABLATIONS = Path("ablations")  # the ablation report (`make ablations`)
 EXPORT = Path("export")
 
 

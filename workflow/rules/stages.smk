@@ -1,6 +1,6 @@
 # One rule per stage of the stage table, each one `dcm run <stage> [--method M]` shell line;
 # input/output from Stage.resolve, resources from slurm/resources.yaml (dcm.pipeline.dag.snakemake_resources).
-# Per-method stages take the method as a wildcard constrained to the methods the table runs.
+# Per-method stages take the method as a wildcard constrained to the methods the table runs (ablation rows too).
 from dcm import config as dcm_config
 from dcm.pipeline import dag as dcm_dag
 from dcm.pipeline.table import STAGES
@@ -25,23 +25,23 @@ def _inputs(stage):
 
 
 def dag_targets():
-    """Every output of the default DAG (the Snakefile's `all`)."""
+    """Every output of the default DAG (the Snakefile's `all`; `snakemake report_ablations` adds the ablation rows)."""
     targets = []
-    for stage, method in dcm_dag.runs(PARAMS):
+    for stage, method in dcm_dag.runs(PARAMS, include_ablations=False):
         resolved = stage.resolve(PARAMS, method)
         targets += resolved["outs"] + resolved["metrics"]
     return targets
 
 
 for _stage in STAGES.values():
-    if _stage.per_method and not _stage.methods(PARAMS):
+    if _stage.per_method and not _stage.methods(PARAMS, include_ablations=True):
         continue
     rule:
         name: _stage.name
         input: _inputs(_stage)
         output: _outputs(_stage)
         wildcard_constraints:
-            method="|".join(_stage.methods(PARAMS)) if _stage.per_method else ".+"
+            method="|".join(_stage.methods(PARAMS, include_ablations=True)) if _stage.per_method else ".+"
         resources: **dcm_dag.snakemake_resources(_stage.name)
         params:  # bound now: a loop's shell string would see the last stage
             stage=_stage.name,

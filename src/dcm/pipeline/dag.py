@@ -3,8 +3,10 @@ same table in workflow/rules/stages.smk) and the SLURM resources both launchers 
 
 ``python -m dcm.pipeline.dag`` rewrites dvc.yaml from the table and params.yaml; ``--check`` fails when the
 file on disk is stale (a test runs it).  Per-method stages become DVC ``foreach`` stages over the
-methods the table gives for these params; a stage that gathers every evaluated method (the report)
-depends on the folders holding them, so it follows whatever the lists are.
+methods the table gives for these params, ablation rows included; a stage that gathers methods (the
+report, the ablation report) depends on each method's file by name, so ``dvc repro report`` builds the
+default DAG only and ``dvc repro report_ablations`` adds the ablation rows.  Regenerate after changing
+the method lists.
 """
 
 from __future__ import annotations
@@ -98,15 +100,11 @@ def snakemake_resources(stage: str) -> dict:
 # ------------------------------------------------------------------------------------ the runs
 
 
-def runs(params: Params) -> list[tuple[Stage, str | None]]:
-    """Every (stage, method) run of the default DAG, in table order."""
-    return [(s, m) for s in STAGES.values() for m in (s.methods(params) if s.per_method else [None])]
-
-
-def gather_root(path: str) -> str:
-    """``metrics/{each}.json`` → ``metrics``: the folder holding every evaluated method's file."""
-    parts = Path(path).parts
-    return str(Path(*parts[:next(i for i, p in enumerate(parts) if "{each}" in p)]))
+def runs(params: Params, include_ablations: bool = True) -> list[tuple[Stage, str | None]]:
+    """Every (stage, method) run in table order: all of dvc.yaml and the Snakefile's rules, or only the
+    default DAG (``include_ablations=False``: what ``make demo`` and the Snakefile's ``all`` build)."""
+    return [(s, m) for s in STAGES.values() if include_ablations or not s.ablation
+            for m in (s.methods(params, include_ablations) if s.per_method else [None])]
 
 
 # ------------------------------------------------------------------------------------ dvc.yaml
@@ -120,7 +118,7 @@ def dvc_stage(stage: Stage, params: Params) -> dict | None:
     """One dvc.yaml entry (a ``foreach`` for per-method stages; None when it runs for no method)."""
     entry: dict = {}
     if stage.per_method:
-        methods = stage.methods(params)
+        methods = stage.methods(params, include_ablations=True)
         if not methods:
             return None
         if "{weights}" in stage.deps:
@@ -134,14 +132,10 @@ def dvc_stage(stage: Stage, params: Params) -> dict | None:
         var = ""
         do = {"cmd": f"dcm launch {stage.name}"}
 
-    deps: list[str] = []
-    for path in stage.deps:
-        if path == "{weights}":
-            deps.append("${item.weights}")
-        elif "{each}" in path:
-            deps.append(gather_root(path))
-        else:
-            deps.append(_template(path, var))
+    if stage.per_method:
+        deps = ["${item.weights}" if path == "{weights}" else _template(path, var) for path in stage.deps]
+    else:  # a gathering stage lists every method's file by name, so `dvc repro report` stays in its scope
+        deps = stage.resolve(params)["deps"]
     if deps:
         do["deps"] = list(dict.fromkeys(deps))
     if stage.params:

@@ -25,6 +25,7 @@ class Stage:
     method_kinds: tuple[str, ...] = ()  # non-empty: one run per method of these kinds
     data_parallel: bool = False  # runs on every rank of a multi-task job; other stages on rank 0 only
     resumable: bool = False  # picks up its own partial outputs (shards, checkpoints): DVC persists them
+    ablation: bool = False  # opt-in, like the ablation rows: outside the default DAG (`make ablations`)
 
     @property
     def per_method(self) -> bool:
@@ -40,14 +41,18 @@ class Stage:
 
     def resolve(self, params: Params, method: str | None = None,
                 include_ablations: bool = False) -> dict[str, list[str]]:
-        """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in;
-        a path with ``{each}`` is repeated for every evaluated method (the report's inputs)."""
+        """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in; a path
+        with ``{each}`` is repeated for every evaluated method of the default DAG (the report's inputs),
+        one with ``{ablation}`` for every evaluated ablation row (the ablation report's)."""
         fill = {"method": method or ""}
-        evaluated = STAGES["evaluate"].methods(params, include_ablations)
+        evaluated = STAGES["evaluate"].methods(params)
+        ablations = [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if m not in evaluated]
 
         def expand(path: str) -> list[str]:
             if "{each}" in path:
                 return [path.replace("{each}", m).format(**fill) for m in evaluated]
+            if "{ablation}" in path:
+                return [path.replace("{ablation}", m).format(**fill) for m in ablations]
             if path == "{weights}":
                 return weights_paths(params, method)
             return [path.format(**fill)]
@@ -159,6 +164,9 @@ STAGES: dict[str, Stage] = {
         Stage("report", "comparison tables, plots, side-by-side videos; one MLflow parent run",
               deps=("metrics/{each}.json", "samples/{each}", "analysis"), outs=("reports",),
               params=("methods", "tracking")),
+        Stage("report_ablations", "the paper's ablation rows beside the teacher and DCM (opt-in: `make ablations`)",
+              deps=("metrics/{each}.json", "metrics/{ablation}.json"), outs=("ablations",),
+              params=("methods", "tracking"), ablation=True),
     ]
 }
 

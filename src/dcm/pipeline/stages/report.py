@@ -1,6 +1,6 @@
-"""``report``: reports/summary.md + reports/index.html with the method table (the paper's shape), the
-ablation table, plots, loss curves, the dynamics figure and a side-by-side video grid; one MLflow
-parent run with a child per method."""
+"""``report``: reports/summary.md + reports/index.html with the method table (the paper's shape), plots,
+loss curves, the dynamics figure and a side-by-side video grid of the default DAG's methods; one MLflow
+parent run with a child per method.  The ablation rows have their own stage (``report_ablations``)."""
 
 from __future__ import annotations
 
@@ -25,14 +25,12 @@ def _to_uint8(video: np.ndarray) -> np.ndarray:
 
 
 def run(params: Params) -> None:
-    evaluated = [m for m in STAGES["evaluate"].methods(params, include_ablations=True)
-                 if paths.metrics(m).is_file()]
-    missing = [m for m in STAGES["evaluate"].methods(params) if m not in evaluated]
+    main_rows = STAGES["evaluate"].methods(params)
+    missing = [m for m in main_rows if not paths.metrics(m).is_file()]
     if missing:
         raise FileNotFoundError(f"report: metrics missing for {missing} (run `dcm run evaluate --method M`)")
+    evaluated = main_rows
     metrics = {m: read_json(paths.metrics(m)) for m in evaluated}
-    main_rows = [m for m in evaluated if not params.methods[m].ablation]
-    ablation_rows = [m for m in evaluated if params.methods[m].ablation]
 
     with tracking.stage_run(params, "report", param_keys={"methods": ",".join(evaluated)}) as run_, \
             atomic_dir(paths.REPORTS) as out:
@@ -47,12 +45,6 @@ def run(params: Params) -> None:
         dim_table = reporting.dimension_table(metrics, main_rows)
         md += ["## Per dimension (×100, [95% CI])\n", dim_table, ""]
         sections.append(("Per dimension", reporting.markdown_to_html_table(dim_table)))
-        if ablation_rows:
-            order = [m for m in ("teacher",) if m in metrics] + ablation_rows + [m for m in ("dcm",) if m in metrics]
-            abl = reporting.markdown_table(reporting.method_table(metrics, order))
-            md += ["## Ablations (the paper's Table 3 rows)\n", abl, ""]
-            sections.append(("Ablations", reporting.markdown_to_html_table(abl)))
-
         histories = {str(f.parent.relative_to(paths.CHECKPOINTS)): f
                      for f in sorted(paths.CHECKPOINTS.glob("**/history.jsonl"))} if paths.CHECKPOINTS.is_dir() else {}
         if reporting.loss_curves(histories, out / "losses.png"):
