@@ -36,7 +36,7 @@ import gpu_common as common  # noqa: E402
 
 from dcm.backbones.base import enable_activation_checkpointing  # noqa: E402
 from dcm.distill import losses  # noqa: E402
-from dcm.distill.discriminator import GanFeatureMatching  # noqa: E402
+from dcm.distill.discriminator import GanFeatureMatching, adversarial_sigmas  # noqa: E402
 from dcm.distill.experts import make_dete  # noqa: E402
 from dcm.distill.loop import ConsistencyBatch  # noqa: E402
 
@@ -56,7 +56,7 @@ def make_step(expert: str, backbone, student, teacher, trainable, x_n, x_prev, c
     sigma_end = torch.tensor([grid.sigma(end) if end >= 0 else grid.sigma_min], device=device)
     gan = None
     if expert == "dete":
-        gan = GanFeatureMatching(backbone, teacher, [grid.sigma(i) for i in range(kappa + 1)], gan_weight=1.0,
+        gan = GanFeatureMatching(backbone, teacher, adversarial_sigmas(grid, kappa), gan_weight=1.0,
                                  fm_weight=fm, disc_lr=1e-5, weight_decay=1e-3)
 
     def step():

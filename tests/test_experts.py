@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dcm import config, paths, schedule
-from dcm.distill.discriminator import GanFeatureMatching
+from dcm.distill.discriminator import GanFeatureMatching, adversarial_sigmas
 from dcm.distill.experts import DualExpert, load_dual_expert, make_dete, save_dete
 from dcm.distill.loop import ConsistencyBatch
 from dcm.methods import dcm_experts
@@ -49,7 +49,7 @@ def test_dete_trains_only_lora_and_time_embedding(backbone, grid, params):
     seme_before = {k: v.clone() for k, v in backbone.transformer.state_dict().items()}
     before = {n: p.detach().clone() for n, p in dual.named_parameters()}
     kappa = params.grid.kappa
-    gan = GanFeatureMatching(backbone, backbone.transformer, [grid.sigma(n) for n in range(kappa + 1)],
+    gan = GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa),
                              gan_weight=1.0, fm_weight=1.0, disc_lr=1e-2)
     heads_before = {n: p.detach().clone() for n, p in gan.discriminator.named_parameters()}
     optimizer = torch.optim.AdamW(dual.trainable_parameters(), lr=1e-2)
