@@ -202,15 +202,35 @@ class McmConfig:
     hq_images: Int = at_least(1, 512)  # size of the high-quality still-image set
 
 
+@dataclass(config=SECTION)
+class Dmd2Config:
+    """DMD2 (Yin et al., arXiv 2405.14867): distribution matching against the guided teacher with an online fake
+    score, optional GAN classifier on the fake score's features.  Defaults: the official 4-step SDXL recipe."""
+
+    fake_steps: Int = at_least(1, 5)  # fake-score updates per generator update (two time-scale rule; official 5)
+    fake_lr: Float | None = positive(None)  # fake score's AdamW lr; null: methods.<m>.lr (official: equal lrs)
+    dm_weight: Float = at_least(0, 1.0)  # distribution-matching loss weight (official dm_loss_weight 1)
+    gan_weight: Float = at_least(0, 5e-3)  # generator's GAN term (official SDXL 5e-3, ImageNet 3e-3); 0 = no classifier
+    cls_weight: Float = at_least(0, 1e-2)  # classifier loss in the fake score's update (official 1e-2)
+    # the DM loss's timesteps, uniform over [t_min, t_max]·num_train_timesteps of the teacher's shifted
+    # training sigmas (official min/max_step_percent 0.02 / 0.98)
+    t_min: Float = between(0, 1, 0.02)
+    t_max: Float = between(0, 1, 0.98)
+    # real score's guidance (CFG w, or HunyuanVideo's embedded scale); null: backbone.guidance_scale, the
+    # teacher every other method distils (official SDXL: 8)
+    guidance: Float | None = positive(None)
+
+
 # the experts a sampling schedule may name, per method kind
-SCHEDULE_EXPERTS = {"teacher": ("teacher",), "consistency": ("student",), "mcm": ("student",), "dcm": ("seme", "dete")}
+SCHEDULE_EXPERTS = {"teacher": ("teacher",), "consistency": ("student",), "mcm": ("student",), "dmd2": ("student",),
+                    "dcm": ("seme", "dete")}
 
 
 @dataclass(config=SECTION)
 class MethodConfig:
     """One row of the comparison: how it is trained (if at all) and sampled."""
 
-    kind: Literal["teacher", "consistency", "dcm", "mcm"]
+    kind: Literal["teacher", "consistency", "dcm", "mcm", "dmd2"]
     sample_steps: Int = at_least(1)
     train_steps: Int = at_least(0, 0)  # consistency methods: optimisation steps
     lr: Float = positive(1e-4)
@@ -219,6 +239,7 @@ class MethodConfig:
     seme: SemeConfig | None = None
     dete: DeteConfig | None = None
     mcm: McmConfig | None = None  # kind mcm (defaults when omitted)
+    dmd2: Dmd2Config | None = None  # kind dmd2 (defaults when omitted)
     checkpoint_from: Str | None = None  # reuse another method's trained weights (e.g. dcm8 from dcm)
     # dcm sampling: each expert as a plain transformer (DetE's LoRA merged into a copy: 2x weights in
     # memory, no adapter toggling per forward); false: the routed SemE+DetE wrapper (one set of weights)
@@ -227,7 +248,7 @@ class MethodConfig:
     # the last step goes to 0; null: derived from the grid (and κ for dcm)
     schedule: list[tuple[Float, Str]] | None = None
     # euler: deterministic Euler through the steps (PCM, DCM, the teacher); lcm: LCM's multistep sampler
-    # (predict x0, re-noise to the next σ with fresh noise; consistency and mcm kinds only)
+    # (predict x0, re-noise to the next σ with fresh noise; consistency and mcm kinds; required for dmd2)
     sampler: Literal["euler", "lcm"] = "euler"
     ablation: Bool = False  # opt-in rows: not part of the default DAG
 
@@ -481,6 +502,20 @@ def _check_schedule(key: str, m: MethodConfig, g: GridConfig) -> None:
         raise ConfigError(f"{key}.schedule", pairs, "at least one seme and one dete step")
 
 
+def _check_dmd2(key: str, m: MethodConfig, g: GridConfig) -> None:
+    """A dmd2 row: its generator is trained on its own x0-then-re-noise samples at the sampling steps."""
+    m.dmd2 = m.dmd2 or Dmd2Config()
+    if m.train_steps < 1 and m.checkpoint_from is None:
+        raise ConfigError(f"{key}.train_steps", m.train_steps, ">= 1 generator steps for a dmd2 method")
+    if m.sampler != "lcm":
+        raise ConfigError(f"{key}.sampler", m.sampler, "'lcm' for kind 'dmd2' (its generator predicts x0 and "
+                          "re-noises, in training's backward simulation and at inference)")
+    if m.sample_steps > g.steps:
+        raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({g.steps}): one grid point per step")
+    if m.dmd2.t_min >= m.dmd2.t_max:
+        raise ConfigError(f"{key}.dmd2.t_min", m.dmd2.t_min, f"< {key}.dmd2.t_max ({m.dmd2.t_max})")
+
+
 def validate(params: Params) -> Params:
     """Checks that need more than one key (κ inside the grid, paths for real backbones, …)."""
     g = params.grid
@@ -530,6 +565,11 @@ def validate(params: Params) -> Params:
             if m.mcm.disc_frames > params.world.frames:
                 raise ConfigError(f"{key}.mcm.disc_frames", m.mcm.disc_frames,
                                   f"<= world.frames ({params.world.frames}): frames are sampled per video")
+        if m.dmd2 is not None and m.kind != "dmd2":
+            raise ConfigError(f"{key}.dmd2", dataclasses.asdict(m.dmd2),
+                              f"only for kind 'dmd2' (this method is kind {m.kind!r})")
+        if m.kind == "dmd2":
+            _check_dmd2(key, m, g)
         if m.kind in ("consistency", "mcm"):
             if m.phases > g.steps:
                 raise ConfigError(f"{key}.phases", m.phases, f"must be <= grid.steps ({g.steps})")
@@ -553,8 +593,9 @@ def validate(params: Params) -> Params:
         if m.kind == "teacher" and m.sample_steps > g.steps:
             raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({g.steps})")
         _check_schedule(key, m, g)
-        if m.sampler == "lcm" and m.kind not in ("consistency", "mcm"):
-            raise ConfigError(f"{key}.sampler", m.sampler, f"'euler' for kind {m.kind!r} (lcm: consistency and mcm only)")
+        if m.sampler == "lcm" and m.kind not in ("consistency", "mcm", "dmd2"):
+            raise ConfigError(f"{key}.sampler", m.sampler,
+                              f"'euler' for kind {m.kind!r} (lcm: consistency, mcm and dmd2 only)")
     return params
 
 

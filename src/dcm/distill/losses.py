@@ -3,7 +3,8 @@
 Flow matching throughout: x_σ = (1−σ)·x0 + σ·ε, the network predicts v ≈ ε − x0.  The
 parametrisation (x0 from v, the Euler endpoint, the consistency target with its phase boundary),
 the consistency and temporal-coherence losses, DetE's GAN + feature-matching losses and MCM's
-WGAN + R1 losses live here and nowhere else; the training loop and the objectives call them.
+WGAN + R1 losses, DMD2's distribution-matching gradient and GAN classifier live here and nowhere else;
+the training loop and the objectives call them.
 """
 
 from __future__ import annotations
@@ -137,3 +138,39 @@ def r1_penalty(D_real: Sequence[torch.Tensor], feat_real: Sequence[torch.Tensor]
     summed over taps, averaged over samples (with graph, so it trains D)."""
     grads = torch.autograd.grad(sum(d.sum() for d in D_real), list(feat_real), create_graph=True)
     return torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).mean()
+
+
+# ------------------------------------------------ DMD2: distribution matching + GAN classifier (Yin et al.)
+
+
+def distribution_matching_gradient(x0_gen: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's gradient of KL(p_fake ‖ p_real) at the generator's sample, normalised per sample as DMD does
+    (DMD2, Yin et al., arXiv 2405.14867, Sec. 3; DMD, arXiv 2311.18828):
+
+        p_real = x0_gen − x0_real,  p_fake = x0_gen − x0_fake
+        grad   = (p_real − p_fake) / mean|p_real| = (x0_fake − x0_real) / mean|x0_gen − x0_real|   (per sample)
+
+    x0_real / x0_fake: the real (teacher, guided) and fake score's clean estimates at the noised sample x_t.
+    Descending it moves x0_gen toward the real score's estimate and away from the fake one's; a sample
+    where both estimates coincide with it gets 0 (nan_to_num).
+    """
+    p_real, p_fake = x0_gen.float() - x0_real.float(), x0_gen.float() - x0_fake.float()
+    weight = p_real.abs().mean(dim=tuple(range(1, p_real.ndim)), keepdim=True)
+    return torch.nan_to_num((p_real - p_fake) / weight)
+
+
+def distribution_matching_loss(x0_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """L_DM = 0.5·mse(x0_gen, (x0_gen − grad).detach()) (DMD/DMD2): ∂L_DM/∂x0_gen = grad / numel, so the
+    generator receives the distribution-matching gradient through its own backward pass."""
+    return 0.5 * F.mse_loss(x0_gen.float(), (x0_gen.float() - grad).detach())
+
+
+def dmd2_generator_gan(D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_G = softplus(−D(fake)) (DMD2's non-saturating GAN term), means over logits, averaged over heads."""
+    return torch.stack([F.softplus(-fake).mean() for fake in D_fake]).mean()
+
+
+def dmd2_classifier(D_real: Sequence[torch.Tensor], D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_D = softplus(D(fake)) + softplus(−D(real)) (DMD2's classifier on the fake score's features)."""
+    terms = [F.softplus(fake).mean() + F.softplus(-real).mean() for real, fake in zip(D_real, D_fake, strict=True)]
+    return torch.stack(terms).mean()

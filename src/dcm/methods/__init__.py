@@ -2,8 +2,9 @@
 functions, and how it generates the shared (prompt, seed) rows.
 
 Kinds (``methods.<m>.kind``): ``teacher`` (the guided teacher, any step count), ``consistency``
-(LCM = 1 phase, PCM = K phases), ``mcm`` (a consistency student trained MCM's way) and ``dcm`` (SemE +
-DetE).  The ``sample`` stage, ``benchmarks/`` and ``dcm export`` all go through here.
+(LCM = 1 phase, PCM = K phases), ``mcm`` (a consistency student trained MCM's way), ``dmd2`` (a DMD2
+generator at fixed steps, sampled with LCM's re-noising sampler) and ``dcm`` (SemE + DetE).  The
+``sample`` stage, ``benchmarks/`` and ``dcm export`` all go through here.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def schedule_for(params: Params, method: str) -> list[SamplingStep]:
         return uniform_schedule(grid, m.sample_steps, "teacher")
     if m.kind == "dcm":
         return expert_schedule(grid, g.kappa, m.sample_steps)
+    if m.kind == "dmd2":  # the generator's fixed timesteps: the same steps train (dcm.distill.dmd2) and sample
+        return uniform_schedule(grid, m.sample_steps, "student")
     source = params.method(m.checkpoint_from) if m.checkpoint_from else m
     if source.phases == m.sample_steps:
         return phase_schedule(grid, pcm_phases(g.steps, source.phases))

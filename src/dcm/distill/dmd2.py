@@ -1,0 +1,351 @@
+"""DMD2 (Improved Distribution Matching Distillation, Yin et al., arXiv 2405.14867) on the one distillation loop.
+
+A few-step generator G (the student, initialised from the teacher) at fixed timesteps t_0 > … > t_{K−1}
+(the row's sampling schedule, on the teacher grid), trained so that the distribution of its samples
+matches the guided teacher's.  The parts, each passed into the loop as its data:
+
+- Backward simulation (``BackwardSimulation``, the loop's batch source): the generator's input at its
+  step k is made by the CURRENT generator's own k-step sampling from fresh noise, without grad (LCM's
+  multistep sampler, ``dcm.sampling.sample_lcm``: predict x0, re-noise to the next σ), so training sees
+  exactly the inputs inference gives it.  k is uniform over the K steps, per sample (the loop draws
+  n from K one-index phases, ``generator_phases``).
+- Real score: the frozen teacher with its guidance (CFG, or HunyuanVideo's embedded scale).
+- Fake score μ_fake: a copy of the teacher trained online by flow matching on the generator's samples
+  (σ uniform over the teacher's 1000 shifted training sigmas), ``fake_steps`` updates per generator
+  update with its own AdamW (the two time-scale update rule; official 5).
+- Distribution matching (``losses.distribution_matching_gradient`` / ``_loss``): at x_t = (1−σ_t)·x0_gen + σ_t·ε,
+  t uniform over [t_min, t_max]·1000 of the training sigmas,
+
+      grad = (x0_fake − x0_real) / mean|x0_gen − x0_real|      L_DM = 0.5·mse(x0_gen, (x0_gen − grad).detach())
+
+- Optional GAN classifier (``gan_weight`` > 0): a head on the fake score's middle-block features of
+  noised samples (σ uniform over the training sigmas, DMD2's "diffusion GAN"), real = the world's
+  videos; L_G = softplus(−D(fake)) for the generator, softplus(D(fake)) + softplus(−D(real)) in the
+  fake score's update (weight ``cls_weight``), which trains head and fake score together as DMD2 does.
+
+Simplified against the paper / official code (README, "DMD2"): the classifier is DetE's head
+(``discriminator.DiscriminatorHead``: one logit per token) on ONE tap, not a conv tower to one logit
+per image on a UNet bottleneck; clipping, weight decay and the constant lr are the loop's shared
+``training`` settings (official: clip 10, weight decay 0.01, 500 warm-up steps); no separate prompt
+stream for the fake score (its extra updates draw prompts from the same training rows).  DMD2 has no
+consistency loss: ``NoConsistencyLoss`` makes the loop's consistency term exactly 0, and the loop's
+no-grad target forward is one wasted student forward per micro-batch (about 3% of a DMD2 step).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcm import distributed, io, paths, schedule
+from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.config import ConfigError, Params
+from dcm.distill import losses
+from dcm.distill.data import OnlineSource, SourceBatch
+from dcm.distill.discriminator import Discriminator, frozen
+from dcm.distill.loop import ADAM_BETAS, ConsistencyBatch, ConsistencySpace, Objective, autocast_for
+from dcm.distill.mcm import student_x0
+from dcm.distill.teacher_pretraining import flow_matching_loss
+from dcm.sampling import sample_lcm, teacher_velocity
+from dcm.schedule import SIGMA_MIN_INDEX, Phase, SamplingStep, TeacherGrid, noised
+
+RNG_SALT = 0x444D4432  # "DMD2": the objective's own stream, apart from the loop's and the sampler's
+
+
+# ------------------------------------------------------------------------------ the generator's steps
+
+
+def generator_indices(grid: TeacherGrid, steps: Sequence[SamplingStep], key: str = "schedule") -> list[int]:
+    """The teacher-grid index of each generator timestep (the sampling schedule, highest σ first).
+
+    The loop draws grid indices, so every step must lie on the grid (a derived schedule always does;
+    an explicit ``methods.<m>.schedule`` must name grid timesteps)."""
+    indices = []
+    for step in steps:
+        hits = np.flatnonzero(np.isclose(grid.sigmas, step.sigma, rtol=0, atol=1e-6))
+        if not len(hits):
+            raise ConfigError(key, [round(s.sigma, 6) for s in steps],
+                              f"sigmas on the teacher grid (grid.steps, grid.shift): {step.sigma:.6g} is not one")
+        indices.append(int(hits[0]))
+    return indices
+
+
+def generator_phases(indices: Sequence[int]) -> list[Phase]:
+    """One single-index phase per generator step: the loop draws n uniformly over the K steps, and the
+    student's endpoint is taken to σ_min, from which its x0 is recovered exactly (``mcm.student_x0``)."""
+    return [Phase(first=n, last=n, end=SIGMA_MIN_INDEX) for n in sorted(indices)]
+
+
+class NoConsistencyLoss(ConsistencySpace):
+    """DMD2 has no consistency loss: both endpoints map to one point, so the loop's term is exactly 0 (no grad)."""
+
+    name = "none"
+
+    def student(self, x_end_pred: torch.Tensor) -> torch.Tensor:
+        return x_end_pred.new_zeros((x_end_pred.shape[0], 1)).detach()
+
+    def target(self, x_end_target: torch.Tensor) -> torch.Tensor:
+        return x_end_target.new_zeros((x_end_target.shape[0], 1))
+
+
+def prompt_embeddings(backbone: Backbone, prompts: Sequence[str]) -> PromptEmbeds:
+    """Each row's prompt embedding, every distinct prompt encoded once."""
+    unique = sorted(set(prompts))
+    slot = {p: i for i, p in enumerate(unique)}
+    with torch.no_grad():
+        return backbone.encode_prompts(unique).index(torch.tensor([slot[p] for p in prompts]))
+
+
+# ---------------------------------------------------------------------------- backward simulation
+
+
+class BackwardSimulation:
+    """The generator's inputs: for a row at generator step k (grid index n_k), fresh noise ε at t_0 run
+    through the current generator's first k steps of LCM sampling (no grad), ending re-noised to σ_{n_k}
+    with fresh noise; k = 0 is the noise itself.  All draws come from the generator the caller passes
+    (the loop's sampler), so a resumed run replays them.  ``x_prev`` = ``x_n``: no teacher step exists.
+    Every batch reports how many samples sat at each step (``counts``: step0 … step{K−1})."""
+
+    kind = "backward_simulation"
+
+    def __init__(self, backbone: Backbone, student: nn.Module, embeds: PromptEmbeds, grid: TeacherGrid,
+                 steps: Sequence[SamplingStep], latent_shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.backbone, self.student, self.steps = backbone, student, list(steps)
+        self.device = torch.device(device)
+        self.embeds = embeds.to(self.device)
+        self.grid_sigmas = grid.extended
+        self.indices = generator_indices(grid, self.steps)
+        self.step_of = {n: k for k, n in enumerate(self.indices)}
+        self.latent_shape = tuple(latent_shape)
+        self.autocast = autocast_for(self.device)
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def sigma(self, n: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.grid_sigmas[(n + 1).numpy()], dtype=torch.float32, device=self.device)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+        with self.autocast():
+            return self.backbone.predict(self.student, x, sigma, cond).float()
+
+    @torch.no_grad()
+    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
+        cond = self.embeds.index(rows.to(self.device))
+        noise = torch.randn((len(rows), *self.latent_shape), generator=generator).to(self.device)
+        renoise = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (len(rows),), generator=generator)]
+        k_of = [self.step_of[int(i)] for i in n]
+        x = noise.clone()
+        for k in sorted(set(k_of) - {0}):
+            idx = [i for i, k_i in enumerate(k_of) if k_i == k]
+            x[idx] = sample_lcm({"student": self.velocity}, self.steps[:k], noise[idx], cond.index(idx),
+                                generators=[renoise[i] for i in idx], final_sigma=self.steps[k].sigma)
+        return SourceBatch(x, x, cond, counts={f"step{k}": k_of.count(k) for k in range(len(self.steps))})
+
+    @torch.no_grad()
+    def samples(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, PromptEmbeds]:
+        """Fresh generator samples x0 = G(x_{t_k}) for random rows and steps (the fake score's extra updates)."""
+        rows = torch.randint(len(self), (batch_size,), generator=generator)
+        n = torch.as_tensor(self.indices)[torch.randint(len(self.indices), (batch_size,), generator=generator)]
+        data = self.batch(rows, n, generator)
+        sigma = self.sigma(n)
+        return losses.x0_from_velocity(data.x_n, self.velocity(data.x_n, sigma, data.cond), sigma), data.cond
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+@dataclass
+class _Pending:
+    x0_gen: torch.Tensor  # detached: the fake score's first update trains on the generator step's own samples
+    cond: PromptEmbeds
+
+
+class DistributionMatching(Objective):
+    """DMD2's generator terms (``dm``, ``gan_g``) and, after each generator step, ``fake_steps`` updates of the
+    fake score (flow matching, + ``cls_weight`` · classifier loss) with its own AdamW.
+
+    Its own CPU generator (``seed``) draws t, ε, rows and steps; it is part of the resume state with
+    the fake score, the classifier head and their optimizer.  With ``grad_accum`` > 1 each fake-score
+    update accumulates over as many micro-batches as the generator's did.
+    """
+
+    name = "dmd2"
+
+    def __init__(self, backbone: Backbone, source: BackwardSimulation, train_sigmas: torch.Tensor, *,
+                 fake_steps: int, fake_lr: float, dm_weight: float, t_range: tuple[int, int],
+                 guidance: float | None = None, gan_weight: float = 0.0, cls_weight: float = 0.0,
+                 real_videos: OnlineSource | None = None, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+                 seed: int = 0):
+        if fake_steps < 1:
+            raise ValueError(f"DMD2 needs at least one fake-score update per generator update, got {fake_steps}")
+        if gan_weight > 0 and real_videos is None:
+            raise ValueError("DMD2's GAN classifier (gan_weight > 0) needs real videos")
+        self.backbone, self.source = backbone, source
+        self.fake_steps, self.dm_weight, self.gan_weight, self.cls_weight = fake_steps, dm_weight, gan_weight, cls_weight
+        self.max_grad_norm, self.real_videos = max_grad_norm, real_videos
+        self.train_sigmas = train_sigmas.float()
+        self.t_range = t_range  # inclusive indices into train_sigmas
+        self.real_velocity = teacher_velocity(backbone, None, guidance)
+        self.fake = copy.deepcopy(backbone.transformer).requires_grad_(True).train()
+        self.classifier = None
+        if gan_weight > 0:
+            device = next(self.fake.parameters()).device
+            self.classifier = Discriminator(backbone.feature_dim(self.fake), 1, backbone.token_patch(self.fake)).to(device)
+        self.optimizer = torch.optim.AdamW(self.fake_parameters(), lr=fake_lr, betas=ADAM_BETAS,
+                                           weight_decay=weight_decay)
+        self.rng = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, RNG_SALT, distributed.world().rank]).generate_state(1)[0]))
+        self._pending: dict[int, list[_Pending]] = {}
+
+    def fake_parameters(self) -> list[nn.Parameter]:
+        head = list(self.classifier.parameters()) if self.classifier is not None else []
+        return [*self.fake.parameters(), *head]
+
+    def grad_networks(self) -> list[nn.Module]:
+        return [self.fake] if self.classifier is not None else []  # the generator's GAN term runs through it
+
+    # --- draws (all from the objective's own generator)
+    def draw_sigmas(self, batch: int, first: int = 0, last: int | None = None) -> torch.Tensor:
+        last = len(self.train_sigmas) - 1 if last is None else last
+        return self.train_sigmas[torch.randint(first, last + 1, (batch,), generator=self.rng)]
+
+    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.rng).to(x.device)
+
+    # --- the networks
+    def classify(self, x0: torch.Tensor, cond: PromptEmbeds, autocast) -> list[torch.Tensor]:
+        """Classifier logits on the fake score's middle tap at x0 noised to a σ uniform over the training sigmas."""
+        sigma = self.draw_sigmas(x0.shape[0]).to(x0.device)
+        x = noised(x0, self.noise_like(x0), sigma.view(-1, *([1] * (x0.ndim - 1))))
+        with autocast():
+            _, feats = self.backbone.predict(self.fake, x, sigma, cond, features=True)
+        return self.classifier([feats.taps[len(feats.taps) // 2]], feats.latent_thw)
+
+    def scores(self, x0_gen: torch.Tensor, cond: PromptEmbeds, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_real, x0_fake): both scores' clean estimates at x_t, t uniform over the DM range, one ε."""
+        sigma_t = self.draw_sigmas(x0_gen.shape[0], *self.t_range).to(x0_gen.device)
+        x_t = noised(x0_gen, self.noise_like(x0_gen), sigma_t.view(-1, *([1] * (x0_gen.ndim - 1))))
+        with torch.no_grad(), autocast():
+            v_real = self.real_velocity(x_t, sigma_t, cond)
+            v_fake = self.backbone.predict(self.fake, x_t, sigma_t, cond)
+        return (losses.x0_from_velocity(x_t, v_real.float(), sigma_t),
+                losses.x0_from_velocity(x_t, v_fake.float(), sigma_t))
+
+    # --- generator
+    def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
+        x0_gen = student_x0(batch)
+        terms = {}
+        if self.dm_weight > 0:
+            x0_real, x0_fake = self.scores(x0_gen.detach(), batch.cond, batch.autocast)
+            grad = losses.distribution_matching_gradient(x0_gen.detach(), x0_real, x0_fake)
+            terms["dm"] = self.dm_weight * losses.distribution_matching_loss(x0_gen, grad)
+        if self.classifier is not None:
+            with frozen(self.fake), frozen(self.classifier):  # the generator's term trains neither
+                terms["gan_g"] = self.gan_weight * losses.dmd2_generator_gan(
+                    self.classify(x0_gen, batch.cond, batch.autocast))
+        self._pending.setdefault(batch.step, []).append(_Pending(x0_gen.detach(), batch.cond))
+        return terms
+
+    # --- fake score
+    def fake_score_loss(self, x0: torch.Tensor, cond: PromptEmbeds, autocast
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Flow matching of μ_fake on generator samples x0 (σ uniform over the training sigmas), and the
+        classifier's loss against as many real videos (with their prompts) when the GAN is on: (terms, the
+        classifier's mean logits on real and fake)."""
+        x0 = x0.detach()
+        sigma = self.draw_sigmas(x0.shape[0]).to(x0.device)
+        with autocast():
+            terms = {"fm": flow_matching_loss(self.backbone, self.fake, x0, self.noise_like(x0), sigma, cond)}
+        logits = {}
+        if self.classifier is not None:
+            rows = torch.randint(len(self.real_videos), (x0.shape[0],), generator=self.rng).to(x0.device)
+            D_real = self.classify(self.real_videos.x0[rows], self.real_videos.embeds.index(rows), autocast)
+            D_fake = self.classify(x0, cond, autocast)
+            terms["cls"] = self.cls_weight * losses.dmd2_classifier(D_real, D_fake)
+            logits = {"d_real": float(torch.stack([d.detach().mean() for d in D_real]).mean()),
+                      "d_fake": float(torch.stack([d.detach().mean() for d in D_fake]).mean())}
+        return terms, logits
+
+    def fake_score_step(self, samples: Sequence[tuple[torch.Tensor, PromptEmbeds]], autocast) -> dict[str, float]:
+        """One AdamW step of the fake score (and head), gradients accumulated over ``samples`` (micro-batches)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logged: dict[str, float] = {}
+        for x0, cond in samples:
+            terms, logits = self.fake_score_loss(x0, cond, autocast)
+            (sum(terms.values()) / len(samples)).backward()
+            values = {**{k: float(v.detach()) for k, v in terms.items()}, **logits}
+            for key, value in values.items():
+                logged[key] = logged.get(key, 0.0) + value / len(samples)
+        params = self.fake_parameters()
+        distributed.average_gradients(params)
+        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        self.optimizer.step()
+        return logged
+
+    def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
+        """``fake_steps`` fake-score updates once per generator step (at its first micro-batch): the first on
+        the generator step's own samples (as the official code), the rest on fresh backward-simulated ones."""
+        pending = self._pending.pop(batch.step, None)
+        if pending is None:
+            return {}
+        steps = []
+        for i in range(self.fake_steps):
+            samples = ([(p.x0_gen, p.cond) for p in pending] if i == 0 else
+                       [self.source.samples(len(p.cond), self.rng) for p in pending])
+            steps.append(self.fake_score_step(samples, batch.autocast))
+        logged = {f"fake_{key}": sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+        logged["fake_fm_last"] = steps[-1]["fm"]
+        return logged
+
+    def state_dict(self) -> dict:
+        return {"fake": self.fake.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                **({"classifier": self.classifier.state_dict()} if self.classifier is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.fake.load_state_dict(state["fake"])
+        if self.classifier is not None:
+            self.classifier.load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"])
+
+
+# ------------------------------------------------------------------------------------------ wiring
+
+
+def build(params: Params, method: str, backbone: Backbone, student: nn.Module, steps: Sequence[SamplingStep],
+          device: torch.device | str) -> tuple[BackwardSimulation, NoConsistencyLoss, list[Objective], list[Phase]]:
+    """The DMD2 parts for ``methods.<method>``: backward simulation over the training prompts at the row's
+    sampling ``steps``, the no-consistency space, the DMD2 objective and the K generator phases."""
+    m = params.method(method)
+    cfg = m.dmd2
+    key = f"methods.{method}"
+    grid = params.teacher_grid()
+    prompts = [row["prompt"] for row in io.read_json(paths.PROMPTS)["train"]]
+    latent_shape = backbone.video_latent_shape(params)
+    source = BackwardSimulation(backbone, student, prompt_embeddings(backbone, prompts), grid, steps, latent_shape,
+                                device)
+    videos = None
+    if cfg.gan_weight > 0:
+        from dcm.distill import make_source
+
+        videos = make_source(params, backbone, source="online")  # the world's videos: DMD2's real data
+        if tuple(videos.x0.shape[1:]) != tuple(latent_shape):
+            raise ConfigError(f"{key}.dmd2.gan_weight", cfg.gan_weight,
+                              f"0 here: the world's videos have latent shape {tuple(videos.x0.shape[1:])}, the "
+                              f"generator's samples {tuple(latent_shape)}")
+    T = params.grid.num_train_timesteps
+    train_sigmas = torch.from_numpy(schedule.training_sigmas(T, params.grid.shift))
+    objective = DistributionMatching(
+        backbone, source, train_sigmas, fake_steps=cfg.fake_steps, fake_lr=cfg.fake_lr or m.lr,
+        dm_weight=cfg.dm_weight, t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)),
+        guidance=cfg.guidance, gan_weight=cfg.gan_weight, cls_weight=cfg.cls_weight, real_videos=videos,
+        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed)
+    return source, NoConsistencyLoss(), [objective], generator_phases(source.indices)

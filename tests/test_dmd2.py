@@ -1,0 +1,317 @@
+"""DMD2 on the one engine: the distribution-matching gradient, backward simulation, the fake score, what the
+generator's loss may touch, exact resume, the config rows and the stages."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import smoke_params
+from dcm import config, distill, paths, schedule
+from dcm.distill import dmd2, losses
+from dcm.distill.loop import ConsistencyBatch, Objective, autocast_for, train
+from dcm.distill.teacher_pretraining import flow_matching_loss
+from dcm.methods import schedule_for
+from dcm.sampling import sample_lcm
+from dcm.schedule import uniform_schedule
+from dcm.tracking import StageRun
+from dcm.worlds import shapes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ the equation
+
+
+def test_distribution_matching_gradient_by_hand_sign_and_normalisation():
+    # two samples of two values, as latents (B, C, T, H, W)
+    x0_gen = torch.tensor([[1.0, 2.0], [0.0, 0.0]]).view(2, 1, 1, 1, 2)
+    x0_real = torch.tensor([[0.0, 0.0], [1.0, 3.0]]).view(2, 1, 1, 1, 2)
+    x0_fake = torch.tensor([[2.0, 1.0], [1.0, 1.0]]).view(2, 1, 1, 1, 2)
+    # sample 0: (x0_fake − x0_real) = [2, 1], mean|x0_gen − x0_real| = (1 + 2)/2 → [4/3, 2/3]
+    # sample 1: (x0_fake − x0_real) = [0, −2], mean|x0_gen − x0_real| = (1 + 3)/2 → [0, −1]
+    grad = losses.distribution_matching_gradient(x0_gen, x0_real, x0_fake)
+    assert torch.allclose(grad.view(2, 2), torch.tensor([[4 / 3, 2 / 3], [0.0, -1.0]]))
+
+    x = x0_gen.clone().requires_grad_(True)
+    loss = losses.distribution_matching_loss(x, grad)
+    assert loss.item() == pytest.approx(0.5 * (16 / 9 + 4 / 9 + 0 + 1) / 4)
+    loss.backward()
+    assert torch.allclose(x.grad, grad / 4)  # ∂L/∂x0_gen = grad / numel
+    # descending moves each sample toward the real score's estimate, away from the fake one's
+    step = -x.grad.view(2, 2)
+    assert (step * (x0_real - x0_fake).view(2, 2) >= 0).all() and (step != 0).any()
+
+
+def test_distribution_matching_gradient_is_zero_where_the_scores_agree_with_the_sample():
+    x = torch.randn(3, 2, 1, 2, 2)
+    assert torch.equal(losses.distribution_matching_gradient(x, x, x), torch.zeros_like(x))  # 0/0 → 0
+    assert torch.allclose(losses.distribution_matching_gradient(x, x + 1, x + 1), torch.zeros_like(x))
+
+
+def test_dmd2_gan_terms_are_the_non_saturating_softplus_losses():
+    real, fake = [torch.tensor([[2.0, -1.0]])], [torch.tensor([[0.5, 0.0]])]
+    sp = torch.nn.functional.softplus
+    assert losses.dmd2_generator_gan(fake).item() == pytest.approx(sp(-fake[0]).mean().item())
+    assert losses.dmd2_classifier(real, fake).item() == pytest.approx((sp(fake[0]).mean() + sp(-real[0]).mean()).item())
+
+
+# ------------------------------------------------------------------------------------- the parts
+
+
+def make_objective(params, backbone, steps=2, gan_weight=0.0, fake_lr=1e-3, fake_steps=1, videos=None):
+    """A DMD2 objective on a few captions, the generator a frozen copy of the teacher (``.source.student``)."""
+    grid = params.teacher_grid()
+    captions = shapes.all_captions()[:6]
+    student = copy.deepcopy(backbone.transformer).requires_grad_(True)
+    latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
+    source = dmd2.BackwardSimulation(backbone, student, dmd2.prompt_embeddings(backbone, captions), grid,
+                                     uniform_schedule(grid, steps, "student"), latent_shape)
+    sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
+    torch.manual_seed(3)
+    return dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=fake_steps, fake_lr=fake_lr, dm_weight=1.0,
+                                     t_range=(20, 980), gan_weight=gan_weight, cls_weight=1e-2 if gan_weight else 0.0,
+                                     real_videos=videos, seed=0)
+
+
+def consistency_batch(objective: dmd2.DistributionMatching, rows: list[int], n: list[int]) -> ConsistencyBatch:
+    """A loop micro-batch at generator steps ``n``: backward-simulated x_n, the student's endpoint to σ_min with grad."""
+    source = objective.source
+    n = torch.tensor(n)
+    data = source.batch(torch.tensor(rows), n, torch.Generator().manual_seed(5))
+    sigma_n = source.sigma(n)
+    sigma_end = torch.full_like(sigma_n, float(source.grid_sigmas[0]))
+    v = objective.backbone.predict(source.student, data.x_n, sigma_n, data.cond)
+    x_end = losses.euler_endpoint(data.x_n, v, sigma_n, sigma_end)
+    return ConsistencyBatch(0, n, sigma_n, sigma_n, sigma_end, data.x_n, data.x_prev, data.cond, x_end, x_end.detach())
+
+
+def test_generator_steps_are_the_sampling_schedule_on_the_grid(params):
+    grid = params.teacher_grid()
+    steps = uniform_schedule(grid, 4, "student")
+    indices = dmd2.generator_indices(grid, steps)
+    assert [grid.sigma(n) for n in indices] == [s.sigma for s in steps] and indices[0] == grid.steps - 1
+    assert dmd2.generator_phases(indices) == [schedule.Phase(n, n, -1) for n in sorted(indices)]
+    off_grid = [schedule.SamplingStep(0.5 * (grid.sigma(3) + grid.sigma(4)), "student")]
+    with pytest.raises(config.ConfigError, match="not one"):
+        dmd2.generator_indices(grid, off_grid)
+
+
+def test_backward_simulation_is_the_generators_own_lcm_sampling(params, backbone):
+    """Step 0 is the noise; step k is the generator's first k LCM steps from it, re-noised to σ_{t_k}."""
+    objective = make_objective(params, backbone, steps=3)
+    source = objective.source
+    n = torch.tensor(source.indices)  # one row at each step
+    rows = torch.tensor([0, 1, 2])
+    batch = source.batch(rows, n, torch.Generator().manual_seed(7))
+    assert batch.counts == {"step0": 1, "step1": 1, "step2": 1} and batch.x_prev is batch.x_n
+
+    replay = torch.Generator().manual_seed(7)  # the source's draws, in its order
+    noise = torch.randn((3, *source.latent_shape), generator=replay)
+    seeds = torch.randint(2**62, (3,), generator=replay)
+    assert torch.equal(batch.x_n[0], noise[0])
+    for k in (1, 2):
+        expected = sample_lcm({"student": source.velocity}, source.steps[:k], noise[k:k + 1], source.embeds.index([k]),
+                              generators=[torch.Generator().manual_seed(int(seeds[k]))],
+                              final_sigma=source.steps[k].sigma)
+        assert torch.equal(batch.x_n[k:k + 1], expected)
+    # k = 1 by hand: x0̂ = ε − σ_0·v(ε), then (1 − σ_1)·x0̂ + σ_1·ε′
+    sigma0, sigma1 = source.steps[0].sigma, source.steps[1].sigma
+    v = source.velocity(noise[1:2], torch.full((1,), sigma0), source.embeds.index([1]))
+    eps_prime = torch.randn((1, *source.latent_shape), generator=torch.Generator().manual_seed(int(seeds[1])))
+    assert torch.allclose(batch.x_n[1:2], (1 - sigma1) * (noise[1:2] - sigma0 * v) + sigma1 * eps_prime, atol=1e-6)
+
+
+def test_fake_score_flow_matching_loss_decreases_on_a_fixed_generator(params, backbone):
+    objective = make_objective(params, backbone, fake_lr=2e-3)
+    generator = copy.deepcopy(objective.source.student.state_dict())
+    x0, cond = objective.source.samples(16, torch.Generator().manual_seed(1))  # a held-out set of generator samples
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    sigma = objective.train_sigmas[torch.linspace(0, 999, 16).long()]
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return flow_matching_loss(backbone, objective.fake, x0, eps, sigma, cond).item()
+
+    # flow matching has a floor (E‖ε − x0 − E[ε − x0 | x_σ]‖²) far above 0: the loss falls a few percent, steadily
+    curve = [held_out()]
+    for _ in range(4):
+        for _ in range(10):
+            objective.fake_score_step([objective.source.samples(8, objective.rng)], autocast_for(x0.device))
+        curve.append(held_out())
+    assert all(b < a for a, b in zip(curve, curve[1:])) and curve[-1] < 0.97 * curve[0], curve
+    for key, value in objective.source.student.state_dict().items():  # the generator stayed as it was
+        assert torch.equal(value, generator[key]), key
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_the_generator_loss_updates_only_the_generator(params, backbone, gan):
+    """Teacher frozen, fake score and classifier untouched by the generator's terms (also the GAN term, which
+    runs through the fake score); the fake score changes only in its own step."""
+    videos = None
+    if gan:
+        from test_mcm import video_source
+
+        videos = video_source(params, backbone, quality="clean")
+    objective = make_objective(params, backbone, gan_weight=1.0 if gan else 0.0, videos=videos)
+    teacher = copy.deepcopy(backbone.transformer.state_dict())
+    fake = copy.deepcopy(objective.fake.state_dict())
+    batch = consistency_batch(objective, [0, 1, 2, 3], objective.source.indices * 2)
+    terms = objective.generator_loss(batch)
+    assert set(terms) == ({"dm", "gan_g"} if gan else {"dm"})
+    sum(terms.values()).backward()
+    student = objective.source.student
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.dim() > 1)
+    assert all(not p.requires_grad and p.grad is None for p in backbone.transformer.parameters())
+    assert all(p.grad is None for p in objective.fake_parameters())
+    assert all(p.requires_grad for p in objective.fake_parameters())  # frozen only during the generator pass
+
+    logged = objective.after_generator_step(batch)
+    assert logged["fake_fm"] > 0 and ("fake_cls" in logged) == gan
+    assert objective.after_generator_step(batch) == {}  # once per step, not once per micro-batch
+    for key, value in backbone.transformer.state_dict().items():
+        assert torch.equal(value, teacher[key]), key
+    assert any(not torch.equal(value, fake[key]) for key, value in objective.fake.state_dict().items())
+
+
+def test_dm_term_pulls_the_generator_toward_the_real_score(params, backbone):
+    """The sign end to end, through the objective's own score passes: a step down the DM loss moves the
+    generator's x0 along x0_real − x0_fake; each call of ``scores`` is one draw of (t, ε) from the objective's RNG."""
+    objective = make_objective(params, backbone)
+    batch = consistency_batch(objective, [0, 1], objective.source.indices)
+    x0_gen = dmd2.student_x0(batch)
+    state = objective.rng.get_state()
+    x0_real, x0_fake = objective.scores(x0_gen.detach(), batch.cond, batch.autocast)
+    grad = losses.distribution_matching_gradient(x0_gen.detach(), x0_real, x0_fake)
+    loss = losses.distribution_matching_loss(x0_gen, grad)
+    (g,) = torch.autograd.grad(loss, x0_gen)
+    moved = x0_gen.detach() - 1e-1 * g / g.abs().max()
+    shift = x0_real - x0_fake
+    assert ((moved - x0_gen.detach()) * shift).sum() > 0
+    objective.rng.set_state(state)
+    assert torch.equal(objective.scores(x0_gen.detach(), batch.cond, batch.autocast)[0], x0_real)  # one draw each
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+class FailAt(Objective):
+    name = "fail"
+
+    def __init__(self, step):
+        self.step, self.armed = step, False
+
+    def generator_loss(self, batch):
+        if batch.step == self.step and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt("simulated preemption")
+        return {}
+
+
+def dmd2_spec(params, backbone, method="dmd2", steps=6, extra=()):
+    """The spec ``train_baseline`` builds for a dmd2 row."""
+    torch.manual_seed(11)  # the classifier head's initialisation, equal in every run
+    student = distill.full_parameter_student(backbone)
+    source, space, objectives, phases = dmd2.build(params, method, backbone, student, schedule_for(params, method),
+                                                   distill.device())
+    spec = distill.DistillSpec(name=method, student=student, trainable=list(student.parameters()), phases=phases,
+                               target="online", lr=1e-3, train_steps=steps, objectives=[*objectives, *extra],
+                               consistency_space=space)
+    return spec, source
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_resume_of_a_dmd2_run_gives_identical_next_losses(smoke):
+    """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, fake score, head and draws."""
+    params = smoke_params(checkpoint_every=3)
+    assert params.methods["dmd2"].dmd2.gan_weight > 0  # the classifier's state is part of what must resume
+    backbone = distill.load_backbone(params)
+    kill = FailAt(4)
+    spec, source = dmd2_spec(params, backbone, extra=[kill])
+    straight = train(spec, backbone, source, params, smoke / "straight", StageRun(None))
+    straight_state = copy.deepcopy(spec.objectives[0].state_dict())
+    kill.armed = True
+    spec, source = dmd2_spec(params, backbone, extra=[kill])
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, backbone, source, params, smoke / "resumed", StageRun(None))
+    state = torch.load(smoke / "resumed" / "resume" / "state.pt", weights_only=False)
+    assert {"fake", "optimizer", "rng", "classifier"} == set(state["objectives"]["dmd2"])
+    spec, source = dmd2_spec(params, backbone, extra=[kill])
+    resumed = train(spec, backbone, source, params, smoke / "resumed", StageRun(None))
+    assert resumed.resumed_from == 3 and resumed.losses == straight.losses[3:]
+    rows_straight, rows_resumed = history(smoke / "straight"), history(smoke / "resumed")
+    for key in ("loss", "dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls", "source/step0"):
+        assert [r[key] for r in rows_resumed] == [r[key] for r in rows_straight], key
+    now = spec.objectives[0].state_dict()
+    for part in ("fake", "classifier"):
+        for key, value in now[part].items():
+            assert torch.equal(value, straight_state[part][key]), (part, key)
+    assert torch.equal(now["rng"], straight_state["rng"])
+
+
+# ------------------------------------------------------------------------------------------ params
+
+
+def test_dmd2_rows_load_with_defaults_and_ablations_opt_in():
+    params = config.load(REPO / "params.yaml")
+    rows = {m: c for m, c in params.methods.items() if c.kind == "dmd2"}
+    assert {m: (c.sample_steps, c.ablation) for m, c in rows.items()} == {
+        "dmd2": (4, False), "dmd2_1": (1, True), "dmd2_2": (2, True)}
+    assert all(c.sampler == "lcm" and c.train_steps == params.methods["lcm"].train_steps for c in rows.values())
+    assert rows["dmd2_1"].dmd2 == config.Dmd2Config()  # omitted section: DMD2's defaults
+    assert (config.Dmd2Config().fake_steps, config.Dmd2Config().t_min, config.Dmd2Config().t_max) == (5, 0.02, 0.98)
+    steps = schedule_for(params, "dmd2")
+    assert [s.expert for s in steps] == ["student"] * 4 and steps[0].sigma == 1.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sampler": "euler"}, r"methods\.dmd2\.sampler = 'euler' is invalid: 'lcm' for kind 'dmd2'"),
+    ({"dmd2": {"t_min": 0.5, "t_max": 0.4}}, r"methods\.dmd2\.dmd2\.t_min = 0\.5 is invalid: < methods\.dmd2\.dmd2\.t_max"),
+    ({"dmd2": {"fake_steps": 0}}, r"methods\.dmd2\.dmd2\.fake_steps = 0 is invalid: must be >= 1"),
+    ({"dmd2": {"fake_lr": 0.0}}, r"methods\.dmd2\.dmd2\.fake_lr = 0\.0 is invalid: must be > 0"),
+    ({"kind": "consistency", "sampler": "euler"}, r"methods\.dmd2\.dmd2 = .* is invalid: only for kind 'dmd2'"),
+])
+def test_bad_dmd2_params_fail_with_key_value_and_what_is_allowed(change, message):
+    raw = config.load_raw(REPO / "params.yaml")
+    raw["methods"]["dmd2"] = config.deep_merge(raw["methods"]["dmd2"], change)
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(raw)
+
+
+# ---------------------------------------------------------------------------------- the stages
+
+
+@pytest.mark.slow
+def test_dmd2_trains_samples_and_evaluates_through_the_stage_table(smoke, monkeypatch):
+    from dcm.pipeline.table import STAGES
+
+    monkeypatch.setenv("DCM_TRACKING", "on")
+    params = smoke_params(source="online")  # DMD2 reads no trajectories: online needs none either
+    STAGES["train_baseline"].run(params, "dmd2")
+    out = paths.checkpoint("dmd2")
+    assert (out / "transformer").is_dir()
+    summary = json.loads((out / "train.json").read_text())
+    m = params.methods["dmd2"]
+    assert summary["steps"] == m.train_steps and summary["target"] == "online"
+    grid = params.teacher_grid()
+    trained_at = sorted(grid.sigma(first) for first, last, end in summary["phases"])
+    assert trained_at == sorted(s.sigma for s in schedule_for(params, "dmd2"))  # the steps it samples with
+    assert sum(summary["source_counts"].values()) == m.train_steps * params.training.batch_size
+    rows = history(out)
+    assert all({"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls"} <= r.keys() and r["consistency"] == 0
+               for r in rows)
+    for method in ("teacher", "dmd2"):
+        STAGES["sample"].run(params, method)
+    STAGES["evaluate"].run(params, "dmd2")
+    metrics = json.loads(paths.metrics("dmd2").read_text())
+    assert metrics["method"] == "dmd2" and metrics["steps"] == 4 and metrics["nfe"] == 4
+    assert np.isfinite(metrics["total"])
+    print(json.dumps({k: metrics[k] for k in ("total", "steps", "nfe")}))
