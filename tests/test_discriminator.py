@@ -5,6 +5,7 @@ independent GAN / feature-matching switches, and per-term gradient norms in the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import types
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import smoke_params
-from dcm import distill, schedule
+from dcm import config, distill, paths, schedule
 from dcm.backbones.base import PromptEmbeds, unpatchify
 from dcm.distill.discriminator import (
     CMAP_DIM,
@@ -24,6 +25,7 @@ from dcm.distill.discriminator import (
     DiscriminatorHead,
     GanFeatureMatching,
     adversarial_sigmas,
+    check_variants,
     dete_objective,
     discriminator_summary,
     group_count,
@@ -509,3 +511,389 @@ def test_per_term_grad_norms_are_logged_on_logging_steps_and_change_nothing(smok
             == {k: v for k, v in b.items() if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")}
     # the pre-clip total is at most the sum of its terms' norms (triangle inequality)
     assert all(r["grad_norm"] <= sum(r[k] for k in keys) * (1 + 1e-5) for r in rows_logged)
+
+
+# ------------------------------------------------------------------ adversarial variants (issue 15)
+
+
+def at_step(batch: ConsistencyBatch, step: int) -> ConsistencyBatch:
+    return dataclasses.replace(batch, step=step)
+
+
+def disc_state(gan) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in gan.discriminator.named_parameters()}
+
+
+def adam_steps(gan) -> int:
+    return int(next(iter(gan.optimizer.state.values()))["step"])
+
+
+def test_disc_warmup_trains_only_d_and_keeps_fm(backbone, params):
+    """disc_warmup 2: steps 0 and 1 have no hinge term (G's gradient is FM's alone) while D steps; step 2 has it."""
+    gan = make_objective(backbone, params, disc_warmup=2)
+    fm_only = make_objective(backbone, params, gan_weight=0.0)
+    batch = make_batch(backbone, params)
+    for step in range(3):
+        b = at_step(batch, step)
+        before = disc_state(gan)
+        torch.manual_seed(step)
+        terms = gan.generator_loss(b)
+        assert set(terms) == ({"fm"} if step < 2 else {"gan_g", "fm"}), step
+        if step < 2:  # the generator's gradient is the FM term's only: identical to an FM-only objective's
+            (grad,) = torch.autograd.grad(sum(terms.values()), b.x_end_pred)
+            torch.manual_seed(step)
+            (fm_grad,) = torch.autograd.grad(sum(fm_only.generator_loss(b).values()), b.x_end_pred)
+            torch.testing.assert_close(grad, fm_grad, rtol=0, atol=0)
+        logged = gan.after_generator_step(b)
+        assert logged["g_hinge_on"] == float(step >= 2)
+        assert any(not torch.equal(p, before[n]) for n, p in gan.discriminator.named_parameters())  # D trained
+    assert adam_steps(gan) == 3
+
+
+def test_disc_warmup_without_fm_runs_the_fake_pass_without_grad(backbone, params, monkeypatch):
+    gan = make_objective(backbone, params, fm_weight=0.0, disc_warmup=1)
+    batch = make_batch(backbone, params)
+    spy = TeacherSpy(backbone, monkeypatch)
+    assert gan.generator_loss(batch) == {}
+    assert [grad for *_, grad in spy.calls] == [False, False]
+    assert gan.after_generator_step(batch)["d_loss"] >= 0 and adam_steps(gan) == 1
+
+
+def test_disc_steps_3_takes_three_d_steps_per_g_step_on_fresh_noise(backbone, params, monkeypatch):
+    """disc_steps 3: three AdamW steps per generator step; the first on the generator pass's features, the two
+    further ones re-noise the same real and (detached) fake endpoints with fresh σ_adv, ε′ (teacher, no grad)."""
+    gan = make_objective(backbone, params, disc_steps=3)
+    batch = make_batch(backbone, params, batch=4)
+    torch.manual_seed(0)
+    gan.generator_loss(batch)
+    spy = TeacherSpy(backbone, monkeypatch)
+    seen = []
+    step = gan._discriminator_step
+
+    def counted(*args):
+        seen.append(disc_state(gan))
+        return step(*args)
+
+    monkeypatch.setattr(gan, "_discriminator_step", counted)
+    torch.manual_seed(1)
+    logged = gan.after_generator_step(batch)
+    assert adam_steps(gan) == 3 and len(seen) == 3
+    assert all(any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(seen, seen[1:]))  # each step moved D
+    assert len(spy.calls) == 4 and not any(grad for *_, grad in spy.calls)  # 2 further (real, fake) passes
+    torch.manual_seed(1)  # the further steps' draws, by hand
+    s_end = batch.sigma_end.view(-1, 1, 1, 1, 1)
+    for k in range(2):
+        pick = torch.randint(len(gan.adv_sigmas), (4,))
+        eps = torch.randn(batch.x_end_pred.shape)
+        s = gan.adv_sigmas[pick].view(-1, 1, 1, 1, 1)
+        (x_real, sig_real, *_), (x_fake, sig_fake, *_) = spy.calls[2 * k: 2 * k + 2]
+        torch.testing.assert_close(x_real, ((1 - s) * batch.x_end_target + (s - s_end) * eps) / (1 - s_end))
+        torch.testing.assert_close(x_fake, ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+        assert torch.equal(sig_real, sig_fake) and torch.equal(sig_real, gan.adv_sigmas[pick])
+    assert set(logged) == {"d_loss", "d_real", "d_fake"}  # the mean over the three steps
+    one = make_objective(backbone, params)
+    one.generator_loss(batch)
+    one.after_generator_step(batch)
+    assert adam_steps(one) == 1
+
+
+def test_hinge_margin_running_mean_and_latched_gate(backbone, params):
+    """m₁ = Δ₁, m_j = 0.9·m_{j−1} + 0.1·Δ_j with Δ = d_real − d_fake of each D step; the hinge is off until m > τ,
+    then stays on; margin and gate are resume state."""
+    gan = make_objective(backbone, params, hinge_margin=0.2)
+    batch = make_batch(backbone, params)
+    assert not gan.hinge_on(0) and set(gan.generator_loss(batch)) == {"fm"}
+    m = None
+    for delta in (0.1, 0.5, 0.5):
+        gan._update_margin(delta)
+        m = delta if m is None else 0.9 * m + 0.1 * delta
+        assert gan.margin == pytest.approx(m)
+    assert m == pytest.approx(0.1 * 0.81 + 0.05 * 0.9 + 0.05) and m < 0.2 and not gan.hinge_on(5)
+    for _ in range(30):  # climbs past 0.2
+        gan._update_margin(0.5)
+    assert gan.margin > 0.2 and gan.hinge_on(0) and set(gan.generator_loss(batch)) == {"gan_g", "fm"}
+    for _ in range(30):
+        gan._update_margin(-1.0)
+    assert gan.margin < 0.2 and gan.hinge_on(0)  # latched
+    state = gan.state_dict()
+    assert state["margin"] == {"value": gan.margin, "open": True}
+    fresh = make_objective(backbone, params, hinge_margin=0.2)
+    fresh.load_state_dict(state)
+    assert fresh.margin == gan.margin and fresh.hinge_open
+
+
+def test_hinge_margin_is_measured_on_the_d_steps(backbone, params):
+    """Real D steps on a separable batch (fake = target + 3·noise): the logged margin follows the running mean
+    of the logged d_real − d_fake, and the hinge switches on at the first step after it passes τ."""
+    gan = make_objective(backbone, params, hinge_margin=0.2, disc_lr=1e-2)
+    batch = make_batch(backbone, params, batch=4)
+    noise = torch.randn(batch.x_end_target.shape, generator=torch.Generator().manual_seed(7))
+    batch.x_end_pred = (batch.x_end_target + 3.0 * noise).requires_grad_(True)
+    m, opened = None, None
+    torch.manual_seed(0)
+    for step in range(40):
+        b = at_step(batch, step)
+        terms = gan.generator_loss(b)
+        assert ("gan_g" in terms) == (opened is not None and step > opened)
+        logged = gan.after_generator_step(b)
+        delta = logged["d_real"] - logged["d_fake"]
+        m = delta if m is None else 0.9 * m + 0.1 * delta
+        assert logged["margin"] == pytest.approx(m, abs=1e-9) and logged["g_hinge_on"] == float("gan_g" in terms)
+        if opened is None and m > 0.2:
+            opened = step
+    assert opened is not None, "D should separate fake = target + 3·noise within 40 steps at lr 1e-2"
+
+
+def _tiny_dete(backbone, params):
+    from dcm.distill.experts import make_dete
+
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=params.grid.kappa,
+                     sigma_kappa=grid.sigma(params.grid.kappa))
+    with torch.no_grad():
+        for name, p in dual.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    return dual, grid
+
+
+def _student_batch(backbone, params, student, grid, n=(2, 0)):
+    """A DetE micro-batch as the loop builds it: x_n at grid index n, x̂ = x_n + (σ_min − σ_n)·v_θ(x_n)."""
+    from dcm.distill import losses
+
+    n = torch.tensor(n)
+    shape = backbone.latent_shape(params.world.frames, params.world.size)
+    x_n = torch.randn((len(n), *shape), generator=torch.Generator().manual_seed(2))
+    sigma_n = torch.tensor([grid.sigma(int(i)) for i in n], dtype=torch.float32)
+    sigma_end = torch.full_like(sigma_n, grid.sigma_min)
+    cond = backbone.encode_prompts(["a red circle moves left"] * len(n))
+    x_end_pred = losses.euler_endpoint(x_n, backbone.predict(student, x_n, sigma_n, cond).float(), sigma_n, sigma_end)
+    return ConsistencyBatch(0, n, sigma_n, sigma_n, sigma_end, x_n, x_n, cond, x_end_pred, x_end_pred.detach() + 1.0)
+
+
+def test_real_ema_is_the_ema_students_endpoint(backbone, params, monkeypatch):
+    """real="ema": θ_EMA starts at DetE's θ (real = fake at step 0), follows θ_EMA ← 0.9·θ_EMA + 0.1·θ once per
+    step, and the real is x_n + (σ_end − σ_n)·v_θEMA(x_n) (a copy of the student holding θ_EMA, by hand)."""
+    from dcm.distill import losses
+
+    dual, grid = _tiny_dete(backbone, params)
+    trainable = dual.trainable_parameters()
+    gan = make_objective(backbone, params, real="ema", student=dual, trainable=trainable, ema_decay=0.9)
+    batch = _student_batch(backbone, params, dual, grid)
+    torch.testing.assert_close(gan.real_endpoint(batch), batch.x_end_pred.detach(), rtol=0, atol=0)
+    theta0 = [p.detach().clone() for p in trainable]
+    with torch.no_grad():
+        for i, p in enumerate(trainable):  # an optimiser step, by hand
+            p.add_(0.01 * (i % 3 + 1))
+    gan.after_generator_step(at_step(batch, 0))
+    gan.after_generator_step(at_step(batch, 0))  # a second micro-batch of the same step: no second update
+    names = {id(p): n for n, p in dual.named_parameters()}
+    for p, p0 in zip(trainable, theta0):
+        torch.testing.assert_close(gan.ema[names[id(p)]], 0.9 * p0 + 0.1 * p.detach())
+    by_hand = copy.deepcopy(dual)
+    with torch.no_grad():
+        for name, p in by_hand.named_parameters():
+            if name in gan.ema:
+                p.copy_(gan.ema[name])
+        v = backbone.predict(by_hand, batch.x_n, batch.sigma_n, batch.cond).float()
+    expected = losses.euler_endpoint(batch.x_n, v, batch.sigma_n, batch.sigma_end)
+    real = gan.real_endpoint(batch)
+    torch.testing.assert_close(real, expected)
+    assert not torch.allclose(real, batch.x_end_pred.detach())
+    assert all(torch.equal(p, q) for p, q in zip(dual.trainable_parameters(), trainable))  # the live θ is back
+    spy = TeacherSpy(backbone, monkeypatch)  # the real side D and FM see: x̂_EMA re-noised with the fake's ε′
+    torch.manual_seed(4)
+    gan.adversarial_features(batch)
+    torch.manual_seed(4)
+    pick, eps = torch.randint(len(gan.adv_sigmas), (2,)), torch.randn(batch.x_n.shape)
+    s, s_end = gan.adv_sigmas[pick].view(-1, 1, 1, 1, 1), batch.sigma_end.view(-1, 1, 1, 1, 1)
+    (x_ema, sigma_ema, _, grad_ema), (x_real, *_), (x_fake, *_) = spy.calls  # EMA student, teacher real, fake
+    assert torch.equal(x_ema, batch.x_n) and torch.equal(sigma_ema, batch.sigma_n) and not grad_ema
+    torch.testing.assert_close(x_real, ((1 - s) * expected + (s - s_end) * eps) / (1 - s_end))
+    torch.testing.assert_close(x_fake, ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+    state = gan.state_dict()
+    assert set(state) == {"heads", "optimizer", "ema"} and set(state["ema"]) == set(gan.ema)
+    fresh = make_objective(backbone, params, real="ema", student=copy.deepcopy(dual), ema_decay=0.9)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.ema[n], gan.ema[n]) for n in gan.ema)
+
+
+def test_real_ema_without_a_student_is_named(backbone, params):
+    gan = make_objective(backbone, params, real="ema")
+    with pytest.raises(RuntimeError, match="bind_student"):
+        gan.generator_loss(make_batch(backbone, params))
+
+
+def test_real_trajectory_is_the_cached_trajectorys_sigma_min_point(smoke, monkeypatch):
+    """real="trajectory": the batch's own stored trajectories at σ_end (σ_min for DetE), re-noised with the same
+    σ_adv and ε′ as the fake; at the phase boundary (n = 0) that point is x_{n−1} itself."""
+    from dcm.backbones import load_teacher
+    from dcm.data.trajectories import TrajectoryStore
+    from dcm.distill.discriminator import TrajectoryEndpoints
+    from dcm.pipeline.stages import trajectories
+
+    params = smoke_params()
+    trajectories.run(params)
+    backbone = load_teacher(params, paths.TEACHER)
+    store = TrajectoryStore(paths.TRAJECTORIES)
+    gan = make_objective(backbone, params, real="trajectory")
+    with pytest.raises(RuntimeError, match="watch_source"):
+        gan.real_endpoint(make_batch(backbone, params))
+    source = gan.watch_source(distill.CachedSource(store, backbone))
+    assert isinstance(source, TrajectoryEndpoints) and len(source) == len(store) and source.kind == "cached"
+    rows, n = torch.tensor([3, 1, 6]), torch.tensor([4, 0, 2])
+    data = source.batch(rows, n, torch.Generator())
+    grid = params.teacher_grid()
+    sigma = torch.tensor([grid.sigma(int(i)) for i in n])
+    sigma_prev = torch.tensor([grid.sigma(int(i) - 1) for i in n])
+    sigma_end = torch.full((3,), grid.sigma_min)
+    x_end_pred = (data.x_n + 0.1).requires_grad_(True)
+    batch = ConsistencyBatch(0, n, sigma, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond, x_end_pred,
+                             data.x_prev)
+    end_points = torch.as_tensor(store.latents([3, 1, 6], -1)).float()
+    real = gan.real_endpoint(batch)
+    torch.testing.assert_close(real, end_points, rtol=0, atol=0)
+    torch.testing.assert_close(real[1], data.x_prev[1], rtol=0, atol=0)  # n = 0: x_{n−1} is the σ_min point
+    assert not torch.allclose(real[0], data.x_prev[0])
+    spy = TeacherSpy(backbone, monkeypatch)
+    torch.manual_seed(5)
+    gan.generator_loss(batch)
+    torch.manual_seed(5)
+    pick, eps = torch.randint(len(gan.adv_sigmas), (3,)), torch.randn(data.x_n.shape)
+    s, s_end = gan.adv_sigmas[pick].view(-1, 1, 1, 1, 1), sigma_end.view(-1, 1, 1, 1, 1)
+    (x_real, *_), (x_fake, *_) = spy.calls[:2]
+    torch.testing.assert_close(x_real, ((1 - s) * end_points + (s - s_end) * eps) / (1 - s_end))
+    torch.testing.assert_close(x_fake, ((1 - s) * x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+    stranger = dataclasses.replace(batch, x_n=data.x_n.clone())
+    with pytest.raises(RuntimeError, match="did not come from the watched source"):
+        gan.real_endpoint(stranger)
+    with pytest.raises(config.ConfigError, match=r"training\.source = 'online'.*cached"):
+        TrajectoryEndpoints(distill.make_source(smoke_params(source="online"), backbone))
+
+
+def test_real_trajectory_with_the_online_source_fails_before_training(smoke):
+    """training.source: online has no cached trajectory: the stage stops with a ConfigError naming the key,
+    before it loads anything or writes a checkpoint."""
+    from dcm.pipeline.stages import train_dete
+
+    params = smoke_params(source="online")
+    with pytest.raises(config.ConfigError, match=r"methods\.dcm_real_traj\.dete\.real = 'trajectory'.*"
+                                                 r"training\.source: online"):
+        train_dete.run(params, "dcm_real_traj")
+    assert not paths.checkpoint("dcm_real_traj").exists()
+    for bad, key in (({"gan_weight": 0.0, "disc_steps": 3}, "disc_steps"), ({"gan_weight": 0.0, "disc_warmup": 2},
+                                                                            "disc_warmup"),
+                     ({"gan_weight": 0.0, "hinge_margin": 0.1}, "hinge_margin"),
+                     ({"gan_weight": 0.0, "fm_weight": 0.0, "real": "ema"}, "real")):
+        dete = dataclasses.replace(params.methods["dcm"].dete, **bad)
+        with pytest.raises(config.ConfigError, match=rf"methods\.dcm\.dete\.{key} = "):
+            check_variants(dete, params.training, "methods.dcm.dete")
+
+
+def test_variant_keys_validate_with_the_key_path():
+    raw = config.load_raw(REPO / "params.yaml", preset="smoke")
+    for key, value, allowed in (("disc_steps", 0, "1"), ("disc_warmup", -1, "0"), ("real", "fake", "target"),
+                                ("hinge_margin", float("nan"), "finite")):
+        bad = copy.deepcopy(raw)
+        bad["methods"]["dcm"]["dete"][key] = value
+        with pytest.raises(config.ConfigError, match=rf"methods\.dcm\.dete\.{key} = .*{allowed}"):
+            config.parse(bad)
+    bad = copy.deepcopy(raw)
+    bad["methods"]["dcm"]["seme"]["real"] = "ema"  # a DetE key on SemE
+    with pytest.raises(config.ConfigError, match=r"methods\.dcm\.seme"):
+        config.parse(bad)
+
+
+def test_variant_rows_are_dcm_with_one_change_each():
+    """params.yaml: dcm_dwarm, dcm_d3, dcm_margin, dcm_real_ema, dcm_real_traj are ablation rows with dcm's budget,
+    differing from dcm only in their variant; dcm keeps the paper's defaults."""
+    full = config.load(REPO / "params.yaml")
+    variants = {"dcm_dwarm": {"disc_warmup": 50}, "dcm_d3": {"disc_steps": 3}, "dcm_margin": {"hinge_margin": 0.2},
+                "dcm_real_ema": {"real": "ema"}, "dcm_real_traj": {"real": "trajectory"}}
+    base = dataclasses.asdict(full.methods["dcm"])
+    assert {k: base["dete"][k] for k in ("disc_warmup", "disc_steps", "hinge_margin", "real")} == \
+        {"disc_warmup": 0, "disc_steps": 1, "hinge_margin": None, "real": "target"}
+    for name, change in variants.items():
+        row = dataclasses.asdict(full.methods[name])
+        assert row["ablation"] and not base["ablation"]
+        expected = {**base, "ablation": True, "dete": {**base["dete"], **change}}
+        assert row == expected, name
+    smoke = config.load(REPO / "params.yaml", preset="smoke")
+    for name in variants:
+        assert smoke.methods[name].seme.train_steps == smoke.methods[name].dete.train_steps == 4
+
+
+def test_default_variants_leave_the_objective_and_its_identity_as_before(backbone, params):
+    """dcm's row builds the objective of the official path: no gate, 1:1, real = x̂_tgt, and nothing extra in
+    its resume state, its log or the run's resume identity."""
+    from dcm.pipeline.stages.train_dete import variant_settings
+
+    gan = dete_objective(backbone, params.methods["dcm"].dete, params.teacher_grid(), params.grid.kappa,
+                         params.training)
+    assert (gan.disc_warmup, gan.disc_steps, gan.hinge_margin, gan.real) == (0, 1, None, "target")
+    batch = make_batch(backbone, params)
+    assert gan.hinge_on(0) and torch.equal(gan.real_endpoint(batch), batch.x_end_target)
+    gan.generator_loss(batch)
+    assert set(gan.after_generator_step(batch)) == {"d_loss", "d_real", "d_fake"}
+    assert set(gan.state_dict()) == {"heads", "optimizer"}
+    assert variant_settings(params.methods["dcm"].dete) == {}
+    assert variant_settings(params.methods["dcm_d3"].dete) == {"disc_steps": 3}
+
+
+def _variant_run(out: Path, params, steps: int, real: str, tau: float, fail_at: int | None = None):
+    """A DetE run through the loop with the stateful variants at once (margin gate, warm-up, 2 D steps, a real)."""
+    backbone = distill.load_backbone(params)
+    torch.manual_seed(0)
+    dual, grid = _tiny_dete(backbone, params)
+    gan = GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, params.grid.kappa),
+                             gan_weight=1.0, fm_weight=1.0, disc_lr=1e-2, disc_steps=2, hinge_margin=tau,
+                             disc_warmup=1, real=real, student=dual, trainable=dual.trainable_parameters(),
+                             ema_decay=0.5)
+    source = gan.watch_source(distill.make_source(params, backbone))
+    objectives = [gan] + ([_Interrupt(fail_at)] if fail_at is not None else [])
+    phase = schedule.expert_phases(params.grid.steps, params.grid.kappa)["dete"]
+    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase],
+                               target="online", lr=1e-3, train_steps=steps, objectives=objectives,
+                               settings={"real": real})
+    result = train(spec, backbone, source, params, out, StageRun(None))
+    return result, gan
+
+
+class _Interrupt(Objective):
+    name = "interrupt"
+
+    def __init__(self, step):
+        self.step = step
+
+    def generator_loss(self, batch):
+        if batch.step == self.step:
+            raise KeyboardInterrupt("simulated preemption")
+        return {}
+
+
+# τ tiny: on this CPU the gate opens before the checkpoint at step 3 (the margins of these 6 steps are ~1e-5)
+@pytest.mark.parametrize("real, tau", [("ema", 5e-6), ("trajectory", 2e-4)])
+def test_variant_state_resumes_exactly(smoke, real, tau):
+    """6 steps straight vs 3 steps, a kill in step 4 and a resume: the same losses, D, margin and gate, θ_EMA (CPU);
+    real="trajectory" reads the cached store through the loop (its batches recognised by their x_n)."""
+    params = smoke_params(source="online" if real == "ema" else "cached", checkpoint_every=3)
+    if real == "trajectory":
+        from dcm.pipeline.stages import trajectories
+
+        trajectories.run(params)
+    torch.manual_seed(0)
+    straight, gan_a = _variant_run(smoke / "straight", params, 6, real, tau, fail_at=-1)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        _variant_run(smoke / "resumed", params, 6, real, tau, fail_at=4)
+    resumed, gan_b = _variant_run(smoke / "resumed", params, 6, real, tau, fail_at=-1)
+    assert resumed.resumed_from == 3 and resumed.losses == straight.losses[3:]
+    assert all(torch.equal(p, q) for p, q in zip(gan_a.discriminator.parameters(), gan_b.discriminator.parameters()))
+    assert gan_a.margin == gan_b.margin and gan_a.hinge_open == gan_b.hinge_open
+    assert all(torch.equal(gan_a.ema[n], gan_b.ema[n]) for n in gan_a.ema) and bool(gan_a.ema) == (real == "ema")
+    rows = [json.loads(line) for line in (smoke / "resumed" / "history.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line) | {"step_s": r["step_s"]} for line, r in
+                    zip((smoke / "straight" / "history.jsonl").read_text().splitlines(), rows)]
+    assert [r["step"] for r in rows] == list(range(6)) and rows[0]["gan/g_hinge_on"] == 0.0
+    assert all("gan/margin" in r for r in rows)
+    assert all(("gan/gan_g" in r) == (r["gan/g_hinge_on"] == 1.0) for r in rows)

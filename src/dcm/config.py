@@ -184,6 +184,16 @@ class DeteConfig(ExpertConfig):
     gan_weight: Float = at_least(0, 1.0)  # scales the generator's hinge term (0 = no discriminator)
     fm_weight: Float = at_least(0, 1.0)  # λ_fm, feature matching on frozen-teacher features (0 = off)
     disc_lr: Float = positive(1e-5)
+    # adversarial variants (issue 15; the defaults are the paper's / official code's, dcm.distill.discriminator):
+    disc_warmup: Int = at_least(0, 0)  # first steps in which only D trains (G's hinge off; FM as configured)
+    disc_steps: Int = at_least(1, 1)  # D optimizer steps per G step (official 1:1)
+    # G's hinge switches on (and stays on) once D's margin, the running mean of D(real) − D(fake), exceeds
+    # this; null: on from the start
+    hinge_margin: Float | None = None
+    # the adversarial "real": target = the consistency target x̂_tgt (paper); ema = the endpoint of an EMA
+    # copy of DetE (decay training.ema_decay); trajectory = the cached teacher trajectory's point at σ_end
+    # (training.source: cached only)
+    real: Literal["target", "ema", "trajectory"] = "target"
 
 
 @dataclass(config=SECTION)

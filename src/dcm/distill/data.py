@@ -79,6 +79,20 @@ class CachedSource:
         x_n, x_prev = self.store.pair(rows.tolist(), n.tolist())
         return SourceBatch(x_n.to(self.device), x_prev.to(self.device), self.embeds.index(rows.to(self.device)))
 
+    # read-only look-ups (DetE's real="trajectory": a trajectory's own point at the phase end)
+    def points(self, rows: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """float32 (B, C, T, H, W) on the device: stored trajectory rows[i] at grid index n[i] (−1 = σ_min)."""
+        return self.store.latents(rows.tolist(), n.tolist()).to(self.device)
+
+    def grid_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """(B,) long: the grid index (−1 = σ_min) of each σ in ``sigma`` (the loop's float32 grid values)."""
+        s = sigma.detach().double().cpu().numpy().reshape(-1, 1)
+        position = np.abs(self.grid_sigmas[None, :] - s).argmin(axis=1)
+        off = np.abs(self.grid_sigmas[position] - s[:, 0])
+        if (off > 1e-6).any():
+            raise ValueError(f"σ {s[off > 1e-6, 0].tolist()[:3]} not on the store's grid")
+        return torch.as_tensor(position - 1, dtype=torch.long)
+
 
 class OnlineSource:
     """Noised data latents and one guided teacher Euler step per micro-batch (the official mode).
