@@ -232,19 +232,20 @@ def history(out: Path) -> list[dict]:
 def test_resume_of_a_dmd2_run_gives_identical_next_losses(smoke):
     """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, fake score, head and draws."""
     params = smoke_params(checkpoint_every=3)
-    assert params.methods["dmd2"].dmd2.gan_weight > 0  # the classifier's state is part of what must resume
+    method = "dmd2_gan"  # the classifier's state is part of what must resume
+    assert params.methods[method].dmd2.gan_weight > 0
     backbone = distill.load_backbone(params)
     kill = FailAt(4)
-    spec, source = dmd2_spec(params, backbone, extra=[kill])
+    spec, source = dmd2_spec(params, backbone, method, extra=[kill])
     straight = train(spec, backbone, source, params, smoke / "straight", StageRun(None))
     straight_state = copy.deepcopy(spec.objectives[0].state_dict())
     kill.armed = True
-    spec, source = dmd2_spec(params, backbone, extra=[kill])
+    spec, source = dmd2_spec(params, backbone, method, extra=[kill])
     with pytest.raises(KeyboardInterrupt):
         train(spec, backbone, source, params, smoke / "resumed", StageRun(None))
     state = torch.load(smoke / "resumed" / "resume" / "state.pt", weights_only=False)
     assert {"fake", "optimizer", "rng", "classifier"} == set(state["objectives"]["dmd2"])
-    spec, source = dmd2_spec(params, backbone, extra=[kill])
+    spec, source = dmd2_spec(params, backbone, method, extra=[kill])
     resumed = train(spec, backbone, source, params, smoke / "resumed", StageRun(None))
     assert resumed.resumed_from == 3 and resumed.losses == straight.losses[3:]
     rows_straight, rows_resumed = history(smoke / "straight"), history(smoke / "resumed")
@@ -264,10 +265,15 @@ def test_dmd2_rows_load_with_defaults_and_ablations_opt_in():
     params = config.load(REPO / "params.yaml")
     rows = {m: c for m, c in params.methods.items() if c.kind == "dmd2"}
     assert {m: (c.sample_steps, c.ablation) for m, c in rows.items()} == {
-        "dmd2": (4, False), "dmd2_1": (1, True), "dmd2_2": (2, True)}
-    assert all(c.sampler == "lcm" and c.train_steps == params.methods["lcm"].train_steps for c in rows.values())
-    assert rows["dmd2_1"].dmd2 == config.Dmd2Config()  # omitted section: DMD2's defaults
-    assert (config.Dmd2Config().fake_steps, config.Dmd2Config().t_min, config.Dmd2Config().t_max) == (5, 0.02, 0.98)
+        "dmd2": (4, False), "dmd2_1": (1, True), "dmd2_2": (2, True), "dmd2_gan": (4, True), "dmd2_wall": (4, True)}
+    budget = params.methods["lcm"].train_steps  # generator steps; dmd2_wall: LCM's wall time instead
+    assert all(c.sampler == "lcm" and (c.train_steps == budget) == (m != "dmd2_wall") for m, c in rows.items())
+    # DMD2's defaults, but for the classifier: off on the shapes world except in dmd2_gan (README, "DMD2")
+    assert {m: c.dmd2.gan_weight for m, c in rows.items()} == {
+        "dmd2": 0.0, "dmd2_1": 0.0, "dmd2_2": 0.0, "dmd2_gan": 5e-3, "dmd2_wall": 0.0}
+    assert rows["dmd2_gan"].dmd2 == config.Dmd2Config()
+    assert (config.Dmd2Config().fake_steps, config.Dmd2Config().t_min, config.Dmd2Config().t_max,
+            config.Dmd2Config().gan_weight, config.Dmd2Config().cls_weight) == (5, 0.02, 0.98, 5e-3, 1e-2)
     steps = schedule_for(params, "dmd2")
     assert [s.expert for s in steps] == ["student"] * 4 and steps[0].sigma == 1.0
 
@@ -306,8 +312,8 @@ def test_dmd2_trains_samples_and_evaluates_through_the_stage_table(smoke, monkey
     assert trained_at == sorted(s.sigma for s in schedule_for(params, "dmd2"))  # the steps it samples with
     assert sum(summary["source_counts"].values()) == m.train_steps * params.training.batch_size
     rows = history(out)
-    assert all({"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls"} <= r.keys() and r["consistency"] == 0
-               for r in rows)
+    assert all({"dmd2/dm", "dmd2/fake_fm", "dmd2/fake_fm_last"} <= r.keys() and r["consistency"] == 0
+               and "dmd2/gan_g" not in r for r in rows)  # the shapes dmd2 row: no GAN classifier
     for method in ("teacher", "dmd2"):
         STAGES["sample"].run(params, method)
     STAGES["evaluate"].run(params, "dmd2")
