@@ -138,6 +138,41 @@ class TrajectoryConfig:
 
 
 @dataclass(config=SECTION)
+class ParallelConfig:
+    """How a multi-rank training stage spreads the models over its ranks (PyTorch's engines, dcm.parallel).
+
+    ddp: every rank holds the whole model (``replicate``); fsdp: FSDP2 ``fully_shard`` on every
+    transformer block and the root over all ranks; hsdp: sharded within groups of ``shard_group_size``
+    ranks, replicated across the groups.  One rank (or world size 1) wraps nothing.
+    """
+
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    shard_group_size: Int | None = at_least(1, None)  # hsdp: ranks per shard group (null: LOCAL_WORLD_SIZE)
+    context_parallel: Int = at_least(1, 1)  # ranks splitting one sample's video tokens (divides the world size)
+    mixed_precision: Literal["none", "bf16"] = "none"  # fsdp/hsdp: bf16 gathered weights and compute, fp32 grad reduce
+    cpu_offload: Bool = False  # fsdp/hsdp: sharded parameters, gradients and optimizer state live in CPU memory
+    reshard_after_forward: Bool = True  # fsdp/hsdp: free gathered block weights after forward (re-gather in backward)
+    shard_teacher: Bool = False  # fsdp/hsdp: shard the frozen teacher too (default: every rank holds a copy)
+
+
+SHARDED = ("fsdp", "hsdp")
+
+
+def _check_parallel(p: ParallelConfig) -> None:
+    """Combinations of ``training.parallel`` that are wrong at any world size."""
+    key = "training.parallel"
+    if p.strategy not in SHARDED:
+        for name, value, default in (("cpu_offload", p.cpu_offload, False), ("mixed_precision", p.mixed_precision, "none"),
+                                     ("shard_teacher", p.shard_teacher, False)):
+            if value != default:
+                raise ConfigError(f"{key}.{name}", value, f"{default!r} with strategy {p.strategy!r} "
+                                  f"(only fsdp or hsdp shard parameters; set training.parallel.strategy)")
+    if p.shard_group_size is not None and p.strategy != "hsdp":
+        raise ConfigError(f"{key}.shard_group_size", p.shard_group_size,
+                          f"null with strategy {p.strategy!r} (the shard group size is for hsdp only)")
+
+
+@dataclass(config=SECTION)
 class TrainingConfig:
     """Settings every distillation stage shares (one training loop for all methods)."""
 
@@ -157,6 +192,9 @@ class TrainingConfig:
     # share of training prompts replaced by the empty prompt's embedding (official Wan recipe: 0.1;
     # HunyuanVideo: 0, its guidance is embedded)
     prompt_dropout: Float = between(0, 1, 0.0, exclusive_max=True)
+    # multi-rank layout (ddp | fsdp | hsdp, context parallel, mixed precision, offload); batch_size is per
+    # data-parallel rank, so the global batch is batch_size × world size / context_parallel
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 
 @dataclass(config=SECTION)
@@ -529,6 +567,7 @@ def _check_dmd2(key: str, m: MethodConfig, g: GridConfig) -> None:
 def validate(params: Params) -> Params:
     """Checks that need more than one key (κ inside the grid, paths for real backbones, …)."""
     g = params.grid
+    _check_parallel(params.training.parallel)
     if g.num_train_timesteps % g.steps:
         raise ConfigError("grid.steps", g.steps, f"must divide grid.num_train_timesteps ({g.num_train_timesteps})")
     if not 0 <= g.kappa <= g.steps - 2:

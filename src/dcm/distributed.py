@@ -1,11 +1,10 @@
-"""Data-parallel training across the tasks of a (multi-node) job, kept thin.
+"""The ranks of a (multi-node) job, kept thin: who I am, the process group, small collectives.
 
 The launcher (submitit on SLURM, ``torchrun`` or ``accelerate launch``) sets torch.distributed's
 ``env://`` variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); ``process_group``
-opens the group for one stage (NCCL with GPUs, gloo on CPU).  The training loop then does what DDP
-does, explicitly: every rank starts from rank 0's weights, draws its own slice of one global batch,
-and gradients are averaged over ranks before clipping and the optimiser step, so every rank takes
-the same step.  Rank 0 alone logs, checkpoints and writes the stage's outputs.
+opens the group for one stage (NCCL with GPUs, gloo on CPU).  How the models are spread over the
+ranks (FSDP2, HSDP, DDP: ``training.parallel``) is ``dcm.parallel``'s; rank 0 alone logs and writes
+the stage's outputs.
 """
 
 from __future__ import annotations
@@ -95,16 +94,11 @@ def process_group() -> Iterator[World]:
         dist.destroy_process_group()
 
 
-def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
-    """Every rank starts from rank 0's weights."""
-    if world().size > 1:
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
-
-
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """DDP's gradient all-reduce: the mean over ranks of each gradient (a missing one counts as 0)."""
+    """The mean over ranks of each gradient (a missing one counts as 0), one parameter at a time.
+
+    Not an engine (no bucketing, no overlap): the training loop and the DCM objectives use
+    ``dcm.parallel`` (DDP / FSDP2); kept only for ``dcm.distill.dmd2`` until it moves there too."""
     size = world().size
     if size <= 1:
         return

@@ -24,6 +24,7 @@ from dcm.distill.loop import (
     save_transformer,
     train,
 )
+from dcm.parallel import fsdp as parallel
 
 __all__ = ["ConsistencyBatch", "DistillSpec", "Objective", "TemporalCoherence", "TrainingDiverged", "TrainResult",
            "train", "save_transformer", "CachedSource", "OnlineSource", "device", "check_inputs", "load_backbone",
@@ -36,7 +37,9 @@ def device() -> torch.device:
 
 def check_inputs(params: Params, source: str | None = None) -> None:
     """Fail before any model is loaded if the batch source ``training.source`` (or ``source``) needs is not
-    complete (the trajectories stage resumes, so its folder can exist half-written)."""
+    complete (the trajectories stage resumes, so its folder can exist half-written), or if
+    ``training.parallel`` does not fit this job's world size."""
+    parallel.check_world(params)
     if (source or params.training.source) == "cached":
         if not (paths.TRAJECTORIES / "index.json").is_file():
             raise ConfigError("training.source", "cached",

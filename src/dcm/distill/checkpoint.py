@@ -1,6 +1,11 @@
 """Resume state of a distillation run: everything needed for the next step to equal an
-uninterrupted run's (trainable weights, optimizer, EMA, objectives, every RNG, step), written
-atomically to ``<out>/resume/state.pt`` together with the fingerprint of the settings that made it.
+uninterrupted run's (trainable weights, optimizer, EMA, objectives, every RNG, step), together with
+the fingerprint of the settings that made it.
+
+One process writes it atomically to ``<out>/resume/state.pt`` (one ``torch.save``).  A multi-rank
+job writes a DCP folder ``<out>/resume/dcp/`` (``dcm.parallel.checkpoint``): every rank its shards
+of the sharded weights and Adam moments, the replicated rest once.  Either form resumes at any
+world size: DCP reshards on load, and a ``state.pt`` is spread over the ranks of a larger job.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 RESUME_DIR = "resume"
 STATE_FILE = "state.pt"
+SHARDED_DIR = "dcp"
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -28,6 +34,10 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 def state_path(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / RESUME_DIR / STATE_FILE
+
+
+def sharded_path(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / RESUME_DIR / SHARDED_DIR
 
 
 def rng_state(sampler: torch.Generator) -> dict[str, Any]:
@@ -62,15 +72,149 @@ def save(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def load(out_dir: str | os.PathLike, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The saved state if it exists and was made with the same settings; a stale one is removed."""
-    path = state_path(out_dir)
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != expected_fingerprint:
-        print(f"resume: {path} was made with other settings (fingerprint {state.get('fingerprint')} "
-              f"!= {expected_fingerprint}); starting afresh")
-        shutil.rmtree(path.parent, ignore_errors=True)
-        return None
-    return state
+# ----------------------------------------------------------------------------- any world size
+
+
+class ResumeState:
+    """The loop's resume state, bound to the objects it restores into: ``save(step, wall_s)`` and
+    ``load(max_step)``.  ``sharded``: written as a DCP folder (a multi-rank job; every rank calls both).
+
+    ``optimized`` is a module whose named parameters cover the optimizer's (the student and any
+    learnable consistency space), so the optimizer is saved keyed by names and reshards with them.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, fingerprint: str, *, names: list[str],
+                 trainable: list[torch.Tensor], ema: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                 optimized: torch.nn.Module, objectives: list, space, sampler: torch.Generator, sharded: bool):
+        self.out_dir, self.fingerprint, self.names = Path(out_dir), fingerprint, names
+        self.trainable, self.ema, self.optimizer, self.optimized = trainable, ema, optimizer, optimized
+        self.objectives, self.space, self.sampler, self.sharded = objectives, space, sampler, sharded
+
+    # --- saving
+    def _replicated(self, step: int, wall_s: float) -> dict[str, Any]:
+        """What every rank holds alike (from rank 0), with each rank's RNG states."""
+        from dcm import distributed
+
+        rngs = distributed.gather_objects(_to_cpu(rng_state(self.sampler)))
+        mine = {"step": step, "wall_s": wall_s, "fingerprint": self.fingerprint,
+                "objectives": {o.name: o.state_dict() for o in self.objectives},
+                "consistency_space": self.space.state_dict()}
+        return {**distributed.gather_objects(_to_cpu(mine))[0], "rng": rngs}
+
+    def _parts(self, replicated: dict | None = None) -> dict:
+        from dcm.parallel import checkpoint as dcp_parts
+
+        parts = {"trainable": dcp_parts.TensorsState(dict(zip(self.names, self.trainable, strict=True))),
+                 "optimizer": dcp_parts.OptimizerState(self.optimized, self.optimizer),
+                 "replicated": dcp_parts.ObjectState(replicated)}
+        if self.ema:
+            parts["ema"] = dcp_parts.TensorsState(dict(zip(self.names, self.ema, strict=True)))
+        return parts
+
+    def save(self, step: int, wall_s: float) -> str:
+        """Write the state after ``step`` steps; returns 'path (step k)'."""
+        if not self.sharded:
+            path = save(self.out_dir, {
+                "step": step, "wall_s": wall_s, "fingerprint": self.fingerprint,
+                "trainable": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.trainable, strict=True)},
+                "ema": ({n: p.detach().cpu().clone() for n, p in zip(self.names, self.ema, strict=True)}
+                        if self.ema else None),
+                "optimizer": self.optimizer.state_dict(),
+                "objectives": {o.name: o.state_dict() for o in self.objectives},
+                "consistency_space": self.space.state_dict(),
+                "rng": rng_state(self.sampler)})
+            shutil.rmtree(sharded_path(self.out_dir), ignore_errors=True)  # superseded
+            return f"{path} (step {step})"
+        from dcm import distributed
+        from dcm.parallel import checkpoint as dcp_parts
+
+        path = dcp_parts.save(sharded_path(self.out_dir), self._parts(self._replicated(step, wall_s)))
+        if distributed.is_main():
+            state_path(self.out_dir).unlink(missing_ok=True)  # superseded
+        return f"{path} (step {step})"
+
+    # --- loading
+    def load(self, max_step: int) -> tuple[int, float, str] | None:
+        """Restore the saved state if it was made with the same settings and is not past ``max_step``;
+        returns (step, wall_s, 'path (step k)') or None (a stale state is removed)."""
+        from dcm import distributed
+        from dcm.parallel import checkpoint as dcp_parts
+
+        folder = sharded_path(self.out_dir)
+        if dcp_parts.is_checkpoint(folder):
+            replicated = dcp_parts.read_object(folder, "replicated")
+            path = folder
+        elif state_path(self.out_dir).is_file():
+            replicated = torch.load(state_path(self.out_dir), map_location="cpu", weights_only=False)
+            path = state_path(self.out_dir)
+        else:
+            return None
+        if replicated.get("fingerprint") != self.fingerprint:
+            print(f"resume: {path} was made with other settings (fingerprint {replicated.get('fingerprint')} "
+                  f"!= {self.fingerprint}); starting afresh")
+            distributed.barrier()
+            if distributed.is_main():
+                shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)
+            distributed.barrier()
+            return None
+        step = replicated["step"]
+        if step > max_step:
+            print(f"resume state {path} is at step {step} > train_steps {max_step}; starting afresh")
+            return None
+        if path == folder:
+            parts = self._parts()
+            del parts["replicated"]
+            dcp_parts.load(folder, parts)
+        else:
+            self._load_state_file(replicated)
+        for obj in self.objectives:
+            obj.load_state_dict(replicated["objectives"].get(obj.name, {}))
+        self.space.load_state_dict(replicated.get("consistency_space") or {})
+        rng = replicated["rng"]
+        if isinstance(rng, list):  # every rank's (DCP): this rank's where the world size is the same
+            rank, size = distributed.world().rank, distributed.world().size
+            rng = rng[rank] if len(rng) == size else rng[0]
+        restore_rng(rng, self.sampler)
+        return step, replicated["wall_s"], f"{path} (step {step})"
+
+    def _load_state_file(self, state: dict[str, Any]) -> None:
+        """A one-process ``state.pt``: copied in as saved, or spread over the ranks of a sharded job."""
+        if not self.sharded:
+            with torch.no_grad():
+                for name, p in zip(self.names, self.trainable, strict=True):
+                    p.copy_(state["trainable"][name])
+                for name, p in zip(self.names, self.ema, strict=True) if self.ema else ():
+                    p.copy_(state["ema"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from dcm.parallel.fsdp import copy_full_
+
+        for name, p in zip(self.names, self.trainable, strict=True):
+            copy_full_(p, state["trainable"][name])
+        for name, p in zip(self.names, self.ema, strict=True) if self.ema else ():
+            copy_full_(p, state["ema"][name])
+        # the saved optimizer is keyed by position; this job's names them (the same order: the stepped list)
+        template = get_optimizer_state_dict(self.optimized, self.optimizer)
+        fqns = [fqn for group in template["param_groups"] for fqn in group["params"]]
+        saved = state["optimizer"]
+        by_name = {"state": {fqns[i]: s for i, s in saved["state"].items()},
+                   "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(self.optimized, self.optimizer, by_name,
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor moved to the CPU (replicated state is pickled the same on any device)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

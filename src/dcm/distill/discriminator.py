@@ -46,7 +46,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dcm import distributed
 from dcm.backbones.base import Backbone, TeacherFeatures, token_grid
 from dcm.config import ConfigError
 from dcm.distill import losses
@@ -384,7 +383,6 @@ class GanFeatureMatching(Objective):
         D_fake = self.discriminator(feat_fake, thw)
         loss = losses.discriminator_hinge(D_real, D_fake)
         loss.backward()
-        distributed.average_gradients(list(self.discriminator.parameters()))
         torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.max_grad_norm)
         self.optimizer.step()
         d_real = float(torch.stack([r.detach().mean() for r in D_real]).mean())

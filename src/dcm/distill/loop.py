@@ -39,6 +39,7 @@ from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
 from dcm.config import ConfigError, Params
 from dcm.distill import checkpoint, losses
+from dcm.parallel import fsdp as parallel
 from dcm.schedule import Phase
 
 HISTORY_FILE = "history.jsonl"
@@ -191,11 +192,14 @@ def named_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> list[str
     return [names[id(p)] for p in trainable]
 
 
-def resume_settings(spec: DistillSpec, params: Params) -> dict:
+def resume_settings(spec: DistillSpec, params: Params, data_parallel: int = 1) -> dict:
     """Everything a resumed run must share with the run that wrote the state (train_steps may grow)."""
-    # checkpointing changes memory, not the maths: a job may resume with it switched on after running out of memory
-    unshared = ("checkpoint_every", "log_every", "gradient_checkpointing")
+    # checkpointing changes memory, not the maths: a job may resume with it switched on after running out of
+    # memory; so does the layout over ranks (training.parallel) at the same global batch, bf16 compute aside
+    unshared = ("checkpoint_every", "log_every", "gradient_checkpointing", "parallel")
     training = {k: v for k, v in vars(params.training).items() if k not in unshared}
+    training["batch_size"] = params.training.batch_size * data_parallel  # global: resumable on another GPU count
+    training["mixed_precision"] = params.training.parallel.mixed_precision
     return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases], "target": spec.target,
             "lr": spec.lr, "seed": params.seed, "training": training, "grid": vars(params.grid),
             "backbone": params.backbone.family, "objectives": [o.name for o in spec.objectives],
@@ -287,6 +291,52 @@ def endpoints(backbone: Backbone, student: nn.Module, target_model: nn.Module, d
     return x_end_pred, x_end_target
 
 
+def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence[nn.Parameter]) -> dict[str, float]:
+    """‖∂term/∂θ‖₂ of each term by one more backward each, after the step's own (``retain_graph``): the
+    way for wrapped models, whose engines see gradients only through backward hooks (FSDP2's reduce-
+    scatter: the norm of the mean over ranks; DDP syncs once per step: this rank's).  ``.grad`` is put
+    back as the step's backward left it."""
+    kept = [p.grad for p in params]
+    out: dict[str, float] = {}
+    try:
+        for i, (key, term) in enumerate(terms.items()):
+            for p in params:
+                p.grad = None
+            if term.requires_grad:
+                term.backward(retain_graph=i < len(terms) - 1)
+            out[key] = float(parallel.grad_norm(params)) if any(p.grad is not None for p in params) else 0.0
+    finally:
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+    return out
+
+
+def _trainable_modules(owner) -> list[nn.Module]:
+    """The ``nn.Module`` attributes of an objective or consistency space that hold trainable parameters."""
+    return [m for m in vars(owner).values() if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
+
+
+def _optimized_module(student: nn.Module, space: ConsistencySpace) -> nn.Module:
+    """One module whose named parameters cover the optimiser's (the resume state keys it by these names)."""
+    modules = nn.ModuleDict({"student": student})
+    if space.parameters():
+        modules["consistency_space"] = nn.ParameterList(space.parameters())
+    return modules
+
+
+def _across_ranks(logged: dict[str, float], record_n: list[list[int]], record_loss: list[list[float]],
+                  dims: parallel.ParallelDims) -> tuple[dict[str, float], list[int], list[float]]:
+    """One step's log over the data-parallel ranks: the mean of every value (the global batch's loss),
+    summed sample counts, and the per-sample records in the order one process would draw them."""
+    gathered = distributed.gather_objects((logged, record_n, record_loss))[::dims.cp]  # cp ranks share samples
+    keys = dict.fromkeys(key for g in gathered for key in g[0])
+    merged = {key: sum(g[0].get(key, 0.0) for g in gathered) / (1 if key.startswith("source/") else len(gathered))
+              for key in keys}
+    micro = range(len(record_n))
+    return (merged, [n for m in micro for g in gathered for n in g[1][m]],
+            [v for m in micro for g in gathered for v in g[2][m]])
+
+
 # --------------------------------------------------------------------------------------- loop
 
 
@@ -302,67 +352,51 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     names = named_trainable(spec.student, spec.trainable)
     device = spec.trainable[0].device
     autocast = autocast_for(device)
+    ranks = distributed.world()
+    dims = parallel.check_world(params, ranks.size)
+    mesh = dims.build_mesh()  # None in one process: nothing below is wrapped, the run is what it always was
+    data_rank, data_size = ranks.rank // dims.cp, dims.dp_size  # each data rank its slice of one global batch
 
     # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
-    ema_model, ema_params = None, []
-    if spec.target == "ema":
-        ema_model = copy.deepcopy(spec.student).requires_grad_(False)
-        ema_named = dict(ema_model.named_parameters())
-        ema_params = [ema_named[name] for name in names]
-    target_model = ema_model if ema_model is not None else spec.student
-
+    ema_model = copy.deepcopy(spec.student).requires_grad_(False) if spec.target == "ema" else None
     if cfg.gradient_checkpointing:
         nets = [spec.student, *(net for obj in spec.objectives for net in obj.grad_networks())]
         if not enable_activation_checkpointing(*nets):
             raise ConfigError("training.gradient_checkpointing", True,
                               f"false for {spec.name}: its student holds no transformer that supports it")
     space = spec.consistency_space or ConsistencySpace()
-    stepped = [*spec.trainable, *space.parameters()]  # a learnable M trains with the student
+
+    # Over the ranks (training.parallel): the student sharded or replicated, the EMA copy like it, the
+    # teacher sharded on request, small trained heads (discriminators, a learnt motion space) replicated.
+    student = parallel.parallelize(spec.student, cfg.parallel, mesh)
+    if ema_model is not None:
+        parallel.parallelize(ema_model, cfg.parallel, mesh)
+    if cfg.parallel.shard_teacher:
+        parallel.parallelize(backbone.transformer, cfg.parallel, mesh)
+    for net in [*(m for obj in spec.objectives for m in _trainable_modules(obj)), *_trainable_modules(space)]:
+        parallel.parallelize(net, cfg.parallel, mesh, shard=False)
+    trainable = [dict(student.named_parameters())[name] for name in names]  # the wrapped (maybe sharded) ones
+    ema_params = [dict(ema_model.named_parameters())[name] for name in names] if ema_model is not None else []
+    target_model = ema_model if ema_model is not None else student
+    stepped = [*trainable, *space.parameters()]  # a learnable M trains with the student
     optimizer = torch.optim.AdamW(stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
     sampler = torch.Generator().manual_seed(params.seed)
-    ranks = distributed.world()  # data parallel: each rank its slice of one global batch, grads averaged
-    distributed.broadcast_parameters(stepped)
-    run_fingerprint = checkpoint.fingerprint(resume_settings(spec, params))
+    run_fingerprint = checkpoint.fingerprint(resume_settings(spec, params, data_size))
+    resume = checkpoint.ResumeState(out_dir, run_fingerprint, names=names, trainable=trainable, ema=ema_params,
+                                    optimizer=optimizer, optimized=_optimized_module(student, space),
+                                    objectives=spec.objectives, space=space, sampler=sampler, sharded=mesh is not None)
 
     start, wall_before, last_checkpoint = 0, 0.0, None
-    state = checkpoint.load(out_dir, run_fingerprint)
-    if state is not None and state["step"] > spec.train_steps:
-        print(f"{spec.name}: resume state is at step {state['step']} > train_steps {spec.train_steps}; starting afresh")
-        state = None
-    if state is not None:
-        student_params = dict(spec.student.named_parameters())
-        with torch.no_grad():
-            for name in names:
-                student_params[name].copy_(state["trainable"][name])
-            if ema_params:
-                for name, p in zip(names, ema_params, strict=True):
-                    p.copy_(state["ema"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        for obj in spec.objectives:
-            obj.load_state_dict(state["objectives"].get(obj.name, {}))
-        space.load_state_dict(state.get("consistency_space") or {})
-        checkpoint.restore_rng(state["rng"], sampler)
-        start, wall_before = state["step"], state["wall_s"]
-        last_checkpoint = f"{checkpoint.state_path(out_dir)} (step {start})"
-        print(f"{spec.name}: resuming from step {start} ({checkpoint.state_path(out_dir)})")
+    loaded = resume.load(spec.train_steps)
+    if loaded is not None:
+        start, wall_before, last_checkpoint = loaded
+        print(f"{spec.name}: resuming from {last_checkpoint}")
     history_path = out_dir / HISTORY_FILE
     if ranks.is_main:
         if start:
             _truncate_history(history_path, start)
         else:
             history_path.unlink(missing_ok=True)
-
-    def save_state(step: int, wall_s: float) -> str:
-        path = checkpoint.save(out_dir, {
-            "step": step, "wall_s": wall_s, "fingerprint": run_fingerprint,
-            "trainable": {n: p.detach().cpu().clone() for n, p in zip(names, spec.trainable, strict=True)},
-            "ema": ({n: p.detach().cpu().clone() for n, p in zip(names, ema_params, strict=True)}
-                    if ema_params else None),
-            "optimizer": optimizer.state_dict(),
-            "objectives": {o.name: o.state_dict() for o in spec.objectives},
-            "consistency_space": space.state_dict(),
-            "rng": checkpoint.rng_state(sampler)})
-        return f"{path} (step {step})"
 
     null_by_batch: dict[int, PromptEmbeds] = {}
 
@@ -372,7 +406,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                 null_by_batch[batch] = backbone.null_prompts(batch).to(device)
         return null_by_batch[batch]
 
-    spec.student.train()
+    student.train()
     t0 = time.perf_counter()
     step_losses: list[float] = []
     bar = tqdm(range(start, spec.train_steps), desc=spec.name, initial=start, total=spec.train_steps,
@@ -383,16 +417,17 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
             optimizer.zero_grad(set_to_none=True)
             micro_batches: list[ConsistencyBatch] = []
             logged: dict[str, float] = {}
-            record_n, record_loss = [], []
+            record_n: list[list[int]] = []
+            record_loss: list[list[float]] = []
             term_norms = step % cfg.log_every == 0  # a logging step: each term's gradient norm too
             for micro in range(cfg.grad_accum):
                 # --- draw trajectories and grid indices n (uniform over the phases' union)
-                rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * ranks.size, sampler)
+                rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * data_size, sampler)
                 source_rng = sampler
-                if ranks.size > 1:  # this rank's slice; its own noise stream, replayable from the step
-                    mine = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)
+                if data_size > 1:  # this rank's slice; its own noise stream, replayable from the step
+                    mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)
                     rows, n = rows[mine], n[mine]
-                    source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, ranks.rank)) % 2**62)
+                    source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, data_rank)) % 2**62)
                 end = end_of[n]
                 data = source.batch(rows, n, source_rng)
                 if cfg.prompt_dropout > 0:  # no draw at 0: runs without dropout keep their random stream
@@ -401,7 +436,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                 sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
                 at_boundary = (n - 1 == end).to(device)
 
-                x_end_pred, x_end_target = endpoints(backbone, spec.student, target_model, data, sigma_n,
+                x_end_pred, x_end_target = endpoints(backbone, student, target_model, data, sigma_n,
                                                      sigma_prev, sigma_end, at_boundary, autocast)
 
                 batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
@@ -418,30 +453,32 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     raise TrainingDiverged(f"{spec.name}: non-finite loss at step {step} (terms {values}); "
                                            f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
-                if term_norms:  # before the backward frees the graph; the mean over micro-batches
+                if term_norms and mesh is None:  # before the backward frees the graph; the mean over micro-batches
                     for k, v_ in terms.items():
                         key = f"grad_norm/{k}"
                         logged[key] = logged.get(key, 0.0) + term_grad_norm(v_, stepped) / cfg.grad_accum
-                (loss / cfg.grad_accum).backward()
+                (loss / cfg.grad_accum).backward(retain_graph=term_norms and mesh is not None)
+                if term_norms and mesh is not None:
+                    for k, norm in term_grad_norms_by_backward(terms, stepped).items():
+                        logged[f"grad_norm/{k}"] = logged.get(f"grad_norm/{k}", 0.0) + norm / cfg.grad_accum
                 micro_batches.append(batch)
                 for k, v_ in terms.items():
                     logged[k] = logged.get(k, 0.0) + float(v_.detach()) / cfg.grad_accum
                 logged["loss"] = logged.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
-                record_n += n.tolist()
-                record_loss += losses.pseudo_huber_per_sample(m_pred.detach(), m_target, cfg.huber_c).tolist()
+                record_n.append(n.tolist())
+                record_loss.append(losses.pseudo_huber_per_sample(m_pred.detach(), m_target, cfg.huber_c).tolist())
                 for origin, count in data.counts.items():  # where the samples came from (MCM's mixed trajectories)
                     logged[f"source/{origin}"] = logged.get(f"source/{origin}", 0.0) + count
 
-            # --- optimiser step, EMA, the objectives' own steps
-            distributed.average_gradients(stepped)
-            grad_norm = torch.nn.utils.clip_grad_norm_(stepped, cfg.max_grad_norm)
+            # --- optimiser step (gradients already reduced over the ranks by the engine), EMA, the objectives' steps
+            grad_norm = parallel.clip_grad_norm_(stepped, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(f"{spec.name}: non-finite gradient norm at step {step} (terms {logged}); "
                                        f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
             optimizer.step()
             if ema_params:
                 with torch.no_grad():
-                    for p_ema, p in zip(ema_params, spec.trainable, strict=True):
+                    for p_ema, p in zip(ema_params, trainable, strict=True):
                         p_ema.lerp_(p.detach(), 1.0 - cfg.ema_decay)
             space.after_optimizer_step()
             for obj in spec.objectives:
@@ -449,35 +486,44 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                     for key, value in obj.after_generator_step(batch).items():
                         logged[f"{obj.name}/{key}"] = float(value)
 
-            # --- log
+            # --- log (rank 0: the global batch's values)
+            if ranks.size > 1:
+                logged, samples_n, samples_loss = _across_ranks(logged, record_n, record_loss, dims)
+            else:
+                samples_n, samples_loss = sum(record_n, []), sum(record_loss, [])
             step_s = time.perf_counter() - step_t0
             logged["grad_norm"] = float(grad_norm)
             step_losses.append(logged["loss"])
-            history.write(json.dumps({"step": step, **logged, "step_s": step_s, "n": record_n, "loss_per_sample": record_loss}) + "\n")
+            history.write(json.dumps({"step": step, **logged, "step_s": step_s, "n": samples_n,
+                                      "loss_per_sample": samples_loss}) + "\n")
             history.flush()
             tracker.metrics(logged, step=step)
             bar.set_postfix(loss=f"{logged['loss']:.4g}", gnorm=f"{logged['grad_norm']:.3g}", refresh=False)
 
-            # --- checkpoint
+            # --- checkpoint (a multi-rank job: every rank writes its shards)
             done = step + 1
-            if ranks.is_main and (done % cfg.checkpoint_every == 0 or done == spec.train_steps):
-                last_checkpoint = save_state(done, wall_before + time.perf_counter() - t0)
+            if (resume.sharded or ranks.is_main) and (done % cfg.checkpoint_every == 0 or done == spec.train_steps):
+                last_checkpoint = resume.save(done, wall_before + time.perf_counter() - t0)
     bar.close()
     if start >= spec.train_steps and start:
         print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
 
     wall_s = wall_before + time.perf_counter() - t0
-    if ranks.size > 1:  # every rank's weights, for the record that they stayed identical
-        digests = distributed.gather_objects(distributed.parameter_digest(spec.trainable))
+    if ranks.size > 1:  # every rank's (consolidated) weights and its shard sizes, for the record
+        digests = distributed.gather_objects(distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
+        local = distributed.gather_objects({name: parallel.local_numel(p) for name, p in zip(names, trainable)})
+        parallel.gather_full_weights(student)  # rank 0: the full weights, for the stage's save
         if not ranks.is_main:
             distributed.barrier()  # rank 0 writes the outputs
             return TrainResult(steps=max(start, spec.train_steps), wall_s=wall_s, resumed_from=start,
                                losses=step_losses)
-        io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {"world_size": ranks.size, "parameter_digests": digests})
+        io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {
+            "world_size": ranks.size, "parallel": vars(dims), "parameter_digests": digests,
+            "shapes": {name: list(p.shape) for name, p in zip(names, trainable)}, "local_numel": local})
     if spec.save is not None:
         spec.save(out_dir)
-    n_trainable = sum(p.numel() for p in spec.trainable)
-    n_total = sum(p.numel() for p in spec.student.parameters())
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in student.parameters())
     summary = {"method": spec.name, "steps": max(start, spec.train_steps), "resumed_from": start,
                "wall_s": round(wall_s, 3), "steps_per_s": (round((spec.train_steps - start) / (time.perf_counter() - t0), 4)
                                if spec.train_steps > start else None),
@@ -486,7 +532,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
                "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(device),
                "final_loss": _last_logged_loss(history_path), **_source_counts(history_path), "world_size": ranks.size,
-               "global_batch_size": params.training.batch_size * ranks.size}
+               "global_batch_size": params.training.batch_size * data_size, "parallel": vars(dims)}
     io.write_json_atomic(out_dir / SUMMARY_FILE, summary)
     distributed.barrier()
     return TrainResult(steps=summary["steps"], wall_s=wall_s, resumed_from=start, losses=step_losses)

@@ -41,7 +41,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dcm import distributed
 from dcm.backbones.base import Backbone
 from dcm.distill import losses
 from dcm.distill.data import OnlineSource, SourceBatch
@@ -321,7 +320,6 @@ class ImageDiscriminator(Objective):
         loss = losses.wgan_discriminator(D_real, D_fake)
         r1 = losses.r1_penalty(D_real, feat_real) if self.r1_weight > 0 else loss.new_zeros(())
         (loss + self.r1_weight * r1).backward()
-        distributed.average_gradients(list(self.discriminator.parameters()))
         torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.max_grad_norm)
         self.optimizer.step()
         return {"d_loss": float(loss.detach()), "r1": float(r1.detach()),
