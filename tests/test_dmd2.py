@@ -258,6 +258,16 @@ def test_resume_of_a_dmd2_run_gives_identical_next_losses(smoke):
     assert torch.equal(now["rng"], straight_state["rng"])
 
 
+def test_activation_checkpointing_covers_the_fake_score(smoke):
+    """The fake score trains at the student's size: training.gradient_checkpointing applies to it too."""
+    for flag in (False, True):
+        params = smoke_params(gradient_checkpointing=flag)
+        backbone = distill.load_backbone(params)
+        student = distill.full_parameter_student(backbone)
+        _, _, (objective,), _ = dmd2.build(params, "dmd2", backbone, student, schedule_for(params, "dmd2"), "cpu")
+        assert objective.fake.is_gradient_checkpointing == flag
+
+
 # ------------------------------------------------------------------------------------------ params
 
 

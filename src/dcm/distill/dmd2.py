@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from dcm import distributed, io, paths, schedule
-from dcm.backbones.base import Backbone, PromptEmbeds
+from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
 from dcm.config import ConfigError, Params
 from dcm.distill import losses
 from dcm.distill.data import OnlineSource, SourceBatch
@@ -348,4 +348,6 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
         dm_weight=cfg.dm_weight, t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)),
         guidance=cfg.guidance, gan_weight=cfg.gan_weight, cls_weight=cfg.cls_weight, real_videos=videos,
         weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed)
+    if params.training.gradient_checkpointing:  # the fake score trains at the student's size: the same memory rule
+        enable_activation_checkpointing(objective.fake)
     return source, NoConsistencyLoss(), [objective], generator_phases(source.indices)
