@@ -197,6 +197,49 @@ def test_dm_term_pulls_the_generator_toward_the_real_score(params, backbone):
     assert torch.equal(objective.scores(x0_gen.detach(), batch.cond, batch.autocast)[0], x0_real)  # one draw each
 
 
+class RealVideos:
+    """Stand-in for the world's encoded videos (``OnlineSource``): latents and their prompts' embeddings."""
+
+    def __init__(self, x0: torch.Tensor, embeds):
+        self.x0, self.embeds = x0, embeds
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox"])
+def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_path):
+    """Tiny Wan / HunyuanVideo (embedded guidance) / CogVideoX (VP) pipelines: generator terms, only the generator's
+    gradients, then the fake score's updates, through each adapter's velocity and features."""
+    import test_real_backbones as real
+    from dcm.backbones import adapter_class
+
+    torch.manual_seed(0)
+    real.BUILDERS[family](tmp_path)
+    params = real.family_params(family, tmp_path)
+    bb = params.backbone
+    backbone = adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale)
+    grid = params.teacher_grid()
+    student = copy.deepcopy(backbone.transformer).requires_grad_(True)
+    shape = backbone.video_latent_shape(params)
+    source = dmd2.BackwardSimulation(backbone, student, dmd2.prompt_embeddings(backbone, real.PROMPTS), grid,
+                                     uniform_schedule(grid, 2, "student"), shape)
+    videos = RealVideos(torch.randn(2, *shape), backbone.encode_prompts(real.PROMPTS))
+    sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
+    objective = dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=2, fake_lr=1e-4, dm_weight=1.0,
+                                          t_range=(20, 980), gan_weight=5e-3, cls_weight=1e-2, real_videos=videos)
+    batch = consistency_batch(objective, [0, 1], source.indices)
+    terms = objective.generator_loss(batch)
+    assert set(terms) == {"dm", "gan_g"} and all(torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in objective.fake_parameters())
+    assert all(p.grad is None for p in backbone.transformer.parameters())
+    logged = objective.after_generator_step(batch)
+    assert {"fake_fm", "fake_cls", "fake_d_real", "fake_d_fake"} <= logged.keys()
+    assert all(np.isfinite(v) for v in logged.values())
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
