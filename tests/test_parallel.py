@@ -164,9 +164,9 @@ def set_params(folder: Path, batch_size: int, parallel: dict | None = None, seme
     return folder
 
 
-def dcm_run(folder: Path, stage: str, ranks: int) -> None:
-    """``dcm run <stage> --method dcm`` in ``folder``: in one process, or as ``ranks`` torchrun processes."""
-    command = [str(BIN / "dcm"), "run", stage, "--method", "dcm"]
+def dcm_run(folder: Path, stage: str, ranks: int, method: str = "dcm") -> None:
+    """``dcm run <stage> --method <method>`` in ``folder``: in one process, or as ``ranks`` torchrun processes."""
+    command = [str(BIN / "dcm"), "run", stage, "--method", method]
     if ranks > 1:
         command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), *command]
     env = {**os.environ, "DCM_TRACKING": "off", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -242,6 +242,24 @@ def test_fsdp_seme_at_two_ranks_equals_one_process_with_the_same_global_batch(se
     summary = json.loads(two.joinpath("train.json").read_text())
     assert summary["global_batch_size"] == 4 and summary["parallel"]["strategy"] == "fsdp"
     assert (two / "resume/dcp/.metadata").is_file() and not (two / "resume/state.pt").exists()
+
+
+@pytest.mark.slow
+def test_hsdp_lcm_with_an_ema_target_equals_one_process(base_project, tmp_path):
+    """LCM's EMA target is sharded like the student, a frozen FSDP2 model with no backward to reshard it:
+    each EMA update must reach the next target forward (HSDP's 2-D mesh: 1 replica group × 2 shards)."""
+    one = make_project(base_project, tmp_path / "one", batch_size=4)
+    two = make_project(base_project, tmp_path / "two", batch_size=2,
+                       parallel={"strategy": "hsdp", "shard_group_size": 2})
+    dcm_run(one, "train_baseline", 1, method="lcm")
+    dcm_run(two, "train_baseline", 2, method="lcm")
+    one, two = one / "checkpoints/lcm", two / "checkpoints/lcm"
+    assert_same_run(one, two)
+    assert json.loads(two.joinpath("distributed.json").read_text())["parallel"]["strategy"] == "hsdp"
+    assert_half_per_rank(two)
+    a, b = safetensors_in(one / "transformer"), safetensors_in(two / "transformer")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

@@ -12,8 +12,10 @@ extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each st
 
 Every ``training.log_every`` steps the history also holds each loss term's gradient norm before
 clipping (``grad_norm/<term>``), from extra ``autograd.grad`` passes that leave ``.grad`` untouched;
-with grad_accum > 1 it is the mean over micro-batches (an upper bound of the accumulated term's norm),
-and in multi-rank runs this rank's (before the gradient average).
+with grad_accum > 1 it is the mean over micro-batches (an upper bound of the accumulated term's norm).
+In multi-rank runs (``training.parallel``) they come from extra backward passes after the step's own:
+the mean over ranks for FSDP-sharded parameters, this rank's for DDP-replicated ones; every logged
+value is the mean over the data-parallel ranks, i.e. the global batch's.
 """
 
 from __future__ import annotations
@@ -371,8 +373,12 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     student = parallel.parallelize(spec.student, cfg.parallel, mesh)
     if ema_model is not None:
         parallel.parallelize(ema_model, cfg.parallel, mesh)
-    if cfg.parallel.shard_teacher:
-        parallel.parallelize(backbone.transformer, cfg.parallel, mesh)
+    if cfg.parallel.shard_teacher:  # its blocks: feature matching runs the output head outside the forward
+        parallel.parallelize(backbone.transformer, cfg.parallel, mesh, root=False)
+    if mesh is not None and dims.sharded and any(value is spec.student for value in vars(source).values()):
+        raise ConfigError("training.parallel.strategy", cfg.parallel.strategy,
+                          f"'ddp' for {spec.name}: its batch source runs the student itself (MCM's mixed trajectories) "
+                          "on as many samples as each rank draws, and a sharded student needs every rank in each forward")
     for net in [*(m for obj in spec.objectives for m in _trainable_modules(obj)), *_trainable_modules(space)]:
         parallel.parallelize(net, cfg.parallel, mesh, shard=False)
     trainable = [dict(student.named_parameters())[name] for name in names]  # the wrapped (maybe sharded) ones

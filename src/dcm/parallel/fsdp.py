@@ -171,7 +171,8 @@ def _policies(cfg: ParallelConfig) -> dict:
     # bf16: blocks gather and compute in bf16, gradients are reduced in fp32 onto fp32 master shards
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
-    return {"mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
+    return {"mp_policy": mp, "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload
+            else OffloadPolicy()}
 
 
 def data_parallel_mesh(mesh):
@@ -180,11 +181,12 @@ def data_parallel_mesh(mesh):
     return mesh[names] if len(names) > 1 else mesh[names[0]]
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = True) -> nn.Module:
+def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = True, root: bool = True) -> nn.Module:
     """``model`` wrapped in place for ``cfg.strategy`` over ``mesh`` (returned; nothing happens without a
-    mesh).  fsdp/hsdp: ``fully_shard`` on each transformer block, then the root, with the mixed-precision
-    and offload policies; ddp, or ``shard=False`` (small heads not worth sharding): ``replicate``.  A
-    model without trainable parameters is left alone under replicate (every rank holds the same copy)."""
+    mesh).  fsdp/hsdp: ``fully_shard`` on each transformer block, then the root (``root=False``: blocks
+    only, the root's own weights stay whole on every rank), with the mixed-precision and offload
+    policies; ddp, or ``shard=False`` (small heads not worth sharding): ``replicate``.  A model without
+    trainable parameters is left alone under replicate (every rank holds the same copy)."""
     if mesh is None or is_wrapped(model):
         return model
     dp_mesh = data_parallel_mesh(mesh)
@@ -202,9 +204,15 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = Tr
     from torch.distributed.fsdp import fully_shard
 
     policies = _policies(cfg)
+    # a frozen model (EMA target, teacher) sees no backward, the only other place FSDP reshards: keeping its
+    # gathered weights would also keep them stale once an EMA update changes the shards
+    trains = any(p.requires_grad for p in model.parameters())
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward, **policies)
-    return fully_shard(model, mesh=dp_mesh, **policies)  # the root keeps its (small) weights for backward
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward or not trains, **policies)
+    if not root:
+        return model
+    # the root keeps its (small) gathered weights from forward to backward, if it has one
+    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=None if trains else True, **policies)
 
 
 # ------------------------------------------------------------------------ the loop's other needs
