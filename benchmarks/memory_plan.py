@@ -1,0 +1,698 @@
+"""Per-GPU memory plan for SemE and DetE at a preset's video size, before a job is queued.
+
+    python benchmarks/memory_plan.py --family hunyuan --gpus 24 --gpu-mem-gb 80 --context-parallel 4
+    python benchmarks/memory_plan.py --family wan --variant 14B --gpus 8 --gpu-mem-gb 80 [--json]
+
+Nothing is allocated and no GPU is needed:
+
+- the real transformer (diffusers class, the released config below) is built on the meta device and
+  sharded with FSDP2 ``fully_shard`` (every block, then the root: what ``dcm.parallel.fsdp`` does) under
+  PyTorch's fake process group acting as rank 0 of the shard group; parameter, gradient, optimizer and
+  EMA bytes are the local shard sizes it reports (rank 0 holds the largest shard);
+- activations come from one forward of the real model on meta tensors at the preset's latent size,
+  through ``dcm.parallel.context`` with the fake group as the context-parallel group (so the rank's
+  tokens are what the real run has), counting every tensor autograd saves for backward
+  (``torch.autograd.graph.saved_tensors_hooks``), attention counted as a fused kernel does (q, k, v,
+  out, log-sum-exp: flash / cuDNN / memory-efficient SDPA), per block.  With A_b the bytes saved
+  inside block b, I_b the bytes of block b's inputs (the residual stream, and the text stream of the
+  joint families) and A_out those saved outside the blocks (embeddings, output head, loss):
+      no checkpointing:          A = A_out + Σ_b A_b                    (the peak: backward's start)
+      activation checkpointing:  A = A_out + Σ_b I_b + max_b A_b        (one block recomputed in backward)
+  For a dense block this is ≈ L·B·(S/C)·h·β bytes (L blocks, batch B, S video tokens over C ranks, width
+  h); the run prints β, the bytes per token per hidden unit per block, e.g. ≈ 87 for Wan in bf16.
+- the FSDP working set at that peak: the gathered block being computed and the prefetched next one, and
+  the root's gathered weights (those outside the blocks, kept through forward and backward), in the
+  compute dtype: T = c·(2·max_b |θ_b| + |θ_root|) bytes, c = 2 (bf16 compute) or 4 (fp32); 0 unsharded.
+  DetE's two passes (student, then the teacher's with grad) add up, but recompute one block at a time.
+
+What each stage holds (the loop's, ``dcm.distill.loop`` / ``dcm.pipeline.stages``): fp32 master weights,
+fp32 gradients and AdamW's two fp32 moments for what trains (SemE: the whole transformer; DetE: the LoRA
+adapter and the copied timestep layers, over a frozen fp32 SemE), an EMA copy only with ``--ema`` (DCM's
+experts use the online target), the frozen teacher in fp32 (every rank a copy, or sharded with
+``--shard-teacher``: ``training.parallel.shard_teacher``), the VAE in the preset's dtype, and for DetE the
+discriminator heads (fp32 weights, gradients, AdamW) with the GAN/FM feature taps: one teacher pass with
+grad (its activations as the student's), the real taps without, and the heads' activations on every tap.
+The taps are counted at the rank's tokens (the discriminator and feature matching on each rank's frames);
+gathered taps would multiply those rows by C.  Sharding is over ``--shard-group`` ranks (default all N:
+FSDP over the data-parallel × context-parallel ranks, torchtitan's ``dp_shard_cp``); N/S groups replicate.
+
+Disk: the trajectory cache = (grid.steps + 1) points × latent elements × bytes of trajectories.dtype ×
+num_trajectories, and each stage's outputs (diffusers / PEFT exports in fp32 and the resume state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+from dcm.config import ConfigError  # noqa: E402
+from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel  # noqa: E402
+
+GiB = 2**30
+SHARD_KEY = "training.parallel.shard_group_size"
+
+# ----------------------------------------------------------------------------- the released configs
+# diffusers config dicts of the released transformers (their transformer/config.json).
+#  Wan 2.1: the Wan team's configs (Wan2.1 repo, wan/configs/wan_t2v_1_3B.py: dim 1536, ffn_dim 8960,
+#    num_heads 12, num_layers 30, freq_dim 256, patch (1, 2, 2), qk_norm, cross_attn_norm, eps 1e-6;
+#    wan_t2v_14B.py: dim 5120, ffn_dim 13824, num_heads 40, num_layers 40), head dim 128 = dim / heads,
+#    text_dim 4096 (umT5-XXL); diffusers' scripts/convert_wan_to_diffusers.py writes the same into
+#    Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers/transformer/config.json.
+#  HunyuanVideo 13B: diffusers' HunyuanVideoTransformer3DModel defaults, which its
+#    scripts/convert_hunyuan_video_to_diffusers.py instantiates for the released checkpoint
+#    (hunyuanvideo-community/HunyuanVideo): 24 heads × 128, 20 dual- + 40 single-stream blocks, 2 refiner
+#    layers, mlp_ratio 4, text 4096 (LLaVA-Llama-3) + pooled 768 (CLIP-L), rope (16, 56, 56), guidance embedded
+#    (tencent/HunyuanVideo's own config: hidden 3072, heads 24, mm_double_blocks_depth 20, mm_single 40).
+#  CogVideoX: diffusers' scripts/convert_cogvideox_to_diffusers.py ("For CogVideoX-2B, num_layers is 30.
+#    For 5B, it is 42"; heads 30 / 48; RoPE off for 2B, on for 5B) over the class defaults (head dim 64,
+#    time_embed_dim 512, text 4096 (T5-XXL), max_text_seq_length 226, sample 49 × 60 × 90, patch 2).
+CONFIGS: dict[tuple[str, str], dict] = {
+    ("wan", "1.3B"): dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                          out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    ("wan", "14B"): dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    ("hunyuan", "13B"): dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                             num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                             patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+                             pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
+    ("cogvideox", "2B"): dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
+                              time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90,
+                              sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+                              attention_bias=True, use_rotary_positional_embeddings=False),
+    ("cogvideox", "5B"): dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                              time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
+                              sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+                              attention_bias=True, use_rotary_positional_embeddings=True),
+}
+VARIANTS = {"wan": ("1.3B", "14B"), "hunyuan": ("13B",), "cogvideox": ("2B", "5B")}
+DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "cogvideox": "2B"}
+# what DetE copies and where the LoRA goes (dcm.backbones.<family>: timestep_layer_names, lora_target_modules)
+TIMESTEP_LAYERS = {"wan": ("condition_embedder", "scale_shift_table", "norm_out", "proj_out"),
+                   "hunyuan": ("time_text_embed", "norm_out", "proj_out"),
+                   "cogvideox": ("time_embedding", "norm_out", "proj_out")}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GPU_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+def transformer_class(family: str):
+    import diffusers
+
+    return {"wan": diffusers.WanTransformer3DModel, "hunyuan": diffusers.HunyuanVideoTransformer3DModel,
+            "cogvideox": diffusers.CogVideoXTransformer3DModel}[family]
+
+
+def vae_parameter_count(family: str) -> int:
+    """The family's VAE (diffusers' class defaults = the released VAEs), counted on the meta device."""
+    import diffusers
+
+    cls = {"wan": diffusers.AutoencoderKLWan, "hunyuan": diffusers.AutoencoderKLHunyuanVideo,
+           "cogvideox": diffusers.AutoencoderKLCogVideoX}[family]
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls().parameters())
+
+
+# ----------------------------------------------------------------------------- the workload
+
+@dataclass
+class Workload:
+    """One family at one video size: what the plan needs to know."""
+
+    family: str
+    config: dict
+    latent: tuple[int, int, int, int]  # (C, T, H, W)
+    batch: int = 1
+    text_tokens: int = 256
+    lora_rank: int = 128
+    gan: bool = True
+    fm: bool = True
+    vae_params: int = 0
+    vae_bytes: int = 2
+    grid_points: int = 51
+    num_trajectories: int = 0
+    trajectory_bytes: int = 4
+    name: str = ""
+
+    @property
+    def tokens(self) -> int:
+        from dcm.parallel.context import video_tokens
+
+        return video_tokens(self.config, self.latent[1:], self.family)
+
+    @property
+    def heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+
+def preset_workload(family: str, variant: str | None = None) -> Workload:
+    """The workload of ``src/dcm/presets/<family>.yaml`` (video size, batch, text length, LoRA rank,
+    trajectories) with the released config of ``variant``."""
+    from dcm import config as dcm_config
+
+    variant = variant or DEFAULT_VARIANT[family]
+    if variant not in VARIANTS[family]:
+        raise ConfigError("--variant", variant, f"one of {list(VARIANTS[family])} for family {family!r}")
+    # the preset as merged over params.yaml (load_raw: no check that the weights folder exists here)
+    raw = dcm_config.load_raw(REPO / "params.yaml", preset=family)
+    real, cfg = raw["backbone"]["real"], CONFIGS[(family, variant)]
+    latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)  # VAEs: ÷4 time, ÷8 space
+    text = cfg["max_text_seq_length"] if family == "cogvideox" else real.get("max_sequence_length", 256)
+    dete = raw["methods"]["dcm"]["dete"]
+    trajectories = raw["trajectories"]
+    return Workload(family=family, config=cfg, latent=latent, batch=raw["training"]["batch_size"], text_tokens=text,
+                    lora_rank=dete["lora_rank"], gan=dete.get("gan_weight", 1.0) > 0, fm=dete.get("fm_weight", 1.0) > 0,
+                    vae_params=vae_parameter_count(family), vae_bytes=DTYPE_BYTES[real.get("vae_dtype", "bf16")],
+                    grid_points=raw["grid"]["steps"] + 1, num_trajectories=trajectories["num_trajectories"],
+                    trajectory_bytes=DTYPE_BYTES[trajectories.get("dtype", "fp32")],
+                    name=f"{family} {variant} at {real['frames']}×{real['height']}×{real['width']}")
+
+
+# ----------------------------------------------------------------------------- fake process group
+
+@contextlib.contextmanager
+def fake_world(size: int):
+    """PyTorch's fake process group: this process is rank 0 of ``size``; collectives do nothing."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("memory_plan needs a process without a process group (it uses the fake one)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def build(work: Workload, dtype: torch.dtype = torch.float32):
+    with torch.device("meta"):
+        return transformer_class(work.family)(**work.config).to(dtype)
+
+
+def make_dete_meta(seme, work: Workload):
+    """DetE as ``dcm.distill.experts.make_dete`` builds it (LoRA on SemE + copied timestep layers), on meta."""
+    from dcm.distill.experts import make_dete
+
+    backbone = SimpleNamespace(timestep_layer_names=TIMESTEP_LAYERS[work.family], lora_target_modules=LORA_TARGETS,
+                               model_timestep=lambda s: 1000.0 * s)
+    with torch.device("meta"):
+        return make_dete(seme, backbone, work.lora_rank, 2.0 * work.lora_rank, kappa=1, sigma_kappa=0.5)
+
+
+def shard_analytic(shape: torch.Size, ranks: int) -> int:
+    """Rank 0's elements of a parameter FSDP2 shards on dim 0 over ``ranks`` (padded: ceil)."""
+    if len(shape) == 0:
+        return 1
+    return math.ceil(shape[0] / ranks) * math.prod(shape[1:])
+
+
+def sharded_numels(model, ranks: int) -> dict[str, tuple[int, int, bool]]:
+    """name → (rank 0's elements, all elements, trainable) after ``fully_shard`` on every block and the
+    root over ``ranks`` fake ranks (``dcm.parallel.fsdp.parallelize``'s wrapping), read from the DTensors."""
+    from dcm.parallel.fsdp import transformer_blocks
+
+    full = {n: (p.numel(), p.requires_grad) for n, p in model.named_parameters()}
+    if ranks == 1:
+        return {n: (numel, numel, grad) for n, (numel, grad) in full.items()}
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = copy.deepcopy(model)
+    with fake_world(ranks):
+        mesh = init_device_mesh("cpu", (ranks,))
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        local = {n: p.to_local().numel() for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    for n, numel in local.items():  # FSDP2's rule, used for the GPU-count search without re-sharding
+        assert numel == shard_analytic(shapes[n], ranks), (n, numel, shapes[n], ranks)
+    return {n: (local[n], *full[n]) for n in full}
+
+
+def numel_table(model) -> dict[str, tuple[torch.Size, bool]]:
+    return {n: (p.shape, p.requires_grad) for n, p in model.named_parameters()}
+
+
+def local_numels(table: dict[str, tuple[torch.Size, bool]], ranks: int) -> tuple[int, int]:
+    """(trainable, frozen) elements rank 0 holds when sharded over ``ranks`` (FSDP2's rule)."""
+    trainable = sum(shard_analytic(s, ranks) for s, g in table.values() if g)
+    frozen = sum(shard_analytic(s, ranks) for s, g in table.values() if not g)
+    return trainable, frozen
+
+
+def block_numels(model) -> tuple[int, int]:
+    """(largest block's parameters, the root's: those outside every block) as FSDP2 groups them."""
+    from dcm.parallel.fsdp import transformer_blocks
+
+    blocks = [sum(p.numel() for p in block.parameters()) for block in transformer_blocks(model)]
+    return max(blocks), sum(p.numel() for p in model.parameters()) - sum(blocks)
+
+
+# ----------------------------------------------------------------------------- activations on meta
+
+class _FusedAttention(torch.autograd.Function):
+    """Shape-only SDPA that saves what a fused kernel saves: q, k, v, out and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def fused_attention_accounting():
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "meta":
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)
+        return _FusedAttention.apply(query, key, value)
+
+    functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: torch.Generator | None = None):
+    """The transformer's keyword inputs at the workload's size (random on a real device)."""
+    def randn(*shape):
+        if device == "meta":
+            return torch.empty(*shape, dtype=dtype, device="meta")
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    c, t, h, w = work.latent
+    b, cfg = work.batch, work.config
+    timestep = torch.full((b,), 500.0, device=device)
+    if work.family == "wan":
+        return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
+                    encoder_hidden_states=randn(b, work.text_tokens, cfg["text_dim"]))
+    if work.family == "hunyuan":
+        return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
+                    encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
+                    encoder_attention_mask=torch.ones(b, work.text_tokens, dtype=torch.long, device=device),
+                    pooled_projections=randn(b, cfg["pooled_projection_dim"]),
+                    guidance=torch.full((b,), 6000.0, device=device))
+    inputs = dict(hidden_states=randn(b, t, c, h, w), timestep=timestep.long(),
+                  encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]))
+    if cfg.get("use_rotary_positional_embeddings"):
+        tokens, dim = t * (h // cfg["patch_size"]) * (w // cfg["patch_size"]), cfg["attention_head_dim"]
+        inputs["image_rotary_emb"] = (torch.ones(tokens, dim, device=device), torch.ones(tokens, dim, device=device))
+    return inputs
+
+
+@dataclass
+class ActivationProfile:
+    """Bytes autograd saves in one forward: per block, the blocks' inputs, outside the blocks."""
+
+    per_block: list[int] = field(default_factory=list)
+    block_inputs: int = 0
+    outside: int = 0
+    local_tokens: int = 0
+    hidden: int = 0
+
+    @property
+    def no_checkpointing(self) -> int:
+        return self.outside + sum(self.per_block)
+
+    @property
+    def checkpointing(self) -> int:
+        return self.outside + self.block_inputs + max(self.per_block)
+
+    @property
+    def beta(self) -> float:
+        """Bytes per token per hidden unit per block (the formula's constant)."""
+        return sum(self.per_block) / max(1, len(self.per_block) * self.local_tokens * self.hidden)
+
+
+def saved_bytes(run, blocks, joint: bool) -> ActivationProfile:
+    """Run ``run()`` under saved-tensor hooks: what autograd keeps for backward, by block."""
+    owner: list[int | None] = [None]
+    saved: dict[int, tuple[int, int | None]] = {}
+    inputs: dict[int, int] = {}
+    keep = []
+
+    def size(t):
+        return t.numel() * t.element_size()
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if isinstance(base, torch.nn.Parameter):  # weights saved for backward are counted as parameters
+            return t
+        if id(base) not in saved:
+            saved[id(base)] = (size(base), owner[0])
+            keep.append(base)
+        return t
+
+    def pre(index):
+        def hook(_module, args, kwargs):
+            owner[0] = index
+            values = list(args) + list(kwargs.values())
+            for t in values[: 2 if joint else 1]:  # the residual stream (and the joint families' text stream)
+                if isinstance(t, torch.Tensor):
+                    base = t._base if t._base is not None else t
+                    inputs[id(base)] = size(base)
+                    keep.append(base)
+        return hook
+
+    def post(_module, _args, _output):
+        owner[0] = None
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post) for b in blocks]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused_attention_accounting():
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    per_block = [0] * len(blocks)
+    outside = 4 * out.numel() * 4  # the loss on the output: a few fp32 copies (x̂, motion differences)
+    for nbytes, who in saved.values():
+        if who is None:
+            outside += nbytes
+        else:
+            per_block[who] += nbytes
+    return ActivationProfile(per_block, sum(inputs.values()), outside)
+
+
+def family_blocks(model, family: str) -> list:
+    if family == "wan":
+        return list(model.blocks)
+    if family == "hunyuan":
+        return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    return list(model.transformer_blocks)
+
+
+def activation_profile(work: Workload, cp: int, compute: torch.dtype, lora: bool = False) -> ActivationProfile:
+    """One forward of the real model on meta at the workload's size, through ``dcm.parallel.context`` over a
+    fake group of ``cp`` ranks (rank 0's tokens); ``lora``: DetE's student (the LoRA-wrapped SemE)."""
+    model = build(work, compute)
+    net = make_dete_meta(model, work).model if lora else model
+    with fake_world(cp):
+        if cp > 1:
+            enable_context_parallel(model, work.family)
+        profile = saved_bytes(lambda: net(**model_inputs(work, compute), return_dict=False)[0],
+                              family_blocks(model, work.family), joint=work.family != "wan")
+    profile.local_tokens = work.tokens // cp
+    profile.hidden = int(work.config["num_attention_heads"] * work.config["attention_head_dim"])
+    return profile
+
+
+def adversarial_activations(work: Workload, model, cp: int, compute_bytes: int) -> tuple[int, int]:
+    """(bytes, discriminator parameters) of DetE's adversarial terms beyond the teacher's feature pass, on
+    meta at the rank's tokens: the real taps (no grad), feature matching's output head on every tap
+    (≈ 3 fp32 copies of a tap: normed, modulated, projected input) and, with the GAN, the saves of
+    ``dcm.distill.discriminator.Discriminator`` for the generator's hinge (frame-aligned slices of the grid)."""
+    from dcm.distill.discriminator import Discriminator
+
+    blocks = model.single_transformer_blocks if work.family == "hunyuan" else family_blocks(model, work.family)
+    taps = len(range(0, len(blocks), 2))  # every 2nd block of Backbone.blocks (the discriminator's taps)
+    dim = int(model.proj_out.in_features)
+    patch = model.config.patch_size
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (model.config.get("patch_size_t") or 1, patch, patch)
+    _, t, h, w = work.latent
+    frames = max(1, (t // patch[0]) // cp)  # the rank's frames (frame-aligned when cp divides them)
+    tokens = frames * (h // patch[1]) * (w // patch[2])
+    tap_bytes = work.batch * tokens * dim
+    total = taps * tap_bytes * compute_bytes  # the real pass's taps, kept for the D step
+    if work.fm:
+        total += taps * tap_bytes * 3 * 4
+    if not work.gan:
+        return total, 0
+    with torch.device("meta"):
+        disc = Discriminator(dim, taps, patch)
+    feats = [torch.empty(work.batch, tokens, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+             for _ in range(taps)]
+    saved: dict[int, int] = {}
+
+    def pack(x):
+        base = x._base if x._base is not None else x
+        if not isinstance(base, torch.nn.Parameter):
+            saved[id(base)] = base.numel() * base.element_size()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        disc(feats, (frames * patch[0], h, w))
+    return total + sum(saved.values()), sum(p.numel() for p in disc.parameters())
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class Setting:
+    gpus: int
+    cp: int = 1
+    shard_group: int | None = None  # None: all GPUs
+    shard_teacher: bool = False
+    ema: bool = False
+    compute: str = "bf16"  # bf16 (training.parallel.mixed_precision: bf16) or fp32
+
+    @property
+    def shard(self) -> int:
+        return self.shard_group or self.gpus
+
+
+def check_setting(work: Workload, s: Setting) -> None:
+    """Bad combinations fail here, before any work, naming the key, the value and what is allowed."""
+    if s.gpus < 1:
+        raise ConfigError("--gpus", s.gpus, "a positive number of GPUs")
+    check_context_parallel(s.cp, tokens=work.tokens, heads=work.heads, world_size=s.gpus)
+    if s.gpus % s.shard:
+        raise ConfigError(SHARD_KEY, s.shard, f"a divisor of the GPU count {s.gpus} (ranks are sharded in groups of "
+                                              f"this size and replicated across groups): allowed "
+                                              f"{[d for d in range(1, s.gpus + 1) if s.gpus % d == 0]}")
+
+
+@dataclass
+class Structure:
+    """Parameter tables of SemE / DetE / teacher and the activation profiles per context-parallel degree."""
+
+    seme: dict
+    dete: dict
+    total: int
+    block: tuple[int, int]  # (largest block, root) parameters
+    dete_block: tuple[int, int]
+    disc_params: int = 0
+    profiles: dict = field(default_factory=dict)  # (cp, lora) → ActivationProfile
+    disc_act: dict = field(default_factory=dict)  # cp → bytes
+
+
+def structure(work: Workload, compute: torch.dtype, cps=(1,)) -> Structure:
+    seme = build(work)
+    dual = make_dete_meta(build(work), work)
+    st = Structure(seme=numel_table(seme), dete=numel_table(dual), total=sum(p.numel() for p in seme.parameters()),
+                   block=block_numels(seme), dete_block=block_numels(dual))
+    for cp in cps:
+        st.profiles[(cp, False)] = activation_profile(work, cp, compute)
+        st.profiles[(cp, True)] = activation_profile(work, cp, compute, lora=True)
+        st.disc_act[cp], st.disc_params = adversarial_activations(work, seme, cp, DTYPE_BYTES[_name(compute)])
+    return st
+
+
+def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]:
+    """Per-GPU bytes of SemE and DetE (rank 0: the largest shards) under setting ``s``."""
+    c = DTYPE_BYTES[s.compute]
+    sharded = s.shard > 1
+    teacher = 4 * (st.total if not s.shard_teacher else sum(local_numels(st.seme, s.shard)))
+    vae = work.vae_params * work.vae_bytes
+    rows = {}
+    # SemE: the whole transformer trains
+    train, _ = local_numels(st.seme, s.shard)
+    prof = st.profiles[(s.cp, False)]
+    seme = {"parameters (fp32)": 4 * train, "gradients (fp32)": 4 * train, "optimizer (AdamW, 2 × fp32)": 8 * train,
+            "EMA (fp32)": 4 * train if s.ema else 0, "frozen student weights": 0,
+            "frozen teacher (fp32)": teacher, "VAE": vae, "discriminator (weights+grads+AdamW)": 0,
+            "FSDP working set": c * (2 * st.block[0] + st.block[1]) if sharded else 0,
+            "activations, checkpointing": prof.checkpointing, "activations, no checkpointing": prof.no_checkpointing}
+    rows["SemE"] = seme
+    # DetE: LoRA + copied timestep layers train over a frozen SemE; the teacher's feature pass with grad
+    lora, frozen = local_numels(st.dete, s.shard)
+    lprof = st.profiles[(s.cp, True)]
+    taps = st.disc_act.get(s.cp, 0) if (work.gan or work.fm) else 0
+    dete = {"parameters (fp32)": 4 * lora, "gradients (fp32)": 4 * lora, "optimizer (AdamW, 2 × fp32)": 8 * lora,
+            "EMA (fp32)": 4 * lora if s.ema else 0, "frozen student weights": 4 * frozen,
+            "frozen teacher (fp32)": teacher, "VAE": vae,
+            "discriminator (weights+grads+AdamW)": 16 * st.disc_params if work.gan else 0,
+            "FSDP working set": c * (2 * st.dete_block[0] + st.dete_block[1]) if sharded else 0,
+            "activations, checkpointing": lprof.checkpointing,
+            "activations, no checkpointing": lprof.no_checkpointing}
+    if work.gan or work.fm:  # the teacher's pass with grad; its blocks recompute after the student's finished
+        dete["activations, checkpointing"] += prof.outside + prof.block_inputs + taps + \
+            max(0, max(prof.per_block) - max(lprof.per_block))
+        dete["activations, no checkpointing"] += prof.no_checkpointing + taps
+    rows["DetE"] = dete
+    for row in rows.values():
+        fixed = sum(v for k, v in row.items() if not k.startswith("activations"))
+        row["total, checkpointing"] = fixed + row["activations, checkpointing"]
+        row["total, no checkpointing"] = fixed + row["activations, no checkpointing"]
+    return rows
+
+
+def smallest(work: Workload, st_for, gpu_bytes: int, compute: str, ema: bool,
+             max_gpus: int = GPU_COUNTS[-1]) -> dict[str, dict]:
+    """Per stage the smallest GPU count (FSDP over all of them, teacher sharded, activation checkpointing)
+    and at it the smallest context-parallel degree (up to 8) that fits; None where nothing up to
+    ``max_gpus`` GPUs does."""
+    found = {}
+    cps = allowed_degrees(work.tokens, work.heads)
+    for stage in ("SemE", "DetE"):
+        found[stage] = None
+        for n in (g for g in GPU_COUNTS if g <= max_gpus):
+            for cp in (d for d in cps if n % d == 0 and d <= 8):
+                rows = plan(work, Setting(n, cp, None, True, ema, compute), st_for(cp))
+                if rows[stage]["total, checkpointing"] <= gpu_bytes:
+                    found[stage] = {"gpus": n, "context_parallel": cp, "bytes": rows[stage]["total, checkpointing"]}
+                    break
+            if found[stage]:
+                break
+    return found
+
+
+def disk(work: Workload, st: Structure) -> dict[str, int]:
+    """Bytes on disk: the trajectory cache and each training stage's outputs (export + resume state)."""
+    c, t, h, w = work.latent
+    lora = sum(math.prod(s) for s, g in st.dete.values() if g)
+    out = {"trajectory cache": work.grid_points * c * t * h * w * work.trajectory_bytes * work.num_trajectories,
+           "one trajectory": work.grid_points * c * t * h * w * work.trajectory_bytes,
+           # SemE: diffusers export (fp32) + resume (weights + 2 Adam moments)
+           "train_seme (export + resume)": st.total * 4 + st.total * 12,
+           # DetE: PEFT adapter + copied layers (fp32) + resume (them + Adam) + discriminator (weights + Adam)
+           "train_dete (export + resume)": lora * 4 + lora * 12 + (st.disc_params * 12 if work.gan else 0),
+           # LCM / PCM baselines: a full student + an EMA target (LCM) in the resume state
+           "train_baseline (export + resume, with EMA)": st.total * 4 + st.total * 16}
+    return out
+
+
+# ----------------------------------------------------------------------------- the command
+
+def fmt(nbytes: int) -> str:
+    return f"{nbytes / GiB:9.2f}"
+
+
+def report(work: Workload, s: Setting, rows, best, disk_bytes, gpu_mem_gb: float, st: Structure,
+           max_gpus: int = GPU_COUNTS[-1]) -> str:
+    gpu_bytes = gpu_mem_gb * GiB
+    prof = st.profiles[(s.cp, False)]
+    lines = [f"memory plan: {work.name}, {work.tokens} video tokens, batch {work.batch}, "
+             f"{s.gpus} GPUs × {gpu_mem_gb:g} GiB, context parallel {s.cp}, FSDP shard group {s.shard}, "
+             f"teacher {'sharded' if s.shard_teacher else 'replicated'}, compute {s.compute}",
+             f"parameters: transformer {st.total / 1e9:.3f} B, DetE trainable "
+             f"{sum(math.prod(x) for x, g in st.dete.values() if g) / 1e6:.1f} M, discriminator "
+             f"{st.disc_params / 1e6:.1f} M, VAE {work.vae_params / 1e6:.0f} M",
+             f"activation constant β = {prof.beta:.1f} bytes per token per hidden unit per block "
+             f"({len(prof.per_block)} blocks × {prof.local_tokens} tokens/rank × {prof.hidden})",
+             "", f"{'per GPU (GiB)':40s} {'SemE':>9s} {'DetE':>9s}"]
+    for key in rows["SemE"]:
+        lines.append(f"{key:40s} {fmt(rows['SemE'][key])} {fmt(rows['DetE'][key])}")
+    for mode in ("checkpointing", "no checkpointing"):
+        fits = ["yes" if rows[st_][f"total, {mode}"] <= gpu_bytes else "NO" for st_ in ("SemE", "DetE")]
+        lines.append(f"{'fits ' + f'{gpu_mem_gb:g} GiB, ' + mode:40s} {fits[0]:>9s} {fits[1]:>9s}")
+    lines.append("")
+    for stage, b in best.items():
+        lines.append(f"smallest fit for {stage} (checkpointing, FSDP over all GPUs, teacher sharded): "
+                     + (f"{b['gpus']} GPUs, context parallel {b['context_parallel']} ({b['bytes'] / GiB:.1f} GiB)"
+                        if b else f"none up to {max_gpus} GPUs"))
+    lines.append("")
+    lines.append(f"{'disk':40s} {'GiB':>9s}")
+    for key, value in disk_bytes.items():
+        lines.append(f"{key:40s} {fmt(value)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the meta builds' "keep in fp32" notes
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", required=True, choices=sorted(VARIANTS))
+    ap.add_argument("--variant", help="1.3B|14B (wan), 13B (hunyuan), 2B|5B (cogvideox)")
+    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GiB per GPU (an A100-80GB: 80)")
+    ap.add_argument("--context-parallel", type=int, default=1)
+    ap.add_argument("--shard-group", type=int, default=None, help="FSDP shard group size (default: all GPUs)")
+    ap.add_argument("--shard-teacher", action="store_true", help="shard the frozen teacher (default: a copy per GPU)")
+    ap.add_argument("--ema", action="store_true", help="count an EMA target (LCM); DCM's experts use the online one")
+    ap.add_argument("--compute", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--max-gpus", type=int, default=GPU_COUNTS[-1], help="largest GPU count the search tries")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
+    ap.add_argument("--json-out", help="also write the plan as JSON to this file")
+    args = ap.parse_args(argv)
+    try:
+        work = preset_workload(args.family, args.variant)
+        setting = Setting(args.gpus, args.context_parallel, args.shard_group, args.shard_teacher, args.ema,
+                          args.compute)
+        check_setting(work, setting)
+    except ConfigError as err:
+        print(f"memory_plan: {err}", file=sys.stderr)
+        return 2
+    compute = torch.bfloat16 if args.compute == "bf16" else torch.float32
+    cache: dict[int, Structure] = {}
+    base = structure(work, compute, cps=(setting.cp,))
+    cache[setting.cp] = base
+
+    def st_for(cp: int) -> Structure:
+        if cp not in cache:
+            extra = structure_profiles(work, compute, cp, base)
+            cache[cp] = extra
+        return cache[cp]
+
+    # the requested setting through fully_shard on the fake group (the search uses FSDP2's rule, checked here)
+    sharded_numels(build(work), setting.shard)
+    rows = plan(work, setting, base)
+    best = smallest(work, st_for, int(args.gpu_mem_gb * GiB), args.compute, args.ema, args.max_gpus)
+    disk_bytes = disk(work, base)
+    document = json.dumps({"workload": work.name, "tokens": work.tokens, "setting": setting.__dict__,
+                           "per_gpu": rows, "smallest": best, "disk": disk_bytes,
+                           "beta": base.profiles[(setting.cp, False)].beta}, indent=1)
+    if args.json_out:
+        Path(args.json_out).write_text(document)
+    if args.json:
+        print(document)
+    else:
+        print(report(work, setting, rows, best, disk_bytes, args.gpu_mem_gb, base, args.max_gpus))
+    return 0
+
+
+def structure_profiles(work: Workload, compute: torch.dtype, cp: int, base: Structure) -> Structure:
+    """``base`` with the activation profiles of another context-parallel degree added."""
+    extra = copy.copy(base)
+    extra.profiles = dict(base.profiles)
+    extra.disc_act = dict(base.disc_act)
+    extra.profiles[(cp, False)] = activation_profile(work, cp, compute)
+    extra.profiles[(cp, True)] = activation_profile(work, cp, compute, lora=True)
+    extra.disc_act[cp], _ = adversarial_activations(work, build(work), cp, DTYPE_BYTES[_name(compute)])
+    return extra
+
+
+if __name__ == "__main__":
+    sys.exit(main())
