@@ -3,7 +3,8 @@ give a ``ParallelDims`` (the degrees, checked to multiply to the world size), th
 ``DeviceMesh``, and one ``parallelize`` wraps a model for the training loop, which never asks how:
 
 - ``fsdp``: FSDP2 ``fully_shard`` on every transformer block, then on the root, over the 1-D mesh
-  ``(dp_shard,)``: each rank holds 1/N of every parameter, gradient and Adam moment;
+  ``(dp_shard,)``: each rank holds 1/N of every parameter, gradient and Adam moment (context-parallel
+  ranks, a trailing ``cp`` dimension, are folded into the shard dimension);
 - ``hsdp``: the same over the 2-D mesh ``(dp_replicate, dp_shard)``: sharded within groups of
   ``shard_group_size`` ranks (a node), replicated across groups;
 - ``ddp``: ``replicate`` (composable DDP: bucketed gradient all-reduce overlapped with backward).
@@ -19,6 +20,7 @@ computed before any of this existed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -175,10 +177,22 @@ def _policies(cfg: ParallelConfig) -> dict:
             else OffloadPolicy()}
 
 
-def data_parallel_mesh(mesh):
-    """The mesh dimensions a model is sharded / replicated over (context-parallel ranks share weights)."""
-    names = tuple(n for n in mesh.mesh_dim_names if n in ("dp_replicate", "dp_shard"))
-    return mesh[names] if len(names) > 1 else mesh[names[0]]
+@functools.lru_cache(maxsize=4)  # one set of process groups per job, however many models are wrapped
+def shard_mesh(mesh):
+    """The mesh FSDP2 shards over: every rank, as ``(dp_shard,)`` or ``(dp_replicate, dp_shard)``, the
+    context-parallel ranks folded into the shard dimension (torchtitan's ``dp_shard_cp``): they hold one
+    sample's token slices, so their gradients are averaged together with the data-parallel ranks'."""
+    names = mesh.mesh_dim_names
+    if "cp" not in names:
+        return mesh
+    sizes = dict(zip(names, mesh.shape, strict=True))
+    shard = sizes["dp_shard"] * sizes["cp"]  # cp is the innermost dimension: the same rank order
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if "dp_replicate" in names:
+        return init_device_mesh(mesh.device_type, (sizes["dp_replicate"], shard),
+                                mesh_dim_names=("dp_replicate", "dp_shard_cp"))
+    return init_device_mesh(mesh.device_type, (shard,), mesh_dim_names=("dp_shard_cp",))
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = True, root: bool = True) -> nn.Module:
@@ -189,21 +203,20 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = Tr
     trainable parameters is left alone under replicate (every rank holds the same copy)."""
     if mesh is None or is_wrapped(model):
         return model
-    dp_mesh = data_parallel_mesh(mesh)
     if cfg.strategy == "ddp" or not shard:
         if not any(p.requires_grad for p in model.parameters()):
             return model
         from torch.distributed._composable.replicate import replicate
 
-        group = (dp_mesh if dp_mesh.ndim == 1 else dp_mesh._flatten("dp")).get_group()
         device = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        # buffers are constants here (RoPE tables): no broadcast, so passes may differ in count between ranks
-        replicate(model, process_group=group, device_ids=device, broadcast_buffers=False)
+        # over every rank (data and context parallel alike); buffers are constants here (RoPE tables):
+        # no broadcast, so passes may differ in count between ranks
+        replicate(model, device_ids=device, forward_sync_buffers=False)
         replicate.state(model).lazy_init()  # now, not at the first forward: that may run frozen (a generator pass)
         return model
     from torch.distributed.fsdp import fully_shard
 
-    policies = _policies(cfg)
+    dp_mesh, policies = shard_mesh(mesh), _policies(cfg)
     # a frozen model (EMA target, teacher) sees no backward, the only other place FSDP reshards: keeping its
     # gathered weights would also keep them stale once an EMA update changes the shards
     trains = any(p.requires_grad for p in model.parameters())
