@@ -24,7 +24,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 TC_OFFSET = 3  # METHODS.md: SemE's frame offset l = 3 latent frames
 OUT_ATOL = 1e-5
 GRAD_ATOL = 1e-5
-CASES = ["wan", "wan-checkpointing", "wan-fsdp", "hunyuan", "cogvideox", "cogvideox-rope"]
+CASES = ["wan", "wan-checkpointing", "wan-fsdp", "wan-dete", "hunyuan", "cogvideox", "cogvideox-rope"]
 
 
 # ============================================================================ the cases (worker side)
@@ -57,6 +57,20 @@ def make_case(name: str):
     model = tiny_transformer(family, **overrides)
     if name == "wan-checkpointing":
         model.enable_gradient_checkpointing()
+    if name == "wan-dete":  # DetE: LoRA (B ≠ 0, so both factors get gradients) + copied layers over frozen SemE
+        from types import SimpleNamespace
+
+        from dcm.distill.experts import make_dete
+
+        backbone = SimpleNamespace(timestep_layer_names=("condition_embedder", "scale_shift_table", "norm_out",
+                                                         "proj_out"),
+                                   lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"),
+                                   model_timestep=lambda s: 1000.0 * s)
+        model = make_dete(model, backbone, 4, 8.0, kappa=1, sigma_kappa=0.95)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.05)
     g = torch.Generator().manual_seed(1)
     batch, frames, size = 2, 8, 8  # 8 latent frames of 8×8: 8·4·4 = 128 video tokens
     if family == "wan":

@@ -411,13 +411,15 @@ class ContextParallel:
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter], group) -> None:
-    """All-reduce each gradient over ``group`` and divide by its size (for tests and runs without an
-    FSDP/DDP wrapper; those average over their group themselves)."""
+    """All-reduce each gradient over ``group`` and divide by its size (for tests, runs without an FSDP/DDP
+    wrapper, and FSDP sharded over the data-parallel ranks only, where the context-parallel ranks hold the
+    same shards: their local gradient shards are averaged here)."""
     world = dist.get_world_size(group)
     for p in parameters:
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(world)
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a DTensor: this rank's shard
+            dist.all_reduce(grad, group=group)
+            grad.div_(world)
 
 
 def enable_context_parallel(model: nn.Module, family: Any = None, group=None) -> ContextParallel:
