@@ -140,8 +140,8 @@ class ResumeState:
         from dcm import distributed
         from dcm.parallel import checkpoint as dcp_parts
 
-        folder = sharded_path(self.out_dir)
-        if dcp_parts.is_checkpoint(folder):
+        folder = dcp_parts.latest(sharded_path(self.out_dir))
+        if folder is not None:
             replicated = dcp_parts.read_object(folder, "replicated")
             path = folder
         elif state_path(self.out_dir).is_file():

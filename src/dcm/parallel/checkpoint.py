@@ -99,6 +99,16 @@ def is_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / METADATA_FILE).is_file()
 
 
+def latest(folder: str | Path) -> Path | None:
+    """``folder`` if it holds a complete checkpoint; else the one ``save`` was replacing when a job died
+    between its two renames; else None."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(f".{folder.name}.old")):
+        if is_checkpoint(candidate):
+            return candidate
+    return None
+
+
 def save(folder: str | Path, parts: dict[str, Stateful]) -> Path:
     """Write ``parts`` as a DCP folder (every rank calls this), atomically: a temporary folder renamed
     over ``folder`` by rank 0 once every rank has written its shards."""
