@@ -1,4 +1,4 @@
-"""Per-GPU memory plan for SemE and DetE at a preset's video size, before a job is queued.
+"""Per-GPU memory plan for SemE, DetE and DMD2 at a preset's video size, before a job is queued.
 
     python benchmarks/memory_plan.py --family hunyuan --gpus 24 --gpu-mem-gb 80 --context-parallel 4
     python benchmarks/memory_plan.py --family wan --variant 14B --gpus 8 --gpu-mem-gb 80 [--json]
@@ -32,6 +32,11 @@ experts use the online target), the frozen teacher in fp32 (every rank a copy, o
 ``--shard-teacher``: ``training.parallel.shard_teacher``), the VAE in the preset's dtype, and for DetE the
 discriminator heads (fp32 weights, gradients, AdamW) with the GAN/FM feature taps: one teacher pass with
 grad (its activations as the student's), the real taps without, and the heads' activations on every tap.
+DMD2 (``dcm.distill.dmd2``): the whole generator trains as SemE does (online target, no EMA), and the fake
+score, a second full transformer, trains beside it with its own AdamW, replicated on every rank (the loop
+parallelizes objectives' modules with ``shard=False``); its training passes follow the generator's, so the
+activation peak is one full-transformer pass, plus, with the GAN classifier, the generator's backward
+through the fake score (a second pass with grad, as DetE's teacher pass) and one classifier head's state.
 The taps are counted at the rank's tokens (the discriminator and feature matching on each rank's frames);
 gathered taps would multiply those rows by C.  Sharding is over ``--shard-group`` ranks (default all N:
 FSDP over the data-parallel × context-parallel ranks, torchtitan's ``dp_shard_cp``); N/S groups replicate.
@@ -142,6 +147,7 @@ class Workload:
     lora_rank: int = 128
     gan: bool = True
     fm: bool = True
+    dmd2_gan: bool = False  # DMD2's classifier on the fake score's features (methods.dmd2.dmd2.gan_weight > 0)
     vae_params: int = 0
     vae_bytes: int = 2
     grid_points: int = 51
@@ -174,9 +180,11 @@ def preset_workload(family: str, variant: str | None = None) -> Workload:
     latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)  # VAEs: ÷4 time, ÷8 space
     text = cfg["max_text_seq_length"] if family == "cogvideox" else real.get("max_sequence_length", 256)
     dete = raw["methods"]["dcm"]["dete"]
+    dmd2 = (raw["methods"].get("dmd2") or {}).get("dmd2") or {}
     trajectories = raw["trajectories"]
     return Workload(family=family, config=cfg, latent=latent, batch=raw["training"]["batch_size"], text_tokens=text,
                     lora_rank=dete["lora_rank"], gan=dete.get("gan_weight", 1.0) > 0, fm=dete.get("fm_weight", 1.0) > 0,
+                    dmd2_gan=dmd2.get("gan_weight", 5e-3) > 0,
                     vae_params=vae_parameter_count(family), vae_bytes=DTYPE_BYTES[real.get("vae_dtype", "bf16")],
                     grid_points=raw["grid"]["steps"] + 1, num_trajectories=trajectories["num_trajectories"],
                     trajectory_bytes=DTYPE_BYTES[trajectories.get("dtype", "fp32")],
@@ -503,6 +511,7 @@ class Structure:
     block: tuple[int, int]  # (largest block, root) parameters
     dete_block: tuple[int, int]
     disc_params: int = 0
+    dmd2_head: int = 0  # DMD2's classifier: one DetE head on one tap of the fake score
     profiles: dict = field(default_factory=dict)  # (cp, lora) → ActivationProfile
     disc_act: dict = field(default_factory=dict)  # cp → bytes
 
@@ -510,8 +519,11 @@ class Structure:
 def structure(work: Workload, compute: torch.dtype, cps=(1,)) -> Structure:
     seme = build(work)
     dual = make_dete_meta(build(work), work)
+    from dcm.distill.discriminator import head_parameter_count
+
     st = Structure(seme=numel_table(seme), dete=numel_table(dual), total=sum(p.numel() for p in seme.parameters()),
-                   block=block_numels(seme), dete_block=block_numels(dual))
+                   block=block_numels(seme), dete_block=block_numels(dual),
+                   dmd2_head=head_parameter_count(int(seme.proj_out.in_features)))
     for cp in cps:
         st.profiles[(cp, False)] = activation_profile(work, cp, compute)
         st.profiles[(cp, True)] = activation_profile(work, cp, compute, lora=True)
@@ -520,7 +532,7 @@ def structure(work: Workload, compute: torch.dtype, cps=(1,)) -> Structure:
 
 
 def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]:
-    """Per-GPU bytes of SemE and DetE (rank 0: the largest shards) under setting ``s``."""
+    """Per-GPU bytes of SemE, DetE and DMD2 (rank 0: the largest shards) under setting ``s``."""
     c = DTYPE_BYTES[s.compute]
     sharded = s.shard > 1
     teacher = 4 * (st.total if not s.shard_teacher else sum(local_numels(st.seme, s.shard)))
@@ -532,7 +544,7 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
     seme = {"parameters (fp32)": 4 * train, "gradients (fp32)": 4 * train, "optimizer (AdamW, 2 × fp32)": 8 * train,
             "EMA (fp32)": 4 * train if s.ema else 0, "frozen student weights": 0,
             "frozen teacher (fp32)": teacher, "VAE": vae, "discriminator (weights+grads+AdamW)": 0,
-            "FSDP working set": c * (2 * st.block[0] + st.block[1]) if sharded else 0,
+            "fake score (weights+grads+AdamW)": 0, "FSDP working set": c * (2 * st.block[0] + st.block[1]) if sharded else 0,
             "activations, checkpointing": prof.checkpointing, "activations, no checkpointing": prof.no_checkpointing}
     rows["SemE"] = seme
     # DetE: LoRA + copied timestep layers train over a frozen SemE; the teacher's feature pass with grad
@@ -543,6 +555,7 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
             "EMA (fp32)": 4 * lora if s.ema else 0, "frozen student weights": 4 * frozen,
             "frozen teacher (fp32)": teacher, "VAE": vae,
             "discriminator (weights+grads+AdamW)": 16 * st.disc_params if work.gan else 0,
+            "fake score (weights+grads+AdamW)": 0,
             "FSDP working set": c * (2 * st.dete_block[0] + st.dete_block[1]) if sharded else 0,
             "activations, checkpointing": lprof.checkpointing,
             "activations, no checkpointing": lprof.no_checkpointing}
@@ -551,6 +564,14 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
             max(0, max(prof.per_block) - max(lprof.per_block))
         dete["activations, no checkpointing"] += prof.no_checkpointing + taps
     rows["DetE"] = dete
+    # DMD2: the generator as SemE (online target: no EMA) + the replicated fake score (fp32 weights, grads, AdamW);
+    # with the classifier, its head and the generator's second pass with grad (through the fake score)
+    dmd2 = {**seme, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * st.total,
+            "discriminator (weights+grads+AdamW)": 16 * st.dmd2_head if work.dmd2_gan else 0}
+    if work.dmd2_gan:
+        dmd2["activations, checkpointing"] += prof.outside + prof.block_inputs
+        dmd2["activations, no checkpointing"] += prof.no_checkpointing
+    rows["DMD2"] = dmd2
     for row in rows.values():
         fixed = sum(v for k, v in row.items() if not k.startswith("activations"))
         row["total, checkpointing"] = fixed + row["activations, checkpointing"]
@@ -565,7 +586,7 @@ def smallest(work: Workload, st_for, gpu_bytes: int, compute: str, ema: bool,
     ``max_gpus`` GPUs does."""
     found = {}
     cps = allowed_degrees(work.tokens, work.heads)
-    for stage in ("SemE", "DetE"):
+    for stage in ("SemE", "DetE", "DMD2"):
         found[stage] = None
         for n in (g for g in GPU_COUNTS if g <= max_gpus):
             for cp in (d for d in cps if n % d == 0 and d <= 8):
@@ -589,7 +610,9 @@ def disk(work: Workload, st: Structure) -> dict[str, int]:
            # DetE: PEFT adapter + copied layers (fp32) + resume (them + Adam) + discriminator (weights + Adam)
            "train_dete (export + resume)": lora * 4 + lora * 12 + (st.disc_params * 12 if work.gan else 0),
            # LCM / PCM baselines: a full student + an EMA target (LCM) in the resume state
-           "train_baseline (export + resume, with EMA)": st.total * 4 + st.total * 16}
+           "train_baseline (export + resume, with EMA)": st.total * 4 + st.total * 16,
+           # DMD2: the generator's export + resume (weights + Adam), and the fake score (+ head) with its Adam
+           "train_baseline dmd2 (export + resume)": st.total * 4 + st.total * 12 + (st.total + st.dmd2_head) * 12}
     return out
 
 
@@ -611,12 +634,12 @@ def report(work: Workload, s: Setting, rows, best, disk_bytes, gpu_mem_gb: float
              f"{st.disc_params / 1e6:.1f} M, VAE {work.vae_params / 1e6:.0f} M",
              f"activation constant β = {prof.beta:.1f} bytes per token per hidden unit per block "
              f"({len(prof.per_block)} blocks × {prof.local_tokens} tokens/rank × {prof.hidden})",
-             "", f"{'per GPU (GiB)':40s} {'SemE':>9s} {'DetE':>9s}"]
+             "", f"{'per GPU (GiB)':40s} {'SemE':>9s} {'DetE':>9s} {'DMD2':>9s}"]
     for key in rows["SemE"]:
-        lines.append(f"{key:40s} {fmt(rows['SemE'][key])} {fmt(rows['DetE'][key])}")
+        lines.append(f"{key:40s} {fmt(rows['SemE'][key])} {fmt(rows['DetE'][key])} {fmt(rows['DMD2'][key])}")
     for mode in ("checkpointing", "no checkpointing"):
-        fits = ["yes" if rows[st_][f"total, {mode}"] <= gpu_bytes else "NO" for st_ in ("SemE", "DetE")]
-        lines.append(f"{'fits ' + f'{gpu_mem_gb:g} GiB, ' + mode:40s} {fits[0]:>9s} {fits[1]:>9s}")
+        fits = ["yes" if rows[st_][f"total, {mode}"] <= gpu_bytes else "NO" for st_ in ("SemE", "DetE", "DMD2")]
+        lines.append(f"{'fits ' + f'{gpu_mem_gb:g} GiB, ' + mode:40s} {fits[0]:>9s} {fits[1]:>9s} {fits[2]:>9s}")
     lines.append("")
     for stage, b in best.items():
         lines.append(f"smallest fit for {stage} (checkpointing, FSDP over all GPUs, teacher sharded): "

@@ -311,6 +311,28 @@ def test_activation_checkpointing_covers_the_fake_score(smoke):
         assert objective.fake.is_gradient_checkpointing == flag
 
 
+def test_memory_plan_counts_the_generator_the_replicated_fake_score_and_the_classifier():
+    """benchmarks/memory_plan.py's DMD2 column: the generator as SemE (no EMA), a fake score's fp32 weights,
+    gradients and AdamW moments, and with the classifier its head and the generator's pass through the fake score."""
+    import dataclasses
+
+    from dcm.distill.discriminator import head_parameter_count
+    from test_memory_plan import memory_plan, workloads
+
+    mp = memory_plan()
+    work, _ = workloads()["toy"]
+    for gan in (False, True):
+        w = dataclasses.replace(work, dmd2_gan=gan)
+        st = mp.structure(w, torch.float32)
+        rows = mp.plan(w, mp.Setting(2, compute="fp32", ema=True), st)
+        seme, dmd2_row = rows["SemE"], rows["DMD2"]
+        assert dmd2_row["fake score (weights+grads+AdamW)"] == 16 * st.total and dmd2_row["EMA (fp32)"] == 0
+        for key in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)", "FSDP working set"):
+            assert dmd2_row[key] == seme[key], key
+        assert dmd2_row["discriminator (weights+grads+AdamW)"] == (16 * head_parameter_count(384) if gan else 0)
+        assert (dmd2_row["activations, checkpointing"] > seme["activations, checkpointing"]) == gan
+
+
 # ------------------------------------------------------------------------------------------ params
 
 
