@@ -623,12 +623,13 @@ def fmt(nbytes: int) -> str:
 
 
 def report(work: Workload, s: Setting, rows, best, disk_bytes, gpu_mem_gb: float, st: Structure,
-           max_gpus: int = GPU_COUNTS[-1]) -> str:
-    gpu_bytes = gpu_mem_gb * GiB
+           max_gpus: int = GPU_COUNTS[-1], reserve_gb: float = 0.0) -> str:
+    gpu_bytes = (gpu_mem_gb - reserve_gb) * GiB
     prof = st.profiles[(s.cp, False)]
     lines = [f"memory plan: {work.name}, {work.tokens} video tokens, batch {work.batch}, "
              f"{s.gpus} GPUs × {gpu_mem_gb:g} GiB, context parallel {s.cp}, FSDP shard group {s.shard}, "
-             f"teacher {'sharded' if s.shard_teacher else 'replicated'}, compute {s.compute}",
+             f"teacher {'sharded' if s.shard_teacher else 'replicated'}, compute {s.compute}; fits = total ≤ "
+             f"{gpu_mem_gb:g} − {reserve_gb:g} GiB (CUDA context, NCCL buffers, allocator slack)",
              f"parameters: transformer {st.total / 1e9:.3f} B, DetE trainable "
              f"{sum(math.prod(x) for x, g in st.dete.values() if g) / 1e6:.1f} M, discriminator "
              f"{st.disc_params / 1e6:.1f} M, VAE {work.vae_params / 1e6:.0f} M",
@@ -666,6 +667,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-teacher", action="store_true", help="shard the frozen teacher (default: a copy per GPU)")
     ap.add_argument("--ema", action="store_true", help="count an EMA target (LCM); DCM's experts use the online one")
     ap.add_argument("--compute", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--reserve-gb", type=float, default=2.0,
+                    help="GiB per GPU kept for the CUDA context, NCCL buffers and allocator slack (default 2)")
     ap.add_argument("--max-gpus", type=int, default=GPU_COUNTS[-1], help="largest GPU count the search tries")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     ap.add_argument("--json-out", help="also write the plan as JSON to this file")
@@ -692,17 +695,18 @@ def main(argv=None) -> int:
     # the requested setting through fully_shard on the fake group (the search uses FSDP2's rule, checked here)
     sharded_numels(build(work), setting.shard)
     rows = plan(work, setting, base)
-    best = smallest(work, st_for, int(args.gpu_mem_gb * GiB), args.compute, args.ema, args.max_gpus)
+    best = smallest(work, st_for, int((args.gpu_mem_gb - args.reserve_gb) * GiB), args.compute, args.ema,
+                    args.max_gpus)
     disk_bytes = disk(work, base)
     document = json.dumps({"workload": work.name, "tokens": work.tokens, "setting": setting.__dict__,
                            "per_gpu": rows, "smallest": best, "disk": disk_bytes,
-                           "beta": base.profiles[(setting.cp, False)].beta}, indent=1)
+                           "beta": base.profiles[(setting.cp, False)].beta, "reserve_gb": args.reserve_gb}, indent=1)
     if args.json_out:
         Path(args.json_out).write_text(document)
     if args.json:
         print(document)
     else:
-        print(report(work, setting, rows, best, disk_bytes, args.gpu_mem_gb, base, args.max_gpus))
+        print(report(work, setting, rows, best, disk_bytes, args.gpu_mem_gb, base, args.max_gpus, args.reserve_gb))
     return 0
 
 
