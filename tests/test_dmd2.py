@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from conftest import smoke_params
-from dcm import config, distill, paths, schedule
+from dcm import config, distill, distributed, paths, schedule
 from dcm.distill import dmd2, losses
 from dcm.distill.loop import ConsistencyBatch, Objective, autocast_for, train
 from dcm.distill.teacher_pretraining import flow_matching_loss
@@ -333,6 +335,38 @@ def test_memory_plan_counts_the_generator_the_replicated_fake_score_and_the_clas
         assert (dmd2_row["activations, checkpointing"] > seme["activations, checkpointing"]) == gan
 
 
+def train_at_ranks(out: str) -> None:
+    """Worker (``torchrun … tests/test_dmd2.py OUT`` in a smoke project): 4 steps of dmd2_gan, then every rank's
+    digest of its fake score and classifier head to OUT/fake_digests.json."""
+    from dcm.pipeline.table import seed_everything
+
+    method = "dmd2_gan"
+    params = config.load("params.yaml", preset="smoke")
+    with distributed.process_group() as world:
+        seed_everything(params.seed)
+        backbone = distill.load_backbone(params)
+        spec, source = dmd2_spec(params, backbone, method, steps=4)
+        train(spec, backbone, source, params, out, StageRun(None))
+        objective = spec.objectives[0]
+        digests = {part: distributed.gather_objects(distributed.parameter_digest([p.detach() for p in net.parameters()]))
+                   for part, net in (("fake", objective.fake), ("head", objective.classifier))}
+        if world.is_main:
+            (Path(out) / "fake_digests.json").write_text(json.dumps(digests))
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_keep_one_fake_score_and_one_classifier(smoke):
+    """training.parallel ddp at 2 gloo ranks: the loop replicates the objective's networks, so their gradients are
+    averaged and every rank holds the same fake score and head after the run (as it holds the same generator)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, str(smoke / "out")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    digests = json.loads((smoke / "out" / "fake_digests.json").read_text())
+    assert all(len(ranks) == 2 and len(set(ranks)) == 1 for ranks in digests.values()), digests
+    assert len(set(json.loads((smoke / "out" / "distributed.json").read_text())["parameter_digests"])) == 1
+
+
 # ------------------------------------------------------------------------------------------ params
 
 
@@ -396,3 +430,7 @@ def test_dmd2_trains_samples_and_evaluates_through_the_stage_table(smoke, monkey
     assert metrics["method"] == "dmd2" and metrics["steps"] == 4 and metrics["nfe"] == 4
     assert np.isfinite(metrics["total"])
     print(json.dumps({k: metrics[k] for k in ("total", "steps", "nfe")}))
+
+
+if __name__ == "__main__":
+    train_at_ranks(sys.argv[1])

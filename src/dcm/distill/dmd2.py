@@ -282,8 +282,7 @@ class DistributionMatching(Objective):
             values = {**{k: float(v.detach()) for k, v in terms.items()}, **logits}
             for key, value in values.items():
                 logged[key] = logged.get(key, 0.0) + value / len(samples)
-        params = self.fake_parameters()
-        distributed.average_gradients(params)
+        params = self.fake_parameters()  # multi-rank: averaged in backward (the loop replicates objectives' modules)
         logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         self.optimizer.step()
         return logged
