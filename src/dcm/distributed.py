@@ -94,21 +94,6 @@ def process_group() -> Iterator[World]:
         dist.destroy_process_group()
 
 
-def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """The mean over ranks of each gradient (a missing one counts as 0), one parameter at a time.
-
-    Not an engine (no bucketing, no overlap): the training loop and the DCM objectives use
-    ``dcm.parallel`` (DDP / FSDP2); kept only for ``dcm.distill.dmd2`` until it moves there too."""
-    size = world().size
-    if size <= 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(size)
-
-
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()

@@ -94,10 +94,10 @@ class Stage:
 
     def reads(self, params: Params, method: str | None, path: str) -> bool:
         """Whether this run reads ``path``: the trajectory store is read only by a cached batch source
-        (``training.source: cached``; MCM always trains online on the world's videos)."""
+        (``training.source: cached``; MCM trains on the world's videos, DMD2 on its own samples)."""
         if path != "trajectories" or not self.name.startswith(("train_", "analyze")):
             return True
-        return params.training.source == "cached" and not (method and params.method(method).kind == "mcm")
+        return params.training.source == "cached" and not (method and params.method(method).kind in ("mcm", "dmd2"))
 
 
 def producer(params: Params, path: str) -> str:
