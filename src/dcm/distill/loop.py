@@ -396,7 +396,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     loaded = resume.load(spec.train_steps)
     if loaded is not None:
         start, wall_before, last_checkpoint = loaded
-        print(f"{spec.name}: resuming from {last_checkpoint}")
+        print(f"{spec.name}: resuming from step {start} ({last_checkpoint})")
     history_path = out_dir / HISTORY_FILE
     if ranks.is_main:
         if start:
