@@ -140,7 +140,7 @@ STAGES: dict[str, Stage] = {
         Stage("analyze", "per-timestep loss / grad-norm dynamics of one whole-range model; proposes kappa",
               deps=("models/teacher", "trajectories"), outs=("analysis",),
               params=("seed", "grid", "training", "analysis")),
-        Stage("train_baseline", "LCM / PCM consistency distillation; MCM on the shapes world's low-quality videos",
+        Stage("train_baseline", "LCM / PCM consistency distillation; MCM on low-quality videos; DMD2",
               deps=("models/teacher", "trajectories", "data/prompts.json"), outs=("checkpoints/{method}",),
               params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{method}"),
               method_kinds=("consistency", "mcm", "dmd2"),
