@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcm.distill.loop import Objective
+
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -124,3 +126,41 @@ def dvc_smoke_repo(tmp_path_factory):
                     "--preset", "smoke", "-o", "params.yaml"], cwd=repo, check=True)
     first = run_dvc(repo, "repro", "report")  # the default DAG, as `make demo` runs it
     return repo, first.stdout, deterministic_metrics(repo / "metrics")
+
+
+class FailAt(Objective):
+    """A training objective that injects a failure at one step: a NaN loss term (``kind="nan"``), or, while
+    ``armed``, an interruption (a killed job); the requeued run passes the step."""
+
+    name = "fail"
+
+    def __init__(self, step: int, kind: str = "interrupt", armed: bool = False):
+        self.step, self.kind, self.armed = step, kind, armed
+
+    def generator_loss(self, batch):
+        if batch.step != self.step:
+            return {}
+        if self.kind == "nan":
+            return {"fail": torch.tensor(float("nan"))}
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt("simulated preemption")
+        return {}
+
+
+def perturbed_dete(backbone, params, rank: int = 4, alpha: float = 8.0):
+    """A LoRA DetE on a copy of the teacher transformer with lora_B moved off zero (so the adapter's
+    gradients flow through A too and DetE differs from SemE); returns (dual, teacher grid)."""
+    import copy
+
+    from dcm import schedule
+    from dcm.distill.experts import make_dete
+
+    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, rank, alpha, kappa=params.grid.kappa,
+                     sigma_kappa=grid.sigma(params.grid.kappa))
+    with torch.no_grad():
+        for name, p in dual.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    return dual, grid

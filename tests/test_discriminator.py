@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import smoke_params
+from conftest import perturbed_dete, smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.backbones.base import PromptEmbeds, unpatchify
 from dcm.distill.discriminator import (
@@ -468,20 +468,13 @@ def test_the_loop_hands_its_autocast_to_the_objectives(smoke, monkeypatch):
 
 def _dete_run(out: Path, log_every: int, checkpointing: bool):
     """3 DetE steps (LoRA) with GAN + FM and temporal coherence through the loop, from a fresh teacher load."""
-    from dcm.distill.experts import make_dete
 
     params = smoke_params(source="online", log_every=log_every, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     backbone = distill.load_backbone(params)
     source = distill.make_source(params, backbone)
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     kappa = params.grid.kappa
-    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=kappa,
-                     sigma_kappa=grid.sigma(kappa))
-    with torch.no_grad():  # LoRA B starts at zero: move it so the adapter's gradients flow through A too
-        for name, p in dual.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    dual, grid = perturbed_dete(backbone, params)  # lora_B off zero: the adapter's gradients flow through A too
     gan = GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa), gan_weight=1.0,
                              fm_weight=1.0, disc_lr=1e-3)
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
@@ -644,19 +637,6 @@ def test_hinge_margin_is_measured_on_the_d_steps(backbone, params):
     assert opened is not None, "D should separate fake = target + 3·noise within 40 steps at lr 1e-2"
 
 
-def _tiny_dete(backbone, params):
-    from dcm.distill.experts import make_dete
-
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
-    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=params.grid.kappa,
-                     sigma_kappa=grid.sigma(params.grid.kappa))
-    with torch.no_grad():
-        for name, p in dual.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
-    return dual, grid
-
-
 def _student_batch(backbone, params, student, grid, n=(2, 0)):
     """A DetE micro-batch as the loop builds it: x_n at grid index n, x̂ = x_n + (σ_min − σ_n)·v_θ(x_n)."""
     from dcm.distill import losses
@@ -676,7 +656,7 @@ def test_real_ema_is_the_ema_students_endpoint(backbone, params, monkeypatch):
     step, and the real is x_n + (σ_end − σ_n)·v_θEMA(x_n) (a copy of the student holding θ_EMA, by hand)."""
     from dcm.distill import losses
 
-    dual, grid = _tiny_dete(backbone, params)
+    dual, grid = perturbed_dete(backbone, params)
     trainable = dual.trainable_parameters()
     gan = make_objective(backbone, params, real="ema", student=dual, trainable=trainable, ema_decay=0.9)
     batch = _student_batch(backbone, params, dual, grid)
@@ -844,7 +824,7 @@ def _variant_run(out: Path, params, steps: int, real: str, tau: float, fail_at: 
     """A DetE run through the loop with the stateful variants at once (margin gate, warm-up, 2 D steps, a real)."""
     backbone = distill.load_backbone(params)
     torch.manual_seed(0)
-    dual, grid = _tiny_dete(backbone, params)
+    dual, grid = perturbed_dete(backbone, params)
     gan = GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, params.grid.kappa),
                              gan_weight=1.0, fm_weight=1.0, disc_lr=1e-2, disc_steps=2, hinge_margin=tau,
                              disc_warmup=1, real=real, student=dual, trainable=dual.trainable_parameters(),

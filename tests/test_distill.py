@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import smoke_params
+from conftest import FailAt, perturbed_dete, smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.backbones import load_teacher
 from dcm.distill import losses
@@ -49,23 +49,6 @@ class Record(Objective):
         self.batches.append(batch)
         if self.student is not None:
             self.students.append(copy.deepcopy(self.student))
-        return {}
-
-
-class FailAt(Objective):
-    """Injects a failure at one step: a NaN loss term, or an interruption (a killed job)."""
-
-    name = "fail"
-
-    def __init__(self, step, kind):
-        self.step, self.kind, self.armed = step, kind, True
-
-    def generator_loss(self, batch):
-        if batch.step == self.step and self.armed:
-            if self.kind == "nan":
-                return {"fail": torch.tensor(float("nan"))}
-            self.armed = False  # the requeued job runs past this step
-            raise KeyboardInterrupt("simulated preemption")
         return {}
 
 
@@ -172,7 +155,6 @@ def test_resume_gives_identical_next_losses(smoke, source_kind):
                          objectives=[distill.TemporalCoherence(1.0, 2), *objectives])
 
     kill = FailAt(4, "interrupt")  # the same objectives in both runs: only the kill differs
-    kill.armed = False
     straight = train(spec(kill), backbone, source, params, smoke / "straight", StageRun(None))
     kill.armed = True
     with pytest.raises(KeyboardInterrupt):
@@ -305,18 +287,11 @@ def test_cached_source_pairs_consecutive_stored_points(smoke):
 def _dete_run(params, out: Path):
     """A short DetE run with GAN + FM through the loop, from a fresh load of the saved teacher."""
     from dcm.distill.discriminator import GanFeatureMatching
-    from dcm.distill.experts import make_dete
 
     torch.manual_seed(0)
     backbone, source = online_setup(params)
-    grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     kappa = params.grid.kappa
-    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=kappa,
-                     sigma_kappa=grid.sigma(kappa))
-    with torch.no_grad():  # LoRA B starts at zero: move it so the adapter's gradients flow through A too
-        for name, p in dual.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02, generator=torch.Generator(p.device).manual_seed(1))
+    dual, grid = perturbed_dete(backbone, params)  # lora_B off zero: the adapter's gradients flow through A too
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
     gan = GanFeatureMatching(backbone, backbone.transformer, [grid.sigma(n) for n in range(kappa + 1)],
                              gan_weight=1.0, fm_weight=1.0, disc_lr=1e-3)

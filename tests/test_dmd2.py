@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smoke_params
+from conftest import FailAt, smoke_params
 from dcm import config, distill, distributed, paths, schedule
 from dcm.distill import dmd2, losses
-from dcm.distill.loop import ConsistencyBatch, Objective, autocast_for, train
+from dcm.distill.loop import ConsistencyBatch, autocast_for, train
 from dcm.distill.teacher_pretraining import flow_matching_loss
 from dcm.methods import schedule_for
 from dcm.sampling import sample_lcm
@@ -243,19 +243,6 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ resume
-
-
-class FailAt(Objective):
-    name = "fail"
-
-    def __init__(self, step):
-        self.step, self.armed = step, False
-
-    def generator_loss(self, batch):
-        if batch.step == self.step and self.armed:
-            self.armed = False
-            raise KeyboardInterrupt("simulated preemption")
-        return {}
 
 
 def dmd2_spec(params, backbone, method="dmd2", steps=6, extra=()):

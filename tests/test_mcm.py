@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import smoke_params
+from conftest import FailAt, smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.distill import mcm
 from dcm.distill.data import OnlineSource
-from dcm.distill.loop import ConsistencyBatch, Objective, train
+from dcm.distill.loop import ConsistencyBatch, train
 from dcm.schedule import teacher_grid
 from dcm.tracking import StageRun
 from dcm.worlds import shapes
@@ -281,19 +281,6 @@ def test_low_quality_videos_are_the_degraded_renders(backbone, params):
 
 
 # ----------------------------------------------------------------------------------- the loop
-
-
-class FailAt(Objective):
-    name = "fail"
-
-    def __init__(self, step):
-        self.step, self.armed = step, False
-
-    def generator_loss(self, batch):
-        if batch.step == self.step and self.armed:
-            self.armed = False
-            raise KeyboardInterrupt("simulated preemption")
-        return {}
 
 
 def mcm_spec(params, backbone, method="mcm", steps=6, extra=()):

@@ -36,7 +36,6 @@ import copy
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -339,12 +338,10 @@ class ImageDiscriminator(Objective):
 
 
 def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
-    """``shapes.hq_images`` (the same scenes and pixels for the same seed) with each still's caption."""
+    """MCM's real images: the shapes world's high-quality stills with their captions (``shapes.hq_stills``)."""
     from dcm.worlds import shapes
 
-    rng = np.random.default_rng(seed)
-    scenes = [shapes.sample_scene(rng, size, frames=1, jitter=jitter) for _ in range(n)]
-    return shapes.render_batch(scenes, size, frames=1)[:, :, 0], [scene.caption for scene in scenes]
+    return shapes.hq_stills(n, seed, size, jitter)
 
 
 def build(params, method: str, backbone: Backbone, student: nn.Module, videos: OnlineSource, device

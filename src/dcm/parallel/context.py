@@ -307,8 +307,8 @@ class CogVideoXContextParallelAttnProcessor(_UlyssesProcessor):
         from diffusers.models.embeddings import apply_rotary_emb
 
         if attention_mask is not None:
-            raise NotImplementedError("CogVideoX under context parallelism takes no attention mask (its pipeline "
-                                      "passes none)")
+            raise ValueError("CogVideoX under context parallelism: attention_mask must be None (its pipeline "
+                             "passes none; a mask is not split across the ranks)")
         text_tokens = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         qkv = [proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
@@ -320,9 +320,6 @@ class CogVideoXContextParallelAttnProcessor(_UlyssesProcessor):
         text_qkv, image_qkv = stacked[:, :, :text_tokens], stacked[:, :, text_tokens:]
         rotary = None
         if image_rotary_emb is not None:
-            if attn.is_cross_attention:
-                raise NotImplementedError("CogVideoX cross-attention is not used by its transformer")
-
             def rotary(t):
                 return apply_rotary_emb(t, image_rotary_emb, sequence_dim=1)
         image_out, text_out = self.joint_attention(image_qkv, text_qkv, None, rotary, text_first=True)
@@ -449,8 +446,8 @@ def enable_context_parallel(model: nn.Module, family: Any = None, group=None) ->
             raise ConfigError(KEY, degree, f"must divide the attention head count {heads}: allowed "
                                            f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
         if fam == "hunyuan" and transformer.config.get("image_condition_type") == "token_replace":
-            raise NotImplementedError("HunyuanVideo I2V token replacement (first-frame modulation) is not "
-                                      "supported under context parallelism")
+            raise ConfigError(KEY, degree, "1 for a HunyuanVideo transformer with image_condition_type "
+                                           "'token_replace' (its first-frame modulation is not split across ranks)")
         transformer._dcm_context_parallel = cp
         cp.transformers.append(transformer)
         if degree == 1:
@@ -475,8 +472,8 @@ def _split_hook(cp: ContextParallel, family: str):
         if family == "wan":
             temb = args[2] if len(args) > 2 else kwargs.get("temb")
             if temb is not None and temb.ndim == 4:
-                raise NotImplementedError("per-token timesteps (Wan 2.2 TI2V) are not supported under "
-                                          "context parallelism")
+                raise ConfigError(KEY, cp.degree, "1 for per-token timesteps (Wan 2.2 TI2V): the timestep "
+                                                  "embedding is per token and is not split across ranks")
         local = tokens // cp.degree
         cp.local_tokens = local
         x = x.narrow(1, cp.rank * local, local)

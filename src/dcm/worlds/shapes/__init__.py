@@ -61,6 +61,7 @@ from dcm.worlds.shapes.render import (  # noqa: F401
     degrade,
     frame_margin,
     hq_images,
+    hq_stills,
     object_half_extent,
     render,
     render_batch,

@@ -277,11 +277,16 @@ def render(scene: Scene, size: int, frames: int) -> torch.Tensor:
     return render_batch([scene], size, frames)[0]
 
 
-def hq_images(n: int, seed: int, size: int, jitter: float | None = None) -> torch.Tensor:
-    """(n, 3, size, size) clean single frames of random scenes (the high-quality still images)."""
+def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(n, 3, size, size) clean single frames of random scenes (the high-quality still images) and their captions."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, size, frames=1, jitter=jitter) for _ in range(n)]
-    return render_batch(scenes, size, frames=1)[:, :, 0]
+    return render_batch(scenes, size, frames=1)[:, :, 0], [scene.caption for scene in scenes]
+
+
+def hq_images(n: int, seed: int, size: int, jitter: float | None = None) -> torch.Tensor:
+    """``hq_stills`` without the captions."""
+    return hq_stills(n, seed, size, jitter)[0]
 
 
 def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
