@@ -1,8 +1,11 @@
 """shapes-bench metrics of one method's samples, paired with the teacher's on the same (prompt, seed) rows.
 
 Per-dimension scores, Quality, Semantic, Total with a 95% bootstrap interval, the paired differences to
-the teacher (Total and per dimension) with their intervals, PSNR vs the teacher, the match rate and
-per-row scores: the ``metrics/<method>.json`` contract (shared/DESIGN.md, Data contracts).
+the teacher (Total and per dimension) with their intervals, PSNR vs the teacher, the match rate,
+per-row scores, and the distribution-level metrics against real renders of the same prompts (``fd``,
+``fd_real_floor``, ``fd_excess``, ``diversity``, ``diversity_real``, each with ``*_ci95``, and the
+``distribution`` details; ``dcm.evaluation.distribution``): the ``metrics/<method>.json`` contract
+(shared/DESIGN.md, Data contracts).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 
 from dcm.config import Params
+from dcm.evaluation.distribution import distribution_metrics
 from dcm.evaluation.scoring import aggregate, bootstrap
 from dcm.evaluation.shapes_bench import SHAPES_BENCH, psnr, score_video
 from dcm.worlds import shapes
@@ -65,6 +69,7 @@ def shapes_bench_metrics(params: Params, method: str, record: dict, videos: torc
                             **{d: per_dimension_diff(d) for d in SHAPES_BENCH}},
         "psnr_vs_teacher": float(np.mean(psnrs)) if np.all(np.isfinite(psnrs)) else None,
         "match_rate": match_rate(scores),
+        **distribution_metrics(params, rows, videos),
         "per_row": [{"prompt": r["prompt"], "seed": r["seed"], "total": float(t), **s}
                     for r, t, s in zip(rows, totals, scores)],
     }

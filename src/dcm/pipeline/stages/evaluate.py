@@ -3,7 +3,9 @@ paired with ``samples/teacher``.
 
 Writes ``metrics/<M>.json`` (per-dimension scores, Quality, Semantic, Total with a 95% bootstrap
 interval, the paired Total difference to the teacher with its interval, PSNR vs teacher-50, latency,
-steps, NFE, per-row scores) and logs them to one MLflow run.
+steps, NFE, per-row scores; with shapes-bench also the Fréchet distance to real renders of the same
+prompts with its real-vs-real floor, and diversity across seeds: ``dcm.evaluation.distribution``) and
+logs them to one MLflow run.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ def _shapes_bench_metrics(params: Params, method: str) -> dict:
 def _write(params: Params, method: str, metrics: dict) -> None:
     with tracking.stage_run(params, "evaluate", method) as run_:
         io.write_json_atomic(paths.metrics(method), metrics)
-        run_.metrics({k: metrics[k] for k in ("total", "quality", "semantic", "latency_s", "match_rate")
+        run_.metrics({k: metrics[k] for k in ("total", "quality", "semantic", "latency_s", "match_rate", "fd",
+                                              "fd_real_floor", "fd_excess", "diversity", "diversity_real")
                       if metrics.get(k) is not None})
         run_.metrics({f"dim.{k}": v for k, v in metrics["dimensions"].items()})
     match = f", match rate {metrics['match_rate']:.2%}" if metrics.get("match_rate") is not None else ""
+    fd = f", FD {metrics['fd']:.2f} (real floor {metrics['fd_real_floor']:.2f})" if metrics.get("fd") is not None else ""
+    diversity = f", diversity {metrics['diversity']:.2f}" if metrics.get("diversity") is not None else ""
     print(f"evaluate[{method}] ({metrics['backend']}): Total {100 * metrics['total']:.2f} "
-          f"(Quality {100 * metrics['quality']:.2f}, Semantic {100 * metrics['semantic']:.2f}){match}")
+          f"(Quality {100 * metrics['quality']:.2f}, Semantic {100 * metrics['semantic']:.2f}){match}{fd}{diversity}")
