@@ -22,7 +22,8 @@ def _fmt_ci(ci) -> str:
 
 
 def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:
-    """Rows of the main table: steps, NFE, latency, speedup vs teacher, Total/Quality/Semantic (×100)."""
+    """Rows of the main table: steps, NFE, latency, speedup vs teacher, Total/Quality/Semantic (×100), and
+    the distribution metrics (FD to real renders with its real-vs-real floor, diversity) where evaluated."""
     teacher_latency = metrics.get("teacher", {}).get("latency_s")
     rows = []
     for name in order:
@@ -38,6 +39,7 @@ def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:
             "quality": 100 * m["quality"], "semantic": 100 * m["semantic"],
             "diff_vs_teacher": m.get("diff_vs_teacher", {}).get("total"),
             "psnr_vs_teacher": m.get("psnr_vs_teacher"),
+            **{k: m.get(k) for k in ("fd", "fd_ci95", "fd_real_floor", "diversity", "diversity_ci95")},
         })
     return rows
 
@@ -46,10 +48,18 @@ def _num(value, fmt: str) -> str:
     return "" if value is None or not np.isfinite(value) else format(value, fmt)
 
 
+def _value_ci(value, ci) -> str:
+    """A distribution metric (not ×100) with its interval, blank where it was not computed."""
+    if value is None:
+        return ""
+    return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| method | steps | NFE | latency (s/video) | speedup | Total [95% CI] | Quality | Semantic "
-            "| Total − teacher [95% CI] | PSNR vs teacher (dB) |")
-    lines = [head, "|" + "---|" * 10]
+            "| Total − teacher [95% CI] | PSNR vs teacher (dB) | FD to real [95% CI] | FD real vs real "
+            "| diversity [95% CI] |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         diff = r["diff_vs_teacher"]
         diff_text = f"{100 * diff['mean']:+.2f} {_fmt_ci(diff.get('ci95'))}" if diff else ""
@@ -57,7 +67,9 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['nfe']} | {_num(r['latency_s'], '.3f')} | "
             f"{speedup + '×' if speedup else ''} | {r['total']:.2f} {_fmt_ci(r['total_ci95'])} | "
-            f"{r['quality']:.2f} | {r['semantic']:.2f} | {diff_text} | {_num(r['psnr_vs_teacher'], '.2f')} |")
+            f"{r['quality']:.2f} | {r['semantic']:.2f} | {diff_text} | {_num(r['psnr_vs_teacher'], '.2f')} | "
+            f"{_value_ci(r.get('fd'), r.get('fd_ci95'))} | {_value_ci(r.get('fd_real_floor'), None)} | "
+            f"{_value_ci(r.get('diversity'), r.get('diversity_ci95'))} |")
     return "\n".join(lines)
 
 
