@@ -336,10 +336,15 @@ _PROCESSORS = {"wan": WanContextParallelAttnProcessor, "hunyuan": HunyuanVideoCo
 
 def _transformers(model: nn.Module) -> list[nn.Module]:
     """The diffusers video transformers inside ``model`` (through expert / PEFT / DDP / FSDP wrappers)."""
-    found = [m for m in model.modules() if _family_of(m) is not None]
+    found = transformers_in(model)
     if not found:
         raise TypeError(f"no diffusers transformer of {sorted(_CLASS_FAMILY)} inside {type(model).__name__}")
     return found
+
+
+def transformers_in(model: nn.Module) -> list[nn.Module]:
+    """The diffusers video transformers inside ``model``, possibly none."""
+    return [m for m in model.modules() if _family_of(m) is not None]
 
 
 def _blocks(model: nn.Module, family: str) -> list[nn.Module]:
@@ -439,26 +444,65 @@ def enable_context_parallel(model: nn.Module, family: Any = None, group=None) ->
         fam = transformer_family(transformer)
         if expected is not None and fam != expected:
             raise ValueError(f"family {expected!r} does not match the transformer's class {type(transformer).__name__}")
-        if getattr(transformer, "_dcm_context_parallel", None) is not None:
-            raise RuntimeError(f"context parallelism is already enabled on this {type(transformer).__name__}")
-        heads = int(transformer.config.num_attention_heads)
-        if heads % degree:
-            raise ConfigError(KEY, degree, f"must divide the attention head count {heads}: allowed "
-                                           f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
-        if fam == "hunyuan" and transformer.config.get("image_condition_type") == "token_replace":
-            raise ConfigError(KEY, degree, "1 for a HunyuanVideo transformer with image_condition_type "
-                                           "'token_replace' (its first-frame modulation is not split across ranks)")
-        transformer._dcm_context_parallel = cp
-        cp.transformers.append(transformer)
-        if degree == 1:
-            continue
-        for attn in _attention_modules(transformer, fam):
-            cp._processors.append((attn, attn.processor))
-            attn.set_processor(_PROCESSORS[fam](group))
-        blocks = _blocks(transformer, fam)
-        cp._handles.append(blocks[0].register_forward_pre_hook(_split_hook(cp, fam), with_kwargs=True))
-        cp._handles.append(blocks[-1].register_forward_hook(_gather_hook(cp)))
+        _install(cp, transformer)
     return cp
+
+
+def enable_context_parallel_on(models: Iterable[nn.Module | None], group=None) -> ContextParallel:
+    """``enable_context_parallel`` for every distinct diffusers transformer inside ``models`` (None and
+    modules holding none are skipped; a transformer reached twice, e.g. a student that an objective also
+    holds, is set up once), all sharing one ``ContextParallel``: what the training loop calls on the
+    student, its EMA copy, the frozen teacher and the objectives' networks.  ``remove`` takes it all back."""
+    group, degree, rank = _group_and_degree(group)
+    cp = ContextParallel(group=group, degree=degree, rank=rank)
+    for model in models:
+        for transformer in transformers_in(model) if model is not None else []:
+            if getattr(transformer, "_dcm_context_parallel", None) is not cp:
+                _install(cp, transformer)
+    return cp
+
+
+def context_parallel_of(model: nn.Module) -> ContextParallel | None:
+    """The ``ContextParallel`` enabled on the transformer inside ``model`` (None: none, or no transformer)."""
+    for transformer in transformers_in(model):
+        cp = getattr(transformer, "_dcm_context_parallel", None)
+        if cp is not None:
+            return cp
+    return None
+
+
+def gather_taps(model: nn.Module, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Block outputs (B, tokens, dim) taken by hooks during the latest forward of ``model``, each whole on
+    every rank (the rank's slice all-gathered; gradient: reduce-scatter) when context parallelism is on
+    for it; unchanged otherwise.  DetE's discriminator heads and feature matching need the whole grid."""
+    cp = context_parallel_of(model)
+    if cp is None or cp.degree == 1:
+        return taps
+    return [cp.gather_tokens(tap) for tap in taps]
+
+
+def _install(cp: ContextParallel, transformer: nn.Module) -> None:
+    """The Ulysses processors and the split / gather hooks on one transformer (checked first)."""
+    fam, degree = transformer_family(transformer), cp.degree
+    if getattr(transformer, "_dcm_context_parallel", None) is not None:
+        raise RuntimeError(f"context parallelism is already enabled on this {type(transformer).__name__}")
+    heads = int(transformer.config.num_attention_heads)
+    if heads % degree:
+        raise ConfigError(KEY, degree, f"must divide the attention head count {heads}: allowed "
+                                       f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
+    if fam == "hunyuan" and transformer.config.get("image_condition_type") == "token_replace":
+        raise ConfigError(KEY, degree, "1 for a HunyuanVideo transformer with image_condition_type "
+                                       "'token_replace' (its first-frame modulation is not split across ranks)")
+    transformer._dcm_context_parallel = cp
+    cp.transformers.append(transformer)
+    if degree == 1:
+        return
+    for attn in _attention_modules(transformer, fam):
+        cp._processors.append((attn, attn.processor))
+        attn.set_processor(_PROCESSORS[fam](cp.group))
+    blocks = _blocks(transformer, fam)
+    cp._handles.append(blocks[0].register_forward_pre_hook(_split_hook(cp, fam), with_kwargs=True))
+    cp._handles.append(blocks[-1].register_forward_hook(_gather_hook(cp)))
 
 
 def _split_hook(cp: ContextParallel, family: str):

@@ -111,10 +111,9 @@ def token_count(params: Params) -> int | None:
     if bb.family == "toy":
         f, (pt, ph, pw) = bb.toy.codec_factor, bb.toy.patch_size
         return (params.world.frames // pt) * (params.world.size // f // ph) * (params.world.size // f // pw)
-    config = Path(os.path.expanduser(bb.path or "")) / "transformer" / "config.json"
-    if bb.real is None or not config.is_file():
+    cfg = _transformer_config(params)
+    if bb.real is None or cfg is None:
         return None
-    cfg = json.loads(config.read_text())
     patch = cfg.get("patch_size")
     if isinstance(patch, (list, tuple)):
         pt, ph, pw = (int(p) for p in patch)
@@ -123,6 +122,20 @@ def token_count(params: Params) -> int | None:
         pw = ph
     frames = (bb.real.frames - 1) // 4 + 1  # the three families' VAEs: time ÷4 (4k+1 frames), space ÷8
     return (frames // pt) * (bb.real.height // 8 // ph) * (bb.real.width // 8 // pw)
+
+
+def _transformer_config(params: Params) -> dict | None:
+    """The real family's transformer config.json under ``backbone.path`` (None where there is none)."""
+    config = Path(os.path.expanduser(params.backbone.path or "")) / "transformer" / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def head_count(params: Params) -> int | None:
+    """Attention heads of the run's transformer, from the params or its config.json (None where unread)."""
+    if params.backbone.family == "toy":
+        return int(params.backbone.toy.num_attention_heads)
+    cfg = _transformer_config(params)
+    return int(cfg["num_attention_heads"]) if cfg and "num_attention_heads" in cfg else None
 
 
 def check_world(params: Params, size: int | None = None) -> ParallelDims:
@@ -136,6 +149,12 @@ def check_world(params: Params, size: int | None = None) -> ParallelDims:
         if tokens is not None and tokens % cfg.context_parallel:
             raise ConfigError(f"{KEY}.context_parallel", cfg.context_parallel,
                               f"a divisor of the video token count ({tokens} tokens per sample at this size)")
+        heads = head_count(params)
+        if heads is not None and heads % cfg.context_parallel:  # Ulysses splits the heads over the group
+            allowed = [d for d in range(1, heads + 1) if heads % d == 0 and size % d == 0
+                       and (tokens is None or tokens % d == 0)]
+            raise ConfigError(f"{KEY}.context_parallel", cfg.context_parallel,
+                              f"a divisor of the attention head count ({heads} heads; allowed here {allowed})")
     return dims
 
 
