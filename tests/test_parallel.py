@@ -219,14 +219,20 @@ def assert_half_per_rank(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def seme_runs(base_project, tmp_path_factory):
-    """SemE 4 steps: 1 process with global batch 4, and 2 FSDP2 ranks with batch 2 each."""
-    root = tmp_path_factory.mktemp("parallel-seme")
-    one = make_project(base_project, root / "one", batch_size=4)
-    two = make_project(base_project, root / "two", batch_size=2, parallel={"strategy": "fsdp"})
+def seme_one(base_project, tmp_path_factory):
+    """SemE 4 steps in 1 process with batch 4: the reference of the 2-rank SemE runs, and DetE's input."""
+    one = make_project(base_project, tmp_path_factory.mktemp("parallel-seme-one") / "one", batch_size=4)
     dcm_run(one, "train_seme", 1)
+    return one
+
+
+@pytest.fixture(scope="module")
+def seme_runs(seme_one, base_project, tmp_path_factory):
+    """SemE 4 steps: 1 process with global batch 4, and 2 FSDP2 ranks with batch 2 each."""
+    two = make_project(base_project, tmp_path_factory.mktemp("parallel-seme") / "two", batch_size=2,
+                       parallel={"strategy": "fsdp"})
     dcm_run(two, "train_seme", 2)
-    return one, two
+    return seme_one, two
 
 
 @pytest.mark.slow
@@ -264,8 +270,8 @@ def test_hsdp_lcm_with_an_ema_target_equals_one_process(base_project, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_lora_dete_at_two_ranks_equals_one_process(seme_runs, tmp_path):
-    """LoRA DetE (adapters + copied timestep layers trainable, the rest frozen) sharded; GAN/FM off here:
-    their σ_adv and ε′ come from each rank's global RNG, so only the consistency loss is rank-invariant."""
+    """LoRA DetE (adapters + copied timestep layers trainable, the rest frozen) sharded, GAN/FM off (with them:
+    ``test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process``)."""
     one_seme, _ = seme_runs
     dete = {"gan_weight": 0.0, "fm_weight": 0.0}
     one = make_project(one_seme, tmp_path / "one", batch_size=4, dete=dete)
@@ -305,3 +311,170 @@ def test_two_rank_checkpoint_resumes_exactly_at_two_ranks_and_at_one(base_projec
         assert json.loads((run / "checkpoints/dcm/seme/train.json").read_text())["resumed_from"] == 2
     assert (one / "checkpoints/dcm/seme/resume/state.pt").is_file()  # one process writes the one-file form
     assert not (one / "checkpoints/dcm/seme/resume/dcp").exists()
+
+
+# ------------------------------------------------- context parallelism and GAN draws in the training loop
+
+
+def assert_same_history(one: Path, two: Path) -> dict[str, float]:
+    """The same global batch (n) at every step and every logged value (losses, GAN/DMD2 terms, D's logits,
+    gradient norms) within LOSS_RTOL; returns the largest relative difference per key."""
+    rows_one, rows_two = history(one), history(two)
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
+    worst: dict[str, float] = {}
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert a["n"] == b["n"]
+        assert b.keys() == a.keys()
+        for key, value in a.items():
+            if isinstance(value, float) and key != "step_s":
+                assert b[key] == pytest.approx(value, rel=LOSS_RTOL, abs=1e-9), (a["step"], key)
+                worst[key] = max(worst.get(key, 0.0), abs(b[key] - value) / max(abs(value), 1e-30))
+    print({k: f"{v:.1e}" for k, v in worst.items()})
+    return worst
+
+
+def assert_same_weights(one: Path, two: Path) -> None:
+    a, b = safetensors_in(one), safetensors_in(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def assert_tokens_split(run: Path, per_rank: int) -> None:
+    """Both ranks ran the transformer blocks on their half of the video tokens (one context-parallel group)."""
+    record = json.loads(run.joinpath("distributed.json").read_text())
+    assert record["parallel"]["cp"] == 2 and record["world_size"] == 2
+    assert record["context_parallel_tokens"] == [per_rank, per_rank]
+    assert record["parameter_digests"][0] == record["parameter_digests"][1]
+
+
+SMOKE_TOKENS = 16  # the smoke preset's video tokens per sample (8 latent frames of 8×8, patch (8, 2, 2))
+
+
+def test_context_parallel_seme_at_two_ranks_equals_one_process(seme_one, base_project, tmp_path):
+    """2 ranks × context_parallel 2 (one data-parallel rank, FSDP2 over the pair): each rank runs the student
+    on half of every sample's tokens; losses (TC over the whole clip included), gradient norms and the final
+    weights are the one-process run's."""
+    two = make_project(base_project, tmp_path / "two", batch_size=4,
+                       parallel={"strategy": "fsdp", "context_parallel": 2})
+    dcm_run(two, "train_seme", 2)
+    one, two = seme_one / "checkpoints/dcm/seme", two / "checkpoints/dcm/seme"
+    worst = assert_same_history(one, two)
+    assert worst["tc"] < LOSS_RTOL and history(two)[0]["tc"] > 0
+    assert_tokens_split(two, SMOKE_TOKENS // 2)
+    assert_same_weights(one / "transformer", two / "transformer")
+    summary = json.loads(two.joinpath("train.json").read_text())
+    assert summary["global_batch_size"] == 4 and summary["parallel"]["cp"] == 2
+
+
+@pytest.fixture(scope="module")
+def dete_one(seme_one, tmp_path_factory):
+    """DetE with the smoke preset's GAN + feature matching (λ_gan 0.1, λ_fm 1), 1 process, batch 4."""
+    one = make_project(seme_one, tmp_path_factory.mktemp("parallel-dete-one") / "one", batch_size=4)
+    dcm_run(one, "train_dete", 1)
+    assert "gan/gan_g" in history(one / "checkpoints/dcm/dete")[0]  # the hinge and FM terms are on
+    return one
+
+
+def test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process(seme_one, dete_one, tmp_path):
+    """Two data-parallel ranks (FSDP2, batch 2 each): σ_adv and ε′ are drawn for the global batch and each rank
+    keeps its rows, so the hinge, FM and discriminator values equal one process's with batch 4."""
+    two = make_project(seme_one, tmp_path / "two", batch_size=2, parallel={"strategy": "fsdp"})
+    dcm_run(two, "train_dete", 2)
+    one, two = dete_one / "checkpoints/dcm/dete", two / "checkpoints/dcm/dete"
+    worst = assert_same_history(one, two)
+    assert {"gan/gan_g", "gan/fm", "gan/d_loss", "gan/d_real", "gan/d_fake"} <= worst.keys()
+    for folder in ("adapter", "."):
+        assert_same_weights(one / folder, two / folder)
+
+
+def test_context_parallel_dete_with_gan_and_feature_matching_equals_one_process(seme_one, dete_one, tmp_path):
+    """DDP × context_parallel 2: the student (LoRA DetE) and the frozen teacher of the GAN feature passes split
+    the tokens; the teacher's taps are gathered, so the heads and feature matching see the whole grid."""
+    two = make_project(seme_one, tmp_path / "two", batch_size=4, parallel={"strategy": "ddp", "context_parallel": 2})
+    dcm_run(two, "train_dete", 2)
+    one, two = dete_one / "checkpoints/dcm/dete", two / "checkpoints/dcm/dete"
+    assert_same_history(one, two)
+    assert_tokens_split(two, SMOKE_TOKENS // 2)
+    for folder in ("adapter", "."):
+        assert_same_weights(one / folder, two / folder)
+
+
+def test_context_parallel_dmd2_with_its_classifier_equals_one_process(base_project, tmp_path):
+    """DMD2 over one context-parallel pair (DDP): the generator's backward simulation, the real and the fake
+    score split the tokens, the classifier's tap is gathered, both ranks draw the data rank's stream.  (Not
+    under FSDP: its backward simulation runs the student a per-rank number of times, refused up front.)"""
+    def dmd2_project(folder: Path, parallel: dict | None) -> Path:
+        make_project(base_project, folder, batch_size=4, parallel=parallel)
+        raw = yaml.safe_load((folder / "params.yaml").read_text())
+        raw["methods"]["dmd2"]["dmd2"].update(gan_weight=0.1, cls_weight=0.5)
+        (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        return folder
+
+    one = dmd2_project(tmp_path / "one", None)
+    two = dmd2_project(tmp_path / "two", {"strategy": "ddp", "context_parallel": 2})
+    dcm_run(one, "train_baseline", 1, method="dmd2")
+    dcm_run(two, "train_baseline", 2, method="dmd2")
+    one, two = one / "checkpoints/dmd2", two / "checkpoints/dmd2"
+    worst = assert_same_history(one, two)
+    assert {"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls"} <= worst.keys()
+    assert_tokens_split(two, SMOKE_TOKENS // 2)
+    assert_same_weights(one / "transformer", two / "transformer")
+
+
+def test_gan_draws_do_not_depend_on_the_number_of_ranks():
+    """σ_adv and ε′ of a global batch of 4: one process's draw equals the two data ranks' rows put together,
+    from the same global RNG state (every rank seeds it alike)."""
+    from types import SimpleNamespace
+
+    from dcm.distill.discriminator import GanFeatureMatching
+
+    gan = SimpleNamespace(adv_sigmas=torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4]))
+
+    def draw(rows: int, data_rank: int, data_size: int):
+        torch.manual_seed(7)
+        batch = SimpleNamespace(x_end_pred=torch.zeros(rows, 3, 2, 4, 4), data_rank=data_rank, data_size=data_size)
+        return GanFeatureMatching.draw(gan, batch)
+
+    sigma, eps = draw(4, 0, 1)
+    halves = [draw(2, rank, 2) for rank in (0, 1)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), sigma)
+    assert torch.equal(torch.cat([h[1] for h in halves]), eps)
+    assert not torch.equal(halves[0][1], halves[1][1])  # each data rank its own rows
+
+
+def test_context_parallel_not_dividing_the_head_count_fails_before_any_work():
+    """The smoke transformer has 2 heads and 16 tokens: 4 divides the tokens and the world, not the heads."""
+    params = config.parse(smoke_raw(parallel={"context_parallel": 4}))
+    with pytest.raises(config.ConfigError, match=r"head count \(2 heads; allowed here \[1, 2\]\)") as err:
+        fsdp.check_world(params, 4)
+    assert err.value.key == "training.parallel.context_parallel" and err.value.value == 4
+
+
+def test_objectives_refuse_layouts_they_cannot_train_under():
+    """An objective that has not declared context-parallel support (MCM's image discriminator, whose taps are
+    not gathered) is refused; DetE's EMA real under a sharded student too; TC, GAN + FM and DMD2 pass."""
+    from dcm.distill import loop
+    from dcm.distill.discriminator import GanFeatureMatching
+    from dcm.distill.dmd2 import DistributionMatching
+    from dcm.distill.mcm import ImageDiscriminator
+
+    cp2 = fsdp.ParallelDims("fsdp", 2, 1, 1, 2)
+    with pytest.raises(config.ConfigError, match="ImageDiscriminator objective") as err:
+        ImageDiscriminator.check_parallel(bare(ImageDiscriminator), cp2)
+    assert (err.value.key, err.value.value) == ("training.parallel.context_parallel", 2)
+    for kind in (loop.TemporalCoherence, GanFeatureMatching, DistributionMatching):
+        assert kind.supports_context_parallel
+    loop.TemporalCoherence(1.0, 2).check_parallel(cp2)
+    gan = bare(GanFeatureMatching, real="ema")
+    GanFeatureMatching.check_parallel(gan, fsdp.ParallelDims("ddp", 2, 1, 1, 2))
+    with pytest.raises(config.ConfigError, match="'ddp' with dete.real 'ema'") as err:
+        GanFeatureMatching.check_parallel(gan, fsdp.ParallelDims("fsdp", 2, 1, 2, 1))
+    assert err.value.key == "training.parallel.strategy"
+
+
+def bare(kind, **attrs):
+    """An instance of ``kind`` without its constructor (which needs a teacher): the class attributes and ``attrs``."""
+    obj = kind.__new__(kind)
+    vars(obj).update(attrs)
+    return obj

@@ -46,10 +46,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from dcm import distributed
 from dcm.backbones.base import Backbone, TeacherFeatures, token_grid
 from dcm.config import ConfigError
 from dcm.distill import losses
 from dcm.distill.loop import ConsistencyBatch, Objective
+from dcm.parallel.context import gather_taps
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid
 
 DISC_BETAS = (0.0, 0.999)
@@ -184,9 +186,17 @@ class GanFeatureMatching(Objective):
     The variants (module docstring): ``disc_warmup``, ``disc_steps``, ``hinge_margin`` (need the
     discriminator, gan_weight > 0) and ``real``; ``real="ema"`` needs the student (``bind_student``, or
     ``student=`` here), ``real="trajectory"`` the cached batch source wrapped by ``watch_source``.
+
+    Over ranks (``training.parallel``): σ_adv and ε′ are drawn for the whole global batch from the global
+    torch RNG, which every rank seeds and advances alike, and each rank keeps its micro-batch's rows
+    (``ConsistencyBatch.data_rank``), so a run's draws do not depend on the number of ranks and one
+    process draws exactly what it always drew.  Under context parallelism the teacher's taps are
+    gathered, so the heads and feature matching see the whole token grid; D's margin (``hinge_margin``)
+    is the global batch's.
     """
 
     name = "gan"
+    supports_context_parallel = True
 
     def __init__(self, backbone: Backbone, teacher: nn.Module, adv_sigmas: Sequence[float], *, gan_weight: float,
                  fm_weight: float, disc_lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
@@ -292,11 +302,25 @@ class GanFeatureMatching(Objective):
         """Is the generator's hinge term on at ``step``: past the warm-up and the margin gate open."""
         return self.discriminator is not None and step >= self.disc_warmup and self.hinge_open
 
+    def check_parallel(self, dims) -> None:
+        super().check_parallel(dims)
+        if self.real == "ema" and dims.sharded:
+            raise ConfigError("training.parallel.strategy", dims.strategy,
+                              "'ddp' with dete.real 'ema': the EMA copy of DetE's parameters is kept whole and "
+                              "swapped into the student, which a sharded (FSDP2) student does not allow")
+
     def draw(self, batch: ConsistencyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ_adv (B,), ε′): one level per sample from ``adv_sigmas``, one noise shared by real and fake."""
+        """(σ_adv (B,), ε′): one level per sample from ``adv_sigmas``, one noise shared by real and fake.  Drawn for
+        the global batch (``batch.data_size`` micro-batches of B), this rank's rows kept: the same draws at any
+        number of ranks (the global RNG is seeded and advanced alike on every rank)."""
         x = batch.x_end_pred
-        pick = torch.randint(len(self.adv_sigmas), (x.shape[0],))
-        return self.adv_sigmas[pick].to(x.device), torch.randn(x.shape).to(x.device)
+        b, size = x.shape[0], batch.data_size
+        pick = torch.randint(len(self.adv_sigmas), (b * size,))
+        eps = torch.randn((b * size, *x.shape[1:]))
+        if size > 1:
+            rows = slice(batch.data_rank * b, (batch.data_rank + 1) * b)
+            pick, eps = pick[rows], eps[rows]
+        return self.adv_sigmas[pick].to(x.device), eps.to(x.device)
 
     def adversarial_features(self, batch: ConsistencyBatch, drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
                              x_real: torch.Tensor | None = None, x_fake: torch.Tensor | None = None
@@ -312,7 +336,9 @@ class GanFeatureMatching(Objective):
         with batch.autocast():
             with torch.no_grad():
                 _, feat_real = self.backbone.predict(self.teacher, x_adv_real, sigma_adv, batch.cond, features=True)
+                feat_real.taps = gather_taps(self.teacher, feat_real.taps)  # context parallel: the whole grid
             _, feat_fake = self.backbone.predict(self.teacher, x_adv_fake, sigma_adv, batch.cond, features=True)
+            feat_fake.taps = gather_taps(self.teacher, feat_fake.taps)
         return feat_real.detach(), feat_fake
 
     def grad_networks(self) -> list[nn.Module]:
@@ -385,8 +411,13 @@ class GanFeatureMatching(Objective):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.max_grad_norm)
         self.optimizer.step()
-        d_real = float(torch.stack([r.detach().mean() for r in D_real]).mean())
-        d_fake = float(torch.stack([f.detach().mean() for f in D_fake]).mean())
+        means = torch.stack([torch.stack([r.detach().mean() for r in D_real]).mean(),
+                             torch.stack([f.detach().mean() for f in D_fake]).mean()])
+        if self.hinge_margin is not None and distributed.world().size > 1:  # the gate: the global batch's margin
+            means = means.float().cpu()
+            torch.distributed.all_reduce(means)
+            means /= distributed.world().size  # context-parallel ranks hold equal values: the data ranks' mean
+        d_real, d_fake = float(means[0]), float(means[1])
         self._update_margin(d_real - d_fake)
         return {"d_loss": float(loss.detach()), "d_real": d_real, "d_fake": d_fake}
 

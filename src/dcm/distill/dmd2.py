@@ -51,6 +51,7 @@ from dcm.distill.discriminator import Discriminator, frozen
 from dcm.distill.loop import ADAM_BETAS, ConsistencyBatch, ConsistencySpace, Objective, autocast_for
 from dcm.distill.mcm import student_x0
 from dcm.distill.teacher_pretraining import flow_matching_loss
+from dcm.parallel.context import gather_taps
 from dcm.sampling import sample_lcm, teacher_velocity
 from dcm.schedule import SIGMA_MIN_INDEX, Phase, SamplingStep, TeacherGrid, noised
 
@@ -176,12 +177,13 @@ class DistributionMatching(Objective):
     """
 
     name = "dmd2"
+    supports_context_parallel = True  # its draws are the data rank's; the classifier's tap is gathered
 
     def __init__(self, backbone: Backbone, source: BackwardSimulation, train_sigmas: torch.Tensor, *,
                  fake_steps: int, fake_lr: float, dm_weight: float, t_range: tuple[int, int],
                  guidance: float | None = None, gan_weight: float = 0.0, cls_weight: float = 0.0,
                  real_videos: OnlineSource | None = None, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, data_rank: int | None = None):
         if fake_steps < 1:
             raise ValueError(f"DMD2 needs at least one fake-score update per generator update, got {fake_steps}")
         if gan_weight > 0 and real_videos is None:
@@ -199,8 +201,11 @@ class DistributionMatching(Objective):
             self.classifier = Discriminator(backbone.feature_dim(self.fake), 1, backbone.token_patch(self.fake)).to(device)
         self.optimizer = torch.optim.AdamW(self.fake_parameters(), lr=fake_lr, betas=ADAM_BETAS,
                                            weight_decay=weight_decay)
+        # one stream per data-parallel rank (``data_rank``, default: the rank): the ranks of a context-parallel
+        # group split one sample's tokens, so they must draw alike
+        data_rank = distributed.world().rank if data_rank is None else data_rank
         self.rng = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, RNG_SALT, distributed.world().rank]).generate_state(1)[0]))
+            int(np.random.SeedSequence([seed, RNG_SALT, data_rank]).generate_state(1)[0]))
         self._pending: dict[int, list[_Pending]] = {}
 
     def fake_parameters(self) -> list[nn.Parameter]:
@@ -225,7 +230,8 @@ class DistributionMatching(Objective):
         x = noised(x0, self.noise_like(x0), sigma.view(-1, *([1] * (x0.ndim - 1))))
         with autocast():
             _, feats = self.backbone.predict(self.fake, x, sigma, cond, features=True)
-        return self.classifier([feats.taps[len(feats.taps) // 2]], feats.latent_thw)
+        tap = gather_taps(self.fake, [feats.taps[len(feats.taps) // 2]])  # context parallel: the whole grid
+        return self.classifier(tap, feats.latent_thw)
 
     def scores(self, x0_gen: torch.Tensor, cond: PromptEmbeds, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_real, x0_fake): both scores' clean estimates at x_t, t uniform over the DM range, one ε."""
@@ -346,7 +352,8 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
         backbone, source, train_sigmas, fake_steps=cfg.fake_steps, fake_lr=cfg.fake_lr or m.lr,
         dm_weight=cfg.dm_weight, t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)),
         guidance=cfg.guidance, gan_weight=cfg.gan_weight, cls_weight=cfg.cls_weight, real_videos=videos,
-        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed)
+        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed,
+        data_rank=distributed.world().rank // params.training.parallel.context_parallel)
     if params.training.gradient_checkpointing:  # the fake score trains at the student's size: the same memory rule
         enable_activation_checkpointing(objective.fake)
     return source, NoConsistencyLoss(), [objective], generator_phases(source.indices)

@@ -16,6 +16,12 @@ with grad_accum > 1 it is the mean over micro-batches (an upper bound of the acc
 In multi-rank runs (``training.parallel``) they come from extra backward passes after the step's own:
 the mean over ranks for FSDP-sharded parameters, this rank's for DDP-replicated ones; every logged
 value is the mean over the data-parallel ranks, i.e. the global batch's.
+
+With ``training.parallel.context_parallel`` C > 1 the ranks form groups of C that split each sample's
+video tokens (``dcm.parallel.context``, Ulysses): every transformer that runs in a step has its tokens
+split inside and gathered at its output, the ranks of a group draw the same samples, noise and
+objective draws, and the engines average gradients over the group; a run equals one process with the
+same global batch (batch_size × world size / C).
 """
 
 from __future__ import annotations
@@ -66,12 +72,28 @@ class ConsistencyBatch:
     x_end_target: torch.Tensor  # target x̂_tgt (no grad); = x_prev where n−1 == end
     # the training forwards' precision context (``autocast_for``): objectives run their teacher passes in it
     autocast: Callable[[], AbstractContextManager] = nullcontext
+    # this micro-batch is rows [data_rank·B, (data_rank + 1)·B) of the global batch of data_size·B samples:
+    # an objective's own draws come from the global batch's, so they do not depend on the number of ranks
+    data_rank: int = 0
+    data_size: int = 1
 
 
 class Objective:
     """Extra loss terms beside the consistency loss.  Subclasses set ``name`` and override what they need."""
 
     name: str = "objective"
+    #: trains under context parallelism (training.parallel.context_parallel > 1): the loop enables it on the
+    #: objective's networks; block outputs it takes by hooks are gathered (``dcm.parallel.context.gather_taps``)
+    #: and its random draws are the same on every rank of a context-parallel group
+    supports_context_parallel: bool = False
+
+    def check_parallel(self, dims: parallel.ParallelDims) -> None:
+        """Raise ``ConfigError`` (key, value, what is allowed) for a layout over the ranks (``training.parallel``
+        at this world size) this objective cannot train under; the loop calls it before any work."""
+        if dims.cp > 1 and not self.supports_context_parallel:
+            raise ConfigError("training.parallel.context_parallel", dims.cp,
+                              f"1 with the {type(self).__name__} objective ('{self.name}'): it does not support "
+                              "context parallelism (its feature taps are not gathered across the ranks)")
 
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
         """Weighted scalar terms, summed into the student's loss and logged by key."""
@@ -96,6 +118,7 @@ class TemporalCoherence(Objective):
     """SemE's temporal coherence loss on the endpoints, weight λ_TC, frame offset l (METHODS.md)."""
 
     name = "tc"
+    supports_context_parallel = True  # on the model's output, which context parallelism gathers: the whole clip
 
     def __init__(self, weight: float, offset: int):
         self.weight, self.offset = weight, offset
@@ -293,11 +316,13 @@ def endpoints(backbone: Backbone, student: nn.Module, target_model: nn.Module, d
     return x_end_pred, x_end_target
 
 
-def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence[nn.Parameter]) -> dict[str, float]:
+def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence[nn.Parameter],
+                                cp=None) -> dict[str, float]:
     """‖∂term/∂θ‖₂ of each term by one more backward each, after the step's own (``retain_graph``): the
     way for wrapped models, whose engines see gradients only through backward hooks (FSDP2's reduce-
     scatter: the norm of the mean over ranks; DDP syncs once per step: this rank's).  ``.grad`` is put
-    back as the step's backward left it."""
+    back as the step's backward left it.  ``cp`` (a ``ContextParallel``): plain (unsharded) gradients are
+    averaged over its group first, a context-parallel rank's own being only its tokens' share."""
     kept = [p.grad for p in params]
     out: dict[str, float] = {}
     try:
@@ -306,11 +331,18 @@ def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence
                 p.grad = None
             if term.requires_grad:
                 term.backward(retain_graph=i < len(terms) - 1)
+            if cp is not None and cp.degree > 1:
+                cp.average_gradients([p for p in params if p.grad is not None and not hasattr(p.grad, "to_local")])
             out[key] = float(parallel.grad_norm(params)) if any(p.grad is not None for p in params) else 0.0
     finally:
         for p, g in zip(params, kept, strict=True):
             p.grad = g
     return out
+
+
+def _modules_of(owner) -> list[nn.Module]:
+    """The ``nn.Module`` attributes of an object (a backbone, an objective, a batch source)."""
+    return [m for m in vars(owner).values() if isinstance(m, nn.Module)] if hasattr(owner, "__dict__") else []
 
 
 def _trainable_modules(owner) -> list[nn.Module]:
@@ -358,6 +390,8 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     dims = parallel.check_world(params, ranks.size)
     mesh = dims.build_mesh()  # None in one process: nothing below is wrapped, the run is what it always was
     data_rank, data_size = ranks.rank // dims.cp, dims.dp_size  # each data rank its slice of one global batch
+    for obj in spec.objectives:  # layouts an objective cannot train under, before any work
+        obj.check_parallel(dims)
 
     # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
     ema_model = copy.deepcopy(spec.student).requires_grad_(False) if spec.target == "ema" else None
@@ -381,6 +415,19 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                           "on as many samples as each rank draws, and a sharded student needs every rank in each forward")
     for net in [*(m for obj in spec.objectives for m in _trainable_modules(obj)), *_trainable_modules(space)]:
         parallel.parallelize(net, cfg.parallel, mesh, shard=False)
+    # Context parallelism (Ulysses, dcm.parallel.context): every transformer that runs forward in a step (the
+    # student, the EMA copy, the teacher of an online source and of DetE's GAN features, an objective's own,
+    # e.g. DMD2's fake score) splits its video tokens over the ranks of one "cp" group, which share the
+    # samples, noise and draws (data_rank above; objectives draw from the global batch's).  Each model's
+    # output is gathered, so every loss (TC included) sees the whole clip; FSDP2 (over dp_shard_cp) and
+    # DDP (over every rank) average the gradients over the group, which makes them the one-rank gradient.
+    cp = None
+    if dims.cp > 1:
+        from dcm.parallel.context import enable_context_parallel_on
+
+        cp = enable_context_parallel_on([student, ema_model, *_modules_of(backbone), *_modules_of(source),
+                                         *(m for obj in spec.objectives for m in _modules_of(obj)),
+                                         *_modules_of(space)], mesh["cp"])
     trainable = [dict(student.named_parameters())[name] for name in names]  # the wrapped (maybe sharded) ones
     ema_params = [dict(ema_model.named_parameters())[name] for name in names] if ema_model is not None else []
     target_model = ema_model if ema_model is not None else student
@@ -446,7 +493,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                                                      sigma_prev, sigma_end, at_boundary, autocast)
 
                 batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
-                                         x_end_pred, x_end_target, autocast)
+                                         x_end_pred, x_end_target, autocast, data_rank, data_size)
                 m_pred = space.student(x_end_pred)
                 with torch.no_grad():
                     m_target = space.target(x_end_target)
@@ -465,7 +512,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                         logged[key] = logged.get(key, 0.0) + term_grad_norm(v_, stepped) / cfg.grad_accum
                 (loss / cfg.grad_accum).backward(retain_graph=term_norms and mesh is not None)
                 if term_norms and mesh is not None:
-                    for k, norm in term_grad_norms_by_backward(terms, stepped).items():
+                    for k, norm in term_grad_norms_by_backward(terms, stepped, cp).items():
                         logged[f"grad_norm/{k}"] = logged.get(f"grad_norm/{k}", 0.0) + norm / cfg.grad_accum
                 micro_batches.append(batch)
                 for k, v_ in terms.items():
@@ -511,6 +558,9 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
             if (resume.sharded or ranks.is_main) and (done % cfg.checkpoint_every == 0 or done == spec.train_steps):
                 last_checkpoint = resume.save(done, wall_before + time.perf_counter() - t0)
     bar.close()
+    local_tokens = cp.local_tokens if cp is not None else None  # video tokens per rank in the last forward
+    if cp is not None:  # the models run whole again: whatever follows (saving, a stage's own passes) is one rank's
+        cp.remove()
     if start >= spec.train_steps and start:
         print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
 
@@ -518,6 +568,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     if ranks.size > 1:  # every rank's (consolidated) weights and its shard sizes, for the record
         digests = distributed.gather_objects(distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
         local = distributed.gather_objects({name: parallel.local_numel(p) for name, p in zip(names, trainable)})
+        tokens = distributed.gather_objects(local_tokens)
         parallel.gather_full_weights(student)  # rank 0: the full weights, for the stage's save
         if not ranks.is_main:
             distributed.barrier()  # rank 0 writes the outputs
@@ -525,7 +576,8 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                                losses=step_losses)
         io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {
             "world_size": ranks.size, "parallel": vars(dims), "parameter_digests": digests,
-            "shapes": {name: list(p.shape) for name, p in zip(names, trainable)}, "local_numel": local})
+            "shapes": {name: list(p.shape) for name, p in zip(names, trainable)}, "local_numel": local,
+            **({"context_parallel_tokens": tokens} if cp is not None else {})})
     if spec.save is not None:
         spec.save(out_dir)
     n_trainable = sum(p.numel() for p in trainable)
