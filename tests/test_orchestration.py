@@ -60,7 +60,8 @@ def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
         fields = dict(re.findall(r"^\s+(input|output|wildcards): (.*)$", block, re.M))
         method = fields.get("wildcards", "").partition("method=")[2] or None
         split = lambda s: {p.strip() for p in s.split(",") if p.strip()}  # noqa: E731
-        cmd = re.search(r"^(?:Shell command: )?\s*(dcm run .*)$", block, re.M).group(1).strip()
+        # a multi-task rule starts its ranks with srun inside its SLURM job (workflow/rules/stages.smk)
+        cmd = re.search(r"^(?:Shell command: )?\s*(?:\$\{SLURM_JOB_ID:\+srun[^}]*\} )?(dcm run .*)$", block, re.M).group(1).strip()
         runs[f"{m.group(1)}@{method}" if method else m.group(1)] = {
             "deps": split(fields.get("input", "")), "outs": split(fields.get("output", "")), "cmd": cmd}
     return runs

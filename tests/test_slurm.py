@@ -4,6 +4,7 @@ cluster (slurm/local-cluster/start.sh).  The torch.distributed mapping is a plai
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -57,6 +58,25 @@ def test_stage_job_requeues_the_same_call_on_preemption():
     again = job.checkpoint()
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert vars(again.function) == vars(job)
+
+
+def test_snakemake_resources_ask_for_every_rank_and_start_them_with_srun(tmp_path, monkeypatch):
+    """A multi-task row is a Snakemake MPI job (sbatch gets the geometry, the rule's line starts the ranks);
+    a GPU row never states `tasks` (the executor reads it as tasks per GPU)."""
+    table = {"default": {"partition": "gpu", "account": None, "gpus": 8, "gpu_type": "a100", "nodes": 3,
+                         "cpus_per_task": 10, "mem_gb": 960, "time_min": 60},
+             "prepare": {"gpus": 0, "nodes": 1, "cpus_per_task": 1},
+             "teacher": {"gpus": 1, "nodes": 2}}
+    (tmp_path / "resources.yaml").write_text(yaml.safe_dump(table))
+    monkeypatch.setenv("DCM_SLURM_RESOURCES", str(tmp_path / "resources.yaml"))
+    train = launch.dag.snakemake_resources("train_seme")
+    assert train["mpi"] == "srun --nodes=3 --ntasks-per-node=8 --cpus-per-task=10"
+    assert train["nodes"] == 3 and train["tasks_per_node"] == 8 and train["gres"] == "gpu:a100:8"
+    assert "tasks" not in train
+    assert launch.slurm_parameters(launch.dag.load_resources("train_seme"), "x")["tasks_per_node"] == 8
+    one_gpu_per_node = launch.dag.snakemake_resources("teacher")
+    assert one_gpu_per_node["tasks"] == 2 and one_gpu_per_node["tasks_per_gpu"] == 1
+    assert "mpi" not in launch.dag.snakemake_resources("prepare")
 
 
 @pytest.fixture
@@ -119,6 +139,55 @@ def _prepare_training_inputs(params_path: str = "params.yaml") -> None:
     assert params.launcher == "slurm"
     for name in ("prepare", "teacher", "trajectories"):
         table.get(name).run(local)
+
+
+@pytest.fixture(scope="module")
+def training_inputs(tmp_path_factory):
+    """prepare → teacher → trajectories of the smoke preset, built once in this process (launcher local)."""
+    folder = tmp_path_factory.mktemp("slurm-inputs")
+    raw = config.load_raw(REPO / "params.yaml", "smoke")
+    raw["launcher"] = "local"
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        from dcm.pipeline import table
+
+        params = config.load("params.yaml")
+        for name in ("prepare", "teacher", "trajectories"):
+            table.get(name).run(params)
+    finally:
+        os.chdir(here)
+    return folder
+
+
+def _copy_training_inputs(folder: Path) -> None:
+    """The inputs of a training stage into this project (copied with their times: nothing upstream reruns)."""
+    for name in ("data", "models", "trajectories"):
+        shutil.copytree(folder / name, name)
+
+
+def _use_fsdp() -> None:
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["training"]["parallel"] = {"strategy": "fsdp"}
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _assert_trained_as_two_fsdp2_ranks(run: Path, batch_size: int) -> None:
+    """distributed.json / train.json of a 2-rank FSDP2 run: each rank held its half of every weight."""
+    record = json.loads((run / "distributed.json").read_text())
+    assert record["world_size"] == 2
+    assert record["parallel"]["strategy"] == "fsdp" and record["parallel"]["dp_shard"] == 2
+    first, second = record["parameter_digests"]
+    assert first == second  # the consolidated weights agree on both ranks
+    mine, theirs = record["local_numel"]
+    for name, shape in record["shapes"].items():  # fully_shard splits dim 0: rank 0 holds ceil(rows / 2) rows
+        numel, rows = math.prod(shape), (shape[0] if shape else 1)
+        assert mine[name] == -(-rows // 2) * (numel // max(rows, 1)) and mine[name] + theirs[name] == numel, name
+    assert 0.45 < sum(mine.values()) / (sum(mine.values()) + sum(theirs.values())) < 0.55
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"]["strategy"] == "fsdp"
+    assert summary["global_batch_size"] == 2 * batch_size
 
 
 def _set_resources(stage: str, **values) -> None:
@@ -263,3 +332,42 @@ def test_methods_of_one_stage_go_out_as_one_job_array(cluster_project):
     assert len(array_ids) == 1 and len(array_logs) == 2, array_logs  # one array, one task per method
     with pytest.raises(config.ConfigError, match="--methods"):
         launch.resolve_methods(params, "train_baseline", "lcm,nonesuch")
+
+
+@needs_cluster
+def test_launch_trains_seme_as_a_two_task_fsdp2_job(cluster_project, training_inputs):
+    """`dcm launch train_seme` with a 2-task row: submitit's srun starts 2 ranks that shard SemE with FSDP2."""
+    _copy_training_inputs(training_inputs)
+    _set_resources("train_seme", tasks=2, cpus_per_task=1)
+    _use_fsdp()
+    params = config.load("params.yaml")
+    assert launch.launch(params, "train_seme", "dcm", "params.yaml", None) == 0
+    _assert_trained_as_two_fsdp2_ranks(Path("checkpoints/dcm/seme"), params.training.batch_size)
+    task_logs = sorted(p.name for p in Path("slurm/logs").glob("*/*_log.out"))
+    assert len(task_logs) == 2 and {name.split("_")[1] for name in task_logs} == {"0", "1"}, task_logs
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_snakemake_slurm_profile_trains_seme_as_a_two_task_fsdp2_job(cluster_project, training_inputs):
+    """The same row through `snakemake --profile workflow/profiles/slurm`: an MPI-style job whose shell line
+    starts the 2 ranks with srun (resources `mpi`), each mapping SLURM's variables to torch.distributed's."""
+    for name in ("Snakefile", "workflow"):
+        src = REPO / name
+        shutil.copytree(src, name) if src.is_dir() else shutil.copy(src, name)
+    _copy_training_inputs(training_inputs)
+    _set_resources("train_seme", tasks=2, cpus_per_task=1)
+    _use_fsdp()
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["launcher"] = "local"  # the rule calls `dcm run` inside its own SLURM job (no nested submission)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = subprocess.run(
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "--default-resources",
+         "slurm_partition=gpu", "gres=none", "mem_mb=2048", "cpus_per_task=1", "--allowed-rules", "train_seme",
+         "--", "checkpoints/dcm/seme"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+        env={**os.environ, "DCM_TRACKING": "off"})
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert len(re.findall(r"has been submitted with SLURM jobid", out.stdout)) == 1, out.stdout[-3000:]
+    assert "${SLURM_JOB_ID:+srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1} dcm run train_seme --method dcm" in out.stdout
+    _assert_trained_as_two_fsdp2_ranks(Path("checkpoints/dcm/seme"), config.load("params.yaml").training.batch_size)

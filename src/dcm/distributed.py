@@ -70,11 +70,15 @@ def distributed_env(job_env: submitit.JobEnvironment) -> dict[str, str]:
 @contextmanager
 def process_group() -> Iterator[World]:
     """Open the process group when the environment names more than one rank (and close it after)."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
-            and "SLURM_PROCID" in os.environ:  # a multi-task SLURM step not started by submitit (Snakemake)
-        import submitit
+    # a multi-task srun step not started by submitit (a Snakemake rule's srun); not a batch script, whose
+    # SLURM_NTASKS is the job's while it runs as one process
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 \
+            and "SLURM_PROCID" in os.environ:
+        from submitit.slurm.slurm import SlurmJobEnvironment  # submitit's reading of SLURM's variables
 
-        os.environ.update(distributed_env(submitit.JobEnvironment()))
+        # Snakemake's jobstep drops the job's SLURM_* variables before the rule's srun; srun sets the step's
+        os.environ.setdefault("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_STEP_NUM_NODES", "1"))
+        os.environ.update(distributed_env(SlurmJobEnvironment()))
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or dist.is_initialized():
         yield world()

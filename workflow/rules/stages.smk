@@ -36,14 +36,19 @@ def dag_targets():
 for _stage in STAGES.values():
     if _stage.per_method and not _stage.methods(PARAMS, include_ablations=True):
         continue
+    _resources = dcm_dag.snakemake_resources(_stage.name)
     rule:
         name: _stage.name
         input: _inputs(_stage)
         output: _outputs(_stage)
         wildcard_constraints:
             method="|".join(_stage.methods(PARAMS, include_ablations=True)) if _stage.per_method else ".+"
-        resources: **dcm_dag.snakemake_resources(_stage.name)
+        resources: **_resources
         params:  # bound now: a loop's shell string would see the last stage
             stage=_stage.name,
             method=(lambda w: f" --method {w.method}") if _stage.per_method else "",
-        shell: "dcm run {params.stage}{params.method}"
+            # a multi-task row (resources `mpi`): inside its SLURM job, srun starts one `dcm run` per task
+            # and each maps SLURM's variables to torch.distributed's (dcm.distributed.process_group); run
+            # outside SLURM (snakemake --cores N) the line is one process, as every other rule's
+            ranks=f"${{SLURM_JOB_ID:+{_resources['mpi']}}} " if "mpi" in _resources else "",
+        shell: "{params.ranks}dcm run {params.stage}{params.method}"

@@ -86,10 +86,31 @@ def load_resources(stage: str, path: str | os.PathLike | None = None) -> Resourc
 
 
 def snakemake_resources(stage: str) -> dict:
-    """The rule's ``resources:`` for Snakemake's slurm executor (same file as ``dcm launch``)."""
+    """The rule's ``resources:`` for Snakemake's slurm executor (same file as ``dcm launch``).
+
+    A row with more than one task (torch.distributed rank) becomes a Snakemake MPI job: ``mpi`` (srun)
+    and ``tasks_per_node`` (or ``tasks``, one per node) make sbatch ask for the task geometry, and the
+    jobstep runs the rule's shell line in the batch step instead of wrapping it in ``srun -n1``; the
+    line starts the ranks with ``{resources.mpi}`` (workflow/rules/stages.smk).  The executor reads a
+    GPU job's ``tasks`` as tasks per GPU, so GPU rows state ``tasks_per_gpu`` where ``tasks`` is used.
+    """
     r = load_resources(stage)
     out = {"slurm_partition": r.partition, "runtime": r.time_min, "mem_mb": int(r.mem_gb * 1024),
-           "cpus_per_task": r.cpus_per_task, "nodes": r.nodes, "tasks": r.tasks_per_node * r.nodes}
+           "cpus_per_task": r.cpus_per_task, "nodes": r.nodes}
+    if r.tasks_per_node * r.nodes > 1:
+        # the jobstep strips the job's SLURM_* variables before running the line (and srun takes no CPU
+        # count from sbatch's since SLURM 22.05): srun gets the whole geometry
+        out["mpi"] = (f"srun --nodes={r.nodes} --ntasks-per-node={r.tasks_per_node} "
+                      f"--cpus-per-task={r.cpus_per_task}")
+        if r.tasks_per_node > 1:
+            out["tasks_per_node"] = r.tasks_per_node
+        else:  # one task on each of several nodes
+            if r.gpus > 1:
+                raise ConfigError(f"{resources_path()}:{stage}.tasks", r.tasks,
+                                  f"one task per GPU ({r.gpus}) for a multi-node Snakemake job")
+            out["tasks"] = r.nodes
+            if r.gpus:
+                out["tasks_per_gpu"] = 1
     if r.account:
         out["slurm_account"] = r.account
     if r.gres:

@@ -2,7 +2,8 @@
 
 - ``local``: in this process, exactly ``dcm run``.
 - ``debug``: through submitit's debug executor (same pickled call as on SLURM, in this process).
-- ``slurm``: one submitit job with the stage's resources from ``slurm/resources.yaml``; streams
+- ``slurm``: one submitit job with the stage's resources from ``slurm/resources.yaml`` (nodes ×
+  tasks per node, one torch.distributed rank per task, one per GPU unless the row says); streams
   the job's log here while it runs and returns its exit status (non-zero, with the log tail, when
   it fails).  The job re-reads the same params file and preset, sets up torch.distributed's
   environment from submitit's ``JobEnvironment``, and requeues itself on preemption or timeout
@@ -76,7 +77,12 @@ class StageJob(submitit.helpers.Checkpointable):
 
 
 def slurm_parameters(resources: dag.Resources, job_name: str) -> dict:
-    """submitit ``update_parameters`` keys for one stage's resources."""
+    """submitit ``update_parameters`` keys for one stage's resources.
+
+    ``nodes`` × ``tasks_per_node`` tasks, each one torch.distributed rank started by submitit's srun
+    (``StageJob`` maps SLURM's variables to RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).  srun
+    takes no CPU count from sbatch's environment (SLURM >= 22.05), so it is passed to srun too.
+    """
     out = {
         "name": job_name,
         "slurm_partition": resources.partition,
@@ -85,6 +91,7 @@ def slurm_parameters(resources: dag.Resources, job_name: str) -> dict:
         "cpus_per_task": resources.cpus_per_task,
         "mem_gb": resources.mem_gb,
         "timeout_min": resources.time_min,
+        "slurm_srun_args": [f"--cpus-per-task={resources.cpus_per_task}"],
     }
     if resources.gpus:
         out["gpus_per_node"] = resources.gpus
@@ -114,7 +121,8 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
         executor.update_parameters(**slurm_parameters(resources, name))
         submitted = executor.submit(job)
         print(f"dcm launch: {name} submitted as SLURM job {submitted.job_id} "
-              f"(partition {resources.partition}, {resources.nodes} node(s) x {resources.gpus} GPU(s)); "
+              f"(partition {resources.partition}, {resources.nodes} node(s) x {resources.gpus} GPU(s), "
+              f"{resources.tasks_per_node} task(s) per node); "
               f"log: {submitted.paths.stdout}", file=sys.stderr, flush=True)
         return _wait(submitted, stream=True)
     raise ConfigError("launcher", params.launcher, "one of local, slurm, debug")
