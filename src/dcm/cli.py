@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--finish", default=None, metavar="RUN_ID", help="close that parent run instead")
     pipeline.add_argument("--exit-status", type=int, default=0, help="with --finish: the pipeline's exit status")
 
+    dvc_setup = sub.add_parser("dvc-setup", help="configure this DVC project for a cluster's shared filesystem: "
+                               "one group-shared cache, outputs linked into it instead of copied")
+    dvc_setup.add_argument("--shared-cache", required=True, metavar="DIR", help="the cache folder on the shared "
+                           "filesystem (the workspaces' own filesystem, so adding an output is a rename)")
+    dvc_setup.add_argument("--link-types", default=None,
+                           help="DVC cache.type, in order of preference (default: reflink,symlink,hardlink; never copy)")
+    dvc_setup.add_argument("--remote", default=None, metavar="URL", help="also set this default remote (a "
+                           "directory, s3://...)")
+    dvc_setup.add_argument("--local", action="store_true", help="write .dvc/config.local (this clone only) "
+                           "instead of .dvc/config")
+    dvc_setup.add_argument("--repo", default=".", help="the DVC project (default: here)")
+
     return parser
 
 
@@ -103,6 +115,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from dcm.analysis import param_change
 
         param_change.main(args.a, args.b, args.plot, args.json)
+        return 0
+    if args.command == "dvc-setup":
+        from dcm.pipeline import dvc_cache
+
+        for command in dvc_cache.setup_shared_cache(args.repo, args.shared_cache,
+                                                    args.link_types or dvc_cache.DEFAULT_LINK_TYPES,
+                                                    args.remote, args.local):
+            print("dvc " + " ".join(command))
+        print("outputs checked out before stay copies until `dvc checkout --relink`")
         return 0
     if args.command == "schema":
         text = config.json_schema_text()
