@@ -36,8 +36,11 @@ def run(params: Params) -> None:
             atomic_dir(paths.REPORTS) as out:
         sections, md = [], [f"# {params.experiment}: distillation results\n"]
         table = reporting.markdown_table(reporting.method_table(metrics, main_rows))
-        md += ["## Methods (same prompts and seeds for every method; scores ×100)\n", table, ""]
-        sections.append(("Methods", reporting.markdown_to_html_table(table)))
+        legend = ("FD: Fréchet distance to real renders of the same prompts on 26 detector features (lower is "
+                  "better; 'FD real vs real' is what real videos score at this sample size). Diversity: spread "
+                  "across seeds ÷ the real videos' (1 = as diverse as the data, 0 = collapse).")
+        md += ["## Methods (same prompts and seeds for every method; scores ×100)\n", table, "", legend, ""]
+        sections.append(("Methods", reporting.markdown_to_html_table(table) + f"<p>{legend}</p>"))
         reporting.bar_plot(reporting.method_table(metrics, main_rows), out / "scores.png", "Total / Quality / Semantic")
         reporting.dimension_plot(metrics, main_rows, out / "dimensions.png")
         sections.append(("Scores", "<img src='scores.png'><img src='dimensions.png'>"))
@@ -76,7 +79,8 @@ def run(params: Params) -> None:
         (out / "index.html").write_text(page)
         for m in evaluated:
             r = metrics[m]
-            values = {k: r[k] for k in ("total", "quality", "semantic", "latency_s", "nfe") if r.get(k) is not None}
+            values = {k: r[k] for k in ("total", "quality", "semantic", "latency_s", "nfe", "fd", "fd_excess",
+                                        "diversity") if r.get(k) is not None}
             values.update({f"dim.{k}": v for k, v in r.get("dimensions", {}).items()})
             run_.child(m, values, {"dcm.method": m, "dcm.steps": r.get("steps")})
         run_.metrics({f"{m}.total": metrics[m]["total"] for m in evaluated})
