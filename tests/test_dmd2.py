@@ -421,3 +421,18 @@ def test_dmd2_trains_samples_and_evaluates_through_the_stage_table(smoke, monkey
 
 if __name__ == "__main__":
     train_at_ranks(sys.argv[1])
+
+
+def test_dmd2_rows_share_dmd2s_budget_except_dmd2_steps():
+    """params.yaml: dmd2_1, dmd2_2 and dmd2_gan get dmd2's generator-step budget (about LCM's wall time) and differ
+    from dmd2 only in their step count or the GAN classifier; dmd2_steps gets LCM's generator steps."""
+    import dataclasses
+
+    full = config.load(REPO / "params.yaml")
+    base = dataclasses.asdict(full.methods["dmd2"])
+    changes = {"dmd2_1": {"sample_steps": 1}, "dmd2_2": {"sample_steps": 2},
+               "dmd2_gan": {"dmd2": {**base["dmd2"], "gan_weight": 5.0e-3, "cls_weight": 1.0e-2}},
+               "dmd2_steps": {"train_steps": full.methods["lcm"].train_steps}}
+    for name, change in changes.items():
+        row = dataclasses.asdict(full.methods[name])
+        assert row == {**base, "ablation": True, **change}, name
