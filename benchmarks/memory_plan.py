@@ -33,10 +33,10 @@ experts use the online target), the frozen teacher in fp32 (every rank a copy, o
 discriminator heads (fp32 weights, gradients, AdamW) with the GAN/FM feature taps: one teacher pass with
 grad (its activations as the student's), the real taps without, and the heads' activations on every tap.
 DMD2 (``dcm.distill.dmd2``): the whole generator trains as SemE does (online target, no EMA), and the fake
-score, a second full transformer, trains beside it with its own AdamW, replicated on every rank (the loop
-parallelizes objectives' modules with ``shard=False``); its training passes follow the generator's, so the
-activation peak is one full-transformer pass, plus, with the GAN classifier, the generator's backward
-through the fake score (a second pass with grad, as DetE's teacher pass) and one classifier head's state.
+score, a second full transformer, trains beside it with its own AdamW, sharded like the generator
+(``DistributionMatching.parallelize``); its training passes follow the generator's, so the activation
+peak is one full-transformer pass, plus, with the GAN classifier, the generator's backward through the
+fake score (a second pass with grad, as DetE's teacher pass) and one classifier head's state.
 The taps are counted at the rank's tokens (the discriminator and feature matching on each rank's frames);
 gathered taps would multiply those rows by C.  Sharding is over ``--shard-group`` ranks (default all N:
 FSDP over the data-parallel × context-parallel ranks, torchtitan's ``dp_shard_cp``); N/S groups replicate.
@@ -564,9 +564,9 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
             max(0, max(prof.per_block) - max(lprof.per_block))
         dete["activations, no checkpointing"] += prof.no_checkpointing + taps
     rows["DetE"] = dete
-    # DMD2: the generator as SemE (online target: no EMA) + the replicated fake score (fp32 weights, grads, AdamW);
-    # with the classifier, its head and the generator's second pass with grad (through the fake score)
-    dmd2 = {**seme, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * st.total,
+    # DMD2: the generator as SemE (online target: no EMA) + the fake score sharded like it (fp32 weights, grads,
+    # AdamW); with the classifier, its head and the generator's second pass with grad (through the fake score)
+    dmd2 = {**seme, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * train,
             "discriminator (weights+grads+AdamW)": 16 * st.dmd2_head if work.dmd2_gan else 0}
     if work.dmd2_gan:
         dmd2["activations, checkpointing"] += prof.outside + prof.block_inputs

@@ -15,6 +15,7 @@ import torch
 
 from conftest import FailAt, smoke_params
 from dcm import config, distill, distributed, paths, schedule
+from dcm.backbones.base import enable_activation_checkpointing
 from dcm.distill import dmd2, losses
 from dcm.distill.loop import ConsistencyBatch, autocast_for, train
 from dcm.distill.teacher_pretraining import flow_matching_loss
@@ -171,9 +172,12 @@ def test_the_generator_loss_updates_only_the_generator(params, backbone, gan):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.dim() > 1)
     assert all(not p.requires_grad and p.grad is None for p in backbone.transformer.parameters())
     assert all(p.grad is None for p in objective.fake_parameters())
-    assert all(p.requires_grad for p in objective.fake_parameters())  # frozen only during the generator pass
+    # with the GAN term: frozen from that term until the generator's step is done (checkpointed blocks recompute
+    # in its backward); without it the generator's terms never touch the fake score's flags
+    assert all(p.requires_grad != gan for p in objective.fake_parameters())
 
     logged = objective.after_generator_step(batch)
+    assert all(p.requires_grad for p in objective.fake_parameters())
     assert logged["fake_fm"] > 0 and ("fake_cls" in logged) == gan
     assert objective.after_generator_step(batch) == {}  # once per step, not once per micro-batch
     for key, value in backbone.transformer.state_dict().items():
@@ -211,8 +215,9 @@ class RealVideos:
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox"])
 def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_path):
-    """Tiny Wan / HunyuanVideo (embedded guidance) / CogVideoX (VP) pipelines: generator terms, only the generator's
-    gradients, then the fake score's updates, through each adapter's velocity and features."""
+    """Tiny Wan / HunyuanVideo (embedded guidance) / CogVideoX (VP) pipelines under activation checkpointing:
+    generator terms, only the generator's gradients, then the fake score's updates (trainable again), through
+    each adapter's velocity and features."""
     import test_real_backbones as real
     from dcm.backbones import adapter_class
 
@@ -230,6 +235,9 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
     sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
     objective = dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=2, fake_lr=1e-4, dm_weight=1.0,
                                           t_range=(20, 980), gan_weight=5e-3, cls_weight=1e-2, real_videos=videos)
+    # as the real presets train (training.gradient_checkpointing): the generator's backward recomputes the
+    # checkpointed fake score's blocks, which must still be frozen then
+    enable_activation_checkpointing(student, objective.fake)
     batch = consistency_batch(objective, [0, 1], source.indices)
     terms = objective.generator_loss(batch)
     assert set(terms) == {"dm", "gan_g"} and all(torch.isfinite(v) for v in terms.values())
@@ -237,7 +245,9 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in objective.fake_parameters())
     assert all(p.grad is None for p in backbone.transformer.parameters())
+    assert not any(p.requires_grad for p in objective.fake_parameters())  # until the generator's step is done
     logged = objective.after_generator_step(batch)
+    assert all(p.requires_grad for p in objective.fake_parameters())
     assert {"fake_fm", "fake_cls", "fake_d_real", "fake_d_fake"} <= logged.keys()
     assert all(np.isfinite(v) for v in logged.values())
 
@@ -300,9 +310,10 @@ def test_activation_checkpointing_covers_the_fake_score(smoke):
         assert objective.fake.is_gradient_checkpointing == flag
 
 
-def test_memory_plan_counts_the_generator_the_replicated_fake_score_and_the_classifier():
+def test_memory_plan_counts_the_generator_the_sharded_fake_score_and_the_classifier():
     """benchmarks/memory_plan.py's DMD2 column: the generator as SemE (no EMA), a fake score's fp32 weights,
-    gradients and AdamW moments, and with the classifier its head and the generator's pass through the fake score."""
+    gradients and AdamW moments sharded as the generator's are, and with the classifier its head and the
+    generator's pass through the fake score."""
     import dataclasses
 
     from dcm.distill.discriminator import head_parameter_count
@@ -315,7 +326,9 @@ def test_memory_plan_counts_the_generator_the_replicated_fake_score_and_the_clas
         st = mp.structure(w, torch.float32)
         rows = mp.plan(w, mp.Setting(2, compute="fp32", ema=True), st)
         seme, dmd2_row = rows["SemE"], rows["DMD2"]
-        assert dmd2_row["fake score (weights+grads+AdamW)"] == 16 * st.total and dmd2_row["EMA (fp32)"] == 0
+        generator = sum(seme[k] for k in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)"))
+        assert dmd2_row["fake score (weights+grads+AdamW)"] == generator < 16 * st.total  # rank 0's shard of 2
+        assert dmd2_row["EMA (fp32)"] == 0
         for key in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)", "FSDP working set"):
             assert dmd2_row[key] == seme[key], key
         assert dmd2_row["discriminator (weights+grads+AdamW)"] == (16 * head_parameter_count(384) if gan else 0)

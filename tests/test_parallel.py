@@ -400,26 +400,100 @@ def test_context_parallel_dete_with_gan_and_feature_matching_equals_one_process(
         assert_same_weights(one / folder, two / folder)
 
 
-def test_context_parallel_dmd2_with_its_classifier_equals_one_process(base_project, tmp_path):
-    """DMD2 over one context-parallel pair (DDP): the generator's backward simulation, the real and the fake
-    score split the tokens, the classifier's tap is gathered, both ranks draw the data rank's stream.  (Not
-    under FSDP: its backward simulation runs the student a per-rank number of times, refused up front.)"""
-    def dmd2_project(folder: Path, parallel: dict | None) -> Path:
-        make_project(base_project, folder, batch_size=4, parallel=parallel)
-        raw = yaml.safe_load((folder / "params.yaml").read_text())
-        raw["methods"]["dmd2"]["dmd2"].update(gan_weight=0.1, cls_weight=0.5)
-        (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        return folder
+def dmd2_project(base: Path, folder: Path, batch_size: int, parallel: dict | None = None, steps: int = 4) -> Path:
+    """The smoke DMD2 row (4 generator steps of 4 sampling steps, 2 fake-score updates each) with its GAN
+    classifier on (λ 0.1, classifier loss 0.5), in a copy of ``base``."""
+    shutil.copytree(base, folder, dirs_exist_ok=True)
+    return set_dmd2_params(folder, batch_size, parallel, steps)
 
-    one = dmd2_project(tmp_path / "one", None)
-    two = dmd2_project(tmp_path / "two", {"strategy": "ddp", "context_parallel": 2})
+
+def set_dmd2_params(folder: Path, batch_size: int, parallel: dict | None = None, steps: int = 4) -> Path:
+    set_params(folder, batch_size, parallel)
+    raw = yaml.safe_load((folder / "params.yaml").read_text())
+    raw["methods"]["dmd2"]["train_steps"] = steps
+    raw["methods"]["dmd2"]["dmd2"].update(gan_weight=0.1, cls_weight=0.5)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dmd2_one(base_project, tmp_path_factory):
+    """DMD2 with its classifier, 4 generator steps, 1 process with batch 4: the reference of the 2-rank runs."""
+    one = dmd2_project(base_project, tmp_path_factory.mktemp("parallel-dmd2-one") / "one", batch_size=4)
     dcm_run(one, "train_baseline", 1, method="dmd2")
+    rows = history(one / "checkpoints/dmd2")
+    assert sum(r["source/step0"] for r in rows) < 4 * len(rows)  # the backward simulation ran the generator
+    return one
+
+
+def test_context_parallel_dmd2_with_its_classifier_equals_one_process(base_project, dmd2_one, tmp_path):
+    """DMD2 over one context-parallel pair (DDP): the generator's backward simulation, the real and the fake
+    score split the tokens, the classifier's tap is gathered, both ranks draw the global batch's stream."""
+    two = dmd2_project(base_project, tmp_path / "two", batch_size=4, parallel={"strategy": "ddp", "context_parallel": 2})
     dcm_run(two, "train_baseline", 2, method="dmd2")
-    one, two = one / "checkpoints/dmd2", two / "checkpoints/dmd2"
+    one, two = dmd2_one / "checkpoints/dmd2", two / "checkpoints/dmd2"
     worst = assert_same_history(one, two)
     assert {"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls"} <= worst.keys()
     assert_tokens_split(two, SMOKE_TOKENS // 2)
     assert_same_weights(one / "transformer", two / "transformer")
+
+
+@pytest.fixture(scope="module")
+def dmd2_fsdp(base_project, tmp_path_factory):
+    """DMD2 with its classifier, 4 generator steps, 2 FSDP2 ranks with batch 2 each (global batch 4)."""
+    two = dmd2_project(base_project, tmp_path_factory.mktemp("parallel-dmd2-fsdp") / "two", batch_size=2,
+                       parallel={"strategy": "fsdp"})
+    dcm_run(two, "train_baseline", 2, method="dmd2")
+    return two
+
+
+def test_fsdp_dmd2_with_its_classifier_at_two_ranks_equals_one_process(dmd2_one, dmd2_fsdp):
+    """Two data-parallel FSDP2 ranks, batch 2 each: the generator (the student) and the online fake score are
+    sharded, the classifier head replicated; t, ε, the backward-simulation steps and the fake score's extra
+    samples are drawn for the global batch, so every logged value (DM, GAN, the fake score's flow matching,
+    classifier loss and logits, gradient norms) and the final generator equal one process's with batch 4."""
+    one, two = dmd2_one / "checkpoints/dmd2", dmd2_fsdp / "checkpoints/dmd2"
+    worst = assert_same_history(one, two)
+    assert {"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls", "dmd2/fake_d_real", "dmd2/fake_grad_norm",
+            "grad_norm/dmd2/gan_g"} <= worst.keys()
+    assert_half_per_rank(two)  # the generator
+    record = json.loads(two.joinpath("distributed.json").read_text())
+    fake, head = record["objective_numel"]["dmd2.fake"], record["objective_numel"]["dmd2.classifier"]
+    first, second = (rank["dmd2.fake"] for rank in record["objective_local_numel"])
+    assert first + second == fake and 0.45 < first / fake < 0.55  # each rank about half of the fake score
+    assert [rank["dmd2.classifier"] for rank in record["objective_local_numel"]] == [head, head]  # replicated
+    assert_same_weights(one / "transformer", two / "transformer")
+
+
+@pytest.mark.slow
+def test_fsdp_dmd2_checkpoint_resumes_exactly_at_two_ranks_and_at_one(base_project, dmd2_fsdp, tmp_path):
+    """A 2-rank DMD2 run stopped at step 2 (a DCP folder holding the fake score's shards, its optimizer, the
+    classifier head and the objective's stream) and continued to 4 at 2 ranks gives the uninterrupted run's
+    losses bit for bit; continued by one process (global batch 4), within LOSS_RTOL."""
+    two = dmd2_project(base_project, tmp_path / "two", batch_size=2, parallel={"strategy": "fsdp"}, steps=2)
+    dcm_run(two, "train_baseline", 2, method="dmd2")
+    dcp = two / "checkpoints/dmd2/resume/dcp"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(dcp)).read_metadata().state_dict_metadata
+    assert any(key.startswith("objectives.dmd2.fake.") for key in saved)
+    assert any(key.startswith("objectives.dmd2.optimizer.state.fake.") for key in saved)
+    assert any(key.startswith("objectives.dmd2.optimizer.state.classifier.") for key in saved)
+    one = dmd2_project(two, tmp_path / "one", batch_size=4, steps=4)  # the step-2 checkpoint, one process
+    dcm_run(set_dmd2_params(two, batch_size=2, parallel={"strategy": "fsdp"}, steps=4), "train_baseline", 2,
+            method="dmd2")
+    dcm_run(one, "train_baseline", 1, method="dmd2")
+
+    keys = ("loss", "dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls")
+    reference = [[r[k] for k in keys] for r in history(dmd2_fsdp / "checkpoints/dmd2")]
+    resumed = [[r[k] for k in keys] for r in history(two / "checkpoints/dmd2")]
+    assert resumed == reference  # bit for bit: the same ranks and shards
+    at_one = [[r[k] for k in keys] for r in history(one / "checkpoints/dmd2")]
+    assert at_one[:2] == reference[:2]
+    for a, b in zip(at_one[2:], resumed[2:], strict=True):
+        assert a == pytest.approx(b, rel=LOSS_RTOL)
+    for run in (two, one):
+        assert json.loads((run / "checkpoints/dmd2/train.json").read_text())["resumed_from"] == 2
 
 
 def test_gan_draws_do_not_depend_on_the_number_of_ranks():

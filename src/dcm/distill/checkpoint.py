@@ -97,7 +97,8 @@ class ResumeState:
 
         rngs = distributed.gather_objects(_to_cpu(rng_state(self.sampler)))
         mine = {"step": step, "wall_s": wall_s, "fingerprint": self.fingerprint,
-                "objectives": {o.name: o.state_dict() for o in self.objectives},
+                "objectives": {o.name: {k: v for k, v in o.state_dict().items() if k not in o.sharded_parts()}
+                               for o in self.objectives},  # the sharded parts: DCP parts of their own (_parts)
                 "consistency_space": self.space.state_dict()}
         return {**distributed.gather_objects(_to_cpu(mine))[0], "rng": rngs}
 
@@ -109,6 +110,8 @@ class ResumeState:
                  "replicated": dcp_parts.ObjectState(replicated)}
         if self.ema:
             parts["ema"] = dcp_parts.TensorsState(dict(zip(self.names, self.ema, strict=True)))
+        for obj in self.objectives:  # e.g. DMD2's sharded fake score and its optimizer
+            parts.update({f"objectives.{obj.name}.{key}": part for key, part in obj.sharded_parts().items()})
         return parts
 
     def save(self, step: int, wall_s: float) -> str:
@@ -187,12 +190,7 @@ class ResumeState:
                     p.copy_(state["ema"][name])
             self.optimizer.load_state_dict(state["optimizer"])
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
+        from dcm.parallel.checkpoint import load_optimizer_state
         from dcm.parallel.fsdp import copy_full_
 
         for name, p in zip(self.names, self.trainable, strict=True):
@@ -200,13 +198,7 @@ class ResumeState:
         for name, p in zip(self.names, self.ema, strict=True) if self.ema else ():
             copy_full_(p, state["ema"][name])
         # the saved optimizer is keyed by position; this job's names them (the same order: the stepped list)
-        template = get_optimizer_state_dict(self.optimized, self.optimizer)
-        fqns = [fqn for group in template["param_groups"] for fqn in group["params"]]
-        saved = state["optimizer"]
-        by_name = {"state": {fqns[i]: s for i, s in saved["state"].items()},
-                   "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in saved["param_groups"]]}
-        set_optimizer_state_dict(self.optimized, self.optimizer, by_name,
-                                 options=StateDictOptions(full_state_dict=True))
+        load_optimizer_state(self.optimized, self.optimizer, state["optimizer"])
 
 
 def _to_cpu(value: Any) -> Any:

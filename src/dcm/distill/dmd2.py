@@ -23,6 +23,12 @@ matches the guided teacher's.  The parts, each passed into the loop as its data:
   videos; L_G = softplus(−D(fake)) for the generator, softplus(D(fake)) + softplus(−D(real)) in the
   fake score's update (weight ``cls_weight``), which trains head and fake score together as DMD2 does.
 
+Over ranks (``training.parallel``): every draw (the loop's rows and steps, the simulation's noise, t, ε,
+the fake score's extra samples and the classifier's real rows) is made for the global batch from one
+stream that every rank advances alike, each data rank keeping its rows, so a run at N ranks computes what
+one process computes with the same global batch.  Under fsdp/hsdp the fake score is sharded like the
+student (``parallelize``) and the backward simulation runs the sharded student as often on every rank.
+
 Simplified against the paper / official code (README, "DMD2"): the classifier is DetE's head
 (``discriminator.DiscriminatorHead``: one logit per token) on ONE tap, not a conv tower to one logit
 per image on a UNet bottleneck; clipping, weight decay and the constant lr are the loop's shared
@@ -42,20 +48,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcm import distributed, io, paths, schedule
+from dcm import io, paths, schedule
 from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
 from dcm.config import ConfigError, Params
 from dcm.distill import losses
 from dcm.distill.data import OnlineSource, SourceBatch
-from dcm.distill.discriminator import Discriminator, frozen
-from dcm.distill.loop import ADAM_BETAS, ConsistencyBatch, ConsistencySpace, Objective, autocast_for
+from dcm.distill.discriminator import Discriminator
+from dcm.distill.loop import ADAM_BETAS, ConsistencyBatch, ConsistencySpace, Objective, Wrap, autocast_for
 from dcm.distill.mcm import student_x0
 from dcm.distill.teacher_pretraining import flow_matching_loss
+from dcm.parallel import fsdp
+from dcm.parallel.checkpoint import load_optimizer_state
 from dcm.parallel.context import gather_taps
 from dcm.sampling import sample_lcm, teacher_velocity
 from dcm.schedule import SIGMA_MIN_INDEX, Phase, SamplingStep, TeacherGrid, noised
 
 RNG_SALT = 0x444D4432  # "DMD2": the objective's own stream, apart from the loop's and the sampler's
+
+#: (data_rank, data_size): this rank's rows [data_rank·B, (data_rank + 1)·B) of a global batch of data_size·B
+Part = tuple[int, int]
+ONE_PROCESS: Part = (0, 1)
+
+
+def draw_global(draw, batch: int, part: Part) -> torch.Tensor:
+    """``draw(n)`` (a tensor of n rows) for the global batch of ``batch × data_size`` rows, this rank's ``batch`` rows
+    kept: the same values at any number of ranks (one process: exactly ``draw(batch)``)."""
+    rank, size = part
+    drawn = draw(batch * size)
+    return drawn if size == 1 else drawn[rank * batch:(rank + 1) * batch]
 
 
 # ------------------------------------------------------------------------------ the generator's steps
@@ -110,9 +130,15 @@ class BackwardSimulation:
     through the current generator's first k steps of LCM sampling (no grad), ending re-noised to σ_{n_k}
     with fresh noise; k = 0 is the noise itself.  All draws come from the generator the caller passes
     (the loop's sampler), so a resumed run replays them.  ``x_prev`` = ``x_n``: no teacher step exists.
-    Every batch reports how many samples sat at each step (``counts``: step0 … step{K−1})."""
+    Every batch reports how many samples sat at each step (``counts``: step0 … step{K−1}).
+
+    ``batch(..., part=(data_rank, data_size))`` takes the global batch's rows and steps, draws for all of
+    them and simulates this rank's; it runs the generator for every step count any rank needs (on a
+    throw-away row where this rank has none), so a sharded (FSDP2) generator sees the same passes on
+    every rank."""
 
     kind = "backward_simulation"
+    draws_global_batch = True  # the loop hands ``batch`` the global batch and this rank's part
 
     def __init__(self, backbone: Backbone, student: nn.Module, embeds: PromptEmbeds, grid: TeacherGrid,
                  steps: Sequence[SamplingStep], latent_shape: Sequence[int], device: torch.device | str = "cpu"):
@@ -136,25 +162,38 @@ class BackwardSimulation:
             return self.backbone.predict(self.student, x, sigma, cond).float()
 
     @torch.no_grad()
-    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
-        cond = self.embeds.index(rows.to(self.device))
-        noise = torch.randn((len(rows), *self.latent_shape), generator=generator).to(self.device)
-        renoise = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (len(rows),), generator=generator)]
-        k_of = [self.step_of[int(i)] for i in n]
+    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator,
+              part: Part = ONE_PROCESS) -> SourceBatch:
+        size = len(rows) // part[1]
+        mine = slice(part[0] * size, (part[0] + 1) * size)
+        cond = self.embeds.index(rows[mine].to(self.device))
+        noise = draw_global(lambda b: torch.randn((b, *self.latent_shape), generator=generator), size, part)
+        noise = noise.to(self.device)
+        seeds = draw_global(lambda b: torch.randint(2**62, (b,), generator=generator), size, part)
+        renoise = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        k_all = [self.step_of[int(i)] for i in n]
+        k_of = k_all[mine]
         x = noise.clone()
-        for k in sorted(set(k_of) - {0}):
+        for k in sorted(set(k_all if part[1] > 1 else k_of) - {0}):
             idx = [i for i, k_i in enumerate(k_of) if k_i == k]
+            if not idx:  # another rank's step count: the same generator passes here, on a row thrown away
+                sample_lcm({"student": self.velocity}, self.steps[:k], noise[:1], cond.index([0]),
+                           generators=[torch.Generator()], final_sigma=self.steps[k].sigma)
+                continue
             x[idx] = sample_lcm({"student": self.velocity}, self.steps[:k], noise[idx], cond.index(idx),
                                 generators=[renoise[i] for i in idx], final_sigma=self.steps[k].sigma)
         return SourceBatch(x, x, cond, counts={f"step{k}": k_of.count(k) for k in range(len(self.steps))})
 
     @torch.no_grad()
-    def samples(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, PromptEmbeds]:
-        """Fresh generator samples x0 = G(x_{t_k}) for random rows and steps (the fake score's extra updates)."""
-        rows = torch.randint(len(self), (batch_size,), generator=generator)
-        n = torch.as_tensor(self.indices)[torch.randint(len(self.indices), (batch_size,), generator=generator)]
-        data = self.batch(rows, n, generator)
-        sigma = self.sigma(n)
+    def samples(self, batch_size: int, generator: torch.Generator,
+                part: Part = ONE_PROCESS) -> tuple[torch.Tensor, PromptEmbeds]:
+        """Fresh generator samples x0 = G(x_{t_k}) for random rows and steps (the fake score's extra updates):
+        ``batch_size`` of them, this rank's part of a global draw."""
+        total = batch_size * part[1]
+        rows = torch.randint(len(self), (total,), generator=generator)
+        n = torch.as_tensor(self.indices)[torch.randint(len(self.indices), (total,), generator=generator)]
+        data = self.batch(rows, n, generator, part)
+        sigma = self.sigma(n[part[0] * batch_size:(part[0] + 1) * batch_size])
         return losses.x0_from_velocity(data.x_n, self.velocity(data.x_n, sigma, data.cond), sigma), data.cond
 
 
@@ -171,19 +210,21 @@ class DistributionMatching(Objective):
     """DMD2's generator terms (``dm``, ``gan_g``) and, after each generator step, ``fake_steps`` updates of the
     fake score (flow matching, + ``cls_weight`` · classifier loss) with its own AdamW.
 
-    Its own CPU generator (``seed``) draws t, ε, rows and steps; it is part of the resume state with
-    the fake score, the classifier head and their optimizer.  With ``grad_accum`` > 1 each fake-score
-    update accumulates over as many micro-batches as the generator's did.
+    Its own CPU generator (``seed``) draws t, ε, rows and steps, for the global batch (every rank advances
+    it alike and keeps its rows); it is part of the resume state with the fake score, the classifier head
+    and their optimizer (a multi-rank checkpoint writes the fake score and the optimizer as DCP parts,
+    ``sharded_parts``).  With ``grad_accum`` > 1 each fake-score update accumulates over as many
+    micro-batches as the generator's did.
     """
 
     name = "dmd2"
-    supports_context_parallel = True  # its draws are the data rank's; the classifier's tap is gathered
+    supports_context_parallel = True  # its draws are the global batch's; the classifier's tap is gathered
 
     def __init__(self, backbone: Backbone, source: BackwardSimulation, train_sigmas: torch.Tensor, *,
                  fake_steps: int, fake_lr: float, dm_weight: float, t_range: tuple[int, int],
                  guidance: float | None = None, gan_weight: float = 0.0, cls_weight: float = 0.0,
                  real_videos: OnlineSource | None = None, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 seed: int = 0, data_rank: int | None = None):
+                 seed: int = 0):
         if fake_steps < 1:
             raise ValueError(f"DMD2 needs at least one fake-score update per generator update, got {fake_steps}")
         if gan_weight > 0 and real_videos is None:
@@ -199,44 +240,66 @@ class DistributionMatching(Objective):
         if gan_weight > 0:
             device = next(self.fake.parameters()).device
             self.classifier = Discriminator(backbone.feature_dim(self.fake), 1, backbone.token_patch(self.fake)).to(device)
-        self.optimizer = torch.optim.AdamW(self.fake_parameters(), lr=fake_lr, betas=ADAM_BETAS,
-                                           weight_decay=weight_decay)
-        # one stream per data-parallel rank (``data_rank``, default: the rank): the ranks of a context-parallel
-        # group split one sample's tokens, so they must draw alike
-        data_rank = distributed.world().rank if data_rank is None else data_rank
-        self.rng = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, RNG_SALT, data_rank]).generate_state(1)[0]))
+        self.fake_lr, self.weight_decay = fake_lr, weight_decay
+        self.optimizer = self.make_optimizer()
+        # one stream on every rank (the 0: the stream of data rank 0, all a run ever drew before draws were global)
+        self.rng = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, RNG_SALT, 0]).generate_state(1)[0]))
         self._pending: dict[int, list[_Pending]] = {}
+        self._thaw_flags: list[tuple[nn.Parameter, bool]] | None = None  # set while the generator's step runs
+
+    def make_optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.fake_parameters(), lr=self.fake_lr, betas=ADAM_BETAS, weight_decay=self.weight_decay)
 
     def fake_parameters(self) -> list[nn.Parameter]:
         head = list(self.classifier.parameters()) if self.classifier is not None else []
         return [*self.fake.parameters(), *head]
 
+    def parallelize(self, wrap: Wrap) -> None:
+        """The fake score sharded like the student (trained, the student's size), the classifier head
+        replicated; the optimizer then made anew over the wrapped parameters (FSDP2 replaces them by shards)."""
+        wrap(self.fake, shard=True)
+        if self.classifier is not None:
+            wrap(self.classifier, shard=False)
+        self.optimizer = self.make_optimizer()
+
+    def _trained(self) -> nn.Module:
+        """One module whose named parameters are the optimizer's (its state is saved keyed by these names)."""
+        return nn.ModuleDict({"fake": self.fake, **({"classifier": self.classifier} if self.classifier else {})})
+
+    def sharded_parts(self) -> dict:
+        from dcm.parallel.checkpoint import OptimizerState, TensorsState
+
+        fsdp.reshard(self.fake)  # its parameters are then the shards the optimizer steps
+        return {"fake": TensorsState(dict(self.fake.named_parameters())),
+                "optimizer": OptimizerState(self._trained(), self.optimizer)}
+
     def grad_networks(self) -> list[nn.Module]:
         return [self.fake] if self.classifier is not None else []  # the generator's GAN term runs through it
 
-    # --- draws (all from the objective's own generator)
-    def draw_sigmas(self, batch: int, first: int = 0, last: int | None = None) -> torch.Tensor:
+    # --- draws (all from the objective's own generator, for the global batch: this rank's ``part`` kept)
+    def draw_sigmas(self, batch: int, first: int = 0, last: int | None = None, part: Part = ONE_PROCESS) -> torch.Tensor:
         last = len(self.train_sigmas) - 1 if last is None else last
-        return self.train_sigmas[torch.randint(first, last + 1, (batch,), generator=self.rng)]
+        return self.train_sigmas[draw_global(lambda b: torch.randint(first, last + 1, (b,), generator=self.rng),
+                                             batch, part)]
 
-    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.rng).to(x.device)
+    def noise_like(self, x: torch.Tensor, part: Part = ONE_PROCESS) -> torch.Tensor:
+        return draw_global(lambda b: torch.randn((b, *x.shape[1:]), generator=self.rng), x.shape[0], part).to(x.device)
 
     # --- the networks
-    def classify(self, x0: torch.Tensor, cond: PromptEmbeds, autocast) -> list[torch.Tensor]:
+    def classify(self, x0: torch.Tensor, cond: PromptEmbeds, autocast, part: Part = ONE_PROCESS) -> list[torch.Tensor]:
         """Classifier logits on the fake score's middle tap at x0 noised to a σ uniform over the training sigmas."""
-        sigma = self.draw_sigmas(x0.shape[0]).to(x0.device)
-        x = noised(x0, self.noise_like(x0), sigma.view(-1, *([1] * (x0.ndim - 1))))
+        sigma = self.draw_sigmas(x0.shape[0], part=part).to(x0.device)
+        x = noised(x0, self.noise_like(x0, part), sigma.view(-1, *([1] * (x0.ndim - 1))))
         with autocast():
             _, feats = self.backbone.predict(self.fake, x, sigma, cond, features=True)
         tap = gather_taps(self.fake, [feats.taps[len(feats.taps) // 2]])  # context parallel: the whole grid
         return self.classifier(tap, feats.latent_thw)
 
-    def scores(self, x0_gen: torch.Tensor, cond: PromptEmbeds, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, x0_gen: torch.Tensor, cond: PromptEmbeds, autocast, part: Part = ONE_PROCESS
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_real, x0_fake): both scores' clean estimates at x_t, t uniform over the DM range, one ε."""
-        sigma_t = self.draw_sigmas(x0_gen.shape[0], *self.t_range).to(x0_gen.device)
-        x_t = noised(x0_gen, self.noise_like(x0_gen), sigma_t.view(-1, *([1] * (x0_gen.ndim - 1))))
+        sigma_t = self.draw_sigmas(x0_gen.shape[0], *self.t_range, part=part).to(x0_gen.device)
+        x_t = noised(x0_gen, self.noise_like(x0_gen, part), sigma_t.view(-1, *([1] * (x0_gen.ndim - 1))))
         with torch.no_grad(), autocast():
             v_real = self.real_velocity(x_t, sigma_t, cond)
             v_fake = self.backbone.predict(self.fake, x_t, sigma_t, cond)
@@ -246,64 +309,84 @@ class DistributionMatching(Objective):
     # --- generator
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
         x0_gen = student_x0(batch)
+        part = (batch.data_rank, batch.data_size)
         terms = {}
         if self.dm_weight > 0:
-            x0_real, x0_fake = self.scores(x0_gen.detach(), batch.cond, batch.autocast)
+            x0_real, x0_fake = self.scores(x0_gen.detach(), batch.cond, batch.autocast, part)
             grad = losses.distribution_matching_gradient(x0_gen.detach(), x0_real, x0_fake)
             terms["dm"] = self.dm_weight * losses.distribution_matching_loss(x0_gen, grad)
         if self.classifier is not None:
-            with frozen(self.fake), frozen(self.classifier):  # the generator's term trains neither
-                terms["gan_g"] = self.gan_weight * losses.dmd2_generator_gan(
-                    self.classify(x0_gen, batch.cond, batch.autocast))
+            self._freeze_fake()  # the generator's term trains neither the fake score nor the head
+            terms["gan_g"] = self.gan_weight * losses.dmd2_generator_gan(
+                self.classify(x0_gen, batch.cond, batch.autocast, part))
         self._pending.setdefault(batch.step, []).append(_Pending(x0_gen.detach(), batch.cond))
         return terms
 
+    def _freeze_fake(self) -> None:
+        """The fake score and the head frozen from the generator's GAN term until ``after_generator_step``, not
+        just around its forward: an activation-checkpointed block recomputes its forward inside the generator's
+        backward, and must see the flags its first forward saw (trainable again there, it saves more tensors
+        and torch's checkpoint raises)."""
+        if self._thaw_flags is None:
+            self._thaw_flags = [(p, p.requires_grad) for p in self.fake_parameters()]
+            for p, _ in self._thaw_flags:
+                p.requires_grad_(False)
+
+    def _thaw_fake(self) -> None:
+        for p, flag in self._thaw_flags or ():
+            p.requires_grad_(flag)
+        self._thaw_flags = None
+
     # --- fake score
-    def fake_score_loss(self, x0: torch.Tensor, cond: PromptEmbeds, autocast
+    def fake_score_loss(self, x0: torch.Tensor, cond: PromptEmbeds, autocast, part: Part = ONE_PROCESS
                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Flow matching of μ_fake on generator samples x0 (σ uniform over the training sigmas), and the
         classifier's loss against as many real videos (with their prompts) when the GAN is on: (terms, the
         classifier's mean logits on real and fake)."""
         x0 = x0.detach()
-        sigma = self.draw_sigmas(x0.shape[0]).to(x0.device)
+        sigma = self.draw_sigmas(x0.shape[0], part=part).to(x0.device)
         with autocast():
-            terms = {"fm": flow_matching_loss(self.backbone, self.fake, x0, self.noise_like(x0), sigma, cond)}
+            terms = {"fm": flow_matching_loss(self.backbone, self.fake, x0, self.noise_like(x0, part), sigma, cond)}
         logits = {}
         if self.classifier is not None:
-            rows = torch.randint(len(self.real_videos), (x0.shape[0],), generator=self.rng).to(x0.device)
-            D_real = self.classify(self.real_videos.x0[rows], self.real_videos.embeds.index(rows), autocast)
-            D_fake = self.classify(x0, cond, autocast)
+            rows = draw_global(lambda b: torch.randint(len(self.real_videos), (b,), generator=self.rng),
+                               x0.shape[0], part).to(x0.device)
+            D_real = self.classify(self.real_videos.x0[rows], self.real_videos.embeds.index(rows), autocast, part)
+            D_fake = self.classify(x0, cond, autocast, part)
             terms["cls"] = self.cls_weight * losses.dmd2_classifier(D_real, D_fake)
             logits = {"d_real": float(torch.stack([d.detach().mean() for d in D_real]).mean()),
                       "d_fake": float(torch.stack([d.detach().mean() for d in D_fake]).mean())}
         return terms, logits
 
-    def fake_score_step(self, samples: Sequence[tuple[torch.Tensor, PromptEmbeds]], autocast) -> dict[str, float]:
+    def fake_score_step(self, samples: Sequence[tuple[torch.Tensor, PromptEmbeds]], autocast,
+                        part: Part = ONE_PROCESS) -> dict[str, float]:
         """One AdamW step of the fake score (and head), gradients accumulated over ``samples`` (micro-batches)."""
         self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
         for x0, cond in samples:
-            terms, logits = self.fake_score_loss(x0, cond, autocast)
+            terms, logits = self.fake_score_loss(x0, cond, autocast, part)
             (sum(terms.values()) / len(samples)).backward()
             values = {**{k: float(v.detach()) for k, v in terms.items()}, **logits}
             for key, value in values.items():
                 logged[key] = logged.get(key, 0.0) + value / len(samples)
-        params = self.fake_parameters()  # multi-rank: averaged in backward (the loop replicates objectives' modules)
-        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        # multi-rank: averaged over the ranks in backward by the engines (``parallelize``); the norm over every shard
+        logged["grad_norm"] = float(fsdp.clip_grad_norm_(self.fake_parameters(), self.max_grad_norm))
         self.optimizer.step()
         return logged
 
     def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
         """``fake_steps`` fake-score updates once per generator step (at its first micro-batch): the first on
         the generator step's own samples (as the official code), the rest on fresh backward-simulated ones."""
+        self._thaw_fake()  # the generator's backward is done
         pending = self._pending.pop(batch.step, None)
         if pending is None:
             return {}
+        part = (batch.data_rank, batch.data_size)
         steps = []
         for i in range(self.fake_steps):
             samples = ([(p.x0_gen, p.cond) for p in pending] if i == 0 else
-                       [self.source.samples(len(p.cond), self.rng) for p in pending])
-            steps.append(self.fake_score_step(samples, batch.autocast))
+                       [self.source.samples(len(p.cond), self.rng, part) for p in pending])
+            steps.append(self.fake_score_step(samples, batch.autocast, part))
         logged = {f"fake_{key}": sum(s[key] for s in steps) / len(steps) for key in steps[0]}
         logged["fake_fm_last"] = steps[-1]["fm"]
         return logged
@@ -313,12 +396,16 @@ class DistributionMatching(Objective):
                 **({"classifier": self.classifier.state_dict()} if self.classifier is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
+        """A one-process state (everything; spread over the ranks of a sharded job), or a multi-rank
+        checkpoint's replicated rest (the fake score and the optimizer were loaded as ``sharded_parts``)."""
         if not state:
             return
-        self.fake.load_state_dict(state["fake"])
+        if "fake" in state:
+            fsdp.load_full_state_dict_(self.fake, state["fake"])
         if self.classifier is not None:
             self.classifier.load_state_dict(state["classifier"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            load_optimizer_state(self._trained(), self.optimizer, state["optimizer"])
         self.rng.set_state(state["rng"])
 
 
@@ -352,8 +439,7 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
         backbone, source, train_sigmas, fake_steps=cfg.fake_steps, fake_lr=cfg.fake_lr or m.lr,
         dm_weight=cfg.dm_weight, t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)),
         guidance=cfg.guidance, gan_weight=cfg.gan_weight, cls_weight=cfg.cls_weight, real_videos=videos,
-        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed,
-        data_rank=distributed.world().rank // params.training.parallel.context_parallel)
+        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed)
     if params.training.gradient_checkpointing:  # the fake score trains at the student's size: the same memory rule
         enable_activation_checkpointing(objective.fake)
     return source, NoConsistencyLoss(), [objective], generator_phases(source.indices)

@@ -55,6 +55,9 @@ SUMMARY_FILE = "train.json"
 DISTRIBUTED_FILE = "distributed.json"  # multi-rank runs: every rank's parameter digest after training
 ADAM_BETAS = (0.9, 0.999)
 
+#: ``wrap(net, shard=...)``: ``dcm.parallel.fsdp.parallelize`` bound to the run's layout (nothing in one process)
+Wrap = Callable[..., nn.Module]
+
 
 @dataclass
 class ConsistencyBatch:
@@ -106,6 +109,19 @@ class Objective:
     def grad_networks(self) -> list[nn.Module]:
         """Frozen networks the generator loss backpropagates through (activation checkpointing covers them)."""
         return []
+
+    def parallelize(self, wrap: Wrap) -> None:
+        """Wrap the objective's trained networks over the ranks, before any step.  Default: each trained module
+        replicated (``shard=False``: small heads); one as large as the student passes ``shard=True`` (and
+        remakes what holds its parameters: FSDP2 replaces them by shards)."""
+        for net in _trainable_modules(self):
+            wrap(net, shard=False)
+
+    def sharded_parts(self) -> dict:
+        """Parts of ``state_dict()`` (same keys) a multi-rank checkpoint writes as DCP ``Stateful`` parts, each
+        rank its shards, resharded on load, instead of pickling them from rank 0: a sharded network, its
+        optimizer.  ``load_state_dict`` then gets the rest only."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
@@ -317,12 +333,14 @@ def endpoints(backbone: Backbone, student: nn.Module, target_model: nn.Module, d
 
 
 def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence[nn.Parameter],
-                                cp=None) -> dict[str, float]:
+                                cp=None, networks: Sequence[nn.Module] = ()) -> dict[str, float]:
     """‖∂term/∂θ‖₂ of each term by one more backward each, after the step's own (``retain_graph``): the
     way for wrapped models, whose engines see gradients only through backward hooks (FSDP2's reduce-
     scatter: the norm of the mean over ranks; DDP syncs once per step: this rank's).  ``.grad`` is put
     back as the step's backward left it.  ``cp`` (a ``ContextParallel``): plain (unsharded) gradients are
-    averaged over its group first, a context-parallel rank's own being only its tokens' share."""
+    averaged over its group first, a context-parallel rank's own being only its tokens' share.  ``networks``:
+    the frozen networks the terms backpropagate through, whose FSDP2 roots are gathered again before each
+    backward (``parallel.unshard_roots``)."""
     kept = [p.grad for p in params]
     out: dict[str, float] = {}
     try:
@@ -330,6 +348,7 @@ def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence
             for p in params:
                 p.grad = None
             if term.requires_grad:
+                parallel.unshard_roots(networks)
                 term.backward(retain_graph=i < len(terms) - 1)
             if cp is not None and cp.degree > 1:
                 cp.average_gradients([p for p in params if p.grad is not None and not hasattr(p.grad, "to_local")])
@@ -409,11 +428,16 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         parallel.parallelize(ema_model, cfg.parallel, mesh)
     if cfg.parallel.shard_teacher:  # its blocks: feature matching runs the output head outside the forward
         parallel.parallelize(backbone.transformer, cfg.parallel, mesh, root=False)
-    if mesh is not None and dims.sharded and any(value is spec.student for value in vars(source).values()):
+    # a source that draws for the global batch (DMD2's backward simulation) runs the student alike on every rank
+    global_source = getattr(source, "draws_global_batch", False)
+    if (mesh is not None and dims.sharded and not global_source
+            and any(value is spec.student for value in vars(source).values())):
         raise ConfigError("training.parallel.strategy", cfg.parallel.strategy,
                           f"'ddp' for {spec.name}: its batch source runs the student itself (MCM's mixed trajectories) "
                           "on as many samples as each rank draws, and a sharded student needs every rank in each forward")
-    for net in [*(m for obj in spec.objectives for m in _trainable_modules(obj)), *_trainable_modules(space)]:
+    for obj in spec.objectives:  # trained heads replicated; a network the student's size (DMD2's fake score) sharded
+        obj.parallelize(partial(parallel.parallelize, cfg=cfg.parallel, mesh=mesh))
+    for net in _trainable_modules(space):
         parallel.parallelize(net, cfg.parallel, mesh, shard=False)
     # Context parallelism (Ulysses, dcm.parallel.context): every transformer that runs forward in a step (the
     # student, the EMA copy, the teacher of an online source and of DetE's GAN features, an objective's own,
@@ -476,15 +500,22 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
             for micro in range(cfg.grad_accum):
                 # --- draw trajectories and grid indices n (uniform over the phases' union)
                 rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * data_size, sampler)
-                source_rng = sampler
-                if data_size > 1:  # this rank's slice; its own noise stream, replayable from the step
+                source_rng, mine = sampler, slice(None)
+                if data_size == 1:
+                    data = source.batch(rows, n, source_rng)
+                elif global_source:  # the global batch's draws from the loop's stream, this rank's rows computed
+                    mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)
+                    data = source.batch(rows, n, sampler, part=(data_rank, data_size))
+                    rows, n = rows[mine], n[mine]
+                else:  # this rank's slice; its own noise stream, replayable from the step
                     mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)
                     rows, n = rows[mine], n[mine]
                     source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, data_rank)) % 2**62)
+                    data = source.batch(rows, n, source_rng)
                 end = end_of[n]
-                data = source.batch(rows, n, source_rng)
                 if cfg.prompt_dropout > 0:  # no draw at 0: runs without dropout keep their random stream
-                    drop = torch.rand(len(rows), generator=source_rng) < cfg.prompt_dropout
+                    drop = (torch.rand(cfg.batch_size * data_size, generator=sampler)[mine] if global_source
+                            else torch.rand(len(rows), generator=source_rng)) < cfg.prompt_dropout
                     data = replace(data, cond=drop_prompts(data.cond, null_cond(len(rows)), drop))
                 sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
                 at_boundary = (n - 1 == end).to(device)
@@ -512,7 +543,8 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                         logged[key] = logged.get(key, 0.0) + term_grad_norm(v_, stepped) / cfg.grad_accum
                 (loss / cfg.grad_accum).backward(retain_graph=term_norms and mesh is not None)
                 if term_norms and mesh is not None:
-                    for k, norm in term_grad_norms_by_backward(terms, stepped, cp).items():
+                    through = [net for obj in spec.objectives for net in obj.grad_networks()]
+                    for k, norm in term_grad_norms_by_backward(terms, stepped, cp, through).items():
                         logged[f"grad_norm/{k}"] = logged.get(f"grad_norm/{k}", 0.0) + norm / cfg.grad_accum
                 micro_batches.append(batch)
                 for k, v_ in terms.items():
@@ -568,6 +600,10 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     if ranks.size > 1:  # every rank's (consolidated) weights and its shard sizes, for the record
         digests = distributed.gather_objects(distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
         local = distributed.gather_objects({name: parallel.local_numel(p) for name, p in zip(names, trainable)})
+        trained = {f"{obj.name}.{attr}": net for obj in spec.objectives for attr, net in vars(obj).items()
+                   if isinstance(net, nn.Module) and any(p.requires_grad for p in net.parameters())}
+        objective_local = distributed.gather_objects(  # each rank's share of the objectives' trained networks
+            {key: sum(parallel.local_numel(p) for p in net.parameters()) for key, net in trained.items()})
         tokens = distributed.gather_objects(local_tokens)
         parallel.gather_full_weights(student)  # rank 0: the full weights, for the stage's save
         if not ranks.is_main:
@@ -577,6 +613,8 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
         io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {
             "world_size": ranks.size, "parallel": vars(dims), "parameter_digests": digests,
             "shapes": {name: list(p.shape) for name, p in zip(names, trainable)}, "local_numel": local,
+            **({"objective_numel": {key: sum(p.numel() for p in net.parameters()) for key, net in trained.items()},
+                "objective_local_numel": objective_local} if trained else {}),
             **({"context_parallel_tokens": tokens} if cp is not None else {})})
     if spec.save is not None:
         spec.save(out_dir)

@@ -72,11 +72,17 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        from dcm.parallel.fsdp import reshard
+
+        reshard(self.model)  # its parameters named as the optimizer holds them: the shards
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        from dcm.parallel.fsdp import reshard
+
+        reshard(self.model)
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
@@ -93,6 +99,25 @@ class ObjectState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = torch.load(io.BytesIO(state["pickle"]), map_location="cpu", weights_only=False)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """An optimizer ``state_dict()`` saved by one process (keyed by position) into ``optimizer`` over ``model``'s
+    parameters, in the same order, sharded (DTensors: each rank keeps its shards of the moments) or not."""
+    if not any(hasattr(p, "to_local") for p in model.parameters()):
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    template = get_optimizer_state_dict(model, optimizer)  # names the positions
+    fqns = [fqn for group in template["param_groups"] for fqn in group["params"]]
+    by_name = {"state": {fqns[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def is_checkpoint(folder: str | Path) -> bool:

@@ -294,6 +294,44 @@ def copy_full_(target: torch.Tensor, full: torch.Tensor) -> None:
             target.copy_(full)
 
 
+def load_full_state_dict_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` for a full (one-process) state dict, ``model`` sharded or not: each rank
+    copies its shard of every tensor in place."""
+    if not any(_is_dtensor(p) for p in model.parameters()):
+        model.load_state_dict(state)
+        return
+    targets = model.state_dict()  # the shards themselves (DTensors sharing the parameters' storage) and buffers
+    if targets.keys() != state.keys():
+        raise KeyError(f"state dict keys differ from the model's: missing {sorted(targets.keys() - state.keys())[:3]}, "
+                       f"unexpected {sorted(state.keys() - targets.keys())[:3]}")
+    for name, target in targets.items():
+        copy_full_(target, state[name])
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP2 group of ``model`` back to its shards.  A root keeps its gathered weights after a forward
+    until a backward reshards them, so after a no-grad forward (DMD2's backward simulation) ``model``'s
+    parameters are, for the root's own, the gathered copies: reshard before naming its parameters (a
+    checkpoint's state)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def unshard_roots(models: list[nn.Module]) -> None:
+    """Gather the root weights of the FSDP2 models in ``models``.  FSDP2 gathers a root's weights for backward
+    from a hook on the root's output; a loss on an inner block's output (DMD2's classifier on a middle tap)
+    leaves that hook out, so a further backward over a retained graph (the per-term gradient norms) finds
+    the root's weights freed by the previous one.  Blocks gather their own."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        if isinstance(model, FSDPModule):
+            model.unshard()
+
+
 def local_numel(t: torch.Tensor) -> int:
     """Elements this rank holds of ``t`` (its shard of a DTensor)."""
     return t.to_local().numel() if _is_dtensor(t) else t.numel()
