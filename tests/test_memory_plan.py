@@ -316,6 +316,22 @@ def test_sharded_sizes_are_fsdp2s_on_the_fake_group():
     assert total / 3 <= local < total / 3 * 1.05
 
 
+def test_dmd2_fake_score_is_sharded_like_the_generator():
+    """DMD2's fake score (the teacher's size) holds what the generator holds per GPU: all of it on one GPU,
+    rank 0's shard under FSDP over two."""
+    mp = memory_plan()
+    work, cp = workloads()["wan"]
+    st = mp.structure(work, torch.float32, cps=(cp,))
+    held = {}
+    for gpus in (1, 2):
+        rows = mp.plan(work, mp.Setting(gpus=gpus, cp=cp, compute="fp32"), st)
+        seme = rows["SemE"]
+        generator = seme["parameters (fp32)"] + seme["gradients (fp32)"] + seme["optimizer (AdamW, 2 × fp32)"]
+        held[gpus] = rows["DMD2"]["fake score (weights+grads+AdamW)"]
+        assert held[gpus] == generator
+    assert held[1] == 16 * st.total and 0.45 < held[2] / held[1] < 0.55
+
+
 @pytest.mark.parametrize("argv,key,value,allowed", [
     (["--family", "hunyuan", "--gpus", "24", "--context-parallel", "5"], "training.parallel.context_parallel", "5",
      "allowed [1, 2, 3, 4, 6, 8, 12, 24]"),
@@ -333,3 +349,31 @@ def test_bad_combinations_fail_with_key_value_and_allowed(argv, key, value, allo
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+@pytest.mark.slow
+def test_the_hunyuan_presets_layout_fits_the_gpus_of_its_slurm_rows(tmp_path, capsys):
+    """The hunyuan preset's ``training.parallel`` (and the batch it gives) on slurm/resources-hunyuan.yaml's
+    training rows: SemE, DetE and DMD2 each fit 80 GiB A100s with activation checkpointing, as the preset says."""
+    import yaml
+
+    from dcm import config
+
+    raw = config.deep_merge(config.load_raw(REPO / "params.yaml", "hunyuan"), {"backbone": {"path": str(tmp_path)}})
+    params = config.parse(raw)
+    par = params.training.parallel
+    assert params.training.gradient_checkpointing and par.strategy == "fsdp" and par.mixed_precision == "bf16"
+    rows = yaml.safe_load((REPO / "slurm" / "resources-hunyuan.yaml").read_text())
+    gpus = {rows[s]["nodes"] * rows[s]["gpus"] for s in ("train_seme", "train_dete", "train_baseline")}
+    assert gpus == {24} and 24 % par.context_parallel == 0
+    global_batch = params.training.batch_size * 24 // par.context_parallel * params.training.grad_accum
+    assert global_batch == 6  # the paper's (24 A100s, sequence parallel 4, batch 1 per group)
+    mp = memory_plan()
+    argv = ["--family", "hunyuan", "--gpus", "24", "--gpu-mem-gb", "80", "--context-parallel",
+            str(par.context_parallel), "--max-gpus", "8", "--json-out", str(tmp_path / "plan.json")]
+    assert mp.main(argv + (["--shard-teacher"] if par.shard_teacher else [])) == 0
+    capsys.readouterr()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    usable = (80 - plan["reserve_gb"]) * 2**30
+    for stage in ("SemE", "DetE", "DMD2"):
+        assert plan["per_gpu"][stage]["total, checkpointing"] <= usable, stage
