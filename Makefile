@@ -7,7 +7,7 @@ STAMP := $(VENV)/.dcm-installed
 export DVC_NO_ANALYTICS := 1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ablations clean-outputs
+.PHONY: setup demo test test-fast ablations paper clean-outputs
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ ablations: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report_ablations
 	@echo "ablation table: ablations/summary.md  (HTML: ablations/index.html)"
+
+# The paper report: every row of the default DAG, the ablation rows and the quality-against-steps rows
+# (nfe_curve: true in params.yaml); `dvc repro report_paper` builds what is missing, then paper/summary.md
+# opens with the paper's claims, each marked holds / does not hold / inconclusive from the paired intervals.
+paper: setup
+	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report_paper
+	@echo "paper report: paper/summary.md  (HTML: paper/index.html; curves: paper/*_vs_nfe.png)"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -75,7 +75,7 @@ BAD_INPUTS = [
     (lambda r: _set(r, "teacher.cfg_dropout", 1.0), r"teacher\.cfg_dropout = 1\.0 is invalid: must be < 1"),
     (lambda r: _drop(r, "world.size"), r"world\.size = None is invalid: missing required key \(an integer\)"),
     (lambda r: _set(r, "world.size", 18), r"world\.size = 18 is invalid: must be a multiple of codec_factor·patch \(4\)"),
-    (lambda r: _set(r, "methods.dcm8.checkpoint_from", "dcm2"), r"methods\.dcm8\.checkpoint_from = 'dcm2' is invalid: one of"),
+    (lambda r: _set(r, "methods.dcm8.checkpoint_from", "dcm_typo"), r"methods\.dcm8\.checkpoint_from = 'dcm_typo' is invalid: one of"),
     (lambda r: _set(r, "methods.dcm.sample_steps", 1), r"methods\.dcm\.sample_steps = 1 is invalid: >= 2"),
     (lambda r: _set(r, "methods", {}), r"methods = \{\} is invalid: a mapping of names to a mapping \(at least one\)"),
     (lambda r: _set(_set(r, "backbone.family", "wan"), "backbone.path", "/nonexistent/Wan2.1-T2V-1.3B"),

@@ -49,7 +49,8 @@ def expand_dvc(doc: dict) -> dict[str, dict[str, set[str]]]:
 
 
 def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
-    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all", "report_ablations"], cwd=workdir,
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all", "report_ablations", "report_paper"],
+                         cwd=workdir,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stdout
     runs = {}
@@ -205,3 +206,41 @@ def test_stage_inputs_are_checked_from_the_table_naming_the_runs_that_write_them
     assert "trajectories" not in str(err.value) and "`dcm run teacher`" in str(err.value)
     with pytest.raises(config.ConfigError, match=r"samples/teacher.*`dcm run sample --method teacher`"):
         STAGES["evaluate"].check_inputs(params, "lcm")
+
+
+def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
+    """The quality-against-steps rows run only for `make paper`: not in the default DAG (`make demo`), not
+    in the ablation report (`make ablations`); the paper report depends on every evaluated row."""
+    from dcm.pipeline.table import ablation_rows, curve_rows
+
+    params = config.load(REPO / "params.yaml")
+    curves = curve_rows(params)
+    assert {"euler1", "euler2", "euler8", "euler16", "lcm1", "lcm2", "lcm8", "pcm2", "dcm2"} <= set(curves)
+    default = {m for s, m in dag.runs(params, include_ablations=False)} | {s.name for s, _ in
+                                                                           dag.runs(params, include_ablations=False)}
+    assert not default & set(curves) and "report_paper" not in default
+    assert not set(curves) & set(ablation_rows(params))
+    assert not any(f"metrics/{m}.json" in STAGES["report_ablations"].resolve(params)["deps"] for m in curves)
+    paper_deps = set(STAGES["report_paper"].resolve(params)["deps"])
+    assert paper_deps == {f"metrics/{m}.json" for m in STAGES["evaluate"].methods(params, include_ablations=True)}
+    # sampling-only rows reuse trained weights; pcm2 is trained as its own row
+    train = {m for s, m in dag.runs(params) if s.name.startswith("train_")}
+    assert "pcm2" in train and not train & {"lcm1", "lcm2", "lcm8", "dcm2"}
+
+
+def test_dcm_at_two_steps_is_one_seme_and_one_dete_step():
+    from dcm.methods import schedule_for
+
+    for preset in (None, "smoke"):
+        params = config.load(REPO / "params.yaml", preset=preset)
+        steps = schedule_for(params, "dcm2")
+        grid = params.teacher_grid()
+        assert [s.expert for s in steps] == ["seme", "dete"], preset
+        assert [s.sigma for s in steps] == [grid.sigma(params.grid.steps - 1), grid.sigma(params.grid.kappa)]
+
+
+def test_a_row_in_both_opt_in_groups_is_refused_naming_the_key():
+    raw = config.load_raw(REPO / "params.yaml")
+    raw["methods"]["euler1"]["ablation"] = True
+    with pytest.raises(ConfigError, match=r"methods\.euler1\.nfe_curve"):
+        config.parse(raw)

@@ -299,6 +299,9 @@ class MethodConfig:
     # (predict x0, re-noise to the next σ with fresh noise; consistency and mcm kinds; required for dmd2)
     sampler: Literal["euler", "lcm"] = "euler"
     ablation: Bool = False  # opt-in rows: not part of the default DAG
+    # opt-in rows of the quality-against-NFE curves (`make paper`): outside the default DAG and, unlike
+    # `ablation`, outside the ablation report (a step count of a method is not an ablation of it)
+    nfe_curve: Bool = False
 
 
 @dataclass(config=SECTION)
@@ -371,7 +374,7 @@ class Params:
 
     @property
     def default_methods(self) -> list[str]:
-        return [m for m, c in self.methods.items() if not c.ablation]
+        return [m for m, c in self.methods.items() if not (c.ablation or c.nfe_curve)]
 
     def teacher_grid(self) -> schedule.TeacherGrid:
         """The teacher grid of ``grid`` (steps, shift, num_train_timesteps), computed once per setting."""
@@ -602,6 +605,9 @@ def validate(params: Params) -> Params:
         key = f"methods.{name}"
         if m.checkpoint_from is not None and m.checkpoint_from not in params.methods:
             raise ConfigError(f"{key}.checkpoint_from", m.checkpoint_from, f"one of {sorted(params.methods)}")
+        if m.ablation and m.nfe_curve:
+            raise ConfigError(f"{key}.nfe_curve", m.nfe_curve, f"false when {key}.ablation is true (a row is "
+                              "in one opt-in group: the ablation report's or the NFE curves')")
         if m.mcm is not None and m.kind != "mcm":
             raise ConfigError(f"{key}.mcm", dataclasses.asdict(m.mcm),
                               f"only for kind 'mcm' (this method is kind {m.kind!r})")

@@ -14,6 +14,7 @@ METRICS = Path("metrics")
 ANALYSIS = Path("analysis")
 REPORTS = Path("reports")
 ABLATIONS = Path("ablations")  # the ablation report (`make ablations`)
+PAPER = Path("paper")  # the paper report: claims with verdicts, NFE curves (`make paper`)
 EXPORT = Path("export")
 
 

@@ -17,6 +17,18 @@ import numpy as np  # noqa: E402
 QUALITY_KEYS = ("total", "quality", "semantic")
 
 
+def _legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, never over the data it labels (save with ``_save``)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def _save(fig, path: Path) -> None:
+    """Save with the bounding box grown to hold a legend outside the axes."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _fmt_ci(ci) -> str:
     return f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else ""
 
@@ -105,10 +117,8 @@ def bar_plot(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("score (×100)")
     ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_outside(ax)
+    _save(fig, path)
     return path
 
 
@@ -124,10 +134,8 @@ def dimension_plot(metrics: dict[str, dict], order: list[str], path: Path) -> Pa
     ax.set_xticks(x, [d.replace("_", " ") for d in dims], rotation=35, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
-    ax.legend(ncol=min(5, len(order)), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_outside(ax, fontsize=8)
+    _save(fig, path)
     return path
 
 
@@ -151,10 +159,47 @@ def loss_curves(histories: dict[str, Path], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_outside(ax, fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def nfe_curves(metrics: dict[str, dict], series: dict[str, list[str]], key: str, path: Path, ylabel: str,
+               reference: str | None = None, scale: float = 1.0) -> Path | None:
+    """``key`` (``<key>_ci95`` as error bars, times ``scale``) against NFE (log x), one line per method of
+    ``series`` (method label → its rows at several step counts), the ``reference`` row as a horizontal
+    line with its interval as a band.  The lines are drawn a few percent of NFE apart (ticks at the true
+    values) so that methods at the same NFE do not hide each other's bars.  None (no file) when no row
+    has ``key``."""
+    def point(row: str):
+        m = metrics.get(row, {})
+        if m.get(key) is None or not m.get("nfe"):
+            return None
+        ci = m.get(f"{key}_ci95") or (m[key], m[key])
+        return m["nfe"], scale * m[key], scale * ci[0], scale * ci[1]
+
+    lines = {label: sorted(p for p in map(point, rows) if p) for label, rows in series.items()}
+    lines = {label: pts for label, pts in lines.items() if pts}
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ref = point(reference) if reference else None
+    if ref:
+        ax.axhspan(ref[2], ref[3], color="0.85", zorder=0)
+        ax.axhline(ref[1], color="0.4", ls="--", lw=1, label=f"{reference} (NFE {ref[0]}) ± 95% CI")
+    for k, (label, pts) in enumerate(lines.items()):
+        nfe, value, lo, hi = (np.array(c, dtype=float) for c in zip(*pts))
+        err = np.vstack([value - lo, hi - value]).clip(min=0)
+        dodge = 1.04 ** (k - (len(lines) - 1) / 2)
+        ax.errorbar(nfe * dodge, value, yerr=err, marker="o", ms=4, capsize=3, lw=1.2, label=label)
+    ax.set_xscale("log")
+    ticks = sorted({p[0] for pts in lines.values() for p in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("NFE (transformer forwards per video, log scale)")
+    ax.set_ylabel(ylabel)
+    _legend_outside(ax, fontsize=8)
+    _save(fig, path)
     return path
 
 

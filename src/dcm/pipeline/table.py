@@ -25,13 +25,15 @@ class Stage:
     method_kinds: tuple[str, ...] = ()  # non-empty: one run per method of these kinds
     data_parallel: bool = False  # runs on every rank of a multi-task job; other stages on rank 0 only
     resumable: bool = False  # picks up its own partial outputs (shards, checkpoints): DVC persists them
-    ablation: bool = False  # opt-in, like the ablation rows: outside the default DAG (`make ablations`)
+    ablation: bool = False  # opt-in: outside the default DAG (`make ablations`, `make paper`)
 
     @property
     def per_method(self) -> bool:
         return bool(self.method_kinds)
 
     def methods(self, params: Params, include_ablations: bool = False) -> list[str]:
+        """The methods this stage runs for: the default DAG's, or every row with ``include_ablations``
+        (the opt-in rows of both groups: ``ablation`` and ``nfe_curve``)."""
         names = params.methods if include_ablations else params.default_methods
         return [m for m in names if params.methods[m].kind in self.method_kinds and self.trains(params, m)]
 
@@ -43,16 +45,16 @@ class Stage:
                 include_ablations: bool = False) -> dict[str, list[str]]:
         """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in; a path
         with ``{each}`` is repeated for every evaluated method of the default DAG (the report's inputs),
-        one with ``{ablation}`` for every evaluated ablation row (the ablation report's)."""
+        one with ``{ablation}`` for every evaluated ablation row (the ablation report's), one with
+        ``{curve}`` for every evaluated NFE-curve row (the paper report's)."""
         fill = {"method": method or ""}
-        evaluated = STAGES["evaluate"].methods(params)
-        ablations = [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if m not in evaluated]
+        groups = {"{each}": STAGES["evaluate"].methods(params), "{ablation}": ablation_rows(params),
+                  "{curve}": curve_rows(params)}
 
         def expand(path: str) -> list[str]:
-            if "{each}" in path:
-                return [path.replace("{each}", m).format(**fill) for m in evaluated]
-            if "{ablation}" in path:
-                return [path.replace("{ablation}", m).format(**fill) for m in ablations]
+            for placeholder, rows in groups.items():
+                if placeholder in path:
+                    return [path.replace(placeholder, m).format(**fill) for m in rows]
             if path == "{weights}":
                 return weights_paths(params, method)
             return [path.format(**fill)]
@@ -98,6 +100,17 @@ class Stage:
         if path != "trajectories" or not self.name.startswith(("train_", "analyze")):
             return True
         return params.training.source == "cached" and not (method and params.method(method).kind in ("mcm", "dmd2"))
+
+
+def ablation_rows(params: Params) -> list[str]:
+    """The evaluated rows of the opt-in ablation group (``methods.<m>.ablation``): the ablation report's."""
+    return [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if params.methods[m].ablation]
+
+
+def curve_rows(params: Params) -> list[str]:
+    """The evaluated rows of the opt-in NFE-curve group (``methods.<m>.nfe_curve``): step counts of the
+    default methods, beside them in the paper report's curves."""
+    return [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if params.methods[m].nfe_curve]
 
 
 def producer(params: Params, path: str) -> str:
@@ -167,6 +180,10 @@ STAGES: dict[str, Stage] = {
         Stage("report_ablations", "the paper's ablation rows beside the teacher and DCM (opt-in: `make ablations`)",
               deps=("metrics/{each}.json", "metrics/{ablation}.json"), outs=("ablations",),
               params=("methods", "tracking"), ablation=True),
+        Stage("report_paper", "the paper's claims with computed verdicts, quality against NFE, the ablation table "
+              "(opt-in: `make paper`)",
+              deps=("metrics/{each}.json", "metrics/{ablation}.json", "metrics/{curve}.json"), outs=("paper",),
+              params=("seed", "evaluation.bootstrap", "methods", "tracking"), ablation=True),
     ]
 }
 

@@ -8,24 +8,24 @@ from dcm import paths, tracking
 from dcm.config import Params
 from dcm.evaluation import reporting
 from dcm.io import atomic_dir, read_json
-from dcm.pipeline.table import STAGES
+from dcm.pipeline import table
 
 
 def run(params: Params) -> None:
-    main_rows = STAGES["evaluate"].methods(params)
-    ablation_rows = [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if m not in main_rows]
+    main_rows = table.STAGES["evaluate"].methods(params)
+    ablation_rows = table.ablation_rows(params)  # not the NFE-curve rows: those are in the paper report
     order = main_rows + ablation_rows
     metrics = {m: read_json(paths.metrics(m)) for m in order}
     with tracking.stage_run(params, "report_ablations", param_keys={"methods": ",".join(order)}) as run_, \
             atomic_dir(paths.ABLATIONS) as out:
         rows = reporting.method_table(metrics, order)
-        table = reporting.markdown_table(rows)
+        md_table = reporting.markdown_table(rows)
         reporting.bar_plot(rows, out / "scores.png", "Total / Quality / Semantic, ablation rows last")
         md = [f"# {params.experiment}: ablations\n",
-              "## Methods and ablation rows (same prompts and seeds for every row; scores ×100)\n", table, "",
+              "## Methods and ablation rows (same prompts and seeds for every row; scores ×100)\n", md_table, "",
               "![scores](scores.png)", ""]
         (out / "summary.md").write_text("\n".join(md) + "\n")
-        sections = [("Ablations", reporting.markdown_to_html_table(table)), ("Scores", "<img src='scores.png'>")]
+        sections = [("Ablations", reporting.markdown_to_html_table(md_table)), ("Scores", "<img src='scores.png'>")]
         (out / "index.html").write_text(reporting.html_page(f"dcm — {params.experiment}: ablations", sections))
         run_.metrics({f"{m}.total": metrics[m]["total"] for m in order})
         run_.artifact(out, "ablations")

@@ -1,0 +1,121 @@
+"""``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dvc repro report_paper``).
+
+In order: the paper's claims, each with a verdict computed from the paired 95% intervals
+(``dcm.evaluation.verdicts``), and DMD2 against DCM as a comparison; the headline tables at 2 and 4
+steps; Total, FD excess and diversity against NFE, one line per method; the ablation table.  A row
+the claims or curves name that has no metrics is reported as not run.
+"""
+
+from __future__ import annotations
+
+import html
+
+from dcm import paths, tracking
+from dcm.config import Params
+from dcm.evaluation import reporting
+from dcm.evaluation.verdicts import EQUIVALENCE_MARGIN, Claim, Verdict, verdict
+from dcm.io import atomic_dir, read_json
+from dcm.pipeline.table import STAGES, ablation_rows
+
+TEACHER = "teacher"
+# The paper's claims (arXiv 2506.03123: the HunyuanVideo table and the ablation table) on params.yaml's rows.
+CLAIMS = (
+    Claim("DCM-4 ≈ teacher-50", "dcm", TEACHER, "equivalent"),
+    Claim("DCM-4 > PCM-4", "dcm", "pcm", "better"),
+    Claim("PCM-4 > LCM-4", "pcm", "lcm", "better"),
+    Claim("ablation: + trajectory split helps (OD > VCM)", "od", "vcm", "better"),
+    Claim("ablation: + parameter-efficient DetE helps (OD+PE > OD)", "od_pe", "od", "better"),
+    Claim("ablation: + temporal coherence helps (OD+PE+TC > OD+PE)", "od_pe_tc", "od_pe", "better"),
+    Claim("ablation: + GAN and feature matching help (DCM > OD+PE+TC)", "dcm", "od_pe_tc", "better"),
+)
+COMPARISONS = (Claim("DCM vs DMD2 at 4 steps (a comparison, not a claim of the paper)", "dcm", "dmd2", "compare"),)
+# Each method's rows at several step counts (params.yaml): one line per method in the curves.
+CURVES = {
+    "teacher (Euler)": ["euler1", "euler2", "euler4", "euler8", "euler16", TEACHER],
+    "LCM": ["lcm1", "lcm2", "lcm", "lcm8"],
+    "PCM": ["pcm2", "pcm"],
+    "DCM": ["dcm2", "dcm", "dcm8"],
+    "DMD2": ["dmd2_1", "dmd2_2", "dmd2"],
+    "MCM": ["mcm"],
+}
+HEADLINE_STEPS = (2, 4)
+# (metrics key, axis label, scale): the headline metrics plotted against NFE
+CURVE_METRICS = (
+    ("total", "Total (×100, higher is better)", 100.0),
+    ("fd_excess", "FD excess over real vs real (lower is better)", 1.0),
+    ("diversity", "diversity across seeds (1 = the data's)", 1.0),
+)
+
+
+def run(params: Params) -> None:
+    rows = STAGES["evaluate"].methods(params, include_ablations=True)
+    metrics = {m: read_json(paths.metrics(m)) for m in rows if paths.metrics(m).is_file()}
+    n, seed = params.evaluation.bootstrap, params.seed
+    claims = [verdict(c, metrics, n, seed) for c in CLAIMS]
+    comparisons = [verdict(c, metrics, n, seed) for c in COMPARISONS]
+    steps = {m: r.get("steps") for m, r in metrics.items()}
+    with tracking.stage_run(params, "report_paper", param_keys={"methods": ",".join(metrics)}) as run_, \
+            atomic_dir(paths.PAPER) as out:
+        md = [f"# {params.experiment}: the paper's claims, quality against steps, ablations\n"]
+        sections = []
+
+        rule = (f"Each verdict is the paired difference of Total over the same (prompt, seed) rows with its 95% "
+                f"bootstrap interval (scores ×100). *a > b* holds if the interval lies above 0, does not hold "
+                f"if it lies below 0, inconclusive otherwise. *a ≈ b* (equivalence margin "
+                f"{100 * EQUIVALENCE_MARGIN:.0f} point of Total) holds if the interval reaches 0 or lies above "
+                f"it and its lower bound is above −{100 * EQUIVALENCE_MARGIN:.0f}, does not hold if it lies "
+                f"wholly below −{100 * EQUIVALENCE_MARGIN:.0f}, inconclusive otherwise. A row without metrics: "
+                f"not run. One training run per row: the intervals cover the evaluation rows, not training "
+                f"seeds, so a verdict says what this run shows, not what a retrained one would.")
+        lines = [v.line(steps) for v in claims] + ["", *(v.line(steps) for v in comparisons)]
+        md += ["## Claims\n", rule, "", *lines, ""]
+        sections.append(("Claims", f"<p>{html.escape(rule)}</p>" + _html_list(claims + comparisons, steps)))
+
+        for k in HEADLINE_STEPS:
+            at_k = [m for series in CURVES.values() for m in series if m in metrics and steps[m] == k]
+            order = ([TEACHER] if TEACHER in metrics else []) + [m for m in at_k if m != TEACHER]
+            title = f"At {k} steps (the teacher-50 as reference; scores ×100)"
+            table = (reporting.markdown_table(reporting.method_table(metrics, order)) if at_k
+                     else f"no row at {k} steps ran")
+            md += [f"## {title}\n", table, ""]
+            sections.append((title, reporting.markdown_to_html_table(table) or f"<p>{html.escape(table)}</p>"))
+
+        figures = []
+        for key, label, scale in CURVE_METRICS:
+            file = out / f"{key}_vs_nfe.png"
+            if reporting.nfe_curves(metrics, CURVES, key, file, label, reference=TEACHER, scale=scale):
+                figures.append(file.name)
+        not_run = [m for series in CURVES.values() for m in series if m not in metrics]
+        note = ("Error bars: 95% bootstrap intervals over the evaluation rows; dashed line and band: the "
+                "teacher-50." + (f" Not run: {', '.join(not_run)}." if not_run else ""))
+        md += ["## Against NFE\n", note, "", *(f"![{f}]({f})" for f in figures), ""]
+        sections.append(("Against NFE", f"<p>{html.escape(note)}</p>" + "".join(f"<img src='{f}'>" for f in figures)))
+
+        main = STAGES["evaluate"].methods(params)
+        ablations = ablation_rows(params)
+        order = [m for m in main + ablations if m in metrics]
+        missing = [m for m in main + ablations if m not in metrics]
+        table = reporting.markdown_table(reporting.method_table(metrics, order))
+        ablation_note = f"Not run: {', '.join(missing)}." if missing else ""
+        md += ["## Methods and ablation rows (scores ×100)\n", table, "", ablation_note, ""]
+        sections.append(("Methods and ablation rows",
+                         reporting.markdown_to_html_table(table) + f"<p>{html.escape(ablation_note)}</p>"))
+
+        (out / "summary.md").write_text("\n".join(md) + "\n")
+        page = reporting.html_page(f"dcm — {params.experiment}: paper", sections)
+        broken = reporting.unresolved_images(page, out)
+        if broken:
+            raise RuntimeError(f"report_paper: index.html refers to images that are not in {paths.PAPER}/: {broken}")
+        (out / "index.html").write_text(page)
+        run_.metrics({f"claim.{v.claim.a}-{v.claim.b}": v.difference.mean
+                      for v in claims + comparisons if v.difference})
+        run_.artifact(out, "paper")
+    print(f"report_paper: {paths.PAPER / 'summary.md'} and {paths.PAPER / 'index.html'}")
+
+
+def _html_list(verdicts: list[Verdict], steps: dict) -> str:
+    items = []
+    for v in verdicts:
+        text = v.line(steps).removeprefix("- ").replace(f"**{v.label}**", "\0", 1)
+        items.append("<li>" + html.escape(text).replace("\0", f"<b>{html.escape(v.label)}</b>") + "</li>")
+    return "<ul>" + "".join(items) + "</ul>"

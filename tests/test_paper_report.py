@@ -1,0 +1,152 @@
+"""The paper report end to end on hand-written metrics files (evaluate's format): a verdict line per claim,
+decided by the constructed differences; the headline tables at 2 and 4 steps; the curves against NFE; rows
+that never ran reported as not run.  And no plot of the reports puts its legend over the data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcm import config
+from dcm.evaluation import reporting
+from dcm.evaluation.scoring import bootstrap
+from dcm.pipeline.stages import report_paper
+
+ROWS = 64
+BASE = 0.85 + 0.04 * np.random.default_rng(0).standard_normal(ROWS)  # the teacher's per-row Totals
+ALTERNATE = np.tile([1.0, -1.0], ROWS // 2)  # zero-mean spread: widens an interval, keeps the mean
+
+# row -> per-row Totals; what the claims should conclude is in the test below
+TOTALS = {
+    "teacher": BASE,
+    "dcm": BASE + 0.001,
+    "pcm": BASE - 0.02,
+    "lcm": BASE - 0.02 + 0.06 * ALTERNATE,
+    "vcm": BASE - 0.05,
+    "od": BASE - 0.03,
+    "od_pe": BASE - 0.04,
+    "dmd2": BASE + 0.03,
+    "euler1": BASE - 0.2, "euler2": BASE - 0.1, "euler4": BASE - 0.01, "euler8": BASE, "euler16": BASE,
+    "lcm1": BASE - 0.05, "lcm2": BASE - 0.03,
+    "pcm2": BASE - 0.04, "dcm2": BASE - 0.02, "dcm8": BASE, "mcm": BASE - 0.03,
+    "dmd2_1": BASE - 0.01, "dmd2_2": BASE, "mcm_raw": BASE - 0.04,
+}  # no od_pe_tc, lcm8, ...: never ran
+
+
+def write_metrics(params, name: str, totals: np.ndarray) -> dict:
+    """metrics/<name>.json as ``evaluate`` writes it (dcm.evaluation.metrics), with made-up scores."""
+    m = params.methods[name]
+    n, seed = params.evaluation.bootstrap, params.seed
+    rows = [{"prompt": f"prompt {i // 2}", "seed": i % 2} for i in range(ROWS)]
+    diff = totals - TOTALS["teacher"]
+    total = float(totals.mean())
+    fd_excess = float(5 * (0.9 - total))
+    record = {
+        "method": name, "backend": "shapes-bench", "steps": m.sample_steps,
+        "nfe": 2 * m.sample_steps if m.kind == "teacher" else m.sample_steps,
+        "latency_s": 0.01 * m.sample_steps, "dimensions": {"color": total}, "quality": total, "semantic": total,
+        "total": total, "total_ci95": list(bootstrap(totals, np.mean, n, seed)),
+        "diff_vs_teacher": {"total": {"mean": float(diff.mean()), "ci95": list(bootstrap(diff, np.mean, n, seed))}},
+        "psnr_vs_teacher": 30.0, "match_rate": total,
+        "fd": fd_excess + 1.0, "fd_ci95": [fd_excess + 0.5, fd_excess + 1.5], "fd_real_floor": 1.0,
+        "fd_excess": fd_excess, "fd_excess_ci95": [fd_excess - 0.5, fd_excess + 0.5],
+        "diversity": total, "diversity_ci95": [total - 0.05, total + 0.05],
+        "per_row": [{**r, "total": float(t), "color": float(t)} for r, t in zip(rows, totals)],
+    }
+    Path("metrics").mkdir(exist_ok=True)
+    Path(f"metrics/{name}.json").write_text(json.dumps(record))
+    return record
+
+
+def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(project):
+    params = config.load("params.yaml")
+    records = {name: write_metrics(params, name, totals) for name, totals in TOTALS.items()}
+    report_paper.run(params)
+    summary = (project / "paper" / "summary.md").read_text()
+
+    def verdict_line(text: str) -> str:
+        return next(line for line in summary.splitlines() if f"— {text}" in line)
+
+    assert verdict_line("DCM-4 ≈ teacher-50").startswith("- **holds**")
+    assert verdict_line("DCM-4 > PCM-4").startswith("- **holds**")
+    assert verdict_line("PCM-4 > LCM-4").startswith("- **inconclusive**")
+    assert verdict_line("ablation: + trajectory split helps").startswith("- **holds**")
+    assert verdict_line("ablation: + parameter-efficient DetE helps").startswith("- **does not hold**")
+    for claim in ("ablation: + temporal coherence helps", "ablation: + GAN and feature matching help"):
+        assert verdict_line(claim).startswith("- **not run**") and "`od_pe_tc`" in verdict_line(claim)
+    assert verdict_line("DCM vs DMD2 at 4 steps").startswith("- **dmd2 higher**")
+    # the interval is the metrics' own paired Total − teacher (same rows, bootstrap, seed)
+    lo, hi = records["dcm"]["diff_vs_teacher"]["total"]["ci95"]
+    assert f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in verdict_line("DCM-4 ≈ teacher-50")
+    assert "Total(dcm, 4 steps) − Total(teacher, 50 steps)" in verdict_line("DCM-4 ≈ teacher-50")
+    assert "margin 1 point" in summary
+
+    two, four = summary.split("## At 2 steps")[1].split("## At 4 steps")
+    four = four.split("## Against NFE")[0]
+    for row in ("teacher", "euler2", "lcm2", "pcm2", "dcm2", "dmd2_2"):
+        assert f"| {row} |" in two, row
+    for row in ("teacher", "euler4", "lcm", "pcm", "dcm", "mcm", "dmd2"):
+        assert f"| {row} |" in four, row
+    assert "| dcm8 |" not in two + four and "| vcm |" not in four  # other step counts; ablations apart
+    assert summary.index("## Claims") < summary.index("## At 2 steps") < summary.index("## Against NFE") \
+        < summary.index("## Methods and ablation rows")
+    assert "Not run: lcm8." in summary  # a curve's row that never ran
+    ablations = summary.split("## Methods and ablation rows")[1]
+    assert "| od_pe |" in ablations and "| euler1 |" not in ablations and "od_pe_tc" in ablations
+
+    for key in ("total", "fd_excess", "diversity"):
+        assert (project / "paper" / f"{key}_vs_nfe.png").stat().st_size > 0, key
+        assert f"![{key}_vs_nfe.png]({key}_vs_nfe.png)" in summary
+    page = (project / "paper" / "index.html").read_text()
+    assert "<b>holds</b>" in page and "<img src='total_vs_nfe.png'>" in page
+
+
+def test_paper_report_with_no_metrics_says_not_run_for_every_claim(project):
+    params = config.load("params.yaml")
+    report_paper.run(params)
+    summary = (project / "paper" / "summary.md").read_text()
+    claims = [line for line in summary.splitlines() if line.startswith("- **")]
+    assert len(claims) == len(report_paper.CLAIMS) + len(report_paper.COMPARISONS)
+    assert all(line.startswith("- **not run**") for line in claims)
+    assert "no row at 2 steps ran" in summary and not list((project / "paper").glob("*.png"))
+
+
+@pytest.fixture
+def legend_checks(monkeypatch):
+    """Every figure the reports save, checked for a legend overlapping its axes (in display pixels)."""
+    overlaps: list[str] = []
+    save = reporting._save
+
+    def checked_save(fig, path):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None and legend.get_window_extent().overlaps(ax.get_window_extent()):
+                overlaps.append(Path(path).name)
+        save(fig, path)
+
+    monkeypatch.setattr(reporting, "_save", checked_save)
+    return overlaps
+
+
+def test_no_report_plot_puts_its_legend_over_the_data(tmp_path, legend_checks):
+    params = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    metrics = {}
+    for name in ("teacher", "dcm", "dcm2", "pcm", "lcm"):
+        m = params.methods[name]
+        total = float(TOTALS.get(name, BASE).mean())
+        metrics[name] = {"method": name, "steps": m.sample_steps, "nfe": m.sample_steps, "total": total,
+                         "total_ci95": [total - 0.01, total + 0.01], "quality": total, "semantic": total,
+                         "dimensions": {"color": total, "motion_smoothness": 0.9}}
+    rows = reporting.method_table(metrics, list(metrics))
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps({"step": i, "loss": 1.0 / (i + 1)}) + "\n" for i in range(5)))
+    assert reporting.bar_plot(rows, tmp_path / "scores.png", "scores")
+    assert reporting.dimension_plot(metrics, list(metrics), tmp_path / "dimensions.png")
+    assert reporting.loss_curves({"dcm/seme": history, "lcm": history}, tmp_path / "losses.png")
+    assert reporting.nfe_curves(metrics, {"DCM": ["dcm2", "dcm"], "PCM": ["pcm"]}, "total",
+                                tmp_path / "total.png", "Total", reference="teacher", scale=100.0)
+    assert legend_checks == []

@@ -1,0 +1,103 @@
+"""The claims' verdicts come from paired intervals over per-row scores: each outcome of each claim type,
+decided on hand-made rows whose difference is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dcm.evaluation.verdicts import (
+    DOES_NOT_HOLD,
+    EQUIVALENCE_MARGIN,
+    HOLDS,
+    INCONCLUSIVE,
+    NOT_RUN,
+    Claim,
+    decide,
+    paired_difference,
+    verdict,
+)
+
+ROWS = 64
+BETTER = Claim("A > B", "a", "b", "better")
+EQUIVALENT = Claim("A ≈ B", "a", "b", "equivalent")
+COMPARE = Claim("A vs B", "a", "b", "compare")
+
+
+def per_row(totals) -> list[dict]:
+    return [{"prompt": f"prompt {i // 2}", "seed": i % 2, "total": float(t)} for i, t in enumerate(totals)]
+
+
+def metrics_with_difference(shift: float, spread: float) -> dict[str, dict]:
+    """Rows b around 0.85, rows a = b + shift + a zero-mean ±spread pattern (so the mean difference is shift)."""
+    b = 0.85 + 0.05 * np.random.default_rng(0).standard_normal(ROWS)
+    a = b + shift + spread * np.tile([1.0, -1.0], ROWS // 2)
+    return {"a": {"per_row": per_row(a)}, "b": {"per_row": per_row(b)}}
+
+
+def outcome(claim: Claim, shift: float, spread: float) -> str:
+    return verdict(claim, metrics_with_difference(shift, spread), n=200, seed=0).outcome
+
+
+def test_better_holds_fails_or_is_inconclusive_by_where_the_interval_lies():
+    assert outcome(BETTER, +0.02, 0.01) == HOLDS
+    assert outcome(BETTER, -0.02, 0.01) == DOES_NOT_HOLD
+    assert outcome(BETTER, 0.0, 0.05) == INCONCLUSIVE
+
+
+def test_equivalence_holds_within_the_margin_and_fails_wholly_below_it():
+    assert outcome(EQUIVALENT, 0.0, 0.002) == HOLDS
+    assert outcome(EQUIVALENT, +0.03, 0.002) == HOLDS  # better than b: not worse by the margin
+    assert outcome(EQUIVALENT, -3 * EQUIVALENCE_MARGIN, 0.002) == DOES_NOT_HOLD
+    assert outcome(EQUIVALENT, -EQUIVALENCE_MARGIN, 0.02) == INCONCLUSIVE  # straddles -margin
+    # worse than b for sure, by less than the margin: the rule asks the interval to reach 0
+    assert outcome(EQUIVALENT, -EQUIVALENCE_MARGIN / 2, 0.001) == INCONCLUSIVE
+
+
+def test_a_comparison_says_which_row_scores_higher():
+    labels = [verdict(COMPARE, metrics_with_difference(shift, spread), n=200, seed=0).label
+              for shift, spread in ((0.02, 0.01), (-0.02, 0.01), (0.0, 0.05))]
+    assert labels == ["a higher", "b higher", INCONCLUSIVE]
+
+
+def test_decide_reads_only_the_interval():
+    assert decide("better", (0.001, 0.02)) == HOLDS
+    assert decide("better", (-0.02, -0.001)) == DOES_NOT_HOLD
+    assert decide("better", (-0.001, 0.02)) == INCONCLUSIVE
+    assert decide("equivalent", (-0.009, 0.001), margin=0.01) == HOLDS
+    assert decide("equivalent", (-0.03, -0.011), margin=0.01) == DOES_NOT_HOLD
+    assert decide("equivalent", (-0.012, 0.001), margin=0.01) == INCONCLUSIVE
+    with pytest.raises(ValueError, match="'bigger' is not one of"):
+        decide("bigger", (0.0, 1.0))
+
+
+def test_a_missing_row_is_not_run_and_named():
+    v = verdict(BETTER, {"b": {"per_row": per_row([0.8] * 4)}}, n=50, seed=0)
+    assert v.outcome == NOT_RUN and v.missing == ("a",)
+    assert "**not run**" in v.line() and "`a`" in v.line()
+
+
+def test_rows_are_paired_by_prompt_and_seed_not_by_position():
+    metrics = metrics_with_difference(0.02, 0.0)
+    b_rows = metrics["b"]["per_row"]
+    shuffled = [b_rows[i] for i in np.random.default_rng(1).permutation(len(b_rows))]
+    diff = paired_difference(metrics["a"]["per_row"], shuffled, n=100, seed=0)
+    assert diff.rows == ROWS
+    assert diff.mean == pytest.approx(0.02)
+    assert diff.ci95 == pytest.approx((0.02, 0.02))  # the same shift on every row: no spread to resample
+
+
+def test_rows_without_a_shared_prompt_and_seed_are_an_error():
+    with pytest.raises(ValueError, match="no \\(prompt, seed\\) row scored in both"):
+        paired_difference(per_row([0.8]), [{"prompt": "other", "seed": 0, "total": 0.7}], n=10, seed=0)
+
+
+def test_the_line_states_the_difference_and_the_rows_step_counts():
+    v = verdict(BETTER, metrics_with_difference(0.02, 0.0), n=50, seed=0)
+    assert v.line({"a": 4, "b": 50}) == ("- **holds** — A > B: Total(a, 4 steps) − Total(b, 50 steps) = +2.00 "
+                                         "[+2.00, +2.00] over 64 paired rows")
+
+
+def test_an_unknown_claim_kind_is_refused_when_the_claim_is_made():
+    with pytest.raises(ValueError, match="kind 'similar' is not one of"):
+        Claim("A ~ B", "a", "b", "similar")
