@@ -101,3 +101,10 @@ def test_the_line_states_the_difference_and_the_rows_step_counts():
 def test_an_unknown_claim_kind_is_refused_when_the_claim_is_made():
     with pytest.raises(ValueError, match="kind 'similar' is not one of"):
         Claim("A ~ B", "a", "b", "similar")
+
+
+def test_a_verdict_on_a_tiny_difference_never_prints_its_interval_as_zero():
+    """A +0.00 [+0.00, +0.00] beside 'holds' would hide the sign the verdict rests on: tiny values in e-notation."""
+    v = verdict(BETTER, metrics_with_difference(2e-6, 0.0), n=50, seed=0)
+    assert v.outcome == "holds"
+    assert v.line().endswith("= +2.0e-04 [+2.0e-04, +2.0e-04] over 64 paired rows")

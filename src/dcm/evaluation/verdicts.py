@@ -84,8 +84,12 @@ class Verdict:
         def row(m: str) -> str:
             return f"{m}, {steps[m]} steps" if steps and steps.get(m) is not None else m
 
-        return (f"- **{self.label}** — {c.text}: Total({row(c.a)}) − Total({row(c.b)}) = {100 * d.mean:+.2f} "
-                f"[{100 * d.ci95[0]:+.2f}, {100 * d.ci95[1]:+.2f}] over {d.rows} paired rows")
+        values = [100 * d.mean, 100 * d.ci95[0], 100 * d.ci95[1]]
+        # two decimals, unless an interval bound would print as ±0.00 while the verdict rests on its sign
+        spec = "+.2f" if all(v == 0 or abs(v) >= 0.005 for v in values[1:]) else "+.1e"
+        mean, low, high = (format(v, spec) for v in values)
+        return (f"- **{self.label}** — {c.text}: Total({row(c.a)}) − Total({row(c.b)}) = {mean} [{low}, {high}] "
+                f"over {d.rows} paired rows")
 
 
 def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed: int) -> Difference:
