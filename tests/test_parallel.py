@@ -264,8 +264,11 @@ def test_hsdp_lcm_with_an_ema_target_equals_one_process(base_project, tmp_path):
     assert json.loads(two.joinpath("distributed.json").read_text())["parallel"]["strategy"] == "hsdp"
     assert_half_per_rank(two)
     a, b = safetensors_in(one / "transformer"), safetensors_in(two / "transformer")
+    # atol 5e-5, not 1e-6: the 2-rank all-reduce sums in another order than one process, and Adam turns that
+    # last-bit difference of a near-zero gradient into an lr-sized step (2026-12-02, this 2-core box: 2 of
+    # 61664 elements off by up to 1.5e-5 while every per-step loss agreed; other machines matched to 1e-6)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=5e-5, msg=name)
 
 
 @pytest.mark.slow
