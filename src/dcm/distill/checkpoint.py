@@ -97,8 +97,7 @@ class ResumeState:
 
         rngs = distributed.gather_objects(_to_cpu(rng_state(self.sampler)))
         mine = {"step": step, "wall_s": wall_s, "fingerprint": self.fingerprint,
-                "objectives": {o.name: {k: v for k, v in o.state_dict().items() if k not in o.sharded_parts()}
-                               for o in self.objectives},  # the sharded parts: DCP parts of their own (_parts)
+                "objectives": {o.name: _without(o.state_dict(), o.sharded_parts()) for o in self.objectives},
                 "consistency_space": self.space.state_dict()}
         return {**distributed.gather_objects(_to_cpu(mine))[0], "rng": rngs}
 
@@ -199,6 +198,11 @@ class ResumeState:
             copy_full_(p, state["ema"][name])
         # the saved optimizer is keyed by position; this job's names them (the same order: the stepped list)
         load_optimizer_state(self.optimized, self.optimizer, state["optimizer"])
+
+
+def _without(state: dict, sharded: dict) -> dict:
+    """An objective's state less its sharded parts (those are DCP parts of their own: ``_parts``)."""
+    return {k: v for k, v in state.items() if k not in sharded}
 
 
 def _to_cpu(value: Any) -> Any:

@@ -70,12 +70,16 @@ Part = tuple[int, int]
 ONE_PROCESS: Part = (0, 1)
 
 
+def own_rows(part: Part, batch: int) -> slice:
+    """This rank's ``batch`` rows of a global batch of ``batch × data_size``."""
+    return slice(part[0] * batch, (part[0] + 1) * batch)
+
+
 def draw_global(draw, batch: int, part: Part) -> torch.Tensor:
     """``draw(n)`` (a tensor of n rows) for the global batch of ``batch × data_size`` rows, this rank's ``batch`` rows
     kept: the same values at any number of ranks (one process: exactly ``draw(batch)``)."""
-    rank, size = part
-    drawn = draw(batch * size)
-    return drawn if size == 1 else drawn[rank * batch:(rank + 1) * batch]
+    drawn = draw(batch * part[1])
+    return drawn if part[1] == 1 else drawn[own_rows(part, batch)]
 
 
 # ------------------------------------------------------------------------------ the generator's steps
@@ -165,7 +169,7 @@ class BackwardSimulation:
     def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator,
               part: Part = ONE_PROCESS) -> SourceBatch:
         size = len(rows) // part[1]
-        mine = slice(part[0] * size, (part[0] + 1) * size)
+        mine = own_rows(part, size)
         cond = self.embeds.index(rows[mine].to(self.device))
         noise = draw_global(lambda b: torch.randn((b, *self.latent_shape), generator=generator), size, part)
         noise = noise.to(self.device)
@@ -193,7 +197,7 @@ class BackwardSimulation:
         rows = torch.randint(len(self), (total,), generator=generator)
         n = torch.as_tensor(self.indices)[torch.randint(len(self.indices), (total,), generator=generator)]
         data = self.batch(rows, n, generator, part)
-        sigma = self.sigma(n[part[0] * batch_size:(part[0] + 1) * batch_size])
+        sigma = self.sigma(n[own_rows(part, batch_size)])
         return losses.x0_from_velocity(data.x_n, self.velocity(data.x_n, sigma, data.cond), sigma), data.cond
 
 

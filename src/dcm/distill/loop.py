@@ -364,9 +364,14 @@ def _modules_of(owner) -> list[nn.Module]:
     return [m for m in vars(owner).values() if isinstance(m, nn.Module)] if hasattr(owner, "__dict__") else []
 
 
+def _trainable_named_modules(owner) -> dict[str, nn.Module]:
+    """The ``nn.Module`` attributes of an objective or consistency space that hold trainable parameters, by name."""
+    return {name: m for name, m in vars(owner).items()
+            if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())}
+
+
 def _trainable_modules(owner) -> list[nn.Module]:
-    """The ``nn.Module`` attributes of an objective or consistency space that hold trainable parameters."""
-    return [m for m in vars(owner).values() if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
+    return list(_trainable_named_modules(owner).values())
 
 
 def _optimized_module(student: nn.Module, space: ConsistencySpace) -> nn.Module:
@@ -500,15 +505,14 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
             for micro in range(cfg.grad_accum):
                 # --- draw trajectories and grid indices n (uniform over the phases' union)
                 rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * data_size, sampler)
-                source_rng, mine = sampler, slice(None)
+                source_rng = sampler
+                mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)  # this rank's rows
                 if data_size == 1:
                     data = source.batch(rows, n, source_rng)
                 elif global_source:  # the global batch's draws from the loop's stream, this rank's rows computed
-                    mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)
                     data = source.batch(rows, n, sampler, part=(data_rank, data_size))
                     rows, n = rows[mine], n[mine]
                 else:  # this rank's slice; its own noise stream, replayable from the step
-                    mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)
                     rows, n = rows[mine], n[mine]
                     source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, data_rank)) % 2**62)
                     data = source.batch(rows, n, source_rng)
@@ -600,8 +604,8 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     if ranks.size > 1:  # every rank's (consolidated) weights and its shard sizes, for the record
         digests = distributed.gather_objects(distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
         local = distributed.gather_objects({name: parallel.local_numel(p) for name, p in zip(names, trainable)})
-        trained = {f"{obj.name}.{attr}": net for obj in spec.objectives for attr, net in vars(obj).items()
-                   if isinstance(net, nn.Module) and any(p.requires_grad for p in net.parameters())}
+        trained = {f"{obj.name}.{attr}": net for obj in spec.objectives
+                   for attr, net in _trainable_named_modules(obj).items()}
         objective_local = distributed.gather_objects(  # each rank's share of the objectives' trained networks
             {key: sum(parallel.local_numel(p) for p in net.parameters()) for key, net in trained.items()})
         tokens = distributed.gather_objects(local_tokens)
