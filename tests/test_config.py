@@ -126,6 +126,16 @@ BAD_INPUTS = [
      r"methods\.lcm\.schedule\[2\] = \[500\.0, 'teacher'\] is invalid: the expert must be 'student' for a consistency method"),
     (lambda r: _set(r, "methods.euler4.schedule", [[1000, "teacher"], [750, "teacher"], [500, "student"], [250, "teacher"]]),
      r"methods\.euler4\.schedule\[2\] = \[500\.0, 'student'\] is invalid: the expert must be 'teacher' for a teacher method"),
+    # paper.seeds: the rows it adds are the loader's
+    (lambda r: _set(r, "paper.rows", ["lcm", "nope"]), r"paper\.rows\[1\] = 'nope' is invalid: one of \["),
+    (lambda r: _set(r, "paper.rows", ["teacher"]), r"paper\.rows\[0\] = 'teacher' is invalid: a trained row"),
+    (lambda r: _set(r, "paper.rows", ["dcm8"]), r"paper\.rows\[0\] = 'dcm8' is invalid: listed together with 'dcm'"),
+    (lambda r: _set(r, "paper.rows", ["lcm", "lcm"]), r"paper\.rows = \['lcm', 'lcm'\] is invalid: each row once"),
+    (lambda r: _set(r, "paper.seeds", 0), r"paper\.seeds = 0 is invalid: must be >= 1"),
+    (lambda r: _set(r, "methods.lcm_s1", {"kind": "teacher", "sample_steps": 4}),
+     r"methods\.lcm_s1 = 'lcm_s1' is invalid: a name of its own: paper\.seeds \(3\) adds lcm_s1"),
+    (lambda r: _set(r, "methods.lcm.train_seed", 2), r"methods\.lcm\.train_seed = 2 is invalid: unset: the loader"),
+    (lambda r: _set(r, "methods.lcm.replicate_of", "pcm"), r"methods\.lcm\.replicate_of = 'pcm' is invalid: unset"),
 ]
 
 
@@ -133,6 +143,24 @@ BAD_INPUTS = [
 def test_bad_params_fail_with_key_value_and_allowed(change, message):
     with pytest.raises(ConfigError, match=message):
         config.parse(change(raw_params()))
+
+
+def test_paper_seeds_add_each_rows_other_training_runs():
+    """paper.seeds = 3: <row>_s1 and <row>_s2 for every row of paper.rows, the row itself but for its training
+    seed; a weights-reusing row follows its source's seed; none of them in the default DAG."""
+    raw = _set(_set(raw_params(), "paper.rows", ["lcm", "dcm", "dcm8"]), "paper.seeds", 3)
+    params = config.parse(raw)
+    added = [m for m, c in params.methods.items() if c.replicate_of]
+    assert added == ["lcm_s1", "dcm_s1", "dcm8_s1", "lcm_s2", "dcm_s2", "dcm8_s2"]
+    for name in added:
+        row, k = name.rsplit("_s", 1)
+        got = dataclasses.asdict(params.methods[name])
+        assert got == {**dataclasses.asdict(params.methods[row]), "train_seed": int(k), "replicate_of": row,
+                       "checkpoint_from": f"dcm_s{k}" if row == "dcm8" else None}, name
+        assert params.params_row(name) == row and params.training_seed(name) == params.seed + int(k)
+    assert params.replicates("dcm") == ["dcm", "dcm_s1", "dcm_s2"] and params.replicates("pcm") == ["pcm"]
+    assert not set(added) & set(params.default_methods)
+    assert [m for m, c in config.parse(_set(raw, "paper.seeds", 1)).methods.items() if c.replicate_of] == []
 
 
 def test_cli_reports_bad_params_before_any_work(tmp_path):

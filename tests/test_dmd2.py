@@ -372,9 +372,11 @@ def test_two_ddp_ranks_keep_one_fake_score_and_one_classifier(smoke):
 
 def test_dmd2_rows_load_with_defaults_and_ablations_opt_in():
     params = config.load(REPO / "params.yaml")
-    rows = {m: c for m, c in params.methods.items() if c.kind == "dmd2"}
-    assert {m: (c.sample_steps, c.ablation) for m, c in rows.items()} == {
-        "dmd2": (4, False), "dmd2_1": (1, True), "dmd2_2": (2, True), "dmd2_gan": (4, True), "dmd2_steps": (4, True)}
+    # paper.seeds' extra training seeds (dmd2_s1, …) aside
+    rows = {m: c for m, c in params.methods.items() if c.kind == "dmd2" and not c.replicate_of}
+    assert {m: (c.sample_steps, c.ablation, c.nfe_curve) for m, c in rows.items()} == {
+        "dmd2": (4, False, False), "dmd2_1": (1, False, True), "dmd2_2": (2, False, True),
+        "dmd2_gan": (4, True, False), "dmd2_steps": (4, True, False)}
     # dmd2's budget (about LCM's wall time) for every row but dmd2_steps, which has LCM's generator steps
     lcm_steps, dmd2_steps = params.methods["lcm"].train_steps, params.methods["dmd2"].train_steps
     assert all(c.sampler == "lcm" and c.train_steps == (lcm_steps if m == "dmd2_steps" else dmd2_steps)
@@ -445,9 +447,10 @@ def test_dmd2_rows_share_dmd2s_budget_except_dmd2_steps():
 
     full = config.load(REPO / "params.yaml")
     base = dataclasses.asdict(full.methods["dmd2"])
-    changes = {"dmd2_1": {"sample_steps": 1}, "dmd2_2": {"sample_steps": 2},
-               "dmd2_gan": {"dmd2": {**base["dmd2"], "gan_weight": 5.0e-3, "cls_weight": 1.0e-2}},
-               "dmd2_steps": {"train_steps": full.methods["lcm"].train_steps}}
+    curve, ablation = {"nfe_curve": True}, {"ablation": True}  # the opt-in group each row is in
+    changes = {"dmd2_1": {"sample_steps": 1, **curve}, "dmd2_2": {"sample_steps": 2, **curve},
+               "dmd2_gan": {"dmd2": {**base["dmd2"], "gan_weight": 5.0e-3, "cls_weight": 1.0e-2}, **ablation},
+               "dmd2_steps": {"train_steps": full.methods["lcm"].train_steps, **ablation}}
     for name, change in changes.items():
         row = dataclasses.asdict(full.methods[name])
-        assert row == {**base, "ablation": True, **change}, name
+        assert row == {**base, **change}, name

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from conftest import smoke_params
 from dcm import config
 from dcm.config import ConfigError
 from dcm.pipeline import dag, launch
@@ -210,7 +212,8 @@ def test_stage_inputs_are_checked_from_the_table_naming_the_runs_that_write_them
 
 def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
     """The quality-against-steps rows run only for `make paper`: not in the default DAG (`make demo`), not
-    in the ablation report (`make ablations`); the paper report depends on every evaluated row."""
+    in the ablation report (`make ablations`); the paper report depends on the default rows, the curves,
+    paper.rows and their training seeds, not on the other ablation rows (those are `make ablations`')."""
     from dcm.pipeline.table import ablation_rows, curve_rows
 
     params = config.load(REPO / "params.yaml")
@@ -222,7 +225,10 @@ def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
     assert not set(curves) & set(ablation_rows(params))
     assert not any(f"metrics/{m}.json" in STAGES["report_ablations"].resolve(params)["deps"] for m in curves)
     paper_deps = set(STAGES["report_paper"].resolve(params)["deps"])
-    assert paper_deps == {f"metrics/{m}.json" for m in STAGES["evaluate"].methods(params, include_ablations=True)}
+    seeds = {f"{m}_s{k}" for m in params.paper.rows for k in range(1, params.paper.seeds)}
+    wanted = set(STAGES["evaluate"].methods(params)) | set(curves) | set(params.paper.rows) | seeds
+    assert paper_deps == {f"metrics/{m}.json" for m in wanted}
+    assert "metrics/dcm_d3.json" not in paper_deps and "metrics/dmd2_steps.json" not in paper_deps
     # sampling-only rows reuse trained weights; pcm2 is trained as its own row
     train = {m for s, m in dag.runs(params) if s.name.startswith("train_")}
     assert "pcm2" in train and not train & {"lcm1", "lcm2", "lcm8", "dcm2"}
@@ -244,3 +250,25 @@ def test_a_row_in_both_opt_in_groups_is_refused_naming_the_key():
     raw["methods"]["euler1"]["ablation"] = True
     with pytest.raises(ConfigError, match=r"methods\.euler1\.nfe_curve"):
         config.parse(raw)
+
+
+def test_a_training_seed_row_is_its_row_trained_with_seed_plus_k(smoke):
+    """lcm_s1 (paper.seeds) runs lcm's stage with seed + 1: other data order and noise, so other losses
+    and weights, from the same teacher, trajectories and settings; its DVC params are lcm's own keys."""
+    from safetensors.torch import load_file
+
+    from dcm.pipeline.stages import trajectories
+
+    params = smoke_params()
+    assert params.params_row("lcm_s1") == "lcm"
+    assert "methods.lcm" in STAGES["train_baseline"].resolve(params, "lcm_s1")["params"]
+    assert STAGES["train_seme"].resolve(params, "dcm_s2")["params"][-1] == "methods.dcm.seme"
+    trajectories.run(params)
+    for method in ("lcm", "lcm_s1"):
+        STAGES["train_baseline"].run(params, method)
+    runs = {m: json.loads(Path(f"checkpoints/{m}/train.json").read_text()) for m in ("lcm", "lcm_s1")}
+    assert (runs["lcm"]["seed"], runs["lcm_s1"]["seed"]) == (params.seed, params.seed + 1)
+    assert runs["lcm"]["steps"] == runs["lcm_s1"]["steps"] == params.methods["lcm"].train_steps
+    assert runs["lcm"]["final_loss"] != runs["lcm_s1"]["final_loss"]
+    weights = [load_file(next(Path(f"checkpoints/{m}/transformer").glob("*.safetensors"))) for m in ("lcm", "lcm_s1")]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -150,3 +150,33 @@ def test_no_report_plot_puts_its_legend_over_the_data(tmp_path, legend_checks):
     assert reporting.nfe_curves(metrics, {"DCM": ["dcm2", "dcm"], "PCM": ["pcm"]}, "total",
                                 tmp_path / "total.png", "Total", reference="teacher", scale=100.0)
     assert legend_checks == []
+
+
+def test_training_seeds_pool_into_the_verdicts_and_the_seed_table(project):
+    """paper.seeds rows (dcm_s1, dcm_s2) enter the claims through the hierarchical bootstrap: a DCM whose
+    retrained runs sit 2 points either side of the first is no longer 'holds ≈ teacher' on one lucky run,
+    and the seed table shows each run's Total and the spread."""
+    params = config.load("params.yaml")
+    assert params.paper.seeds == 3 and {"dcm_s1", "dcm_s2"} <= set(params.methods)
+    for name in ("teacher", "dcm", "pcm"):
+        write_metrics(params, name, TOTALS[name])
+    report_paper.run(params)
+    one_run = (project / "paper" / "summary.md").read_text()
+    write_metrics(params, "dcm_s1", TOTALS["dcm"] - 0.02)
+    write_metrics(params, "dcm_s2", TOTALS["dcm"] + 0.02)
+    report_paper.run(params)
+    pooled = (project / "paper" / "summary.md").read_text()
+
+    def line(summary: str, text: str) -> str:
+        return next(x for x in summary.splitlines() if f"— {text}" in x)
+
+    assert line(one_run, "DCM-4 ≈ teacher-50").startswith("- **holds**")
+    assert "training seeds" not in line(one_run, "DCM-4 ≈ teacher-50")
+    assert line(pooled, "DCM-4 ≈ teacher-50").startswith("- **inconclusive**")
+    assert "over 64 paired rows × training seeds 3 vs 1" in line(pooled, "DCM-4 ≈ teacher-50")
+    assert "× training seeds 3 vs 1" in line(pooled, "DCM-4 > PCM-4")
+    table = pooled.split("## Training seeds")[1].split("##")[0]
+    dcm = 100 * TOTALS["dcm"].mean()
+    assert f"| dcm | 3 | {dcm:.1f}, {dcm - 2:.1f}, {dcm + 2:.1f} | {dcm:.1f} [" in table and "| 4.0 |" in table
+    assert "| pcm |" not in table  # one run: nothing to pool
+    assert "hierarchical bootstrap" in pooled and "## Training seeds" not in one_run

@@ -61,7 +61,8 @@ def test_ablation_report_puts_the_ablation_rows_beside_the_default_methods(proje
     from dcm.pipeline.stages import report_ablations
 
     params = config.load("params.yaml", preset="smoke")
-    rows = [m for m, c in params.methods.items() if not c.nfe_curve and (c.kind != "teacher" or not c.ablation)]
+    rows = [m for m, c in params.methods.items()
+            if not (c.nfe_curve or c.replicate_of) and (c.kind != "teacher" or not c.ablation)]
     for k, m in enumerate(rows):
         _write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
                       steps=params.methods[m].sample_steps)
@@ -70,7 +71,8 @@ def test_ablation_report_puts_the_ablation_rows_beside_the_default_methods(proje
     for m in rows:
         assert f"| {m} |" in summary
     assert summary.index("| dcm |") < summary.index("| od |")  # the ablation rows after the methods
-    assert not any(f"| {m} |" in summary for m, c in params.methods.items() if c.nfe_curve)  # the paper report's
+    # the paper report's: the NFE-curve rows and the training seeds of paper.seeds
+    assert not any(f"| {m} |" in summary for m, c in params.methods.items() if c.nfe_curve or c.replicate_of)
     assert (project / "ablations" / "scores.png").stat().st_size > 0
     report.run(params)
     assert "| od |" not in (project / "reports" / "summary.md").read_text()  # the default report: no ablations

@@ -14,7 +14,9 @@ from dcm.evaluation.verdicts import (
     NOT_RUN,
     Claim,
     decide,
+    hierarchical_difference,
     paired_difference,
+    pooled_total,
     verdict,
 )
 
@@ -108,3 +110,48 @@ def test_a_verdict_on_a_tiny_difference_never_prints_its_interval_as_zero():
     v = verdict(BETTER, metrics_with_difference(2e-6, 0.0), n=50, seed=0)
     assert v.outcome == "holds"
     assert v.line().endswith("= +2.0e-04 [+2.0e-04, +2.0e-04] over 64 paired rows")
+
+
+# ------------------------------------------------------------------------------------ training seeds
+
+
+def test_one_training_seed_each_is_the_paired_row_bootstrap_to_the_digit():
+    m = metrics_with_difference(0.01, 0.02)
+    assert hierarchical_difference([m["a"]["per_row"]], [m["b"]["per_row"]], 200, 0) == \
+        paired_difference(m["a"]["per_row"], m["b"]["per_row"], 200, 0)
+
+
+def test_the_pooled_difference_covers_the_spread_between_training_seeds():
+    """Three retrained a's, 2 points apart: the estimate is their mean's difference, the interval grows
+    past what the rows alone give, and it stays paired (b's row noise cancels)."""
+    m = metrics_with_difference(0.01, 0.0)
+    a = np.array([r["total"] for r in m["a"]["per_row"]])
+    seeds_a = [per_row(a + offset) for offset in (-0.02, 0.0, 0.02)]
+    one = hierarchical_difference([m["a"]["per_row"]], [m["b"]["per_row"]], 500, 0)
+    pooled = hierarchical_difference(seeds_a, [m["b"]["per_row"]], 500, 0)
+    assert pooled.mean == pytest.approx(0.01) and pooled.seeds == (3, 1) and pooled.rows == ROWS
+    assert one.ci95[1] - one.ci95[0] < 1e-9  # a − b is the same 0.01 on every row
+    assert pooled.ci95[0] < 0.0 < 0.01 < pooled.ci95[1]  # the seed spread alone makes the interval
+    claim = Claim("A > B", "a", "b", "better")
+    metrics = {"a": m["a"], "a_s1": {"per_row": seeds_a[0]}, "a_s2": {"per_row": seeds_a[2]}, "b": m["b"]}
+    assert verdict(claim, metrics, 500, 0).outcome == HOLDS  # one run: a is better on every row
+    pooled_verdict = verdict(claim, metrics, 500, 0, seeds={"a": ["a", "a_s1", "a_s2"], "b": ["b"]})
+    assert pooled_verdict.outcome == INCONCLUSIVE and "training seeds 3 vs 1" in pooled_verdict.line()
+
+
+def test_training_seeds_share_only_the_rows_every_seed_scored():
+    m = metrics_with_difference(0.01, 0.0)
+    shorter = m["a"]["per_row"][: ROWS // 2]
+    d = hierarchical_difference([m["a"]["per_row"], shorter], [m["b"]["per_row"]], 100, 0)
+    assert d.rows == ROWS // 2
+    with pytest.raises(ValueError, match="every training seed"):
+        hierarchical_difference([m["a"]["per_row"], [{"prompt": "elsewhere", "seed": 9, "total": 1.0}]],
+                                [m["b"]["per_row"]], 100, 0)
+
+
+def test_pooled_total_is_the_mean_over_seeds_with_each_seeds_own_mean():
+    base = 0.8 + 0.01 * np.random.default_rng(1).standard_normal(ROWS)
+    mean, (lo, hi), per_seed = pooled_total([per_row(base + d) for d in (-0.01, 0.0, 0.01)], 300, 0)
+    assert mean == pytest.approx(base.mean())
+    assert per_seed == pytest.approx([base.mean() - 0.01, base.mean(), base.mean() + 0.01])
+    assert lo < base.mean() - 0.003 and hi > base.mean() + 0.003  # wider than the rows' own ±0.0025

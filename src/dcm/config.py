@@ -302,6 +302,23 @@ class MethodConfig:
     # opt-in rows of the quality-against-NFE curves (`make paper`): outside the default DAG and, unlike
     # `ablation`, outside the ablation report (a step count of a method is not an ablation of it)
     nfe_curve: Bool = False
+    # both set by the loader on the rows `paper.seeds` adds, never by hand: <row>_s<k> is <row> with
+    # train_seed k, added to `seed` in its training stages (data order, noise draws, head init); evaluation
+    # rows and sampling noise are shared by every row whatever the training seed
+    train_seed: Int = at_least(0, 0)
+    replicate_of: Str | None = None
+
+
+@dataclass(config=SECTION)
+class PaperConfig:
+    """`make paper` (report_paper): which rows its claims need and how many training runs each gets."""
+
+    # training seeds per row of `rows`, its own included: seeds k = 1 … seeds−1 add rows <row>_s<k>
+    # (the row trained with seed + k, sampled and evaluated like it), pooled by the report's hierarchical bootstrap
+    seeds: Int = at_least(1, 1)
+    # the rows the paper report compares besides the default DAG's (its claims' ablation rows) and whose
+    # training seeds it pools; the NFE-curve rows come in through their own flag (methods.<m>.nfe_curve)
+    rows: list[Str] = Field(default_factory=list)
 
 
 @dataclass(config=SECTION)
@@ -361,6 +378,7 @@ class Params:
     launcher: Literal["local", "slurm", "debug"] = "local"
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    paper: PaperConfig = Field(default_factory=PaperConfig)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -374,7 +392,19 @@ class Params:
 
     @property
     def default_methods(self) -> list[str]:
-        return [m for m, c in self.methods.items() if not (c.ablation or c.nfe_curve)]
+        return [m for m, c in self.methods.items() if not (c.ablation or c.nfe_curve or c.replicate_of)]
+
+    def params_row(self, name: str) -> str:
+        """The params.yaml row that defines ``name``: a replicate row's own row (DVC tracks that key)."""
+        return self.method(name).replicate_of or name
+
+    def replicates(self, name: str) -> list[str]:
+        """``name`` and the rows `paper.seeds` added for it (its other training seeds), in seed order."""
+        return [name, *(m for m, c in self.methods.items() if c.replicate_of == name)]
+
+    def training_seed(self, name: str) -> int:
+        """The seed a training stage of row ``name`` runs with: ``seed`` + ``methods.<name>.train_seed``."""
+        return self.seed + self.method(name).train_seed
 
     def teacher_grid(self) -> schedule.TeacherGrid:
         """The teacher grid of ``grid`` (steps, shift, num_train_timesteps), computed once per setting."""
@@ -605,6 +635,10 @@ def validate(params: Params) -> Params:
         key = f"methods.{name}"
         if m.checkpoint_from is not None and m.checkpoint_from not in params.methods:
             raise ConfigError(f"{key}.checkpoint_from", m.checkpoint_from, f"one of {sorted(params.methods)}")
+        for field, unset in (("replicate_of", None), ("train_seed", 0)):
+            if getattr(m, field) != unset:
+                raise ConfigError(f"{key}.{field}", getattr(m, field), "unset: the loader sets it on the rows "
+                                  "paper.seeds adds (<row>_s<k>); more training seeds of a row: paper.seeds")
         if m.ablation and m.nfe_curve:
             raise ConfigError(f"{key}.nfe_curve", m.nfe_curve, f"false when {key}.ablation is true (a row is "
                               "in one opt-in group: the ablation report's or the NFE curves')")
@@ -651,7 +685,35 @@ def validate(params: Params) -> Params:
         if m.sampler == "lcm" and m.kind not in ("consistency", "mcm", "dmd2"):
             raise ConfigError(f"{key}.sampler", m.sampler,
                               f"'euler' for kind {m.kind!r} (lcm: consistency, mcm and dmd2 only)")
+    _add_replicates(params)
     return params
+
+
+def _add_replicates(params: Params) -> None:
+    """The rows of `paper.seeds`: for each row r of `paper.rows` and k = 1 … seeds−1, ``r_s<k>`` = r at
+    train_seed k (a row that reuses weights, checkpoint_from c, reuses c_s<k>'s)."""
+    p = params.paper
+    for i, row in enumerate(p.rows):
+        key = f"paper.rows[{i}]"
+        if row not in params.methods:
+            raise ConfigError(key, row, f"one of {sorted(params.methods)}")
+        m = params.methods[row]
+        if m.kind == "teacher":
+            raise ConfigError(key, row, "a trained row: a teacher row has no training seed (it samples the teacher)")
+        if m.checkpoint_from is not None and m.checkpoint_from not in p.rows:
+            raise ConfigError(key, row, f"listed together with {m.checkpoint_from!r}, whose weights it samples")
+    if len(set(p.rows)) != len(p.rows):
+        raise ConfigError("paper.rows", p.rows, "each row once")
+    for k in range(1, p.seeds):
+        for row in p.rows:
+            name = f"{row}_s{k}"
+            if name in params.methods:
+                raise ConfigError(f"methods.{name}", name, f"a name of its own: paper.seeds ({p.seeds}) adds "
+                                  f"{name} as {row}'s training seed {k}")
+            m = copy.deepcopy(params.methods[row])
+            m.train_seed, m.replicate_of = k, row
+            m.checkpoint_from = m.checkpoint_from and f"{m.checkpoint_from}_s{k}"
+            params.methods[name] = m
 
 
 # ------------------------------------------------------------------------------- entry points

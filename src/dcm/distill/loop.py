@@ -630,7 +630,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
                "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_params": n_trainable, "total_params": n_total,
                "trainable_fraction": n_trainable / max(n_total, 1), "batch_size": params.training.batch_size,
                "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
-               "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(device),
+               "seed": params.seed, "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(device),
                "final_loss": _last_logged_loss(history_path), **_source_counts(history_path), "world_size": ranks.size,
                "global_batch_size": params.training.batch_size * data_size, "parallel": vars(dims)}
     io.write_json_atomic(out_dir / SUMMARY_FILE, summary)

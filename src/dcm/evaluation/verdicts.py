@@ -14,6 +14,13 @@ bootstrap interval (``dcm.evaluation.scoring.bootstrap``, as ``Total − teacher
   scores higher.
 
 A row without metrics gives *not run*, naming the row.
+
+When a row was trained with several seeds (`paper.seeds`: rows ``<row>_s<k>``), the difference pools them
+with a hierarchical bootstrap (:func:`hierarchical_difference`): every resample draws the evaluation rows
+(shared by both sides, so the pairing stays) and, independently for each side, its training seeds, both
+with replacement; the estimate is the mean over seeds and rows of each side.  The interval then covers
+the retraining spread as well as the choice of evaluation rows.  With one training seed per side it is
+the paired row bootstrap above, to the digit.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class Difference:
     mean: float
     ci95: tuple[float, float]
     rows: int
+    seeds: tuple[int, int] = (1, 1)  # training seeds pooled on each side (a, b)
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,9 @@ class Verdict:
         # two decimals, unless an interval bound would print as ±0.00 while the verdict rests on its sign
         spec = "+.2f" if all(v == 0 or abs(v) >= 0.005 for v in values[1:]) else "+.1e"
         mean, low, high = (format(v, spec) for v in values)
+        seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != (1, 1) else ""
         return (f"- **{self.label}** — {c.text}: Total({row(c.a)}) − Total({row(c.b)}) = {mean} [{low}, {high}] "
-                f"over {d.rows} paired rows")
+                f"over {d.rows} paired rows{seeds}")
 
 
 def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed: int) -> Difference:
@@ -105,6 +114,52 @@ def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed
     return Difference(float(delta.mean()), bootstrap(delta, np.mean, n, seed), len(delta))
 
 
+def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mapping]], n: int, seed: int
+                            ) -> Difference:
+    """Total(a) − Total(b) pooled over training seeds: ``a_sets`` / ``b_sets`` hold each training seed's
+    ``per_row`` scores.  Estimate: mean over a's seeds and the shared rows minus the same for b; interval:
+    95% percentile of ``n`` two-level resamples (module docstring), seeded by ``seed``.  One seed on each
+    side is :func:`paired_difference`."""
+    if not a_sets or not b_sets:
+        raise ValueError("a difference needs at least one training seed on each side")
+    if len(a_sets) == len(b_sets) == 1:
+        return paired_difference(a_sets[0], b_sets[0], n, seed)
+    tables = [{(r["prompt"], r["seed"]): r["total"] for r in rows if r.get("total") is not None}
+              for rows in (*a_sets, *b_sets)]
+    keys = [k for k in tables[0] if all(k in t for t in tables[1:])]
+    if not keys:
+        raise ValueError("no (prompt, seed) row scored in every training seed's metrics: a paired difference "
+                         "needs shared rows (sample every row on the same evaluation set)")
+    totals = np.array([[t[k] for k in keys] for t in tables], dtype=float)  # (seeds a + seeds b, rows)
+    a, b = totals[:len(a_sets)], totals[len(a_sets):]
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(keys), (n, len(keys)))
+    pick_a, pick_b = rng.integers(0, len(a), (n, len(a))), rng.integers(0, len(b), (n, len(b)))
+    # per resample: each seed's mean over the drawn rows, then the mean over the drawn seeds
+    a_means, b_means = a[:, rows].mean(-1), b[:, rows].mean(-1)  # (seeds, n)
+    replicate = np.arange(n)
+    values = a_means[pick_a.T, replicate].mean(0) - b_means[pick_b.T, replicate].mean(0)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return Difference(float(a.mean() - b.mean()), (float(lo), float(hi)), len(keys), (len(a), len(b)))
+
+
+def pooled_total(sets: list[list[Mapping]], n: int, seed: int) -> tuple[float, tuple[float, float], list[float]]:
+    """One row's Total over its training seeds (each seed's ``per_row``): the mean over seeds and the rows
+    every seed scored, its 95% two-level bootstrap interval (rows, then seeds, as
+    :func:`hierarchical_difference`) and each seed's own mean."""
+    tables = [{(r["prompt"], r["seed"]): r["total"] for r in rows if r.get("total") is not None} for rows in sets]
+    keys = [k for k in tables[0] if all(k in t for t in tables[1:])] if tables else []
+    if not keys:
+        raise ValueError("no (prompt, seed) row scored in every training seed's metrics")
+    totals = np.array([[t[k] for k in keys] for t in tables], dtype=float)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(keys), (n, len(keys)))
+    pick = rng.integers(0, len(totals), (n, len(totals)))
+    values = totals[:, rows].mean(-1)[pick.T, np.arange(n)].mean(0)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(totals.mean()), (float(lo), float(hi)), [float(v) for v in totals.mean(1)]
+
+
 def decide(kind: str, ci95: tuple[float, float], margin: float = EQUIVALENCE_MARGIN) -> str:
     """The outcome of a claim of ``kind`` from the 95% interval of its difference (module docstring)."""
     lo, hi = ci95
@@ -118,15 +173,17 @@ def decide(kind: str, ci95: tuple[float, float], margin: float = EQUIVALENCE_MAR
 
 
 def verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
-            margin: float = EQUIVALENCE_MARGIN) -> Verdict:
+            margin: float = EQUIVALENCE_MARGIN, seeds: Mapping[str, list[str]] | None = None) -> Verdict:
     """The claim's verdict from ``metrics`` (row name → metrics record with ``per_row``); not run when a
-    row has no record."""
+    row has no record.  ``seeds`` (row → its training-seed rows, itself first) pools the seeds that have
+    metrics with :func:`hierarchical_difference`."""
     missing = tuple(m for m in (claim.a, claim.b) if m not in metrics)
     if missing:
         return Verdict(claim, NOT_RUN, missing=missing)
-    for m in (claim.a, claim.b):
+    sides = [[r for r in (seeds or {}).get(m, [m]) if r in metrics] or [m] for m in (claim.a, claim.b)]
+    for m in (r for side in sides for r in side):
         if not metrics[m].get("per_row"):
             raise ValueError(f"metrics of {m!r} have no 'per_row' scores: a verdict needs the paired rows "
                              f"(re-run `dcm run evaluate --method {m}`)")
-    diff = paired_difference(metrics[claim.a]["per_row"], metrics[claim.b]["per_row"], n, seed)
+    diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed)
     return Verdict(claim, decide(claim.kind, diff.ci95, margin), diff)

@@ -132,22 +132,23 @@ def runs(params: Params, include_ablations: bool = True) -> list[tuple[Stage, st
 
 
 def _template(path: str, var: str) -> str:
-    return path.replace("{method}", "${" + var + "}")
+    return path.replace("{method}", "${" + var + "}").replace("{row}", "${item.row}")
 
 
 def dvc_stage(stage: Stage, params: Params) -> dict | None:
-    """One dvc.yaml entry (a ``foreach`` for per-method stages; None when it runs for no method)."""
+    """One dvc.yaml entry (a ``foreach`` for per-method stages; None when it runs for no method).
+
+    A per-method stage iterates over a mapping, method → its params.yaml row (``row``: a replicate row
+    of `paper.seeds` reads its own row's keys) and, for sampling, the weights it samples from."""
     entry: dict = {}
     if stage.per_method:
         methods = stage.methods(params, include_ablations=True)
         if not methods:
             return None
-        if "{weights}" in stage.deps:
-            entry["foreach"] = {m: {"weights": weights_path(params, m)} for m in methods}
-            var = "key"
-        else:
-            entry["foreach"] = methods
-            var = "item"
+        weights = "{weights}" in stage.deps
+        entry["foreach"] = {m: {"row": params.params_row(m), **({"weights": weights_path(params, m)} if weights else {})}
+                            for m in methods}
+        var = "key"
         do: dict = {"cmd": f"dcm launch {stage.name} --method ${{{var}}}"}
     else:
         var = ""

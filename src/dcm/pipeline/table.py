@@ -6,6 +6,7 @@ Paths may contain ``{method}``; such stages run once per method of the kind(s) i
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,11 @@ class Stage:
         """Concrete deps/outs/metrics/params for one run: ``{method}`` and ``{weights}`` filled in; a path
         with ``{each}`` is repeated for every evaluated method of the default DAG (the report's inputs),
         one with ``{ablation}`` for every evaluated ablation row (the ablation report's), one with
-        ``{curve}`` for every evaluated NFE-curve row (the paper report's)."""
-        fill = {"method": method or ""}
+        ``{curve}`` for every evaluated NFE-curve row, one with ``{paper}`` for the paper's own rows
+        (the paper report's).  ``{row}`` is the params.yaml row that defines the method (a replicate's own)."""
+        fill = {"method": method or "", "row": params.params_row(method) if method else ""}
         groups = {"{each}": STAGES["evaluate"].methods(params), "{ablation}": ablation_rows(params),
-                  "{curve}": curve_rows(params)}
+                  "{curve}": curve_rows(params), "{paper}": paper_rows(params)}
 
         def expand(path: str) -> list[str]:
             for placeholder, rows in groups.items():
@@ -80,6 +82,8 @@ class Stage:
             if world.size > 1 and not self.data_parallel and not world.is_main:
                 print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
                 return
+            if self.per_method and self.name.startswith("train_"):
+                params = with_training_seed(params, method)
             seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
             module.run(params, method) if self.per_method else module.run(params)
 
@@ -102,15 +106,41 @@ class Stage:
         return params.training.source == "cached" and not (method and params.method(method).kind in ("mcm", "dmd2"))
 
 
+def _own_rows(params: Params) -> list[str]:
+    """Every evaluated row written in params.yaml (the rows `paper.seeds` adds left out)."""
+    return [m for m in STAGES["evaluate"].methods(params, include_ablations=True)
+            if not params.methods[m].replicate_of]
+
+
 def ablation_rows(params: Params) -> list[str]:
     """The evaluated rows of the opt-in ablation group (``methods.<m>.ablation``): the ablation report's."""
-    return [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if params.methods[m].ablation]
+    return [m for m in _own_rows(params) if params.methods[m].ablation]
 
 
 def curve_rows(params: Params) -> list[str]:
     """The evaluated rows of the opt-in NFE-curve group (``methods.<m>.nfe_curve``): step counts of the
     default methods, beside them in the paper report's curves."""
-    return [m for m in STAGES["evaluate"].methods(params, include_ablations=True) if params.methods[m].nfe_curve]
+    return [m for m in _own_rows(params) if params.methods[m].nfe_curve]
+
+
+def paper_rows(params: Params) -> list[str]:
+    """The paper report's rows beyond the default DAG and the curves: ``paper.rows`` and every training
+    seed `paper.seeds` added (<row>_s<k>), evaluated rows only."""
+    evaluated = STAGES["evaluate"].methods(params, include_ablations=True)
+    own = set(STAGES["evaluate"].methods(params)) | set(curve_rows(params))
+    wanted = set(params.paper.rows) | {m for m in evaluated if params.methods[m].replicate_of}
+    return [m for m in evaluated if m in wanted and m not in own]
+
+
+def with_training_seed(params: Params, method: str) -> Params:
+    """``params`` as row ``method``'s training stages see it: ``seed`` = its training seed
+    (``Params.training_seed``); the same object when that is ``seed``."""
+    seed = params.training_seed(method)
+    if seed == params.seed:
+        return params
+    out = copy.copy(params)
+    out.seed = seed
+    return out
 
 
 def producer(params: Params, path: str) -> str:
@@ -155,21 +185,21 @@ STAGES: dict[str, Stage] = {
               params=("seed", "grid", "training", "analysis")),
         Stage("train_baseline", "LCM / PCM consistency distillation; MCM on low-quality videos; DMD2",
               deps=("models/teacher", "trajectories", "data/prompts.json"), outs=("checkpoints/{method}",),
-              params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{method}"),
+              params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{row}"),
               method_kinds=("consistency", "mcm", "dmd2"),
               data_parallel=True, resumable=True),
         Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
               deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}/seme",),
-              params=("seed", "grid", "training", "methods.{method}.seme"), method_kinds=("dcm",),
+              params=("seed", "grid", "training", "methods.{row}.seme"), method_kinds=("dcm",),
               data_parallel=True, resumable=True),
         Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
               deps=("models/teacher", "trajectories", "checkpoints/{method}/seme"),
               outs=("checkpoints/{method}/dete",),
-              params=("seed", "grid", "training", "methods.{method}.dete"), method_kinds=("dcm",),
+              params=("seed", "grid", "training", "methods.{row}.dete"), method_kinds=("dcm",),
               data_parallel=True, resumable=True),
         Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
               deps=("data/prompts.json", "models/teacher", "{weights}"), outs=("samples/{method}",),
-              params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{method}"),
+              params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{row}"),
               method_kinds=("teacher", "consistency", "dcm", "mcm", "dmd2")),
         Stage("evaluate", "shapes-bench (or VBench) scores, paired against the teacher",
               deps=("samples/{method}", "samples/teacher"), metrics=("metrics/{method}.json",),
@@ -182,8 +212,8 @@ STAGES: dict[str, Stage] = {
               params=("methods", "tracking"), ablation=True),
         Stage("report_paper", "the paper's claims with computed verdicts, quality against NFE, the ablation table "
               "(opt-in: `make paper`)",
-              deps=("metrics/{each}.json", "metrics/{ablation}.json", "metrics/{curve}.json"), outs=("paper",),
-              params=("seed", "evaluation.bootstrap", "methods", "tracking"), ablation=True),
+              deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json"), outs=("paper",),
+              params=("seed", "evaluation.bootstrap", "methods", "paper", "tracking"), ablation=True),
     ]
 }
 

@@ -1,9 +1,10 @@
 """``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dvc repro report_paper``).
 
 In order: the paper's claims, each with a verdict computed from the paired 95% intervals
-(``dcm.evaluation.verdicts``), and DMD2 against DCM as a comparison; the headline tables at 2 and 4
-steps; Total, FD excess and diversity against NFE, one line per method; the ablation table.  A row
-the claims or curves name that has no metrics is reported as not run.
+(``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
+bootstrap), and DMD2 against DCM as a comparison; each row's Total per training seed; the headline
+tables at 2 and 4 steps; Total, FD excess and diversity against NFE, one line per method; the ablation
+table.  A row the claims or curves name that has no metrics is reported as not run.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import html
 from dcm import paths, tracking
 from dcm.config import Params
 from dcm.evaluation import reporting
-from dcm.evaluation.verdicts import EQUIVALENCE_MARGIN, Claim, Verdict, verdict
+from dcm.evaluation.verdicts import EQUIVALENCE_MARGIN, Claim, Verdict, pooled_total, verdict
 from dcm.io import atomic_dir, read_json
-from dcm.pipeline.table import STAGES, ablation_rows
+from dcm.pipeline.table import STAGES, curve_rows, paper_rows
 
 TEACHER = "teacher"
 # The paper's claims (arXiv 2506.03123: the HunyuanVideo table and the ablation table) on params.yaml's rows.
@@ -48,11 +49,13 @@ CURVE_METRICS = (
 
 
 def run(params: Params) -> None:
-    rows = STAGES["evaluate"].methods(params, include_ablations=True)
+    main, own = STAGES["evaluate"].methods(params), paper_rows(params)
+    rows = [*main, *own, *curve_rows(params)]  # the stage's deps: nothing else is read
     metrics = {m: read_json(paths.metrics(m)) for m in rows if paths.metrics(m).is_file()}
     n, seed = params.evaluation.bootstrap, params.seed
-    claims = [verdict(c, metrics, n, seed) for c in CLAIMS]
-    comparisons = [verdict(c, metrics, n, seed) for c in COMPARISONS]
+    seeds = {m: params.replicates(m) for m in metrics if not params.methods[m].replicate_of}
+    claims = [verdict(c, metrics, n, seed, seeds=seeds) for c in CLAIMS]
+    comparisons = [verdict(c, metrics, n, seed, seeds=seeds) for c in COMPARISONS]
     steps = {m: r.get("steps") for m, r in metrics.items()}
     with tracking.stage_run(params, "report_paper", param_keys={"methods": ",".join(metrics)}) as run_, \
             atomic_dir(paths.PAPER) as out:
@@ -65,11 +68,16 @@ def run(params: Params) -> None:
                 f"{100 * EQUIVALENCE_MARGIN:.0f} point of Total) holds if the interval reaches 0 or lies above "
                 f"it and its lower bound is above −{100 * EQUIVALENCE_MARGIN:.0f}, does not hold if it lies "
                 f"wholly below −{100 * EQUIVALENCE_MARGIN:.0f}, inconclusive otherwise. A row without metrics: "
-                f"not run. One training run per row: the intervals cover the evaluation rows, not training "
-                f"seeds, so a verdict says what this run shows, not what a retrained one would.")
+                f"not run. " + _seeds_rule(params, metrics))
         lines = [v.line(steps) for v in claims] + ["", *(v.line(steps) for v in comparisons)]
         md += ["## Claims\n", rule, "", *lines, ""]
         sections.append(("Claims", f"<p>{html.escape(rule)}</p>" + _html_list(claims + comparisons, steps)))
+
+        seed_table = _seed_table(metrics, seeds, n, seed)
+        if seed_table:
+            title = "Training seeds (Total ×100 per seed; pooled mean and its hierarchical 95% interval)"
+            md += [f"## {title}\n", seed_table, ""]
+            sections.append((title, reporting.markdown_to_html_table(seed_table)))
 
         for k in HEADLINE_STEPS:
             at_k = [m for series in CURVES.values() for m in series if m in metrics and steps[m] == k]
@@ -91,10 +99,9 @@ def run(params: Params) -> None:
         md += ["## Against NFE\n", note, "", *(f"![{f}]({f})" for f in figures), ""]
         sections.append(("Against NFE", f"<p>{html.escape(note)}</p>" + "".join(f"<img src='{f}'>" for f in figures)))
 
-        main = STAGES["evaluate"].methods(params)
-        ablations = ablation_rows(params)
-        order = [m for m in main + ablations if m in metrics]
-        missing = [m for m in main + ablations if m not in metrics]
+        table_rows = main + [m for m in own if not params.methods[m].replicate_of]
+        order = [m for m in table_rows if m in metrics]
+        missing = [m for m in table_rows if m not in metrics]
         table = reporting.markdown_table(reporting.method_table(metrics, order))
         ablation_note = f"Not run: {', '.join(missing)}." if missing else ""
         md += ["## Methods and ablation rows (scores ×100)\n", table, "", ablation_note, ""]
@@ -111,6 +118,32 @@ def run(params: Params) -> None:
                       for v in claims + comparisons if v.difference})
         run_.artifact(out, "paper")
     print(f"report_paper: {paths.PAPER / 'summary.md'} and {paths.PAPER / 'index.html'}")
+
+
+def _seeds_rule(params: Params, metrics: dict) -> str:
+    pooled = sorted(m for m in metrics if params.methods[m].replicate_of)
+    if not pooled:
+        return ("One training run per row: the intervals cover the evaluation rows, not training seeds, so a "
+                "verdict says what this run shows, not what a retrained one would.")
+    return (f"Rows trained with several seeds (paper.seeds = {params.paper.seeds}: {', '.join(params.paper.rows)}) "
+            f"are pooled by a hierarchical bootstrap — each resample draws the evaluation rows (paired) and "
+            f"each side's training seeds — so their intervals cover retraining as well as the evaluation rows.")
+
+
+def _seed_table(metrics: dict, seeds: dict[str, list[str]], n: int, seed: int) -> str:
+    """Markdown: one line per row with more than one training seed that has metrics."""
+    lines = []
+    for row, names in seeds.items():
+        have = [m for m in names if m in metrics]
+        if len(have) < 2:
+            continue
+        mean, (lo, hi), per_seed = pooled_total([metrics[m]["per_row"] for m in have], n, seed)
+        lines.append(f"| {row} | {len(have)} | {', '.join(f'{100 * v:.1f}' for v in per_seed)} | "
+                     f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {100 * (max(per_seed) - min(per_seed)):.1f} |")
+    if not lines:
+        return ""
+    return "\n".join(["| row | seeds | Total per seed | pooled Total [95%] | spread (max − min) |",
+                      "|---|---|---|---|---|", *lines])
 
 
 def _html_list(verdicts: list[Verdict], steps: dict) -> str:
