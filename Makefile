@@ -44,8 +44,8 @@ ablations: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report_ablations
 	@echo "ablation table: ablations/summary.md  (HTML: ablations/index.html)"
 
-# The paper report: every row of the default DAG, the ablation rows and the quality-against-steps rows
-# (nfe_curve: true in params.yaml); `dvc repro report_paper` builds what is missing, then paper/summary.md
+# The paper report: every row of the default DAG, the quality-against-steps rows (nfe_curve: true) and paper.rows
+# (each trained paper.seeds times, seed + k); `dvc repro report_paper` builds what is missing, then paper/summary.md
 # opens with the paper's claims, each marked holds / does not hold / inconclusive from the paired intervals.
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
