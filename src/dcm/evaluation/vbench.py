@@ -8,7 +8,13 @@ creates ``evaluation.vbench.venv`` from the pinned ``vbench-requirements.txt`` b
         --videos_path <staged mp4s> --dimension d1 d2 … --mode custom_input --prompt_file prompts.json
         --output_path <out> --load_ckpt_from_local True
 
-(the entry point ``vbench evaluate`` builds the same command).  ``--load_ckpt_from_local`` is an
+(the entry point ``vbench evaluate`` builds the same command) where CUDA is available.  Without it that
+launcher cannot start (it opens an NCCL process group and hard-codes ``torch.device("cuda")``), so the
+same flags go to ``vbench_cpu.py`` beside this module instead, run by the venv's interpreter
+(``<venv>/bin/python -I vbench_cpu.py …``): the launcher's ``main`` in one process with device cpu, through
+vbench's Python API, writing the same results file; everything else (staging, weights check, parsing)
+is shared.  Of the 16 dimensions only temporal_flickering needs no weights (it is a mean absolute
+frame difference); it is the one scored on the CPU in the tests.  ``--load_ckpt_from_local`` is an
 argparse ``type=bool``: any string, "False" included, reads as True, so it is passed as "True" or not
 at all.  Weights are read from ``evaluation.vbench.weights_dir`` (vbench's ``VBENCH_CACHE_DIR``) with
 the hub offline; every file the chosen dimensions need is checked before any work, because vbench
@@ -19,6 +25,8 @@ dimensions that need its prompt metadata there (object_class, multiple_objects, 
 appearance_style, color, spatial_relationship), so Semantic is then the weighted mean of the semantic
 dimensions that were scored (the metrics name the missing ones).  ``standard`` is the 946-prompt suite:
 the sampled rows are staged as ``{prompt}-{k}.mp4`` and all 16 dimensions can be scored.
+``run_vbench`` scores any dimensions; ``evaluate`` (Total) needs at least one of each group, and every
+semantic dimension needs weights.
 
 vbench writes ``{dimension: [mean, [{"video_path", "video_results", …}, …]]}``; Quality, Semantic and
 Total are not in the package and are computed here with ``scoring.aggregate`` (METHODS.md).
@@ -42,6 +50,7 @@ from dcm.config import ConfigError
 from dcm.evaluation.scoring import VBENCH, Dimension, aggregate, bootstrap
 
 REQUIREMENTS = Path(__file__).with_name("vbench-requirements.txt")
+CPU_RUNNER = Path(__file__).with_name("vbench_cpu.py")  # runs in the venv, never imported by dcm
 STAMP_FILE = "dcm-vbench.json"
 RESULTS_GLOB = "*_eval_results.json"
 
@@ -103,9 +112,24 @@ def create_env(venv: str | os.PathLike, requirements: str | os.PathLike = REQUIR
         print("+", " ".join(cmd), flush=True)
         run(cmd, check=True)
     stamp = {"requirements": str(requirements.resolve()),
-             "requirements_sha256": hashlib.sha256(requirements.read_bytes()).hexdigest(), "python": python}
+             "requirements_sha256": requirements_sha256(requirements), "python": python}
     (Path(venv) / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
     return python_of(venv)
+
+
+def requirements_sha256(requirements: str | os.PathLike = REQUIREMENTS) -> str:
+    return hashlib.sha256(Path(requirements).read_bytes()).hexdigest()
+
+
+def env_is_current(venv: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS) -> bool:
+    """Whether ``venv`` was built (by ``create_env``) from ``requirements`` as it is now (its stamp's hash)."""
+    stamp = Path(venv) / STAMP_FILE
+    if not (python_of(venv).exists() and stamp.is_file()):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("requirements_sha256") == requirements_sha256(requirements)
+    except (ValueError, AttributeError):
+        return False
 
 
 def check_env(venv: str | os.PathLike) -> Path:
@@ -165,12 +189,26 @@ def check_weights(weights_dir: str | os.PathLike | None, dimensions: Sequence[st
 # ----------------------------------------------------------------------------------- invocation
 
 
+def cuda_available() -> bool:
+    """Whether vbench's launcher can start here (it needs CUDA and NCCL): else the CPU runner is used."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def command(venv: str | os.PathLike, videos_dir: str | os.PathLike, output_dir: str | os.PathLike,
             dimensions: Sequence[str], mode: str = "custom_input", prompt_file: str | os.PathLike | None = None,
-            ngpus: int = 1) -> list[str]:
-    """The vbench command line (what ``vbench evaluate`` launches, without its shell string)."""
-    cmd = [str(python_of(venv)), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ngpus),
-           "-m", "vbench.launch.evaluate", "--videos_path", str(videos_dir), "--dimension", *dimensions,
+            ngpus: int = 1, device: str = "cuda") -> list[str]:
+    """The vbench command line: on ``cuda`` what ``vbench evaluate`` launches (without its shell string),
+    on ``cpu`` the same flags to ``vbench_cpu.py`` in one process (``ngpus`` unused)."""
+    if device == "cuda":
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ngpus),
+                  "-m", "vbench.launch.evaluate"]
+    elif device == "cpu":
+        launch = ["-I", str(CPU_RUNNER)]  # -I: the runner's folder (this vbench.py) stays off sys.path
+    else:
+        raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+    cmd = [str(python_of(venv)), *launch, "--videos_path", str(videos_dir), "--dimension", *dimensions,
            "--mode", MODES[mode], "--output_path", str(output_dir),
            "--load_ckpt_from_local", "True"]  # type=bool: never pass "False", it would read as True
     if prompt_file is not None:
@@ -283,16 +321,24 @@ def summarise(dimension_means: Mapping[str, float]) -> dict:
 
 
 def run_vbench(cfg, rows: Sequence[dict], samples_dir: str | os.PathLike, work_dir: str | os.PathLike,
-               run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[dict, list[dict]]:
-    """Score one method's samples: (per-dimension means, per-row {dimension: score}), weights checked first."""
+               run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+               device: str | None = None) -> tuple[dict, list[dict]]:
+    """Score one method's samples: (per-dimension means, per-row {dimension: score}), weights checked first.
+
+    ``device``: ``cuda`` (vbench's launcher on ``cfg.ngpus`` GPUs) or ``cpu`` (``vbench_cpu.py``, one
+    process); by default ``cuda`` where CUDA is available.
+    """
     dimensions = dimensions_for(cfg.mode, cfg.dimensions)
-    table_for(dimensions)
     weights = check_weights(cfg.weights_dir, dimensions)
     check_env(os.path.expanduser(cfg.venv))
     videos, prompt_file, index = stage_videos(rows, samples_dir, work_dir, cfg.mode)
     out = Path(work_dir).resolve() / "results"
     venv = Path(os.path.expanduser(cfg.venv)).absolute()  # vbench runs in work_dir: no relative paths
-    cmd = command(venv, videos, out, dimensions, cfg.mode, prompt_file, cfg.ngpus)
+    device = device or ("cuda" if cuda_available() else "cpu")
+    cmd = command(venv, videos, out, dimensions, cfg.mode, prompt_file, cfg.ngpus, device)
+    if device == "cpu":
+        print("vbench on the CPU: one process through its Python API (vbench_cpu.py; its launcher needs CUDA)",
+              flush=True)
     print("+", " ".join(cmd), flush=True)
     result = run(cmd, env=environment(weights), cwd=str(work_dir))
     if result.returncode != 0:
@@ -309,7 +355,7 @@ def run_vbench(cfg, rows: Sequence[dict], samples_dir: str | os.PathLike, work_d
 
 
 def evaluate(params, method: str, teacher_metrics: dict | None = None,
-             run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> dict:
+             run: Callable[..., subprocess.CompletedProcess] = subprocess.run, device: str | None = None) -> dict:
     """metrics/<method>.json content, in the shapes-bench schema, from a real vbench run."""
     from safetensors.torch import load_file
 
@@ -317,10 +363,11 @@ def evaluate(params, method: str, teacher_metrics: dict | None = None,
     from dcm.evaluation.shapes_bench import psnr
 
     cfg = params.evaluation.vbench
+    table_for(dimensions_for(cfg.mode, cfg.dimensions))  # Total needs both groups: fail before any work
     record = io.read_json(paths.samples(method) / "samples.json")
     rows = record["rows"]
     with tempfile.TemporaryDirectory(prefix=f"vbench-{method}-") as work:
-        means, per_row = run_vbench(cfg, rows, paths.samples(method), work, run)
+        means, per_row = run_vbench(cfg, rows, paths.samples(method), work, run, device)
     summary = summarise(means)
     table = table_for(list(means))
     complete = [i for i, r in enumerate(per_row) if set(r) == set(table)]
