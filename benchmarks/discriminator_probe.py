@@ -28,6 +28,7 @@ from dcm.distill import checkpoint, losses
 from dcm.distill.discriminator import Discriminator, GanFeatureMatching, adversarial_sigmas
 from dcm.distill.experts import load_dual_expert
 from dcm.distill.loop import ConsistencyBatch, autocast_for, endpoints
+from dcm.distill.optim import adamw
 from dcm.schedule import SIGMA_MIN_INDEX
 
 
@@ -69,7 +70,7 @@ def mean_logit(disc: Discriminator, feats: list[torch.Tensor], thw, device) -> t
 def train_heads(disc: Discriminator, real, fake, thw, steps: int, lr: float, batch_size: int,
                 generator: torch.Generator, device) -> float:
     """The D step of training, alone: hinge L_D on minibatches of (real, fake) pairs; the last loss."""
-    optimizer = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.999))
+    optimizer = adamw(disc.parameters(), lr=lr, betas=(0.0, 0.999))
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         pick = torch.randint(len(real[0]), (batch_size,), generator=generator)

@@ -65,6 +65,7 @@ from dcm.distill import dmd2, losses  # noqa: E402
 from dcm.distill.discriminator import GanFeatureMatching, adversarial_sigmas  # noqa: E402
 from dcm.distill.experts import make_dete  # noqa: E402
 from dcm.distill.loop import ADAM_BETAS, ConsistencyBatch, autocast_for, endpoints  # noqa: E402
+from dcm.distill.optim import adamw  # noqa: E402
 
 FM_WEIGHT = {"wan": 10.0, "hunyuan": 1.0, "cogvideox": 1.0}
 EXPERTS = ("seme", "dete", "dmd2")
@@ -75,7 +76,7 @@ LR, WEIGHT_DECAY, MAX_GRAD_NORM, HUBER_C = 1e-6, 1e-3, 1.0, 1e-3
 def make_step(expert: str, backbone, student, teacher, trainable, x_n, x_prev, cond, grid, kappa, device, fm):
     """A closure running one SemE or DetE optimisation step."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6, weight_decay=1e-3)
+    optimizer = adamw(trainable, lr=1e-6, weight_decay=1e-3)
     if expert == "seme":
         n, end = torch.tensor([kappa + 1]), kappa
     else:
@@ -188,7 +189,7 @@ def make_dmd2_step(backbone, generator, source, objective, n, device):
     """A closure running the loop's micro-batch and optimiser step for a dmd2 row at grid index n."""
     autocast = autocast_for(device)
     trainable = list(generator.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=LR, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
+    optimizer = adamw(trainable, lr=LR, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
     space = dmd2.NoConsistencyLoss()
     sampler = torch.Generator().manual_seed(0)
     rows = torch.zeros(len(n), dtype=torch.long)

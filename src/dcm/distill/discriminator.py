@@ -51,6 +51,7 @@ from dcm.backbones.base import Backbone, TeacherFeatures, token_grid
 from dcm.config import ConfigError
 from dcm.distill import losses
 from dcm.distill.loop import ConsistencyBatch, Objective
+from dcm.distill.optim import adamw
 from dcm.parallel.context import gather_taps
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid
 
@@ -228,7 +229,7 @@ class GanFeatureMatching(Objective):
             taps = len(backbone.feature_block_indices(teacher))
             self.discriminator = Discriminator(backbone.feature_dim(teacher), taps,
                                                backbone.token_patch(teacher)).to(device)
-            self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
+            self.optimizer = adamw(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                                weight_decay=weight_decay)
         # per micro-batch, from the generator pass to the D step: real and fake taps, real and fake endpoints
         self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}

@@ -56,6 +56,7 @@ from dcm.distill.data import OnlineSource, SourceBatch
 from dcm.distill.discriminator import Discriminator
 from dcm.distill.loop import ADAM_BETAS, ConsistencyBatch, ConsistencySpace, Objective, Wrap, autocast_for
 from dcm.distill.mcm import student_x0
+from dcm.distill.optim import adamw
 from dcm.distill.teacher_pretraining import flow_matching_loss
 from dcm.parallel import fsdp
 from dcm.parallel.checkpoint import load_optimizer_state
@@ -252,7 +253,7 @@ class DistributionMatching(Objective):
         self._thaw_flags: list[tuple[nn.Parameter, bool]] | None = None  # set while the generator's step runs
 
     def make_optimizer(self) -> torch.optim.AdamW:
-        return torch.optim.AdamW(self.fake_parameters(), lr=self.fake_lr, betas=ADAM_BETAS, weight_decay=self.weight_decay)
+        return adamw(self.fake_parameters(), lr=self.fake_lr, betas=ADAM_BETAS, weight_decay=self.weight_decay)
 
     def fake_parameters(self) -> list[nn.Parameter]:
         head = list(self.classifier.parameters()) if self.classifier is not None else []

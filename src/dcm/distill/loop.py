@@ -47,6 +47,7 @@ from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
 from dcm.config import ConfigError, Params
 from dcm.distill import checkpoint, losses
+from dcm.distill.optim import adamw
 from dcm.parallel import fsdp as parallel
 from dcm.schedule import Phase
 
@@ -461,7 +462,7 @@ def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir
     ema_params = [dict(ema_model.named_parameters())[name] for name in names] if ema_model is not None else []
     target_model = ema_model if ema_model is not None else student
     stepped = [*trainable, *space.parameters()]  # a learnable M trains with the student
-    optimizer = torch.optim.AdamW(stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    optimizer = adamw(stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
     sampler = torch.Generator().manual_seed(params.seed)
     run_fingerprint = checkpoint.fingerprint(resume_settings(spec, params, data_size))
     resume = checkpoint.ResumeState(out_dir, run_fingerprint, names=names, trainable=trainable, ema=ema_params,

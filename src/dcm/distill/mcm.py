@@ -45,6 +45,7 @@ from dcm.distill import losses
 from dcm.distill.data import OnlineSource, SourceBatch
 from dcm.distill.discriminator import DISC_BETAS, Discriminator, frozen, group_count
 from dcm.distill.loop import ConsistencyBatch, ConsistencySpace, Objective
+from dcm.distill.optim import adamw
 from dcm.schedule import noised
 
 MOTION_HIDDEN = 64  # width of the learnable motion head (the released code's hidden_dim)
@@ -275,7 +276,7 @@ class ImageDiscriminator(Objective):
         self.max_grad_norm = max_grad_norm
         self.discriminator = Discriminator(features.dim, features.num_taps, features.patch_size,
                                            cond_dim=hq_text.shape[1]).to(device)
-        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
+        self.optimizer = adamw(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                            weight_decay=weight_decay)
         self.real_bank = features.real_frames(hq_images.to(device))
         self.real_text = hq_text.detach().float().to(device)

@@ -25,6 +25,7 @@ from dcm.backbones.base import Backbone
 from dcm.config import Params
 from dcm.data.prompts import TRAIN_SEED_LIMIT
 from dcm.distill import losses
+from dcm.distill.optim import adamw
 from dcm.worlds import shapes
 
 # σ ~ mixture: with this probability a logit-normal σ (mass at mid noise, where layout and
@@ -99,7 +100,7 @@ def train_teacher(backbone: Backbone, params: Params,
     model.train().requires_grad_(True)
     encoder.train().requires_grad_(True)
     trainable = [p for m in (model, encoder) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.train_steps))
 
     history = TrainingLog()

@@ -1,0 +1,87 @@
+"""CPU speed of the toy teacher's training step: PyTorch's default CPU AdamW against the package's
+(``dcm.distill.optim.adamw``, foreach), side by side in one process.
+
+Both variants run the same teacher step (scene batch, flow-matching loss, backward, clip, optimizer
+step) on their own copy of the model, in interleaved blocks so that a machine's drift hits both alike;
+it prints each block's steps/s, the median per variant and the median of the per-block ratios, and
+checks the two copies' weights are still bitwise equal (the speed-up changes no result).
+
+    python benchmarks/cpu_speed.py [--blocks 5] [--steps 20] [--params params.yaml] [--preset P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from dcm import config, schedule
+from dcm.backbones import create_teacher
+from dcm.distill.optim import adamw
+from dcm.distill.teacher_pretraining import MAX_GRAD_NORM, flow_matching_loss, sample_sigmas, scene_batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="teacher steps per block and variant")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--preset", default=None)
+    args = ap.parse_args()
+    params = config.load(args.params, preset=args.preset)
+    if params.backbone.family != "toy":
+        raise config.ConfigError("backbone.family", params.backbone.family, "toy: the benchmark trains the toy teacher")
+    torch.manual_seed(params.seed)
+    base = create_teacher(params)
+    cfg, world = params.teacher, params.world
+    sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift)).float()
+
+    variants = {}
+    for name, make in (("torch default AdamW", lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay)),
+                       ("dcm adamw (foreach)", lambda p: adamw(p, lr=cfg.lr, weight_decay=cfg.weight_decay))):
+        backbone = copy.deepcopy(base)
+        trainable = [p for m in (backbone.transformer, backbone.prompt_encoder) for p in m.parameters()]
+        for p in trainable:
+            p.requires_grad_(True)
+        variants[name] = {"backbone": backbone, "trainable": trainable, "optimizer": make(trainable),
+                          "rng": np.random.default_rng(0), "gen": torch.Generator().manual_seed(0), "rates": []}
+
+    def block(v: dict) -> float:
+        bb = v["backbone"]
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            videos, captions = scene_batch(v["rng"], cfg.batch_size, world.size, world.frames, world.quality,
+                                           world.position_jitter)
+            x0 = bb.encode_video(videos)
+            eps = torch.randn(x0.shape, generator=v["gen"])
+            sigma = sample_sigmas(x0.shape[0], sigmas, v["gen"])
+            loss = flow_matching_loss(bb, bb.transformer, x0, eps, sigma, bb.encode_prompts(captions))
+            v["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(v["trainable"], MAX_GRAD_NORM)
+            v["optimizer"].step()
+        return args.steps / (time.perf_counter() - start)
+
+    for v in variants.values():  # warm-up, untimed
+        block(v)
+    print(f"teacher step, batch {cfg.batch_size}, {torch.get_num_threads()} threads; steps/s per block:")
+    for b in range(args.blocks):
+        for v in (list(variants.values()) if b % 2 == 0 else list(variants.values())[::-1]):
+            v["rates"].append(block(v))
+        print("  block", b, "  ".join(f"{name}: {v['rates'][-1]:.2f}" for name, v in variants.items()))
+    (a, va), (b_, vb) = variants.items()
+    ratios = [y / x for x, y in zip(va["rates"], vb["rates"])]
+    for name, v in variants.items():
+        print(f"{name}: median {statistics.median(v['rates']):.2f} steps/s (min {min(v['rates']):.2f}, "
+              f"max {max(v['rates']):.2f})")
+    print(f"speed-up ({b_} / {a}): median {statistics.median(ratios):.2f}× (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    same = all(torch.equal(x, y) for x, y in zip(va["trainable"], vb["trainable"]))
+    print(f"weights bitwise equal after {(args.blocks + 1) * args.steps} steps each: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The package's AdamW (foreach) takes the same steps as PyTorch's default CPU AdamW, bit for bit: the
+speed-up changes no result."""
+
+from __future__ import annotations
+
+import torch
+
+from dcm.distill.optim import adamw
+
+
+def test_foreach_adamw_is_bitwise_the_default_cpu_adamw():
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 3, 5), (1,)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    runs = []
+    for make in (lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-3),
+                 lambda p: adamw(p, lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-3)):
+        params = [w.clone().requires_grad_(True) for w in start]
+        optimizer = make(params)
+        for step in range(12):
+            for p, g in zip(params, grads[step % 4]):
+                p.grad = g.clone()
+            optimizer.step()
+        runs.append((params, optimizer.state_dict()))
+    (default, default_state), (ours, our_state) = runs
+    assert our_state["param_groups"][0]["foreach"] is True
+    assert all(torch.equal(a, b) for a, b in zip(default, ours))
+    for k, state in default_state["state"].items():
+        assert all(torch.equal(state[name], our_state["state"][k][name]) for name in ("exp_avg", "exp_avg_sq", "step"))
