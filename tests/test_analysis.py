@@ -34,6 +34,24 @@ def test_proposed_kappa_is_the_last_low_noise_index_where_loss_and_grad_norm_jum
     assert dyn.propose_kappa(loss, grad_norm) == 30
 
 
+def test_pooled_curves_are_the_geometric_mean_and_settle_a_noisy_split():
+    """Three students on a loss that steps up 0.3 decades above n = 29, two of them with a bump of their own
+    (0.6 decades over 8 indices, where a single student's wobble would sit): alone, those two propose their
+    bump's edge; pooled (the geometric mean, as analyze does), the rule finds the common step."""
+    n = np.arange(50)
+    step, norm = np.where(n <= 29, -2.0, -1.7), np.full(50, 0.5)
+    curves = []
+    for bump in (2, 36, None):
+        log_loss = step.copy()
+        if bump is not None:
+            log_loss[bump:bump + 8] += 0.6
+        curves.append(10 ** log_loss)
+    assert [dyn.propose_kappa(c, norm) for c in curves] == [9, 35, 29]
+    pooled = dyn.geometric_mean(np.stack(curves))
+    assert np.allclose(pooled, np.exp(np.log(np.stack(curves)).mean(0)))
+    assert dyn.propose_kappa(pooled, norm) == 29
+
+
 def test_proposed_kappa_follows_the_gradient_norm_when_the_loss_is_flat():
     n = np.arange(10)
     assert dyn.propose_kappa(np.full(10, 0.03), np.where(n <= 2, 0.1, 1.0)) == 2
@@ -76,7 +94,19 @@ def test_analyze_stage_distils_one_model_and_writes_the_dynamics_figure(tmp_path
     history = [json.loads(line) for line in (paths.ANALYSIS / "train" / "history.jsonl").read_text().splitlines()]
     assert len(history) == params.analysis.train_steps
     assert {n for r in history for n in r["n"]} <= set(range(steps))  # one phase over the whole grid
-    assert f"configured grid.kappa = {params.grid.kappa}" in capsys.readouterr().out
+    # analysis.seeds students, each with its own training seed, pooled by the geometric mean
+    k = params.analysis.seeds
+    assert k == 3 and out["seeds"] == k and len(out["per_seed_proposed_kappa"]) == k
+    assert [json.loads((paths.ANALYSIS / folder / "train.json").read_text())["seed"]
+            for folder in ("train", "train_s1", "train_s2")] == [params.seed, params.seed + 1, params.seed + 2]
+    seed_loss = np.array(out["seed_probe_loss"])
+    assert seed_loss.shape == (k, steps) and not np.allclose(seed_loss[0], seed_loss[1])
+    assert np.allclose(out["probe_loss"], 10 ** np.log10(seed_loss).mean(0), rtol=1e-6)
+    assert out["proposed_kappa"] == dyn.propose_kappa(out["probe_loss"], out["grad_norm"])
+    assert out["per_seed_proposed_kappa"] == [dyn.propose_kappa(a, b) for a, b in
+                                              zip(out["seed_probe_loss"], out["seed_grad_norm"])]
+    printed = capsys.readouterr().out
+    assert f"configured grid.kappa = {params.grid.kappa}" in printed and "each of the 3 students alone" in printed
 
 
 def test_probe_measures_each_index_alone_and_leaves_no_gradients(params, backbone):

@@ -342,12 +342,15 @@ class EvaluationConfig:
 
 @dataclass(config=SECTION)
 class AnalysisConfig:
-    """The ``analyze`` stage: one model distilled over the whole range, probed per grid index."""
+    """The ``analyze`` stage: whole-range students (one model each over the whole range), probed per grid index."""
 
     train_steps: Int = at_least(1, 150)
     lr: Float = positive(1e-4)
     target: Literal["online", "ema"] = "online"
     probe_batch: Int = at_least(1, 8)  # trajectories per grid index for loss / grad norm
+    # whole-range students (training seeds seed + k) whose geometric-mean curves propose κ; each alone gives
+    # the proposal's spread (one student's κ moved from 27 to 38 with its seed on the shapes preset)
+    seeds: Int = at_least(1, 3)
 
 
 @dataclass(config=SECTION)

@@ -118,3 +118,16 @@ def gather_objects(value) -> list:
     out: list = [None] * world().size
     dist.all_gather_object(out, value)
     return out
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators from ``params.seed``: a stage run twice, in any
+    process (dvc, Snakemake, a SLURM job), computes the same thing."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -4,23 +4,33 @@ DCM (arXiv 2506.03123, Fig. 2) observes that a single consistency model trained 
 sees very different loss and gradient magnitudes at high and low noise, and splits the trajectory
 at κ into two experts.  Here:
 
-1. distil a full-parameter student over the whole grid (one phase, n ∈ [0, N−1] → σ_min) for
-   ``analysis.train_steps`` steps with the shared loop (``dcm.distill.train``, the VCM setting);
-2. per grid index n, on a fixed probe batch (the same trajectories at every n) measure the
-   consistency loss and the gradient norm ‖∇_θ L_n‖ of the trained student, one backward pass per n;
-   the loop's own per-sample (n, loss) records give the loss seen during training beside it;
-3. propose κ where the discrepancy splits.
+1. distil ``analysis.seeds`` full-parameter students over the whole grid (one phase, n ∈ [0, N−1] →
+   σ_min), each for ``analysis.train_steps`` steps with the shared loop (``dcm.distill.train``, the
+   VCM setting) and its own training seed (``seed`` + k: data order and noise);
+2. per grid index n, on a fixed probe batch (the same trajectories and noise at every n, for every
+   student) measure the consistency loss and the gradient norm ‖∇_θ L_n‖ of each trained student,
+   one backward pass per n; the loop's own per-sample (n, loss) records give the loss seen during
+   training beside it;
+3. propose κ where the discrepancy splits, on the students' pooled curves (the geometric mean over
+   seeds), and report what each student alone would propose: the proposal's spread over training seeds.
 
 The κ rule (documented in dynamics.json too): z-score log10 of the probe loss and of the gradient
 norm over n, fit both jointly with a two-segment piecewise-constant model — low-noise indices
 [0, s−1] and high-noise [s, N−1] — and take the split s with the least squared error (the largest
 change point, binary segmentation's first split).  κ = s − 1, the last index of the detail range
 (DetE trains on [0, κ], SemE on [κ+1, N−1]), so κ ∈ [0, N−2] as grid.kappa requires.
+
+Why pooled: on the shapes preset one student's curves propose κ anywhere from 27 to 38 depending on
+its training seed (the per-index curves wobble by ±0.2 decades around a slow rise above n ≈ 28, so a
+single change point lands on whichever wobble is largest), while the geometric mean of any three of
+five seeds proposed 29 in 10 of 10 triples (probe batch 8; issue 16's note).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,29 +42,38 @@ from dcm.backbones.base import Backbone
 from dcm.config import Params
 from dcm.distill import losses
 from dcm.distill.loop import HISTORY_FILE, DistillSpec, endpoints, train
+from dcm.distributed import seed_everything
 from dcm.schedule import pcm_phases, teacher_grid
 
 KAPPA_RULE = ("two-segment piecewise-constant least-squares fit of z-scored log10 probe loss and log10 "
-              "gradient norm over the grid index; kappa = last index of the low-noise segment")
-TRAIN_DIR = "train"
+              "gradient norm over the grid index, both the geometric mean over analysis.seeds students; "
+              "kappa = last index of the low-noise segment")
+TRAIN_DIR = "train"  # the first student's loop output; student k ≥ 1 trains into train_s<k>
 
 
 @dataclass
 class Dynamics:
     sigmas: np.ndarray  # (N,) σ_n
-    probe_loss: np.ndarray  # (N,) consistency loss of the trained student on the probe batch
-    grad_norm: np.ndarray  # (N,) ‖∇θ L_n‖ on the probe batch
+    probe_loss: np.ndarray  # (N,) consistency loss on the probe batch: geometric mean over the students
+    grad_norm: np.ndarray  # (N,) ‖∇θ L_n‖ on the probe batch: geometric mean over the students
     train_loss: np.ndarray  # (N,) mean per-sample loss recorded in the second half of training (nan: unseen)
     train_count: np.ndarray  # (N,) samples behind train_loss
     proposed_kappa: int
     configured_kappa: int
+    seed_probe_loss: np.ndarray | None = None  # (S, N) each student's probe loss
+    seed_grad_norm: np.ndarray | None = None  # (S, N) each student's gradient norm
+    seed_kappa: tuple[int, ...] = ()  # what the rule proposes on each student's curves alone
 
     def to_json(self) -> dict:
         def finite(a):
             return [None if not np.isfinite(v) else float(v) for v in a]
 
+        seeds = {} if self.seed_probe_loss is None else {
+            "seeds": len(self.seed_probe_loss), "per_seed_proposed_kappa": list(self.seed_kappa),
+            "seed_probe_loss": [finite(a) for a in self.seed_probe_loss],
+            "seed_grad_norm": [finite(a) for a in self.seed_grad_norm]}
         return {"rule": KAPPA_RULE, "proposed_kappa": self.proposed_kappa, "configured_kappa": self.configured_kappa,
-                "sigma_proposed": float(self.sigmas[self.proposed_kappa]),
+                **seeds, "sigma_proposed": float(self.sigmas[self.proposed_kappa]),
                 "sigma_configured": float(self.sigmas[self.configured_kappa]),
                 "index": list(range(len(self.sigmas))), "sigma": finite(self.sigmas),
                 "probe_loss": finite(self.probe_loss), "grad_norm": finite(self.grad_norm),
@@ -99,10 +118,13 @@ def probe(student: nn.Module, backbone: Backbone, source, params: Params, batch:
     return loss_at, norm_at
 
 
-def training_loss_per_index(history: Path, steps: int, from_step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean per-sample consistency loss per grid index from the loop's history (steps ≥ from_step)."""
+def training_loss_per_index(history: Path | list[Path], steps: int, from_step: int
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean per-sample consistency loss per grid index from the loop's history (steps ≥ from_step); a
+    list of histories (one per student) pools their samples."""
     total, count = np.zeros(steps), np.zeros(steps, dtype=int)
-    for line in history.read_text().splitlines():
+    lines = [line for h in ([history] if isinstance(history, Path) else history) for line in h.read_text().splitlines()]
+    for line in lines:
         rec = json.loads(line)
         if rec["step"] < from_step:
             continue
@@ -145,7 +167,15 @@ def plot(d: Dynamics, path: Path) -> Path:
 
     index = np.arange(len(d.sigmas))
     fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True)
-    ax_loss.plot(index, d.probe_loss, "o-", ms=3, label="probe batch (trained student)")
+    seeds = 1 if d.seed_probe_loss is None else len(d.seed_probe_loss)
+    if seeds > 1:
+        spread = f"{min(d.seed_kappa)}–{max(d.seed_kappa)}" if min(d.seed_kappa) != max(d.seed_kappa) else d.seed_kappa[0]
+        for k, (a, b) in enumerate(zip(d.seed_probe_loss, d.seed_grad_norm)):
+            label = f"each student alone (κ {spread})" if k == 0 else None
+            ax_loss.plot(index, a, "-", lw=0.7, color="tab:blue", alpha=0.35, label=label)
+            ax_norm.plot(index, b, "-", lw=0.7, color="tab:red", alpha=0.35)
+    ax_loss.plot(index, d.probe_loss, "o-", ms=3, color="tab:blue",
+                 label=f"probe batch (geometric mean of {seeds} students)" if seeds > 1 else "probe batch (trained student)")
     seen = np.isfinite(d.train_loss)
     ax_loss.plot(index[seen], d.train_loss[seen], "x", ms=4, alpha=0.7, label="during training (2nd half)")
     ax_loss.set_ylabel("consistency loss")
@@ -164,18 +194,38 @@ def plot(d: Dynamics, path: Path) -> Path:
     return path
 
 
-def analyze(params: Params, backbone: Backbone, source, student: nn.Module, out_dir: Path, tracker) -> Dynamics:
-    """Train the whole-range model into ``out_dir/train``, probe it, propose κ; writes dynamics.{json,png}."""
+def geometric_mean(curves: np.ndarray) -> np.ndarray:
+    """Mean of log10 over the rows of ``curves`` (S, N), back on the linear scale: the pooled curve."""
+    return 10 ** np.log10(np.maximum(np.asarray(curves, dtype=np.float64), 1e-30)).mean(axis=0)
+
+
+def analyze(params: Params, backbone: Backbone, source, new_student: Callable[[], nn.Module], out_dir: Path,
+            tracker) -> Dynamics:
+    """Train ``analysis.seeds`` whole-range students (``new_student()`` each; student k with seed + k, into
+    ``out_dir/train`` and ``out_dir/train_s<k>``), probe each, propose κ on the pooled curves; writes
+    dynamics.{json,png}."""
     out_dir = Path(out_dir)
-    spec = whole_range_spec(params, student)
-    train(spec, backbone, source, params, out_dir / TRAIN_DIR, tracker)
-    probe_loss, grad_norm = probe(student, backbone, source, params, params.analysis.probe_batch)
-    train_loss, count = training_loss_per_index(out_dir / TRAIN_DIR / HISTORY_FILE, params.grid.steps,
-                                                params.analysis.train_steps // 2)
+    losses_, norms, histories = [], [], []
+    for k in range(params.analysis.seeds):
+        seeded = params if k == 0 else dataclasses.replace(params, seed=params.seed + k)
+        seed_everything(seeded.seed)
+        student = new_student()
+        folder = out_dir / (TRAIN_DIR if k == 0 else f"{TRAIN_DIR}_s{k}")
+        train(whole_range_spec(seeded, student), backbone, source, seeded, folder, tracker)
+        # every student on the same probe batch and noise (params.seed): only the training seed differs
+        loss_k, norm_k = probe(student, backbone, source, params, params.analysis.probe_batch)
+        losses_.append(loss_k)
+        norms.append(norm_k)
+        histories.append(folder / HISTORY_FILE)
+        del student
+    seed_loss, seed_norm = np.stack(losses_), np.stack(norms)
+    probe_loss, grad_norm = geometric_mean(seed_loss), geometric_mean(seed_norm)
+    train_loss, count = training_loss_per_index(histories, params.grid.steps, params.analysis.train_steps // 2)
     grid = params.teacher_grid()
     d = Dynamics(sigmas=np.asarray(grid.sigmas), probe_loss=probe_loss, grad_norm=grad_norm, train_loss=train_loss,
                  train_count=count, proposed_kappa=propose_kappa(probe_loss, grad_norm),
-                 configured_kappa=params.grid.kappa)
+                 configured_kappa=params.grid.kappa, seed_probe_loss=seed_loss, seed_grad_norm=seed_norm,
+                 seed_kappa=tuple(propose_kappa(a, b) for a, b in zip(seed_loss, seed_norm)))
     (out_dir / "dynamics.json").write_text(json.dumps(d.to_json(), indent=1) + "\n")
     plot(d, out_dir / "dynamics.png")
     return d

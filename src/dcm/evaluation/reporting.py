@@ -239,7 +239,9 @@ def analysis_note(dynamics_json: Path) -> str:
     if not dynamics_json.is_file():
         return ""
     d = json.loads(dynamics_json.read_text())
-    return (f"proposed κ = {d['proposed_kappa']} (σ {d['sigma_proposed']:.4f}), configured grid.kappa = "
+    each = d.get("per_seed_proposed_kappa")
+    spread = f" (each of {len(each)} training seeds alone: {', '.join(map(str, each))})" if each and len(each) > 1 else ""
+    return (f"proposed κ = {d['proposed_kappa']} (σ {d['sigma_proposed']:.4f}){spread}, configured grid.kappa = "
             f"{d['configured_kappa']} (σ {d['sigma_configured']:.4f}); rule: {d['rule']}")
 
 

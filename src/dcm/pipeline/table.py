@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcm.config import ConfigError, Params
+from dcm.distributed import seed_everything
 from dcm.methods import weights_paths
 
 
@@ -151,19 +152,6 @@ def producer(params: Params, path: str) -> str:
             if any(path == out or path.startswith(f"{out}/") for key in ("outs", "metrics") for out in outs[key]):
                 return f"`dcm run {stage.name}" + (f" --method {method}`" if method else "`")
     return f"the stage that writes {path}"
-
-
-def seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's global generators from ``params.seed``: a stage run twice, in any
-    process (dvc, Snakemake, a SLURM job), computes the same thing."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # The grid keys that fix the teacher's ODE solves (κ only splits the grid between the experts).
