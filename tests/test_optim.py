@@ -28,3 +28,28 @@ def test_foreach_adamw_is_bitwise_the_default_cpu_adamw():
     assert all(torch.equal(a, b) for a, b in zip(default, ours))
     for k, state in default_state["state"].items():
         assert all(torch.equal(state[name], our_state["state"][k][name]) for name in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_a_mix_of_sharded_and_plain_parameters_steps_tensor_by_tensor():
+    """FSDP2's DTensors beside a replicated head's plain tensors cannot share one foreach kernel."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+        plain = torch.nn.Parameter(torch.randn(3))
+        mixed = adamw([sharded, plain], lr=1e-3)
+        assert mixed.param_groups[0]["foreach"] is False
+        sharded.grad = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
+        plain.grad = torch.ones(3)
+        mixed.step()  # no "mixed torch.Tensor and DTensor" error
+        assert adamw([sharded], lr=1e-3).param_groups[0]["foreach"] is True
+        assert adamw([plain], lr=1e-3).param_groups[0]["foreach"] is True
+    finally:
+        if started:
+            dist.destroy_process_group()

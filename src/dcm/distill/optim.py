@@ -7,6 +7,11 @@ tensors): ``tests/test_optim.py`` holds every step bitwise equal to the default'
 not change, only its speed (the toy teacher's 127 tensors: ~2× faster steps of the optimizer on this
 2-core CPU, ``benchmarks/cpu_speed.py``).  On CUDA it is what PyTorch already chooses.  ``fused=True``
 is not used: its CPU kernel rounds differently (not bitwise equal).
+
+One exception: a parameter list that mixes sharded parameters (FSDP2's DTensors) with plain tensors (a
+replicated head beside a sharded network, e.g. DMD2's classifier in the fake score's optimizer) cannot
+go through one foreach kernel ("got mixed torch.Tensor and DTensor"), so it steps tensor by tensor
+(``foreach=False``; the same update).
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from collections.abc import Iterable
 import torch
 
 
-def adamw(params: Iterable, lr: float, **kwargs) -> torch.optim.AdamW:
-    """``torch.optim.AdamW(params, lr, **kwargs)`` on the multi-tensor path (module docstring)."""
-    return torch.optim.AdamW(params, lr=lr, foreach=True, **kwargs)
+def adamw(params: Iterable[torch.Tensor], lr: float, **kwargs) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, lr, **kwargs)`` on the multi-tensor path unless ``params`` mixes DTensors
+    and plain tensors (module docstring)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
+    sharded = {isinstance(p, DTensor) for p in params}
+    return torch.optim.AdamW(params, lr=lr, foreach=len(sharded) <= 1, **kwargs)
