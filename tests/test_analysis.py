@@ -194,3 +194,29 @@ def test_lora_dete_is_merged_before_comparing_with_its_seme(tmp_path, backbone, 
 def test_a_folder_that_is_no_checkpoint_is_refused_with_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint; expected a diffusers transformer folder"):
         ap.load_weights(tmp_path)
+
+
+def test_the_dynamics_figure_keeps_its_legend_off_the_curves(tmp_path, monkeypatch):
+    """The report shows analysis/dynamics.png: its legend (each student, the pooled curve, both κ) sits
+    beside the axes, not over the curves it labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    overlaps, save = [], Figure.savefig
+
+    def checked(fig, path, *args, **kwargs):
+        fig.canvas.draw()
+        overlaps.extend(ax for ax in fig.axes if ax.get_legend() is not None
+                        and ax.get_legend().get_window_extent().overlaps(ax.get_window_extent()))
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checked)
+    n = np.arange(50)
+    curves = np.stack([np.where(n <= 29, 1e-2, 4e-2) * (1 + 0.1 * k) for k in range(3)])
+    d = dyn.Dynamics(sigmas=np.linspace(0.01, 1, 50), probe_loss=dyn.geometric_mean(curves), grad_norm=np.ones(50),
+                     train_loss=np.full(50, np.nan), train_count=np.zeros(50, dtype=int), proposed_kappa=29,
+                     configured_kappa=37, seed_probe_loss=curves, seed_grad_norm=np.ones((3, 50)),
+                     seed_kappa=(29, 29, 30))
+    assert dyn.plot(d, tmp_path / "dynamics.png").stat().st_size > 0 and overlaps == []

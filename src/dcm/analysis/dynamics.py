@@ -166,7 +166,7 @@ def plot(d: Dynamics, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     index = np.arange(len(d.sigmas))
-    fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True)
+    fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(10.5, 5.5), sharex=True)
     seeds = 1 if d.seed_probe_loss is None else len(d.seed_probe_loss)
     if seeds > 1:
         spread = f"{min(d.seed_kappa)}–{max(d.seed_kappa)}" if min(d.seed_kappa) != max(d.seed_kappa) else d.seed_kappa[0]
@@ -186,8 +186,9 @@ def plot(d: Dynamics, path: Path) -> Path:
         ax.set_yscale("log")
         ax.axvline(d.configured_kappa + 0.5, color="gray", ls="--", label=f"configured κ = {d.configured_kappa}")
         ax.axvline(d.proposed_kappa + 0.5, color="black", ls="-", label=f"proposed κ = {d.proposed_kappa}")
-    ax_loss.legend(fontsize=8)
-    ax_loss.set_title("one model distilled over the whole trajectory: per-timestep dynamics")
+    ax_loss.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over the data
+    ax_loss.set_title(f"{seeds} models, each distilled over the whole trajectory: per-timestep dynamics"
+                      if seeds > 1 else "one model distilled over the whole trajectory: per-timestep dynamics")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
