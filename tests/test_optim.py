@@ -1,5 +1,5 @@
 """The package's AdamW (foreach) takes the same steps as PyTorch's default CPU AdamW, bit for bit: the
-speed-up changes no result."""
+path changes no result."""
 
 from __future__ import annotations
 
