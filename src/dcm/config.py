@@ -409,6 +409,14 @@ class Params:
         """The seed a training stage of row ``name`` runs with: ``seed`` + ``methods.<name>.train_seed``."""
         return self.seed + self.method(name).train_seed
 
+    def with_seed(self, seed: int) -> Params:
+        """These params with ``seed`` replaced (another training run of the same settings); ``self`` when equal."""
+        if seed == self.seed:
+            return self
+        out = copy.copy(self)
+        out.seed = seed
+        return out
+
     def teacher_grid(self) -> schedule.TeacherGrid:
         """The teacher grid of ``grid`` (steps, shift, num_train_timesteps), computed once per setting."""
         g = self.grid

@@ -28,7 +28,6 @@ five seeds proposed 29 in 10 of 10 triples (probe batch 8; issue 16's note).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -208,7 +207,7 @@ def analyze(params: Params, backbone: Backbone, source, new_student: Callable[[]
     out_dir = Path(out_dir)
     losses_, norms, histories = [], [], []
     for k in range(params.analysis.seeds):
-        seeded = params if k == 0 else dataclasses.replace(params, seed=params.seed + k)
+        seeded = params.with_seed(params.seed + k)
         seed_everything(seeded.seed)
         student = new_student()
         folder = out_dir / (TRAIN_DIR if k == 0 else f"{TRAIN_DIR}_s{k}")

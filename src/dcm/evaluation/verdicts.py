@@ -114,6 +114,22 @@ def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed
     return Difference(float(delta.mean()), bootstrap(delta, np.mean, n, seed), len(delta))
 
 
+def _shared_totals(sets: list[list[Mapping]], missing: str) -> tuple[int, np.ndarray]:
+    """(rows, totals (len(sets), rows)): each training seed's Total on the (prompt, seed) rows every one of
+    ``sets`` scored, in the first set's order; ``missing`` is the error when there is none."""
+    tables = [{(r["prompt"], r["seed"]): r["total"] for r in rows if r.get("total") is not None} for rows in sets]
+    keys = [k for k in tables[0] if all(k in t for t in tables[1:])] if tables else []
+    if not keys:
+        raise ValueError(missing)
+    return len(keys), np.array([[t[k] for k in keys] for t in tables], dtype=float)
+
+
+def _resampled_means(totals: np.ndarray, rows: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """Per resample j: each seed's mean over the drawn rows ``rows[j]``, then the mean over the drawn seeds
+    ``pick[j]`` — the two-level bootstrap statistic of ``totals`` (seeds, rows)."""
+    return totals[:, rows].mean(-1)[pick.T, np.arange(len(rows))].mean(0)
+
+
 def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mapping]], n: int, seed: int
                             ) -> Difference:
     """Total(a) − Total(b) pooled over training seeds: ``a_sets`` / ``b_sets`` hold each training seed's
@@ -124,39 +140,27 @@ def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mappi
         raise ValueError("a difference needs at least one training seed on each side")
     if len(a_sets) == len(b_sets) == 1:
         return paired_difference(a_sets[0], b_sets[0], n, seed)
-    tables = [{(r["prompt"], r["seed"]): r["total"] for r in rows if r.get("total") is not None}
-              for rows in (*a_sets, *b_sets)]
-    keys = [k for k in tables[0] if all(k in t for t in tables[1:])]
-    if not keys:
-        raise ValueError("no (prompt, seed) row scored in every training seed's metrics: a paired difference "
-                         "needs shared rows (sample every row on the same evaluation set)")
-    totals = np.array([[t[k] for k in keys] for t in tables], dtype=float)  # (seeds a + seeds b, rows)
+    count, totals = _shared_totals([*a_sets, *b_sets], "no (prompt, seed) row scored in every training seed's "
+                                   "metrics: a paired difference needs shared rows (sample every row on the same "
+                                   "evaluation set)")
     a, b = totals[:len(a_sets)], totals[len(a_sets):]
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, len(keys), (n, len(keys)))
+    rows = rng.integers(0, count, (n, count))  # shared by both sides: the difference stays paired
     pick_a, pick_b = rng.integers(0, len(a), (n, len(a))), rng.integers(0, len(b), (n, len(b)))
-    # per resample: each seed's mean over the drawn rows, then the mean over the drawn seeds
-    a_means, b_means = a[:, rows].mean(-1), b[:, rows].mean(-1)  # (seeds, n)
-    replicate = np.arange(n)
-    values = a_means[pick_a.T, replicate].mean(0) - b_means[pick_b.T, replicate].mean(0)
+    values = _resampled_means(a, rows, pick_a) - _resampled_means(b, rows, pick_b)
     lo, hi = np.percentile(values, [2.5, 97.5])
-    return Difference(float(a.mean() - b.mean()), (float(lo), float(hi)), len(keys), (len(a), len(b)))
+    return Difference(float(a.mean() - b.mean()), (float(lo), float(hi)), count, (len(a), len(b)))
 
 
 def pooled_total(sets: list[list[Mapping]], n: int, seed: int) -> tuple[float, tuple[float, float], list[float]]:
     """One row's Total over its training seeds (each seed's ``per_row``): the mean over seeds and the rows
     every seed scored, its 95% two-level bootstrap interval (rows, then seeds, as
     :func:`hierarchical_difference`) and each seed's own mean."""
-    tables = [{(r["prompt"], r["seed"]): r["total"] for r in rows if r.get("total") is not None} for rows in sets]
-    keys = [k for k in tables[0] if all(k in t for t in tables[1:])] if tables else []
-    if not keys:
-        raise ValueError("no (prompt, seed) row scored in every training seed's metrics")
-    totals = np.array([[t[k] for k in keys] for t in tables], dtype=float)
+    count, totals = _shared_totals(sets, "no (prompt, seed) row scored in every training seed's metrics")
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, len(keys), (n, len(keys)))
+    rows = rng.integers(0, count, (n, count))
     pick = rng.integers(0, len(totals), (n, len(totals)))
-    values = totals[:, rows].mean(-1)[pick.T, np.arange(n)].mean(0)
-    lo, hi = np.percentile(values, [2.5, 97.5])
+    lo, hi = np.percentile(_resampled_means(totals, rows, pick), [2.5, 97.5])
     return float(totals.mean()), (float(lo), float(hi)), [float(v) for v in totals.mean(1)]
 
 

@@ -6,7 +6,6 @@ Paths may contain ``{method}``; such stages run once per method of the kind(s) i
 
 from __future__ import annotations
 
-import copy
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +83,7 @@ class Stage:
                 print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
                 return
             if self.per_method and self.name.startswith("train_"):
-                params = with_training_seed(params, method)
+                params = params.with_seed(params.training_seed(method))  # <row>_s<k>: seed + k
             seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
             module.run(params, method) if self.per_method else module.run(params)
 
@@ -131,17 +130,6 @@ def paper_rows(params: Params) -> list[str]:
     own = set(STAGES["evaluate"].methods(params)) | set(curve_rows(params))
     wanted = set(params.paper.rows) | {m for m in evaluated if params.methods[m].replicate_of}
     return [m for m in evaluated if m in wanted and m not in own]
-
-
-def with_training_seed(params: Params, method: str) -> Params:
-    """``params`` as row ``method``'s training stages see it: ``seed`` = its training seed
-    (``Params.training_seed``); the same object when that is ``seed``."""
-    seed = params.training_seed(method)
-    if seed == params.seed:
-        return params
-    out = copy.copy(params)
-    out.seed = seed
-    return out
 
 
 def producer(params: Params, path: str) -> str:
