@@ -45,7 +45,8 @@ ablations: setup
 	@echo "ablation table: ablations/summary.md  (HTML: ablations/index.html)"
 
 # The paper report: every row of the default DAG, the quality-against-steps rows (nfe_curve: true) and paper.rows
-# (each trained paper.seeds times, seed + k); `dvc repro report_paper` builds what is missing, then paper/summary.md
+# (each trained paper.seeds times, seed + k), and MCM in its own setting (stage mcm_setting: the mcm preset's
+# pipeline in mcm_setting/); `dvc repro report_paper` builds what is missing, then paper/summary.md
 # opens with the paper's claims, each marked holds / does not hold / inconclusive from the paired intervals.
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)

@@ -109,7 +109,7 @@ def test_paper_report_with_no_metrics_says_not_run_for_every_claim(project):
     report_paper.run(params)
     summary = (project / "paper" / "summary.md").read_text()
     claims = [line for line in summary.splitlines() if line.startswith("- **")]
-    assert len(claims) == len(report_paper.CLAIMS) + len(report_paper.COMPARISONS)
+    assert len(claims) == len(report_paper.CLAIMS) + len(report_paper.COMPARISONS) + len(report_paper.MCM_CLAIMS)
     assert all(line.startswith("- **not run**") for line in claims)
     assert "no row at 2 steps ran" in summary and not list((project / "paper").glob("*.png"))
 
@@ -180,3 +180,40 @@ def test_training_seeds_pool_into_the_verdicts_and_the_seed_table(project):
     assert f"| dcm | 3 | {dcm:.1f}, {dcm - 2:.1f}, {dcm + 2:.1f} | {dcm:.1f} [" in table and "| 4.0 |" in table
     assert "| pcm |" not in table  # one run: nothing to pool
     assert "hierarchical bootstrap" in pooled and "## Training seeds" not in one_run
+
+
+def test_mcm_setting_section_gives_mcms_claims_from_its_own_metrics(project):
+    """MCM's claims are decided on mcm_setting/metrics/ (the low-quality teacher's pipeline), apart from the
+    main table's rows of the same names; the sharpness claim is decided on imaging_quality, not Total."""
+    params = config.load("params.yaml")
+    for name in ("teacher", "lcm", "mcm"):  # the main table's rows: must not enter MCM's verdicts
+        write_metrics(params, name, TOTALS["teacher"])
+    report_paper.run(params)
+    before = (project / "paper" / "summary.md").read_text().split("## MCM in its own setting")[1]
+    assert before.count("- **not run**") == len(report_paper.MCM_CLAIMS)
+    folder = project / "mcm_setting" / "metrics"
+    folder.mkdir(parents=True)
+    sharper = {"teacher": 0.0, "lcm": 0.0, "mcm": 0.1}
+    for name, totals in {"teacher": BASE, "lcm": BASE - 0.03, "mcm": BASE - 0.005}.items():
+        record = write_metrics(params, name, totals)
+        for r in record["per_row"]:
+            r["imaging_quality"] = 0.5 + sharper[name]
+        record["dimensions"]["imaging_quality"] = 0.5 + sharper[name]
+        if name != "teacher":
+            record["diff_vs_teacher"]["imaging_quality"] = {"mean": sharper[name], "ci95": [sharper[name]] * 2}
+        (folder / f"{name}.json").write_text(json.dumps(record))
+    for name in ("teacher", "lcm", "mcm"):
+        write_metrics(params, name, TOTALS["teacher"])
+    report_paper.run(params)
+    summary = (project / "paper" / "summary.md").read_text()
+    section = summary.split("## MCM in its own setting")[1].split("## Methods and ablation rows")[0]
+
+    def line(text: str) -> str:
+        return next(x for x in section.splitlines() if f"— {text}" in x)
+
+    assert line("MCM-4 > LCM-4").startswith("- **holds**") and "+2.50 [" in line("MCM-4 > LCM-4")
+    assert line("MCM-4's frames sharper").startswith("- **holds**")
+    assert "imaging_quality(mcm, 4 steps) − imaging_quality(teacher, 50 steps) = +10.00" in line("MCM-4's frames")
+    assert line("MCM-4 ≈ its low-quality teacher-50").startswith("- **inconclusive**")  # 0.5 below, surely
+    assert "| mcm | 60.00 | +10.00 [+10.00, +10.00] |" in section and "| teacher | 50.00 |  |" in section
+    assert "MCM in its own setting" in (project / "paper" / "index.html").read_text()

@@ -16,6 +16,7 @@ REPORTS = Path("reports")
 ABLATIONS = Path("ablations")  # the ablation report (`make ablations`)
 PAPER = Path("paper")  # the paper report: claims with verdicts, NFE curves (`make paper`)
 EXPORT = Path("export")
+MCM_SETTING = Path("mcm_setting")  # MCM in its own setting: the `mcm` preset's pipeline in this folder (`make paper`)
 
 
 def checkpoint(method: str, expert: str | None = None) -> Path:

@@ -13,7 +13,9 @@ bootstrap interval (``dcm.evaluation.scoring.bootstrap``, as ``Total − teacher
 - ``a vs b`` (kind ``compare``, not a claim of the paper): the ``better`` rule, worded as which row
   scores higher.
 
-A row without metrics gives *not run*, naming the row.
+A claim compares Total unless it names another ``score`` of the per-row records (a shapes-bench
+dimension, e.g. ``imaging_quality``), with the same rules.  A row without metrics gives *not run*,
+naming the row.
 
 When a row was trained with several seeds (`paper.seeds`: rows ``<row>_s<k>``), the difference pools them
 with a hierarchical bootstrap (:func:`hierarchical_difference`): every resample draws the evaluation rows
@@ -43,12 +45,18 @@ KINDS = ("better", "equivalent", "compare")
 
 @dataclass(frozen=True)
 class Claim:
-    """``a`` against ``b`` (row names of params.yaml), as the paper states it in ``text``."""
+    """``a`` against ``b`` (row names of params.yaml) on ``score`` (a key of the per-row records), as the
+    paper states it in ``text``."""
 
     text: str
     a: str
     b: str
     kind: Literal["better", "equivalent", "compare"]
+    score: str = "total"
+
+    @property
+    def score_name(self) -> str:
+        return "Total" if self.score == "total" else self.score
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -97,16 +105,18 @@ class Verdict:
         spec = "+.2f" if all(v == 0 or abs(v) >= 0.005 for v in values[1:]) else "+.1e"
         mean, low, high = (format(v, spec) for v in values)
         seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != (1, 1) else ""
-        return (f"- **{self.label}** — {c.text}: Total({row(c.a)}) − Total({row(c.b)}) = {mean} [{low}, {high}] "
+        return (f"- **{self.label}** — {c.text}: {c.score_name}({row(c.a)}) − {c.score_name}({row(c.b)}) = {mean} "
+                f"[{low}, {high}] "
                 f"over {d.rows} paired rows{seeds}")
 
 
-def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed: int) -> Difference:
-    """Total(a) − Total(b) on the (prompt, seed) rows both scored (``per_row`` of the metrics, in a's
-    order), with the metrics' bootstrap (``n`` resamples, ``seed``)."""
-    b_total = {(r["prompt"], r["seed"]): r.get("total") for r in b_rows}
-    delta = [r["total"] - b_total[(r["prompt"], r["seed"])] for r in a_rows
-             if r.get("total") is not None and b_total.get((r["prompt"], r["seed"])) is not None]
+def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed: int,
+                      score: str = "total") -> Difference:
+    """Total(a) − Total(b) (or another ``score``) on the (prompt, seed) rows both scored (``per_row`` of the
+    metrics, in a's order), with the metrics' bootstrap (``n`` resamples, ``seed``)."""
+    b_total = {(r["prompt"], r["seed"]): r.get(score) for r in b_rows}
+    delta = [r[score] - b_total[(r["prompt"], r["seed"])] for r in a_rows
+             if r.get(score) is not None and b_total.get((r["prompt"], r["seed"])) is not None]
     if not delta:
         raise ValueError("no (prompt, seed) row scored in both metrics: a paired difference needs shared rows "
                          "(sample every row on the same evaluation set)")
@@ -114,10 +124,10 @@ def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed
     return Difference(float(delta.mean()), bootstrap(delta, np.mean, n, seed), len(delta))
 
 
-def _shared_totals(sets: list[list[Mapping]], missing: str) -> tuple[int, np.ndarray]:
-    """(rows, totals (len(sets), rows)): each training seed's Total on the (prompt, seed) rows every one of
-    ``sets`` scored, in the first set's order; ``missing`` is the error when there is none."""
-    tables = [{(r["prompt"], r["seed"]): r["total"] for r in rows if r.get("total") is not None} for rows in sets]
+def _shared_totals(sets: list[list[Mapping]], missing: str, score: str = "total") -> tuple[int, np.ndarray]:
+    """(rows, totals (len(sets), rows)): each training seed's Total (or ``score``) on the (prompt, seed) rows
+    every one of ``sets`` scored, in the first set's order; ``missing`` is the error when there is none."""
+    tables = [{(r["prompt"], r["seed"]): r[score] for r in rows if r.get(score) is not None} for rows in sets]
     keys = [k for k in tables[0] if all(k in t for t in tables[1:])] if tables else []
     if not keys:
         raise ValueError(missing)
@@ -130,19 +140,19 @@ def _resampled_means(totals: np.ndarray, rows: np.ndarray, pick: np.ndarray) -> 
     return totals[:, rows].mean(-1)[pick.T, np.arange(len(rows))].mean(0)
 
 
-def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mapping]], n: int, seed: int
-                            ) -> Difference:
+def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mapping]], n: int, seed: int,
+                            score: str = "total") -> Difference:
     """Total(a) − Total(b) pooled over training seeds: ``a_sets`` / ``b_sets`` hold each training seed's
     ``per_row`` scores.  Estimate: mean over a's seeds and the shared rows minus the same for b; interval:
     95% percentile of ``n`` two-level resamples (module docstring), seeded by ``seed``.  One seed on each
-    side is :func:`paired_difference`."""
+    side is :func:`paired_difference`.  ``score``: the per-row key compared (Total by default)."""
     if not a_sets or not b_sets:
         raise ValueError("a difference needs at least one training seed on each side")
     if len(a_sets) == len(b_sets) == 1:
-        return paired_difference(a_sets[0], b_sets[0], n, seed)
+        return paired_difference(a_sets[0], b_sets[0], n, seed, score)
     count, totals = _shared_totals([*a_sets, *b_sets], "no (prompt, seed) row scored in every training seed's "
                                    "metrics: a paired difference needs shared rows (sample every row on the same "
-                                   "evaluation set)")
+                                   "evaluation set)", score)
     a, b = totals[:len(a_sets)], totals[len(a_sets):]
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, count, (n, count))  # shared by both sides: the difference stays paired
@@ -189,5 +199,5 @@ def verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
         if not metrics[m].get("per_row"):
             raise ValueError(f"metrics of {m!r} have no 'per_row' scores: a verdict needs the paired rows "
                              f"(re-run `dcm run evaluate --method {m}`)")
-    diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed)
+    diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed, claim.score)
     return Verdict(claim, decide(claim.kind, diff.ci95, margin), diff)

@@ -186,9 +186,15 @@ STAGES: dict[str, Stage] = {
         Stage("report_ablations", "the paper's ablation rows beside the teacher and DCM (opt-in: `make ablations`)",
               deps=("metrics/{each}.json", "metrics/{ablation}.json"), outs=("ablations",),
               params=("methods", "tracking"), ablation=True),
-        Stage("report_paper", "the paper's claims with computed verdicts, quality against NFE, the ablation table "
-              "(opt-in: `make paper`)",
-              deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json"), outs=("paper",),
+        Stage("mcm_setting", "MCM in its own setting: the `mcm` preset's teacher (low-quality videos), LCM and MCM "
+              "distilled from it, sampled and scored in mcm_setting/ (opt-in: `make paper`)",
+              outs=("mcm_setting",),
+              params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training", "evaluation",
+                      "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, ablation=True),
+        Stage("report_paper", "the paper's claims with computed verdicts, quality against NFE, the ablation table, "
+              "MCM in its own setting (opt-in: `make paper`)",
+              deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json", "mcm_setting"),
+              outs=("paper",),
               params=("seed", "evaluation.bootstrap", "methods", "paper", "tracking"), ablation=True),
     ]
 }

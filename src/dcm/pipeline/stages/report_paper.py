@@ -3,8 +3,9 @@
 In order: the paper's claims, each with a verdict computed from the paired 95% intervals
 (``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
 bootstrap), and DMD2 against DCM as a comparison; each row's Total per training seed; the headline
-tables at 2 and 4 steps; Total, FD excess and diversity against NFE, one line per method; the ablation
-table.  A row the claims or curves name that has no metrics is reported as not run.
+tables at 2 and 4 steps; Total, FD excess and diversity against NFE, one line per method; MCM's claims in its
+own setting (stage ``mcm_setting``: ``mcm_setting/metrics/``); the ablation table.  A row the claims or
+curves name that has no metrics is reported as not run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ CLAIMS = (
     Claim("ablation: + GAN and feature matching help (DCM > OD+PE+TC)", "dcm", "od_pe_tc", "better"),
 )
 COMPARISONS = (Claim("DCM vs DMD2 at 4 steps (a comparison, not a claim of the paper)", "dcm", "dmd2", "compare"),)
+# MCM's own claims (arXiv 2406.06890) in its own setting (stage mcm_setting: a teacher that learnt from
+# low-quality videos), on mcm_setting/metrics/: not claims of the DCM paper.
+MCM_CLAIMS = (
+    Claim("MCM-4 > LCM-4, both distilled from the low-quality teacher (MCM's claim)", "mcm", "lcm", "better"),
+    Claim("MCM-4's frames sharper than its low-quality teacher-50's (MCM's claim: high-quality stills lift "
+          "frame quality)", "mcm", TEACHER, "better", score="imaging_quality"),
+    Claim("MCM-4 ≈ its low-quality teacher-50", "mcm", TEACHER, "equivalent"),
+)
 # Each method's rows at several step counts (params.yaml): one line per method in the curves.
 CURVES = {
     "teacher (Euler)": ["euler1", "euler2", "euler4", "euler8", "euler16", TEACHER],
@@ -99,6 +108,10 @@ def run(params: Params) -> None:
         md += ["## Against NFE\n", note, "", *(f"![{f}]({f})" for f in figures), ""]
         sections.append(("Against NFE", f"<p>{html.escape(note)}</p>" + "".join(f"<img src='{f}'>" for f in figures)))
 
+        mcm = _mcm_setting(params, n, seed)
+        md += ["## MCM in its own setting\n", *mcm["md"], ""]
+        sections.append(("MCM in its own setting", mcm["html"]))
+
         table_rows = main + [m for m in own if not params.methods[m].replicate_of]
         order = [m for m in table_rows if m in metrics]
         missing = [m for m in table_rows if m not in metrics]
@@ -116,8 +129,43 @@ def run(params: Params) -> None:
         (out / "index.html").write_text(page)
         run_.metrics({f"claim.{v.claim.a}-{v.claim.b}": v.difference.mean
                       for v in claims + comparisons if v.difference})
+        run_.metrics({f"mcm_setting.claim.{v.claim.a}-{v.claim.b}.{v.claim.score}": v.difference.mean
+                      for v in mcm["verdicts"] if v.difference})
         run_.artifact(out, "paper")
     print(f"report_paper: {paths.PAPER / 'summary.md'} and {paths.PAPER / 'index.html'}")
+
+
+def _mcm_setting(params: Params, n: int, seed: int) -> dict:
+    """MCM's claims and table from ``mcm_setting/metrics/`` (stage mcm_setting): Markdown lines, HTML, verdicts."""
+    folder = paths.MCM_SETTING / paths.METRICS
+    metrics = {m: read_json(folder / f"{m}.json") for m in ("teacher", "lcm", "mcm") if (folder / f"{m}.json").is_file()}
+    verdicts = [verdict(c, metrics, n, seed) for c in MCM_CLAIMS]
+    steps = {m: r.get("steps") for m, r in metrics.items()}
+    intro = (f"The `mcm` preset's pipeline in `{paths.MCM_SETTING}/` (`dcm run mcm_setting`): its teacher learnt from "
+             f"the world's low-quality videos (blurred, noisy, colour-shifted), as MCM's teachers learnt from "
+             f"WebVid; LCM and MCM are distilled from it with this file's settings. Same rules as the claims "
+             f"above; these are MCM's claims, not the DCM paper's.")
+    order = [m for m in ("teacher", "lcm", "mcm") if m in metrics]
+    table = reporting.markdown_table(reporting.method_table(metrics, order)) if order else "not run"
+    dims = ""
+    if order:
+        dims = ("| row | imaging_quality (×100) | − teacher [95%] |\n|---|---|---|\n" + "\n".join(
+            f"| {m} | {100 * metrics[m]['dimensions']['imaging_quality']:.2f} | "
+            + ("" if m == TEACHER else _interval(metrics[m].get("diff_vs_teacher", {}).get("imaging_quality"))) + " |"
+            for m in order if "imaging_quality" in metrics[m].get("dimensions", {})))
+    lines = [v.line(steps) for v in verdicts]
+    md = [intro, "", *lines, "", table, "", dims]
+    html_ = (f"<p>{html.escape(intro)}</p>" + _html_list(verdicts, steps)
+             + (reporting.markdown_to_html_table(table) or f"<p>{html.escape(table)}</p>")
+             + (reporting.markdown_to_html_table(dims) if dims else ""))
+    return {"md": md, "html": html_, "verdicts": verdicts}
+
+
+def _interval(diff: dict | None) -> str:
+    if not diff:
+        return "—"
+    lo, hi = diff["ci95"]
+    return f"{100 * diff['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
 
 
 def _seeds_rule(params: Params, metrics: dict) -> str:
