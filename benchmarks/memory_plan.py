@@ -23,7 +23,11 @@ Nothing is allocated and no GPU is needed:
 - the FSDP working set at that peak: the gathered block being computed and the prefetched next one, and
   the root's gathered weights (those outside the blocks, kept through forward and backward), in the
   compute dtype: T = c·(2·max_b |θ_b| + |θ_root|) bytes, c = 2 (bf16 compute) or 4 (fp32); 0 unsharded.
-  DetE's two passes (student, then the teacher's with grad) add up, but recompute one block at a time.
+  The blocks' unsharded gradients are not added: every sharded gradient is counted as present, and at
+  backward's start none is (the loop sets them to None at each step's start).
+  DetE's two passes (student, then the teacher's with grad: its weights frozen, so it saves only what the
+  gradient to its input needs) add up without checkpointing; with it, the teacher's blocks recompute while
+  the student's block inputs are held, and the student's blocks after the teacher's saves are freed.
 
 What each stage holds (the loop's, ``dcm.distill.loop`` / ``dcm.pipeline.stages``): fp32 master weights,
 fp32 gradients and AdamW's two fp32 moments for what trains (SemE: the whole transformer; DetE: the LoRA
@@ -112,6 +116,7 @@ TIMESTEP_LAYERS = {"wan": ("condition_embedder", "scale_shift_table", "norm_out"
                    "hunyuan": ("time_text_embed", "norm_out", "proj_out"),
                    "cogvideox": ("time_embedding", "norm_out", "proj_out")}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ROLES = ("seme", "dete", "teacher")  # what trains in a forward: every weight, DetE's adapters, nothing
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GPU_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
@@ -276,6 +281,15 @@ def block_numels(model) -> tuple[int, int]:
     return max(blocks), sum(p.numel() for p in model.parameters()) - sum(blocks)
 
 
+def fsdp_working_set(block: tuple[int, int], compute_bytes: int) -> int:
+    """FSDP2's gathered weights at backward's start, in the compute dtype: the block being computed, the
+    prefetched next one and the root's (kept through forward and backward).  The blocks' unsharded gradients
+    are not added: the plan already counts every sharded gradient as present, and at backward's start none is
+    (the loop sets them to None at each step's start)."""
+    largest, root = block
+    return compute_bytes * (2 * largest + root)
+
+
 # ----------------------------------------------------------------------------- activations on meta
 
 class _FusedAttention(torch.autograd.Function):
@@ -421,19 +435,39 @@ def family_blocks(model, family: str) -> list:
     return list(model.transformer_blocks)
 
 
-def activation_profile(work: Workload, cp: int, compute: torch.dtype, lora: bool = False) -> ActivationProfile:
+def activation_profile(work: Workload, cp: int, compute: torch.dtype, role: str = "seme") -> ActivationProfile:
     """One forward of the real model on meta at the workload's size, through ``dcm.parallel.context`` over a
-    fake group of ``cp`` ranks (rank 0's tokens); ``lora``: DetE's student (the LoRA-wrapped SemE)."""
+    fake group of ``cp`` ranks (rank 0's tokens).  ``role``: ``seme`` (every weight trains), ``dete`` (the
+    LoRA-wrapped SemE: only the adapters and copied layers train) or ``teacher`` (every weight frozen, the
+    input requiring grad: DetE's feature pass and DMD2's pass through the fake score, which backpropagate to
+    the student's output only; a frozen linear layer saves no input for a weight gradient)."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: one of {ROLES}")
     model = build(work, compute)
-    net = make_dete_meta(model, work).model if lora else model
+    inputs = model_inputs(work, compute)
+    if role == "dete":  # DetE's path: the adapters on and its trainable copies of the timestep layers swapped in
+        dual = make_dete_meta(model, work)
+
+        def run():
+            return dual.run_expert("dete", **inputs)
+    else:
+        def run():
+            return model(**inputs, return_dict=False)[0]
+    if role == "teacher":
+        model.requires_grad_(False)
+        inputs["hidden_states"].requires_grad_(True)
     with fake_world(cp):
         if cp > 1:
             enable_context_parallel(model, work.family)
-        profile = saved_bytes(lambda: net(**model_inputs(work, compute), return_dict=False)[0],
-                              family_blocks(model, work.family), joint=work.family != "wan")
+        profile = saved_bytes(run, family_blocks(model, work.family), joint=work.family != "wan")
     profile.local_tokens = work.tokens // cp
     profile.hidden = int(work.config["num_attention_heads"] * work.config["attention_head_dim"])
     return profile
+
+
+def activation_profiles(work: Workload, cp: int, compute: torch.dtype) -> dict[tuple[int, str], ActivationProfile]:
+    """(cp, role) → the activation profile of each role at context-parallel degree ``cp``."""
+    return {(cp, role): activation_profile(work, cp, compute, role) for role in ROLES}
 
 
 def adversarial_activations(work: Workload, model, cp: int, compute_bytes: int) -> tuple[int, int]:
@@ -512,7 +546,7 @@ class Structure:
     dete_block: tuple[int, int]
     disc_params: int = 0
     dmd2_head: int = 0  # DMD2's classifier: one DetE head on one tap of the fake score
-    profiles: dict = field(default_factory=dict)  # (cp, lora) → ActivationProfile
+    profiles: dict = field(default_factory=dict)  # (cp, role) → ActivationProfile (role: ROLES)
     disc_act: dict = field(default_factory=dict)  # cp → bytes
 
 
@@ -525,10 +559,17 @@ def structure(work: Workload, compute: torch.dtype, cps=(1,)) -> Structure:
                    block=block_numels(seme), dete_block=block_numels(dual),
                    dmd2_head=head_parameter_count(int(seme.proj_out.in_features)))
     for cp in cps:
-        st.profiles[(cp, False)] = activation_profile(work, cp, compute)
-        st.profiles[(cp, True)] = activation_profile(work, cp, compute, lora=True)
+        st.profiles.update(activation_profiles(work, cp, compute))
         st.disc_act[cp], st.disc_params = adversarial_activations(work, seme, cp, DTYPE_BYTES[_name(compute)])
     return st
+
+
+def two_passes_checkpointing(first: ActivationProfile, second: ActivationProfile) -> int:
+    """Activation bytes at the peak of a backward through two checkpointed passes, the second (a frozen
+    network's) on the first's output: its backward runs first, recomputing its blocks one at a time while
+    the first pass's saves are held; when the first pass's blocks recompute, the second's saves are freed."""
+    return first.outside + first.block_inputs + max(max(first.per_block),
+                                                    second.outside + second.block_inputs + max(second.per_block))
 
 
 def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]:
@@ -540,37 +581,37 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
     rows = {}
     # SemE: the whole transformer trains
     train, _ = local_numels(st.seme, s.shard)
-    prof = st.profiles[(s.cp, False)]
+    prof = st.profiles[(s.cp, "seme")]
     seme = {"parameters (fp32)": 4 * train, "gradients (fp32)": 4 * train, "optimizer (AdamW, 2 × fp32)": 8 * train,
             "EMA (fp32)": 4 * train if s.ema else 0, "frozen student weights": 0,
             "frozen teacher (fp32)": teacher, "VAE": vae, "discriminator (weights+grads+AdamW)": 0,
-            "fake score (weights+grads+AdamW)": 0, "FSDP working set": c * (2 * st.block[0] + st.block[1]) if sharded else 0,
+            "fake score (weights+grads+AdamW)": 0, "FSDP working set": fsdp_working_set(st.block, c) if sharded else 0,
             "activations, checkpointing": prof.checkpointing, "activations, no checkpointing": prof.no_checkpointing}
     rows["SemE"] = seme
     # DetE: LoRA + copied timestep layers train over a frozen SemE; the teacher's feature pass with grad
     lora, frozen = local_numels(st.dete, s.shard)
-    lprof = st.profiles[(s.cp, True)]
+    lprof = st.profiles[(s.cp, "dete")]
     taps = st.disc_act.get(s.cp, 0) if (work.gan or work.fm) else 0
     dete = {"parameters (fp32)": 4 * lora, "gradients (fp32)": 4 * lora, "optimizer (AdamW, 2 × fp32)": 8 * lora,
             "EMA (fp32)": 4 * lora if s.ema else 0, "frozen student weights": 4 * frozen,
             "frozen teacher (fp32)": teacher, "VAE": vae,
             "discriminator (weights+grads+AdamW)": 16 * st.disc_params if work.gan else 0,
             "fake score (weights+grads+AdamW)": 0,
-            "FSDP working set": c * (2 * st.dete_block[0] + st.dete_block[1]) if sharded else 0,
+            "FSDP working set": fsdp_working_set(st.dete_block, c) if sharded else 0,
             "activations, checkpointing": lprof.checkpointing,
             "activations, no checkpointing": lprof.no_checkpointing}
-    if work.gan or work.fm:  # the teacher's pass with grad; its blocks recompute after the student's finished
-        dete["activations, checkpointing"] += prof.outside + prof.block_inputs + taps + \
-            max(0, max(prof.per_block) - max(lprof.per_block))
-        dete["activations, no checkpointing"] += prof.no_checkpointing + taps
+    tprof = st.profiles[(s.cp, "teacher")]  # a frozen network's pass with grad (to its input only)
+    if work.gan or work.fm:  # the teacher's pass with grad on the student's output
+        dete["activations, checkpointing"] = two_passes_checkpointing(lprof, tprof) + taps
+        dete["activations, no checkpointing"] += tprof.no_checkpointing + taps
     rows["DetE"] = dete
     # DMD2: the generator as SemE (online target: no EMA) + the fake score sharded like it (fp32 weights, grads,
     # AdamW); with the classifier, its head and the generator's second pass with grad (through the fake score)
     dmd2 = {**seme, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * train,
             "discriminator (weights+grads+AdamW)": 16 * st.dmd2_head if work.dmd2_gan else 0}
-    if work.dmd2_gan:
-        dmd2["activations, checkpointing"] += prof.outside + prof.block_inputs
-        dmd2["activations, no checkpointing"] += prof.no_checkpointing
+    if work.dmd2_gan:  # the fake score stays frozen through the generator's backward (dcm.distill.dmd2)
+        dmd2["activations, checkpointing"] = two_passes_checkpointing(prof, tprof)
+        dmd2["activations, no checkpointing"] += tprof.no_checkpointing
     rows["DMD2"] = dmd2
     for row in rows.values():
         fixed = sum(v for k, v in row.items() if not k.startswith("activations"))
@@ -625,7 +666,7 @@ def fmt(nbytes: int) -> str:
 def report(work: Workload, s: Setting, rows, best, disk_bytes, gpu_mem_gb: float, st: Structure,
            max_gpus: int = GPU_COUNTS[-1], reserve_gb: float = 0.0) -> str:
     gpu_bytes = (gpu_mem_gb - reserve_gb) * GiB
-    prof = st.profiles[(s.cp, False)]
+    prof = st.profiles[(s.cp, "seme")]
     lines = [f"memory plan: {work.name}, {work.tokens} video tokens, batch {work.batch}, "
              f"{s.gpus} GPUs × {gpu_mem_gb:g} GiB, context parallel {s.cp}, FSDP shard group {s.shard}, "
              f"teacher {'sharded' if s.shard_teacher else 'replicated'}, compute {s.compute}; fits = total ≤ "
@@ -700,7 +741,7 @@ def main(argv=None) -> int:
     disk_bytes = disk(work, base)
     document = json.dumps({"workload": work.name, "tokens": work.tokens, "setting": setting.__dict__,
                            "per_gpu": rows, "smallest": best, "disk": disk_bytes,
-                           "beta": base.profiles[(setting.cp, False)].beta, "reserve_gb": args.reserve_gb}, indent=1)
+                           "beta": base.profiles[(setting.cp, "seme")].beta, "reserve_gb": args.reserve_gb}, indent=1)
     if args.json_out:
         Path(args.json_out).write_text(document)
     if args.json:
@@ -715,8 +756,7 @@ def structure_profiles(work: Workload, compute: torch.dtype, cp: int, base: Stru
     extra = copy.copy(base)
     extra.profiles = dict(base.profiles)
     extra.disc_act = dict(base.disc_act)
-    extra.profiles[(cp, False)] = activation_profile(work, cp, compute)
-    extra.profiles[(cp, True)] = activation_profile(work, cp, compute, lora=True)
+    extra.profiles.update(activation_profiles(work, cp, compute))
     extra.disc_act[cp], _ = adversarial_activations(work, build(work), cp, DTYPE_BYTES[_name(compute)])
     return extra
 
