@@ -314,7 +314,8 @@ def test_meta_activation_profiles_equal_a_real_forward(name):
         if role == "teacher":
             model.requires_grad_(False)
             inputs["hidden_states"].requires_grad_(True)
-        real = mp.saved_bytes(lambda: net(**inputs, return_dict=False)[0], mp.family_blocks(model, work.family),
+        real = mp.saved_bytes(lambda net=net, inputs=inputs: net(**inputs, return_dict=False)[0],
+                              mp.family_blocks(model, work.family),
                               joint=work.family != "wan")
         assert meta.per_block == pytest.approx(real.per_block, rel=1e-3), role
         assert meta.outside == pytest.approx(real.outside, rel=1e-3), role
