@@ -1,9 +1,11 @@
 """CPU speed of the toy teacher's training step, two variants side by side in one process.
 
-``--compare adamw`` (default): PyTorch's default CPU AdamW against the package's
-(``dcm.distill.optim.adamw``, foreach).  ``--compare compile``: the eager transformer against
-``torch.compile`` of it (inductor's C++ kernels; both with the package's AdamW); the first, untimed
-block of the compiled variant includes its compilation, printed as the warm-up time.
+``--compare adamw`` (default): PyTorch's default CPU AdamW (a loop over the tensors; what the
+package's ``dcm.distill.optim.adamw`` makes on the CPU) against its multi-tensor kernel (``foreach=True``).
+``--compare fused``: the package's against PyTorch's fused AdamW kernel (``fused=True``).
+``--compare compile``: the eager transformer against ``torch.compile`` of it (inductor's C++ kernels;
+both with the package's AdamW); the first, untimed block of the compiled variant includes its
+compilation, printed as the warm-up time.
 
 Both variants run the same teacher step (scene batch, flow-matching loss, backward, clip, optimizer
 step) on their own copy of the model, in interleaved blocks so that a machine's drift hits both alike;
@@ -11,7 +13,7 @@ it prints each block's steps/s, the median per variant and the median of the per
 whether the two copies' weights are still bitwise equal (a speed-up that keeps them equal changes no
 result), with the largest difference of the two runs' losses.
 
-    python benchmarks/cpu_speed.py [--compare adamw|compile] [--blocks 5] [--steps 20] [--params params.yaml]
+    python benchmarks/cpu_speed.py [--compare adamw|fused|compile] [--blocks 5] [--steps 20] [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dcm.distill.teacher_pretraining import MAX_GRAD_NORM, flow_matching_loss, s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--compare", choices=("adamw", "compile"), default="adamw")
+    ap.add_argument("--compare", choices=("adamw", "fused", "compile"), default="adamw")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="teacher steps per block and variant")
     ap.add_argument("--params", default="params.yaml")
@@ -46,13 +48,17 @@ def main() -> None:
     cfg, world = params.teacher, params.world
     sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift)).float()
 
-    def torch_adamw(p):
-        return torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def foreach_adamw(p):
+        return torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
     def dcm_adamw(p):
         return adamw(p, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    pairs = {"adamw": (("torch default AdamW", torch_adamw, False), ("dcm adamw (foreach)", dcm_adamw, False)),
+    def fused_adamw(p):
+        return torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+    pairs = {"adamw": (("dcm adamw (PyTorch's CPU loop)", dcm_adamw, False), ("foreach AdamW", foreach_adamw, False)),
+             "fused": (("dcm adamw (PyTorch's CPU loop)", dcm_adamw, False), ("fused AdamW", fused_adamw, False)),
              "compile": (("eager", dcm_adamw, False), ("torch.compile", dcm_adamw, True))}[args.compare]
     variants = {}
     for name, make, compiled in pairs:
