@@ -52,6 +52,30 @@ def test_pooled_curves_are_the_geometric_mean_and_settle_a_noisy_split():
     assert dyn.propose_kappa(pooled, norm) == 29
 
 
+# the pooled probe curves (geometric mean of 3 students) of `make demo` on this CPU, 2026-12-03
+DEMO_LOSS = [0.02981, 0.0221, 0.02066, 0.02513, 0.02248, 0.02175, 0.02118, 0.01886, 0.0175, 0.01442, 0.01474,
+             0.01356, 0.01391, 0.01317, 0.0118, 0.01955, 0.01466, 0.01217, 0.01326, 0.01093, 0.01248, 0.01286,
+             0.01196, 0.01401, 0.01192, 0.01546, 0.0108, 0.01141, 0.01468, 0.0117, 0.02201, 0.01343, 0.01675,
+             0.01317, 0.01489, 0.01735, 0.01878, 0.01894, 0.0195, 0.02869, 0.0222, 0.0267, 0.02449, 0.03097,
+             0.0402, 0.03904, 0.03783, 0.05862, 0.04838, 0.04607]
+DEMO_NORM = [0.06011, 0.1625, 0.374, 0.5275, 0.475, 0.509, 0.572, 0.5934, 0.6012, 0.5979, 0.5392, 0.543, 0.5594,
+             0.6459, 0.5862, 0.7273, 0.5773, 0.5439, 0.4626, 0.4453, 0.5559, 0.5247, 0.5067, 0.5846, 0.4636,
+             0.6634, 0.3905, 0.4159, 0.717, 0.3996, 0.8967, 0.564, 0.6933, 0.349, 0.4745, 0.5113, 0.6754, 0.5999,
+             0.6007, 0.9342, 0.5529, 0.7581, 0.4705, 0.5491, 0.6386, 0.6008, 0.5791, 1.013, 0.7053, 0.6211]
+
+
+def test_a_dip_of_the_gradient_norm_at_the_first_indices_does_not_make_an_expert_of_two_points():
+    """The gradient norm falls towards σ_min by construction: in the demo's curves its first two indices sit
+    a decade below the rest, while the loss rises above n ≈ 38.  Unconstrained, the joint fit split at the
+    dip (κ = 1: DetE on two grid points); with each segment at least 10% of the grid it finds the rise."""
+    loss, norm = np.array(DEMO_LOSS), np.array(DEMO_NORM)
+    z = np.stack([dyn._zscore_log(loss), dyn._zscore_log(norm)])
+    assert dyn.change_point(z) - 1 == 1  # what the rule proposed before the minimum segment
+    assert dyn.propose_kappa(loss, norm) == 38
+    with pytest.raises(ValueError, match="at least 10 grid indices"):
+        dyn.change_point(np.zeros((1, 9)), min_size=5)
+
+
 def test_proposed_kappa_follows_the_gradient_norm_when_the_loss_is_flat():
     n = np.arange(10)
     assert dyn.propose_kappa(np.full(10, 0.03), np.where(n <= 2, 0.1, 1.0)) == 2

@@ -17,8 +17,16 @@ at κ into two experts.  Here:
 The κ rule (documented in dynamics.json too): z-score log10 of the probe loss and of the gradient
 norm over n, fit both jointly with a two-segment piecewise-constant model — low-noise indices
 [0, s−1] and high-noise [s, N−1] — and take the split s with the least squared error (the largest
-change point, binary segmentation's first split).  κ = s − 1, the last index of the detail range
-(DetE trains on [0, κ], SemE on [κ+1, N−1]), so κ ∈ [0, N−2] as grid.kappa requires.
+change point, binary segmentation's first split), each segment at least 10% of the grid (5 of 50
+indices: an expert gets a range, not a point).  κ = s − 1, the last index of the detail range (DetE
+trains on [0, κ], SemE on [κ+1, N−1]), so κ ∈ [0, N−2] as grid.kappa requires.
+
+Why the minimum segment: the gradient norm falls towards σ_min by construction (the last step's
+target is nearly its input), so its first one or two indices sit far below the rest.  Unconstrained,
+the fit can split there: on the shapes preset (3 students, probe batch 8, 2026-12-03) it proposed
+κ = 1 pooled, and 2, 38, 37 per student, while the loss rises above n ≈ 38.  With the constraint the
+same curves propose 38 pooled and 38, 38, 37 per student.  The constraint was added after that run,
+so its stability on other machines and seeds is not yet shown.
 
 Why pooled: on the shapes preset one student's curves propose κ anywhere from 27 to 38 depending on
 its training seed (the per-index curves wobble by ±0.2 decades around a slow rise above n ≈ 28, so a
@@ -29,6 +37,7 @@ five seeds proposed 29 in 10 of 10 triples (probe batch 8; issue 16's note).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +53,10 @@ from dcm.distill.loop import HISTORY_FILE, DistillSpec, endpoints, train
 from dcm.distributed import seed_everything
 from dcm.schedule import pcm_phases, teacher_grid
 
+MIN_SEGMENT = 0.1  # each expert's range: at least this fraction of the grid's indices
 KAPPA_RULE = ("two-segment piecewise-constant least-squares fit of z-scored log10 probe loss and log10 "
-              "gradient norm over the grid index, both the geometric mean over analysis.seeds students; "
-              "kappa = last index of the low-noise segment")
+              "gradient norm over the grid index, both the geometric mean over analysis.seeds students, each "
+              "segment at least 10% of the indices; kappa = last index of the low-noise segment")
 TRAIN_DIR = "train"  # the first student's loop output; student k ≥ 1 trains into train_s<k>
 
 
@@ -134,17 +144,19 @@ def training_loss_per_index(history: Path | list[Path], steps: int, from_step: i
         return np.where(count > 0, total / np.maximum(count, 1), np.nan), count
 
 
-def change_point(curves: np.ndarray) -> int:
-    """Split s (1 ≤ s ≤ N−1) minimising the joint two-segment squared error of the rows of ``curves`` (K, N)."""
+def change_point(curves: np.ndarray, min_size: int = 1) -> int:
+    """Split s (min_size ≤ s ≤ N − min_size) minimising the joint two-segment squared error of the rows of
+    ``curves`` (K, N): both segments hold at least ``min_size`` indices."""
     curves = np.atleast_2d(np.asarray(curves, dtype=np.float64))
     n = curves.shape[1]
-    if n < 2:
-        raise ValueError("a change point needs at least two grid indices")
+    if min_size < 1 or n < 2 * min_size:
+        raise ValueError(f"a change point with segments of at least {min_size} needs at least {2 * max(1, min_size)} "
+                         f"grid indices, got {n}")
     costs = []
-    for s in range(1, n):
+    for s in range(min_size, n - min_size + 1):
         left, right = curves[:, :s], curves[:, s:]
         costs.append(((left - left.mean(1, keepdims=True)) ** 2).sum() + ((right - right.mean(1, keepdims=True)) ** 2).sum())
-    return 1 + int(np.argmin(costs))
+    return min_size + int(np.argmin(costs))
 
 
 def _zscore_log(values: np.ndarray) -> np.ndarray:
@@ -155,7 +167,9 @@ def _zscore_log(values: np.ndarray) -> np.ndarray:
 
 def propose_kappa(probe_loss: np.ndarray, grad_norm: np.ndarray) -> int:
     """κ by the documented rule (module docstring): the last index of the low-noise segment."""
-    return change_point(np.stack([_zscore_log(probe_loss), _zscore_log(grad_norm)])) - 1
+    n = len(probe_loss)
+    min_size = max(1, math.ceil(MIN_SEGMENT * n))
+    return change_point(np.stack([_zscore_log(probe_loss), _zscore_log(grad_norm)]), min_size) - 1
 
 
 def plot(d: Dynamics, path: Path) -> Path:

@@ -156,7 +156,7 @@ STAGES: dict[str, Stage] = {
         Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
               deps=("models/teacher", "data/prompts.json"), outs=("trajectories",), resumable=True,
               params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale")),
-        Stage("analyze", "per-timestep loss / grad-norm dynamics of one whole-range model; proposes kappa",
+        Stage("analyze", "per-timestep loss / grad-norm dynamics of analysis.seeds whole-range students; proposes kappa",
               deps=("models/teacher", "trajectories"), outs=("analysis",),
               params=("seed", "grid", "training", "analysis")),
         Stage("train_baseline", "LCM / PCM consistency distillation; MCM on low-quality videos; DMD2",

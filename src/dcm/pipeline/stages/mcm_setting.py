@@ -6,7 +6,7 @@ from the clean world, so its ``mcm`` row is MCM outside its setting.  This stage
 pipeline (``src/dcm/presets/mcm.yaml``: the teacher trains on ``shapes.degrade``d videos) in
 ``mcm_setting/``, with the same stage code and this params file's settings otherwise: prepare, teacher,
 trajectories, LCM and MCM distilled from that teacher, the teacher at 50 steps, LCM-4 and MCM-4 sampled and
-scored.  ``report_paper`` reads ``mcm_setting/metrics/{teacher,lcm,mcm}.json`` for MCM's two claims.
+scored.  ``report_paper`` reads ``mcm_setting/metrics/{teacher,lcm,mcm}.json`` for MCM's three claims.
 
 Resumable like the training stages: ``mcm_setting/progress.json`` lists the finished runs with a
 fingerprint of the setting's params; a rerun skips those (the trajectory and training runs pick up their
