@@ -278,6 +278,11 @@ def test_setup_creates_a_real_venv_and_installs_the_given_requirements(tmp_path)
     assert vbench.check_env(venv) == py
     # reuse is keyed by the requirements' hash: a changed file makes the venv stale
     assert vbench.env_is_current(venv, requirements) and not vbench.env_is_current(tmp_path / "none", requirements)
+    # a second setup keeps the current venv (nothing runs); --force rebuilds it
+    seen.clear()
+    assert vbench.create_env(venv, requirements, sys.executable, run=run, upgrade_pip=False) == py and seen == []
+    vbench.create_env(venv, requirements, sys.executable, run=run, upgrade_pip=False, force=True)
+    assert seen[0][:3] == [sys.executable, "-m", "venv"]
     requirements.write_text("six\n")
     assert not vbench.env_is_current(venv, requirements)
 

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--venv", default=".venv-vbench", help="where (evaluation.vbench.venv; default .venv-vbench)")
     setup.add_argument("--requirements", default=None, help="another requirements file (default: the pinned one)")
     setup.add_argument("--python", default=sys.executable, help="interpreter for the venv (3.10 or 3.11)")
+    setup.add_argument("--force", action="store_true", help="reinstall even if the venv was built from these "
+                       "requirements as they are now")
 
     analyze = sub.add_parser("analyze", help="analyses outside the DAG (the DAG's own is `dcm run analyze`)")
     analyze_sub = analyze.add_subparsers(dest="analyze_command", required=True)
@@ -108,7 +110,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "vbench":
         from dcm.evaluation import vbench
 
-        vbench.create_env(args.venv, args.requirements or vbench.REQUIREMENTS, args.python)
+        vbench.create_env(args.venv, args.requirements or vbench.REQUIREMENTS, args.python, force=args.force)
         print(f"VBench environment ready: {args.venv} (set evaluation.vbench.venv to it)")
         return 0
     if args.command == "analyze":

@@ -100,11 +100,17 @@ def setup_commands(venv: str | os.PathLike, requirements: str | os.PathLike = RE
 
 
 def create_env(venv: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS, python: str = sys.executable,
-               run: Callable[..., subprocess.CompletedProcess] = subprocess.run, upgrade_pip: bool = True) -> Path:
-    """Create (or update) the VBench venv from ``requirements``; stamps what it was built from."""
+               run: Callable[..., subprocess.CompletedProcess] = subprocess.run, upgrade_pip: bool = True,
+               force: bool = False) -> Path:
+    """Create (or update) the VBench venv from ``requirements``; stamps what it was built from.  A venv already
+    built from these requirements (``env_is_current``) is kept as it is unless ``force``."""
     requirements = Path(requirements)
     if not requirements.is_file():
         raise ConfigError("vbench setup --requirements", str(requirements), "an existing requirements file")
+    if not force and env_is_current(venv, requirements):
+        print(f"{venv} was built from {requirements} as it is now: nothing to install (--force rebuilds it)",
+              flush=True)
+        return python_of(venv)
     commands = setup_commands(venv, requirements, python)
     if not upgrade_pip:
         commands = [commands[0], commands[2]]
