@@ -283,9 +283,7 @@ def block_numels(model) -> tuple[int, int]:
 
 def fsdp_working_set(block: tuple[int, int], compute_bytes: int) -> int:
     """FSDP2's gathered weights at backward's start, in the compute dtype: the block being computed, the
-    prefetched next one and the root's (kept through forward and backward).  The blocks' unsharded gradients
-    are not added: the plan already counts every sharded gradient as present, and at backward's start none is
-    (the loop sets them to None at each step's start)."""
+    prefetched next one and the root's (kept through forward and backward); no gradients (module docstring)."""
     largest, root = block
     return compute_bytes * (2 * largest + root)
 
@@ -445,14 +443,12 @@ def activation_profile(work: Workload, cp: int, compute: torch.dtype, role: str 
         raise ValueError(f"role {role!r}: one of {ROLES}")
     model = build(work, compute)
     inputs = model_inputs(work, compute)
-    if role == "dete":  # DetE's path: the adapters on and its trainable copies of the timestep layers swapped in
-        dual = make_dete_meta(model, work)
+    # DetE's path: the adapters on and its trainable copies of the timestep layers swapped in
+    dual = make_dete_meta(model, work) if role == "dete" else None
 
-        def run():
-            return dual.run_expert("dete", **inputs)
-    else:
-        def run():
-            return model(**inputs, return_dict=False)[0]
+    def run():
+        return dual.run_expert("dete", **inputs) if dual is not None else model(**inputs, return_dict=False)[0]
+
     if role == "teacher":
         model.requires_grad_(False)
         inputs["hidden_states"].requires_grad_(True)

@@ -56,7 +56,7 @@ from dcm.schedule import pcm_phases, teacher_grid
 MIN_SEGMENT = 0.1  # each expert's range: at least this fraction of the grid's indices
 KAPPA_RULE = ("two-segment piecewise-constant least-squares fit of z-scored log10 probe loss and log10 "
               "gradient norm over the grid index, both the geometric mean over analysis.seeds students, each "
-              "segment at least 10% of the indices; kappa = last index of the low-noise segment")
+              f"segment at least {MIN_SEGMENT:.0%} of the indices; kappa = last index of the low-noise segment")
 TRAIN_DIR = "train"  # the first student's loop output; student k ≥ 1 trains into train_s<k>
 
 
