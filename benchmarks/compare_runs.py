@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dcm import paths
+
 # (label, how to read value and interval from a metrics record, scale for printing)
 FIGURES = (
     ("Total ×100", lambda r: (r["total"], r["total_ci95"]), 100),
@@ -26,7 +28,7 @@ FIGURES = (
 
 
 def load(folder: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((folder / "metrics").glob("*.json"))}
+    return {p.stem: json.loads(p.read_text()) for p in sorted((folder / paths.METRICS).glob("*.json"))}
 
 
 def main() -> None:
@@ -37,16 +39,17 @@ def main() -> None:
     args = ap.parse_args()
     before, after = load(args.before), load(args.after)
     methods = args.methods or [m for m in before if m in after]
-    inside = total = 0
+    inside = 0
     for label, read, scale in FIGURES:
         print(f"\n{label}: method | before [95% CI] | after [95% CI] | after inside before's interval")
         for m in methods:
             (b, b_ci), (a, a_ci) = read(before[m]), read(after[m])
             ok = b_ci[0] <= a <= b_ci[1]
-            inside, total = inside + ok, total + 1
+            inside += ok
             print(f"  {m:10s} | {b * scale:8.2f} [{b_ci[0] * scale:.2f}, {b_ci[1] * scale:.2f}]"
                   f" | {a * scale:8.2f} [{a_ci[0] * scale:.2f}, {a_ci[1] * scale:.2f}] | {'yes' if ok else 'NO'}")
-    print(f"\n{inside} of {total} figures of the second run lie inside the first run's 95% intervals")
+    print(f"\n{inside} of {len(FIGURES) * len(methods)} figures of the second run lie inside the first run's 95% intervals")
+
 
 if __name__ == "__main__":
     main()
