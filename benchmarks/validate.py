@@ -26,7 +26,8 @@ from dcm.config import ConfigError
 from dcm.data.prompts import validation_rows
 from dcm.evaluation.metrics import match_rate, row_totals, score_rows
 from dcm.evaluation.scoring import bootstrap
-from dcm.methods import generate, weights_paths
+from dcm.methods import generate
+from dcm.paths import weights_paths
 
 TEACHER = "teacher"
 SHOWN = ("imaging_quality", "motion_smoothness", "subject_consistency", "object_class")

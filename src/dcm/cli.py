@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "instead of .dvc/config")
     dvc_setup.add_argument("--repo", default=".", help="the DVC project (default: here)")
 
+    warm = sub.add_parser("warm-server", help="serve warm starts: the server `dcm launch` starts with "
+                          "DCM_WARM_START=1 (imports once, forks each local stage)")
+    warm.add_argument("socket", help="the Unix socket to listen on")
+
     return parser
 
 
@@ -112,6 +116,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         vbench.create_env(args.venv, args.requirements or vbench.REQUIREMENTS, args.python, force=args.force)
         print(f"VBench environment ready: {args.venv} (set evaluation.vbench.venv to it)")
+        return 0
+    if args.command == "warm-server":
+        from dcm.pipeline import warm
+
+        warm.serve(Path(args.socket), main)
         return 0
     if args.command == "analyze":
         from dcm.analysis import param_change

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dcm.config import Params
 
 DATA = Path("data")
 PROMPTS = DATA / "prompts.json"
@@ -30,3 +34,17 @@ def samples(method: str) -> Path:
 
 def metrics(method: str) -> Path:
     return METRICS / f"{method}.json"
+
+
+def weights_path(params: Params, method: str) -> str:
+    """What a method samples from: the teacher, or the checkpoint folder it (or checkpoint_from) trained."""
+    m = params.method(method)
+    if m.kind == "teacher":
+        return str(TEACHER)
+    return str(checkpoint(m.checkpoint_from or method))
+
+
+def weights_paths(params: Params, method: str) -> list[str]:
+    """The stage outputs a method's sampling depends on (DCM: the seme/ and dete/ folders)."""
+    root = weights_path(params, method)
+    return [f"{root}/seme", f"{root}/dete"] if params.method(method).kind == "dcm" else [root]

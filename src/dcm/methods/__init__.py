@@ -52,20 +52,6 @@ def schedule_for(params: Params, method: str) -> list[SamplingStep]:
     return uniform_schedule(grid, m.sample_steps, "student")
 
 
-def weights_path(params: Params, method: str) -> str:
-    """What a method samples from: the teacher, or the checkpoint folder it (or checkpoint_from) trained."""
-    m = params.method(method)
-    if m.kind == "teacher":
-        return str(paths.TEACHER)
-    return str(paths.checkpoint(m.checkpoint_from or method))
-
-
-def weights_paths(params: Params, method: str) -> list[str]:
-    """The stage outputs a method's sampling depends on (DCM: the seme/ and dete/ folders)."""
-    root = weights_path(params, method)
-    return [f"{root}/seme", f"{root}/dete"] if params.method(method).kind == "dcm" else [root]
-
-
 def guidance_forwards(backbone: Backbone) -> int:
     """Forwards per teacher step: 2 with classifier-free guidance, 1 with embedded (or no) guidance."""
     return 2 if backbone.guidance_mode == "cfg" and backbone.guidance_scale != 1.0 else 1

@@ -21,7 +21,7 @@ import yaml
 
 from dcm import config
 from dcm.config import ConfigError, Params
-from dcm.methods import weights_path
+from dcm.paths import weights_path
 from dcm.pipeline.table import STAGES, Stage
 
 RESOURCES_FILE = Path("slurm/resources.yaml")

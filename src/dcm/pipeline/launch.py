@@ -27,7 +27,6 @@ from submitit.slurm.slurm import SlurmJobEnvironment
 
 from dcm import config
 from dcm.config import ConfigError, Params
-from dcm.distributed import distributed_env
 from dcm.pipeline import dag
 
 LOG_FOLDER = Path("slurm/logs/%j")  # job-array safe (%j, not %A_%a)
@@ -63,6 +62,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
         os.chdir(self.workdir)
         try:
+            from dcm.distributed import distributed_env
+
             env = distributed_env(submitit.JobEnvironment())
         except RuntimeError:  # the debug executor runs outside any cluster environment
             env = {}
@@ -106,6 +107,14 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
 
     stage_row = table.get(stage)  # unknown stage: ConfigError before anything is submitted
     if params.launcher == "local":
+        from dcm.pipeline import warm
+
+        if warm.enabled():  # DCM_WARM_START=1: a preloaded server forks the stage (skips its imports)
+            argv = ["run", stage, *(["--method", method] if method else []), "--params", params_path,
+                    *(["--preset", preset] if preset else [])]
+            status = warm.run(argv)
+            if status is not None:
+                return status
         stage_row.run(params, method)
         return 0
     job = StageJob(stage, method, str(Path(params_path).resolve()), preset, str(Path.cwd()))

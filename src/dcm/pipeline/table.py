@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcm.config import ConfigError, Params
-from dcm.distributed import seed_everything
-from dcm.methods import weights_paths
+from dcm.paths import weights_paths
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class Stage:
         elif method is not None:
             raise ConfigError("--method", method, f"stage {self.name} takes no method")
         self.check_inputs(params, method)
-        from dcm import distributed
+        from dcm import distributed  # torch: imported when a stage runs, not for the stage list
 
         module = importlib.import_module(f"dcm.pipeline.stages.{self.name}")
         with distributed.process_group() as world:
@@ -84,7 +83,7 @@ class Stage:
                 return
             if self.per_method and self.name.startswith("train_"):
                 params = params.with_seed(params.training_seed(method))  # <row>_s<k>: seed + k
-            seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
+            distributed.seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
             module.run(params, method) if self.per_method else module.run(params)
 
 
