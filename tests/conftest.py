@@ -101,9 +101,10 @@ def deterministic_metrics(folder: Path) -> dict[str, dict]:
             for f in sorted(Path(folder).glob("*.json"))}
 
 
-def run_dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+def run_dvc(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = env if env is not None else os.environ
+    env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "DVC_NO_ANALYTICS": "1"}
     out = subprocess.run([str(bin_dir / "dvc"), *args], cwd=repo, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out

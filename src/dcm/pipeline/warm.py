@@ -2,22 +2,23 @@
 
 A stage process spends 5-9 s importing before it does any work: torch, MLflow with its SQL store and,
 for every stage that loads a model, diffusers (which imports each transformer model it ships, peft
-and transformers with it).  `dvc repro` starts one process per stage, so on the 2-core CPU that is
-about a fifth of `make paper`.  With ``DCM_WARM_START=1`` a local ``dcm launch`` asks a server for
+and transformers with it).  `dvc repro` starts one process per stage, 125 in `make paper`.  With ``DCM_WARM_START=1`` a local ``dcm launch`` asks a server for
 the stage instead: the server has made those imports once, forks a child per request, and the child
 runs ``dcm run <stage>`` in the launcher's working directory, with its environment, umask and standard
 streams (passed over the socket), while the launcher waits and returns the child's exit status.  A
-signal to the launcher (Ctrl-C, SLURM's or DVC's SIGTERM) is passed on to the child, and a child whose
+signal to the launcher (SIGINT, SIGTERM, SIGHUP) is passed on to the child, and a child whose
 launcher has gone is stopped.  The first launch starts the server; it exits after
 ``DCM_WARM_START_IDLE`` seconds (default 300) without a stage.
 
 What the child computes is what a fresh process computes: the stage seeds every generator itself
-(``Stage.run``), and the server runs no torch operation before forking (no thread pool, no device).
+(``Stage.run``), and the server only imports before it forks, so each child starts its own thread
+pools and devices, as a fresh process does.
 The server is keyed by the interpreter, the files of the ``dcm`` package (path, size, mtime), the
 site-packages folders and the environment (less the variables that differ between stages of one run,
 ``VOLATILE``), so an edit to the code, an installed package or a changed variable starts a new
 server instead of reusing stale imports.  Where no server can start, the stage runs in-process, as
-without ``DCM_WARM_START``, after a warning naming the server's log.
+without ``DCM_WARM_START``, after a warning that says why.  Multi-process ranks and SLURM jobs never
+start warm.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ PRELOAD = ("torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "diffuse
 def enabled() -> bool:
     """``DCM_WARM_START`` is set (1/true/yes) and this is not one rank of a multi-process job."""
     on = os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    return on and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "SLURM_JOB_ID" not in os.environ
+    return on and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") and "SLURM_JOB_ID" not in os.environ
 
 
 def key(environ: dict[str, str] | None = None) -> str:
@@ -77,18 +78,22 @@ def socket_path(k: str) -> Path:
     st = folder.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise OSError(f"{folder} is not private to uid {os.getuid()}")
-    return folder / f"{k}.sock"
+    path = folder / f"{k}.sock"
+    if len(os.fsencode(path)) > 96:  # sun_path holds 107 bytes, and the server binds <path>.<pid> first
+        raise OSError(f"{path} is too long for a Unix socket (set TMPDIR to a shorter folder)")
+    return path
 
 
 # -- messages: a 4-byte length and a JSON object ---------------------------------------------------
 
 def _send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
     data = json.dumps(obj).encode()
-    frame = struct.pack("!I", len(data)) + data
-    if fds:
-        socket.send_fds(sock, [frame], fds)
+    header = struct.pack("!I", len(data))
+    if fds:  # the descriptors ride on the 4-byte header (never sent in part); the body follows
+        socket.send_fds(sock, [header], fds)
     else:
-        sock.sendall(frame)
+        sock.sendall(header)
+    sock.sendall(data)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -108,11 +113,10 @@ def _recv(sock: socket.socket) -> dict:
 
 def _recv_request(sock: socket.socket) -> tuple[dict, list[int]]:
     msg, fds, _, _ = socket.recv_fds(sock, 4, 3)
-    if len(msg) < 4:
+    if not msg:
         raise ConnectionError("closed")
-    (n,) = struct.unpack("!I", msg[:4])
-    rest = msg[4:]
-    return json.loads(rest + _recv_exact(sock, n - len(rest))), list(fds)
+    (n,) = struct.unpack("!I", msg + _recv_exact(sock, 4 - len(msg)))
+    return json.loads(_recv_exact(sock, n)), list(fds)
 
 
 # -- the launcher's side ---------------------------------------------------------------------------
@@ -315,12 +319,11 @@ def _stage(request: dict, fds: list[int], main: Callable[[list[str]], int]) -> N
         status = main(request["argv"])
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:
-        status = 128 + signal.SIGINT
-    except BaseException:  # noqa: BLE001 - a stage's crash is reported as a fresh process would
+    except BaseException as e:  # noqa: BLE001 - a stage's crash is reported as a fresh process would
         import traceback
 
         traceback.print_exc()
+        status = 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1
     finally:
         with contextlib.suppress(BaseException):
             atexit._run_exitfuncs()
