@@ -4,10 +4,11 @@
 Run it in a project whose DAG has run (after ``make demo``): each repeat launches every stage once cold
 and once warm, in alternating order so that a machine's drift hits both alike, and prints each
 launch's wall time, the median per stage and way, the median of the per-repeat differences and ratios,
-and whether every launch wrote the same outputs (the sha256 of each output file, with the wall-time
-fields of JSON outputs left out).  The warm server is started by an untimed launch first and stopped at
+and whether every launch wrote the same outputs (the sha256 of each output file; JSON, JSON-lines and
+torch checkpoints without the fields that measure the process: wall time, peak memory).  The warm server is started by an untimed launch first and stopped at
 the end.  Each launch first removes the stage's outputs, as ``dvc repro`` does (a resumable training stage
-would resume its finished run), and writes them again: the same bytes, except the wall-time fields.
+would resume its finished run), and writes them again: the same bytes, except those fields
+(so ``dvc status`` shows them modified: remove them and ``dvc checkout <stage>`` brings back the pipeline's).
 
     python benchmarks/stage_start.py [--stages "sample --method lcm" "evaluate --method lcm" report] [--repeats 3]
 """
@@ -18,9 +19,7 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -115,12 +114,7 @@ def main() -> None:
                     digests[name].add(digest(outs[name]))
                 print(f"{r:>6}  {name:<24} {times[name, 'cold'][-1]:>7.2f} {times[name, 'warm'][-1]:>7.2f}")
     finally:
-        for log in tmp.glob("dcm-warm-*/*.log"):
-            for pid in re.findall(r"pid (\d+) ready", log.read_text()):
-                try:
-                    os.kill(int(pid), signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        warm.stop(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{'stage':<24} {'cold median':>11} {'warm median':>11} {'saved (median)':>14} "
           f"{'ratio (median)':>14}  outputs")

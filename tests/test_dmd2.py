@@ -343,7 +343,7 @@ def test_memory_plan_counts_the_generator_the_sharded_fake_score_and_the_classif
 def train_at_ranks(out: str) -> None:
     """Worker (``torchrun … tests/test_dmd2.py OUT`` in a smoke project): 4 steps of dmd2_gan, then every rank's
     digest of its fake score and classifier head to OUT/fake_digests.json."""
-    from dcm.pipeline.table import seed_everything
+    from dcm.distributed import seed_everything
 
     method = "dmd2_gan"
     params = config.load("params.yaml", preset="smoke")

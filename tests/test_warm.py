@@ -31,12 +31,7 @@ def _warm_env():
     env = {**os.environ, warm.ENV: "1", warm.IDLE_ENV: "120", "TMPDIR": str(tmp),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     yield env
-    for log in tmp.glob("dcm-warm-*/*.log"):
-        for pid in re.findall(r"pid (\d+) ready", log.read_text()):
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    warm.stop(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -119,6 +114,12 @@ def _gone(pid: int, timeout: float = 30.0) -> bool:
     return False
 
 
+def _interruptible() -> None:
+    """A launcher that takes Ctrl-C, as in a terminal, even where these tests run with SIGINT ignored (a
+    background job): the stage follows the launcher's disposition, not the server's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["interrupt", "kill"])
 def test_a_signal_to_the_launcher_stops_its_stage(tmp_path, warm_env, how):
     """Ctrl-C (SIGINT) reaches the stage, which exits as a fresh process would (130); a launcher killed
@@ -126,7 +127,8 @@ def test_a_signal_to_the_launcher_stops_its_stage(tmp_path, warm_env, how):
     project = smoke_project(tmp_path / "p", train_steps=100000)
     assert dcm(project, "run", "prepare").returncode == 0
     launcher = subprocess.Popen([str(BIN / "dcm"), "launch", "teacher"], cwd=project, env=warm_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_interruptible)
     pid = _stage_pid(warm_env, "teacher", project)
     time.sleep(2.0)  # into the training loop
     if how == "interrupt":
@@ -180,3 +182,13 @@ def test_dvc_repro_with_warm_starts_gives_the_cold_runs_metrics(dvc_smoke_repo, 
     for stage in ("prepare", "teacher", "trajectories", "train_baseline --method lcm", "sample --method lcm",
                   "evaluate --method lcm"):
         assert f"dcm run {stage} " in log, (stage, log)
+
+
+def test_stop_ends_the_servers_and_spares_a_reused_pid(tmp_path, fresh_warm_env):
+    project = smoke_project(tmp_path / "p")
+    assert dcm(project, "launch", "prepare", env=fresh_warm_env).returncode == 0
+    folder = Path(fresh_warm_env["TMPDIR"]) / f"dcm-warm-{os.getuid()}"
+    (folder / "0000000000000000.log").write_text(f"pid {os.getpid()} ready in 1.0 s\n")  # a stale log: our pid now
+    (server,) = map(int, re.findall(r"pid (\d+) ready", server_log(fresh_warm_env).replace(f"pid {os.getpid()} ", "")))
+    assert warm.stop(fresh_warm_env["TMPDIR"]) == [server]
+    assert _gone(server) and not list(folder.glob("*.sock"))

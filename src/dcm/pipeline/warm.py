@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -42,6 +43,7 @@ IDLE_S = 300.0
 START_TIMEOUT_S = 180.0
 # set per stage by DVC, or by the shell; never read at import time
 VOLATILE = frozenset({"DVC_STAGE", "_", "PWD", "OLDPWD", "SHLVL"})
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # from the launcher to its stage
 # what the server imports before it serves: every stage's libraries
 PRELOAD = ("torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "diffusers", "peft",
            "dcm.pipeline.table", "dcm.tracking", "dcm.backbones", "dcm.methods", "dcm.distill.loop",
@@ -82,6 +84,23 @@ def socket_path(k: str) -> Path:
     if len(os.fsencode(path)) > 96:  # sun_path holds 107 bytes, and the server binds <path>.<pid> first
         raise OSError(f"{path} is too long for a Unix socket (set TMPDIR to a shorter folder)")
     return path
+
+
+def stop(tmpdir: str | Path | None = None) -> list[int]:
+    """SIGTERM this user's warm servers under ``tmpdir`` (default: this process's TMPDIR); their pids.
+    A pid is signalled only while its command line is still that log's server."""
+    folder = Path(tmpdir or tempfile.gettempdir()) / f"dcm-warm-{os.getuid()}"
+    stopped = []
+    for log in folder.glob("*.log"):
+        for pid in map(int, re.findall(r"pid (\d+) ready", log.read_text())):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"warm-server" in cmdline and str(log.with_suffix(".sock")).encode() in cmdline:
+                    os.kill(pid, signal.SIGTERM)
+                    stopped.append(pid)
+            except (OSError, ProcessLookupError):
+                pass
+    return stopped
 
 
 # -- messages: a 4-byte length and a JSON object ---------------------------------------------------
@@ -132,17 +151,18 @@ def run(argv: list[str]) -> int | None:
         return None
     if sock is None:
         return None
+    # the signals this launcher ignores (nohup, a background job), the stage ignores too
+    ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
     with sock:
         try:
-            _send(sock, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask()},
-                  [0, 1, 2])
+            _send(sock, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
+                         "ignored": ignored}, [0, 1, 2])
             pid = _recv(sock)["pid"]
         except (OSError, ConnectionError) as e:  # nothing started yet
             print(f"dcm launch: the warm server did not take the stage ({e}); running in this process",
                   file=sys.stderr)
             return None
-        forwarded = {s: signal.signal(s, lambda sig, _f: _forward(pid, sig))
-                     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        forwarded = {s: signal.signal(s, lambda sig, _f: _forward(pid, sig)) for s in FORWARDED}
         try:
             return int(_recv(sock)["status"])
         except ConnectionError:
@@ -302,6 +322,9 @@ def _stage(request: dict, fds: list[int], main: Callable[[list[str]], int]) -> N
     import random
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for s in FORWARDED:  # the launcher's dispositions, not those the server was started with
+        default = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
+        signal.signal(s, signal.SIG_IGN if int(s) in request.get("ignored", ()) else default)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
