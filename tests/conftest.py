@@ -110,14 +110,8 @@ def run_dvc(repo: Path, *args: str, env: dict | None = None) -> subprocess.Compl
     return out
 
 
-@pytest.fixture(scope="session")
-def dvc_smoke_repo(tmp_path_factory):
-    """A temporary git + DVC repo of this project with the smoke params, after one ``dvc repro``.
-
-    Returns (repo, stdout of that repro, its metrics less timing) -- the metrics are read right away,
-    so tests that change the repo afterwards don't affect what others compare against.
-    """
-    repo = tmp_path_factory.mktemp("dvc-smoke")
+def smoke_dvc_repo(repo: Path) -> Path:
+    """``repo`` (an empty folder) made a git + DVC repo of this project's DAG with the smoke params."""
     for name in ("Snakefile", "dvc.yaml", "workflow"):
         src = REPO / name
         shutil.copytree(src, repo / name) if src.is_dir() else shutil.copy(src, repo / name)
@@ -125,6 +119,17 @@ def dvc_smoke_repo(tmp_path_factory):
     run_dvc(repo, "init", "-q")
     subprocess.run([str(Path(sys.executable).parent / "dcm"), "params", "--params", str(REPO / "params.yaml"),
                     "--preset", "smoke", "-o", "params.yaml"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def dvc_smoke_repo(tmp_path_factory):
+    """A temporary git + DVC repo of this project with the smoke params, after one ``dvc repro``.
+
+    Returns (repo, stdout of that repro, its metrics less timing) -- the metrics are read right away,
+    so tests that change the repo afterwards don't affect what others compare against.
+    """
+    repo = smoke_dvc_repo(tmp_path_factory.mktemp("dvc-smoke"))
     first = run_dvc(repo, "repro", "report")  # the default DAG, as `make demo` runs it
     return repo, first.stdout, deterministic_metrics(repo / "metrics")
 

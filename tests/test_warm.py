@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, deterministic_metrics, run_dvc
+from conftest import REPO, deterministic_metrics, run_dvc, smoke_dvc_repo
 from dcm.pipeline import warm
 
 BIN = Path(sys.executable).parent
@@ -166,15 +166,7 @@ def test_without_a_server_the_stage_runs_in_the_launchers_process(tmp_path, fres
 def test_dvc_repro_with_warm_starts_gives_the_cold_runs_metrics(dvc_smoke_repo, tmp_path, fresh_warm_env):
     """The default DAG's LCM row through DVC, warm: the same metrics as the cold session run, bit for bit."""
     _, _, cold = dvc_smoke_repo
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("Snakefile", "dvc.yaml", "workflow"):
-        src = REPO / name
-        shutil.copytree(src, repo / name) if src.is_dir() else shutil.copy(src, repo / name)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    run_dvc(repo, "init", "-q")
-    assert dcm(repo, "params", "--params", str(REPO / "params.yaml"), "--preset", "smoke", "-o",
-               "params.yaml").returncode == 0
+    repo = smoke_dvc_repo(tmp_path)
     run_dvc(repo, "repro", "evaluate@lcm", env=fresh_warm_env)
     assert deterministic_metrics(repo / "metrics") == {"lcm": cold["lcm"]}
     log = server_log(fresh_warm_env)

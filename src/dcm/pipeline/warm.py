@@ -2,8 +2,8 @@
 
 A stage process spends 5-9 s importing before it does any work: torch, MLflow with its SQL store and,
 for every stage that loads a model, diffusers (which imports each transformer model it ships, peft
-and transformers with it).  `dvc repro` starts one process per stage, 125 in `make paper`.  With ``DCM_WARM_START=1`` a local ``dcm launch`` asks a server for
-the stage instead: the server has made those imports once, forks a child per request, and the child
+and transformers with it).  `dvc repro` starts one process per stage, 125 in `make paper`.  With
+``DCM_WARM_START=1`` a local ``dcm launch`` asks a server for the stage instead: the server has made those imports once, forks a child per request, and the child
 runs ``dcm run <stage>`` in the launcher's working directory, with its environment, umask and standard
 streams (passed over the socket), while the launcher waits and returns the child's exit status.  A
 signal to the launcher (SIGINT, SIGTERM, SIGHUP) is passed on to the child, and a child whose
@@ -12,8 +12,7 @@ launcher has gone is stopped.  The first launch starts the server; it exits afte
 
 What the child computes is what a fresh process computes: the stage seeds every generator itself
 (``Stage.run``), and the server only imports before it forks, so each child starts its own thread
-pools and devices, as a fresh process does.
-The server is keyed by the interpreter, the files of the ``dcm`` package (path, size, mtime), the
+pools and devices, as a fresh process does.  The server is keyed by the interpreter, the files of the ``dcm`` package (path, size, mtime), the
 site-packages folders and the environment (less the variables that differ between stages of one run,
 ``VOLATILE``), so an edit to the code, an installed package or a changed variable starts a new
 server instead of reusing stale imports.  Where no server can start, the stage runs in-process, as
@@ -73,9 +72,14 @@ def key(environ: dict[str, str] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _folder(tmpdir: str | Path | None = None) -> Path:
+    """``$TMPDIR/dcm-warm-<uid>``: where this user's servers keep their sockets, logs and locks."""
+    return Path(tmpdir or tempfile.gettempdir()) / f"dcm-warm-{os.getuid()}"
+
+
 def socket_path(k: str) -> Path:
     """``$TMPDIR/dcm-warm-<uid>/<key>.sock``: the folder is this user's alone (0700, checked)."""
-    folder = Path(tempfile.gettempdir()) / f"dcm-warm-{os.getuid()}"
+    folder = _folder()
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -89,9 +93,8 @@ def socket_path(k: str) -> Path:
 def stop(tmpdir: str | Path | None = None) -> list[int]:
     """SIGTERM this user's warm servers under ``tmpdir`` (default: this process's TMPDIR); their pids.
     A pid is signalled only while its command line is still that log's server."""
-    folder = Path(tmpdir or tempfile.gettempdir()) / f"dcm-warm-{os.getuid()}"
     stopped = []
-    for log in folder.glob("*.log"):
+    for log in _folder(tmpdir).glob("*.log"):
         for pid in map(int, re.findall(r"pid (\d+) ready", log.read_text())):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -226,11 +229,12 @@ def _start(path: Path) -> socket.socket | None:
 
 # -- the server's side -----------------------------------------------------------------------------
 
-def serve(path: Path, main: Callable[[list[str]], int], idle_s: float | None = None) -> None:
+def serve(path: Path, main: Callable[[list[str]], int]) -> None:
     """Import ``PRELOAD``, listen on ``path``, fork a supervisor per request; exit when idle.  A
     request's child runs ``main(argv)`` (``dcm.cli.main``) and exits with what it returns."""
-    idle_s = float(os.environ.get(IDLE_ENV, IDLE_S)) if idle_s is None else idle_s
     import importlib
+
+    idle_s = float(os.environ.get(IDLE_ENV, IDLE_S))
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`: remove the socket on the way out
     t0 = time.monotonic()
@@ -299,7 +303,7 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int], main: Callabl
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
                 status = os.waitstatus_to_exitcode(raw)
-                break
+                continue
             try:
                 if conn.recv(1) == b"":  # the launcher is gone: stop its stage
                     _log(f"stage pid {pid}: launcher gone, sending SIGTERM")
