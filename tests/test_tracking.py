@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dcm import config, tracking
 
@@ -126,3 +128,42 @@ def test_report_children_are_in_the_parents_experiment(mlflow_sqlite):
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert [c.info.run_name for c in children] == ["lcm"]
     assert children[0].data.metrics["total"] == 0.5
+
+
+def _runs(db: Path) -> list[tuple[str, str, int]]:
+    """(name, status, metric rows) of every run in an MLflow sqlite database, read-only."""
+    import sqlite3
+
+    if not db.is_file():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0) as con:
+            return con.execute("SELECT r.name, r.status, (SELECT COUNT(*) FROM metrics m WHERE m.run_uuid = "
+                               "r.run_uuid) FROM runs r").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or a write in progress
+        return []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_stopped_stage_exits_128_plus_the_signal_and_its_run_is_marked_killed(tmp_path, signum):
+    """Ctrl-C or SIGTERM (scancel, a time limit) while the teacher trains and logs every step: the stage
+    exits 130/143, its MLflow run ends KILLED (never 'database is locked'), and nothing is written."""
+    raw = config.load_raw(REPO / "params.yaml", "smoke")
+    raw["teacher"].update(train_steps=100000, log_every=1)  # an MLflow write every step: signals land in them
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("DCM_TRACKING", "MLFLOW_TRACKING_URI")}
+    dcm = [str(BIN / "dcm"), "run"]
+    assert subprocess.run([*dcm, "prepare"], cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    stage = subprocess.Popen([*dcm, "teacher"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    db, deadline = tmp_path / "mlflow.db", time.monotonic() + 300
+    while not any(name == "teacher" and metrics >= 20 for name, _, metrics in _runs(db)):
+        assert stage.poll() is None and time.monotonic() < deadline, stage.communicate()[1][-3000:]
+        time.sleep(0.2)
+    stage.send_signal(signum)
+    _, err = stage.communicate(timeout=120)
+    assert stage.returncode == 128 + signum, err[-3000:]
+    assert "database is locked" not in err
+    assert [status for name, status, _ in _runs(db) if name == "teacher"] == ["KILLED"]
+    assert not (tmp_path / "models" / "teacher").exists()

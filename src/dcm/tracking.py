@@ -3,11 +3,17 @@
 sqlite by default (MLflow 3's file store is gone); a server URI on clusters.  ``ensure_experiment``
 creates the database and experiment once, before jobs fan out (parallel first-time creation races).
 Set ``DCM_TRACKING=off`` to run without MLflow (the stage still writes its files).
+
+A stage stopped by SIGINT or SIGTERM (Ctrl-C, ``scancel``, a SLURM time limit) exits 130 or 143 and
+leaves its run marked KILLED.  Signals are deferred while MLflow writes: an exception raised inside a
+SQLAlchemy transaction would leave the sqlite database locked, and closing the run would then fail
+with "database is locked".
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +24,66 @@ from dcm.config import Params
 _ENV_TAGS = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.exp_name", "DVC_ROOT": "dvc.root",
              "SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
              "DCM_PARENT_RUN_ID": "mlflow.parentRunId"}
+
+
+# ------------------------------------------------------------------------------- stop signals
+
+
+class Terminated(SystemExit):
+    """SIGTERM as an exception (exit status 143, the shell's 128 + 15), so that cleanup runs."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class _Deferral:
+    depth = 0  # nesting of ``_signals_deferred`` sections
+    pending: int | None = None  # a signal that arrived inside one
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated
+
+
+def _on_stop_signal(signum: int, _frame) -> None:
+    # Python runs handlers in the main thread between bytecodes; inside a deferred section the signal
+    # waits for the section's end (whichever thread of the process the kernel delivered it to)
+    if _Deferral.depth:
+        _Deferral.pending = _Deferral.pending or signum
+        return
+    _raise_for(signum)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+        if not _Deferral.depth and _Deferral.pending is not None:
+            signum, _Deferral.pending = _Deferral.pending, None
+            _raise_for(signum)
+
+
+@contextmanager
+def stop_signals_handled() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM raises :class:`Terminated`, both deferred while MLflow
+    writes.  A signal this process ignores (a background job's SIGINT) stays ignored."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+            previous[signum] = signal.signal(signum, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ------------------------------------------------------------------------------------ MLflow
 
 
 def enabled() -> bool:
@@ -38,9 +104,10 @@ def ensure_experiment(params: Params) -> str | None:
         return None
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params))
-    exp = mlflow.get_experiment_by_name(params.tracking.experiment)
-    return exp.experiment_id if exp else mlflow.create_experiment(params.tracking.experiment)
+    with _signals_deferred():
+        mlflow.set_tracking_uri(tracking_uri(params))
+        exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+        return exp.experiment_id if exp else mlflow.create_experiment(params.tracking.experiment)
 
 
 def git_commit() -> str | None:
@@ -62,6 +129,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _tags(params: Params, stage: str, method: str | None = None) -> dict[str, str]:
+    """What reproduces a run: stage, experiment, method, git commit and the DVC / SLURM context."""
+    tags = {"dcm.stage": stage, "dcm.experiment": params.experiment}
+    if method:
+        tags["dcm.method"] = method
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    tags.update({tag: os.environ[var] for var, tag in _ENV_TAGS.items() if os.environ.get(var)})
+    return tags
+
+
 def start_pipeline_run(params: Params, name: str | None = None) -> str | None:
     """Create the parent run of one pipeline execution (its stage runs nest under it through
     DCM_PARENT_RUN_ID) and the experiment, before any job fans out; returns the run id."""
@@ -70,14 +149,10 @@ def start_pipeline_run(params: Params, name: str | None = None) -> str | None:
     from mlflow.tracking import MlflowClient
 
     experiment_id = ensure_experiment(params)
-    tags = {"dcm.stage": "pipeline", "dcm.experiment": params.experiment}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    tags.update({tag: os.environ[var] for var, tag in _ENV_TAGS.items()
-                 if os.environ.get(var) and var != "DCM_PARENT_RUN_ID"})
-    run = MlflowClient(tracking_uri(params)).create_run(experiment_id, run_name=name or f"pipeline-{params.experiment}",
-                                                        tags=tags)
+    tags = {k: v for k, v in _tags(params, "pipeline").items() if k != "mlflow.parentRunId"}
+    with _signals_deferred():
+        run = MlflowClient(tracking_uri(params)).create_run(
+            experiment_id, run_name=name or f"pipeline-{params.experiment}", tags=tags)
     return run.info.run_id
 
 
@@ -85,7 +160,15 @@ def finish_pipeline_run(params: Params, run_id: str, exit_status: int = 0) -> No
     if enabled() and run_id:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri(params)).set_terminated(run_id, "FINISHED" if exit_status == 0 else "FAILED")
+        with _signals_deferred():
+            MlflowClient(tracking_uri(params)).set_terminated(run_id, _status(exit_status))
+
+
+def _status(exit_status: int) -> str:
+    """MLflow's run status for a process exit status (130/143: stopped by SIGINT/SIGTERM)."""
+    if exit_status == 0:
+        return "FINISHED"
+    return "KILLED" if exit_status in (128 + signal.SIGINT, 128 + signal.SIGTERM) else "FAILED"
 
 
 class StageRun:
@@ -103,32 +186,38 @@ class StageRun:
 
     def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+            with _signals_deferred():
+                self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
     def artifact(self, path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:
-            if os.path.isdir(path):
-                self._mlflow.log_artifacts(str(path), artifact_path)
-            else:
-                self._mlflow.log_artifact(str(path), artifact_path)
+            with _signals_deferred():
+                if os.path.isdir(path):
+                    self._mlflow.log_artifacts(str(path), artifact_path)
+                else:
+                    self._mlflow.log_artifact(str(path), artifact_path)
 
     def child(self, name: str, metrics: Mapping[str, float], tags: Mapping[str, Any] | None = None) -> None:
         """A nested run under this one (the report: one child per method, compared in the MLflow UI)."""
         if self._mlflow is not None:
-            parent = self._mlflow.active_run()  # same experiment as the parent (not MLflow's Default)
-            with self._mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id,
-                                        tags={k: str(v) for k, v in (tags or {}).items()}):
-                self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            with _signals_deferred():
+                parent = self._mlflow.active_run()  # same experiment as the parent (not MLflow's Default)
+                with self._mlflow.start_run(run_name=name, nested=True,
+                                            experiment_id=parent.info.experiment_id,
+                                            tags={k: str(v) for k, v in (tags or {}).items()}):
+                    self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def tags(self, values: Mapping[str, Any]) -> None:
         if self._mlflow is not None:
-            self._mlflow.set_tags({k: str(v) for k, v in values.items()})
+            with _signals_deferred():
+                self._mlflow.set_tags({k: str(v) for k, v in values.items()})
 
 
 @contextmanager
 def stage_run(params: Params, stage: str, method: str | None = None,
               param_keys: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
-    """One MLflow run for one stage execution, with params and reproducibility tags."""
+    """One MLflow run for one stage execution, with params and reproducibility tags; it ends FINISHED,
+    KILLED (SIGINT, SIGTERM) or FAILED (any other exception)."""
     if not enabled():
         yield StageRun(None)
         return
@@ -136,16 +225,19 @@ def stage_run(params: Params, stage: str, method: str | None = None,
 
     experiment_id = ensure_experiment(params)
     name = f"{stage}[{method}]" if method else stage
-    tags = {"dcm.stage": stage, "dcm.experiment": params.experiment}
-    if method:
-        tags["dcm.method"] = method
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    tags.update({tag: os.environ[var] for var, tag in _ENV_TAGS.items() if os.environ.get(var)})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags):
+    with _signals_deferred():
+        mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=_tags(params, stage, method))
         logged = flatten(param_keys if param_keys is not None else params.to_dict())
         for start in range(0, len(logged), 90):  # MLflow caps a batch at 100 params
             chunk = dict(list(logged.items())[start:start + 90])
             mlflow.log_params({k: str(v)[:500] for k, v in chunk.items()})
+    status = "FAILED"
+    try:
         yield StageRun(mlflow)
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        raise
+    finally:
+        with _signals_deferred():
+            mlflow.end_run(status)
