@@ -9,10 +9,6 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast ablations paper clean-outputs
 
-# The pipelines' local stages start warm: one server imports torch, diffusers and MLflow once and forks
-# every stage (src/dcm/pipeline/warm.py); DCM_WARM_START=0 make demo runs each stage in a fresh process.
-demo ablations paper: export DCM_WARM_START ?= 1
-
 setup: $(STAMP)
 
 # CPU build of torch unless a CUDA driver is present: on these machines `torch==2.13.0` is the

@@ -148,10 +148,14 @@ class ParallelConfig:
 
     strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     shard_group_size: Int | None = at_least(1, None)  # hsdp: ranks per shard group (null: LOCAL_WORLD_SIZE)
-    context_parallel: Int = at_least(1, 1)  # ranks splitting one sample's video tokens (divides the world size)
-    mixed_precision: Literal["none", "bf16"] = "none"  # fsdp/hsdp: bf16 gathered weights and compute, fp32 grad reduce
-    cpu_offload: Bool = False  # fsdp/hsdp: sharded parameters, gradients and optimizer state live in CPU memory
-    reshard_after_forward: Bool = True  # fsdp/hsdp: free gathered block weights after forward (re-gather in backward)
+    # ranks splitting one sample's video tokens (divides the world size)
+    context_parallel: Int = at_least(1, 1)
+    # fsdp/hsdp: bf16 gathered weights and compute, fp32 grad reduce
+    mixed_precision: Literal["none", "bf16"] = "none"
+    # fsdp/hsdp: sharded parameters, gradients and optimizer state live in CPU memory
+    cpu_offload: Bool = False
+    # fsdp/hsdp: free gathered block weights after forward (re-gather in backward)
+    reshard_after_forward: Bool = True
     shard_teacher: Bool = False  # fsdp/hsdp: shard the frozen teacher too (default: every rank holds a copy)
 
 
@@ -162,7 +166,8 @@ def _check_parallel(p: ParallelConfig) -> None:
     """Combinations of ``training.parallel`` that are wrong at any world size."""
     key = "training.parallel"
     if p.strategy not in SHARDED:
-        for name, value, default in (("cpu_offload", p.cpu_offload, False), ("mixed_precision", p.mixed_precision, "none"),
+        for name, value, default in (("cpu_offload", p.cpu_offload, False),
+                                     ("mixed_precision", p.mixed_precision, "none"),
                                      ("shard_teacher", p.shard_teacher, False)):
             if value != default:
                 raise ConfigError(f"{key}.{name}", value, f"{default!r} with strategy {p.strategy!r} "
@@ -215,14 +220,15 @@ class SemeConfig(ExpertConfig):
 
 @dataclass(config=SECTION)
 class DeteConfig(ExpertConfig):
-    """DetE: LoRA + copied timestep layers on the low-noise range, GAN and feature matching (paper defaults)."""
+    """DetE: LoRA + copied timestep layers on the low-noise range, GAN and feature matching (paper
+    defaults)."""
 
     lora_rank: Int = at_least(0, 128)  # 0 = full fine-tune (the +OD ablation)
     lora_alpha: Float = at_least(0, 256.0)
     gan_weight: Float = at_least(0, 1.0)  # scales the generator's hinge term (0 = no discriminator)
     fm_weight: Float = at_least(0, 1.0)  # λ_fm, feature matching on frozen-teacher features (0 = off)
     disc_lr: Float = positive(1e-5)
-    # adversarial variants (issue 15; the defaults are the paper's / official code's, dcm.distill.discriminator):
+    # adversarial variants (the defaults are the paper's / official code's; dcm.distill.discriminator):
     disc_warmup: Int = at_least(0, 0)  # first steps in which only D trains (G's hinge off; FM as configured)
     disc_steps: Int = at_least(1, 1)  # D optimizer steps per G step (official 1:1)
     # G's hinge switches on (and stays on) once D's margin, the running mean of D(real) − D(fake), exceeds
@@ -238,7 +244,8 @@ class DeteConfig(ExpertConfig):
 class McmConfig:
     """MCM (Motion Consistency Model): motion-space consistency, image discriminator, mixed trajectories."""
 
-    cd_target: Literal["raw", "diff", "learn"] = "learn"  # motion representation the consistency loss compares
+    # motion representation the consistency loss compares
+    cd_target: Literal["raw", "diff", "learn"] = "learn"
     head_ema_decay: Float = between(0, 1, 0.95)  # EMA of the learn head on the target side
     video_quality: Literal["clean", "low"] = "low"  # the distillation videos (MCM: low-quality video data)
     mix_portion: Float = between(0, 1, 0.5)  # share of samples started from the student's own x0
@@ -252,13 +259,17 @@ class McmConfig:
 
 @dataclass(config=SECTION)
 class Dmd2Config:
-    """DMD2 (Yin et al., arXiv 2405.14867): distribution matching against the guided teacher with an online fake
-    score, optional GAN classifier on the fake score's features.  Defaults: the official 4-step SDXL recipe."""
+    """DMD2 (Yin et al., arXiv 2405.14867): distribution matching against the guided teacher with an online
+    fake score, optional GAN classifier on the fake score's features.  Defaults: the official 4-step SDXL
+    recipe."""
 
-    fake_steps: Int = at_least(1, 5)  # fake-score updates per generator update (two time-scale rule; official 5)
-    fake_lr: Float | None = positive(None)  # fake score's AdamW lr; null: methods.<m>.lr (official: equal lrs)
+    # fake-score updates per generator update (two time-scale rule; official 5)
+    fake_steps: Int = at_least(1, 5)
+    # fake score's AdamW lr; null: methods.<m>.lr (official: equal lrs)
+    fake_lr: Float | None = positive(None)
     dm_weight: Float = at_least(0, 1.0)  # distribution-matching loss weight (official dm_loss_weight 1)
-    gan_weight: Float = at_least(0, 5e-3)  # generator's GAN term (official SDXL 5e-3, ImageNet 3e-3); 0 = no classifier
+    # generator's GAN term (official SDXL 5e-3, ImageNet 3e-3); 0 = no classifier
+    gan_weight: Float = at_least(0, 5e-3)
     cls_weight: Float = at_least(0, 1e-2)  # classifier loss in the fake score's update (official 1e-2)
     # the DM loss's timesteps, uniform over [t_min, t_max]·num_train_timesteps of the teacher's shifted
     # training sigmas (official min/max_step_percent 0.02 / 0.98)
@@ -269,16 +280,98 @@ class Dmd2Config:
     guidance: Float | None = positive(None)
 
 
-# the experts a sampling schedule may name, per method kind
-SCHEDULE_EXPERTS = {"teacher": ("teacher",), "consistency": ("student",), "mcm": ("student",), "dmd2": ("student",),
-                    "dcm": ("seme", "dete")}
+# ------------------------------------------------------------------------------------ method kinds
+
+
+def _check_teacher(key: str, m: MethodConfig, params: Params) -> None:
+    if m.sample_steps > params.grid.steps:
+        raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({params.grid.steps})")
+
+
+def _check_consistency(key: str, m: MethodConfig, params: Params) -> None:
+    """LCM (1 phase), PCM (K phases) and MCM: phases of the teacher grid, trained unless the weights are
+    reused."""
+    if m.phases > params.grid.steps:
+        raise ConfigError(f"{key}.phases", m.phases, f"must be <= grid.steps ({params.grid.steps})")
+    if m.train_steps < 1 and m.checkpoint_from is None:
+        raise ConfigError(f"{key}.train_steps", m.train_steps, f">= 1 for a {m.kind} method")
+
+
+def _check_mcm(key: str, m: MethodConfig, params: Params) -> None:
+    _check_consistency(key, m, params)
+    if m.mcm.disc_frames > params.world.frames:
+        raise ConfigError(f"{key}.mcm.disc_frames", m.mcm.disc_frames,
+                          f"<= world.frames ({params.world.frames}): frames are sampled per video")
+
+
+def _check_dmd2(key: str, m: MethodConfig, params: Params) -> None:
+    """A dmd2 row: its generator is trained on its own x0-then-re-noise samples at the sampling steps."""
+    if m.train_steps < 1 and m.checkpoint_from is None:
+        raise ConfigError(f"{key}.train_steps", m.train_steps, ">= 1 generator steps for a dmd2 method")
+    if m.sample_steps > params.grid.steps:
+        raise ConfigError(f"{key}.sample_steps", m.sample_steps,
+                          f"<= grid.steps ({params.grid.steps}): one grid point per step")
+    if m.dmd2.t_min >= m.dmd2.t_max:
+        raise ConfigError(f"{key}.dmd2.t_min", m.dmd2.t_min, f"< {key}.dmd2.t_max ({m.dmd2.t_max})")
+
+
+def _check_dcm(key: str, m: MethodConfig, params: Params) -> None:
+    """Both experts get at least one sampling step and one grid point per step on their side of κ."""
+    g = params.grid
+    if m.sample_steps < 2:
+        raise ConfigError(f"{key}.sample_steps", m.sample_steps, ">= 2 (at least one step per expert)")
+    n_seme = (m.sample_steps + 1) // 2
+    if n_seme > g.steps - 1 - g.kappa or m.sample_steps - n_seme > g.kappa + 1:
+        raise ConfigError(f"{key}.sample_steps", m.sample_steps,
+                          f"at most {2 * min(g.steps - 1 - g.kappa, g.kappa + 1)} here: each expert needs "
+                          f"one grid point per step (SemE has {g.steps - 1 - g.kappa}, DetE {g.kappa + 1} "
+                          f"with grid.steps={g.steps}, kappa={g.kappa})")
+    if m.dete is not None and m.dete.lora_rank > 0 and m.dete.lora_alpha <= 0:
+        raise ConfigError(f"{key}.dete.lora_alpha", m.dete.lora_alpha, "> 0 when lora_rank > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodKind:
+    """A kind of method (``methods.<m>.kind``), declared once: its config and checks, the stages that train
+    it, what its sampling reads, and the module of ``dcm.methods`` that implements it (its schedule, its
+    velocity functions and what each training stage hands the loop).  The stage table, the sample stage
+    and the reports read this declaration; nothing branches on the kind's name."""
+
+    name: str
+    module: str  # dcm.methods.<module>
+    # its own sections of methods.<m>: the section's type, filled with defaults when omitted, or None when
+    # the section is required (unless the method samples another's weights: checkpoint_from)
+    sections: dict[str, type | None] = dataclasses.field(default_factory=dict)
+    experts: tuple[str, ...] = ("student",)  # the expert names a sampling schedule may give its steps
+    samplers: tuple[str, ...] = ("euler",)  # methods.<m>.sampler values it supports
+    trains: tuple[str, ...] = ()  # the stages that train it, in order (none: it samples the teacher)
+    weights: tuple[str, ...] = ()  # sub-folders of checkpoints/<m> its sampling reads (none: the folder)
+    # the batch source it trains on whatever training.source says (None: training.source)
+    source: Literal["online", "generated"] | None = None
+    check: typing.Callable[[str, MethodConfig, Params], None] | None = None
+
+
+METHOD_KINDS: dict[str, MethodKind] = {k.name: k for k in (
+    MethodKind("teacher", "teacher", experts=("teacher",), check=_check_teacher),
+    MethodKind("consistency", "consistency", samplers=("euler", "lcm"), trains=("train_baseline",),
+               check=_check_consistency),
+    MethodKind("dcm", "dual_expert", sections={"seme": None, "dete": None}, experts=("seme", "dete"),
+               trains=("train_seme", "train_dete"), weights=("seme", "dete"), check=_check_dcm),
+    MethodKind("mcm", "mcm", sections={"mcm": McmConfig}, samplers=("euler", "lcm"),
+               trains=("train_baseline",),
+               source="online", check=_check_mcm),
+    MethodKind("dmd2", "dmd2", sections={"dmd2": Dmd2Config}, samplers=("lcm",), trains=("train_baseline",),
+               source="generated", check=_check_dmd2),
+)}
+METHOD_SECTIONS = tuple(dict.fromkeys(s for k in METHOD_KINDS.values() for s in k.sections))
+KIND_NAMES = tuple(METHOD_KINDS)
 
 
 @dataclass(config=SECTION)
 class MethodConfig:
     """One row of the comparison: how it is trained (if at all) and sampled."""
 
-    kind: Literal["teacher", "consistency", "dcm", "mcm", "dmd2"]
+    kind: Literal[KIND_NAMES]
     sample_steps: Int = at_least(1)
     train_steps: Int = at_least(0, 0)  # consistency methods: optimisation steps
     lr: Float = positive(1e-4)
@@ -308,13 +401,20 @@ class MethodConfig:
     train_seed: Int = at_least(0, 0)
     replicate_of: Str | None = None
 
+    def __post_init__(self) -> None:
+        # the kind's optional sections with their defaults (what an omitted `mcm:` or `dmd2:` means)
+        for section, default in METHOD_KINDS[self.kind].sections.items():
+            if getattr(self, section) is None and default is not None:
+                setattr(self, section, default())
+
 
 @dataclass(config=SECTION)
 class PaperConfig:
     """`make paper` (report_paper): which rows its claims need and how many training runs each gets."""
 
     # training seeds per row of `rows`, its own included: seeds k = 1 … seeds−1 add rows <row>_s<k>
-    # (the row trained with seed + k, sampled and evaluated like it), pooled by the report's hierarchical bootstrap
+    # (the row trained with seed + k, sampled and evaluated like it), pooled by the report's hierarchical
+    # bootstrap
     seeds: Int = at_least(1, 1)
     # the rows the paper report compares besides the default DAG's (its claims' ablation rows) and whose
     # training seeds it pools; the NFE-curve rows come in through their own flag (methods.<m>.nfe_curve)
@@ -342,14 +442,15 @@ class EvaluationConfig:
 
 @dataclass(config=SECTION)
 class AnalysisConfig:
-    """The ``analyze`` stage: whole-range students (one model each over the whole range), probed per grid index."""
+    """The ``analyze`` stage: whole-range students (one model each over the whole range), probed per grid
+    index."""
 
     train_steps: Int = at_least(1, 150)
     lr: Float = positive(1e-4)
     target: Literal["online", "ema"] = "online"
     probe_batch: Int = at_least(1, 8)  # trajectories per grid index for loss / grad norm
     # whole-range students (training seeds seed + k) whose geometric-mean curves propose κ; each alone gives
-    # the proposal's spread (one student's κ moved from 27 to 38 with its seed on the shapes preset)
+    # the proposal's spread over training seeds
     seeds: Int = at_least(1, 3)
 
 
@@ -410,7 +511,8 @@ class Params:
         return self.seed + self.method(name).train_seed
 
     def with_seed(self, seed: int) -> Params:
-        """These params with ``seed`` replaced (another training run of the same settings); ``self`` when equal."""
+        """These params with ``seed`` replaced (another training run of the same settings); ``self`` when
+        equal."""
         if seed == self.seed:
             return self
         out = copy.copy(self)
@@ -440,7 +542,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         (inner,) = typing.get_args(tp)
-        return "a list of [t, expert] pairs" if typing.get_origin(inner) is tuple else f"a list of {_type_name(inner)}"
+        if typing.get_origin(inner) is tuple:
+            return "a list of [t, expert] pairs"
+        return f"a list of {_type_name(inner)}"
     if origin is tuple:
         return PAIR
     if origin is dict:
@@ -525,10 +629,12 @@ def _range_text(bounds: dict, first: str | None = None) -> str:
 
 def _unknown_key(w: _Where) -> str:
     allowed = f"allowed keys here: {', '.join(f.name for f in dataclasses.fields(w.owner))}"
-    for this, other, label, section in ((SemeConfig, DeteConfig, "SemE", "dete"), (DeteConfig, SemeConfig, "DetE", "seme")):
+    for this, other, label, section in ((SemeConfig, DeteConfig, "SemE", "dete"),
+                                        (DeteConfig, SemeConfig, "DetE", "seme")):
         if w.owner is this and w.name in {f.name for f in dataclasses.fields(other)}:
             there = f"{w.key.rsplit('.', 2)[0]}.{section}.{w.name}"
-            return f"a {'DetE' if section == 'dete' else 'SemE'} key, not a {label} one (set {there}); {allowed}"
+            expert = "DetE" if section == "dete" else "SemE"
+            return f"a {expert} key, not a {label} one (set {there}); {allowed}"
     return f"unknown key; {allowed}"
 
 
@@ -554,7 +660,8 @@ def _translate(exc: ValidationError, raw: Any) -> ConfigError:
     if kind == "missing":
         return ConfigError(key, None, f"missing required key ({_type_name(w.tp)})")
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return ConfigError(key, value, f"must be {_range_text(bounds, '<' if kind.startswith('less') else '>')}")
+        return ConfigError(key, value,
+                           f"must be {_range_text(bounds, '<' if kind.startswith('less') else '>')}")
     if kind == "finite_number":
         return ConfigError(key, value, " ".join(["a finite number", _range_text(bounds)]).strip())
     if kind.startswith(("int_", "float_", "bool_", "string_")) or kind == "literal_error":
@@ -562,7 +669,8 @@ def _translate(exc: ValidationError, raw: Any) -> ConfigError:
     if kind == "too_short" and typing.get_origin(tp) is dict:
         return ConfigError(key, value, f"{_type_name(tp)} (at least one)")
     if kind in ("dict_type", "dataclass_type", "model_type", "list_type", "tuple_type"):
-        return ConfigError(key, value, _type_name(tp) + (" (at least one)" if typing.get_origin(tp) is dict else ""))
+        return ConfigError(key, value,
+                           _type_name(tp) + (" (at least one)" if typing.get_origin(tp) is dict else ""))
     return ConfigError(key, value, err["msg"])
 
 
@@ -574,48 +682,29 @@ def _check_schedule(key: str, m: MethodConfig, g: GridConfig) -> None:
         return
     pairs = [list(p) for p in m.schedule]
     if len(pairs) != m.sample_steps:
-        raise ConfigError(f"{key}.schedule", pairs, f"{m.sample_steps} [t, expert] pairs, one per sampling step "
-                          f"({key}.sample_steps = {m.sample_steps})")
-    experts = SCHEDULE_EXPERTS[m.kind]
+        raise ConfigError(f"{key}.schedule", pairs, f"{m.sample_steps} [t, expert] pairs, one per sampling "
+                          f"step ({key}.sample_steps = {m.sample_steps})")
+    experts = METHOD_KINDS[m.kind].experts
     for i, (t, expert) in enumerate(pairs):
         where = f"{key}.schedule[{i}]"
         if not 0 < t <= g.num_train_timesteps:
-            raise ConfigError(where, pairs[i], f"t (a teacher timestep) must be > 0 and <= grid.num_train_timesteps "
-                              f"({g.num_train_timesteps})")
+            raise ConfigError(where, pairs[i], "t (a teacher timestep) must be > 0 and <= "
+                              f"grid.num_train_timesteps ({g.num_train_timesteps})")
         if expert not in experts:
             raise ConfigError(where, pairs[i], f"the expert must be {' or '.join(map(repr, experts))} for a "
                               f"{m.kind} method")
         if i and t >= pairs[i - 1][0]:
-            raise ConfigError(where, pairs[i], f"t must decrease strictly: < {pairs[i - 1][0]} (the step before)")
-        if i and expert == "seme" and pairs[i - 1][1] == "dete":
-            raise ConfigError(where, pairs[i], "every seme step comes before every dete step (SemE takes the "
-                              "high-noise range)")
-    if m.kind == "dcm" and {e for _, e in pairs} != {"seme", "dete"}:
-        raise ConfigError(f"{key}.schedule", pairs, "at least one seme and one dete step")
+            raise ConfigError(where, pairs[i],
+                              f"t must decrease strictly: < {pairs[i - 1][0]} (the step before)")
+        if i and experts.index(expert) < experts.index(pairs[i - 1][1]):
+            raise ConfigError(where, pairs[i],
+                              f"every {expert} step comes before every {pairs[i - 1][1]} step "
+                              f"(the experts take the steps in the order {list(experts)}, from high noise)")
+    if {e for _, e in pairs} != set(experts):
+        raise ConfigError(f"{key}.schedule", pairs, f"at least one {' and one '.join(experts)} step")
 
 
-def _check_dmd2(key: str, m: MethodConfig, g: GridConfig) -> None:
-    """A dmd2 row: its generator is trained on its own x0-then-re-noise samples at the sampling steps."""
-    m.dmd2 = m.dmd2 or Dmd2Config()
-    if m.train_steps < 1 and m.checkpoint_from is None:
-        raise ConfigError(f"{key}.train_steps", m.train_steps, ">= 1 generator steps for a dmd2 method")
-    if m.sampler != "lcm":
-        raise ConfigError(f"{key}.sampler", m.sampler, "'lcm' for kind 'dmd2' (its generator predicts x0 and "
-                          "re-noises, in training's backward simulation and at inference)")
-    if m.sample_steps > g.steps:
-        raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({g.steps}): one grid point per step")
-    if m.dmd2.t_min >= m.dmd2.t_max:
-        raise ConfigError(f"{key}.dmd2.t_min", m.dmd2.t_min, f"< {key}.dmd2.t_max ({m.dmd2.t_max})")
-
-
-def validate(params: Params) -> Params:
-    """Checks that need more than one key (κ inside the grid, paths for real backbones, …)."""
-    g = params.grid
-    _check_parallel(params.training.parallel)
-    if g.num_train_timesteps % g.steps:
-        raise ConfigError("grid.steps", g.steps, f"must divide grid.num_train_timesteps ({g.num_train_timesteps})")
-    if not 0 <= g.kappa <= g.steps - 2:
-        raise ConfigError("grid.kappa", g.kappa, f"must lie inside the teacher grid: 0 <= kappa <= {g.steps - 2}")
+def _check_backbone(params: Params) -> None:
     bb = params.backbone
     if bb.family == "toy":
         if bb.toy is None:
@@ -625,106 +714,114 @@ def validate(params: Params) -> Params:
             raise ConfigError("world.size", params.world.size,
                               f"must be a multiple of codec_factor·patch ({unit}) for the toy backbone")
         if len(bb.toy.patch_size) != 3 or min(bb.toy.patch_size) < 1:
-            raise ConfigError("backbone.toy.patch_size", bb.toy.patch_size, "three positive integers (t, h, w)")
+            raise ConfigError("backbone.toy.patch_size", bb.toy.patch_size,
+                              "three positive integers (t, h, w)")
         if params.world.frames % bb.toy.patch_size[0]:
-            raise ConfigError("world.frames", params.world.frames,
-                              f"must be a multiple of backbone.toy.patch_size[0] ({bb.toy.patch_size[0]}) for the toy backbone")
-    else:
-        if not bb.path:
-            raise ConfigError("backbone.path", bb.path, f"a local diffusers folder is required for family '{bb.family}'")
-        if not Path(os.path.expanduser(bb.path)).is_dir():
-            raise ConfigError("backbone.path", bb.path, "an existing local directory with the pipeline's weights")
-        if bb.real is None:
-            raise ConfigError("backbone.real", None, f"required when backbone.family is {bb.family!r} "
-                              "(height, width, frames of the videos)")
-        if bb.real.frames % 4 != 1:
-            raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
-        for key in ("height", "width"):
-            if getattr(bb.real, key) % 16:
-                raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key), "a multiple of 16 (VAE 8x, patch 2)")
-    for name, m in params.methods.items():
-        key = f"methods.{name}"
-        if m.checkpoint_from is not None and m.checkpoint_from not in params.methods:
-            raise ConfigError(f"{key}.checkpoint_from", m.checkpoint_from, f"one of {sorted(params.methods)}")
-        for field, unset in (("replicate_of", None), ("train_seed", 0)):
-            if getattr(m, field) != unset:
-                raise ConfigError(f"{key}.{field}", getattr(m, field), "unset: the loader sets it on the rows "
-                                  "paper.seeds adds (<row>_s<k>); more training seeds of a row: paper.seeds")
-        if m.ablation and m.nfe_curve:
-            raise ConfigError(f"{key}.nfe_curve", m.nfe_curve, f"false when {key}.ablation is true (a row is "
-                              "in one opt-in group: the ablation report's or the NFE curves')")
-        if m.mcm is not None and m.kind != "mcm":
-            raise ConfigError(f"{key}.mcm", dataclasses.asdict(m.mcm),
-                              f"only for kind 'mcm' (this method is kind {m.kind!r})")
-        for expert in ("seme", "dete"):
-            if getattr(m, expert) is not None and m.kind != "dcm":
-                raise ConfigError(f"{key}.{expert}", dataclasses.asdict(getattr(m, expert)),
-                                  f"only for kind 'dcm' (this method is kind {m.kind!r})")
-        if m.kind == "mcm":
-            m.mcm = m.mcm or McmConfig()
-            if m.mcm.disc_frames > params.world.frames:
-                raise ConfigError(f"{key}.mcm.disc_frames", m.mcm.disc_frames,
-                                  f"<= world.frames ({params.world.frames}): frames are sampled per video")
-        if m.dmd2 is not None and m.kind != "dmd2":
-            raise ConfigError(f"{key}.dmd2", dataclasses.asdict(m.dmd2),
-                              f"only for kind 'dmd2' (this method is kind {m.kind!r})")
-        if m.kind == "dmd2":
-            _check_dmd2(key, m, g)
-        if m.kind in ("consistency", "mcm"):
-            if m.phases > g.steps:
-                raise ConfigError(f"{key}.phases", m.phases, f"must be <= grid.steps ({g.steps})")
-            if m.train_steps < 1 and m.checkpoint_from is None:
-                raise ConfigError(f"{key}.train_steps", m.train_steps, f">= 1 for a {m.kind} method")
-        if m.kind == "dcm":
-            if m.checkpoint_from is None:
-                for expert in ("seme", "dete"):
-                    if getattr(m, expert) is None:
-                        raise ConfigError(f"{key}.{expert}", None, "required for a dcm method")
-            if m.sample_steps < 2:
-                raise ConfigError(f"{key}.sample_steps", m.sample_steps, ">= 2 (at least one step per expert)")
-            n_seme = (m.sample_steps + 1) // 2
-            if n_seme > g.steps - 1 - g.kappa or m.sample_steps - n_seme > g.kappa + 1:
-                raise ConfigError(f"{key}.sample_steps", m.sample_steps,
-                                  f"at most {2 * min(g.steps - 1 - g.kappa, g.kappa + 1)} here: each expert needs "
-                                  f"one grid point per step (SemE has {g.steps - 1 - g.kappa}, DetE {g.kappa + 1} "
-                                  f"with grid.steps={g.steps}, kappa={g.kappa})")
-            if m.dete is not None and m.dete.lora_rank > 0 and m.dete.lora_alpha <= 0:
-                raise ConfigError(f"{key}.dete.lora_alpha", m.dete.lora_alpha, "> 0 when lora_rank > 0")
-        if m.kind == "teacher" and m.sample_steps > g.steps:
-            raise ConfigError(f"{key}.sample_steps", m.sample_steps, f"<= grid.steps ({g.steps})")
-        _check_schedule(key, m, g)
-        if m.sampler == "lcm" and m.kind not in ("consistency", "mcm", "dmd2"):
-            raise ConfigError(f"{key}.sampler", m.sampler,
-                              f"'euler' for kind {m.kind!r} (lcm: consistency, mcm and dmd2 only)")
-    _add_replicates(params)
-    return params
+            raise ConfigError("world.frames", params.world.frames, "must be a multiple of "
+                              f"backbone.toy.patch_size[0] ({bb.toy.patch_size[0]}) for the toy backbone")
+        return
+    if not bb.path:
+        raise ConfigError("backbone.path", bb.path,
+                          f"a local diffusers folder is required for family '{bb.family}'")
+    if not Path(os.path.expanduser(bb.path)).is_dir():
+        raise ConfigError("backbone.path", bb.path, "an existing local directory with the pipeline's weights")
+    if bb.real is None:
+        raise ConfigError("backbone.real", None, f"required when backbone.family is {bb.family!r} "
+                          "(height, width, frames of the videos)")
+    if bb.real.frames % 4 != 1:
+        raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
+    for key in ("height", "width"):
+        if getattr(bb.real, key) % 16:
+            raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key),
+                              "a multiple of 16 (VAE 8x, patch 2)")
 
 
-def _add_replicates(params: Params) -> None:
-    """The rows of `paper.seeds`: for each row r of `paper.rows` and k = 1 … seeds−1, ``r_s<k>`` = r at
-    train_seed k (a row that reuses weights, checkpoint_from c, reuses c_s<k>'s)."""
+def _check_method(name: str, m: MethodConfig, params: Params) -> None:
+    """One row of ``methods``: what every row needs, then its kind's own checks (``MethodKind.check``)."""
+    key, kind = f"methods.{name}", METHOD_KINDS[m.kind]
+    if m.checkpoint_from is not None and m.checkpoint_from not in params.methods:
+        raise ConfigError(f"{key}.checkpoint_from", m.checkpoint_from, f"one of {sorted(params.methods)}")
+    for field, unset in (("replicate_of", None), ("train_seed", 0)):
+        if getattr(m, field) != unset:
+            raise ConfigError(f"{key}.{field}", getattr(m, field), "unset: the loader sets it on the rows "
+                              "paper.seeds adds (<row>_s<k>); more training seeds of a row: paper.seeds")
+    if m.ablation and m.nfe_curve:
+        raise ConfigError(f"{key}.nfe_curve", m.nfe_curve, f"false when {key}.ablation is true (a row is "
+                          "in one opt-in group: the ablation report's or the NFE curves')")
+    for section in METHOD_SECTIONS:
+        value = getattr(m, section)
+        if value is not None and section not in kind.sections:
+            owners = [k.name for k in METHOD_KINDS.values() if section in k.sections]
+            raise ConfigError(f"{key}.{section}", dataclasses.asdict(value),
+                              f"only for kind {' or '.join(map(repr, owners))} (this method is kind "
+                              f"{m.kind!r})")
+        if value is None and section in kind.sections and m.checkpoint_from is None:
+            raise ConfigError(f"{key}.{section}", None, f"required for a {m.kind} method")
+    if m.sampler not in kind.samplers:
+        users = [k.name for k in METHOD_KINDS.values() if m.sampler in k.samplers]
+        raise ConfigError(f"{key}.sampler", m.sampler, f"{' or '.join(map(repr, kind.samplers))} for kind "
+                          f"{m.kind!r} ({m.sampler}: {', '.join(users)} only)")
+    if kind.check is not None:
+        kind.check(key, m, params)
+    _check_schedule(key, m, params.grid)
+
+
+def _check_paper(params: Params) -> None:
+    """``paper.rows``: trained rows, each once, with the rows whose weights they sample; the names
+    ``<row>_s<k>`` free for the training seeds ``paper.seeds`` adds."""
     p = params.paper
     for i, row in enumerate(p.rows):
         key = f"paper.rows[{i}]"
         if row not in params.methods:
             raise ConfigError(key, row, f"one of {sorted(params.methods)}")
         m = params.methods[row]
-        if m.kind == "teacher":
-            raise ConfigError(key, row, "a trained row: a teacher row has no training seed (it samples the teacher)")
+        if not METHOD_KINDS[m.kind].trains:
+            raise ConfigError(key, row, f"a trained row: a {m.kind} row has no training seed (it samples the "
+                              "teacher)")
         if m.checkpoint_from is not None and m.checkpoint_from not in p.rows:
-            raise ConfigError(key, row, f"listed together with {m.checkpoint_from!r}, whose weights it samples")
+            raise ConfigError(key, row,
+                              f"listed together with {m.checkpoint_from!r}, whose weights it samples")
     if len(set(p.rows)) != len(p.rows):
         raise ConfigError("paper.rows", p.rows, "each row once")
     for k in range(1, p.seeds):
         for row in p.rows:
-            name = f"{row}_s{k}"
-            if name in params.methods:
-                raise ConfigError(f"methods.{name}", name, f"a name of its own: paper.seeds ({p.seeds}) adds "
-                                  f"{name} as {row}'s training seed {k}")
+            if f"{row}_s{k}" in params.methods:
+                raise ConfigError(f"methods.{row}_s{k}", f"{row}_s{k}", f"a name of its own: paper.seeds "
+                                  f"({p.seeds}) adds {row}_s{k} as {row}'s training seed {k}")
+
+
+def validate(params: Params) -> None:
+    """Checks that need more than one key (κ inside the grid, paths for real backbones, each method's
+    kind, …); raises :class:`ConfigError` and changes nothing."""
+    g = params.grid
+    _check_parallel(params.training.parallel)
+    if g.num_train_timesteps % g.steps:
+        raise ConfigError("grid.steps", g.steps,
+                          f"must divide grid.num_train_timesteps ({g.num_train_timesteps})")
+    if not 0 <= g.kappa <= g.steps - 2:
+        raise ConfigError("grid.kappa", g.kappa,
+                          f"must lie inside the teacher grid: 0 <= kappa <= {g.steps - 2}")
+    _check_backbone(params)
+    for name, m in params.methods.items():
+        _check_method(name, m, params)
+    _check_paper(params)
+
+
+def with_replicates(params: Params) -> Params:
+    """These params with the rows of `paper.seeds`: for each row r of `paper.rows` and k = 1 … seeds−1,
+    ``r_s<k>`` = r at train_seed k (a row that reuses weights, checkpoint_from c, reuses c_s<k>'s)."""
+    added = {}
+    for k in range(1, params.paper.seeds):
+        for row in params.paper.rows:
             m = copy.deepcopy(params.methods[row])
             m.train_seed, m.replicate_of = k, row
             m.checkpoint_from = m.checkpoint_from and f"{m.checkpoint_from}_s{k}"
-            params.methods[name] = m
+            added[f"{row}_s{k}"] = m
+    if not added:
+        return params
+    out = copy.copy(params)
+    out.methods = {**params.methods, **added}
+    return out
 
 
 # ------------------------------------------------------------------------------- entry points
@@ -733,7 +830,8 @@ def _add_replicates(params: Params) -> None:
 def deep_merge(base: dict, overlay: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in overlay.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
+            dict) else copy.deepcopy(v)
     return out
 
 
@@ -748,7 +846,8 @@ def preset_overlay(name: str) -> dict:
 def load_raw(path: str | os.PathLike = "params.yaml", preset: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("params file", str(path), "an existing YAML file (run from the project root or pass --params)")
+        raise ConfigError("params file", str(path),
+                          "an existing YAML file (run from the project root or pass --params)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -760,12 +859,14 @@ def load_raw(path: str | os.PathLike = "params.yaml", preset: str | None = None)
 
 
 def parse(raw: dict) -> Params:
-    """Validate a raw mapping (``params.yaml`` as loaded) into :class:`Params`; raises :class:`ConfigError`."""
+    """Validate a raw mapping (``params.yaml`` as loaded) into :class:`Params` (checked by :func:`validate`,
+    then the derived rows added: :func:`with_replicates`); raises :class:`ConfigError`."""
     try:
         params = PARAMS.validate_python(raw)
     except ValidationError as e:
         raise _translate(e, raw) from None
-    return validate(params)
+    validate(params)
+    return with_replicates(params)
 
 
 def load(path: str | os.PathLike = "params.yaml", preset: str | None = None) -> Params:

@@ -20,7 +20,8 @@ REPORTS = Path("reports")
 ABLATIONS = Path("ablations")  # the ablation report (`make ablations`)
 PAPER = Path("paper")  # the paper report: claims with verdicts, NFE curves (`make paper`)
 EXPORT = Path("export")
-MCM_SETTING = Path("mcm_setting")  # MCM in its own setting: the `mcm` preset's pipeline in this folder (`make paper`)
+# MCM in its own setting: the `mcm` preset's pipeline in this folder (`make paper`)
+MCM_SETTING = Path("mcm_setting")
 
 
 def checkpoint(method: str, expert: str | None = None) -> Path:
@@ -38,13 +39,17 @@ def metrics(method: str) -> Path:
 
 def weights_path(params: Params, method: str) -> str:
     """What a method samples from: the teacher, or the checkpoint folder it (or checkpoint_from) trained."""
+    from dcm.config import METHOD_KINDS
+
     m = params.method(method)
-    if m.kind == "teacher":
+    if not METHOD_KINDS[m.kind].trains:
         return str(TEACHER)
     return str(checkpoint(m.checkpoint_from or method))
 
 
 def weights_paths(params: Params, method: str) -> list[str]:
-    """The stage outputs a method's sampling depends on (DCM: the seme/ and dete/ folders)."""
+    """The stage outputs a method's sampling depends on (its kind's ``weights``: DCM's seme/ and dete/)."""
+    from dcm.config import METHOD_KINDS
+
     root = weights_path(params, method)
-    return [f"{root}/seme", f"{root}/dete"] if params.method(method).kind == "dcm" else [root]
+    return [f"{root}/{part}" for part in METHOD_KINDS[params.method(method).kind].weights] or [root]

@@ -26,9 +26,9 @@ from dcm.distill.loop import (
 )
 from dcm.parallel import fsdp as parallel
 
-__all__ = ["ConsistencyBatch", "DistillSpec", "Objective", "TemporalCoherence", "TrainingDiverged", "TrainResult",
-           "train", "save_transformer", "CachedSource", "OnlineSource", "device", "check_inputs", "load_backbone",
-           "make_source", "full_parameter_student", "run_distillation"]
+__all__ = ["ConsistencyBatch", "DistillSpec", "Objective", "TemporalCoherence", "TrainingDiverged",
+           "TrainResult", "train", "save_transformer", "CachedSource", "OnlineSource", "device",
+           "check_inputs", "load_backbone", "make_source", "full_parameter_student", "run_distillation"]
 
 
 def device() -> torch.device:
@@ -36,17 +36,20 @@ def device() -> torch.device:
 
 
 def check_inputs(params: Params, source: str | None = None) -> None:
-    """Fail before any model is loaded if the batch source ``training.source`` (or ``source``) needs is not
-    complete (the trajectories stage resumes, so its folder can exist half-written), or if
-    ``training.parallel`` does not fit this job's world size."""
+    """Fail before any model is loaded if the batch source ``training.source`` (or ``source``: a kind's own,
+    ``online`` videos or ``generated`` samples, both from the prompt sets) needs is not complete (the
+    trajectories stage resumes, so its folder can exist half-written), or if ``training.parallel`` does
+    not fit this job's world size."""
     parallel.check_world(params)
     if (source or params.training.source) == "cached":
         if not (paths.TRAJECTORIES / "index.json").is_file():
             raise ConfigError("training.source", "cached",
-                              f"needs the trajectory store in {paths.TRAJECTORIES}/: run `dcm run trajectories` "
+                              f"needs the trajectory store in {paths.TRAJECTORIES}/: run "
+                              "`dcm run trajectories` "
                               "(or set training.source: online)")
     elif not paths.PROMPTS.is_file():
-        raise ConfigError("training.source", "online", f"needs {paths.PROMPTS}: run `dcm run prepare` first")
+        raise ConfigError("training.source", source or params.training.source,
+                          f"needs {paths.PROMPTS}: run `dcm run prepare` first")
 
 
 def load_backbone(params: Params) -> Backbone:
@@ -56,19 +59,22 @@ def load_backbone(params: Params) -> Backbone:
 
 def make_source(params: Params, backbone: Backbone, source: str | None = None, quality: str | None = None):
     """The batch source ``training.source`` (or ``source``) names: the cached trajectory store, or online
-    teacher steps on the shapes world's videos of ``world.quality`` (or ``quality``: MCM's low-quality data)."""
+    teacher steps on the shapes world's videos of ``world.quality`` (or ``quality``: MCM's low-quality
+    data)."""
     if (source or params.training.source) == "cached":
         from dcm.data.trajectories import TrajectoryStore
 
         return CachedSource(TrajectoryStore(paths.TRAJECTORIES, verify=True), backbone, device())
     rows = io.read_json(paths.PROMPTS)["train"]
     grid = params.teacher_grid()
-    return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, quality or params.world.quality,
+    return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames,
+                        quality or params.world.quality,
                         device(), jitter=params.world.position_jitter)
 
 
 def full_parameter_student(backbone: Backbone) -> nn.Module:
-    """A full-parameter student initialised from the teacher transformer (a deep copy; the teacher stays frozen)."""
+    """A full-parameter student initialised from the teacher transformer (a deep copy; the teacher stays
+    frozen)."""
     student = copy.deepcopy(backbone.transformer).requires_grad_(True)
     return student.train()
 

@@ -7,7 +7,8 @@ extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each st
     draw (trajectory, n) → x_n, x_{n−1}, cond from the source
     x̂     = x_n + (σ_end − σ_n)·v_θ(x_n, t_n)                     student, with grad
     x̂_tgt = x_{n−1} + (σ_end − σ_{n−1})·v_θ⁻(x_{n−1}, t_{n−1})    target, no grad (x_{n−1} at a boundary)
-    loss  = pseudo-Huber(M(x̂), M⁻(x̂_tgt)) + Σ objectives    M = identity unless a ConsistencySpace is given (MCM)
+    loss  = pseudo-Huber(M(x̂), M⁻(x̂_tgt)) + Σ objectives
+            (M = identity unless a ConsistencySpace is given: MCM)
     backward (× grad_accum) → clip → AdamW → EMA → objectives' own steps → log → checkpoint
 
 Every ``training.log_every`` steps the history also holds each loss term's gradient norm before
@@ -56,7 +57,8 @@ SUMMARY_FILE = "train.json"
 DISTRIBUTED_FILE = "distributed.json"  # multi-rank runs: every rank's parameter digest after training
 ADAM_BETAS = (0.9, 0.999)
 
-#: ``wrap(net, shard=...)``: ``dcm.parallel.fsdp.parallelize`` bound to the run's layout (nothing in one process)
+# : ``wrap(net, shard=...)``: ``dcm.parallel.fsdp.parallelize`` bound to the run's layout (nothing in one
+# process)
 Wrap = Callable[..., nn.Module]
 
 
@@ -87,17 +89,20 @@ class Objective:
 
     name: str = "objective"
     #: trains under context parallelism (training.parallel.context_parallel > 1): the loop enables it on the
-    #: objective's networks; block outputs it takes by hooks are gathered (``dcm.parallel.context.gather_taps``)
+    # : objective's networks; block outputs it takes by hooks are gathered
+    # (``dcm.parallel.context.gather_taps``)
     #: and its random draws are the same on every rank of a context-parallel group
     supports_context_parallel: bool = False
 
     def check_parallel(self, dims: parallel.ParallelDims) -> None:
-        """Raise ``ConfigError`` (key, value, what is allowed) for a layout over the ranks (``training.parallel``
-        at this world size) this objective cannot train under; the loop calls it before any work."""
+        """Raise ``ConfigError`` (key, value, what is allowed) for a layout over the ranks
+        (``training.parallel`` at this world size) this objective cannot train under; the loop calls it
+        before any work."""
         if dims.cp > 1 and not self.supports_context_parallel:
             raise ConfigError("training.parallel.context_parallel", dims.cp,
-                              f"1 with the {type(self).__name__} objective ('{self.name}'): it does not support "
-                              "context parallelism (its feature taps are not gathered across the ranks)")
+                              f"1 with the {type(self).__name__} objective ('{self.name}'): it does not "
+                              "support context parallelism (its feature taps are not gathered across the "
+                              "ranks)")
 
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
         """Weighted scalar terms, summed into the student's loss and logged by key."""
@@ -108,20 +113,21 @@ class Objective:
         return {}
 
     def grad_networks(self) -> list[nn.Module]:
-        """Frozen networks the generator loss backpropagates through (activation checkpointing covers them)."""
+        """Frozen networks the generator loss backpropagates through (activation checkpointing covers
+        them)."""
         return []
 
     def parallelize(self, wrap: Wrap) -> None:
-        """Wrap the objective's trained networks over the ranks, before any step.  Default: each trained module
-        replicated (``shard=False``: small heads); one as large as the student passes ``shard=True`` (and
-        remakes what holds its parameters: FSDP2 replaces them by shards)."""
+        """Wrap the objective's trained networks over the ranks, before any step.  Default: each trained
+        module replicated (``shard=False``: small heads); one as large as the student passes ``shard=True``
+        (and remakes what holds its parameters: FSDP2 replaces them by shards)."""
         for net in _trainable_modules(self):
             wrap(net, shard=False)
 
     def sharded_parts(self) -> dict:
-        """Parts of ``state_dict()`` (same keys) a multi-rank checkpoint writes as DCP ``Stateful`` parts, each
-        rank its shards, resharded on load, instead of pickling them from rank 0: a sharded network, its
-        optimizer.  ``load_state_dict`` then gets the rest only."""
+        """Parts of ``state_dict()`` (same keys) a multi-rank checkpoint writes as DCP ``Stateful`` parts,
+        each rank its shards, resharded on load, instead of pickling them from rank 0: a sharded network,
+        its optimizer.  ``load_state_dict`` then gets the rest only."""
         return {}
 
     def state_dict(self) -> dict:
@@ -135,13 +141,15 @@ class TemporalCoherence(Objective):
     """SemE's temporal coherence loss on the endpoints, weight λ_TC, frame offset l (METHODS.md)."""
 
     name = "tc"
-    supports_context_parallel = True  # on the model's output, which context parallelism gathers: the whole clip
+    # on the model's output, which context parallelism gathers: the whole clip
+    supports_context_parallel = True
 
     def __init__(self, weight: float, offset: int):
         self.weight, self.offset = weight, offset
 
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
-        return {"tc": self.weight * losses.temporal_coherence(batch.x_end_pred, batch.x_end_target, self.offset)}
+        tc = losses.temporal_coherence(batch.x_end_pred, batch.x_end_target, self.offset)
+        return {"tc": self.weight * tc}
 
 
 class ConsistencySpace:
@@ -240,12 +248,15 @@ def resume_settings(spec: DistillSpec, params: Params, data_parallel: int = 1) -
     # memory; so does the layout over ranks (training.parallel) at the same global batch, bf16 compute aside
     unshared = ("checkpoint_every", "log_every", "gradient_checkpointing", "parallel")
     training = {k: v for k, v in vars(params.training).items() if k not in unshared}
-    training["batch_size"] = params.training.batch_size * data_parallel  # global: resumable on another GPU count
+    # global: resumable on another GPU count
+    training["batch_size"] = params.training.batch_size * data_parallel
     training["mixed_precision"] = params.training.parallel.mixed_precision
-    return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases], "target": spec.target,
+    return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases],
+            "target": spec.target,
             "lr": spec.lr, "seed": params.seed, "training": training, "grid": vars(params.grid),
             "backbone": params.backbone.family, "objectives": [o.name for o in spec.objectives],
-            **({"consistency_space": spec.consistency_space.name} if spec.consistency_space else {}), **spec.settings}
+            **({"consistency_space": spec.consistency_space.name} if spec.consistency_space else {}),
+            **spec.settings}
 
 
 def _check_grid(source, params: Params) -> np.ndarray:
@@ -281,7 +292,8 @@ def _source_counts(path: Path) -> dict:
                 origin = key.removeprefix("source/")
                 counts[origin] = counts.get(origin, 0) + int(value)
     total = sum(counts.values())
-    return {"source_counts": counts, "source_fractions": {k: v / total for k, v in counts.items()}} if total else {}
+    return {"source_counts": counts,
+            "source_fractions": {k: v / total for k, v in counts.items()}} if total else {}
 
 
 def peak_rss_mb() -> float:
@@ -294,8 +306,8 @@ def drop_prompts(cond: PromptEmbeds, null: PromptEmbeds, drop: torch.Tensor) -> 
     its target; the teacher's trajectory stays the guided one it was solved with."""
     def pick(mine: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         if mine.shape != empty.shape:
-            raise ValueError(f"prompt dropout: empty-prompt embedding {tuple(empty.shape)} does not match the "
-                             f"batch's {tuple(mine.shape)}")
+            raise ValueError(f"prompt dropout: empty-prompt embedding {tuple(empty.shape)} does not match "
+                             f"the batch's {tuple(mine.shape)}")
         return torch.where(drop.to(mine.device).view(-1, *[1] * (mine.dim() - 1)), empty.to(mine.dtype), mine)
 
     hidden = pick(cond.hidden, null.hidden)
@@ -352,7 +364,8 @@ def term_grad_norms_by_backward(terms: dict[str, torch.Tensor], params: Sequence
                 parallel.unshard_roots(networks)
                 term.backward(retain_graph=i < len(terms) - 1)
             if cp is not None and cp.degree > 1:
-                cp.average_gradients([p for p in params if p.grad is not None and not hasattr(p.grad, "to_local")])
+                cp.average_gradients([p for p in params
+                                      if p.grad is not None and not hasattr(p.grad, "to_local")])
             out[key] = float(parallel.grad_norm(params)) if any(p.grad is not None for p in params) else 0.0
     finally:
         for p, g in zip(params, kept, strict=True):
@@ -366,7 +379,8 @@ def _modules_of(owner) -> list[nn.Module]:
 
 
 def _trainable_named_modules(owner) -> dict[str, nn.Module]:
-    """The ``nn.Module`` attributes of an objective or consistency space that hold trainable parameters, by name."""
+    """The ``nn.Module`` attributes of an objective or consistency space that hold trainable parameters, by
+    name."""
     return {name: m for name, m in vars(owner).items()
             if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())}
 
@@ -387,10 +401,11 @@ def _across_ranks(logged: dict[str, float], record_n: list[list[int]], record_lo
                   dims: parallel.ParallelDims) -> tuple[dict[str, float], list[int], list[float]]:
     """One step's log over the data-parallel ranks: the mean of every value (the global batch's loss),
     summed sample counts, and the per-sample records in the order one process would draw them."""
-    gathered = distributed.gather_objects((logged, record_n, record_loss))[::dims.cp]  # cp ranks share samples
+    # cp ranks share samples
+    gathered = distributed.gather_objects((logged, record_n, record_loss))[::dims.cp]
     keys = dict.fromkeys(key for g in gathered for key in g[0])
-    merged = {key: sum(g[0].get(key, 0.0) for g in gathered) / (1 if key.startswith("source/") else len(gathered))
-              for key in keys}
+    merged = {key: sum(g[0].get(key, 0.0) for g in gathered)
+              / (1 if key.startswith("source/") else len(gathered)) for key in keys}
     micro = range(len(record_n))
     return (merged, [n for m in micro for g in gathered for n in g[1][m]],
             [v for m in micro for g in gathered for v in g[2][m]])
@@ -399,248 +414,352 @@ def _across_ranks(logged: dict[str, float], record_n: list[list[int]], record_lo
 # --------------------------------------------------------------------------------------- loop
 
 
-def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir: str | Path, tracker) -> TrainResult:
-    """Distil ``spec.student`` for ``spec.train_steps`` steps into ``out_dir`` (resuming from its ``resume/``)."""
-    cfg = params.training
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sigmas_ext = torch.as_tensor(_check_grid(source, params), dtype=torch.float32)  # position n + 1 ↔ index n
-    allowed_n, end_of = phase_tables(spec.phases, params.grid.steps)
-    if not spec.trainable:
-        raise ValueError(f"{spec.name}: no trainable parameters")
-    names = named_trainable(spec.student, spec.trainable)
-    device = spec.trainable[0].device
-    autocast = autocast_for(device)
-    ranks = distributed.world()
-    dims = parallel.check_world(params, ranks.size)
-    mesh = dims.build_mesh()  # None in one process: nothing below is wrapped, the run is what it always was
-    data_rank, data_size = ranks.rank // dims.cp, dims.dp_size  # each data rank its slice of one global batch
-    for obj in spec.objectives:  # layouts an objective cannot train under, before any work
-        obj.check_parallel(dims)
+def train(spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir: str | Path,
+          tracker) -> TrainResult:
+    """Distil ``spec.student`` for ``spec.train_steps`` steps into ``out_dir`` (resuming from its
+    ``resume/``)."""
+    return Trainer(spec, backbone, source, params, Path(out_dir), tracker).run()
 
-    # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
-    ema_model = copy.deepcopy(spec.student).requires_grad_(False) if spec.target == "ema" else None
-    if cfg.gradient_checkpointing:
-        nets = [spec.student, *(net for obj in spec.objectives for net in obj.grad_networks())]
-        if not enable_activation_checkpointing(*nets):
-            raise ConfigError("training.gradient_checkpointing", True,
-                              f"false for {spec.name}: its student holds no transformer that supports it")
-    space = spec.consistency_space or ConsistencySpace()
 
-    # Over the ranks (training.parallel): the student sharded or replicated, the EMA copy like it, the
-    # teacher sharded on request, small trained heads (discriminators, a learnt motion space) replicated.
-    student = parallel.parallelize(spec.student, cfg.parallel, mesh)
-    if ema_model is not None:
-        parallel.parallelize(ema_model, cfg.parallel, mesh)
-    if cfg.parallel.shard_teacher:  # its blocks: feature matching runs the output head outside the forward
-        parallel.parallelize(backbone.transformer, cfg.parallel, mesh, root=False)
-    # a source that draws for the global batch (DMD2's backward simulation) runs the student alike on every rank
-    global_source = getattr(source, "draws_global_batch", False)
-    if (mesh is not None and dims.sharded and not global_source
-            and any(value is spec.student for value in vars(source).values())):
-        raise ConfigError("training.parallel.strategy", cfg.parallel.strategy,
-                          f"'ddp' for {spec.name}: its batch source runs the student itself (MCM's mixed trajectories) "
-                          "on as many samples as each rank draws, and a sharded student needs every rank in each forward")
-    for obj in spec.objectives:  # trained heads replicated; a network the student's size (DMD2's fake score) sharded
-        obj.parallelize(partial(parallel.parallelize, cfg=cfg.parallel, mesh=mesh))
-    for net in _trainable_modules(space):
-        parallel.parallelize(net, cfg.parallel, mesh, shard=False)
-    # Context parallelism (Ulysses, dcm.parallel.context): every transformer that runs forward in a step (the
-    # student, the EMA copy, the teacher of an online source and of DetE's GAN features, an objective's own,
-    # e.g. DMD2's fake score) splits its video tokens over the ranks of one "cp" group, which share the
-    # samples, noise and draws (data_rank above; objectives draw from the global batch's).  Each model's
-    # output is gathered, so every loss (TC included) sees the whole clip; FSDP2 (over dp_shard_cp) and
-    # DDP (over every rank) average the gradients over the group, which makes them the one-rank gradient.
-    cp = None
-    if dims.cp > 1:
+@dataclass
+class _StepLog:
+    """One step's log, summed over its micro-batches: loss terms (already divided by grad_accum), sample
+    counts per origin, and per micro-batch the drawn grid indices and per-sample losses."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    record_n: list[list[int]] = field(default_factory=list)
+    record_loss: list[list[float]] = field(default_factory=list)
+
+    def add(self, key: str, value: float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + value
+
+
+class Trainer:
+    """One run of the loop.  ``__init__`` builds it (the layout over the ranks, the target network, the
+    optimiser, the resume state), ``step`` is one optimisation step, ``run`` resumes and loops, ``finish``
+    gathers the weights and writes the summary."""
+
+    def __init__(self, spec: DistillSpec, backbone: Backbone, source, params: Params, out_dir: Path, tracker):
+        self.spec, self.backbone, self.source, self.params = spec, backbone, source, params
+        self.tracker = tracker
+        self.cfg = cfg = params.training
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # position n + 1 ↔ grid index n
+        self.sigmas_ext = torch.as_tensor(_check_grid(source, params), dtype=torch.float32)
+        self.allowed_n, self.end_of = phase_tables(spec.phases, params.grid.steps)
+        if not spec.trainable:
+            raise ValueError(f"{spec.name}: no trainable parameters")
+        self.names = named_trainable(spec.student, spec.trainable)
+        self.device = spec.trainable[0].device
+        self.autocast = autocast_for(self.device)
+        self.ranks = distributed.world()
+        self.dims = dims = parallel.check_world(params, self.ranks.size)
+        # None in one process: nothing is wrapped, the run is what it always was
+        self.mesh = dims.build_mesh()
+        # each data rank computes its slice of one global batch
+        self.data_rank, self.data_size = self.ranks.rank // dims.cp, dims.dp_size
+        for obj in spec.objectives:  # layouts an objective cannot train under, before any work
+            obj.check_parallel(dims)
+        # a source that draws for the global batch (DMD2's backward simulation) runs the student alike on
+        # every rank
+        self.global_source = getattr(source, "draws_global_batch", False)
+
+        # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
+        ema_model = copy.deepcopy(spec.student).requires_grad_(False) if spec.target == "ema" else None
+        if cfg.gradient_checkpointing:
+            nets = [spec.student, *(net for obj in spec.objectives for net in obj.grad_networks())]
+            if not enable_activation_checkpointing(*nets):
+                raise ConfigError("training.gradient_checkpointing", True,
+                                  f"false for {spec.name}: its student holds no transformer that supports it")
+        self.space = spec.consistency_space or ConsistencySpace()
+        self.student, self.ema_model = self._wrap(ema_model)
+        self.cp = self._context_parallel()
+
+        self.trainable = [dict(self.student.named_parameters())[name] for name in self.names]  # wrapped ones
+        self.ema_params = ([dict(self.ema_model.named_parameters())[name] for name in self.names]
+                           if self.ema_model is not None else [])
+        self.target_model = self.ema_model if self.ema_model is not None else self.student
+        self.stepped = [*self.trainable, *self.space.parameters()]  # a learnable M trains with the student
+        self.optimizer = adamw(self.stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+        self.sampler = torch.Generator().manual_seed(params.seed)
+        self.resume_state = checkpoint.ResumeState(
+            out_dir, checkpoint.fingerprint(resume_settings(spec, params, self.data_size)), names=self.names,
+            trainable=self.trainable, ema=self.ema_params, optimizer=self.optimizer,
+            optimized=_optimized_module(self.student, self.space), objectives=spec.objectives,
+            space=self.space,
+            sampler=self.sampler, sharded=self.mesh is not None)
+        self.history_path = out_dir / HISTORY_FILE
+        self.last_checkpoint: str | None = None
+        self._null_by_batch: dict[int, PromptEmbeds] = {}
+
+    # ------------------------------------------------------------------------------------- build
+
+    def _wrap(self, ema_model: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
+        """Over the ranks (training.parallel): the student sharded or replicated, the EMA copy like it, the
+        teacher sharded on request, small trained heads (discriminators, a learnt motion space) replicated."""
+        spec, cfg, mesh = self.spec, self.cfg.parallel, self.mesh
+        student = parallel.parallelize(spec.student, cfg, mesh)
+        if ema_model is not None:
+            parallel.parallelize(ema_model, cfg, mesh)
+        if cfg.shard_teacher:  # its blocks: feature matching runs the output head outside the forward
+            parallel.parallelize(self.backbone.transformer, cfg, mesh, root=False)
+        if (mesh is not None and self.dims.sharded and not self.global_source
+                and any(value is spec.student for value in vars(self.source).values())):
+            raise ConfigError("training.parallel.strategy", cfg.strategy,
+                              f"'ddp' for {spec.name}: its batch source runs the student itself (MCM's mixed "
+                              "trajectories) on as many samples as each rank draws, and a sharded student "
+                              "needs every rank in each forward")
+        # trained heads replicated; a network the student's size (DMD2's fake score) sharded
+        for obj in spec.objectives:
+            obj.parallelize(partial(parallel.parallelize, cfg=cfg, mesh=mesh))
+        for net in _trainable_modules(self.space):
+            parallel.parallelize(net, cfg, mesh, shard=False)
+        return student, ema_model
+
+    def _context_parallel(self):
+        """Context parallelism (Ulysses, dcm.parallel.context): every transformer that runs forward in a step
+        (the student, the EMA copy, the teacher of an online source and of DetE's GAN features, an
+        objective's own, e.g. DMD2's fake score) splits its video tokens over the ranks of one "cp" group,
+        which share the samples, noise and draws (``data_rank``; objectives draw from the global batch's).
+        Each model's output is gathered, so every loss (TC included) sees the whole clip; FSDP2 (over
+        dp_shard_cp) and DDP (over every rank) average the gradients over the group, which makes them the
+        one-rank gradient."""
+        if self.dims.cp <= 1:
+            return None
         from dcm.parallel.context import enable_context_parallel_on
 
-        cp = enable_context_parallel_on([student, ema_model, *_modules_of(backbone), *_modules_of(source),
-                                         *(m for obj in spec.objectives for m in _modules_of(obj)),
-                                         *_modules_of(space)], mesh["cp"])
-    trainable = [dict(student.named_parameters())[name] for name in names]  # the wrapped (maybe sharded) ones
-    ema_params = [dict(ema_model.named_parameters())[name] for name in names] if ema_model is not None else []
-    target_model = ema_model if ema_model is not None else student
-    stepped = [*trainable, *space.parameters()]  # a learnable M trains with the student
-    optimizer = adamw(stepped, lr=spec.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
-    sampler = torch.Generator().manual_seed(params.seed)
-    run_fingerprint = checkpoint.fingerprint(resume_settings(spec, params, data_size))
-    resume = checkpoint.ResumeState(out_dir, run_fingerprint, names=names, trainable=trainable, ema=ema_params,
-                                    optimizer=optimizer, optimized=_optimized_module(student, space),
-                                    objectives=spec.objectives, space=space, sampler=sampler, sharded=mesh is not None)
+        spec = self.spec
+        return enable_context_parallel_on(
+            [self.student, self.ema_model, *_modules_of(self.backbone), *_modules_of(self.source),
+             *(m for obj in spec.objectives for m in _modules_of(obj)), *_modules_of(self.space)],
+            self.mesh["cp"])
 
-    start, wall_before, last_checkpoint = 0, 0.0, None
-    loaded = resume.load(spec.train_steps)
-    if loaded is not None:
-        start, wall_before, last_checkpoint = loaded
-        print(f"{spec.name}: resuming from step {start} ({last_checkpoint})")
-    history_path = out_dir / HISTORY_FILE
-    if ranks.is_main:
-        if start:
-            _truncate_history(history_path, start)
-        else:
-            history_path.unlink(missing_ok=True)
-
-    null_by_batch: dict[int, PromptEmbeds] = {}
-
-    def null_cond(batch: int) -> PromptEmbeds:
-        if batch not in null_by_batch:
-            with torch.no_grad():
-                null_by_batch[batch] = backbone.null_prompts(batch).to(device)
-        return null_by_batch[batch]
-
-    student.train()
-    t0 = time.perf_counter()
-    step_losses: list[float] = []
-    bar = tqdm(range(start, spec.train_steps), desc=spec.name, initial=start, total=spec.train_steps,
-               dynamic_ncols=True, disable=not ranks.is_main)
-    with open(history_path if ranks.is_main else os.devnull, "a") as history:
-        for step in bar:
-            step_t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_batches: list[ConsistencyBatch] = []
-            logged: dict[str, float] = {}
-            record_n: list[list[int]] = []
-            record_loss: list[list[float]] = []
-            term_norms = step % cfg.log_every == 0  # a logging step: each term's gradient norm too
-            for micro in range(cfg.grad_accum):
-                # --- draw trajectories and grid indices n (uniform over the phases' union)
-                rows, n = draw_indices(len(source), allowed_n, cfg.batch_size * data_size, sampler)
-                source_rng = sampler
-                mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)  # this rank's rows
-                if data_size == 1:
-                    data = source.batch(rows, n, source_rng)
-                elif global_source:  # the global batch's draws from the loop's stream, this rank's rows computed
-                    data = source.batch(rows, n, sampler, part=(data_rank, data_size))
-                    rows, n = rows[mine], n[mine]
-                else:  # this rank's slice; its own noise stream, replayable from the step
-                    rows, n = rows[mine], n[mine]
-                    source_rng = torch.Generator().manual_seed(hash((params.seed, step, micro, data_rank)) % 2**62)
-                    data = source.batch(rows, n, source_rng)
-                end = end_of[n]
-                if cfg.prompt_dropout > 0:  # no draw at 0: runs without dropout keep their random stream
-                    drop = (torch.rand(cfg.batch_size * data_size, generator=sampler)[mine] if global_source
-                            else torch.rand(len(rows), generator=source_rng)) < cfg.prompt_dropout
-                    data = replace(data, cond=drop_prompts(data.cond, null_cond(len(rows)), drop))
-                sigma_n, sigma_prev, sigma_end = (sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
-                at_boundary = (n - 1 == end).to(device)
-
-                x_end_pred, x_end_target = endpoints(backbone, student, target_model, data, sigma_n,
-                                                     sigma_prev, sigma_end, at_boundary, autocast)
-
-                batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
-                                         x_end_pred, x_end_target, autocast, data_rank, data_size)
-                m_pred = space.student(x_end_pred)
-                with torch.no_grad():
-                    m_target = space.target(x_end_target)
-                terms = {"consistency": losses.pseudo_huber(m_pred, m_target, cfg.huber_c)}
-                for obj in spec.objectives:
-                    for key, value in obj.generator_loss(batch).items():
-                        terms[f"{obj.name}/{key}" if key != obj.name else key] = value
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    values = {k: float(v.detach()) for k, v in terms.items()}
-                    raise TrainingDiverged(f"{spec.name}: non-finite loss at step {step} (terms {values}); "
-                                           f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
-                if term_norms and mesh is None:  # before the backward frees the graph; the mean over micro-batches
-                    for k, v_ in terms.items():
-                        key = f"grad_norm/{k}"
-                        logged[key] = logged.get(key, 0.0) + term_grad_norm(v_, stepped) / cfg.grad_accum
-                (loss / cfg.grad_accum).backward(retain_graph=term_norms and mesh is not None)
-                if term_norms and mesh is not None:
-                    through = [net for obj in spec.objectives for net in obj.grad_networks()]
-                    for k, norm in term_grad_norms_by_backward(terms, stepped, cp, through).items():
-                        logged[f"grad_norm/{k}"] = logged.get(f"grad_norm/{k}", 0.0) + norm / cfg.grad_accum
-                micro_batches.append(batch)
-                for k, v_ in terms.items():
-                    logged[k] = logged.get(k, 0.0) + float(v_.detach()) / cfg.grad_accum
-                logged["loss"] = logged.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
-                record_n.append(n.tolist())
-                record_loss.append(losses.pseudo_huber_per_sample(m_pred.detach(), m_target, cfg.huber_c).tolist())
-                for origin, count in data.counts.items():  # where the samples came from (MCM's mixed trajectories)
-                    logged[f"source/{origin}"] = logged.get(f"source/{origin}", 0.0) + count
-
-            # --- optimiser step (gradients already reduced over the ranks by the engine), EMA, the objectives' steps
-            grad_norm = parallel.clip_grad_norm_(stepped, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"{spec.name}: non-finite gradient norm at step {step} (terms {logged}); "
-                                       f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}")
-            optimizer.step()
-            if ema_params:
-                with torch.no_grad():
-                    for p_ema, p in zip(ema_params, trainable, strict=True):
-                        p_ema.lerp_(p.detach(), 1.0 - cfg.ema_decay)
-            space.after_optimizer_step()
-            for obj in spec.objectives:
-                for batch in micro_batches:
-                    for key, value in obj.after_generator_step(batch).items():
-                        logged[f"{obj.name}/{key}"] = float(value)
-
-            # --- log (rank 0: the global batch's values)
-            if ranks.size > 1:
-                logged, samples_n, samples_loss = _across_ranks(logged, record_n, record_loss, dims)
+    def resume(self) -> tuple[int, float]:
+        """The step to start from and the wall time spent before it (0, 0.0 for a fresh run); the history
+        keeps the steps the resume state covers."""
+        start, wall_before = 0, 0.0
+        loaded = self.resume_state.load(self.spec.train_steps)
+        if loaded is not None:
+            start, wall_before, self.last_checkpoint = loaded
+            print(f"{self.spec.name}: resuming from step {start} ({self.last_checkpoint})")
+        if self.ranks.is_main:
+            if start:
+                _truncate_history(self.history_path, start)
             else:
-                samples_n, samples_loss = sum(record_n, []), sum(record_loss, [])
-            step_s = time.perf_counter() - step_t0
-            logged["grad_norm"] = float(grad_norm)
-            step_losses.append(logged["loss"])
-            history.write(json.dumps({"step": step, **logged, "step_s": step_s, "n": samples_n,
-                                      "loss_per_sample": samples_loss}) + "\n")
-            history.flush()
-            tracker.metrics(logged, step=step)
-            bar.set_postfix(loss=f"{logged['loss']:.4g}", gnorm=f"{logged['grad_norm']:.3g}", refresh=False)
+                self.history_path.unlink(missing_ok=True)
+        return start, wall_before
 
-            # --- checkpoint (a multi-rank job: every rank writes its shards)
-            done = step + 1
-            if (resume.sharded or ranks.is_main) and (done % cfg.checkpoint_every == 0 or done == spec.train_steps):
-                last_checkpoint = resume.save(done, wall_before + time.perf_counter() - t0)
-    bar.close()
-    local_tokens = cp.local_tokens if cp is not None else None  # video tokens per rank in the last forward
-    if cp is not None:  # the models run whole again: whatever follows (saving, a stage's own passes) is one rank's
-        cp.remove()
-    if start >= spec.train_steps and start:
-        print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
+    # ------------------------------------------------------------------------------------- steps
 
-    wall_s = wall_before + time.perf_counter() - t0
-    if ranks.size > 1:  # every rank's (consolidated) weights and its shard sizes, for the record
-        digests = distributed.gather_objects(distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
-        local = distributed.gather_objects({name: parallel.local_numel(p) for name, p in zip(names, trainable)})
+    def run(self) -> TrainResult:
+        start, wall_before = self.resume()
+        spec = self.spec
+        self.student.train()
+        t0 = time.perf_counter()
+        step_losses: list[float] = []
+        bar = tqdm(range(start, spec.train_steps), desc=spec.name, initial=start, total=spec.train_steps,
+                   dynamic_ncols=True, disable=not self.ranks.is_main)
+        with open(self.history_path if self.ranks.is_main else os.devnull, "a") as history:
+            for step in bar:
+                step_t0 = time.perf_counter()
+                logged, samples_n, samples_loss = self.step(step)
+                step_losses.append(logged["loss"])
+                history.write(json.dumps({"step": step, **logged, "step_s": time.perf_counter() - step_t0,
+                                          "n": samples_n, "loss_per_sample": samples_loss}) + "\n")
+                history.flush()
+                self.tracker.metrics(logged, step=step)
+                bar.set_postfix(loss=f"{logged['loss']:.4g}", gnorm=f"{logged['grad_norm']:.3g}",
+                                refresh=False)
+                # a multi-rank job: every rank writes its shards
+                done = step + 1
+                if ((self.resume_state.sharded or self.ranks.is_main)
+                        and (done % self.cfg.checkpoint_every == 0 or done == spec.train_steps)):
+                    self.last_checkpoint = self.resume_state.save(done,
+                                                                  wall_before + time.perf_counter() - t0)
+        bar.close()
+        return self.finish(start, wall_before + time.perf_counter() - t0, time.perf_counter() - t0,
+                           step_losses)
+
+    def step(self, step: int) -> tuple[dict[str, float], list[int], list[float]]:
+        """One optimisation step over ``training.grad_accum`` micro-batches, then clip, AdamW, EMA and the
+        objectives' own steps; returns the logged values (the global batch's in a multi-rank run), the
+        drawn grid indices and the per-sample losses in the order one process draws them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        log = _StepLog()
+        term_norms = step % self.cfg.log_every == 0  # a logging step: each term's gradient norm too
+        micro_batches = [self._micro_step(step, micro, log, term_norms)
+                         for micro in range(self.cfg.grad_accum)]
+
+        # gradients are already reduced over the ranks by the engine
+        grad_norm = parallel.clip_grad_norm_(self.stepped, self.cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"{self.spec.name}: non-finite gradient norm at step {step} (terms "
+                                   f"{log.values}); last good checkpoint: {self._last_good()}")
+        self.optimizer.step()
+        if self.ema_params:
+            with torch.no_grad():
+                for p_ema, p in zip(self.ema_params, self.trainable, strict=True):
+                    p_ema.lerp_(p.detach(), 1.0 - self.cfg.ema_decay)
+        self.space.after_optimizer_step()
+        for obj in self.spec.objectives:
+            for batch in micro_batches:
+                for key, value in obj.after_generator_step(batch).items():
+                    log.values[f"{obj.name}/{key}"] = float(value)
+
+        if self.ranks.size > 1:  # rank 0 logs the global batch's values
+            logged, samples_n, samples_loss = _across_ranks(log.values, log.record_n, log.record_loss,
+                                                            self.dims)
+        else:
+            logged, samples_n, samples_loss = log.values, sum(log.record_n, []), sum(log.record_loss, [])
+        logged["grad_norm"] = float(grad_norm)
+        return logged, samples_n, samples_loss
+
+    def _draw(self, step: int, micro: int):
+        """This rank's share of one micro-batch of the global batch: the source's data (prompt dropout
+        applied) and its grid indices n."""
+        cfg, data_rank, data_size = self.cfg, self.data_rank, self.data_size
+        rows, n = draw_indices(len(self.source), self.allowed_n, cfg.batch_size * data_size, self.sampler)
+        source_rng = self.sampler
+        mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)  # this rank's rows
+        if data_size == 1:
+            data = self.source.batch(rows, n, source_rng)
+        elif self.global_source:  # the global batch's draws from the loop's stream, this rank's rows computed
+            data = self.source.batch(rows, n, self.sampler, part=(data_rank, data_size))
+            rows, n = rows[mine], n[mine]
+        else:  # this rank's slice; its own noise stream, replayable from the step
+            rows, n = rows[mine], n[mine]
+            seed = hash((self.params.seed, step, micro, data_rank)) % 2**62
+            source_rng = torch.Generator().manual_seed(seed)
+            data = self.source.batch(rows, n, source_rng)
+        if cfg.prompt_dropout > 0:  # no draw at 0: runs without dropout keep their random stream
+            drop = (torch.rand(cfg.batch_size * data_size, generator=self.sampler)[mine] if self.global_source
+                    else torch.rand(len(rows), generator=source_rng)) < cfg.prompt_dropout
+            data = replace(data, cond=drop_prompts(data.cond, self._null_cond(len(rows)), drop))
+        return data, n
+
+    def _micro_step(self, step: int, micro: int, log: _StepLog, term_norms: bool) -> ConsistencyBatch:
+        """Draw, the student's and the target's endpoints, the loss terms and the backward of one
+        micro-batch (scaled by 1/grad_accum); its values go into ``log``."""
+        cfg, device = self.cfg, self.device
+        data, n = self._draw(step, micro)
+        end = self.end_of[n]
+        sigma_n, sigma_prev, sigma_end = (self.sigmas_ext[i + 1].to(device) for i in (n, n - 1, end))
+        at_boundary = (n - 1 == end).to(device)
+        x_end_pred, x_end_target = endpoints(self.backbone, self.student, self.target_model, data, sigma_n,
+                                             sigma_prev, sigma_end, at_boundary, self.autocast)
+        batch = ConsistencyBatch(step, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
+                                 x_end_pred, x_end_target, self.autocast, self.data_rank, self.data_size)
+        m_pred = self.space.student(x_end_pred)
+        with torch.no_grad():
+            m_target = self.space.target(x_end_target)
+        terms = {"consistency": losses.pseudo_huber(m_pred, m_target, cfg.huber_c)}
+        for obj in self.spec.objectives:
+            for key, value in obj.generator_loss(batch).items():
+                terms[f"{obj.name}/{key}" if key != obj.name else key] = value
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            raise TrainingDiverged(f"{self.spec.name}: non-finite loss at step {step} (terms {values}); "
+                                   f"last good checkpoint: {self._last_good()}")
+        sharded = self.mesh is not None
+        if term_norms and not sharded:  # before the backward frees the graph; the mean over micro-batches
+            for k, term in terms.items():
+                log.add(f"grad_norm/{k}", term_grad_norm(term, self.stepped) / cfg.grad_accum)
+        (loss / cfg.grad_accum).backward(retain_graph=term_norms and sharded)
+        if term_norms and sharded:
+            through = [net for obj in self.spec.objectives for net in obj.grad_networks()]
+            for k, norm in term_grad_norms_by_backward(terms, self.stepped, self.cp, through).items():
+                log.add(f"grad_norm/{k}", norm / cfg.grad_accum)
+        for k, term in terms.items():
+            log.add(k, float(term.detach()) / cfg.grad_accum)
+        log.add("loss", float(loss.detach()) / cfg.grad_accum)
+        log.record_n.append(n.tolist())
+        per_sample = losses.pseudo_huber_per_sample(m_pred.detach(), m_target, cfg.huber_c)
+        log.record_loss.append(per_sample.tolist())
+        for origin, count in data.counts.items():  # where the samples came from (MCM's mixed trajectories)
+            log.add(f"source/{origin}", count)
+        return batch
+
+    def _null_cond(self, batch: int) -> PromptEmbeds:
+        """The empty prompt's embedding for a batch of that size (prompt dropout), computed once."""
+        if batch not in self._null_by_batch:
+            with torch.no_grad():
+                self._null_by_batch[batch] = self.backbone.null_prompts(batch).to(self.device)
+        return self._null_by_batch[batch]
+
+    def _last_good(self) -> str:
+        return self.last_checkpoint or "none (no checkpoint yet)"
+
+    # ------------------------------------------------------------------------------------ finish
+
+    def finish(self, start: int, wall_s: float, run_s: float, step_losses: list[float]) -> TrainResult:
+        """After the last step: the models whole again, the weights saved (rank 0, gathered from every rank's
+        shards) and ``train.json``; ``run_s`` is this process's share of ``wall_s``."""
+        spec, ranks = self.spec, self.ranks
+        local_tokens = self.cp.local_tokens if self.cp is not None else None  # video tokens per rank
+        if self.cp is not None:  # whatever follows (saving, a stage's own passes) is one rank's
+            self.cp.remove()
+        if start >= spec.train_steps and start:
+            print(f"{spec.name}: already trained {start} steps (>= {spec.train_steps})")
+        result = TrainResult(steps=max(start, spec.train_steps), wall_s=wall_s, resumed_from=start,
+                             losses=step_losses)
+        if ranks.size > 1:
+            self._gather_record(local_tokens)
+            if not ranks.is_main:
+                distributed.barrier()  # rank 0 writes the outputs
+                return result
+        if spec.save is not None:
+            spec.save(self.out_dir)
+        io.write_json_atomic(self.out_dir / SUMMARY_FILE, self._summary(start, wall_s, run_s))
+        distributed.barrier()
+        return result
+
+    def _gather_record(self, local_tokens) -> None:
+        """A multi-rank run: every rank's (consolidated) weights and its shard sizes, for the record
+        (``distributed.json``, rank 0); rank 0 gets the full weights for the save."""
+        names, trainable, spec, dims = self.names, self.trainable, self.spec, self.dims
+        digests = distributed.gather_objects(
+            distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
+        local = distributed.gather_objects(
+            {name: parallel.local_numel(p) for name, p in zip(names, trainable, strict=True)})
         trained = {f"{obj.name}.{attr}": net for obj in spec.objectives
                    for attr, net in _trainable_named_modules(obj).items()}
         objective_local = distributed.gather_objects(  # each rank's share of the objectives' trained networks
             {key: sum(parallel.local_numel(p) for p in net.parameters()) for key, net in trained.items()})
         tokens = distributed.gather_objects(local_tokens)
-        parallel.gather_full_weights(student)  # rank 0: the full weights, for the stage's save
-        if not ranks.is_main:
-            distributed.barrier()  # rank 0 writes the outputs
-            return TrainResult(steps=max(start, spec.train_steps), wall_s=wall_s, resumed_from=start,
-                               losses=step_losses)
-        io.write_json_atomic(out_dir / DISTRIBUTED_FILE, {
-            "world_size": ranks.size, "parallel": vars(dims), "parameter_digests": digests,
+        parallel.gather_full_weights(self.student)
+        if not self.ranks.is_main:
+            return
+        io.write_json_atomic(self.out_dir / DISTRIBUTED_FILE, {
+            "world_size": self.ranks.size, "parallel": vars(dims), "parameter_digests": digests,
             "shapes": {name: list(p.shape) for name, p in zip(names, trainable)}, "local_numel": local,
-            **({"objective_numel": {key: sum(p.numel() for p in net.parameters()) for key, net in trained.items()},
+            **({"objective_numel": {key: sum(p.numel() for p in net.parameters())
+                                    for key, net in trained.items()},
                 "objective_local_numel": objective_local} if trained else {}),
-            **({"context_parallel_tokens": tokens} if cp is not None else {})})
-    if spec.save is not None:
-        spec.save(out_dir)
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in student.parameters())
-    summary = {"method": spec.name, "steps": max(start, spec.train_steps), "resumed_from": start,
-               "wall_s": round(wall_s, 3), "steps_per_s": (round((spec.train_steps - start) / (time.perf_counter() - t0), 4)
-                               if spec.train_steps > start else None),
-               "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_params": n_trainable, "total_params": n_total,
-               "trainable_fraction": n_trainable / max(n_total, 1), "batch_size": params.training.batch_size,
-               "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
-               "seed": params.seed, "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(device),
-               "final_loss": _last_logged_loss(history_path), **_source_counts(history_path), "world_size": ranks.size,
-               "global_batch_size": params.training.batch_size * data_size, "parallel": vars(dims)}
-    io.write_json_atomic(out_dir / SUMMARY_FILE, summary)
-    distributed.barrier()
-    return TrainResult(steps=summary["steps"], wall_s=wall_s, resumed_from=start, losses=step_losses)
+            **({"context_parallel_tokens": tokens} if self.cp is not None else {})})
+
+    def _summary(self, start: int, wall_s: float, run_s: float) -> dict:
+        spec, params = self.spec, self.params
+        n_trainable = sum(p.numel() for p in self.trainable)
+        n_total = sum(p.numel() for p in self.student.parameters())
+        ran = spec.train_steps - start
+        return {
+            "method": spec.name, "steps": max(start, spec.train_steps), "resumed_from": start,
+            "wall_s": round(wall_s, 3), "steps_per_s": round(ran / run_s, 4) if ran > 0 else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_params": n_trainable, "total_params": n_total,
+            "trainable_fraction": n_trainable / max(n_total, 1), "batch_size": params.training.batch_size,
+            "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
+            "seed": params.seed,
+            "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(self.device),
+            "final_loss": _last_logged_loss(self.history_path), **_source_counts(self.history_path),
+            "world_size": self.ranks.size, "global_batch_size": params.training.batch_size * self.data_size,
+            "parallel": vars(self.dims)}
 
 
 def save_transformer(model: nn.Module, folder: str = "transformer") -> Callable[[Path], None]:
-    """A ``DistillSpec.save`` for a full-parameter student: diffusers ``save_pretrained`` into ``<out>/transformer``."""
+    """A ``DistillSpec.save`` for a full-parameter student: diffusers ``save_pretrained`` into
+    ``<out>/transformer``."""
 
     def save(out_dir: Path) -> None:
         with io.atomic_dir(Path(out_dir) / folder) as tmp:

@@ -1,55 +1,114 @@
-"""A method of the comparison in one place: what it samples from, with which schedule and velocity
-functions, and how it generates the shared (prompt, seed) rows.
+"""A method of the comparison: its declaration (``dcm.config.METHOD_KINDS``) and the module here that
+implements it.  Each module of a kind defines
 
-Kinds (``methods.<m>.kind``): ``teacher`` (the guided teacher, any step count), ``consistency``
-(LCM = 1 phase, PCM = K phases), ``mcm`` (a consistency student trained MCM's way), ``dmd2`` (a DMD2
-generator at fixed steps, sampled with LCM's re-noising sampler) and ``dcm`` (SemE + DetE).  The
-``sample`` stage, ``benchmarks/`` and ``dcm export`` all go through here.
+- ``schedule(params, method)``: the (σ, expert) steps it samples with, when ``methods.<m>.schedule`` does
+  not list them;
+- ``velocities(params, method, backbone, merged)``: a velocity function per expert of that schedule and
+  the forwards a step costs where it is not one (the CFG teacher: 2);
+- ``train(params, method, stage)``, for a kind that trains: what that training stage hands the one loop
+  (a :class:`Training`).
+
+Adding a method is one module here plus its ``MethodKind`` row in ``dcm.config``; the stage table, the
+``sample`` stage, ``dcm export`` and ``benchmarks/`` go through this package.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from tqdm import tqdm
 
-from dcm import paths
+from dcm import distill, paths
 from dcm.backbones.base import Backbone
-from dcm.config import SCHEDULE_EXPERTS, Params
+from dcm.config import METHOD_KINDS, ConfigError, MethodKind, Params
 from dcm.data.trajectories import initial_noise
-from dcm.distill.experts import load_dual_expert
-from dcm.sampling import Velocity, nfe, sample, sample_lcm, student_velocity, teacher_velocity
-from dcm.schedule import (
-    SamplingStep,
-    expert_schedule,
-    explicit_schedule,
-    pcm_phases,
-    phase_schedule,
-    uniform_schedule,
-)
+from dcm.sampling import Velocity, nfe, sample, sample_lcm, student_velocity
+from dcm.schedule import SamplingStep, explicit_schedule
 
 BATCH = 8  # rows per sampler call
 
 
+def kind_of(params: Params, method: str) -> MethodKind:
+    return METHOD_KINDS[params.method(method).kind]
+
+
+def implementation(params: Params, method: str) -> ModuleType:
+    """The module of ``dcm.methods`` that implements the method's kind."""
+    return importlib.import_module(f"dcm.methods.{kind_of(params, method).module}")
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class Training:
+    """What one training stage of a method hands the loop: the spec, the teacher, the batch source and
+    the folder of its outputs; ``finish`` runs after the loop (e.g. DetE's summary of its discriminator)."""
+
+    spec: distill.DistillSpec
+    backbone: Backbone
+    source: object
+    out_dir: Path
+    finish: Callable[[], None] | None = None
+
+
+def train(params: Params, method: str, stage: str) -> None:
+    """Run training stage ``stage`` of ``method``: inputs checked before anything loads, then the loop."""
+    kind = kind_of(params, method)
+    if stage not in kind.trains:
+        raise ConfigError("--method", method, f"a method that {stage} trains (kind {kind.name} trains in "
+                          f"{list(kind.trains) or 'no stage'})")
+    m = params.method(method)
+    if m.checkpoint_from is not None:
+        raise ConfigError("--method", method, f"a method that trains its own weights ({method} samples "
+                          f"{m.checkpoint_from}'s: run {stage} --method {m.checkpoint_from})")
+    distill.check_inputs(params, kind.source)
+    run = implementation(params, method).train(params, method, stage)
+    distill.run_distillation(params, stage, method, run.spec, run.backbone, run.source, run.out_dir)
+    if run.finish is not None:
+        run.finish()
+
+
+def single_student(params: Params, method: str, backbone: Backbone, student: torch.nn.Module, source,
+                   phases, *, target: str | None = None, objectives=(), space=None,
+                   save_extra: Callable[[Path], None] | None = None) -> Training:
+    """A full-parameter student of the teacher's size (LCM, PCM, MCM, DMD2): trained whole, saved as a
+    diffusers transformer in ``checkpoints/<method>/transformer``; its kind's sections are part of the
+    resume identity."""
+    m = params.method(method)
+    save_weights = distill.save_transformer(student)
+
+    def save(out_dir: Path) -> None:
+        save_weights(out_dir)
+        if save_extra is not None:
+            save_extra(out_dir)
+
+    sections = {s: dataclasses.asdict(getattr(m, s)) for s in kind_of(params, method).sections}
+    spec = distill.DistillSpec(
+        name=method, student=student, trainable=list(student.parameters()), phases=phases,
+        target=target or m.target, lr=m.lr, train_steps=m.train_steps, objectives=list(objectives), save=save,
+        consistency_space=space, settings={"kind": m.kind, "phases": m.phases, **sections})
+    return Training(spec, backbone, source, paths.checkpoint(method))
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
 def schedule_for(params: Params, method: str) -> list[SamplingStep]:
     """The (σ, expert) steps a method samples with: its explicit ``schedule`` (the official lists of the
-    real presets), else derived from the grid (and κ for dcm)."""
+    real presets), else its kind's (derived from the grid, and κ for dcm)."""
     m = params.method(method)
-    g = params.grid
     if m.schedule is not None:
-        return explicit_schedule(m.schedule, g.num_train_timesteps, experts=SCHEDULE_EXPERTS[m.kind])
-    grid = params.teacher_grid()
-    if m.kind == "teacher":
-        return uniform_schedule(grid, m.sample_steps, "teacher")
-    if m.kind == "dcm":
-        return expert_schedule(grid, g.kappa, m.sample_steps)
-    if m.kind == "dmd2":  # the generator's fixed timesteps: the same steps train (dcm.distill.dmd2) and sample
-        return uniform_schedule(grid, m.sample_steps, "student")
-    source = params.method(m.checkpoint_from) if m.checkpoint_from else m
-    if source.phases == m.sample_steps:
-        return phase_schedule(grid, pcm_phases(g.steps, source.phases))
-    return uniform_schedule(grid, m.sample_steps, "student")
+        return explicit_schedule(m.schedule, params.grid.num_train_timesteps,
+                                 experts=kind_of(params, method).experts)
+    return implementation(params, method).schedule(params, method)
 
 
 def guidance_forwards(backbone: Backbone) -> int:
@@ -57,33 +116,17 @@ def guidance_forwards(backbone: Backbone) -> int:
     return 2 if backbone.guidance_mode == "cfg" and backbone.guidance_scale != 1.0 else 1
 
 
-def dcm_experts(params: Params, method: str, backbone: Backbone, merged: bool | None = None
-                ) -> dict[str, Velocity]:
-    """SemE and DetE of a dcm-kind method (checkpoint_from honoured) as velocity functions.
-
-    merged (default: ``methods.<m>.merge_experts``): each name is its expert as a plain transformer
-    (``materialize``: DetE's LoRA merged into a copy), so a step costs one forward of an ordinary
-    model.  Otherwise both names map to the same ``DualExpert``, which routes every sample by its own
-    σ through σ_κ: one set of weights in memory.
-    """
-    source = params.method(method).checkpoint_from or method
-    dual = load_dual_expert(paths.checkpoint(source, "seme"), paths.checkpoint(source, "dete"), backbone)
-    if params.method(method).merge_experts if merged is None else merged:
-        return {e: student_velocity(backbone, dual.materialize(e).eval().requires_grad_(False))
-                for e in ("seme", "dete")}
-    velocity = student_velocity(backbone, dual)
-    return {"seme": velocity, "dete": velocity}
-
-
 def load_experts(params: Params, method: str, backbone: Backbone, merged: bool | None = None
                  ) -> tuple[dict[str, Velocity], dict[str, int]]:
     """Velocity functions per expert name of the method's schedule, and the forwards each step costs
     where it is not one (the CFG teacher: 2)."""
+    return implementation(params, method).velocities(params, method, backbone, merged)
+
+
+def student_velocities(params: Params, method: str, backbone: Backbone, merged: bool | None = None
+                       ) -> tuple[dict[str, Velocity], dict[str, int]]:
+    """One trained transformer (``checkpoints/<method or checkpoint_from>/transformer``) as the student."""
     m = params.method(method)
-    if m.kind == "teacher":
-        return {"teacher": teacher_velocity(backbone, None)}, {"teacher": guidance_forwards(backbone)}
-    if m.kind == "dcm":
-        return dcm_experts(params, method, backbone, merged), {}
     folder = paths.checkpoint(m.checkpoint_from or method) / "transformer"
     student = type(backbone.transformer).from_pretrained(folder).eval().requires_grad_(False)
     student.to(next(backbone.transformer.parameters()).device)
@@ -108,7 +151,8 @@ def generate(params: Params, method: str, backbone: Backbone, rows: list[dict], 
         cond = backbone.encode_prompts([r["prompt"] for r in chunk])
         t0 = time.perf_counter()
         with torch.no_grad():
-            if lcm_sampler:  # fresh re-noising per row, seeded from the row: paired across methods and batches
+            # fresh re-noising per row, seeded from the row: paired across methods and batches
+            if lcm_sampler:
                 x = sample_lcm(experts, steps, noise, cond, seeds=[r["seed"] for r in chunk])
             else:
                 x = sample(experts, steps, noise, cond)

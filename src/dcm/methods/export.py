@@ -39,14 +39,15 @@ prompt encoder and pixel codec are dcm classes: its recipe says so.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import torch
 
-from dcm import io, paths, schedule
-from dcm.config import ConfigError, Params
-from dcm.distill.experts import ADAPTER_DIR, FULL_DIR, DualExpert, load_dual_expert, timestep_layer_state
+from dcm import io, schedule
+from dcm.config import METHOD_KINDS, ConfigError, Params
+from dcm.distill.experts import DualExpert, timestep_layer_state
 
 SCHEDULE_FILE = "student_schedule.json"
 FORMAT_VERSION = 2
@@ -111,9 +112,11 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
     if convention is None:
         raise ValueError(f"no export recipe for {class_name} (family {family!r})")
     if convention != CLASS_CONVENTION.get(class_name):
-        raise ValueError(f"family {family!r} with a {class_name}: expected {CLASS_CONVENTION.get(class_name)!r}")
+        raise ValueError(f"family {family!r} with a {class_name}: "
+                         f"expected {CLASS_CONVENTION.get(class_name)!r}")
     if backbone is None and convention != "wan":
-        raise ValueError(f"exporting a {class_name} needs its backbone (the {convention} forward's extra inputs)")
+        raise ValueError(f"exporting a {class_name} needs its backbone "
+                         f"(the {convention} forward's extra inputs)")
     if teacher is None and getattr(backbone, "path", None) is not None:
         teacher = backbone.path
 
@@ -129,9 +132,11 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
         plan["guidance"] = float(embedded_guidance(torch.tensor([backbone.guidance_scale]))[0])
     if family in PIPELINES:
         settings = backbone.settings
-        plan["pipeline"] = {"class": PIPELINES[family], "max_sequence_length": int(backbone.max_sequence_length),
+        plan["pipeline"] = {"class": PIPELINES[family],
+                            "max_sequence_length": int(backbone.max_sequence_length),
                             "text_dtype": settings.text_dtype, "vae_dtype": settings.vae_dtype,
-                            "vae_tiling": bool(settings.vae_tiling), "vae_slicing": bool(settings.vae_slicing)}
+                            "vae_tiling": bool(settings.vae_tiling),
+                            "vae_slicing": bool(settings.vae_slicing)}
 
     out = Path(out)
     with io.atomic_dir(out) as tmp:
@@ -160,14 +165,15 @@ def recipe(plan: dict) -> str:
     teacher = plan["teacher"] or "<teacher folder>"
     experts = ", ".join(f"{s['expert']} at σ = {s['sigma']:.4g}" for s in plan["steps"])
     if family == "toy":
-        tools = "Stock diffusers + peft for the experts; the toy teacher's text encoder and codec need dcm (step 2)."
+        tools = ("Stock diffusers + peft for the experts; the toy teacher's text encoder and codec need dcm "
+                 "(step 2).")
     else:
         tools = "Stock diffusers + peft + torch only, no dcm code."
     lines = [f"# DCM export ({plan['method']}): {family or 'family not recorded'}, {cls}", "",
              f"{len(plan['steps'])} Euler steps, no re-noising: {experts}, then σ = 0. SemE above "
              f"σ_κ = {plan['sigma_kappa']:.6g}, DetE at and below.", "", tools,
-             "Run the blocks below in order from this folder, with `prompts` (a list of strings) and the latent "
-             "grid `C, T, H, W` of the teacher for your video size set.", "",
+             "Run the blocks below in order from this folder, with `prompts` (a list of strings) and the "
+             "latent grid `C, T, H, W` of the teacher for your video size set.", "",
              "## 1. Load the experts", "", _load_block(plan)]
     text = _text_block(plan, teacher)
     if text:
@@ -176,7 +182,8 @@ def recipe(plan: dict) -> str:
         lines += ["## 2. Text conditioning", "",
                   "This export was written without its teacher backbone: set `text` to the teacher's prompt "
                   "embedding (B, L, text_dim) of `prompts`, as the teacher encodes it.", ""]
-    lines += ["## 3. Noise", "", _code(["x = torch.randn(len(prompts), C, T, H, W)  # latents are (B, C, T, H, W)"]),
+    lines += ["## 3. Noise", "",
+              _code(["x = torch.randn(len(prompts), C, T, H, W)  # latents are (B, C, T, H, W)"]),
               "## 4. Sample", "", _sample_block(plan)]
     decode = _decode_block(plan)
     if decode:
@@ -212,8 +219,8 @@ def _text_block(plan: dict, teacher: str) -> str:
     if family is None:
         return ""
     if family == "toy":
-        return ("The shapes toy teacher's prompt encoder and pixel codec are dcm classes, not stock diffusers: "
-                "this step needs dcm.\n\n"
+        return ("The shapes toy teacher's prompt encoder and pixel codec are dcm classes, not stock "
+                "diffusers: this step needs dcm.\n\n"
                 + _code(["from dcm.backbones.toy import ToyBackbone", "",
                          f'toy = ToyBackbone.from_pretrained("{teacher}")',
                          "text = toy.encode_prompts(prompts).hidden"]))
@@ -245,7 +252,8 @@ def _sample_block(plan: dict) -> str:
              '# shift 1: exactly these sigmas, then 0; scheduler.step is x + (σ_next − σ)·v',
              'scheduler.set_timesteps(sigmas=[s["sigma"] for s in plan["steps"]])']
     if convention == "cogvideox":
-        lines += ["# RoPE tables of the latent grid, as the pipeline makes them (None for models without RoPE)",
+        lines += ["# RoPE tables of the latent grid, as the pipeline makes them "
+                  "(None for models without RoPE)",
                   "f = pipe.vae_scale_factor_spatial",
                   "rope = (pipe._prepare_rotary_positional_embeddings(H * f, W * f, T, x.device)",
                   "        if seme.config.use_rotary_positional_embeddings else None)"]
@@ -263,10 +271,12 @@ def _sample_block(plan: dict) -> str:
                   '                  guidance=torch.full((len(x),), plan["guidance"]), return_dict=False)[0]']
     else:
         lines += ["        # VP v-prediction: the model sees z = x / r at the VP timestep of σ (not the",
-                  "        # scheduler's t = 1000·σ), frames before channels; its v becomes the flow velocity",
+                  "        # scheduler's t = 1000·σ), frames before channels; "
+                  "its v becomes the flow velocity",
                   '        z = x / step["r"]',
                   "        out = model(hidden_states=z.transpose(1, 2), encoder_hidden_states=text,",
-                  '                    timestep=torch.full((len(x),), step["timestep"]), image_rotary_emb=rope,',
+                  '                    timestep=torch.full((len(x),), step["timestep"]), '
+                  'image_rotary_emb=rope,',
                   "                    return_dict=False)[0].transpose(1, 2)",
                   '        x0 = step["alpha"] * z - step["s"] * out',
                   '        eps = step["s"] * z + step["alpha"] * out',
@@ -274,8 +284,8 @@ def _sample_block(plan: dict) -> str:
     lines += ["        x = scheduler.step(v, t, x).prev_sample"]
     text = _code(lines)
     if convention == "cogvideox":
-        text += ("\nCogVideoX is a VP diffusion model with v-prediction (ᾱ_t from its DDIM scheduler); the Euler "
-                 "step runs in the flow parametrisation x_σ = (1 − σ)·x0 + σ·ε. Each step of "
+        text += ("\nCogVideoX is a VP diffusion model with v-prediction (ᾱ_t from its DDIM scheduler); the "
+                 "Euler step runs in the flow parametrisation x_σ = (1 − σ)·x0 + σ·ε. Each step of "
                  "`student_schedule.json` holds r = √((1−σ)² + σ²), α = (1−σ)/r, s = σ/r (the VP sample is "
                  "z = x/r) and the model's fractional timestep: σ interpolated on the teacher scheduler's "
                  "σ_t = s_t/(α_t + s_t), clamped to [0, 999]. No stock scheduler does this mapping at these "
@@ -305,27 +315,18 @@ def _decode_block(plan: dict) -> str:
     return _code(lines)
 
 
-# ------------------------------------------------------------------------------------ the stage
+# ------------------------------------------------------------------------------------ the command
 
 
 def export(params: Params, method: str, out: str | Path | None = None) -> Path:
-    """``dcm export --method M --out DIR``: the trained dual expert of M (default out: export/<method>)."""
-    config = params.method(method)
-    if config.kind != "dcm":
-        raise ConfigError("--method", method, f"a method of kind 'dcm' (this one is {config.kind!r})")
-    source = config.checkpoint_from or method
-    seme_dir, dete_dir = paths.checkpoint(source, "seme"), paths.checkpoint(source, "dete")
-    for folder, stage in ((seme_dir / FULL_DIR, "train_seme"), (dete_dir, "train_dete")):
-        if not folder.exists():
-            raise ConfigError(f"methods.{method}", str(folder), f"trained weights: run `dcm run {stage} --method {source}`")
-    if not ((dete_dir / ADAPTER_DIR).is_dir() or (dete_dir / FULL_DIR).is_dir()):
-        raise ConfigError(f"methods.{method}", str(dete_dir), "a DetE folder with adapter/ or transformer/")
-    from dcm.backbones import load_teacher
+    """``dcm export``: the method's trained weights as a folder the stock diffusers pipeline loads, where
+    its kind's module can write one (``export``)."""
+    from dcm.methods import implementation
 
-    backbone = load_teacher(params, paths.TEACHER)
-    dual = load_dual_expert(seme_dir, dete_dir, backbone)
-    grid = params.teacher_grid()
-    steps = schedule.expert_schedule(grid, dual.kappa, config.sample_steps)
-    teacher = getattr(backbone, "path", None) or Path(paths.TEACHER).resolve()
-    return export_dual_expert(dual, steps, paths.EXPORT / method if out is None else out, method,
-                              backbone=backbone, teacher=teacher)
+    impl = implementation(params, method)
+    if not hasattr(impl, "export"):
+        able = [k.name for k in METHOD_KINDS.values()
+                if hasattr(importlib.import_module(f"dcm.methods.{k.module}"), "export")]
+        raise ConfigError("--method", method, f"a method of kind {' or '.join(map(repr, able))} (this one "
+                          f"is {params.method(method).kind!r})")
+    return impl.export(params, method, out)

@@ -26,7 +26,8 @@ from dcm.pipeline.table import STAGES, Stage
 
 RESOURCES_FILE = Path("slurm/resources.yaml")
 RESOURCES_ENV = "DCM_SLURM_RESOURCES"  # another resources file (the local test cluster has no GPUs)
-DVC_HEADER = ("# Generated from the stage table (src/dcm/pipeline/table.py) by `python -m dcm.pipeline.dag`;\n"
+DVC_HEADER = ("# Generated from the stage table (src/dcm/pipeline/table.py) by "
+              "`python -m dcm.pipeline.dag`;\n"
               "# tests/test_orchestration.py holds it equal to the table and to the Snakefile.\n")
 
 
@@ -146,7 +147,8 @@ def dvc_stage(stage: Stage, params: Params) -> dict | None:
         if not methods:
             return None
         weights = "{weights}" in stage.deps
-        entry["foreach"] = {m: {"row": params.params_row(m), **({"weights": weights_path(params, m)} if weights else {})}
+        entry["foreach"] = {m: {"row": params.params_row(m),
+                                **({"weights": weights_path(params, m)} if weights else {})}
                             for m in methods}
         var = "key"
         do: dict = {"cmd": f"dcm launch {stage.name} --method ${{{var}}}"}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dcm.config import ConfigError
 
-LINK_TYPES = ("reflink", "symlink", "hardlink")  # DVC's link types that never copy, in DVC's own preference
+LINK_TYPES = ("reflink", "symlink", "hardlink")  # DVC's link types that never copy (the default's order)
 DEFAULT_LINK_TYPES = "reflink,symlink,hardlink"
 REMOTE_NAME = "shared"
 
@@ -58,7 +58,8 @@ def dvc_commands(cache_dir: str | Path, types: str = DEFAULT_LINK_TYPES, remote:
 
 def setup_shared_cache(repo: str | Path, cache_dir: str | Path, types: str = DEFAULT_LINK_TYPES,
                        remote: str | None = None, local: bool = False) -> list[list[str]]:
-    """Configure the DVC project at ``repo`` (``dvc init`` done) for a shared cache; returns the commands run."""
+    """Configure the DVC project at ``repo`` (``dvc init`` done) for a shared cache; returns the commands
+    run."""
     repo = Path(repo)
     if not (repo / ".dvc").is_dir():
         raise ConfigError("--repo", str(repo), "a DVC project (run `dvc init` there first)")

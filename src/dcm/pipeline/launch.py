@@ -107,14 +107,6 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
 
     stage_row = table.get(stage)  # unknown stage: ConfigError before anything is submitted
     if params.launcher == "local":
-        from dcm.pipeline import warm
-
-        if warm.enabled():  # DCM_WARM_START=1: a preloaded server forks the stage (skips its imports)
-            argv = ["run", stage, *(["--method", method] if method else []), "--params", params_path,
-                    *(["--preset", preset] if preset else [])]
-            status = warm.run(argv)
-            if status is not None:
-                return status
         stage_row.run(params, method)
         return 0
     job = StageJob(stage, method, str(Path(params_path).resolve()), preset, str(Path.cwd()))
@@ -166,8 +158,8 @@ def launch_array(params: Params, stage: str, methods: list[str], params_path: st
     executor.update_parameters(**slurm_parameters(resources, f"dcm-{stage}-array"))
     workdir, path = str(Path.cwd()), str(Path(params_path).resolve())
     for m in methods:  # the whole array is checked before anything is submitted
-        if params.method(m).kind not in stage_row.method_kinds:
-            raise ConfigError("--methods", m, f"a method of kind {list(stage_row.method_kinds)}")
+        if not stage_row.runs_for(params, m):
+            raise ConfigError("--methods", m, f"one of {stage_row.methods(params, include_ablations=True)}")
     with executor.batch():
         jobs = [executor.submit(StageJob(stage, m, path, preset, workdir)) for m in methods]
     print(f"dcm launch: {stage} for {methods} submitted as SLURM job array {jobs[0].job_id.split('_')[0]}; "
@@ -219,7 +211,8 @@ def _wait(job: submitit.Job, stream: bool) -> int:
         while not job.done():
             for f in followers:
                 f.poll()
-            if stream and squeue_state(job.job_id) in TERMINAL_STATES and not job.paths.result_pickle.exists():
+            if (stream and squeue_state(job.job_id) in TERMINAL_STATES
+                    and not job.paths.result_pickle.exists()):
                 ended_at = ended_at or time.monotonic()
                 if time.monotonic() - ended_at > RESULT_GRACE_SECONDS:  # killed before submitit could report
                     for f in followers:

@@ -1,7 +1,8 @@
 """The stage table: one row per DAG stage.  dvc.yaml and the Snakefile are two views of it (a test
 holds them equal), ``dcm run <stage>`` dispatches through it, and ``dcm launch`` reads its resources.
 
-Paths may contain ``{method}``; such stages run once per method of the kind(s) in ``methods``.
+Paths may contain ``{method}``; such stages run once per method: every method (``per_method``), or the
+methods whose kind declares this stage among those that train it (``trains``; ``dcm.config.METHOD_KINDS``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcm.config import ConfigError, Params
+from dcm.config import METHOD_KINDS, ConfigError, Params
 from dcm.paths import weights_paths
 
 
@@ -22,24 +23,23 @@ class Stage:
     outs: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     params: tuple[str, ...] = ()  # the params.yaml keys the stage reads (DVC re-runs it when they change)
-    method_kinds: tuple[str, ...] = ()  # non-empty: one run per method of these kinds
+    per_method: bool = False  # one run per method of the comparison
+    trains: bool = False  # a training stage: it runs for the methods whose kind it trains (MethodKind.trains)
     data_parallel: bool = False  # runs on every rank of a multi-task job; other stages on rank 0 only
     resumable: bool = False  # picks up its own partial outputs (shards, checkpoints): DVC persists them
     ablation: bool = False  # opt-in: outside the default DAG (`make ablations`, `make paper`)
-
-    @property
-    def per_method(self) -> bool:
-        return bool(self.method_kinds)
 
     def methods(self, params: Params, include_ablations: bool = False) -> list[str]:
         """The methods this stage runs for: the default DAG's, or every row with ``include_ablations``
         (the opt-in rows of both groups: ``ablation`` and ``nfe_curve``)."""
         names = params.methods if include_ablations else params.default_methods
-        return [m for m in names if params.methods[m].kind in self.method_kinds and self.trains(params, m)]
+        return [m for m in names if self.runs_for(params, m)]
 
-    def trains(self, params: Params, method: str) -> bool:
-        """Stages that train skip methods that reuse another method's weights (checkpoint_from)."""
-        return not (self.name.startswith("train_") and params.methods[method].checkpoint_from)
+    def runs_for(self, params: Params, method: str) -> bool:
+        """A training stage runs for the methods its kind trains there, except those that reuse another
+        method's weights (checkpoint_from); the other per-method stages for every method."""
+        m = params.methods[method]
+        return not self.trains or (self.name in METHOD_KINDS[m.kind].trains and m.checkpoint_from is None)
 
     def resolve(self, params: Params, method: str | None = None,
                 include_ablations: bool = False) -> dict[str, list[str]]:
@@ -47,7 +47,8 @@ class Stage:
         with ``{each}`` is repeated for every evaluated method of the default DAG (the report's inputs),
         one with ``{ablation}`` for every evaluated ablation row (the ablation report's), one with
         ``{curve}`` for every evaluated NFE-curve row, one with ``{paper}`` for the paper's own rows
-        (the paper report's).  ``{row}`` is the params.yaml row that defines the method (a replicate's own)."""
+        (the paper report's).  ``{row}`` is the params.yaml row that defines the method (a replicate's
+        own)."""
         fill = {"method": method or "", "row": params.params_row(method) if method else ""}
         groups = {"{each}": STAGES["evaluate"].methods(params), "{ablation}": ablation_rows(params),
                   "{curve}": curve_rows(params), "{paper}": paper_rows(params)}
@@ -66,25 +67,28 @@ class Stage:
     def run(self, params: Params, method: str | None = None) -> None:
         if self.per_method:
             if method is None:
-                raise ConfigError("--method", None, f"stage {self.name} needs one of {self.methods(params, True)}")
-            kind = params.method(method).kind
-            if kind not in self.method_kinds:
+                raise ConfigError("--method", None,
+                                  f"stage {self.name} needs one of {self.methods(params, True)}")
+            if not self.runs_for(params, method):
                 raise ConfigError("--method", method,
-                                  f"stage {self.name} runs methods of kind {list(self.method_kinds)}, not {kind!r}")
+                                  f"one of {self.methods(params, True)}: stage {self.name} "
+                                  f"does not train {method} (kind {params.method(method).kind!r})")
         elif method is not None:
             raise ConfigError("--method", method, f"stage {self.name} takes no method")
         self.check_inputs(params, method)
         from dcm import distributed  # torch: imported when a stage runs, not for the stage list
 
-        module = importlib.import_module(f"dcm.pipeline.stages.{self.name}")
+        module = importlib.import_module(f"dcm.pipeline.stages.{'train' if self.trains else self.name}")
         with distributed.process_group() as world:
             if world.size > 1 and not self.data_parallel and not world.is_main:
                 print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
                 return
-            if self.per_method and self.name.startswith("train_"):
+            if self.trains:
                 params = params.with_seed(params.training_seed(method))  # <row>_s<k>: seed + k
-            distributed.seed_everything(params.seed)  # what draws from global RNGs (head init, GAN noise) repeats too
-            module.run(params, method) if self.per_method else module.run(params)
+            # what draws from global RNGs (head init, GAN noise) repeats too
+            distributed.seed_everything(params.seed)
+            module.run(*(params, method, self.name) if self.trains else (params, method) if self.per_method
+                       else (params,))
 
 
     def check_inputs(self, params: Params, method: str | None = None) -> None:
@@ -100,9 +104,10 @@ class Stage:
     def reads(self, params: Params, method: str | None, path: str) -> bool:
         """Whether this run reads ``path``: the trajectory store is read only by a cached batch source
         (``training.source: cached``; MCM trains on the world's videos, DMD2 on its own samples)."""
-        if path != "trajectories" or not self.name.startswith(("train_", "analyze")):
+        if path != "trajectories" or not (self.trains or self.name == "analyze"):
             return True
-        return params.training.source == "cached" and not (method and params.method(method).kind in ("mcm", "dmd2"))
+        return (METHOD_KINDS[params.method(method).kind].source if method else None) is None \
+            and params.training.source == "cached"
 
 
 def _own_rows(params: Params) -> list[str]:
@@ -136,7 +141,8 @@ def producer(params: Params, path: str) -> str:
     for stage in STAGES.values():
         for method in stage.methods(params, include_ablations=True) if stage.per_method else [None]:
             outs = stage.resolve(params, method, include_ablations=True)
-            if any(path == out or path.startswith(f"{out}/") for key in ("outs", "metrics") for out in outs[key]):
+            written = [out for key in ("outs", "metrics") for out in outs[key]]
+            if any(path == out or path.startswith(f"{out}/") for out in written):
                 return f"`dcm run {stage.name}" + (f" --method {method}`" if method else "`")
     return f"the stage that writes {path}"
 
@@ -155,42 +161,46 @@ STAGES: dict[str, Stage] = {
         Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
               deps=("models/teacher", "data/prompts.json"), outs=("trajectories",), resumable=True,
               params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale")),
-        Stage("analyze", "per-timestep loss / grad-norm dynamics of analysis.seeds whole-range students; proposes kappa",
+        Stage("analyze",
+              "per-timestep loss / grad-norm dynamics of analysis.seeds whole-range students; proposes kappa",
               deps=("models/teacher", "trajectories"), outs=("analysis",),
               params=("seed", "grid", "training", "analysis")),
         Stage("train_baseline", "LCM / PCM consistency distillation; MCM on low-quality videos; DMD2",
               deps=("models/teacher", "trajectories", "data/prompts.json"), outs=("checkpoints/{method}",),
               params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{row}"),
-              method_kinds=("consistency", "mcm", "dmd2"),
-              data_parallel=True, resumable=True),
+              per_method=True, trains=True, data_parallel=True, resumable=True),
         Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
               deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}/seme",),
-              params=("seed", "grid", "training", "methods.{row}.seme"), method_kinds=("dcm",),
+              params=("seed", "grid", "training", "methods.{row}.seme"), per_method=True, trains=True,
               data_parallel=True, resumable=True),
         Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
               deps=("models/teacher", "trajectories", "checkpoints/{method}/seme"),
               outs=("checkpoints/{method}/dete",),
-              params=("seed", "grid", "training", "methods.{row}.dete"), method_kinds=("dcm",),
+              params=("seed", "grid", "training", "methods.{row}.dete"), per_method=True, trains=True,
               data_parallel=True, resumable=True),
         Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
               deps=("data/prompts.json", "models/teacher", "{weights}"), outs=("samples/{method}",),
               params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{row}"),
-              method_kinds=("teacher", "consistency", "dcm", "mcm", "dmd2")),
+              per_method=True),
         Stage("evaluate", "shapes-bench (or VBench) scores, paired against the teacher",
               deps=("samples/{method}", "samples/teacher"), metrics=("metrics/{method}.json",),
-              params=("evaluation", "world"), method_kinds=("teacher", "consistency", "dcm", "mcm", "dmd2")),
+              params=("evaluation", "world"), per_method=True),
         Stage("report", "comparison tables, plots, side-by-side videos; one MLflow parent run",
               deps=("metrics/{each}.json", "samples/{each}", "analysis"), outs=("reports",),
               params=("methods", "tracking")),
-        Stage("report_ablations", "the paper's ablation rows beside the teacher and DCM (opt-in: `make ablations`)",
+        Stage("report_ablations",
+              "the paper's ablation rows beside the teacher and DCM (opt-in: `make ablations`)",
               deps=("metrics/{each}.json", "metrics/{ablation}.json"), outs=("ablations",),
               params=("methods", "tracking"), ablation=True),
-        Stage("mcm_setting", "MCM in its own setting: the `mcm` preset's teacher (low-quality videos), LCM and MCM "
+        Stage("mcm_setting",
+              "MCM in its own setting: the `mcm` preset's teacher (low-quality videos), LCM and MCM "
               "distilled from it, sampled and scored in mcm_setting/ (opt-in: `make paper`)",
               outs=("mcm_setting",),
-              params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training", "evaluation",
+              params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training",
+                      "evaluation",
                       "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, ablation=True),
-        Stage("report_paper", "the paper's claims with computed verdicts, quality against NFE, the ablation table, "
+        Stage("report_paper",
+              "the paper's claims with computed verdicts, quality against NFE, the ablation table, "
               "MCM in its own setting (opt-in: `make paper`)",
               deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json", "mcm_setting"),
               outs=("paper",),

@@ -23,7 +23,7 @@ def run(params: Params) -> None:
                       "proposed_kappa_min": min(d.seed_kappa), "proposed_kappa_max": max(d.seed_kappa)})
         run_.artifact(out / "dynamics.png")
         run_.artifact(out / "dynamics.json")
-    print(f"analyze: proposed kappa = {d.proposed_kappa} (sigma {d.sigmas[d.proposed_kappa]:.4f}; each of the "
-          f"{len(d.seed_kappa)} students alone: {list(d.seed_kappa)})  "
+    print(f"analyze: proposed kappa = {d.proposed_kappa} (sigma {d.sigmas[d.proposed_kappa]:.4f}; "
+          f"each of the {len(d.seed_kappa)} students alone: {list(d.seed_kappa)})  "
           f"configured grid.kappa = {d.configured_kappa} (sigma {d.sigmas[d.configured_kappa]:.4f})  "
           f"-> {paths.ANALYSIS / 'dynamics.png'}")

@@ -51,7 +51,9 @@ def _write(params: Params, method: str, metrics: dict) -> None:
                       if metrics.get(k) is not None})
         run_.metrics({f"dim.{k}": v for k, v in metrics["dimensions"].items()})
     match = f", match rate {metrics['match_rate']:.2%}" if metrics.get("match_rate") is not None else ""
-    fd = f", FD {metrics['fd']:.2f} (real floor {metrics['fd_real_floor']:.2f})" if metrics.get("fd") is not None else ""
+    fd = (f", FD {metrics['fd']:.2f} (real floor {metrics['fd_real_floor']:.2f})"
+          if metrics.get("fd") is not None else "")
     diversity = f", diversity {metrics['diversity']:.2f}" if metrics.get("diversity") is not None else ""
     print(f"evaluate[{method}] ({metrics['backend']}): Total {100 * metrics['total']:.2f} "
-          f"(Quality {100 * metrics['quality']:.2f}, Semantic {100 * metrics['semantic']:.2f}){match}{fd}{diversity}")
+          f"(Quality {100 * metrics['quality']:.2f}, Semantic {100 * metrics['semantic']:.2f})"
+          f"{match}{fd}{diversity}")

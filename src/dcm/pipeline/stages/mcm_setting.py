@@ -64,7 +64,8 @@ def run(params: Params) -> None:
     progress = io.read_json(root / PROGRESS) if (root / PROGRESS).is_file() else {}
     if progress.get("params") != key:
         if root.exists():
-            print(f"mcm_setting: the setting's params changed ({progress.get('params')} -> {key}): starting over")
+            print(f"mcm_setting: the setting's params changed ({progress.get('params')} -> {key}): "
+                  "starting over")
             shutil.rmtree(root)
         progress = {"params": key, "preset": PRESET, "done": []}
     root.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""``prepare``: the training and evaluation (prompt, seed) sets, ``data/prompts.json`` (``dcm.data.prompts``)."""
+"""``prepare``: the training and evaluation (prompt, seed) sets, ``data/prompts.json``
+(``dcm.data.prompts``)."""
 
 from __future__ import annotations
 
@@ -14,4 +15,5 @@ def run(params: Params) -> None:
         run_log.metrics({"train_rows": len(prompt_sets["train"]), "eval_rows": len(prompt_sets["eval"]),
                          "train_prompts": len({r["prompt_id"] for r in prompt_sets["train"]})})
         run_log.artifact(paths.PROMPTS)
-    print(f"prepare: {len(prompt_sets['train'])} train rows, {len(prompt_sets['eval'])} eval rows -> {paths.PROMPTS}")
+    print(f"prepare: {len(prompt_sets['train'])} train rows, {len(prompt_sets['eval'])} eval rows "
+          f"-> {paths.PROMPTS}")

@@ -36,20 +36,22 @@ def run(params: Params) -> None:
             atomic_dir(paths.REPORTS) as out:
         sections, md = [], [f"# {params.experiment}: distillation results\n"]
         table = reporting.markdown_table(reporting.method_table(metrics, main_rows))
-        legend = ("FD: Fréchet distance to real renders of the same prompts on 26 detector features (lower is "
-                  "better; 'FD real vs real' is what real videos score at this sample size). Diversity: spread "
-                  "across seeds ÷ the real videos' (1 = as diverse as the data, 0 = collapse).")
+        legend = ("FD: Fréchet distance to real renders of the same prompts on 26 detector features (lower "
+                  "is better; 'FD real vs real' is what real videos score at this sample size). Diversity: "
+                  "spread across seeds ÷ the real videos' (1 = as diverse as the data, 0 = collapse).")
         md += ["## Methods (same prompts and seeds for every method; scores ×100)\n", table, "", legend, ""]
         sections.append(("Methods", reporting.markdown_to_html_table(table) + f"<p>{legend}</p>"))
-        reporting.bar_plot(reporting.method_table(metrics, main_rows), out / "scores.png", "Total / Quality / Semantic")
+        reporting.bar_plot(reporting.method_table(metrics, main_rows), out / "scores.png",
+                           "Total / Quality / Semantic")
         reporting.dimension_plot(metrics, main_rows, out / "dimensions.png")
         sections.append(("Scores", "<img src='scores.png'><img src='dimensions.png'>"))
         md += ["![scores](scores.png)", "![dimensions](dimensions.png)", ""]
         dim_table = reporting.dimension_table(metrics, main_rows)
         md += ["## Per dimension (×100, [95% CI])\n", dim_table, ""]
         sections.append(("Per dimension", reporting.markdown_to_html_table(dim_table)))
-        histories = {str(f.parent.relative_to(paths.CHECKPOINTS)): f
-                     for f in sorted(paths.CHECKPOINTS.glob("**/history.jsonl"))} if paths.CHECKPOINTS.is_dir() else {}
+        histories = ({str(f.parent.relative_to(paths.CHECKPOINTS)): f
+                      for f in sorted(paths.CHECKPOINTS.glob("**/history.jsonl"))}
+                     if paths.CHECKPOINTS.is_dir() else {})
         if reporting.loss_curves(histories, out / "losses.png"):
             sections.append(("Training losses", "<img src='losses.png'>"))
             md += ["## Training losses\n", "![losses](losses.png)", ""]
@@ -67,7 +69,8 @@ def run(params: Params) -> None:
                 videos[m] = _to_uint8(next(iter(tensors.values()))[:GRID_EXAMPLES])
         if videos:
             reporting.video_grid(videos, out / "side_by_side.gif")
-            caption = "columns: " + ", ".join(videos) + "; rows: the first evaluation prompts (same seed per row)"
+            caption = ("columns: " + ", ".join(videos)
+                       + "; rows: the first evaluation prompts (same seed per row)")
             sections.append(("Side by side", f"<p>{caption}</p><img src='side_by_side.gif'>"))
             md += ["## Side by side\n", caption, "", "![videos](side_by_side.gif)", ""]
 
@@ -75,7 +78,8 @@ def run(params: Params) -> None:
         page = reporting.html_page(f"dcm — {params.experiment}", sections)
         broken = reporting.unresolved_images(page, out)
         if broken:  # every image is a relative path to a file in reports/, or the page would show it broken
-            raise RuntimeError(f"report: index.html refers to images that are not in {paths.REPORTS}/: {broken}")
+            raise RuntimeError(f"report: index.html refers to images that are not in {paths.REPORTS}/: "
+                               f"{broken}")
         (out / "index.html").write_text(page)
         for m in evaluated:
             r = metrics[m]

@@ -22,11 +22,13 @@ def run(params: Params) -> None:
         md_table = reporting.markdown_table(rows)
         reporting.bar_plot(rows, out / "scores.png", "Total / Quality / Semantic, ablation rows last")
         md = [f"# {params.experiment}: ablations\n",
-              "## Methods and ablation rows (same prompts and seeds for every row; scores ×100)\n", md_table, "",
-              "![scores](scores.png)", ""]
+              "## Methods and ablation rows (same prompts and seeds for every row; scores ×100)\n", md_table,
+              "", "![scores](scores.png)", ""]
         (out / "summary.md").write_text("\n".join(md) + "\n")
-        sections = [("Ablations", reporting.markdown_to_html_table(md_table)), ("Scores", "<img src='scores.png'>")]
-        (out / "index.html").write_text(reporting.html_page(f"dcm — {params.experiment}: ablations", sections))
+        sections = [("Ablations", reporting.markdown_to_html_table(md_table)),
+                    ("Scores", "<img src='scores.png'>")]
+        (out / "index.html").write_text(reporting.html_page(f"dcm — {params.experiment}: ablations",
+                                                            sections))
         run_.metrics({f"{m}.total": metrics[m]["total"] for m in order})
         run_.artifact(out, "ablations")
     print(f"report_ablations: {paths.ABLATIONS / 'summary.md'} ({len(ablation_rows)} ablation rows)")

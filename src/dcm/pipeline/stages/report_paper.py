@@ -30,7 +30,8 @@ CLAIMS = (
     Claim("ablation: + temporal coherence helps (OD+PE+TC > OD+PE)", "od_pe_tc", "od_pe", "better"),
     Claim("ablation: + GAN and feature matching help (DCM > OD+PE+TC)", "dcm", "od_pe_tc", "better"),
 )
-COMPARISONS = (Claim("DCM vs DMD2 at 4 steps (a comparison, not a claim of the paper)", "dcm", "dmd2", "compare"),)
+COMPARISONS = (Claim("DCM vs DMD2 at 4 steps (a comparison, not a claim of the paper)", "dcm", "dmd2",
+                     "compare"),)
 # MCM's own claims (arXiv 2406.06890) in its own setting (stage mcm_setting: a teacher that learnt from
 # low-quality videos), on mcm_setting/metrics/: not claims of the DCM paper.
 MCM_CLAIMS = (
@@ -71,13 +72,13 @@ def run(params: Params) -> None:
         md = [f"# {params.experiment}: the paper's claims, quality against steps, ablations\n"]
         sections = []
 
-        rule = (f"Each verdict is the paired difference of Total over the same (prompt, seed) rows with its 95% "
-                f"bootstrap interval (scores ×100). *a > b* holds if the interval lies above 0, does not hold "
-                f"if it lies below 0, inconclusive otherwise. *a ≈ b* (equivalence margin "
-                f"{100 * EQUIVALENCE_MARGIN:.0f} point of Total) holds if the interval reaches 0 or lies above "
-                f"it and its lower bound is above −{100 * EQUIVALENCE_MARGIN:.0f}, does not hold if it lies "
-                f"wholly below −{100 * EQUIVALENCE_MARGIN:.0f}, inconclusive otherwise. A row without metrics: "
-                f"not run. " + _seeds_rule(params, metrics))
+        rule = (f"Each verdict is the paired difference of Total over the same (prompt, seed) rows with its "
+                f"95% bootstrap interval (scores ×100). *a > b* holds if the interval lies above 0, does not "
+                f"hold if it lies below 0, inconclusive otherwise. *a ≈ b* (equivalence margin "
+                f"{100 * EQUIVALENCE_MARGIN:.0f} point of Total) holds if the interval reaches 0 or lies "
+                f"above it and its lower bound is above −{100 * EQUIVALENCE_MARGIN:.0f}, does not hold if it "
+                f"lies wholly below −{100 * EQUIVALENCE_MARGIN:.0f}, inconclusive otherwise. A row without "
+                f"metrics: not run. " + _seeds_rule(params, metrics))
         lines = [v.line(steps) for v in claims] + ["", *(v.line(steps) for v in comparisons)]
         md += ["## Claims\n", rule, "", *lines, ""]
         sections.append(("Claims", f"<p>{html.escape(rule)}</p>" + _html_list(claims + comparisons, steps)))
@@ -95,7 +96,8 @@ def run(params: Params) -> None:
             table = (reporting.markdown_table(reporting.method_table(metrics, order)) if at_k
                      else f"no row at {k} steps ran")
             md += [f"## {title}\n", table, ""]
-            sections.append((title, reporting.markdown_to_html_table(table) or f"<p>{html.escape(table)}</p>"))
+            sections.append((title,
+                             reporting.markdown_to_html_table(table) or f"<p>{html.escape(table)}</p>"))
 
         figures = []
         for key, label, scale in CURVE_METRICS:
@@ -106,7 +108,8 @@ def run(params: Params) -> None:
         note = ("Error bars: 95% bootstrap intervals over the evaluation rows; dashed line and band: the "
                 "teacher-50." + (f" Not run: {', '.join(not_run)}." if not_run else ""))
         md += ["## Against NFE\n", note, "", *(f"![{f}]({f})" for f in figures), ""]
-        sections.append(("Against NFE", f"<p>{html.escape(note)}</p>" + "".join(f"<img src='{f}'>" for f in figures)))
+        sections.append(("Against NFE",
+                         f"<p>{html.escape(note)}</p>" + "".join(f"<img src='{f}'>" for f in figures)))
 
         mcm = _mcm_setting(params, n, seed)
         md += ["## MCM in its own setting\n", *mcm["md"], ""]
@@ -125,7 +128,8 @@ def run(params: Params) -> None:
         page = reporting.html_page(f"dcm — {params.experiment}: paper", sections)
         broken = reporting.unresolved_images(page, out)
         if broken:
-            raise RuntimeError(f"report_paper: index.html refers to images that are not in {paths.PAPER}/: {broken}")
+            raise RuntimeError(f"report_paper: index.html refers to images that are not in {paths.PAPER}/: "
+                               f"{broken}")
         (out / "index.html").write_text(page)
         run_.metrics({f"claim.{v.claim.a}-{v.claim.b}": v.difference.mean
                       for v in claims + comparisons if v.difference})
@@ -136,22 +140,25 @@ def run(params: Params) -> None:
 
 
 def _mcm_setting(params: Params, n: int, seed: int) -> dict:
-    """MCM's claims and table from ``mcm_setting/metrics/`` (stage mcm_setting): Markdown lines, HTML, verdicts."""
+    """MCM's claims and table from ``mcm_setting/metrics/`` (stage mcm_setting): Markdown lines, HTML,
+    verdicts."""
     folder = paths.MCM_SETTING / paths.METRICS
-    metrics = {m: read_json(folder / f"{m}.json") for m in ("teacher", "lcm", "mcm") if (folder / f"{m}.json").is_file()}
+    metrics = {m: read_json(folder / f"{m}.json") for m in ("teacher", "lcm", "mcm")
+               if (folder / f"{m}.json").is_file()}
     verdicts = [verdict(c, metrics, n, seed) for c in MCM_CLAIMS]
     steps = {m: r.get("steps") for m, r in metrics.items()}
-    intro = (f"The `mcm` preset's pipeline in `{paths.MCM_SETTING}/` (`dcm run mcm_setting`): its teacher learnt from "
-             f"the world's low-quality videos (blurred, noisy, colour-shifted), as MCM's teachers learnt from "
-             f"WebVid; LCM and MCM are distilled from it with this file's settings. Same rules as the claims "
-             f"above; these are MCM's claims, not the DCM paper's.")
+    intro = (f"The `mcm` preset's pipeline in `{paths.MCM_SETTING}/` (`dcm run mcm_setting`): its teacher "
+             f"learnt from the world's low-quality videos (blurred, noisy, colour-shifted), as MCM's "
+             f"teachers learnt from WebVid; LCM and MCM are distilled from it with this file's settings. "
+             f"Same rules as the claims above; these are MCM's claims, not the DCM paper's.")
     order = [m for m in ("teacher", "lcm", "mcm") if m in metrics]
     table = reporting.markdown_table(reporting.method_table(metrics, order)) if order else "not run"
     dims = ""
     if order:
         dims = ("| row | imaging_quality (×100) | − teacher [95%] |\n|---|---|---|\n" + "\n".join(
             f"| {m} | {100 * metrics[m]['dimensions']['imaging_quality']:.2f} | "
-            + ("" if m == TEACHER else _interval(metrics[m].get("diff_vs_teacher", {}).get("imaging_quality"))) + " |"
+            + ("" if m == TEACHER
+               else _interval(metrics[m].get("diff_vs_teacher", {}).get("imaging_quality"))) + " |"
             for m in order if "imaging_quality" in metrics[m].get("dimensions", {})))
     lines = [v.line(steps) for v in verdicts]
     md = [intro, "", *lines, "", table, "", dims]
@@ -173,9 +180,10 @@ def _seeds_rule(params: Params, metrics: dict) -> str:
     if not pooled:
         return ("One training run per row: the intervals cover the evaluation rows, not training seeds, so a "
                 "verdict says what this run shows, not what a retrained one would.")
-    return (f"Rows trained with several seeds (paper.seeds = {params.paper.seeds}: {', '.join(params.paper.rows)}) "
-            f"are pooled by a hierarchical bootstrap — each resample draws the evaluation rows (paired) and "
-            f"each side's training seeds — so their intervals cover retraining as well as the evaluation rows.")
+    return (f"Rows trained with several seeds (paper.seeds = {params.paper.seeds}: "
+            f"{', '.join(params.paper.rows)}) are pooled by a hierarchical bootstrap — each resample draws "
+            f"the evaluation rows (paired) and each side's training seeds — so their intervals cover "
+            f"retraining as well as the evaluation rows.")
 
 
 def _seed_table(metrics: dict, seeds: dict[str, list[str]], n: int, seed: int) -> str:
@@ -187,7 +195,8 @@ def _seed_table(metrics: dict, seeds: dict[str, list[str]], n: int, seed: int) -
             continue
         mean, (lo, hi), per_seed = pooled_total([metrics[m]["per_row"] for m in have], n, seed)
         lines.append(f"| {row} | {len(have)} | {', '.join(f'{100 * v:.1f}' for v in per_seed)} | "
-                     f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {100 * (max(per_seed) - min(per_seed)):.1f} |")
+                     f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                     f"{100 * (max(per_seed) - min(per_seed)):.1f} |")
     if not lines:
         return ""
     return "\n".join(["| row | seeds | Total per seed | pooled Total [95%] | spread (max − min) |",

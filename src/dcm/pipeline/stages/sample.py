@@ -32,5 +32,5 @@ def run(params: Params, method: str) -> None:
                   "nfe": cost, "seconds_per_video": seconds_per_video, "rows": rows}
         io.write_json_atomic(out / "samples.json", record)
         run_.metrics({"seconds_per_video": record["seconds_per_video"], "nfe": record["nfe"]})
-    print(f"sample[{method}]: {len(rows)} videos, {record['seconds_per_video']:.3f} s/video, NFE {record['nfe']}"
-          f" → {paths.samples(method)}")
+    print(f"sample[{method}]: {len(rows)} videos, {record['seconds_per_video']:.3f} s/video, "
+          f"NFE {record['nfe']} → {paths.samples(method)}")

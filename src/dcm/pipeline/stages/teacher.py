@@ -24,7 +24,8 @@ def _check_inputs(params: Params) -> None:
     leaked = [r["seed"] for r in rows if r["seed"] < TRAIN_SEED_LIMIT]
     if leaked:
         raise ConfigError("data/prompts.json eval seeds", leaked[:3],
-                          f">= {TRAIN_SEED_LIMIT} (the teacher trains on seeds below): re-run `dcm run prepare`")
+                          f">= {TRAIN_SEED_LIMIT} (the teacher trains on seeds below): "
+                          "re-run `dcm run prepare`")
 
 
 def run(params: Params) -> None:
@@ -34,7 +35,8 @@ def run(params: Params) -> None:
     backbone = create_teacher(params)
     with tracking.stage_run(params, "teacher") as run_log:
         history = train_teacher(backbone, params, log=run_log.metrics)
-        summary = {"steps": history.steps, "final_loss": history.final_loss, "wall_s": round(history.wall_s, 2),
+        summary = {"steps": history.steps, "final_loss": history.final_loss,
+                   "wall_s": round(history.wall_s, 2),
                    "steps_per_s": round(history.steps / max(history.wall_s, 1e-9), 3),
                    "batch_size": params.teacher.batch_size, "torch_threads": torch.get_num_threads(),
                    "log_every": params.teacher.log_every, "loss_curve": history.losses}

@@ -25,7 +25,8 @@ def _train_rows(params: Params) -> list[dict]:
     if not isinstance(rows, list) or len(rows) != wanted:
         got = len(rows) if isinstance(rows, list) else rows
         raise ConfigError("trajectories.num_trajectories", wanted,
-                          f"equal to the number of train rows in {paths.PROMPTS} ({got}): re-run `dcm run prepare`")
+                          f"equal to the number of train rows in {paths.PROMPTS} ({got}): "
+                          "re-run `dcm run prepare`")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or {"prompt_id", "prompt", "seed"} - set(row):
             raise ConfigError(f"data/prompts.json train[{i}]", row, "a row with prompt_id, prompt and seed")
@@ -50,7 +51,8 @@ def run(params: Params) -> None:
     pending = writer.pending()
     reused = writer.num_shards - len(pending)
     if writer.started_over:
-        print(f"trajectories: {paths.TRAJECTORIES} was made with other params or another teacher: starting over")
+        print(f"trajectories: {paths.TRAJECTORIES} was made with other params or another teacher: "
+              "starting over")
     if reused:
         print(f"trajectories: resuming, {reused}/{writer.num_shards} shards already written")
 
@@ -68,14 +70,15 @@ def run(params: Params) -> None:
                 parts.append(solve(backbone, grid, [r["prompt"] for r in batch], noise))
                 bar.update(len(batch))
             writer.write(i, torch.cat(parts))
-            run_log.metrics({"shard_trajectories_per_s": len(shard_rows) / (time.perf_counter() - shard_start)},
-                            step=step)
+            run_log.metrics({"shard_trajectories_per_s": len(shard_rows)
+                             / (time.perf_counter() - shard_start)}, step=step)
         bar.close()
         index = writer.finish()
         wall = time.perf_counter() - start
         store_bytes = sum((paths.TRAJECTORIES / s["file"]).stat().st_size for s in index["shards"])
         summary = {"trajectories": len(rows), "computed": todo, "shards": writer.num_shards,
-                   "shards_reused": reused, "wall_s": wall, "trajectories_per_s": todo / wall if todo else 0.0,
+                   "shards_reused": reused, "wall_s": wall,
+                   "trajectories_per_s": todo / wall if todo else 0.0,
                    "store_mb": store_bytes / 2**20, "bytes_per_trajectory": store_bytes / len(rows)}
         run_log.metrics(summary)
         run_log.artifact(paths.TRAJECTORIES / "index.json")
