@@ -1,4 +1,4 @@
-"""benchmarks/memory_plan.py: its predictions against measured bytes on CPU, its table for every family,
+"""dcm.plan.memory (`dcm plan`): its predictions against measured bytes on CPU, its table for every family,
 and its errors for bad combinations.
 
 Measured: two real gloo processes under torchrun (FSDP2 ``fully_shard`` on every block and the root over
@@ -6,13 +6,18 @@ both ranks, fp32, as the plan assumes) run two training steps and measure the se
 (AdamW's moments exist; the gradients were set to None, as the loop does at each step's start): SemE
 (full fine-tune, AdamW, the frozen teacher held replicated) and DetE (LoRA + copied timestep layers over a
 frozen SemE, the teacher's feature pass with grad) of the toy teacher and the tiny Wan / HunyuanVideo /
-CogVideoX transformers, with and without activation checkpointing, and Wan also with context parallel 2.  Two figures per step:
+CogVideoX transformers, with and without activation checkpointing, and Wan also with context parallel 2.  Two
+figures per step:
 - persistent: the bytes of the local shards of the parameters, gradients and AdamW states after the
   step (and DetE's frozen SemE shards), summed tensor by tensor;
 - peak: the largest sum of live tensor storage bytes during forward, backward and the optimizer step,
   tracked with a ``TorchDispatchMode`` that sees every op's outputs and holds their storages by weak
   reference (plus the tensors that existed before: parameters, AdamW's moments, teacher, inputs), their
   sizes re-read after every op (FSDP2 frees a gathered block by resizing its storage to 0).
+DetE's GAN / feature-matching terms are measured on their own, as the loop runs them: ``GanFeatureMatching``
+on the frozen tiny Wan at context parallel 1 and 2 (taps gathered whole on each rank), two micro-batches'
+generator terms and backward, then the discriminator's steps; the peak of each phase above what was live
+before.
 The activation profiles the plan builds on meta are also checked byte for byte against a real forward on
 CPU, for every role (SemE, DetE's path, the frozen teacher's pass with grad).
 This file is also the worker: ``torchrun … tests/test_memory_plan.py OUT``.
@@ -21,7 +26,7 @@ This file is also the worker: ``torchrun … tests/test_memory_plan.py OUT``.
 from __future__ import annotations
 
 import copy
-import importlib.util
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,46 +37,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcm.plan import memory as mp
+from helpers import plan_workloads
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 PERSISTENT_TOLERANCE = 0.15  # the issue's bar: parameters + gradients + optimizer within 15%
 PEAK_TOLERANCE = 0.15  # and the peak, activations and FSDP's gathered blocks included
+PARAMS = str(REPO / "params.yaml")
+# the GAN / FM terms measured on their own: workload → context parallel
+ADVERSARIAL = {"wan": 1, "wan-cp2": 2}
 
 
-def memory_plan():
-    spec = importlib.util.spec_from_file_location("memory_plan", REPO / "benchmarks" / "memory_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("memory_plan", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def workloads():
-    """name → (Workload, context parallel): the toy teacher (params.yaml's backbone.toy at the shapes world's
-    size) and DESIGN.md's tiny real configurations."""
-    mp = memory_plan()
-    toy = dict(patch_size=(8, 2, 2), num_attention_heads=12, attention_head_dim=32, in_channels=12, out_channels=12,
-               text_dim=64, freq_dim=64, ffn_dim=768, num_layers=4, cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-    wan = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-               text_dim=384, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-    hunyuan = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
-                   num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-                   text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
-    cog = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
-               text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
-               temporal_compression_ratio=4, max_text_seq_length=16)
-    common = dict(lora_rank=4, gan=False, fm=True)
-    return {
-        "toy": (mp.Workload("wan", toy, (12, 8, 8, 8), batch=4, text_tokens=8, name="toy", **common), 1),
-        "wan": (mp.Workload("wan", wan, (16, 8, 16, 16), batch=2, text_tokens=7, name="wan tiny", **common), 1),
-        "wan-cp2": (mp.Workload("wan", wan, (16, 8, 16, 16), batch=2, text_tokens=7, name="wan tiny", **common), 2),
-        "hunyuan": (mp.Workload("hunyuan", hunyuan, (16, 8, 16, 16), batch=2, text_tokens=6, name="hunyuan tiny",
-                                **common), 1),
-        "cogvideox": (mp.Workload("cogvideox", cog, (4, 8, 16, 16), batch=2, text_tokens=16, name="cogvideox tiny",
-                                  **common), 1),
-    }
+def adversarial_workload(name: str):
+    """The tiny Wan with DetE's hinge and feature matching on, two micro-batches per step (grad_accum 2)."""
+    work, _ = plan_workloads()[name]
+    return dataclasses.replace(work, gan=True, fm=True, grad_accum=2)
 
 
 # ============================================================================ the worker (measured)
@@ -145,7 +126,8 @@ def local_bytes(t) -> int:
 
 
 def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
-    """One training step of ``stage`` on this rank; persistent and peak bytes (rank 0 holds the largest shards)."""
+    """One training step of ``stage`` on this rank; persistent and peak bytes (rank 0 holds the largest
+    shards)."""
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
@@ -155,12 +137,12 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
     from dcm.parallel.context import enable_context_parallel
     from dcm.parallel.fsdp import transformer_blocks
 
-    mp = memory_plan()
     torch.manual_seed(0)
-    teacher = mp.transformer_class(work.family)(**work.config).requires_grad_(False)  # frozen, a copy per rank
+    # frozen, a copy per rank
+    teacher = mp.transformer_class(work.family)(**work.config).requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     if stage == "DetE":
-        student = _make_dete(student, work, mp)
+        student = _make_dete(student, work)
     if checkpointing:
         for m in (student, teacher):
             for module in m.modules():
@@ -186,8 +168,10 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
         out = student(**inputs, return_dict=False)[0]
         video = out.transpose(1, 2) if work.family == "cogvideox" else out
         loss = F.mse_loss(video, target.transpose(1, 2) if work.family == "cogvideox" else target)
-        loss = loss + temporal_coherence(video, target.transpose(1, 2) if work.family == "cogvideox" else target, 3)
-        if stage == "DetE":  # the teacher's feature pass on the student's output, with grad (DetE's fake features)
+        loss = loss + temporal_coherence(video,
+                                         target.transpose(1, 2) if work.family == "cogvideox" else target, 3)
+        # the teacher's feature pass on the student's output, with grad (DetE's fake features)
+        if stage == "DetE":
             feats = teacher(**{**inputs, "hidden_states": out}, return_dict=False)[0]
             loss = loss + feats.float().pow(2).mean()
             del feats
@@ -214,7 +198,7 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
             "peak_backward": peak_backward, "before": before, "seconds": time.time() - start}
 
 
-def _make_dete(seme, work, mp):
+def _make_dete(seme, work):
     from types import SimpleNamespace
 
     from dcm.distill.experts import make_dete
@@ -224,16 +208,69 @@ def _make_dete(seme, work, mp):
     return make_dete(seme, backbone, work.lora_rank, 2.0 * work.lora_rank, kappa=1, sigma_kappa=0.5)
 
 
+def measure_adversarial(work, cp: int) -> dict:
+    """DetE's GAN / FM terms as the loop runs them on this rank: ``GanFeatureMatching`` on the frozen tiny Wan
+    at context parallel ``cp``, ``work.grad_accum`` micro-batches' generator terms and backward (x̂ a leaf
+    standing in for the student's output), then the D steps after them; two steps, the second measured (D's
+    AdamW moments exist).  Peak live bytes of each phase above those live before the step."""
+    from dcm.backbones.base import PromptEmbeds
+    from dcm.backbones.toy import ToyBackbone
+    from dcm.distill.discriminator import GanFeatureMatching
+    from dcm.distill.loop import ConsistencyBatch
+    from dcm.parallel.context import enable_context_parallel
+
+    torch.manual_seed(0)  # σ_adv and ε′ come from the global RNG: the same on both ranks
+    teacher = mp.transformer_class(work.family)(**work.config).requires_grad_(False)
+    if cp > 1:
+        enable_context_parallel(teacher, work.family)
+    objective = GanFeatureMatching(ToyBackbone(teacher, None, codec_factor=1), teacher, [0.3, 0.6],
+                                   gan_weight=1.0, fm_weight=1.0, disc_lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    b = work.batch
+    cond = PromptEmbeds(torch.randn(b, work.text_tokens, work.config["text_dim"], generator=g))
+
+    def micro_batch(step: int) -> ConsistencyBatch:
+        x = torch.randn(b, *work.latent, generator=g)
+        sigma = torch.full((b,), 0.2)
+        return ConsistencyBatch(step, torch.ones(b, dtype=torch.long), sigma, sigma / 2, torch.zeros(b),
+                                x, x / 2, cond, x.clone().requires_grad_(True),
+                                torch.randn(x.shape, generator=g))
+
+    def step(number: int, live=None) -> tuple[int, int]:
+        batches = []
+        for _ in range(work.grad_accum):  # the loop's order: every micro-batch's terms and backward, then D
+            batches.append(micro_batch(number))
+            sum(objective.generator_loss(batches[-1]).values()).backward()
+        generator = live.peak if live else 0
+        if live:
+            live.peak = live.current
+        for batch in batches:
+            objective.after_generator_step(batch)
+        return generator, live.peak if live else 0
+
+    step(0)
+    states = [v for state in objective.optimizer.state.values() for v in state.values()
+              if isinstance(v, torch.Tensor)]
+    existing = [*teacher.parameters(), *teacher.buffers(), *objective.discriminator.parameters(),
+                *states, cond.hidden]
+    with LiveTensorBytes(existing) as live:
+        before = live.current
+        generator, discriminator = step(1, live)
+    return {"generator": generator - before, "discriminator": discriminator - before}
+
+
 def worker(out_path: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     results = {}
-    for name, (work, cp) in workloads().items():
+    for name, (work, cp) in plan_workloads().items():
         for stage in ("SemE", "DetE"):
             for ckpt in (False, True):
                 results[f"{name}/{stage}/{'ckpt' if ckpt else 'no-ckpt'}"] = measure(work, cp, stage, ckpt)
+    for name, cp in ADVERSARIAL.items():
+        results[f"{name}/GAN+FM"] = measure_adversarial(adversarial_workload(name), cp)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
@@ -260,23 +297,35 @@ def predicted():
 
 def predictions() -> dict:
     """The plan's rows for every workload at 2 GPUs (FSDP over both), fp32 compute, teacher replicated."""
-    mp = memory_plan()
     out = {}
-    for name, (work, cp) in workloads().items():
+    for name, (work, cp) in plan_workloads().items():
         st = mp.structure(work, torch.float32, cps=(cp,))
+        # the measured step has the teacher's pass, not the GAN/FM terms
+        st.adversarial[cp] = mp.AdversarialProfile()
         setting = mp.Setting(gpus=2, cp=cp, compute="fp32")
         mp.check_setting(work, setting)
         rows = mp.plan(work, setting, st)
-        adversarial_extras = st.disc_act[cp]  # taps and FM heads: not in the measured step
         for stage in ("SemE", "DetE"):
             r = rows[stage]
             persistent = r["parameters (fp32)"] + r["gradients (fp32)"] + r["optimizer (AdamW, 2 × fp32)"]
-            extra = adversarial_extras if stage == "DetE" else 0
             for ckpt, key in ((False, "no checkpointing"), (True, "checkpointing")):
                 out[f"{name}/{stage}/{'ckpt' if ckpt else 'no-ckpt'}"] = {
                     "persistent": persistent, "frozen": r["frozen student weights"],
-                    "teacher": r["frozen teacher (fp32)"], "peak": r[f"total, {key}"] - r["VAE"] - extra}
+                    "teacher": r["frozen teacher (fp32)"], "peak": r[f"total, {key}"] - r["VAE"]}
+    for name, cp in ADVERSARIAL.items():
+        out[f"{name}/GAN+FM"] = predicted_adversarial(adversarial_workload(name), cp)
     return out
+
+
+def predicted_adversarial(work, cp: int) -> dict:
+    """The plan's two DetE peaks for the measured GAN/FM step: no student pass (x̂ is a leaf), the frozen
+    teacher's pass with grad unchecked-pointed; the D step also allocates the heads' gradients (a fixed
+    row)."""
+    adv = mp.adversarial_profile(work, cp, torch.float32)
+    teacher = mp.activation_profile(work, cp, torch.float32, "teacher")
+    generator, discriminator = mp.dete_phases(mp.ActivationProfile(per_block=[0]), teacher, adv, work,
+                                              checkpointing=False)
+    return {"generator": generator, "discriminator": discriminator + 4 * adv.params, "taps": adv.taps}
 
 
 @pytest.mark.slow
@@ -284,33 +333,105 @@ def test_predictions_match_measured_bytes_on_cpu(measured, predicted):
     lines = [f"{'case':34s} {'what':11s} {'predicted MiB':>14s} {'measured MiB':>13s} {'error':>7s}"]
     failures = []
     for case, m in measured.items():
+        if case.endswith("GAN+FM"):
+            continue
         p = predicted[case]
         for what, tolerance in (("persistent", PERSISTENT_TOLERANCE), ("frozen", PERSISTENT_TOLERANCE),
                                 ("teacher", 0.01), ("peak", PEAK_TOLERANCE)):
             if m[what] == 0 and p[what] == 0:
                 continue
             error = (p[what] - m[what]) / m[what]
-            lines.append(f"{case:34s} {what:11s} {p[what] / 2**20:14.3f} {m[what] / 2**20:13.3f} {100 * error:6.1f}%")
+            lines.append(f"{case:34s} {what:11s} {p[what] / 2**20:14.3f} {m[what] / 2**20:13.3f} "
+                         f"{100 * error:6.1f}%")
             if abs(error) > tolerance:
-                failures.append(f"{case} {what}: predicted {p[what]} vs measured {m[what]} ({100 * error:.1f}%)")
+                failures.append(f"{case} {what}: predicted {p[what]} vs measured {m[what]} "
+                                f"({100 * error:.1f}%)")
     print("\n" + "\n".join(lines))
     assert not failures, failures
 
 
+@pytest.mark.slow
+def test_dete_gan_terms_match_measured_bytes_and_are_whole_under_context_parallel(measured, predicted):
+    """GanFeatureMatching's generator terms and D steps as the loop runs them (two micro-batches, taps
+    gathered under context parallel 2): each phase's peak within 15% of the plan's; the D step holds as much
+    at context parallel 2 as at 1 (every tap whole on every rank), where counting the rank's share would halve
+    it."""
+    lines, failures = [f"{'case':16s} {'phase':14s} {'predicted MiB':>14s} {'measured MiB':>13s} "
+                       f"{'error':>7s}"], []
+    for case in (f"{name}/GAN+FM" for name in ADVERSARIAL):
+        m, p = measured[case], predicted[case]
+        for phase in ("generator", "discriminator"):
+            error = (p[phase] - m[phase]) / m[phase]
+            lines.append(f"{case:16s} {phase:14s} {p[phase] / 2**20:14.3f} {m[phase] / 2**20:13.3f} "
+                         f"{100 * error:6.1f}%")
+            if abs(error) > PEAK_TOLERANCE:
+                failures.append(f"{case} {phase}: predicted {p[phase]} vs measured {m[phase]} "
+                                f"({100 * error:.1f}%)")
+    print("\n" + "\n".join(lines))
+    assert not failures, failures
+    whole, split = measured["wan/GAN+FM"]["discriminator"], measured["wan-cp2/GAN+FM"]["discriminator"]
+    assert split == pytest.approx(whole, rel=0.02)
+    assert predicted["wan-cp2/GAN+FM"]["taps"] == predicted["wan/GAN+FM"]["taps"]
+
+
+def test_dete_taps_are_counted_whole_on_every_rank_at_any_context_parallel_degree():
+    """gather_taps hands the heads and feature matching the whole grid: one set of taps is every tap's
+    B × S × dim at context parallel 2 as at 1, and so are the terms' saves (the fake group runs the
+    gather)."""
+    work = adversarial_workload("wan")
+    one, two = (mp.adversarial_profile(work, cp, torch.float32) for cp in (1, 2))
+    taps = len(range(0, work.config["num_layers"], 2))
+    assert one.taps == taps * work.batch * work.tokens * work.config["num_attention_heads"] \
+        * work.config["attention_head_dim"] * 4
+    assert two == one and one.generator > 0 and one.discriminator > one.generator
+
+
+def test_gan_taps_of_every_micro_batch_are_held_until_the_discriminator_steps():
+    """With the GAN the D steps run after the optimizer step: the generator's backward of the last micro-batch
+    holds the earlier ones' real and fake sets, the D step all of them (and one more pair with
+    disc_steps > 1); feature matching alone holds only the micro-batch's own and has no D step."""
+    work = adversarial_workload("wan")
+    adv = mp.adversarial_profile(work, 1, torch.float32)
+    student = mp.ActivationProfile(per_block=[0])
+    teacher = mp.ActivationProfile(per_block=[100, 100], block_inputs=10, outside=5)
+    phases = {accum: mp.dete_phases(student, teacher, adv, dataclasses.replace(work, grad_accum=accum), True)
+              for accum in (1, 2, 3)}
+    for accum in (2, 3):
+        assert phases[accum][0] - phases[1][0] == 2 * adv.taps * (accum - 1)
+        assert phases[accum][1] - phases[1][1] == 2 * adv.taps * (accum - 1)
+    assert phases[1][1] == 2 * adv.taps + adv.discriminator
+    again = mp.dete_phases(student, teacher, adv, dataclasses.replace(work, grad_accum=1, disc_steps=3), True)
+    assert again[1] == phases[1][1] + 2 * adv.taps
+    fm_only = dataclasses.replace(work, gan=False, grad_accum=3)
+    assert mp.dete_phases(student, teacher, adv, fm_only, True) == (phases[1][0], 0)
+
+
+def test_checkpointed_passes_recompute_the_last_pass_first():
+    """Backward through chained checkpointed passes: the last recomputes a block while the earlier passes'
+    outside saves and block inputs are held; a pass without blocks (the GAN/FM terms) adds its saves on top of
+    them."""
+    first = mp.ActivationProfile(per_block=[50, 70], block_inputs=8, outside=4)
+    second = mp.ActivationProfile(per_block=[30, 20], block_inputs=6, outside=2)
+    terms = mp.ActivationProfile(outside=40)
+    assert mp.checkpointed_passes(first) == first.checkpointing == 4 + 8 + 70
+    assert mp.checkpointed_passes(first, second) == 4 + 8 + max(70, 2 + 6 + 30)
+    assert mp.checkpointed_passes(first, second, terms) == 4 + 8 + max(70, 2 + 6 + max(30, 40))
+
+
 @pytest.mark.parametrize("name", ["toy", "wan", "hunyuan", "cogvideox"])
 def test_meta_activation_profiles_equal_a_real_forward(name):
-    """What autograd saves, block by block, is the same on meta (the plan) as in a real CPU forward of the same
-    configuration: SemE, DetE on its path (adapters on, its copies of the timestep layers in), and the frozen
-    teacher's pass with grad to its input."""
-    mp = memory_plan()
-    work, _ = workloads()[name]
+    """What autograd saves, block by block, is the same on meta (the plan) as in a real CPU forward of the
+    same configuration: SemE, DetE on its path (adapters on, its copies of the timestep layers in), and the
+    frozen teacher's pass with grad to its input."""
+    work, _ = plan_workloads()[name]
     profiles = {}
     for role in mp.ROLES:
         meta = profiles[role] = mp.activation_profile(work, 1, torch.float32, role)
         torch.manual_seed(0)
         model = mp.transformer_class(work.family)(**work.config)
-        net = _make_dete(model, work, mp) if role == "dete" else model
-        inputs = mp.model_inputs(work, torch.float32, device="cpu", generator=torch.Generator().manual_seed(1))
+        net = _make_dete(model, work) if role == "dete" else model
+        inputs = mp.model_inputs(work, torch.float32, device="cpu",
+                                 generator=torch.Generator().manual_seed(1))
         if role == "dete":  # below t_κ: the routing sends the batch to DetE
             inputs["timestep"] = torch.full_like(inputs["timestep"], 300)
         if role == "teacher":
@@ -332,9 +453,9 @@ def test_meta_activation_profiles_equal_a_real_forward(name):
 @pytest.mark.parametrize("family,gpus,cp", [("wan", 1, 1), ("hunyuan", 8, 4), ("cogvideox", 2, 2)])
 def test_plan_prints_parseable_table_for_every_family(family, gpus, cp, capsys, tmp_path):
     """The real configurations on meta, at the presets' sizes: the table parses, its JSON twin adds up."""
-    mp = memory_plan()
-    assert mp.main(["--family", family, "--gpus", str(gpus), "--gpu-mem-gb", "80", "--context-parallel", str(cp),
-                    "--max-gpus", "8", "--json-out", str(tmp_path / "plan.json")]) == 0
+    assert mp.main(["--family", family, "--gpus", str(gpus), "--gpu-mem-gb", "80", "--context-parallel",
+                    str(cp), "--max-gpus", "8", "--json-out", str(tmp_path / "plan.json"), "--params",
+                    PARAMS]) == 0
     text = capsys.readouterr().out
     print(text)
     rows = {line[:40].strip(): line[40:].split() for line in text.splitlines() if line[:40].strip()}
@@ -343,18 +464,18 @@ def test_plan_prints_parseable_table_for_every_family(family, gpus, cp, capsys, 
     plan = json.loads((tmp_path / "plan.json").read_text())
     for stage, column in (("SemE", 0), ("DetE", 1)):
         row = plan["per_gpu"][stage]
-        assert row["parameters (fp32)"] > 0 and row["activations, no checkpointing"] > row["activations, checkpointing"]
+        assert row["parameters (fp32)"] > 0 \
+            and row["activations, no checkpointing"] > row["activations, checkpointing"]
         fixed = sum(v for k, v in row.items() if not k.startswith(("activations", "total")))
         assert row["total, checkpointing"] == fixed + row["activations, checkpointing"]
-        assert float(rows["total, checkpointing"][column]) == pytest.approx(row["total, checkpointing"] / 2**30,
-                                                                            abs=0.01)
+        assert float(rows["total, checkpointing"][column]) \
+            == pytest.approx(row["total, checkpointing"] / 2**30, abs=0.01)
     assert plan["tokens"] % cp == 0 and plan["disk"]["trajectory cache"] > 0
 
 
 def test_sharded_sizes_are_fsdp2s_on_the_fake_group():
     """fully_shard under the fake process group gives rank 0's shard; the search's rule agrees."""
-    mp = memory_plan()
-    work, _ = workloads()["hunyuan"]
+    work, _ = plan_workloads()["hunyuan"]
     sizes = mp.sharded_numels(mp.build(work), 3)  # asserts FSDP2's local sizes = the analytic rule inside
     local = sum(v[0] for v in sizes.values())
     total = sum(v[1] for v in sizes.values())
@@ -364,8 +485,7 @@ def test_sharded_sizes_are_fsdp2s_on_the_fake_group():
 def test_dmd2_fake_score_is_sharded_like_the_generator():
     """DMD2's fake score (the teacher's size) holds what the generator holds per GPU: all of it on one GPU,
     rank 0's shard under FSDP over two."""
-    mp = memory_plan()
-    work, cp = workloads()["wan"]
+    work, cp = plan_workloads()["wan"]
     st = mp.structure(work, torch.float32, cps=(cp,))
     held = {}
     for gpus in (1, 2):
@@ -378,8 +498,8 @@ def test_dmd2_fake_score_is_sharded_like_the_generator():
 
 
 @pytest.mark.parametrize("argv,key,value,allowed", [
-    (["--family", "hunyuan", "--gpus", "24", "--context-parallel", "5"], "training.parallel.context_parallel", "5",
-     "allowed [1, 2, 3, 4, 6, 8, 12, 24]"),
+    (["--family", "hunyuan", "--gpus", "24", "--context-parallel", "5"], "training.parallel.context_parallel",
+     "5", "allowed [1, 2, 3, 4, 6, 8, 12, 24]"),
     (["--family", "wan", "--gpus", "6", "--context-parallel", "4"], "training.parallel.context_parallel", "4",
      "world size 6"),
     (["--family", "wan", "--gpus", "8", "--shard-group", "3"], "training.parallel.shard_group_size", "3",
@@ -387,7 +507,7 @@ def test_dmd2_fake_score_is_sharded_like_the_generator():
     (["--family", "cogvideox", "--variant", "13B", "--gpus", "8"], "--variant", "'13B'", "['2B', '5B']"),
 ])
 def test_bad_combinations_fail_with_key_value_and_allowed(argv, key, value, allowed, capsys):
-    assert memory_plan().main([*argv, "--gpu-mem-gb", "80"]) == 2
+    assert mp.main([*argv, "--gpu-mem-gb", "80", "--params", PARAMS]) == 2
     err = capsys.readouterr().err
     assert key in err and value in err and allowed in err, err
 
@@ -396,15 +516,17 @@ if __name__ == "__main__":
     worker(sys.argv[1])
 
 
-@pytest.mark.slow
-def test_the_hunyuan_presets_layout_fits_the_gpus_of_its_slurm_rows(tmp_path, capsys):
-    """The hunyuan preset's ``training.parallel`` (and the batch it gives) on slurm/resources-hunyuan.yaml's
-    training rows: SemE, DetE and DMD2 each fit 80 GiB A100s with activation checkpointing, as the preset says."""
+@pytest.fixture(scope="module")
+def hunyuan_preset_plan(tmp_path_factory) -> dict:
+    """The plan of the hunyuan preset's ``training.parallel`` (and the batch it gives) on
+    slurm/resources-hunyuan.yaml's training rows, as JSON."""
     import yaml
 
     from dcm import config
 
-    raw = config.deep_merge(config.load_raw(REPO / "params.yaml", "hunyuan"), {"backbone": {"path": str(tmp_path)}})
+    tmp_path = tmp_path_factory.mktemp("hunyuan-plan")
+    raw = config.deep_merge(config.load_raw(REPO / "params.yaml", "hunyuan"),
+                            {"backbone": {"path": str(tmp_path)}})
     params = config.parse(raw)
     par = params.training.parallel
     assert params.training.gradient_checkpointing and par.strategy == "fsdp" and par.mixed_precision == "bf16"
@@ -413,12 +535,22 @@ def test_the_hunyuan_presets_layout_fits_the_gpus_of_its_slurm_rows(tmp_path, ca
     assert gpus == {24} and 24 % par.context_parallel == 0
     global_batch = params.training.batch_size * 24 // par.context_parallel * params.training.grad_accum
     assert global_batch == 6  # the paper's (24 A100s, sequence parallel 4, batch 1 per group)
-    mp = memory_plan()
     argv = ["--family", "hunyuan", "--gpus", "24", "--gpu-mem-gb", "80", "--context-parallel",
-            str(par.context_parallel), "--max-gpus", "8", "--json-out", str(tmp_path / "plan.json")]
+            str(par.context_parallel), "--max-gpus", "8", "--json-out", str(tmp_path / "plan.json"),
+            "--params", PARAMS]
     assert mp.main(argv + (["--shard-teacher"] if par.shard_teacher else [])) == 0
-    capsys.readouterr()
-    plan = json.loads((tmp_path / "plan.json").read_text())
-    usable = (80 - plan["reserve_gb"]) * 2**30
-    for stage in ("SemE", "DetE", "DMD2"):
-        assert plan["per_gpu"][stage]["total, checkpointing"] <= usable, stage
+    return json.loads((tmp_path / "plan.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [
+    "SemE",
+    pytest.param("DetE", marks=pytest.mark.xfail(strict=True, reason=(
+        "GanFeatureMatching gathers every tap whole on each rank (gather_taps) and runs every head on the "
+        "whole grid, the D step on the real and fake sets at once: ~218 GiB per GPU at context parallel 8"))),
+    "DMD2",
+])
+def test_the_hunyuan_presets_layout_fits_the_gpus_of_its_slurm_rows(hunyuan_preset_plan, stage):
+    """Each training stage fits 80 GiB A100s with activation checkpointing on the preset's layout."""
+    usable = (80 - hunyuan_preset_plan["reserve_gb"]) * 2**30
+    assert hunyuan_preset_plan["per_gpu"][stage]["total, checkpointing"] <= usable, stage

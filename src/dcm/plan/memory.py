@@ -1,7 +1,7 @@
 """Per-GPU memory plan for SemE, DetE and DMD2 at a preset's video size, before a job is queued.
 
-    python benchmarks/memory_plan.py --family hunyuan --gpus 24 --gpu-mem-gb 80 --context-parallel 4
-    python benchmarks/memory_plan.py --family wan --variant 14B --gpus 8 --gpu-mem-gb 80 [--json]
+    dcm plan --family hunyuan --gpus 24 --gpu-mem-gb 80 --context-parallel 8 --shard-teacher
+    dcm plan --family wan --variant 14B --gpus 8 --gpu-mem-gb 80 [--json]
 
 Nothing is allocated and no GPU is needed:
 
@@ -19,31 +19,46 @@ Nothing is allocated and no GPU is needed:
       no checkpointing:          A = A_out + Σ_b A_b                    (the peak: backward's start)
       activation checkpointing:  A = A_out + Σ_b I_b + max_b A_b        (one block recomputed in backward)
   For a dense block this is ≈ L·B·(S/C)·h·β bytes (L blocks, batch B, S video tokens over C ranks, width
-  h); the run prints β, the bytes per token per hidden unit per block, e.g. ≈ 87 for Wan in bf16.
+  h); the run prints β, the bytes per token per hidden unit per block.
 - the FSDP working set at that peak: the gathered block being computed and the prefetched next one, and
   the root's gathered weights (those outside the blocks, kept through forward and backward), in the
   compute dtype: T = c·(2·max_b |θ_b| + |θ_root|) bytes, c = 2 (bf16 compute) or 4 (fp32); 0 unsharded.
   The blocks' unsharded gradients are not added: every sharded gradient is counted as present, and at
   backward's start none is (the loop sets them to None at each step's start).
-  DetE's two passes (student, then the teacher's with grad: its weights frozen, so it saves only what the
-  gradient to its input needs) add up without checkpointing; with it, the teacher's blocks recompute while
-  the student's block inputs are held, and the student's blocks after the teacher's saves are freed.
+  Passes chained in one backward (DetE: the student, the teacher's with grad, the GAN/FM terms on its
+  taps) add up without checkpointing; with it, backward recomputes the last pass's blocks first while the
+  earlier passes' block inputs are held, and a pass's saves are freed before the one before it recomputes.
 
 What each stage holds (the loop's, ``dcm.distill.loop`` / ``dcm.pipeline.stages``): fp32 master weights,
 fp32 gradients and AdamW's two fp32 moments for what trains (SemE: the whole transformer; DetE: the LoRA
 adapter and the copied timestep layers, over a frozen fp32 SemE), an EMA copy only with ``--ema`` (DCM's
 experts use the online target), the frozen teacher in fp32 (every rank a copy, or sharded with
 ``--shard-teacher``: ``training.parallel.shard_teacher``), the VAE in the preset's dtype, and for DetE the
-discriminator heads (fp32 weights, gradients, AdamW) with the GAN/FM feature taps: one teacher pass with
-grad (its activations as the student's), the real taps without, and the heads' activations on every tap.
+discriminator heads (fp32 weights, gradients, AdamW) and the GAN/FM terms
+(``dcm.distill.discriminator.GanFeatureMatching``):
+- the teacher's pass with grad on the student's output (a frozen network: it saves only what the gradient
+  to its input needs), and its pass without grad on the real endpoint;
+- the taps of both passes (every 2nd block's output) gathered whole on every rank under context
+  parallelism (``dcm.parallel.context.gather_taps``): one set is taps × B × S × dim elements, S the whole
+  clip's video tokens, not S/C;
+- the generator's terms on the whole grid: the hinge through the frozen heads, feature matching through
+  the teacher's output head, whose saves are held until their backward;
+- with the GAN, both sets of every micro-batch held from its generator pass to the discriminator's steps,
+  which run after the optimizer step (so ``training.grad_accum`` micro-batches' sets are held at once; a
+  ``dete.disc_steps`` > 1 re-noises and runs the teacher again: one more pair of sets), and one D step
+  saving every head's activations (trainable, fp32) on the real and the fake sets.
+The step's activation peak is the larger of the generator's backward (passes, terms, the sets held so far)
+and the discriminator's step (every held set and one D step's saves; the FSDP working set, counted in
+every row, is an over-count there: FSDP2 has resharded after backward).  These terms are measured on meta
+through the objective's own pieces (``Discriminator``, the family adapter's ``capture_features`` and
+``project_features``, ``gather_taps`` over the fake context-parallel group).
 DMD2 (``dcm.distill.dmd2``): the whole generator trains as SemE does (online target, no EMA), and the fake
 score, a second full transformer, trains beside it with its own AdamW, sharded like the generator
 (``DistributionMatching.parallelize``); its training passes follow the generator's, so the activation
 peak is one full-transformer pass, plus, with the GAN classifier, the generator's backward through the
 fake score (a second pass with grad, as DetE's teacher pass) and one classifier head's state.
-The taps are counted at the rank's tokens (the discriminator and feature matching on each rank's frames);
-gathered taps would multiply those rows by C.  Sharding is over ``--shard-group`` ranks (default all N:
-FSDP over the data-parallel × context-parallel ranks, torchtitan's ``dp_shard_cp``); N/S groups replicate.
+Sharding is over ``--shard-group`` ranks (default all N: FSDP over the data-parallel × context-parallel
+ranks, torchtitan's ``dp_shard_cp``); N/S groups replicate.
 
 Disk: the trajectory cache = (grid.steps + 1) points × latent elements × bytes of trajectories.dtype ×
 num_trajectories, and each stage's outputs (diffusers / PEFT exports in fp32 and the resume state).
@@ -64,12 +79,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "src") not in sys.path:
-    sys.path.insert(0, str(REPO / "src"))
-
-from dcm.config import ConfigError  # noqa: E402
-from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel  # noqa: E402
+from dcm.config import ConfigError
+from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel
 
 GiB = 2**30
 SHARD_KEY = "training.parallel.shard_group_size"
@@ -84,22 +95,26 @@ SHARD_KEY = "training.parallel.shard_group_size"
 #  HunyuanVideo 13B: diffusers' HunyuanVideoTransformer3DModel defaults, which its
 #    scripts/convert_hunyuan_video_to_diffusers.py instantiates for the released checkpoint
 #    (hunyuanvideo-community/HunyuanVideo): 24 heads × 128, 20 dual- + 40 single-stream blocks, 2 refiner
-#    layers, mlp_ratio 4, text 4096 (LLaVA-Llama-3) + pooled 768 (CLIP-L), rope (16, 56, 56), guidance embedded
-#    (tencent/HunyuanVideo's own config: hidden 3072, heads 24, mm_double_blocks_depth 20, mm_single 40).
+#    layers, mlp_ratio 4, text 4096 (LLaVA-Llama-3) + pooled 768 (CLIP-L), rope (16, 56, 56), guidance
+#    embedded (tencent/HunyuanVideo's own config: hidden 3072, heads 24, mm_double_blocks_depth 20,
+#    mm_single 40).
 #  CogVideoX: diffusers' scripts/convert_cogvideox_to_diffusers.py ("For CogVideoX-2B, num_layers is 30.
 #    For 5B, it is 42"; heads 30 / 48; RoPE off for 2B, on for 5B) over the class defaults (head dim 64,
 #    time_embed_dim 512, text 4096 (T5-XXL), max_text_seq_length 226, sample 49 × 60 × 90, patch 2).
 CONFIGS: dict[tuple[str, str], dict] = {
-    ("wan", "1.3B"): dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                          out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-    ("wan", "14B"): dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    ("wan", "1.3B"): dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                          in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                          num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                          rope_max_seq_len=1024),
+    ("wan", "14B"): dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                         num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                         rope_max_seq_len=1024),
     ("hunyuan", "13B"): dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
-                             num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
-                             patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
-                             pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
+                             num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0,
+                             patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                             text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+                             rope_axes_dim=(16, 56, 56)),
     ("cogvideox", "2B"): dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
                               time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90,
                               sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
@@ -152,7 +167,10 @@ class Workload:
     lora_rank: int = 128
     gan: bool = True
     fm: bool = True
-    dmd2_gan: bool = False  # DMD2's classifier on the fake score's features (methods.dmd2.dmd2.gan_weight > 0)
+    # DMD2's classifier on the fake score's features (methods.dmd2.dmd2.gan_weight > 0)
+    dmd2_gan: bool = False
+    grad_accum: int = 1  # training.grad_accum: micro-batches whose GAN taps are held until the D steps
+    disc_steps: int = 1  # dete.disc_steps: D steps per generator step (> 1: the teacher runs again per step)
     vae_params: int = 0
     vae_bytes: int = 2
     grid_points: int = 51
@@ -171,26 +189,29 @@ class Workload:
         return int(self.config["num_attention_heads"])
 
 
-def preset_workload(family: str, variant: str | None = None) -> Workload:
-    """The workload of ``src/dcm/presets/<family>.yaml`` (video size, batch, text length, LoRA rank,
-    trajectories) with the released config of ``variant``."""
+def preset_workload(family: str, variant: str | None = None, params: str | Path = "params.yaml") -> Workload:
+    """The workload of ``src/dcm/presets/<family>.yaml`` over the params file ``params`` (video size, batch,
+    gradient accumulation, text length, LoRA rank, trajectories) with the released config of ``variant``."""
     from dcm import config as dcm_config
 
     variant = variant or DEFAULT_VARIANT[family]
     if variant not in VARIANTS[family]:
         raise ConfigError("--variant", variant, f"one of {list(VARIANTS[family])} for family {family!r}")
     # the preset as merged over params.yaml (load_raw: no check that the weights folder exists here)
-    raw = dcm_config.load_raw(REPO / "params.yaml", preset=family)
+    raw = dcm_config.load_raw(params, preset=family)
     real, cfg = raw["backbone"]["real"], CONFIGS[(family, variant)]
-    latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)  # VAEs: ÷4 time, ÷8 space
+    # the VAEs: ÷4 in time, ÷8 in space
+    latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)
     text = cfg["max_text_seq_length"] if family == "cogvideox" else real.get("max_sequence_length", 256)
     dete = raw["methods"]["dcm"]["dete"]
     dmd2 = (raw["methods"].get("dmd2") or {}).get("dmd2") or {}
     trajectories = raw["trajectories"]
-    return Workload(family=family, config=cfg, latent=latent, batch=raw["training"]["batch_size"], text_tokens=text,
-                    lora_rank=dete["lora_rank"], gan=dete.get("gan_weight", 1.0) > 0, fm=dete.get("fm_weight", 1.0) > 0,
-                    dmd2_gan=dmd2.get("gan_weight", 5e-3) > 0,
-                    vae_params=vae_parameter_count(family), vae_bytes=DTYPE_BYTES[real.get("vae_dtype", "bf16")],
+    return Workload(family=family, config=cfg, latent=latent, batch=raw["training"]["batch_size"],
+                    text_tokens=text, lora_rank=dete["lora_rank"], gan=dete.get("gan_weight", 1.0) > 0,
+                    fm=dete.get("fm_weight", 1.0) > 0, dmd2_gan=dmd2.get("gan_weight", 5e-3) > 0,
+                    grad_accum=raw["training"].get("grad_accum", 1), disc_steps=dete.get("disc_steps", 1),
+                    vae_params=vae_parameter_count(family),
+                    vae_bytes=DTYPE_BYTES[real.get("vae_dtype", "bf16")],
                     grid_points=raw["grid"]["steps"] + 1, num_trajectories=trajectories["num_trajectories"],
                     trajectory_bytes=DTYPE_BYTES[trajectories.get("dtype", "fp32")],
                     name=f"{family} {variant} at {real['frames']}×{real['height']}×{real['width']}")
@@ -204,16 +225,12 @@ def fake_world(size: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        raise RuntimeError("memory_plan needs a process without a process group (it uses the fake one)")
+        raise RuntimeError("the memory plan needs a process without a process group (it uses the fake one)")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
     try:
         yield
     finally:
         dist.destroy_process_group()
-
-
-def _name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def build(work: Workload, dtype: torch.dtype = torch.float32):
@@ -222,11 +239,12 @@ def build(work: Workload, dtype: torch.dtype = torch.float32):
 
 
 def make_dete_meta(seme, work: Workload):
-    """DetE as ``dcm.distill.experts.make_dete`` builds it (LoRA on SemE + copied timestep layers), on meta."""
+    """DetE as ``dcm.distill.experts.make_dete`` builds it (LoRA on SemE + copied timestep layers), on
+    meta."""
     from dcm.distill.experts import make_dete
 
-    backbone = SimpleNamespace(timestep_layer_names=TIMESTEP_LAYERS[work.family], lora_target_modules=LORA_TARGETS,
-                               model_timestep=lambda s: 1000.0 * s)
+    backbone = SimpleNamespace(timestep_layer_names=TIMESTEP_LAYERS[work.family],
+                               lora_target_modules=LORA_TARGETS, model_timestep=lambda s: 1000.0 * s)
     with torch.device("meta"):
         return make_dete(seme, backbone, work.lora_rank, 2.0 * work.lora_rank, kappa=1, sigma_kappa=0.5)
 
@@ -283,7 +301,8 @@ def block_numels(model) -> tuple[int, int]:
 
 def fsdp_working_set(block: tuple[int, int], compute_bytes: int) -> int:
     """FSDP2's gathered weights at backward's start, in the compute dtype: the block being computed, the
-    prefetched next one and the root's (kept through forward and backward); no gradients (module docstring)."""
+    prefetched next one and the root's (kept through forward and backward); no gradients (module
+    docstring)."""
     largest, root = block
     return compute_bytes * (2 * largest + root)
 
@@ -346,7 +365,8 @@ def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: t
                   encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]))
     if cfg.get("use_rotary_positional_embeddings"):
         tokens, dim = t * (h // cfg["patch_size"]) * (w // cfg["patch_size"]), cfg["attention_head_dim"]
-        inputs["image_rotary_emb"] = (torch.ones(tokens, dim, device=device), torch.ones(tokens, dim, device=device))
+        inputs["image_rotary_emb"] = (torch.ones(tokens, dim, device=device),
+                                      torch.ones(tokens, dim, device=device))
     return inputs
 
 
@@ -433,12 +453,14 @@ def family_blocks(model, family: str) -> list:
     return list(model.transformer_blocks)
 
 
-def activation_profile(work: Workload, cp: int, compute: torch.dtype, role: str = "seme") -> ActivationProfile:
-    """One forward of the real model on meta at the workload's size, through ``dcm.parallel.context`` over a
-    fake group of ``cp`` ranks (rank 0's tokens).  ``role``: ``seme`` (every weight trains), ``dete`` (the
-    LoRA-wrapped SemE: only the adapters and copied layers train) or ``teacher`` (every weight frozen, the
-    input requiring grad: DetE's feature pass and DMD2's pass through the fake score, which backpropagate to
-    the student's output only; a frozen linear layer saves no input for a weight gradient)."""
+def activation_profile(work: Workload, cp: int, compute: torch.dtype,
+                       role: str = "seme") -> ActivationProfile:
+    """One forward of the real model on meta at the workload's size, through ``dcm.parallel.context`` over
+    a fake group of ``cp`` ranks (rank 0's tokens).  ``role``: ``seme`` (every weight trains), ``dete``
+    (the LoRA-wrapped SemE: only the adapters and copied layers train) or ``teacher`` (every weight frozen,
+    the input requiring grad: DetE's feature pass and DMD2's pass through the fake score, which
+    backpropagate to the student's output only; a frozen linear layer saves no input for a weight
+    gradient)."""
     if role not in ROLES:
         raise ValueError(f"role {role!r}: one of {ROLES}")
     model = build(work, compute)
@@ -447,7 +469,8 @@ def activation_profile(work: Workload, cp: int, compute: torch.dtype, role: str 
     dual = make_dete_meta(model, work) if role == "dete" else None
 
     def run():
-        return dual.run_expert("dete", **inputs) if dual is not None else model(**inputs, return_dict=False)[0]
+        return (dual.run_expert("dete", **inputs) if dual is not None
+                else model(**inputs, return_dict=False)[0])
 
     if role == "teacher":
         model.requires_grad_(False)
@@ -461,47 +484,94 @@ def activation_profile(work: Workload, cp: int, compute: torch.dtype, role: str 
     return profile
 
 
-def activation_profiles(work: Workload, cp: int, compute: torch.dtype) -> dict[tuple[int, str], ActivationProfile]:
+def activation_profiles(work: Workload, cp: int,
+                        compute: torch.dtype) -> dict[tuple[int, str], ActivationProfile]:
     """(cp, role) → the activation profile of each role at context-parallel degree ``cp``."""
     return {(cp, role): activation_profile(work, cp, compute, role) for role in ROLES}
 
 
-def adversarial_activations(work: Workload, model, cp: int, compute_bytes: int) -> tuple[int, int]:
-    """(bytes, discriminator parameters) of DetE's adversarial terms beyond the teacher's feature pass, on
-    meta at the rank's tokens: the real taps (no grad), feature matching's output head on every tap
-    (≈ 3 fp32 copies of a tap: normed, modulated, projected input) and, with the GAN, the saves of
-    ``dcm.distill.discriminator.Discriminator`` for the generator's hinge (frame-aligned slices of the grid)."""
-    from dcm.distill.discriminator import Discriminator
+@dataclass
+class AdversarialProfile:
+    """DetE's GAN / feature-matching bytes per micro-batch beyond the teacher's pass with grad (module
+    docstring)."""
 
-    blocks = model.single_transformer_blocks if work.family == "hunyuan" else family_blocks(model, work.family)
-    taps = len(range(0, len(blocks), 2))  # every 2nd block of Backbone.blocks (the discriminator's taps)
-    dim = int(model.proj_out.in_features)
-    patch = model.config.patch_size
-    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (model.config.get("patch_size_t") or 1, patch, patch)
-    _, t, h, w = work.latent
-    frames = max(1, (t // patch[0]) // cp)  # the rank's frames (frame-aligned when cp divides them)
-    tokens = frames * (h // patch[1]) * (w // patch[2])
-    tap_bytes = work.batch * tokens * dim
-    total = taps * tap_bytes * compute_bytes  # the real pass's taps, kept for the D step
-    if work.fm:
-        total += taps * tap_bytes * 3 * 4
-    if not work.gan:
-        return total, 0
+    # one set of feature taps (the real pass's or the fake's) as the objective holds it: gathered
+    taps: int = 0
+    # what the generator's terms save beyond the two sets: hinge through frozen heads, FM's head
+    generator: int = 0
+    # what one D step saves: every head, trainable, on the real set and on the fake set
+    discriminator: int = 0
+    params: int = 0  # the discriminator's parameters (0 without the GAN)
+
+
+def _family_adapter(family: str):
+    """The family's ``Backbone`` adapter without its pipeline: only its methods on a transformer are used
+    (``capture_features``, ``project_features``, ``token_patch``)."""
+    from dcm.backbones import adapter_class
+
+    return object.__new__(adapter_class(family))
+
+
+def adversarial_profile(work: Workload, cp: int, compute: torch.dtype) -> AdversarialProfile:
+    """DetE's adversarial terms on meta, as ``GanFeatureMatching`` runs them on rank 0 of ``cp``: the
+    teacher's taps and output-head condition from a forward at the rank's tokens, gathered by
+    ``gather_taps`` over the fake group (the whole grid on every rank); the generator's hinge (heads
+    frozen) and feature matching on the fake set, then one D step on both sets, each under saved-tensor
+    hooks (bytes of the sets not counted twice)."""
+    from dcm.backbones.base import TeacherFeatures
+    from dcm.distill import losses
+    from dcm.distill.discriminator import Discriminator, frozen
+    from dcm.parallel.context import gather_taps
+
+    if not (work.gan or work.fm):
+        return AdversarialProfile()
+    model = build(work, compute).requires_grad_(False)
+    backbone = _family_adapter(work.family)
+    thw = tuple(work.latent[1:])
+    with fake_world(cp):
+        if cp > 1:
+            enable_context_parallel(model, work.family)
+        with torch.no_grad(), backbone.capture_features(model) as feats:  # the real pass (no grad)
+            model(**model_inputs(work, compute), return_dict=False)
+        real = gather_taps(model, feats.taps)
+    # the fake pass's taps: with grad, the same size
+    fake = [torch.empty_like(t).requires_grad_(True) for t in real]
+    held = {id(t) for t in real + fake}
     with torch.device("meta"):
-        disc = Discriminator(dim, taps, patch)
-    feats = [torch.empty(work.batch, tokens, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
-             for _ in range(taps)]
-    saved: dict[int, int] = {}
+        disc = Discriminator(backbone.feature_dim(model), len(real), backbone.token_patch(model))
+    keep = []
 
-    def pack(x):
-        base = x._base if x._base is not None else x
-        if not isinstance(base, torch.nn.Parameter):
-            saved[id(base)] = base.numel() * base.element_size()
-        return x
+    def saves(run) -> int:
+        saved: dict[int, int] = {}
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        disc(feats, (frames * patch[0], h, w))
-    return total + sum(saved.values()), sum(p.numel() for p in disc.parameters())
+        def pack(x):
+            base = x._base if x._base is not None else x
+            if not isinstance(base, torch.nn.Parameter) and id(base) not in held:
+                saved[id(base)] = base.numel() * base.element_size()
+                keep.append(base)  # ids stay unique while counted
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            run()
+        return sum(saved.values())
+
+    def generator_terms():
+        if work.gan:
+            with frozen(disc):
+                losses.generator_hinge(disc(fake, thw))
+        if work.fm:
+            proj_fake = backbone.project_features(model, TeacherFeatures(fake, feats.head_condition, thw))
+            with torch.no_grad():
+                proj_real = backbone.project_features(model, TeacherFeatures(real, feats.head_condition, thw))
+            losses.feature_matching(proj_fake, proj_real)
+
+    def discriminator_step():
+        losses.discriminator_hinge(disc(real, thw), disc([t.detach() for t in fake], thw))
+
+    return AdversarialProfile(taps=sum(t.numel() * t.element_size() for t in real),
+                              generator=saves(generator_terms),
+                              discriminator=saves(discriminator_step) if work.gan else 0,
+                              params=sum(p.numel() for p in disc.parameters()) if work.gan else 0)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -526,8 +596,8 @@ def check_setting(work: Workload, s: Setting) -> None:
         raise ConfigError("--gpus", s.gpus, "a positive number of GPUs")
     check_context_parallel(s.cp, tokens=work.tokens, heads=work.heads, world_size=s.gpus)
     if s.gpus % s.shard:
-        raise ConfigError(SHARD_KEY, s.shard, f"a divisor of the GPU count {s.gpus} (ranks are sharded in groups of "
-                                              f"this size and replicated across groups): allowed "
+        raise ConfigError(SHARD_KEY, s.shard, f"a divisor of the GPU count {s.gpus} (ranks are sharded in "
+                                              f"groups of this size and replicated across groups): allowed "
                                               f"{[d for d in range(1, s.gpus + 1) if s.gpus % d == 0]}")
 
 
@@ -543,7 +613,7 @@ class Structure:
     disc_params: int = 0
     dmd2_head: int = 0  # DMD2's classifier: one DetE head on one tap of the fake score
     profiles: dict = field(default_factory=dict)  # (cp, role) → ActivationProfile (role: ROLES)
-    disc_act: dict = field(default_factory=dict)  # cp → bytes
+    adversarial: dict = field(default_factory=dict)  # cp → AdversarialProfile
 
 
 def structure(work: Workload, compute: torch.dtype, cps=(1,)) -> Structure:
@@ -551,21 +621,44 @@ def structure(work: Workload, compute: torch.dtype, cps=(1,)) -> Structure:
     dual = make_dete_meta(build(work), work)
     from dcm.distill.discriminator import head_parameter_count
 
-    st = Structure(seme=numel_table(seme), dete=numel_table(dual), total=sum(p.numel() for p in seme.parameters()),
+    st = Structure(seme=numel_table(seme), dete=numel_table(dual),
+                   total=sum(p.numel() for p in seme.parameters()),
                    block=block_numels(seme), dete_block=block_numels(dual),
                    dmd2_head=head_parameter_count(int(seme.proj_out.in_features)))
     for cp in cps:
         st.profiles.update(activation_profiles(work, cp, compute))
-        st.disc_act[cp], st.disc_params = adversarial_activations(work, seme, cp, DTYPE_BYTES[_name(compute)])
+        st.adversarial[cp] = adversarial_profile(work, cp, compute)
+        st.disc_params = st.adversarial[cp].params
     return st
 
 
-def two_passes_checkpointing(first: ActivationProfile, second: ActivationProfile) -> int:
-    """Activation bytes at the peak of a backward through two checkpointed passes, the second (a frozen
-    network's) on the first's output: its backward runs first, recomputing its blocks one at a time while
-    the first pass's saves are held; when the first pass's blocks recompute, the second's saves are freed."""
-    return first.outside + first.block_inputs + max(max(first.per_block),
-                                                    second.outside + second.block_inputs + max(second.per_block))
+def checkpointed_passes(*passes: ActivationProfile) -> int:
+    """Activation bytes at the peak of one backward through checkpointed passes chained in forward order,
+    each on the one before's output (the later ones frozen networks'): backward runs the last first,
+    recomputing its blocks one at a time while every earlier pass's saves outside its blocks and its block
+    inputs are held; a pass's saves are freed before the one before it recomputes.  A pass without blocks
+    adds its saves."""
+    peak = held = 0
+    for p in passes:
+        peak = max(peak, held + p.outside + p.block_inputs + max(p.per_block, default=0))
+        held += p.outside + p.block_inputs
+    return peak
+
+
+def dete_phases(student: ActivationProfile, teacher: ActivationProfile, adv: AdversarialProfile,
+                work: Workload, checkpointing: bool) -> tuple[int, int]:
+    """Activation bytes of a DetE step with the GAN / FM terms at its two peaks (module docstring): the
+    generator's backward (student pass, the teacher's pass with grad, the terms' saves, and the sets of taps
+    held then: this micro-batch's two, with the GAN also the earlier micro-batches' pairs waiting for the D
+    steps) and the discriminator's step (every micro-batch's pair, one more with ``disc_steps`` > 1, one D
+    step's saves; 0 without the GAN)."""
+    terms = ActivationProfile(outside=adv.generator)
+    passes = (checkpointed_passes(student, teacher, terms) if checkpointing
+              else student.no_checkpointing + teacher.no_checkpointing + terms.outside)
+    if not work.gan:
+        return passes + 2 * adv.taps, 0
+    return (passes + 2 * adv.taps * work.grad_accum,
+            2 * adv.taps * (work.grad_accum + (work.disc_steps > 1)) + adv.discriminator)
 
 
 def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]:
@@ -578,17 +671,20 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
     # SemE: the whole transformer trains
     train, _ = local_numels(st.seme, s.shard)
     prof = st.profiles[(s.cp, "seme")]
-    seme = {"parameters (fp32)": 4 * train, "gradients (fp32)": 4 * train, "optimizer (AdamW, 2 × fp32)": 8 * train,
+    seme = {"parameters (fp32)": 4 * train, "gradients (fp32)": 4 * train,
+            "optimizer (AdamW, 2 × fp32)": 8 * train,
             "EMA (fp32)": 4 * train if s.ema else 0, "frozen student weights": 0,
             "frozen teacher (fp32)": teacher, "VAE": vae, "discriminator (weights+grads+AdamW)": 0,
-            "fake score (weights+grads+AdamW)": 0, "FSDP working set": fsdp_working_set(st.block, c) if sharded else 0,
-            "activations, checkpointing": prof.checkpointing, "activations, no checkpointing": prof.no_checkpointing}
+            "fake score (weights+grads+AdamW)": 0,
+            "FSDP working set": fsdp_working_set(st.block, c) if sharded else 0,
+            "activations, checkpointing": prof.checkpointing,
+            "activations, no checkpointing": prof.no_checkpointing}
     rows["SemE"] = seme
     # DetE: LoRA + copied timestep layers train over a frozen SemE; the teacher's feature pass with grad
     lora, frozen = local_numels(st.dete, s.shard)
     lprof = st.profiles[(s.cp, "dete")]
-    taps = st.disc_act.get(s.cp, 0) if (work.gan or work.fm) else 0
-    dete = {"parameters (fp32)": 4 * lora, "gradients (fp32)": 4 * lora, "optimizer (AdamW, 2 × fp32)": 8 * lora,
+    dete = {"parameters (fp32)": 4 * lora, "gradients (fp32)": 4 * lora,
+            "optimizer (AdamW, 2 × fp32)": 8 * lora,
             "EMA (fp32)": 4 * lora if s.ema else 0, "frozen student weights": 4 * frozen,
             "frozen teacher (fp32)": teacher, "VAE": vae,
             "discriminator (weights+grads+AdamW)": 16 * st.disc_params if work.gan else 0,
@@ -597,16 +693,19 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
             "activations, checkpointing": lprof.checkpointing,
             "activations, no checkpointing": lprof.no_checkpointing}
     tprof = st.profiles[(s.cp, "teacher")]  # a frozen network's pass with grad (to its input only)
-    if work.gan or work.fm:  # the teacher's pass with grad on the student's output
-        dete["activations, checkpointing"] = two_passes_checkpointing(lprof, tprof) + taps
-        dete["activations, no checkpointing"] += tprof.no_checkpointing + taps
+    # the teacher's passes on the student's output and the real endpoint, the GAN/FM terms
+    if work.gan or work.fm:
+        adv = st.adversarial[s.cp]
+        dete["activations, checkpointing"] = max(dete_phases(lprof, tprof, adv, work, checkpointing=True))
+        dete["activations, no checkpointing"] = max(dete_phases(lprof, tprof, adv, work, checkpointing=False))
     rows["DetE"] = dete
-    # DMD2: the generator as SemE (online target: no EMA) + the fake score sharded like it (fp32 weights, grads,
-    # AdamW); with the classifier, its head and the generator's second pass with grad (through the fake score)
+    # DMD2: the generator as SemE (online target: no EMA) + the fake score sharded like it (fp32 weights,
+    # grads, AdamW); with the classifier, its head and the generator's second pass with grad (through the
+    # fake score)
     dmd2 = {**seme, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * train,
             "discriminator (weights+grads+AdamW)": 16 * st.dmd2_head if work.dmd2_gan else 0}
     if work.dmd2_gan:  # the fake score stays frozen through the generator's backward (dcm.distill.dmd2)
-        dmd2["activations, checkpointing"] = two_passes_checkpointing(prof, tprof)
+        dmd2["activations, checkpointing"] = checkpointed_passes(prof, tprof)
         dmd2["activations, no checkpointing"] += tprof.no_checkpointing
     rows["DMD2"] = dmd2
     for row in rows.values():
@@ -629,7 +728,8 @@ def smallest(work: Workload, st_for, gpu_bytes: int, compute: str, ema: bool,
             for cp in (d for d in cps if n % d == 0 and d <= 8):
                 rows = plan(work, Setting(n, cp, None, True, ema, compute), st_for(cp))
                 if rows[stage]["total, checkpointing"] <= gpu_bytes:
-                    found[stage] = {"gpus": n, "context_parallel": cp, "bytes": rows[stage]["total, checkpointing"]}
+                    found[stage] = {"gpus": n, "context_parallel": cp,
+                                    "bytes": rows[stage]["total, checkpointing"]}
                     break
             if found[stage]:
                 break
@@ -640,7 +740,8 @@ def disk(work: Workload, st: Structure) -> dict[str, int]:
     """Bytes on disk: the trajectory cache and each training stage's outputs (export + resume state)."""
     c, t, h, w = work.latent
     lora = sum(math.prod(s) for s, g in st.dete.values() if g)
-    out = {"trajectory cache": work.grid_points * c * t * h * w * work.trajectory_bytes * work.num_trajectories,
+    out = {"trajectory cache": (work.grid_points * c * t * h * w * work.trajectory_bytes
+                                * work.num_trajectories),
            "one trajectory": work.grid_points * c * t * h * w * work.trajectory_bytes,
            # SemE: diffusers export (fp32) + resume (weights + 2 Adam moments)
            "train_seme (export + resume)": st.total * 4 + st.total * 12,
@@ -649,7 +750,8 @@ def disk(work: Workload, st: Structure) -> dict[str, int]:
            # LCM / PCM baselines: a full student + an EMA target (LCM) in the resume state
            "train_baseline (export + resume, with EMA)": st.total * 4 + st.total * 16,
            # DMD2: the generator's export + resume (weights + Adam), and the fake score (+ head) with its Adam
-           "train_baseline dmd2 (export + resume)": st.total * 4 + st.total * 12 + (st.total + st.dmd2_head) * 12}
+           "train_baseline dmd2 (export + resume)": (st.total * 4 + st.total * 12
+                                                     + (st.total + st.dmd2_head) * 12)}
     return out
 
 
@@ -676,13 +778,15 @@ def report(work: Workload, s: Setting, rows, best, disk_bytes, gpu_mem_gb: float
     for key in rows["SemE"]:
         lines.append(f"{key:40s} {fmt(rows['SemE'][key])} {fmt(rows['DetE'][key])} {fmt(rows['DMD2'][key])}")
     for mode in ("checkpointing", "no checkpointing"):
-        fits = ["yes" if rows[st_][f"total, {mode}"] <= gpu_bytes else "NO" for st_ in ("SemE", "DetE", "DMD2")]
-        lines.append(f"{'fits ' + f'{gpu_mem_gb:g} GiB, ' + mode:40s} {fits[0]:>9s} {fits[1]:>9s} {fits[2]:>9s}")
+        fits = ["yes" if rows[st_][f"total, {mode}"] <= gpu_bytes else "NO"
+                for st_ in ("SemE", "DetE", "DMD2")]
+        lines.append(f"{'fits ' + f'{gpu_mem_gb:g} GiB, ' + mode:40s} "
+                     f"{fits[0]:>9s} {fits[1]:>9s} {fits[2]:>9s}")
     lines.append("")
     for stage, b in best.items():
         lines.append(f"smallest fit for {stage} (checkpointing, FSDP over all GPUs, teacher sharded): "
-                     + (f"{b['gpus']} GPUs, context parallel {b['context_parallel']} ({b['bytes'] / GiB:.1f} GiB)"
-                        if b else f"none up to {max_gpus} GPUs"))
+                     + (f"{b['gpus']} GPUs, context parallel {b['context_parallel']} "
+                        f"({b['bytes'] / GiB:.1f} GiB)" if b else f"none up to {max_gpus} GPUs"))
     lines.append("")
     lines.append(f"{'disk':40s} {'GiB':>9s}")
     for key, value in disk_bytes.items():
@@ -690,33 +794,40 @@ def report(work: Workload, s: Setting, rows, best, disk_bytes, gpu_mem_gb: float
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``dcm plan``: print (or write as JSON) the plan of one preset at one setting; 2 on a bad
+    combination."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # the meta builds' "keep in fp32" notes
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="dcm plan", description=__doc__.split("\n")[0])
     ap.add_argument("--family", required=True, choices=sorted(VARIANTS))
+    ap.add_argument("--params", default="params.yaml",
+                    help="experiment file the preset overlays (default: params.yaml)")
     ap.add_argument("--variant", help="1.3B|14B (wan), 13B (hunyuan), 2B|5B (cogvideox)")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GiB per GPU (an A100-80GB: 80)")
     ap.add_argument("--context-parallel", type=int, default=1)
     ap.add_argument("--shard-group", type=int, default=None, help="FSDP shard group size (default: all GPUs)")
-    ap.add_argument("--shard-teacher", action="store_true", help="shard the frozen teacher (default: a copy per GPU)")
-    ap.add_argument("--ema", action="store_true", help="count an EMA target (LCM); DCM's experts use the online one")
+    ap.add_argument("--shard-teacher", action="store_true",
+                    help="shard the frozen teacher (default: a copy per GPU)")
+    ap.add_argument("--ema", action="store_true",
+                    help="count an EMA target (LCM); DCM's experts use the online one")
     ap.add_argument("--compute", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--reserve-gb", type=float, default=2.0,
-                    help="GiB per GPU kept for the CUDA context, NCCL buffers and allocator slack (default 2)")
+                    help="GiB per GPU kept for the CUDA context, NCCL buffers and allocator slack "
+                         "(default 2)")
     ap.add_argument("--max-gpus", type=int, default=GPU_COUNTS[-1], help="largest GPU count the search tries")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     ap.add_argument("--json-out", help="also write the plan as JSON to this file")
     args = ap.parse_args(argv)
     try:
-        work = preset_workload(args.family, args.variant)
+        work = preset_workload(args.family, args.variant, args.params)
         setting = Setting(args.gpus, args.context_parallel, args.shard_group, args.shard_teacher, args.ema,
                           args.compute)
         check_setting(work, setting)
     except ConfigError as err:
-        print(f"memory_plan: {err}", file=sys.stderr)
+        print(f"dcm plan: {err}", file=sys.stderr)
         return 2
     compute = torch.bfloat16 if args.compute == "bf16" else torch.float32
     cache: dict[int, Structure] = {}
@@ -737,13 +848,15 @@ def main(argv=None) -> int:
     disk_bytes = disk(work, base)
     document = json.dumps({"workload": work.name, "tokens": work.tokens, "setting": setting.__dict__,
                            "per_gpu": rows, "smallest": best, "disk": disk_bytes,
-                           "beta": base.profiles[(setting.cp, "seme")].beta, "reserve_gb": args.reserve_gb}, indent=1)
+                           "beta": base.profiles[(setting.cp, "seme")].beta, "reserve_gb": args.reserve_gb},
+                          indent=1)
     if args.json_out:
         Path(args.json_out).write_text(document)
     if args.json:
         print(document)
     else:
-        print(report(work, setting, rows, best, disk_bytes, args.gpu_mem_gb, base, args.max_gpus, args.reserve_gb))
+        print(report(work, setting, rows, best, disk_bytes, args.gpu_mem_gb, base, args.max_gpus,
+                     args.reserve_gb))
     return 0
 
 
@@ -751,9 +864,9 @@ def structure_profiles(work: Workload, compute: torch.dtype, cp: int, base: Stru
     """``base`` with the activation profiles of another context-parallel degree added."""
     extra = copy.copy(base)
     extra.profiles = dict(base.profiles)
-    extra.disc_act = dict(base.disc_act)
+    extra.adversarial = dict(base.adversarial)
     extra.profiles.update(activation_profiles(work, cp, compute))
-    extra.disc_act[cp], _ = adversarial_activations(work, build(work), cp, DTYPE_BYTES[_name(compute)])
+    extra.adversarial[cp] = adversarial_profile(work, cp, compute)
     return extra
 
 
