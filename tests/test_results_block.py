@@ -1,0 +1,215 @@
+"""The README's results block: built from a project folder's metrics, report, paper report and teacher
+record as the stages write them, and written between the README's markers only."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcm.evaluation import reporting, results_block
+from dcm.evaluation.verdicts import HOLDS, INCONCLUSIVE, NOT_RUN, Claim, Difference, Verdict
+from dcm.io import write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIME = 1_796_212_800  # 2026-12-02 12:00 UTC: the metrics files' mtime, so the stamp's date is known
+
+
+def _metrics(method: str, steps: int, nfe: int, latency: float, total: float, ci: list[float],
+             diff: tuple[float, list[float]] | None, match: float) -> dict:
+    """A metrics/<method>.json record with the keys dcm.evaluation.metrics.shapes_bench_metrics writes."""
+    return {
+        "method": method, "backend": "shapes-bench", "steps": steps, "nfe": nfe, "latency_s": latency,
+        "dimensions": {"color": 0.9, "object_class": 0.8}, "total": total, "quality": total + 0.01,
+        "semantic": total - 0.02, "total_ci95": ci,
+        "dimensions_ci95": {"color": [0.85, 0.95], "object_class": [0.7, 0.9]},
+        "diff_vs_teacher": {"total": {"mean": diff[0], "ci95": diff[1]}} if diff else {},
+        "psnr_vs_teacher": None if method == "teacher" else 21.5, "match_rate": match,
+        "per_row": [{"prompt": "a red square moves left", "seed": 1000, "total": total}],
+    }
+
+
+METRICS = {
+    "teacher": _metrics("teacher", 50, 100, 2.0, 0.9023, [0.89, 0.91], (0.0, [0.0, 0.0]), 0.92),
+    "lcm": _metrics("lcm", 4, 4, 0.1, 0.85, [0.83, 0.87], (-0.0523, [-0.07, -0.035]), 0.75),
+    "dcm": _metrics("dcm", 4, 4, 0.125, 0.9057, [0.895, 0.915], (0.0034, [-0.0063, 0.0118]), 0.9),
+}
+ORDER = ["teacher", "dcm", "lcm"]  # the report's order, not the files' (alphabetical) one
+
+
+def _write_project(root: Path, report: bool = True, paper: bool = True, teacher: bool = True) -> Path:
+    for name, record in METRICS.items():
+        write_json_atomic(root / "metrics" / f"{name}.json", record)
+        os.utime(root / "metrics" / f"{name}.json", (RUN_TIME, RUN_TIME))
+    if report:  # the report stage's first two tables, written with its own functions
+        (root / "reports").mkdir()
+        table = reporting.markdown_table(reporting.method_table(METRICS, ORDER))
+        dims = reporting.dimension_table(METRICS, ORDER)
+        summary = f"# shapes: results\n\n## Methods\n\n{table}\n\nlegend\n\n## Per dimension\n\n{dims}\n"
+        (root / "reports" / "summary.md").write_text(summary)
+    if paper:  # the report_paper stage's sections, their lines from Verdict.line as it writes them
+        steps = {m: r["steps"] for m, r in METRICS.items()}
+        claims = [Verdict(Claim("DCM-4 ≈ teacher-50", "dcm", "teacher", "equivalent"), HOLDS,
+                          Difference(0.0034, (-0.0063, 0.0118), 64)),
+                  Verdict(Claim("PCM-4 > LCM-4", "pcm", "lcm", "better"), NOT_RUN, missing=("pcm",))]
+        mcm = [Verdict(Claim("MCM-4 > LCM-4 (MCM's claim)", "mcm", "lcm", "better"), INCONCLUSIVE,
+                       Difference(0.004, (-0.002, 0.01), 64))]
+        md = ["# shapes: the paper's claims\n", "## Claims\n", "Each verdict is the paired difference.", "",
+              *(v.line(steps) for v in claims), "", "## Training seeds\n", "| row | seeds |", "|---|---|",
+              "| dcm | 3 |", "", "## MCM in its own setting\n", "The `mcm` preset's pipeline.", "",
+              *(v.line(steps) for v in mcm), "", "## Methods and ablation rows (scores ×100)\n",
+              "- not a claim"]
+        (root / "paper").mkdir()
+        (root / "paper" / "summary.md").write_text("\n".join(md) + "\n")
+    if teacher:  # the keys the teacher stage writes to models/teacher/training.json
+        write_json_atomic(root / "models" / "teacher" / "training.json",
+                          {"steps": 3800, "final_loss": 0.05, "wall_s": 567.2, "steps_per_s": 6.7,
+                           "batch_size": 16, "torch_threads": 2, "log_every": 50, "loss_curve": [1.0, 0.05]})
+    return root
+
+
+def _git_commit(root: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "metrics")
+    git("commit", "-q", "-m", "run")
+    return git("rev-parse", "--short=12", "HEAD")
+
+
+def _table_rows(block: str) -> dict[str, list[str]]:
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+
+
+def test_render_lists_the_reports_methods_in_its_order_with_scores_x100(tmp_path):
+    block = results_block.render(_write_project(tmp_path))
+    rows = _table_rows(block)
+    assert list(rows) == ORDER
+    assert rows["teacher"] == ["50", "100", "2.000", "1.0×", "90.23 [89.00, 91.00]", "91.23", "88.23", "",
+                               "92%"]
+    assert rows["dcm"] == ["4", "4", "0.125", "16.0×", "90.57 [89.50, 91.50]", "91.57", "88.57",
+                           "+0.34 [-0.63, +1.18]", "90%"]
+    assert rows["lcm"][7] == "-5.23 [-7.00, -3.50]"
+    assert "Scores ×100 (shapes-bench)" in block
+
+
+def test_render_without_a_report_shows_every_metrics_file_teacher_first(tmp_path):
+    block = results_block.render(_write_project(tmp_path, report=False, paper=False))
+    assert list(_table_rows(block)) == ["teacher", "dcm", "lcm"]
+    assert "claims" not in block
+
+
+def test_stamp_names_the_commit_the_run_date_the_machine_and_the_teacher_speed(tmp_path):
+    commit = _git_commit(_write_project(tmp_path))
+    stamp = results_block.render(tmp_path).splitlines()[0]
+    assert stamp.startswith("Last run: metrics written 2026-12-02 12:00 UTC")
+    assert f"commit `{commit}`" in stamp and "uncommitted" not in stamp
+    assert results_block.cpu_model() in stamp and " cores" in stamp
+    assert "teacher 3800 steps in 9.5 min at 6.70 steps/s on 2 torch threads" in stamp
+
+    write_json_atomic(tmp_path / "metrics" / "dcm.json", {**METRICS["dcm"], "total": 0.5})
+    assert f"commit `{commit}` with uncommitted changes" in results_block.render(tmp_path)
+
+
+def test_stamp_outside_git_and_without_a_trained_teacher(tmp_path):
+    stamp = results_block.render(_write_project(tmp_path, teacher=False)).splitlines()[0]
+    assert "commit unknown (not a git checkout)" in stamp
+    assert "steps/s" not in stamp
+
+
+def test_paper_claims_are_quoted_with_their_verdicts_per_section(tmp_path):
+    block = results_block.render(_write_project(tmp_path))
+    lines = block.splitlines()
+    claims = lines.index(next(line for line in lines if line.startswith("The paper's claims (written ")))
+    assert lines[claims + 2:claims + 4] == [
+        "- **holds** — DCM-4 ≈ teacher-50: Total(dcm, 4 steps) − Total(teacher, 50 steps) = "
+        "+0.34 [-0.63, +1.18] over 64 paired rows",
+        "- **not run** — PCM-4 > LCM-4: no metrics for `pcm` (`dcm run evaluate --method <row>`)"]
+    assert any(line.startswith("MCM's claims in its own setting (written ") for line in lines)
+    assert "- **inconclusive** — MCM-4 > LCM-4 (MCM's claim)" in block
+    assert "- not a claim" not in block  # bullets of other sections are not verdicts
+
+
+def test_render_errors_name_the_folder_or_the_file_and_key(tmp_path):
+    with pytest.raises(results_block.ResultsError, match=r"no metrics/<method>\.json in .*make demo"):
+        results_block.render(tmp_path)
+    write_json_atomic(tmp_path / "metrics" / "lcm.json", {"method": "lcm", "total": 0.8})
+    with pytest.raises(results_block.ResultsError, match=r"lcm\.json has no \['quality', 'semantic'\]"):
+        results_block.render(tmp_path)
+
+
+README = """# project
+
+intro
+<!-- results:start -->
+old figures
+old table
+<!-- results:end -->
+
+## More
+- docs
+"""
+
+
+def test_update_readme_replaces_only_the_marked_block_and_keeps_the_mode(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    readme.chmod(0o644)
+    assert results_block.update_readme(readme, "\nnew block\n| a | b |\n\n")
+    assert readme.read_text() == README.replace("old figures\nold table\n", "new block\n| a | b |\n")
+    assert readme.stat().st_mode & 0o777 == 0o644
+    assert not results_block.update_readme(readme, "new block\n| a | b |")  # unchanged: False
+
+
+@pytest.mark.parametrize("text, found", [
+    ("# no markers\n", "found 0 start and 0 end"),
+    (README.replace("<!-- results:end -->\n", ""), "found 1 start and 0 end"),
+    (README + "<!-- results:start -->\n", "found 2 start and 1 end"),
+    ("<!-- results:end -->\nx\n<!-- results:start -->\n", "in the wrong order"),
+])
+def test_update_readme_without_the_markers_names_the_file_and_leaves_it(tmp_path, text, found):
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    expected = re.escape(f"{readme}: needs one line {results_block.START}") + f".*{found}"
+    with pytest.raises(results_block.ResultsError, match=expected):
+        results_block.update_readme(readme, "block")
+    assert readme.read_text() == text
+
+
+def test_the_projects_readme_has_the_markers_and_takes_a_rendered_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    block = results_block.render(_write_project(tmp_path / "project"))
+    assert results_block.update_readme(readme, block)
+    before, after = (ROOT / "README.md").read_text(), readme.read_text()
+    assert before.split(results_block.START)[0] == after.split(results_block.START)[0]
+    assert before.split(results_block.END)[1] == after.split(results_block.END)[1]
+    assert block.strip() in after
+
+
+def test_main_prints_the_block_or_writes_the_readme(tmp_path, capsys):
+    project = _write_project(tmp_path / "project")
+    assert results_block.main(str(project), None) == 0
+    assert capsys.readouterr().out == results_block.render(project)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert results_block.main(str(project), str(readme)) == 0
+    assert "| dcm | 4 |" in readme.read_text()
+    assert f"{readme} updated" in capsys.readouterr().out
+    readme.write_text("# no markers\n")
+    assert results_block.main(str(project), str(readme)) == 2
+    assert f"error: {readme}: needs one line" in capsys.readouterr().err
+
+
+def test_the_module_imports_without_torch_or_plotting():
+    code = ("import sys, dcm.evaluation.results_block; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
