@@ -47,8 +47,10 @@ def main() -> None:
             ok = b_ci[0] <= a <= b_ci[1]
             inside += ok
             print(f"  {m:10s} | {b * scale:8.2f} [{b_ci[0] * scale:.2f}, {b_ci[1] * scale:.2f}]"
-                  f" | {a * scale:8.2f} [{a_ci[0] * scale:.2f}, {a_ci[1] * scale:.2f}] | {'yes' if ok else 'NO'}")
-    print(f"\n{inside} of {len(FIGURES) * len(methods)} figures of the second run lie inside the first run's 95% intervals")
+                  f" | {a * scale:8.2f} [{a_ci[0] * scale:.2f}, {a_ci[1] * scale:.2f}] | "
+                  f"{'yes' if ok else 'NO'}")
+    print(f"\n{inside} of {len(FIGURES) * len(methods)} figures of the second run lie inside the "
+          "first run's 95% intervals")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ it prints each block's steps/s, the median per variant and the median of the per
 whether the two copies' weights are still bitwise equal (a speed-up that keeps them equal changes no
 result), with the largest difference of the two runs' losses.
 
-    python benchmarks/cpu_speed.py [--compare adamw|fused|compile] [--blocks 5] [--steps 20] [--params params.yaml]
+    python benchmarks/cpu_speed.py [--compare adamw|fused|compile] [--blocks 5] [--steps 20]
+        [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def main() -> None:
     args = ap.parse_args()
     params = config.load(args.params, preset=args.preset)
     if params.backbone.family != "toy":
-        raise config.ConfigError("backbone.family", params.backbone.family, "toy: the benchmark trains the toy teacher")
+        raise config.ConfigError("backbone.family", params.backbone.family,
+                                 "toy: the benchmark trains the toy teacher")
     torch.manual_seed(params.seed)
     base = create_teacher(params)
     cfg, world = params.teacher, params.world
-    sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift)).float()
+    sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps,
+                                                       params.grid.shift)).float()
 
     def foreach_adamw(p):
         return torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
@@ -57,8 +60,10 @@ def main() -> None:
     def fused_adamw(p):
         return torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
-    pairs = {"adamw": (("dcm adamw (PyTorch's CPU loop)", dcm_adamw, False), ("foreach AdamW", foreach_adamw, False)),
-             "fused": (("dcm adamw (PyTorch's CPU loop)", dcm_adamw, False), ("fused AdamW", fused_adamw, False)),
+    pairs = {"adamw": (("dcm adamw (PyTorch's CPU loop)", dcm_adamw, False),
+                       ("foreach AdamW", foreach_adamw, False)),
+             "fused": (("dcm adamw (PyTorch's CPU loop)", dcm_adamw, False),
+                       ("fused AdamW", fused_adamw, False)),
              "compile": (("eager", dcm_adamw, False), ("torch.compile", dcm_adamw, True))}[args.compare]
     variants = {}
     for name, make, compiled in pairs:
@@ -67,9 +72,10 @@ def main() -> None:
         for p in trainable:
             p.requires_grad_(True)
         net = torch.compile(backbone.transformer) if compiled else backbone.transformer
-        variants[name] = {"backbone": backbone, "net": net, "trainable": trainable, "optimizer": make(trainable),
-                          "rng": np.random.default_rng(0), "gen": torch.Generator().manual_seed(0), "rates": [],
-                          "losses": []}
+        variants[name] = {"backbone": backbone, "net": net, "trainable": trainable,
+                          "optimizer": make(trainable),
+                          "rng": np.random.default_rng(0), "gen": torch.Generator().manual_seed(0),
+                          "rates": [], "losses": []}
 
     def block(v: dict) -> float:
         bb = v["backbone"]
@@ -102,7 +108,8 @@ def main() -> None:
     for name, v in variants.items():
         print(f"{name}: median {statistics.median(v['rates']):.2f} steps/s (min {min(v['rates']):.2f}, "
               f"max {max(v['rates']):.2f})")
-    print(f"speed-up ({b_} / {a}): median {statistics.median(ratios):.2f}× (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(f"speed-up ({b_} / {a}): median {statistics.median(ratios):.2f}× "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
     same = all(torch.equal(x, y) for x, y in zip(va["trainable"], vb["trainable"]))
     print(f"weights bitwise equal after {(args.blocks + 1) * args.steps} steps each: {same}")
     gap = max(abs(x - y) for x, y in zip(va["losses"], vb["losses"]))

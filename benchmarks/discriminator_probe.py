@@ -32,10 +32,11 @@ from dcm.distill.optim import adamw
 from dcm.schedule import SIGMA_MIN_INDEX
 
 
-def collect(gan: GanFeatureMatching, backbone, dete, source, rows: torch.Tensor, batches: int, batch_size: int,
-            kappa: int, generator: torch.Generator, autocast) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                                        torch.Tensor, tuple[int, int, int]]:
-    """Real and fake teacher features (per tap, all samples) and each sample's σ_adv, as DetE's training makes them."""
+def collect(gan: GanFeatureMatching, backbone, dete, source, rows: torch.Tensor, batches: int,
+            batch_size: int, kappa: int, generator: torch.Generator,
+            autocast) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, tuple[int, int, int]]:
+    """Real and fake teacher features (per tap, all samples) and each sample's σ_adv, as DetE's training makes
+    them."""
     sigmas_ext = torch.as_tensor(source.grid_sigmas, dtype=torch.float32)  # position n + 1 ↔ grid index n
     device = next(dete.parameters()).device
     real, fake, sigma_adv = [], [], []
@@ -56,7 +57,8 @@ def collect(gan: GanFeatureMatching, backbone, dete, source, rows: torch.Tensor,
         fake.append([t.float().cpu() for t in feat_fake.taps])
         sigma_adv.append(drawn[0].cpu())
     taps = len(real[0])
-    return ([torch.cat([r[k] for r in real]) for k in range(taps)], [torch.cat([f[k] for f in fake]) for k in range(taps)],
+    return ([torch.cat([r[k] for r in real]) for k in range(taps)],
+            [torch.cat([f[k] for f in fake]) for k in range(taps)],
             torch.cat(sigma_adv), feat_real.latent_thw)
 
 
@@ -113,20 +115,22 @@ def main() -> None:
     levels = adversarial_sigmas(grid, kappa)
     batch_size = args.batch_size or params.training.batch_size
     disc_lr = args.disc_lr or dete_cfg.disc_lr
-    gan = GanFeatureMatching(backbone, backbone.transformer, levels, gan_weight=1.0, fm_weight=0.0, disc_lr=disc_lr)
+    gan = GanFeatureMatching(backbone, backbone.transformer, levels, gan_weight=1.0, fm_weight=0.0,
+                             disc_lr=disc_lr)
     autocast = autocast_for(device)
     generator = torch.Generator().manual_seed(params.seed)
     rows = torch.arange(len(source))
     if len(rows) < 2:
         raise ConfigError("data/prompts.json", len(rows), "at least 2 train rows (one half is held out)")
     train_rows, held_rows = rows[0::2], rows[1::2]
-    print(f"discriminator probe [{args.method}]: DetE from {dete_dir}, {args.batches}×{batch_size} samples per half, "
-          f"σ_adv levels {len(levels)} ({levels[0]:.4f} … {levels[-1]:.4f}), heads {args.steps} steps at lr {disc_lr:g}")
+    print(f"discriminator probe [{args.method}]: DetE from {dete_dir}, {args.batches}×{batch_size} samples "
+          f"per half, σ_adv levels {len(levels)} ({levels[0]:.4f} … {levels[-1]:.4f}), heads {args.steps} "
+          f"steps at lr {disc_lr:g}")
 
-    train_real, train_fake, _, thw = collect(gan, backbone, dete, source, train_rows, args.batches, batch_size,
-                                             kappa, generator, autocast)
-    held_real, held_fake, held_sigma, _ = collect(gan, backbone, dete, source, held_rows, args.batches, batch_size,
-                                                  kappa, generator, autocast)
+    train_real, train_fake, _, thw = collect(gan, backbone, dete, source, train_rows, args.batches,
+                                             batch_size, kappa, generator, autocast)
+    held_real, held_fake, held_sigma, _ = collect(gan, backbone, dete, source, held_rows, args.batches,
+                                                  batch_size, kappa, generator, autocast)
     final = train_heads(gan.discriminator, train_real, train_fake, thw, args.steps, disc_lr, batch_size,
                         generator, device)
     print(f"fresh heads: final hinge L_D {final:.4f} (2 = chance)")
@@ -146,13 +150,15 @@ def main() -> None:
         fake_hit = mean_logit(disc, held_fake, thw, device) < 0
         hits[name] = (real_hit, fake_hit)
     level_of = torch.as_tensor([int(np.argmin(np.abs(np.asarray(levels) - float(s)))) for s in held_sigma])
-    buckets = [(int(b[0]), int(b[-1])) for b in np.array_split(np.arange(len(levels)), min(args.buckets, len(levels)))]
+    buckets = [(int(b[0]), int(b[-1]))
+               for b in np.array_split(np.arange(len(levels)), min(args.buckets, len(levels)))]
     rows_out = [(f"σ_adv {levels[lo]:.4f}-{levels[hi]:.4f}", lo, hi) for lo, hi in buckets]
     for label, lo, hi in [*rows_out, ("all σ_adv", 0, len(levels) - 1)]:
         mask = (level_of >= lo) & (level_of <= hi)
         count = int(mask.sum())
         figures = " | ".join(
-            f"{name} {0.5 * (real[mask].float().mean() + fake[mask].float().mean()):.3f}" if count else f"{name} nan"
+            f"{name} {0.5 * (real[mask].float().mean() + fake[mask].float().mean()):.3f}" if count
+            else f"{name} nan"
             for name, (real, fake) in hits.items())
         print(f"{label} | n {count} | {figures}")
 

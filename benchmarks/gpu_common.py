@@ -19,9 +19,11 @@ from dcm.backbones.base import PromptEmbeds, unwrap
 from dcm.config import RealBackboneConfig
 
 SIZES = {"wan": "1.3B", "hunyuan": "13B", "cogvideox": "2B"}
-VIDEO = {"wan": (81, 480, 832), "hunyuan": (61, 544, 960), "cogvideox": (49, 480, 720)}  # frames, height, width
+# frames, height, width
+VIDEO = {"wan": (81, 480, 832), "hunyuan": (61, 544, 960), "cogvideox": (49, 480, 720)}
 TINY_VIDEO = (9, 32, 32)
-DEPTH_KEYS = {"wan": ("num_layers",), "hunyuan": ("num_layers", "num_single_layers"), "cogvideox": ("num_layers",)}
+DEPTH_KEYS = {"wan": ("num_layers",), "hunyuan": ("num_layers", "num_single_layers"),
+              "cogvideox": ("num_layers",)}
 # dense bf16 tensor-core peaks (TFLOP/s) for model FLOP utilisation
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -73,8 +75,9 @@ def _bare_pipeline(family: str, transformer):
     if family == "wan":
         return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
                                      transformer=transformer)
-    return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
-                                          scheduler=scheduler, text_encoder_2=None, tokenizer_2=None)
+    return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer,
+                                          vae=None, scheduler=scheduler, text_encoder_2=None,
+                                          tokenizer_2=None)
 
 
 def text_tokens(backbone) -> int:
@@ -92,7 +95,8 @@ def random_cond(backbone, batch: int, device, dtype) -> PromptEmbeds:
     if backbone.family != "hunyuan":
         return PromptEmbeds(hidden)
     return PromptEmbeds(hidden, {"attention_mask": torch.ones(batch, length, device=device, dtype=torch.long),
-                                 "pooled": torch.randn(batch, cfg.pooled_projection_dim, device=device, dtype=dtype)})
+                                 "pooled": torch.randn(batch, cfg.pooled_projection_dim, device=device,
+                                                       dtype=dtype)})
 
 
 def video_tokens(backbone, latent_shape) -> int:
@@ -144,7 +148,8 @@ def base_parser(doc: str, repeats: int, warmup: int):
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=list(SIZES), default="wan")
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks the script runs)")
-    ap.add_argument("--frames", type=int), ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
+    ap.add_argument("--frames", type=int), ap.add_argument("--height", type=int), \
+        ap.add_argument("--width", type=int)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--warmup", type=int, default=warmup)
     return ap

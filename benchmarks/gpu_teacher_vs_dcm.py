@@ -47,7 +47,8 @@ def main() -> None:
     print(f"device: {common.describe_device(device)}; dtype {dtype}")
     print(f"model: {args.family} {'tiny' if args.tiny else common.SIZES[args.family]} random init, "
           f"{params / 1e6:.1f} M parameters, {common.count_blocks(backbone)} blocks"
-          + (f" (depth scaled ×{args.depth_scale}: {', '.join(f'{k}={cfg[k]}' for k in common.DEPTH_KEYS[args.family])})"
+          + (f" (depth scaled ×{args.depth_scale}: "
+             f"{', '.join(f'{k}={cfg[k]}' for k in common.DEPTH_KEYS[args.family])})"
              if args.depth_scale != 1.0 else ""))
     print(f"video: {frames} frames {height}×{width} → latent {tuple(latent)}, {tokens} video tokens, batch 1")
 
@@ -67,14 +68,14 @@ def main() -> None:
                          kappa=kappa, sigma_kappa=sigma_kappa).to(device, dtype).eval()
         velocity = student_velocity(backbone, dual)
         experts = {"seme": velocity, "dete": velocity}
-        t_dcm = common.median_seconds(lambda: sample(experts, dcm_steps, noise, cond), args.repeats, args.warmup,
-                                      device)
+        t_dcm = common.median_seconds(lambda: sample(experts, dcm_steps, noise, cond), args.repeats,
+                                      args.warmup, device)
     forwards = (2 if backbone.guidance_mode == "cfg" else 1) * len(teacher_steps)
     print(f"teacher: {len(teacher_steps)} steps, {forwards} forwards ({backbone.guidance_mode}): "
           f"median {common.median(t_teacher):.3f} s (runs {', '.join(f'{t:.3f}' for t in t_teacher)})")
     print(f"dcm:     {len(dcm_steps)} steps, {len(dcm_steps)} forwards (σ = "
-          f"{', '.join(f'{s.sigma:.4f}:{s.expert}' for s in dcm_steps)}): median {common.median(t_dcm):.3f} s "
-          f"(runs {', '.join(f'{t:.3f}' for t in t_dcm)})")
+          f"{', '.join(f'{s.sigma:.4f}:{s.expert}' for s in dcm_steps)}): "
+          f"median {common.median(t_dcm):.3f} s (runs {', '.join(f'{t:.3f}' for t in t_dcm)})")
     print(f"speedup: {common.median(t_teacher) / common.median(t_dcm):.2f}x")
     if device.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")

@@ -1,4 +1,5 @@
-"""SemE, DetE and DMD2 training-step time, peak memory and model FLOP utilisation on a real-size random transformer.
+"""SemE, DetE and DMD2 training-step time, peak memory and model FLOP utilisation on a real-size random
+transformer.
 
 One step is what ``dcm.distill.loop.train`` does per micro-batch, with the engine's own pieces:
 student forward with grad (bf16 autocast over fp32 master weights), target forward without grad,
@@ -134,7 +135,8 @@ class ForwardTally:
     def __init__(self, nets: dict[str, nn.Module]):
         self.names = list(nets)
         self.counts = {name: {"forward": 0.0, "backward": 0.0} for name in self.names}
-        self.handles = [net.register_forward_hook(self._hook(name), with_kwargs=True) for name, net in nets.items()]
+        self.handles = [net.register_forward_hook(self._hook(name), with_kwargs=True)
+                        for name, net in nets.items()]
 
     def _hook(self, name: str):
         def record(module, args, kwargs, output):
@@ -168,7 +170,8 @@ def make_dmd2(args, backbone, grid, latent, device) -> tuple:
                                                                                       torch.float32)
     generator = copy.deepcopy(backbone.transformer).requires_grad_(True)
     steps = schedule.uniform_schedule(grid, DMD2_STEPS, "student")
-    source = dmd2.BackwardSimulation(backbone, generator, common.random_cond(backbone, 1, "cpu", torch.float32),
+    source = dmd2.BackwardSimulation(backbone, generator,
+                                     common.random_cond(backbone, 1, "cpu", torch.float32),
                                      grid, steps, latent, device)
     videos = None
     if args.dmd2_gan:
@@ -178,9 +181,11 @@ def make_dmd2(args, backbone, grid, latent, device) -> tuple:
     objective = dmd2.DistributionMatching(
         backbone, source, train_sigmas, fake_steps=args.dmd2_fake_steps, fake_lr=LR, dm_weight=cfg.dm_weight,
         t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)), guidance=cfg.guidance,
-        gan_weight=cfg.gan_weight if args.dmd2_gan else 0.0, cls_weight=cfg.cls_weight if args.dmd2_gan else 0.0,
-        real_videos=videos, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, seed=0)
-    if args.checkpointing:  # as the loop (student, the objective's grad networks) and dmd2.build (the fake score)
+        gan_weight=cfg.gan_weight if args.dmd2_gan else 0.0,
+        cls_weight=cfg.cls_weight if args.dmd2_gan else 0.0, real_videos=videos, weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM, seed=0)
+    # as the loop (student, the objective's grad networks) and dmd2.build (the fake score)
+    if args.checkpointing:
         enable_activation_checkpointing(generator, objective.fake)
     return generator, source, objective, torch.tensor([source.indices[-1]])
 
@@ -202,8 +207,8 @@ def make_dmd2_step(backbone, generator, source, objective, n, device):
         index = next(calls)
         optimizer.zero_grad(set_to_none=True)
         data = source.batch(rows, n, sampler)  # backward simulation: the generator's steps before n, no grad
-        x_end_pred, x_end_target = endpoints(backbone, generator, generator, data, sigma_n, sigma_prev, sigma_end,
-                                             at_boundary, autocast)
+        x_end_pred, x_end_target = endpoints(backbone, generator, generator, data, sigma_n, sigma_prev,
+                                             sigma_end, at_boundary, autocast)
         batch = ConsistencyBatch(index, n, sigma_n, sigma_prev, sigma_end, data.x_n, data.x_prev, data.cond,
                                  x_end_pred, x_end_target, autocast)
         with torch.no_grad():
@@ -222,7 +227,8 @@ def measure_dmd2(args, backbone, grid, latent, device, flops) -> dict:
     generator, source, objective, n = make_dmd2(args, backbone, grid, latent, device)
     generator.train()
     step = make_dmd2_step(backbone, generator, source, objective, n, device)
-    tally = ForwardTally({"generator": generator, "teacher": backbone.transformer, "fake score": objective.fake})
+    tally = ForwardTally({"generator": generator, "teacher": backbone.transformer,
+                          "fake score": objective.fake})
     counted = []
 
     def counted_step():
@@ -239,7 +245,8 @@ def measure_dmd2(args, backbone, grid, latent, device, flops) -> dict:
     units = [sum(c["forward"] + c["backward"] for c in run.values()) for run in counted]
     mean = {name: {k: sum(run[name][k] for run in counted) / len(counted) for k in ("forward", "backward")}
             for name in tally.names}
-    return {"times": times, "model_flops_runs": [u * flops for u in units], "units_mean": sum(units) / len(units),
+    return {"times": times, "model_flops_runs": [u * flops for u in units],
+            "units_mean": sum(units) / len(units),
             "units_by_net": mean, "trainable": sum(p.numel() for p in (*generator.parameters(),
                                                                        *objective.fake_parameters())),
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -275,13 +282,14 @@ def measure(args, depth_scale: float, experts: tuple[str, ...]) -> dict:
         if args.checkpointing:  # as training.gradient_checkpointing: the student and the GAN teacher pass
             enable_activation_checkpointing(student, backbone.transformer)
         student.train()
-        step = make_step(expert, backbone, student, backbone.transformer, trainable, x_n, x_prev, cond, grid, kappa,
-                         device, FM_WEIGHT[args.family])
+        step = make_step(expert, backbone, student, backbone.transformer, trainable, x_n, x_prev, cond, grid,
+                         kappa, device, FM_WEIGHT[args.family])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = common.median_seconds(step, args.repeats, args.warmup, device)
         out[expert] = {"times": times, "trainable": sum(p.numel() for p in trainable),
-                       "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                       "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                    if device.type == "cuda" else None),
                        "model_flops": (4 if expert == "seme" else 8) * flops}
         del student, trainable, step, seme
         if device.type == "cuda":
@@ -303,7 +311,8 @@ def parse_experts(text: str) -> tuple[str, ...]:
 
 
 def tflops_text(value: float) -> str:
-    """TFLOP/s with two decimals, or three significant digits where two decimals would print 0.00 (tiny runs)."""
+    """TFLOP/s with two decimals, or three significant digits where two decimals would print 0.00 (tiny
+    runs)."""
     return f"{value:.2f}" if value >= 0.01 else f"{value:.3g}"
 
 
@@ -314,11 +323,13 @@ def main() -> None:
     ap.add_argument("--depth-scale", type=float, default=None,
                     help="fraction of the blocks (default 1; HunyuanVideo on one GPU: halve until it fits)")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: from the GPU name)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="bf16 peak for MFU (default: from the GPU name)")
     ap.add_argument("--dmd2-fake-steps", type=int, default=Dmd2Config().fake_steps,
                     help="DMD2's fake-score updates per generator step (default: Dmd2Config's, %(default)s)")
     ap.add_argument("--dmd2-gan", action="store_true",
-                    help="DMD2 with its GAN classifier (Dmd2Config's gan / cls weights) on random real latents")
+                    help="DMD2 with its GAN classifier (Dmd2Config's gan / cls weights) on random "
+                    "real latents")
     args = ap.parse_args()
     try:
         experts = parse_experts(args.experts)
@@ -330,8 +341,8 @@ def main() -> None:
     scale = args.depth_scale or 1.0
     auto = args.depth_scale is None and args.family == "hunyuan" and not args.tiny
     # with the automatic depth DMD2 (two trained copies) searches its own, from where SemE/DetE fitted
-    groups = [g for g in ([e for e in experts if e != "dmd2"], [e for e in experts if e == "dmd2"]) if g] if auto \
-        else [list(experts)]
+    groups = [g for g in ([e for e in experts if e != "dmd2"], [e for e in experts if e == "dmd2"]) if g] \
+        if auto else [list(experts)]
     measured = []
     for group in groups:
         while True:
@@ -347,15 +358,17 @@ def main() -> None:
 
     peak = common.peak_tflops(device, args.peak_tflops)
     print(f"device: {common.describe_device(device)}; fp32 master weights, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, activation checkpointing {args.checkpointing}")
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, activation checkpointing "
+          f"{args.checkpointing}")
     printed_scale = None
     for result, scale in measured:
         if scale != printed_scale:
             label = "" if printed_scale is None else f" ({', '.join(e for e in experts if e in result)})"
             printed_scale = scale
             depth = ", ".join(f"{k}={result['cfg'][k]}" for k in common.DEPTH_KEYS[args.family])
-            print(f"model{label}: {args.family} {'tiny' if args.tiny else common.SIZES[args.family]} random init at "
-                  f"depth {depth} (scale {scale:g}{', the largest that fit' if auto and scale < 1 else ''}), "
+            print(f"model{label}: {args.family} {'tiny' if args.tiny else common.SIZES[args.family]} "
+                  f"random init at depth {depth} "
+                  f"(scale {scale:g}{', the largest that fit' if auto and scale < 1 else ''}), "
                   f"{result['params'] / 1e6:.1f} M parameters")
             print(f"video: {result['frames']} frames {result['height']}×{result['width']} → latent "
                   f"{tuple(result['latent'])}, {result['tokens']} video tokens, batch 1; "
@@ -363,10 +376,12 @@ def main() -> None:
         for expert in (e for e in ("seme", "dete") if e in result):
             r = result[expert]
             t = common.median(r["times"])
-            mfu = f", MFU {100 * r['model_flops'] / t / (peak * 1e12):.1f}% of {peak:g} TFLOP/s" if peak else ""
+            mfu = f", MFU {100 * r['model_flops'] / t / (peak * 1e12):.1f}% of {peak:g} TFLOP/s" \
+                if peak else ""
             mem = f", peak memory {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
             print(f"{expert}: median step {t:.3f} s (runs {', '.join(f'{x:.3f}' for x in r['times'])}), "
-                  f"{r['trainable'] / 1e6:.2f} M trainable{mem}, {r['model_flops'] / t / 1e12:.2f} TFLOP/s{mfu}")
+                  f"{r['trainable'] / 1e6:.2f} M trainable{mem}, "
+                  f"{r['model_flops'] / t / 1e12:.2f} TFLOP/s{mfu}")
         if "dmd2" in result:
             print_dmd2(result["dmd2"], peak)
 
@@ -379,9 +394,11 @@ def print_dmd2(r: dict, peak: float | None) -> None:
     nets = "generator + fake score" + (" + classifier head" if r["gan"] else "")
     print(f"dmd2: median step {t:.3f} s (runs {', '.join(f'{x:.3f}' for x in r['times'])}), "
           f"{r['trainable'] / 1e6:.2f} M trainable ({nets}){mem}, {tflops_text(rate / 1e12)} TFLOP/s{mfu}; "
-          f"at generator step {r['step']} of {r['of']} (its input backward-simulated through the generator's steps "
-          f"1–{r['step'] - 1}), {r['fake_steps']} fake-score updates, GAN classifier {'on' if r['gan'] else 'off'}")
-    parts = ", ".join(f"{name} {c['forward']:g} fwd + {c['backward']:g} bwd" for name, c in r["units_by_net"].items())
+          f"at generator step {r['step']} of {r['of']} (its input backward-simulated through the generator's "
+          f"steps 1–{r['step'] - 1}), {r['fake_steps']} fake-score updates, GAN classifier "
+          f"{'on' if r['gan'] else 'off'}")
+    parts = ", ".join(f"{name} {c['forward']:g} fwd + {c['backward']:g} bwd"
+                      for name, c in r["units_by_net"].items())
     print(f"  dmd2 model FLOPs per step (counted; mean over {len(r['times'])} measured step"
           f"{'s' if len(r['times']) != 1 else ''}): {r['units_mean']:g}F = {parts}")
 

@@ -1,11 +1,11 @@
 """Each loss term's gradient norm before clipping, per training run, from its ``history.jsonl``.
 
 The loop logs ``grad_norm/<term>`` (the norm of that term's gradient alone on the stepped parameters,
-before clipping) on logging steps, beside the total ``grad_norm`` (before clipping, as ``clip_grad_norm_`` returns it) and, for DetE, the
-discriminator's ``gan/d_real`` / ``gan/d_fake``.  This prints one row per run: medians over the logged
-steps of the first and of the last third of the run, each term's share against the consistency term,
-and D's margin D(real) − D(fake), so one can see whether the adversarial terms steer the update or
-ride on it.
+before clipping) on logging steps, beside the total ``grad_norm`` (before clipping, as ``clip_grad_norm_``
+returns it) and, for DetE, the discriminator's ``gan/d_real`` / ``gan/d_fake``.  This prints one row per run:
+medians over the logged steps of the first and of the last third of the run, each term's share against the
+consistency term, and D's margin D(real) − D(fake), so one can see whether the adversarial terms steer the
+update or ride on it.
 
     python benchmarks/grad_norms.py checkpoints/dcm/dete [checkpoints/od_pe/dete ...] [--labels a,b,...]
 """
@@ -24,7 +24,8 @@ HISTORY_FILE = "history.jsonl"
 def read_history(run: Path) -> list[dict]:
     path = run / HISTORY_FILE if run.is_dir() else run
     if not path.is_file():
-        raise SystemExit(f"{path}: no {HISTORY_FILE} (expected a training output folder such as checkpoints/dcm/dete)")
+        raise SystemExit(f"{path}: no {HISTORY_FILE} (expected a training output folder such as "
+                         "checkpoints/dcm/dete)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -42,7 +43,8 @@ def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
         out[key] = {p: float(np.median([r[key] for r in rs if key in r])) for p, rs in parts.items()
                     if any(key in r for r in rs)}
     if any("gan/d_real" in r for r in logged):
-        out["d_margin"] = {p: float(np.median([r["gan/d_real"] - r["gan/d_fake"] for r in rs if "gan/d_real" in r]))
+        out["d_margin"] = {p: float(np.median([r["gan/d_real"] - r["gan/d_fake"] for r in rs
+                                               if "gan/d_real" in r]))
                            for p, rs in parts.items()}
     out["_"] = {"logged": float(len(logged)), "steps": float(max(r["step"] for r in records) + 1)}
     return out

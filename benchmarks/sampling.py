@@ -37,7 +37,8 @@ import torch
 from dcm import config, paths
 from dcm.backbones import create_teacher, load_teacher
 from dcm.data.trajectories import initial_noise
-from dcm.methods import dcm_experts, guidance_forwards, schedule_for
+from dcm.methods import guidance_forwards, schedule_for
+from dcm.methods.dual_expert import dcm_experts
 from dcm.sampling import nfe, sample, student_velocity, teacher_velocity
 
 
@@ -53,7 +54,8 @@ def experts_for(params, method: str, backbone, routed: bool | None = None):
     """(velocity functions per expert name, forwards per step per expert, which weights)."""
     m = params.method(method)
     if m.kind == "teacher":
-        return {"teacher": teacher_velocity(backbone, None)}, {"teacher": guidance_forwards(backbone)}, "teacher"
+        return ({"teacher": teacher_velocity(backbone, None)}, {"teacher": guidance_forwards(backbone)},
+                "teacher")
     source = m.checkpoint_from or method
     if m.kind == "dcm":
         from dcm.distill.experts import make_dete
@@ -75,7 +77,8 @@ def experts_for(params, method: str, backbone, routed: bool | None = None):
         dual = dual.requires_grad_(False).eval()
         weights = f"random-init LoRA DetE r={rank} on the teacher's weights, {form}"
         if merged:
-            return {e: student_velocity(backbone, dual.materialize(e).eval()) for e in ("seme", "dete")}, {}, weights
+            return {e: student_velocity(backbone, dual.materialize(e).eval())
+                    for e in ("seme", "dete")}, {}, weights
         velocity = student_velocity(backbone, dual)
         return {"seme": velocity, "dete": velocity}, {}, weights
     folder = paths.checkpoint(source) / "transformer"
@@ -95,8 +98,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per method (median)")
     ap.add_argument("--batch", type=int, default=4, help="videos per sampler call")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--routed", action="store_true", help="also time DCM through the routed SemE+DetE wrapper "
-                    "(one set of weights, adapter toggled per forward) beside the merged experts `sample` uses")
+    ap.add_argument("--routed", action="store_true", help="also time DCM through the routed SemE+DetE "
+                    "wrapper (one set of weights, adapter toggled per forward) beside the merged experts "
+                    "`sample` uses")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = config.load(args.params, args.preset)
@@ -105,7 +109,8 @@ def main() -> None:
         raise SystemExit("--methods must start with 'teacher' (speedups are relative to it)")
 
     backbone, teacher_weights = teacher_backbone(params)
-    rows = [{"prompt": "a red striped square moves right quickly", "seed": 1000 + i} for i in range(args.batch)]
+    rows = [{"prompt": "a red striped square moves right quickly", "seed": 1000 + i}
+            for i in range(args.batch)]
     latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
     noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in rows])
     cond = backbone.encode_prompts([r["prompt"] for r in rows])
@@ -136,19 +141,22 @@ def main() -> None:
             runs[m]["times"].append(call(m))
 
     grid = params.teacher_grid()
-    print(f"sampling latency: {params.experiment} world {params.world.frames}x{params.world.size}x{params.world.size}, "
-          f"grid N={grid.steps}, kappa={params.grid.kappa}, batch {args.batch}, {args.repeats} repeats, "
+    print(f"sampling latency: {params.experiment} world "
+          f"{params.world.frames}x{params.world.size}x{params.world.size}, grid N={grid.steps}, "
+          f"kappa={params.grid.kappa}, batch {args.batch}, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, device cpu")
     t_teacher, nfe_teacher = statistics.median(runs["teacher"]["times"]), runs["teacher"]["nfe"]
     print(f"{'method':<10} {'steps':>5} {'NFE':>5} {'s/video':>10} {'speedup':>8}  weights")
     for m in methods:
         r = runs[m]
         med = statistics.median(r["times"])
-        print(f"{m:<10} {len(r['steps']):>5} {r['nfe']:>5} {med:>10.4f} {t_teacher / med:>7.1f}x  {r['weights']}")
+        print(f"{m:<10} {len(r['steps']):>5} {r['nfe']:>5} {med:>10.4f} {t_teacher / med:>7.1f}x  "
+              f"{r['weights']}")
     if dcm:
         t_dcm = statistics.median(runs[dcm]["times"])
         speedup, nfe_ratio = t_teacher / t_dcm, nfe_teacher / runs[dcm]["nfe"]
-        print(f"{dcm}: speedup {speedup:.2f}x at NFE ratio {nfe_ratio:.2f} ({nfe_teacher} / {runs[dcm]['nfe']})")
+        print(f"{dcm}: speedup {speedup:.2f}x at NFE ratio {nfe_ratio:.2f} "
+              f"({nfe_teacher} / {runs[dcm]['nfe']})")
         same_nfe = [m for m in methods if m != dcm and runs[m]["nfe"] == runs[dcm]["nfe"]
                     and (m not in params.methods or params.method(m).kind != "teacher")]
         for m in same_nfe:

@@ -26,7 +26,8 @@ MATCH_KEYS = ("colour", "shape", "direction")
 
 def initial_noise(rows: list[dict], latent_shape: tuple[int, ...]) -> torch.Tensor:
     """The contract's noise of each (prompt, seed) row."""
-    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
+    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(r["seed"]))
+                        for r in rows])
 
 
 def score(videos: torch.Tensor, rows: list[dict], size: int) -> dict[str, float]:
@@ -61,7 +62,8 @@ def main() -> None:
     shape = backbone.latent_shape(params.world.frames, params.world.size)
     noise = initial_noise(rows, shape)
     scale = params.backbone.guidance_scale if args.guidance is None else args.guidance
-    print(f"teacher {args.teacher}: {len(rows)} eval rows, guidance {scale}, torch threads {torch.get_num_threads()}")
+    print(f"teacher {args.teacher}: {len(rows)} eval rows, guidance {scale}, torch threads "
+          f"{torch.get_num_threads()}")
 
     for steps in args.steps or [params.grid.steps, 4]:
         plan = schedule.uniform_schedule(grid, steps)

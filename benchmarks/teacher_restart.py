@@ -29,7 +29,8 @@ from dcm.worlds import shapes
 
 def clean_latents(backbone, rows: list[dict], size: int, frames: int, jitter: float | None) -> torch.Tensor:
     """Latents of the rendered ground-truth video of each (prompt, seed) row."""
-    scenes = [shapes.sample_scene(np.random.default_rng(r["seed"]), size, frames, caption=r["prompt"], jitter=jitter)
+    scenes = [shapes.sample_scene(np.random.default_rng(r["seed"]), size, frames, caption=r["prompt"],
+                                  jitter=jitter)
               for r in rows]
     return backbone.encode_video(shapes.render_batch(scenes, size, frames))
 
@@ -53,10 +54,12 @@ def main() -> None:
     scale = params.backbone.guidance_scale if args.guidance is None else args.guidance
     bad = [s for s in args.starts if not descending[-1] <= s <= 1.0]
     if bad:
-        ap.error(f"--starts {bad}: each start σ must lie in [{descending[-1]:.4f}, 1] (the grid's lowest σ to 1)")
+        ap.error(f"--starts {bad}: each start σ must lie in [{descending[-1]:.4f}, 1] "
+                 "(the grid's lowest σ to 1)")
 
     x0 = clean_latents(backbone, rows, size, frames, params.world.position_jitter)
-    eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(r["seed"]))
+                       for r in rows])
     cond = backbone.encode_prompts([r["prompt"] for r in rows])
     velocity = teacher_velocity(backbone, backbone.null_prompts(len(rows)), scale)
     print(f"teacher {args.teacher}: {len(rows)} eval rows, guidance {scale}, grid {params.grid.steps} steps "
@@ -68,7 +71,8 @@ def main() -> None:
         latents = sample({"teacher": velocity}, plan, (1 - sigma0) * x0 + sigma0 * eps, cond)
         result = score(backbone.decode_latents(latents), rows, size)
         attrs = "  ".join(f"{k} {result[k]:.3f}" for k in shapes.ATTRIBUTES)
-        print(f"start σ {sigma0:.3f} ({len(plan):>2} steps): match({'+'.join(MATCH_KEYS)}) {result['match']:.3f} | {attrs}")
+        print(f"start σ {sigma0:.3f} ({len(plan):>2} steps): match({'+'.join(MATCH_KEYS)}) "
+              f"{result['match']:.3f} | {attrs}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ batch size and phases (PCM, ``--phases``); only the batch source differs:
 
 The teacher is random (the step cost does not depend on its weights).  The cached trajectories are
 solved up front with the guided teacher over the full grid and written to a real (temporary)
-trajectory store, read back through ``TrajectoryStore`` as in training (the solve is not timed).  Prints both medians
-(after ``--warmup`` steps) and a final line ``ratio: X`` = online / cached.
+trajectory store, read back through ``TrajectoryStore`` as in training (the solve is not timed).  Prints both
+medians (after ``--warmup`` steps) and a final line ``ratio: X`` = online / cached.
 
-    python benchmarks/train_step.py [--params params.yaml] [--preset P] [--steps 12] [--warmup 3] [--threads 1]
+    python benchmarks/train_step.py [--params params.yaml] [--preset P] [--steps 12] [--warmup 3]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from dcm.data.trajectories import TrajectoryStore, TrajectoryWriter, initial_noi
 from dcm.tracking import StageRun
 
 
-def write_store(root: Path, backbone, rows: list[dict], grid: schedule.TeacherGrid, params) -> TrajectoryStore:
+def write_store(root: Path, backbone, rows: list[dict], grid: schedule.TeacherGrid,
+                params) -> TrajectoryStore:
     """A real trajectory store (safetensors shards + index) of ``rows``, solved by the guided teacher."""
     latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
     header = store_header(grid, params.grid.num_train_timesteps, params.grid.shift, backbone.guidance_mode,
-                          backbone.guidance_scale, params.trajectories.dtype, latent_shape, len(rows), len(rows),
-                          rows, "random-teacher")
+                          backbone.guidance_scale, params.trajectories.dtype, latent_shape, len(rows),
+                          len(rows), rows, "random-teacher")
     writer = TrajectoryWriter(root, header, rows)
     noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in rows])
     writer.write(0, solve(backbone, grid, [r["prompt"] for r in rows], noise))
@@ -61,7 +63,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--phases", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fair on a shared CPU)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating cached/online runs (evens out load drift)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternating cached/online runs (evens out load drift)")
     args = ap.parse_args()
     os.environ.setdefault("DCM_TRACKING", "off")
     torch.set_num_threads(args.threads)
@@ -83,8 +86,8 @@ def main() -> None:
     print(f"preset {args.preset or 'shapes'}: batch {params.training.batch_size}, latents {latent_shape}, "
           f"{sum(p.numel() for p in backbone.transformer.parameters()) / 1e6:.2f} M params, "
           f"{torch.get_num_threads()} thread(s)")
-    online = distill.OnlineSource(rows, backbone, grid, params.world.size, params.world.frames, params.world.quality,
-                                  jitter=params.world.position_jitter)
+    online = distill.OnlineSource(rows, backbone, grid, params.world.size, params.world.frames,
+                                  params.world.quality, jitter=params.world.position_jitter)
     times: dict[str, list[float]] = {"cached": [], "online": []}
     with tempfile.TemporaryDirectory() as store_dir:
         cached = distill.CachedSource(write_store(Path(store_dir), backbone, rows, grid, params), backbone)

@@ -42,7 +42,8 @@ def main() -> None:
 
     params = config.load(args.params, preset=args.preset)
     if params.backbone.family != "toy":
-        raise ConfigError("backbone.family", params.backbone.family, "toy: the shapes-bench scores the shapes world")
+        raise ConfigError("backbone.family", params.backbone.family,
+                          "toy: the shapes-bench scores the shapes world")
     methods = [m for m in dict.fromkeys(x.strip() for x in args.methods.split(",")) if m and m != TEACHER]
     for m in methods:
         params.method(m)  # unknown names fail here, with the allowed ones
@@ -50,7 +51,8 @@ def main() -> None:
         if missing:
             raise ConfigError(f"--methods {m}", missing, "trained weights: run its training stages first")
     if not paths.TEACHER.exists():
-        raise ConfigError("models/teacher", str(paths.TEACHER), "a saved teacher: run `dcm run teacher` first")
+        raise ConfigError("models/teacher", str(paths.TEACHER),
+                          "a saved teacher: run `dcm run teacher` first")
 
     rows = validation_rows(params)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,7 +61,8 @@ def main() -> None:
 
     def scored(method: str) -> tuple[list[dict], np.ndarray]:
         _, videos, *_ = generate(params, method, backbone, rows, desc=f"validate[{method}]")
-        scores = score_rows(params, rows, videos.to(torch.float16).float())  # as sample stores, evaluate reads
+        # as sample stores, evaluate reads
+        scores = score_rows(params, rows, videos.to(torch.float16).float())
         return scores, row_totals(scores)
 
     def ci(values: np.ndarray) -> str:
@@ -67,8 +70,9 @@ def main() -> None:
         return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
     teacher_scores, teacher_totals = scored(TEACHER)
-    print(f"validation split: {len(rows)} rows ({params.world.eval_prompts} captions × {params.world.eval_seeds} "
-          f"seeds ≥ {min(r['seed'] for r in rows)}), shapes-bench, {n} bootstrap resamples")
+    print(f"validation split: {len(rows)} rows ({params.world.eval_prompts} captions × "
+          f"{params.world.eval_seeds} seeds ≥ {min(r['seed'] for r in rows)}), shapes-bench, "
+          f"{n} bootstrap resamples")
     print("| method | Total [95% CI] | Total − teacher [95% CI] | match | " + " | ".join(SHOWN) + " |")
     print("|---|---|---|---|" + "---|" * len(SHOWN))
     for m in [TEACHER, *methods]:

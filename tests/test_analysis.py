@@ -58,10 +58,11 @@ DEMO_LOSS = [0.02981, 0.0221, 0.02066, 0.02513, 0.02248, 0.02175, 0.02118, 0.018
              0.01196, 0.01401, 0.01192, 0.01546, 0.0108, 0.01141, 0.01468, 0.0117, 0.02201, 0.01343, 0.01675,
              0.01317, 0.01489, 0.01735, 0.01878, 0.01894, 0.0195, 0.02869, 0.0222, 0.0267, 0.02449, 0.03097,
              0.0402, 0.03904, 0.03783, 0.05862, 0.04838, 0.04607]
-DEMO_NORM = [0.06011, 0.1625, 0.374, 0.5275, 0.475, 0.509, 0.572, 0.5934, 0.6012, 0.5979, 0.5392, 0.543, 0.5594,
-             0.6459, 0.5862, 0.7273, 0.5773, 0.5439, 0.4626, 0.4453, 0.5559, 0.5247, 0.5067, 0.5846, 0.4636,
-             0.6634, 0.3905, 0.4159, 0.717, 0.3996, 0.8967, 0.564, 0.6933, 0.349, 0.4745, 0.5113, 0.6754, 0.5999,
-             0.6007, 0.9342, 0.5529, 0.7581, 0.4705, 0.5491, 0.6386, 0.6008, 0.5791, 1.013, 0.7053, 0.6211]
+DEMO_NORM = [0.06011, 0.1625, 0.374, 0.5275, 0.475, 0.509, 0.572, 0.5934, 0.6012, 0.5979, 0.5392,
+             0.543, 0.5594, 0.6459, 0.5862, 0.7273, 0.5773, 0.5439, 0.4626, 0.4453, 0.5559, 0.5247, 0.5067,
+             0.5846, 0.4636, 0.6634, 0.3905, 0.4159, 0.717, 0.3996, 0.8967, 0.564, 0.6933, 0.349, 0.4745,
+             0.5113, 0.6754, 0.5999, 0.6007, 0.9342, 0.5529, 0.7581, 0.4705, 0.5491, 0.6386, 0.6008, 0.5791,
+             1.013, 0.7053, 0.6211]
 
 
 def test_a_dip_of_the_gradient_norm_at_the_first_indices_does_not_make_an_expert_of_two_points():
@@ -115,14 +116,16 @@ def test_analyze_stage_distils_one_model_and_writes_the_dynamics_figure(tmp_path
     assert len(out["probe_loss"]) == len(out["grad_norm"]) == steps
     assert all(v > 0 and np.isfinite(v) for v in out["probe_loss"] + out["grad_norm"])
     assert (paths.ANALYSIS / "dynamics.png").stat().st_size > 0
-    history = [json.loads(line) for line in (paths.ANALYSIS / "train" / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line)
+               for line in (paths.ANALYSIS / "train" / "history.jsonl").read_text().splitlines()]
     assert len(history) == params.analysis.train_steps
     assert {n for r in history for n in r["n"]} <= set(range(steps))  # one phase over the whole grid
     # analysis.seeds students, each with its own training seed, pooled by the geometric mean
     k = params.analysis.seeds
     assert k == 3 and out["seeds"] == k and len(out["per_seed_proposed_kappa"]) == k
     assert [json.loads((paths.ANALYSIS / folder / "train.json").read_text())["seed"]
-            for folder in ("train", "train_s1", "train_s2")] == [params.seed, params.seed + 1, params.seed + 2]
+            for folder in ("train", "train_s1", "train_s2")] \
+        == [params.seed, params.seed + 1, params.seed + 2]
     seed_loss = np.array(out["seed_probe_loss"])
     assert seed_loss.shape == (k, steps) and not np.allclose(seed_loss[0], seed_loss[1])
     assert np.allclose(out["probe_loss"], 10 ** np.log10(seed_loss).mean(0), rtol=1e-6)
@@ -130,7 +133,8 @@ def test_analyze_stage_distils_one_model_and_writes_the_dynamics_figure(tmp_path
     assert out["per_seed_proposed_kappa"] == [dyn.propose_kappa(a, b) for a, b in
                                               zip(out["seed_probe_loss"], out["seed_grad_norm"])]
     printed = capsys.readouterr().out
-    assert f"configured grid.kappa = {params.grid.kappa}" in printed and "each of the 3 students alone" in printed
+    assert f"configured grid.kappa = {params.grid.kappa}" in printed \
+        and "each of the 3 students alone" in printed
 
 
 def test_probe_measures_each_index_alone_and_leaves_no_gradients(params, backbone):
@@ -179,7 +183,8 @@ def test_relative_change_per_group_matches_a_hand_computation(tmp_path, backbone
         for name, p in b.named_parameters():
             if ".ffn." in name:
                 p.mul_(1.1)  # ΔW = 0.1·W on every FFN tensor: relative change exactly 0.1
-    changes = ap.relative_change(ap.load_weights(_save(a, tmp_path / "a")), ap.load_weights(_save(b, tmp_path / "b")))
+    changes = ap.relative_change(ap.load_weights(_save(a, tmp_path / "a")),
+                                 ap.load_weights(_save(b, tmp_path / "b")))
     assert changes["FFN"]["relative_change"] == pytest.approx(0.1, rel=1e-5)
     assert all(c["relative_change"] == 0 for g, c in changes.items() if g != "FFN")
     assert set(changes) == {"timestep embedding", "attention linears", "FFN", "norms", "output", "other"}
@@ -239,7 +244,8 @@ def test_the_dynamics_figure_keeps_its_legend_off_the_curves(tmp_path, monkeypat
     monkeypatch.setattr(Figure, "savefig", checked)
     n = np.arange(50)
     curves = np.stack([np.where(n <= 29, 1e-2, 4e-2) * (1 + 0.1 * k) for k in range(3)])
-    d = dyn.Dynamics(sigmas=np.linspace(0.01, 1, 50), probe_loss=dyn.geometric_mean(curves), grad_norm=np.ones(50),
+    d = dyn.Dynamics(sigmas=np.linspace(0.01, 1, 50), probe_loss=dyn.geometric_mean(curves),
+                     grad_norm=np.ones(50),
                      train_loss=np.full(50, np.nan), train_count=np.zeros(50, dtype=int), proposed_kappa=29,
                      configured_kappa=37, seed_probe_loss=curves, seed_grad_norm=np.ones((3, 50)),
                      seed_kappa=(29, 29, 30))

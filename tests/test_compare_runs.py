@@ -18,8 +18,10 @@ def _record(total, lo, hi, diff, fd=100.0, diversity=1.0):
 
 
 def test_figures_inside_and_outside_the_first_runs_intervals(tmp_path):
-    for run, records in {"a": {"teacher": _record(0.90, 0.89, 0.91, 0.0), "dcm": _record(0.88, 0.87, 0.89, -0.02)},
-                         "b": {"teacher": _record(0.905, 0.89, 0.92, 0.0), "dcm": _record(0.86, 0.85, 0.87, -0.045),
+    for run, records in {"a": {"teacher": _record(0.90, 0.89, 0.91, 0.0),
+                               "dcm": _record(0.88, 0.87, 0.89, -0.02)},
+                         "b": {"teacher": _record(0.905, 0.89, 0.92, 0.0),
+                               "dcm": _record(0.86, 0.85, 0.87, -0.045),
                                "lcm": _record(0.5, 0.4, 0.6, -0.4)}}.items():
         (tmp_path / run / "metrics").mkdir(parents=True)
         for method, record in records.items():

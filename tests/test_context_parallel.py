@@ -35,17 +35,18 @@ def tiny_transformer(family: str, **overrides):
 
     if family == "wan":
         cfg = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
-                   out_channels=16, text_dim=384, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
-                   qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+                   out_channels=16, text_dim=384, freq_dim=64, ffn_dim=256, num_layers=4,
+                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
         return WanTransformer3DModel(**{**cfg, **overrides})
     if family == "hunyuan":
-        cfg = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
-                   num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        cfg = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32,
+                   num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                   guidance_embeds=True,
                    text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
         return HunyuanVideoTransformer3DModel(**{**cfg, **overrides})
     cfg = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
-               text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
-               temporal_compression_ratio=4, max_text_seq_length=16)
+               text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
+               patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
     return CogVideoXTransformer3DModel(**{**cfg, **overrides})
 
 
@@ -57,13 +58,14 @@ def make_case(name: str):
     model = tiny_transformer(family, **overrides)
     if name == "wan-checkpointing":
         model.enable_gradient_checkpointing()
-    if name == "wan-dete":  # DetE: LoRA (B ≠ 0, so both factors get gradients) + copied layers over frozen SemE
+    # DetE: LoRA (B ≠ 0, so both factors get gradients) + copied layers over frozen SemE
+    if name == "wan-dete":
         from types import SimpleNamespace
 
         from dcm.distill.experts import make_dete
 
-        backbone = SimpleNamespace(timestep_layer_names=("condition_embedder", "scale_shift_table", "norm_out",
-                                                         "proj_out"),
+        backbone = SimpleNamespace(timestep_layer_names=("condition_embedder", "scale_shift_table",
+                                                         "norm_out", "proj_out"),
                                    lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"),
                                    model_timestep=lambda s: 1000.0 * s)
         model = make_dete(model, backbone, 4, 8.0, kappa=1, sigma_kappa=0.95)
@@ -83,8 +85,8 @@ def make_case(name: str):
         mask[1, 4:] = 0  # padded prompt: the joint attention mask must hold across the all-to-all
         inputs = dict(hidden_states=torch.randn(batch, 16, frames, size, size, generator=g),
                       timestep=torch.tensor([900.0, 300.0]),
-                      encoder_hidden_states=torch.randn(batch, 6, 384, generator=g), encoder_attention_mask=mask,
-                      pooled_projections=torch.randn(batch, 384, generator=g),
+                      encoder_hidden_states=torch.randn(batch, 6, 384, generator=g),
+                      encoder_attention_mask=mask, pooled_projections=torch.randn(batch, 384, generator=g),
                       guidance=torch.tensor([6000.0, 6000.0]))
         to_bcthw = None
     else:
@@ -96,7 +98,8 @@ def make_case(name: str):
 
             grid = size // 2
             inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
-                embed_dim=16, crops_coords=((0, 0), (grid, grid)), grid_size=(grid, grid), temporal_size=frames)
+                embed_dim=16, crops_coords=((0, 0), (grid, grid)), grid_size=(grid, grid),
+                temporal_size=frames)
         to_bcthw = 1  # CogVideoX works on (B, T, C, H, W)
     return family, model, inputs, to_bcthw
 
@@ -247,7 +250,8 @@ def test_degree_must_divide_tokens_and_heads():
     with pytest.raises(ConfigError) as err:
         check_context_parallel(5, tokens=32 * 45 * 80, heads=24)
     msg = str(err.value)
-    assert "training.parallel.context_parallel" in msg and "5" in msg and "allowed [1, 2, 3, 4, 6, 8, 12, 24]" in msg
+    assert "training.parallel.context_parallel" in msg and "5" in msg \
+        and "allowed [1, 2, 3, 4, 6, 8, 12, 24]" in msg
     with pytest.raises(ConfigError, match="head count 12"):
         check_context_parallel(8, tokens=21 * 30 * 52, heads=12)
     with pytest.raises(ConfigError, match="world size 6"):
@@ -261,9 +265,11 @@ def test_video_tokens_at_the_presets_sizes():
     from dcm.parallel.context import video_tokens
 
     # latent (T, H, W) of the presets: HunyuanVideo 720p×125 frames, Wan 480×832×81, CogVideoX 480×720×49
-    assert video_tokens({"patch_size": 2, "patch_size_t": 1, "num_single_layers": 40}, (32, 90, 160)) == 115200
+    assert video_tokens({"patch_size": 2, "patch_size_t": 1, "num_single_layers": 40},
+                        (32, 90, 160)) == 115200
     assert video_tokens({"patch_size": (1, 2, 2)}, (21, 60, 104)) == 32760
-    assert video_tokens({"patch_size": 2, "patch_size_t": None, "max_text_seq_length": 226}, (13, 60, 90)) == 17550
+    assert video_tokens({"patch_size": 2, "patch_size_t": None, "max_text_seq_length": 226},
+                        (13, 60, 90)) == 17550
 
 
 def test_token_count_not_divisible_fails_at_the_first_forward_with_the_key():

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import perturbed_dete, smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.backbones.base import PromptEmbeds, unpatchify
 from dcm.distill.discriminator import (
@@ -33,6 +32,7 @@ from dcm.distill.discriminator import (
 )
 from dcm.distill.loop import ConsistencyBatch, Objective, TemporalCoherence, term_grad_norm, train
 from dcm.tracking import StageRun
+from helpers import perturbed_dete, smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BF16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
@@ -41,7 +41,8 @@ CPU_BF16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
 def make_objective(backbone, params, **weights) -> GanFeatureMatching:
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
     kw = {"gan_weight": 1.0, "fm_weight": 10.0, "disc_lr": 1e-2, **weights}
-    return GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, params.grid.kappa), **kw)
+    return GanFeatureMatching(backbone, backbone.transformer,
+                              adversarial_sigmas(grid, params.grid.kappa), **kw)
 
 
 def make_batch(backbone, params, batch: int = 2, frames: int | None = None, size: int | None = None,
@@ -54,7 +55,8 @@ def make_batch(backbone, params, batch: int = 2, frames: int | None = None, size
     sigma_end = torch.full((batch,), 0.02)  # DetE's endpoints live at σ_min
     cond = backbone.encode_prompts(["a red circle moves left"] * batch)
     return ConsistencyBatch(0, torch.zeros(batch, dtype=torch.long), sigma, sigma, sigma_end, x_end_target,
-                            x_end_target, cond, x_end_pred, x_end_target, **({"autocast": autocast} if autocast else {}))
+                            x_end_target, cond, x_end_pred, x_end_target,
+                            **({"autocast": autocast} if autocast else {}))
 
 
 class TeacherSpy:
@@ -100,7 +102,8 @@ def test_objective_renoises_real_and_fake_with_one_noise_from_sigma_end(backbone
     s_end = batch.sigma_end.view(-1, 1, 1, 1, 1)
     (x_real, sigma_real, _, grad_real), (x_fake, sigma_fake, _, grad_fake) = spy.calls
     torch.testing.assert_close(x_real, ((1 - s) * batch.x_end_target + (s - s_end) * eps) / (1 - s_end))
-    torch.testing.assert_close(x_fake, ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+    torch.testing.assert_close(x_fake,
+                               ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
     assert torch.equal(sigma_real, sigma_fake) and torch.equal(sigma_real, gan.adv_sigmas[pick])
     assert not grad_real and grad_fake  # the real pass has no graph, the fake one carries it to x̂
 
@@ -127,8 +130,10 @@ def test_group_norm_uses_32_groups_or_the_largest_divisor_below():
     assert group_count(64) == 32 and group_count(48) == 24 and group_count(30) == 30 and group_count(7) == 7
 
 
-@pytest.mark.parametrize("dim, expected", [(3072, 3072 * 1024 + 1024**2 + 7 * 1024 + 1),  # HunyuanVideo: 4 201 473
-                                           (1536, 1536 * 1024 + 1024**2 + 7 * 1024 + 1)])  # Wan 1.3B: 2 628 609
+@pytest.mark.parametrize("dim, expected", [
+    (3072, 3072 * 1024 + 1024**2 + 7 * 1024 + 1),  # HunyuanVideo: 4 201 473
+    (1536, 1536 * 1024 + 1024**2 + 7 * 1024 + 1),  # Wan 1.3B: 2 628 609
+])
 def test_head_width_is_min_c_1024_with_one_residual_conv(dim, expected):
     """C·h (stem conv) + h + h² + h (residual conv) + 4h (two GroupNorms) + h + 1 (logit conv), h = 1024."""
     head = DiscriminatorHead(dim)
@@ -162,7 +167,8 @@ def test_heads_read_each_frames_token_grid_from_the_input_shape(latent_thw):
     feats = [torch.randn(3, t * h * w, dim) for _ in range(2)]
     logits = disc(feats, latent_thw)
     assert [lg.shape for lg in logits] == [torch.Size([3, t * h * w])] * 2
-    # one logit per token: changing one token's features changes only logits of that token (1×1 convs, per-frame norm)
+    # one logit per token: changing one token's features changes only logits of that token (1×1 convs,
+    # per-frame norm)
     bumped = [f.clone() for f in feats]
     bumped[0][1, 5] += 10.0
     again = disc(bumped, latent_thw)
@@ -174,7 +180,8 @@ def test_heads_read_each_frames_token_grid_from_the_input_shape(latent_thw):
 
 
 def test_text_conditioned_head_is_a_projection_of_the_prompt():
-    """logit = ⟨to_logit(h), W·c⟩/√64 per token: linear in the condition, different prompts different logits."""
+    """logit = ⟨to_logit(h), W·c⟩/√64 per token: linear in the condition, different prompts different
+    logits."""
     torch.manual_seed(0)
     disc = Discriminator(16, num_taps=1, patch_size=(1, 2, 2), cond_dim=8)
     feats = [torch.randn(2, 2 * 2 * 2, 16)]  # 2 frames of 2×2 tokens
@@ -211,7 +218,8 @@ def _tiny_real_backbones():
     settings = types.SimpleNamespace()
     torch.manual_seed(0)
     m = WanTransformer3DModel(**wan.TRANSFORMER_CONFIGS["tiny"]).eval()
-    yield wan.WanBackbone(types.SimpleNamespace(transformer=m), settings, 5.0), 16, PromptEmbeds(torch.randn(2, 6, 32))
+    yield (wan.WanBackbone(types.SimpleNamespace(transformer=m), settings, 5.0), 16,
+           PromptEmbeds(torch.randn(2, 6, 32)))
     m = HunyuanVideoTransformer3DModel(**hunyuan.TRANSFORMER_CONFIGS["tiny"]).eval()
     cond = PromptEmbeds(torch.randn(2, 6, 32), {"attention_mask": torch.ones(2, 6, dtype=torch.long),
                                                 "pooled": torch.randn(2, 32)})
@@ -219,8 +227,10 @@ def _tiny_real_backbones():
     m = CogVideoXTransformer3DModel(**cogvideox.TRANSFORMER_CONFIGS["tiny"]).eval()
     scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                       timestep_spacing="trailing", snr_shift_scale=3.0, set_alpha_to_one=True)
-    yield (cogvideox.CogVideoXBackbone(types.SimpleNamespace(transformer=m, scheduler=scheduler), settings, 6.0),
+                                       timestep_spacing="trailing", snr_shift_scale=3.0,
+                                       set_alpha_to_one=True)
+    yield (cogvideox.CogVideoXBackbone(types.SimpleNamespace(transformer=m, scheduler=scheduler),
+                                       settings, 6.0),
            4, PromptEmbeds(torch.randn(2, 8, 32)))
 
 
@@ -314,7 +324,8 @@ def test_generator_loss_weights_and_gradients_by_hand(backbone, params):
     torch.testing.assert_close(terms["fm"], 0.1 * 10.0 * fm)
     assert proj_fake[0].shape == batch.x_end_pred.shape and terms["fm"] > 0  # compared in latent space
     sum(terms.values()).backward()
-    assert batch.x_end_pred.grad is not None and batch.x_end_pred.grad.abs().sum() > 0  # the fake carries grad
+    # the fake carries grad
+    assert batch.x_end_pred.grad is not None and batch.x_end_pred.grad.abs().sum() > 0
     assert all(p.grad is None for p in gan.discriminator.parameters())  # the generator pass leaves D alone
     assert all(p.grad is None for p in backbone.transformer.parameters())  # the teacher is frozen
 
@@ -335,8 +346,10 @@ def test_teacher_feature_passes_and_the_head_run_inside_the_training_autocast(ba
     gan = make_objective(backbone, params)
     seen = []
     model = backbone.transformer
-    hooks = [model.blocks[0].register_forward_hook(lambda *_: seen.append(("block", torch.is_autocast_enabled("cpu")))),
-             model.proj_out.register_forward_hook(lambda *_: seen.append(("head", torch.is_autocast_enabled("cpu"))))]
+    hooks = [model.blocks[0].register_forward_hook(
+                 lambda *_: seen.append(("block", torch.is_autocast_enabled("cpu")))),
+             model.proj_out.register_forward_hook(
+                 lambda *_: seen.append(("head", torch.is_autocast_enabled("cpu"))))]
     try:
         gan.generator_loss(make_batch(backbone, params, autocast=CPU_BF16))
         on = list(seen)
@@ -370,11 +383,13 @@ def test_params_rows_get_their_adversarial_terms_and_the_ablation_rows_none(back
     full = config.load(REPO / "params.yaml")
     grid = full.teacher_grid()
     built = {m: dete_objective(backbone, c.dete, grid, full.grid.kappa, full.training)
-             for m, c in full.methods.items() if c.kind == "dcm" and c.dete is not None and not c.replicate_of}
+             for m, c in full.methods.items()
+             if c.kind == "dcm" and c.dete is not None and not c.replicate_of}
     assert {m for m, o in built.items() if o is None} == {"od", "od_pe", "od_pe_tc"}
     dcm = built["dcm"]
-    assert dcm.discriminator is not None and (dcm.gan_weight, dcm.fm_weight) == (full.methods["dcm"].dete.gan_weight,
-                                                                                full.methods["dcm"].dete.fm_weight)
+    assert dcm.discriminator is not None \
+        and (dcm.gan_weight, dcm.fm_weight) == (full.methods["dcm"].dete.gan_weight,
+                                                full.methods["dcm"].dete.fm_weight)
     assert dcm.adv_sigmas.tolist() == pytest.approx(adversarial_sigmas(grid, full.grid.kappa))
 
 
@@ -398,7 +413,8 @@ def test_discriminator_step_changes_only_the_discriminator(backbone, params):
     assert {"heads", "optimizer"} == set(state) and state["optimizer"]["state"]
     fresh = make_objective(backbone, params)
     fresh.load_state_dict(state)
-    assert all(torch.equal(p, q) for p, q in zip(fresh.discriminator.parameters(), gan.discriminator.parameters()))
+    assert all(torch.equal(p, q)
+               for p, q in zip(fresh.discriminator.parameters(), gan.discriminator.parameters()))
 
 
 def test_objective_works_on_a_second_latent_shape(backbone, params):
@@ -460,26 +476,28 @@ def test_the_loop_hands_its_autocast_to_the_objectives(smoke, monkeypatch):
     student = distill.full_parameter_student(backbone)
     spy = AutocastSpy()
     phase = schedule.expert_phases(params.grid.steps, params.grid.kappa)["dete"]
-    spec = distill.DistillSpec(name="spy", student=student, trainable=list(student.parameters()), phases=[phase],
-                               target="online", lr=1e-4, train_steps=1, objectives=[spy])
+    spec = distill.DistillSpec(name="spy", student=student, trainable=list(student.parameters()),
+                               phases=[phase], target="online", lr=1e-4, train_steps=1, objectives=[spy])
     train(spec, backbone, source, params, smoke / "spy", StageRun(None))
     assert spy.seen == [True]
 
 
 def _dete_run(out: Path, log_every: int, checkpointing: bool):
-    """3 DetE steps (LoRA) with GAN + FM and temporal coherence through the loop, from a fresh teacher load."""
+    """3 DetE steps (LoRA) with GAN + FM and temporal coherence through the loop, from a fresh teacher
+    load."""
 
     params = smoke_params(source="online", log_every=log_every, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     backbone = distill.load_backbone(params)
     source = distill.make_source(params, backbone)
     kappa = params.grid.kappa
-    dual, grid = perturbed_dete(backbone, params)  # lora_B off zero: the adapter's gradients flow through A too
+    # lora_B off zero: the adapter's gradients flow through A too
+    dual, grid = perturbed_dete(backbone, params)
     gan = GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa), gan_weight=1.0,
                              fm_weight=1.0, disc_lr=1e-3)
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
-    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase],
-                               target="online", lr=1e-3, train_steps=3,
+    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(),
+                               phases=[phase], target="online", lr=1e-3, train_steps=3,
                                objectives=[TemporalCoherence(1.0, 1), gan])
     train(spec, backbone, source, params, out, StageRun(None))
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -495,13 +513,16 @@ def test_per_term_grad_norms_are_logged_on_logging_steps_and_change_nothing(smok
     plain, gan_plain, rows_plain = _dete_run(smoke / "first", 1000, checkpointing)
     keys = {"grad_norm/consistency", "grad_norm/tc", "grad_norm/gan/gan_g", "grad_norm/gan/fm"}
     assert all(keys <= r.keys() and all(r[k] > 0 for k in keys) for r in rows_logged)
-    assert keys <= rows_plain[0].keys() and not any(k.startswith("grad_norm/") for r in rows_plain[1:] for k in r)
+    assert keys <= rows_plain[0].keys() \
+        and not any(k.startswith("grad_norm/") for r in rows_plain[1:] for k in r)
     assert all(torch.equal(a, b) for a, b in zip(logged, plain, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(gan_logged.discriminator.parameters(),
                                                  gan_plain.discriminator.parameters(), strict=True))
     for a, b in zip(rows_logged, rows_plain, strict=True):
-        assert {k: v for k, v in a.items() if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")} \
-            == {k: v for k, v in b.items() if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")}
+        assert {k: v for k, v in a.items()
+                if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")} \
+            == {k: v for k, v in b.items()
+                if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")}
     # the pre-clip total is at most the sum of its terms' norms (triangle inequality)
     assert all(r["grad_norm"] <= sum(r[k] for k in keys) * (1 + 1e-5) for r in rows_logged)
 
@@ -522,7 +543,8 @@ def adam_steps(gan) -> int:
 
 
 def test_disc_warmup_trains_only_d_and_keeps_fm(backbone, params):
-    """disc_warmup 2: steps 0 and 1 have no hinge term (G's gradient is FM's alone) while D steps; step 2 has it."""
+    """disc_warmup 2: steps 0 and 1 have no hinge term (G's gradient is FM's alone) while D steps; step 2 has
+    it."""
     gan = make_objective(backbone, params, disc_warmup=2)
     fm_only = make_objective(backbone, params, gan_weight=0.0)
     batch = make_batch(backbone, params)
@@ -539,7 +561,8 @@ def test_disc_warmup_trains_only_d_and_keeps_fm(backbone, params):
             torch.testing.assert_close(grad, fm_grad, rtol=0, atol=0)
         logged = gan.after_generator_step(b)
         assert logged["g_hinge_on"] == float(step >= 2)
-        assert any(not torch.equal(p, before[n]) for n, p in gan.discriminator.named_parameters())  # D trained
+        assert any(not torch.equal(p, before[n])
+                   for n, p in gan.discriminator.named_parameters())  # D trained
     assert adam_steps(gan) == 3
 
 
@@ -554,7 +577,8 @@ def test_disc_warmup_without_fm_runs_the_fake_pass_without_grad(backbone, params
 
 def test_disc_steps_3_takes_three_d_steps_per_g_step_on_fresh_noise(backbone, params, monkeypatch):
     """disc_steps 3: three AdamW steps per generator step; the first on the generator pass's features, the two
-    further ones re-noise the same real and (detached) fake endpoints with fresh σ_adv, ε′ (teacher, no grad)."""
+    further ones re-noise the same real and (detached) fake endpoints with fresh σ_adv, ε′ (teacher, no
+    grad)."""
     gan = make_objective(backbone, params, disc_steps=3)
     batch = make_batch(backbone, params, batch=4)
     torch.manual_seed(0)
@@ -571,7 +595,8 @@ def test_disc_steps_3_takes_three_d_steps_per_g_step_on_fresh_noise(backbone, pa
     torch.manual_seed(1)
     logged = gan.after_generator_step(batch)
     assert adam_steps(gan) == 3 and len(seen) == 3
-    assert all(any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(seen, seen[1:]))  # each step moved D
+    assert all(any(not torch.equal(a[n], b[n]) for n in a)
+               for a, b in zip(seen, seen[1:]))  # each step moved D
     assert len(spy.calls) == 4 and not any(grad for *_, grad in spy.calls)  # 2 further (real, fake) passes
     torch.manual_seed(1)  # the further steps' draws, by hand
     s_end = batch.sigma_end.view(-1, 1, 1, 1, 1)
@@ -581,7 +606,8 @@ def test_disc_steps_3_takes_three_d_steps_per_g_step_on_fresh_noise(backbone, pa
         s = gan.adv_sigmas[pick].view(-1, 1, 1, 1, 1)
         (x_real, sig_real, *_), (x_fake, sig_fake, *_) = spy.calls[2 * k: 2 * k + 2]
         torch.testing.assert_close(x_real, ((1 - s) * batch.x_end_target + (s - s_end) * eps) / (1 - s_end))
-        torch.testing.assert_close(x_fake, ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+        torch.testing.assert_close(x_fake,
+                                   ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
         assert torch.equal(sig_real, sig_fake) and torch.equal(sig_real, gan.adv_sigmas[pick])
     assert set(logged) == {"d_loss", "d_real", "d_fake"}  # the mean over the three steps
     one = make_objective(backbone, params)
@@ -591,8 +617,8 @@ def test_disc_steps_3_takes_three_d_steps_per_g_step_on_fresh_noise(backbone, pa
 
 
 def test_hinge_margin_running_mean_and_latched_gate(backbone, params):
-    """m₁ = Δ₁, m_j = 0.9·m_{j−1} + 0.1·Δ_j with Δ = d_real − d_fake of each D step; the hinge is off until m > τ,
-    then stays on; margin and gate are resume state."""
+    """m₁ = Δ₁, m_j = 0.9·m_{j−1} + 0.1·Δ_j with Δ = d_real − d_fake of each D step; the hinge is off
+    until m > τ, then stays on; margin and gate are resume state."""
     gan = make_objective(backbone, params, hinge_margin=0.2)
     batch = make_batch(backbone, params)
     assert not gan.hinge_on(0) and set(gan.generator_loss(batch)) == {"fm"}
@@ -631,7 +657,8 @@ def test_hinge_margin_is_measured_on_the_d_steps(backbone, params):
         logged = gan.after_generator_step(b)
         delta = logged["d_real"] - logged["d_fake"]
         m = delta if m is None else 0.9 * m + 0.1 * delta
-        assert logged["margin"] == pytest.approx(m, abs=1e-9) and logged["g_hinge_on"] == float("gan_g" in terms)
+        assert logged["margin"] == pytest.approx(m, abs=1e-9) \
+            and logged["g_hinge_on"] == float("gan_g" in terms)
         if opened is None and m > 0.2:
             opened = step
     assert opened is not None, "D should separate fake = target + 3·noise within 40 steps at lr 1e-2"
@@ -647,13 +674,16 @@ def _student_batch(backbone, params, student, grid, n=(2, 0)):
     sigma_n = torch.tensor([grid.sigma(int(i)) for i in n], dtype=torch.float32)
     sigma_end = torch.full_like(sigma_n, grid.sigma_min)
     cond = backbone.encode_prompts(["a red circle moves left"] * len(n))
-    x_end_pred = losses.euler_endpoint(x_n, backbone.predict(student, x_n, sigma_n, cond).float(), sigma_n, sigma_end)
-    return ConsistencyBatch(0, n, sigma_n, sigma_n, sigma_end, x_n, x_n, cond, x_end_pred, x_end_pred.detach() + 1.0)
+    x_end_pred = losses.euler_endpoint(x_n, backbone.predict(student, x_n, sigma_n, cond).float(),
+                                       sigma_n, sigma_end)
+    return ConsistencyBatch(0, n, sigma_n, sigma_n, sigma_end, x_n, x_n, cond, x_end_pred,
+                            x_end_pred.detach() + 1.0)
 
 
 def test_real_ema_is_the_ema_students_endpoint(backbone, params, monkeypatch):
-    """real="ema": θ_EMA starts at DetE's θ (real = fake at step 0), follows θ_EMA ← 0.9·θ_EMA + 0.1·θ once per
-    step, and the real is x_n + (σ_end − σ_n)·v_θEMA(x_n) (a copy of the student holding θ_EMA, by hand)."""
+    """real="ema": θ_EMA starts at DetE's θ (real = fake at step 0), follows θ_EMA ← 0.9·θ_EMA + 0.1·θ once
+    per step, and the real is x_n + (σ_end − σ_n)·v_θEMA(x_n) (a copy of the student holding θ_EMA, by
+    hand)."""
     from dcm.distill import losses
 
     dual, grid = perturbed_dete(backbone, params)
@@ -680,7 +710,8 @@ def test_real_ema_is_the_ema_students_endpoint(backbone, params, monkeypatch):
     real = gan.real_endpoint(batch)
     torch.testing.assert_close(real, expected)
     assert not torch.allclose(real, batch.x_end_pred.detach())
-    assert all(torch.equal(p, q) for p, q in zip(dual.trainable_parameters(), trainable))  # the live θ is back
+    assert all(torch.equal(p, q)
+               for p, q in zip(dual.trainable_parameters(), trainable))  # the live θ is back
     spy = TeacherSpy(backbone, monkeypatch)  # the real side D and FM see: x̂_EMA re-noised with the fake's ε′
     torch.manual_seed(4)
     gan.adversarial_features(batch)
@@ -690,7 +721,8 @@ def test_real_ema_is_the_ema_students_endpoint(backbone, params, monkeypatch):
     (x_ema, sigma_ema, _, grad_ema), (x_real, *_), (x_fake, *_) = spy.calls  # EMA student, teacher real, fake
     assert torch.equal(x_ema, batch.x_n) and torch.equal(sigma_ema, batch.sigma_n) and not grad_ema
     torch.testing.assert_close(x_real, ((1 - s) * expected + (s - s_end) * eps) / (1 - s_end))
-    torch.testing.assert_close(x_fake, ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
+    torch.testing.assert_close(x_fake,
+                               ((1 - s) * batch.x_end_pred.detach() + (s - s_end) * eps) / (1 - s_end))
     state = gan.state_dict()
     assert set(state) == {"heads", "optimizer", "ema"} and set(state["ema"]) == set(gan.ema)
     fresh = make_objective(backbone, params, real="ema", student=copy.deepcopy(dual), ema_decay=0.9)
@@ -705,8 +737,8 @@ def test_real_ema_without_a_student_is_named(backbone, params):
 
 
 def test_real_trajectory_is_the_cached_trajectorys_sigma_min_point(smoke, monkeypatch):
-    """real="trajectory": the batch's own stored trajectories at σ_end (σ_min for DetE), re-noised with the same
-    σ_adv and ε′ as the fake; at the phase boundary (n = 0) that point is x_{n−1} itself."""
+    """real="trajectory": the batch's own stored trajectories at σ_end (σ_min for DetE), re-noised with the
+    same σ_adv and ε′ as the fake; at the phase boundary (n = 0) that point is x_{n−1} itself."""
     from dcm.backbones import load_teacher
     from dcm.data.trajectories import TrajectoryStore
     from dcm.distill.discriminator import TrajectoryEndpoints
@@ -754,15 +786,15 @@ def test_real_trajectory_is_the_cached_trajectorys_sigma_min_point(smoke, monkey
 def test_real_trajectory_with_the_online_source_fails_before_training(smoke):
     """training.source: online has no cached trajectory: the stage stops with a ConfigError naming the key,
     before it loads anything or writes a checkpoint."""
-    from dcm.pipeline.stages import train_dete
+    from dcm import methods
 
     params = smoke_params(source="online")
     with pytest.raises(config.ConfigError, match=r"methods\.dcm_real_traj\.dete\.real = 'trajectory'.*"
                                                  r"training\.source: online"):
-        train_dete.run(params, "dcm_real_traj")
+        methods.train(params, "dcm_real_traj", "train_dete")
     assert not paths.checkpoint("dcm_real_traj").exists()
-    for bad, key in (({"gan_weight": 0.0, "disc_steps": 3}, "disc_steps"), ({"gan_weight": 0.0, "disc_warmup": 2},
-                                                                            "disc_warmup"),
+    for bad, key in (({"gan_weight": 0.0, "disc_steps": 3}, "disc_steps"),
+                     ({"gan_weight": 0.0, "disc_warmup": 2}, "disc_warmup"),
                      ({"gan_weight": 0.0, "hinge_margin": 0.1}, "hinge_margin"),
                      ({"gan_weight": 0.0, "fm_weight": 0.0, "real": "ema"}, "real")):
         dete = dataclasses.replace(params.methods["dcm"].dete, **bad)
@@ -785,11 +817,12 @@ def test_variant_keys_validate_with_the_key_path():
 
 
 def test_variant_rows_are_dcm_with_one_change_each():
-    """params.yaml: dcm_dwarm, dcm_d3, dcm_margin, dcm_real_ema, dcm_real_traj are ablation rows with dcm's budget,
-    differing from dcm only in their variant; dcm keeps the paper's defaults."""
+    """params.yaml: dcm_dwarm, dcm_d3, dcm_margin, dcm_real_ema, dcm_real_traj are ablation rows with dcm's
+    budget, differing from dcm only in their variant; dcm keeps the paper's defaults."""
     full = config.load(REPO / "params.yaml")
-    variants = {"dcm_dwarm": {"disc_warmup": 50}, "dcm_d3": {"disc_steps": 3}, "dcm_margin": {"hinge_margin": 0.2},
-                "dcm_real_ema": {"real": "ema"}, "dcm_real_traj": {"real": "trajectory"}}
+    variants = {"dcm_dwarm": {"disc_warmup": 50}, "dcm_d3": {"disc_steps": 3},
+                "dcm_margin": {"hinge_margin": 0.2}, "dcm_real_ema": {"real": "ema"},
+                "dcm_real_traj": {"real": "trajectory"}}
     base = dataclasses.asdict(full.methods["dcm"])
     assert {k: base["dete"][k] for k in ("disc_warmup", "disc_steps", "hinge_margin", "real")} == \
         {"disc_warmup": 0, "disc_steps": 1, "hinge_margin": None, "real": "target"}
@@ -806,7 +839,7 @@ def test_variant_rows_are_dcm_with_one_change_each():
 def test_default_variants_leave_the_objective_and_its_identity_as_before(backbone, params):
     """dcm's row builds the objective of the official path: no gate, 1:1, real = x̂_tgt, and nothing extra in
     its resume state, its log or the run's resume identity."""
-    from dcm.pipeline.stages.train_dete import variant_settings
+    from dcm.methods.dual_expert import variant_settings
 
     gan = dete_objective(backbone, params.methods["dcm"].dete, params.teacher_grid(), params.grid.kappa,
                          params.training)
@@ -821,7 +854,8 @@ def test_default_variants_leave_the_objective_and_its_identity_as_before(backbon
 
 
 def _variant_run(out: Path, params, steps: int, real: str, tau: float, fail_at: int | None = None):
-    """A DetE run through the loop with the stateful variants at once (margin gate, warm-up, 2 D steps, a real)."""
+    """A DetE run through the loop with the stateful variants at once (margin gate, warm-up, 2 D steps, a
+    real)."""
     backbone = distill.load_backbone(params)
     torch.manual_seed(0)
     dual, grid = perturbed_dete(backbone, params)
@@ -832,9 +866,9 @@ def _variant_run(out: Path, params, steps: int, real: str, tau: float, fail_at: 
     source = gan.watch_source(distill.make_source(params, backbone))
     objectives = [gan] + ([_Interrupt(fail_at)] if fail_at is not None else [])
     phase = schedule.expert_phases(params.grid.steps, params.grid.kappa)["dete"]
-    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase],
-                               target="online", lr=1e-3, train_steps=steps, objectives=objectives,
-                               settings={"real": real})
+    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(),
+                               phases=[phase], target="online", lr=1e-3, train_steps=steps,
+                               objectives=objectives, settings={"real": real})
     result = train(spec, backbone, source, params, out, StageRun(None))
     return result, gan
 
@@ -854,8 +888,8 @@ class _Interrupt(Objective):
 # τ tiny: on this CPU the gate opens before the checkpoint at step 3 (the margins of these 6 steps are ~1e-5)
 @pytest.mark.parametrize("real, tau", [("ema", 5e-6), ("trajectory", 2e-4)])
 def test_variant_state_resumes_exactly(smoke, real, tau):
-    """6 steps straight vs 3 steps, a kill in step 4 and a resume: the same losses, D, margin and gate, θ_EMA (CPU);
-    real="trajectory" reads the cached store through the loop (its batches recognised by their x_n)."""
+    """6 steps straight vs 3 steps, a kill in step 4 and a resume: the same losses, D, margin and gate, θ_EMA
+    (CPU); real="trajectory" reads the cached store through the loop (its batches recognised by their x_n)."""
     params = smoke_params(source="online" if real == "ema" else "cached", checkpoint_every=3)
     if real == "trajectory":
         from dcm.pipeline.stages import trajectories
@@ -868,9 +902,11 @@ def test_variant_state_resumes_exactly(smoke, real, tau):
         _variant_run(smoke / "resumed", params, 6, real, tau, fail_at=4)
     resumed, gan_b = _variant_run(smoke / "resumed", params, 6, real, tau, fail_at=-1)
     assert resumed.resumed_from == 3 and resumed.losses == straight.losses[3:]
-    assert all(torch.equal(p, q) for p, q in zip(gan_a.discriminator.parameters(), gan_b.discriminator.parameters()))
+    assert all(torch.equal(p, q)
+               for p, q in zip(gan_a.discriminator.parameters(), gan_b.discriminator.parameters()))
     assert gan_a.margin == gan_b.margin and gan_a.hinge_open == gan_b.hinge_open
-    assert all(torch.equal(gan_a.ema[n], gan_b.ema[n]) for n in gan_a.ema) and bool(gan_a.ema) == (real == "ema")
+    assert all(torch.equal(gan_a.ema[n], gan_b.ema[n]) for n in gan_a.ema) \
+        and bool(gan_a.ema) == (real == "ema")
     rows = [json.loads(line) for line in (smoke / "resumed" / "history.jsonl").read_text().splitlines()]
     assert rows == [json.loads(line) | {"step_s": r["step_s"]} for line, r in
                     zip((smoke / "straight" / "history.jsonl").read_text().splitlines(), rows)]

@@ -6,9 +6,10 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, smoke_params
+from helpers import REPO, smoke_params
 
-LINE = re.compile(r"^(σ_adv ([0-9.]+)-([0-9.]+)|all σ_adv) \| n (\d+) \| fresh ([0-9.]+|nan)( \| trained ([0-9.]+|nan))?$")
+LINE = re.compile(r"^(σ_adv ([0-9.]+)-([0-9.]+)|all σ_adv) \| n (\d+) \| fresh ([0-9.]+|nan)( \| trained "
+                  r"([0-9.]+|nan))?$")
 
 
 def run_probe(*args: str) -> subprocess.CompletedProcess:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FailAt, perturbed_dete, smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.backbones import load_teacher
 from dcm.distill import losses
 from dcm.distill.loop import Objective, TrainingDiverged, autocast_for, draw_indices, phase_tables, train
 from dcm.tracking import StageRun
+from helpers import FailAt, perturbed_dete, smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,9 @@ def online_setup(params):
 
 def make_spec(params, backbone, phases, target="online", steps=6, objectives=(), name="test"):
     student = distill.full_parameter_student(backbone)
-    return distill.DistillSpec(name=name, student=student, trainable=list(student.parameters()), phases=phases,
-                               target=target, lr=1e-3, train_steps=steps, objectives=list(objectives),
+    return distill.DistillSpec(name=name, student=student, trainable=list(student.parameters()),
+                               phases=phases, target=target, lr=1e-3, train_steps=steps,
+                               objectives=list(objectives),
                                save=distill.save_transformer(student))
 
 
@@ -132,7 +133,8 @@ def test_ema_target_with_decay_one_stays_the_initial_student(smoke):
     assert not_boundary.any()
     target_initial = losses.euler_endpoint(b.x_prev, v_initial, b.sigma_prev, b.sigma_end)
     target_current = losses.euler_endpoint(b.x_prev, v_current, b.sigma_prev, b.sigma_end)
-    torch.testing.assert_close(b.x_end_target[not_boundary], target_initial[not_boundary], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.x_end_target[not_boundary], target_initial[not_boundary],
+                               rtol=1e-5, atol=1e-5)
     assert not torch.allclose(b.x_end_target[not_boundary], target_current[not_boundary], atol=1e-5)
 
 
@@ -171,7 +173,8 @@ def test_resume_state_from_other_settings_is_discarded(smoke):
     params = smoke_params(source="online", checkpoint_every=2)
     backbone, source = online_setup(params)
     phases = schedule.pcm_phases(params.grid.steps, 2)
-    train(make_spec(params, backbone, phases, steps=2), backbone, source, params, smoke / "run", StageRun(None))
+    train(make_spec(params, backbone, phases, steps=2), backbone, source, params, smoke / "run",
+          StageRun(None))
     other = make_spec(params, backbone, schedule.pcm_phases(params.grid.steps, 1), steps=2)
     result = train(other, backbone, source, params, smoke / "run", StageRun(None))
     assert result.resumed_from == 0 and len(result.losses) == 2
@@ -244,7 +247,8 @@ def test_lcm_and_pcm_smoke_runs_write_loadable_transformers(smoke, monkeypatch, 
         assert summary["trainable_fraction"] == 1.0 and summary["peak_rss_mb"] > 0
         assert summary["target"] == params.methods[method].target
         assert (out / "resume" / "state.pt").is_file()
-    assert json.loads((paths.checkpoint("pcm") / "train.json").read_text())["phases"] == [[0, 4, -1], [5, 9, 4]]
+    assert json.loads((paths.checkpoint("pcm") / "train.json").read_text())["phases"] \
+        == [[0, 4, -1], [5, 9, 4]]
 
 
 @pytest.mark.slow
@@ -291,12 +295,13 @@ def _dete_run(params, out: Path):
     torch.manual_seed(0)
     backbone, source = online_setup(params)
     kappa = params.grid.kappa
-    dual, grid = perturbed_dete(backbone, params)  # lora_B off zero: the adapter's gradients flow through A too
+    # lora_B off zero: the adapter's gradients flow through A too
+    dual, grid = perturbed_dete(backbone, params)
     phase = schedule.expert_phases(params.grid.steps, kappa)["dete"]
     gan = GanFeatureMatching(backbone, backbone.transformer, [grid.sigma(n) for n in range(kappa + 1)],
                              gan_weight=1.0, fm_weight=1.0, disc_lr=1e-3)
-    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(), phases=[phase],
-                               target="online", lr=1e-3, train_steps=3, objectives=[gan])
+    spec = distill.DistillSpec(name="dete", student=dual, trainable=dual.trainable_parameters(),
+                               phases=[phase], target="online", lr=1e-3, train_steps=3, objectives=[gan])
     before = [p.detach().clone() for p in spec.trainable]
     result = train(spec, backbone, source, params, out, StageRun(None))
     assert any(not torch.equal(a, b) for a, b in zip(before, spec.trainable, strict=True)), "DetE trained"
@@ -304,7 +309,8 @@ def _dete_run(params, out: Path):
 
 
 def test_activation_checkpointing_changes_memory_not_the_dete_run(smoke):
-    """gradient_checkpointing on: the student and the GAN teacher recompute blocks; losses and weights match."""
+    """gradient_checkpointing on: the student and the GAN teacher recompute blocks; losses and weights
+    match."""
     plain, dual_plain, _ = _dete_run(smoke_params(source="online"), smoke / "plain")
     params = smoke_params(source="online", gradient_checkpointing=True)
     ckpt, dual_ckpt, backbone = _dete_run(params, smoke / "ckpt")
@@ -314,7 +320,8 @@ def test_activation_checkpointing_changes_memory_not_the_dete_run(smoke):
     for (name, a), (_, b) in zip(dual_ckpt.named_parameters(), dual_plain.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     # a resume state written without checkpointing is accepted with it (same maths, other memory)
-    assert distill.loop.resume_settings(distill.DistillSpec("x", dual_ckpt, [], [], "online", 1.0, 1), params) == \
+    assert distill.loop.resume_settings(distill.DistillSpec("x", dual_ckpt, [], [], "online", 1.0, 1),
+                                        params) == \
         distill.loop.resume_settings(distill.DistillSpec("x", dual_ckpt, [], [], "online", 1.0, 1),
                                      smoke_params(source="online"))
 
@@ -326,7 +333,8 @@ def test_lora_seme_with_grad_and_checkpointing_is_refused(smoke):
 
     params = smoke_params(source="online")
     backbone, _ = online_setup(params)
-    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=params.grid.kappa, sigma_kappa=0.5)
+    dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=params.grid.kappa,
+                     sigma_kappa=0.5)
     assert enable_activation_checkpointing(dual) == 1
     shape = backbone.latent_shape(params.world.frames, params.world.size)
     x = torch.randn(1, *shape).to(distill.device())
@@ -342,11 +350,14 @@ def test_prompt_dropout_gives_dropped_rows_the_empty_prompt_in_every_tensor():
     from dcm.backbones.base import PromptEmbeds
     from dcm.distill.loop import drop_prompts
 
-    cond = PromptEmbeds(torch.ones(3, 2, 4), {"pooled": torch.ones(3, 5), "mask": torch.ones(3, 2, dtype=torch.bool)})
-    null = PromptEmbeds(torch.zeros(3, 2, 4), {"pooled": torch.zeros(3, 5), "mask": torch.zeros(3, 2, dtype=torch.bool)})
+    cond = PromptEmbeds(torch.ones(3, 2, 4),
+                        {"pooled": torch.ones(3, 5), "mask": torch.ones(3, 2, dtype=torch.bool)})
+    null = PromptEmbeds(torch.zeros(3, 2, 4),
+                        {"pooled": torch.zeros(3, 5), "mask": torch.zeros(3, 2, dtype=torch.bool)})
     out = drop_prompts(cond, null, torch.tensor([False, True, False]))
     assert out.hidden[:, 0, 0].tolist() == [1, 0, 1]
-    assert out.extra["pooled"][:, 0].tolist() == [1, 0, 1] and out.extra["mask"][:, 0].tolist() == [True, False, True]
+    assert out.extra["pooled"][:, 0].tolist() == [1, 0, 1] \
+        and out.extra["mask"][:, 0].tolist() == [True, False, True]
     with pytest.raises(ValueError, match="does not match"):
         drop_prompts(cond, PromptEmbeds(torch.zeros(3, 7, 4)), torch.tensor([True, False, False]))
 
@@ -361,8 +372,8 @@ def test_prompt_dropout_changes_training_only_when_set(smoke):
         backbone = distill.load_backbone(params)
         student = distill.full_parameter_student(backbone)
         spec = distill.DistillSpec(name=f"drop{p}", student=student, trainable=list(student.parameters()),
-                                   phases=[schedule.Phase(0, params.grid.steps - 1, -1)], train_steps=2, lr=1e-3,
-                                   target="online")
+                                   phases=[schedule.Phase(0, params.grid.steps - 1, -1)], train_steps=2,
+                                   lr=1e-3, target="online")
         train(spec, backbone, distill.make_source(params, backbone), params, smoke / f"drop{len(finals)}",
               StageRun(None))
         finals[len(finals)] = copy.deepcopy(torch.cat([q.detach().flatten() for q in student.parameters()]))

@@ -1,5 +1,5 @@
-"""Distribution metrics of the shapes world: real videos score at the real-vs-real floor; blur moves the Fréchet
-distance beyond it; mode collapse shows on diversity; bad input fails naming what is wrong."""
+"""Distribution metrics of the shapes world: real videos score at the real-vs-real floor; blur moves the
+Fréchet distance beyond it; mode collapse shows on diversity; bad input fails naming what is wrong."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from dcm.worlds import shapes
 REPO = Path(__file__).resolve().parents[1]
 SIZE, FRAMES, JITTER = 16, 8, 1.5  # the shapes preset's world
 PROMPTS, SEEDS, DRAWS = 16, 2, 200
-GENERATED_SEED_BASE = 5_000_000  # outside every split and the real sets' range: a "method" that samples real videos
+# outside every split and the real sets' range: a "method" that samples real videos
+GENERATED_SEED_BASE = 5_000_000
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def world():
     captions = balanced_captions(shapes.all_captions(), PROMPTS, np.random.default_rng(1))
     prompts = [c for c in captions for _ in range(SEEDS)]
     real = distribution.real_sets(prompts, SIZE, FRAMES, JITTER, seed=0)
-    generated = distribution.real_videos(prompts, GENERATED_SEED_BASE + np.arange(len(prompts)), SIZE, FRAMES, JITTER)
+    generated = distribution.real_videos(prompts, GENERATED_SEED_BASE + np.arange(len(prompts)), SIZE,
+                                         FRAMES, JITTER)
     return prompts, real, generated
 
 
@@ -88,7 +90,8 @@ def test_bad_input_fails_naming_what_is_wrong(world):
     prompts, real, generated = world
     with pytest.raises(ValueError, match="no videos"):
         distribution.check_videos(torch.zeros(0, 3, FRAMES, SIZE, SIZE), SIZE, FRAMES, "samples")
-    with pytest.raises(ValueError, match=r"samples: expected videos of shape \(N, 3, 8, 16, 16\).*got \(2, 3, 8, 8, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"samples: expected videos of shape \(N, 3, 8, 16, 16\).*got \(2, 3, 8, 8, 8\)"):
         distribution.check_videos(torch.zeros(2, 3, FRAMES, 8, 8), SIZE, FRAMES, "samples")
     features = distribution.features(generated[:4], SIZE)
     with pytest.raises(ValueError, match="4 feature rows for 3 prompts"):
@@ -116,4 +119,5 @@ def test_evaluate_metrics_carry_the_distribution_keys_and_the_report_shows_them(
         distribution.distribution_metrics(params, rows[:3], videos)
     table = reporting.markdown_table(reporting.method_table({"teacher": m}, ["teacher"]))
     assert "FD to real [95% CI] | FD real vs real | diversity [95% CI] |" in table
-    assert f"| {m['fd']:.2f} [{m['fd_ci95'][0]:.2f}, {m['fd_ci95'][1]:.2f}] | {m['fd_real_floor']:.2f} |  |" in table
+    assert (f"| {m['fd']:.2f} [{m['fd_ci95'][0]:.2f}, {m['fd_ci95'][1]:.2f}] "
+            f"| {m['fd_real_floor']:.2f} |  |") in table

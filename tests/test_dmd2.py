@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FailAt, smoke_params
 from dcm import config, distill, distributed, paths, schedule
 from dcm.backbones.base import enable_activation_checkpointing
 from dcm.distill import dmd2, losses
@@ -24,6 +23,7 @@ from dcm.sampling import sample_lcm
 from dcm.schedule import uniform_schedule
 from dcm.tracking import StageRun
 from dcm.worlds import shapes
+from helpers import FailAt, smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,14 +61,16 @@ def test_dmd2_gan_terms_are_the_non_saturating_softplus_losses():
     real, fake = [torch.tensor([[2.0, -1.0]])], [torch.tensor([[0.5, 0.0]])]
     sp = torch.nn.functional.softplus
     assert losses.dmd2_generator_gan(fake).item() == pytest.approx(sp(-fake[0]).mean().item())
-    assert losses.dmd2_classifier(real, fake).item() == pytest.approx((sp(fake[0]).mean() + sp(-real[0]).mean()).item())
+    assert losses.dmd2_classifier(real, fake).item() \
+        == pytest.approx((sp(fake[0]).mean() + sp(-real[0]).mean()).item())
 
 
 # ------------------------------------------------------------------------------------- the parts
 
 
 def make_objective(params, backbone, steps=2, gan_weight=0.0, fake_lr=1e-3, fake_steps=1, videos=None):
-    """A DMD2 objective on a few captions, the generator a frozen copy of the teacher (``.source.student``)."""
+    """A DMD2 objective on a few captions, the generator a frozen copy of the teacher
+    (``.source.student``)."""
     grid = params.teacher_grid()
     captions = shapes.all_captions()[:6]
     student = copy.deepcopy(backbone.transformer).requires_grad_(True)
@@ -77,13 +79,15 @@ def make_objective(params, backbone, steps=2, gan_weight=0.0, fake_lr=1e-3, fake
                                      uniform_schedule(grid, steps, "student"), latent_shape)
     sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
     torch.manual_seed(3)
-    return dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=fake_steps, fake_lr=fake_lr, dm_weight=1.0,
-                                     t_range=(20, 980), gan_weight=gan_weight, cls_weight=1e-2 if gan_weight else 0.0,
-                                     real_videos=videos, seed=0)
+    return dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=fake_steps, fake_lr=fake_lr,
+                                     dm_weight=1.0, t_range=(20, 980), gan_weight=gan_weight,
+                                     cls_weight=1e-2 if gan_weight else 0.0, real_videos=videos, seed=0)
 
 
-def consistency_batch(objective: dmd2.DistributionMatching, rows: list[int], n: list[int]) -> ConsistencyBatch:
-    """A loop micro-batch at generator steps ``n``: backward-simulated x_n, the student's endpoint to σ_min with grad."""
+def consistency_batch(objective: dmd2.DistributionMatching, rows: list[int],
+                      n: list[int]) -> ConsistencyBatch:
+    """A loop micro-batch at generator steps ``n``: backward-simulated x_n, the student's endpoint to σ_min
+    with grad."""
     source = objective.source
     n = torch.tensor(n)
     data = source.batch(torch.tensor(rows), n, torch.Generator().manual_seed(5))
@@ -91,7 +95,8 @@ def consistency_batch(objective: dmd2.DistributionMatching, rows: list[int], n: 
     sigma_end = torch.full_like(sigma_n, float(source.grid_sigmas[0]))
     v = objective.backbone.predict(source.student, data.x_n, sigma_n, data.cond)
     x_end = losses.euler_endpoint(data.x_n, v, sigma_n, sigma_end)
-    return ConsistencyBatch(0, n, sigma_n, sigma_n, sigma_end, data.x_n, data.x_prev, data.cond, x_end, x_end.detach())
+    return ConsistencyBatch(0, n, sigma_n, sigma_n, sigma_end, data.x_n, data.x_prev, data.cond, x_end,
+                            x_end.detach())
 
 
 def test_generator_steps_are_the_sampling_schedule_on_the_grid(params):
@@ -119,7 +124,8 @@ def test_backward_simulation_is_the_generators_own_lcm_sampling(params, backbone
     seeds = torch.randint(2**62, (3,), generator=replay)
     assert torch.equal(batch.x_n[0], noise[0])
     for k in (1, 2):
-        expected = sample_lcm({"student": source.velocity}, source.steps[:k], noise[k:k + 1], source.embeds.index([k]),
+        expected = sample_lcm({"student": source.velocity}, source.steps[:k], noise[k:k + 1],
+                              source.embeds.index([k]),
                               generators=[torch.Generator().manual_seed(int(seeds[k]))],
                               final_sigma=source.steps[k].sigma)
         assert torch.equal(batch.x_n[k:k + 1], expected)
@@ -127,13 +133,15 @@ def test_backward_simulation_is_the_generators_own_lcm_sampling(params, backbone
     sigma0, sigma1 = source.steps[0].sigma, source.steps[1].sigma
     v = source.velocity(noise[1:2], torch.full((1,), sigma0), source.embeds.index([1]))
     eps_prime = torch.randn((1, *source.latent_shape), generator=torch.Generator().manual_seed(int(seeds[1])))
-    assert torch.allclose(batch.x_n[1:2], (1 - sigma1) * (noise[1:2] - sigma0 * v) + sigma1 * eps_prime, atol=1e-6)
+    assert torch.allclose(batch.x_n[1:2],
+                          (1 - sigma1) * (noise[1:2] - sigma0 * v) + sigma1 * eps_prime, atol=1e-6)
 
 
 def test_fake_score_flow_matching_loss_decreases_on_a_fixed_generator(params, backbone):
     objective = make_objective(params, backbone, fake_lr=2e-3)
     generator = copy.deepcopy(objective.source.student.state_dict())
-    x0, cond = objective.source.samples(16, torch.Generator().manual_seed(1))  # a held-out set of generator samples
+    # a held-out set of generator samples
+    x0, cond = objective.source.samples(16, torch.Generator().manual_seed(1))
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
     sigma = objective.train_sigmas[torch.linspace(0, 999, 16).long()]
 
@@ -141,7 +149,8 @@ def test_fake_score_flow_matching_loss_decreases_on_a_fixed_generator(params, ba
         with torch.no_grad():
             return flow_matching_loss(backbone, objective.fake, x0, eps, sigma, cond).item()
 
-    # flow matching has a floor (E‖ε − x0 − E[ε − x0 | x_σ]‖²) far above 0: the loss falls a few percent, steadily
+    # flow matching has a floor (E‖ε − x0 − E[ε − x0 | x_σ]‖²) far above 0: the loss falls a few percent,
+    # steadily
     curve = [held_out()]
     for _ in range(4):
         for _ in range(10):
@@ -158,7 +167,7 @@ def test_the_generator_loss_updates_only_the_generator(params, backbone, gan):
     runs through the fake score); the fake score changes only in its own step."""
     videos = None
     if gan:
-        from test_mcm import video_source
+        from helpers import video_source
 
         videos = video_source(params, backbone, quality="clean")
     objective = make_objective(params, backbone, gan_weight=1.0 if gan else 0.0, videos=videos)
@@ -172,8 +181,8 @@ def test_the_generator_loss_updates_only_the_generator(params, backbone, gan):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.dim() > 1)
     assert all(not p.requires_grad and p.grad is None for p in backbone.transformer.parameters())
     assert all(p.grad is None for p in objective.fake_parameters())
-    # with the GAN term: frozen from that term until the generator's step is done (checkpointed blocks recompute
-    # in its backward); without it the generator's terms never touch the fake score's flags
+    # with the GAN term: frozen from that term until the generator's step is done (checkpointed blocks
+    # recompute in its backward); without it the generator's terms never touch the fake score's flags
     assert all(p.requires_grad != gan for p in objective.fake_parameters())
 
     logged = objective.after_generator_step(batch)
@@ -187,7 +196,8 @@ def test_the_generator_loss_updates_only_the_generator(params, backbone, gan):
 
 def test_dm_term_pulls_the_generator_toward_the_real_score(params, backbone):
     """The sign end to end, through the objective's own score passes: a step down the DM loss moves the
-    generator's x0 along x0_real − x0_fake; each call of ``scores`` is one draw of (t, ε) from the objective's RNG."""
+    generator's x0 along x0_real − x0_fake; each call of ``scores`` is one draw of (t, ε) from the objective's
+    RNG."""
     objective = make_objective(params, backbone)
     batch = consistency_batch(objective, [0, 1], objective.source.indices)
     x0_gen = dmd2.student_x0(batch)
@@ -200,7 +210,8 @@ def test_dm_term_pulls_the_generator_toward_the_real_score(params, backbone):
     shift = x0_real - x0_fake
     assert ((moved - x0_gen.detach()) * shift).sum() > 0
     objective.rng.set_state(state)
-    assert torch.equal(objective.scores(x0_gen.detach(), batch.cond, batch.autocast)[0], x0_real)  # one draw each
+    assert torch.equal(objective.scores(x0_gen.detach(), batch.cond, batch.autocast)[0],
+                       x0_real)  # one draw each
 
 
 class RealVideos:
@@ -218,7 +229,7 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
     """Tiny Wan / HunyuanVideo (embedded guidance) / CogVideoX (VP) pipelines under activation checkpointing:
     generator terms, only the generator's gradients, then the fake score's updates (trainable again), through
     each adapter's velocity and features."""
-    import test_real_backbones as real
+    import helpers as real
     from dcm.backbones import adapter_class
 
     torch.manual_seed(0)
@@ -234,7 +245,8 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
     videos = RealVideos(torch.randn(2, *shape), backbone.encode_prompts(real.PROMPTS))
     sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
     objective = dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=2, fake_lr=1e-4, dm_weight=1.0,
-                                          t_range=(20, 980), gan_weight=5e-3, cls_weight=1e-2, real_videos=videos)
+                                          t_range=(20, 980), gan_weight=5e-3, cls_weight=1e-2,
+                                          real_videos=videos)
     # as the real presets train (training.gradient_checkpointing): the generator's backward recomputes the
     # checkpointed fake score's blocks, which must still be frozen then
     enable_activation_checkpointing(student, objective.fake)
@@ -259,10 +271,11 @@ def dmd2_spec(params, backbone, method="dmd2", steps=6, extra=()):
     """The spec ``train_baseline`` builds for a dmd2 row."""
     torch.manual_seed(11)  # the classifier head's initialisation, equal in every run
     student = distill.full_parameter_student(backbone)
-    source, space, objectives, phases = dmd2.build(params, method, backbone, student, schedule_for(params, method),
-                                                   distill.device())
-    spec = distill.DistillSpec(name=method, student=student, trainable=list(student.parameters()), phases=phases,
-                               target="online", lr=1e-3, train_steps=steps, objectives=[*objectives, *extra],
+    source, space, objectives, phases = dmd2.build(params, method, backbone, student,
+                                                   schedule_for(params, method), distill.device())
+    spec = distill.DistillSpec(name=method, student=student, trainable=list(student.parameters()),
+                               phases=phases, target="online", lr=1e-3, train_steps=steps,
+                               objectives=[*objectives, *extra],
                                consistency_space=space)
     return spec, source
 
@@ -272,7 +285,8 @@ def history(out: Path) -> list[dict]:
 
 
 def test_resume_of_a_dmd2_run_gives_identical_next_losses(smoke):
-    """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, fake score, head and draws."""
+    """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, fake score, head and
+    draws."""
     params = smoke_params(checkpoint_every=3)
     method = "dmd2_gan"  # the classifier's state is part of what must resume
     assert params.methods[method].dmd2.gan_weight > 0
@@ -306,43 +320,48 @@ def test_activation_checkpointing_covers_the_fake_score(smoke):
         params = smoke_params(gradient_checkpointing=flag)
         backbone = distill.load_backbone(params)
         student = distill.full_parameter_student(backbone)
-        _, _, (objective,), _ = dmd2.build(params, "dmd2", backbone, student, schedule_for(params, "dmd2"), "cpu")
+        _, _, (objective,), _ = dmd2.build(params, "dmd2", backbone, student,
+                                           schedule_for(params, "dmd2"), "cpu")
         assert objective.fake.is_gradient_checkpointing == flag
 
 
 def test_memory_plan_counts_the_generator_the_sharded_fake_score_and_the_classifier():
-    """benchmarks/memory_plan.py's DMD2 column: the generator as SemE (no EMA), a fake score's fp32 weights,
+    """dcm.plan.memory's DMD2 column: the generator as SemE (no EMA), a fake score's fp32 weights,
     gradients and AdamW moments sharded as the generator's are, and with the classifier its head and the
     generator's pass through the fake score."""
     import dataclasses
 
     from dcm.distill.discriminator import head_parameter_count
-    from test_memory_plan import memory_plan, workloads
+    from dcm.plan import memory as mp
+    from helpers import plan_workloads
 
-    mp = memory_plan()
-    work, _ = workloads()["toy"]
+    work, _ = plan_workloads()["toy"]
     for gan in (False, True):
         w = dataclasses.replace(work, dmd2_gan=gan)
         st = mp.structure(w, torch.float32)
         rows = mp.plan(w, mp.Setting(2, compute="fp32", ema=True), st)
         seme, dmd2_row = rows["SemE"], rows["DMD2"]
-        generator = sum(seme[k] for k in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)"))
-        assert dmd2_row["fake score (weights+grads+AdamW)"] == generator < 16 * st.total  # rank 0's shard of 2
+        generator = sum(seme[k]
+                        for k in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)"))
+        # rank 0's shard of 2
+        assert dmd2_row["fake score (weights+grads+AdamW)"] == generator < 16 * st.total
         assert dmd2_row["EMA (fp32)"] == 0
-        for key in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)", "FSDP working set"):
+        for key in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)",
+                    "FSDP working set"):
             assert dmd2_row[key] == seme[key], key
-        assert dmd2_row["discriminator (weights+grads+AdamW)"] == (16 * head_parameter_count(384) if gan else 0)
+        assert dmd2_row["discriminator (weights+grads+AdamW)"] == (16 * head_parameter_count(384)
+                                                                   if gan else 0)
         assert (dmd2_row["activations, no checkpointing"] > seme["activations, no checkpointing"]) == gan
         # checkpointed: the fake score's blocks recompute while the generator's block inputs are held, the
         # generator's after the fake score's saves are freed; the larger of the two, never less than SemE's
-        expected = (mp.two_passes_checkpointing(st.profiles[(1, "seme")], st.profiles[(1, "teacher")]) if gan
+        expected = (mp.checkpointed_passes(st.profiles[(1, "seme")], st.profiles[(1, "teacher")]) if gan
                     else seme["activations, checkpointing"])
         assert dmd2_row["activations, checkpointing"] == expected >= seme["activations, checkpointing"]
 
 
 def train_at_ranks(out: str) -> None:
-    """Worker (``torchrun … tests/test_dmd2.py OUT`` in a smoke project): 4 steps of dmd2_gan, then every rank's
-    digest of its fake score and classifier head to OUT/fake_digests.json."""
+    """Worker (``torchrun … tests/test_dmd2.py OUT`` in a smoke project): 4 steps of dmd2_gan, then every
+    rank's digest of its fake score and classifier head to OUT/fake_digests.json."""
     from dcm.distributed import seed_everything
 
     method = "dmd2_gan"
@@ -353,7 +372,8 @@ def train_at_ranks(out: str) -> None:
         spec, source = dmd2_spec(params, backbone, method, steps=4)
         train(spec, backbone, source, params, out, StageRun(None))
         objective = spec.objectives[0]
-        digests = {part: distributed.gather_objects(distributed.parameter_digest([p.detach() for p in net.parameters()]))
+        digests = {part: distributed.gather_objects(
+                       distributed.parameter_digest([p.detach() for p in net.parameters()]))
                    for part, net in (("fake", objective.fake), ("head", objective.classifier))}
         if world.is_main:
             (Path(out) / "fake_digests.json").write_text(json.dumps(digests))
@@ -361,10 +381,12 @@ def train_at_ranks(out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ddp_ranks_keep_one_fake_score_and_one_classifier(smoke):
-    """training.parallel ddp at 2 gloo ranks: the loop replicates the objective's networks, so their gradients are
-    averaged and every rank holds the same fake score and head after the run (as it holds the same generator)."""
+    """training.parallel ddp at 2 gloo ranks: the loop replicates the objective's networks, so their gradients
+    are averaged and every rank holds the same fake score and head after the run (as it holds the same
+    generator)."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, str(smoke / "out")],
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", __file__,
+                          str(smoke / "out")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     digests = json.loads((smoke / "out" / "fake_digests.json").read_text())
@@ -398,10 +420,12 @@ def test_dmd2_rows_load_with_defaults_and_ablations_opt_in():
 
 @pytest.mark.parametrize("change, message", [
     ({"sampler": "euler"}, r"methods\.dmd2\.sampler = 'euler' is invalid: 'lcm' for kind 'dmd2'"),
-    ({"dmd2": {"t_min": 0.5, "t_max": 0.4}}, r"methods\.dmd2\.dmd2\.t_min = 0\.5 is invalid: < methods\.dmd2\.dmd2\.t_max"),
+    ({"dmd2": {"t_min": 0.5, "t_max": 0.4}},
+     r"methods\.dmd2\.dmd2\.t_min = 0\.5 is invalid: < methods\.dmd2\.dmd2\.t_max"),
     ({"dmd2": {"fake_steps": 0}}, r"methods\.dmd2\.dmd2\.fake_steps = 0 is invalid: must be >= 1"),
     ({"dmd2": {"fake_lr": 0.0}}, r"methods\.dmd2\.dmd2\.fake_lr = 0\.0 is invalid: must be > 0"),
-    ({"kind": "consistency", "sampler": "euler"}, r"methods\.dmd2\.dmd2 = .* is invalid: only for kind 'dmd2'"),
+    ({"kind": "consistency", "sampler": "euler"},
+     r"methods\.dmd2\.dmd2 = .* is invalid: only for kind 'dmd2'"),
 ])
 def test_bad_dmd2_params_fail_with_key_value_and_what_is_allowed(change, message):
     raw = config.load_raw(REPO / "params.yaml")
@@ -446,8 +470,8 @@ if __name__ == "__main__":
 
 
 def test_dmd2_rows_share_dmd2s_budget_except_dmd2_steps():
-    """params.yaml: dmd2_1, dmd2_2 and dmd2_gan get dmd2's generator-step budget (about LCM's wall time) and differ
-    from dmd2 only in their step count or the GAN classifier; dmd2_steps gets LCM's generator steps."""
+    """params.yaml: dmd2_1, dmd2_2 and dmd2_gan get dmd2's generator-step budget (about LCM's wall time) and
+    differ from dmd2 only in their step count or the GAN classifier; dmd2_steps gets LCM's generator steps."""
     import dataclasses
 
     full = config.load(REPO / "params.yaml")

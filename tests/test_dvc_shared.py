@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvc
 from dcm import cli
 from dcm.config import ConfigError
 from dcm.pipeline import dvc_cache
+from helpers import run_dvc
 
 MB = 2**20
 

@@ -14,7 +14,7 @@ from dcm import config, paths, schedule
 from dcm.distill.discriminator import GanFeatureMatching, adversarial_sigmas
 from dcm.distill.experts import DualExpert, load_dual_expert, make_dete, save_dete
 from dcm.distill.loop import ConsistencyBatch
-from dcm.methods import dcm_experts
+from dcm.methods.dual_expert import dcm_experts
 from dcm.sampling import sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,8 @@ def grid(params):
 
 def build(backbone, grid, params, rank=4, alpha=8.0) -> DualExpert:
     seme = copy.deepcopy(backbone.transformer)
-    return make_dete(seme, backbone, rank, alpha, kappa=params.grid.kappa, sigma_kappa=grid.sigma(params.grid.kappa))
+    return make_dete(seme, backbone, rank, alpha, kappa=params.grid.kappa,
+                     sigma_kappa=grid.sigma(params.grid.kappa))
 
 
 def perturb_dete(dual: DualExpert, scale: float = 0.05) -> None:
@@ -60,7 +61,8 @@ def test_dete_trains_only_lora_and_time_embedding(backbone, grid, params):
         sigma = torch.tensor([grid.sigma(kappa), grid.sigma(1)])
         v = backbone.predict(dual, x_n, sigma, cond)
         x_end_pred = x_n - sigma.view(-1, 1, 1, 1, 1) * v
-        x_end_target = x_n - sigma.view(-1, 1, 1, 1, 1) * backbone.predict(backbone.transformer, x_n, sigma, cond)
+        x_end_target = x_n - sigma.view(-1, 1, 1, 1, 1) * backbone.predict(backbone.transformer,
+                                                                           x_n, sigma, cond)
         batch = ConsistencyBatch(step, torch.tensor([kappa, 1]), sigma, sigma, sigma * 0, x_n, x_n, cond,
                                  x_end_pred, x_end_target.detach())
         optimizer.zero_grad()
@@ -72,7 +74,8 @@ def test_dete_trains_only_lora_and_time_embedding(backbone, grid, params):
     changed = {n for n, p in dual.named_parameters() if not torch.equal(p, before[n])}
     own = {n for n, p in dual.named_parameters() if any(p is q for q in dual.trainable_parameters())}
     assert changed and changed <= own
-    assert any("lora_B" in n for n in changed) and any(n.startswith("dete_modules.condition_embedder") for n in changed)
+    assert any("lora_B" in n for n in changed) \
+        and any(n.startswith("dete_modules.condition_embedder") for n in changed)
     assert "dete_parameters.scale_shift_table" in changed
     # every SemE tensor (the shared backbone under the adapter) is bit-identical to the SemE it started from
     seme_now = dual.materialize("seme").state_dict()
@@ -98,7 +101,8 @@ def test_routing_sends_each_sample_of_a_mixed_sigma_batch_to_its_expert(backbone
     seme, dete = dual.materialize("seme"), dual.materialize("dete")
     kappa = params.grid.kappa
     # above, exactly at, and below σ_κ (σ_κ itself is DetE's first point), in mixed order
-    sigma = torch.tensor([grid.sigma(kappa + 1), grid.sigma(kappa), grid.sigma(0), grid.sigma(grid.steps - 1)])
+    sigma = torch.tensor([grid.sigma(kappa + 1), grid.sigma(kappa), grid.sigma(0),
+                          grid.sigma(grid.steps - 1)])
     x = latents(backbone, params, 4)
     cond = backbone.encode_prompts([PROMPT, "a blue square moves up", PROMPT, "a green triangle moves right"])
     with torch.no_grad():
@@ -134,10 +138,12 @@ def test_save_load_round_trip_gives_the_same_dual_expert(backbone, grid, params,
     dual.materialize("seme").save_pretrained(tmp_path / "seme" / "transformer")
     save_dete(dual, tmp_path / "dete")
     meta = json.loads((tmp_path / "dete" / "expert.json").read_text())
-    assert meta["kappa"] == params.grid.kappa and meta["sigma_kappa"] == pytest.approx(grid.sigma(params.grid.kappa))
+    assert meta["kappa"] == params.grid.kappa \
+        and meta["sigma_kappa"] == pytest.approx(grid.sigma(params.grid.kappa))
     assert meta["rank"] == rank and meta["form"] == ("lora" if rank else "full")
     if rank:
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "dete" / "adapter").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} \
+            <= {p.name for p in (tmp_path / "dete" / "adapter").iterdir()}
         assert (tmp_path / "dete" / "timestep_layers.safetensors").is_file()
     else:
         assert meta["dete_trainable_fraction_of_backbone"] == 1.0
@@ -146,7 +152,8 @@ def test_save_load_round_trip_gives_the_same_dual_expert(backbone, grid, params,
     x = latents(backbone, params, 3)
     cond = backbone.encode_prompts([PROMPT] * 3)
     with torch.no_grad():
-        torch.testing.assert_close(backbone.predict(loaded, x, sigma, cond), backbone.predict(dual, x, sigma, cond))
+        torch.testing.assert_close(backbone.predict(loaded, x, sigma, cond),
+                                   backbone.predict(dual, x, sigma, cond))
     assert [n for n, p in loaded.named_parameters() if p.requires_grad] == []
 
 
@@ -176,10 +183,12 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
     train_dete.run(params, "dcm")
 
     out = paths.checkpoint("dcm", "dete")
-    assert {"adapter", "timestep_layers.safetensors", "expert.json", "train.json"} <= {p.name for p in out.iterdir()}
+    assert {"adapter", "timestep_layers.safetensors", "expert.json", "train.json"} \
+        <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "train.json").read_text())
     assert summary["steps"] == params.methods["dcm"].dete.train_steps
-    assert 0 < summary["dete_trainable_fraction_of_backbone"] < 1 and summary["wall_s"] > 0 and summary["peak_rss_mb"] > 0
+    assert 0 < summary["dete_trainable_fraction_of_backbone"] < 1 and summary["wall_s"] > 0 \
+        and summary["peak_rss_mb"] > 0
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert all(0 <= n <= params.grid.kappa for r in rows for n in r["n"])
     assert all({"gan/gan_g", "gan/fm", "gan/d_loss"} <= r.keys() for r in rows)
@@ -194,7 +203,8 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
 
 
 def test_export_loads_with_stock_diffusers_and_peft_and_samples_like_dcm(backbone, params, grid, tmp_path):
-    """The exported folder, read with diffusers + peft only (no dcm model code), gives dcm's 4-step samples."""
+    """The exported folder, read with diffusers + peft only (no dcm model code), gives dcm's 4-step
+    samples."""
     import json as json_
 
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -212,7 +222,8 @@ def test_export_loads_with_stock_diffusers_and_peft_and_samples_like_dcm(backbon
 
     seme = WanTransformer3DModel.from_pretrained(out / "transformer").eval()
     dete = WanTransformer3DModel.from_pretrained(out / "transformer")
-    missing, unexpected = dete.load_state_dict(load_file(out / "dete_timestep_layers.safetensors"), strict=False)
+    missing, unexpected = dete.load_state_dict(load_file(out / "dete_timestep_layers.safetensors"),
+                                               strict=False)
     assert not unexpected
     dete = PeftModel.from_pretrained(dete, out / "dete_lora").eval()
     plan = json_.loads((out / "student_schedule.json").read_text())

@@ -23,7 +23,7 @@ from dcm.backbones import adapter_class
 from dcm.distill.experts import DualExpert, make_dete
 from dcm.methods.export import SCHEDULE_FILE, export_dual_expert
 from dcm.sampling import sample, student_velocity
-from test_real_backbones import BUILDERS, PROMPTS, family_params
+from helpers import BUILDERS, PROMPTS, family_params
 
 
 def build_teacher(family: str, folder: Path, rope: bool = False) -> None:
@@ -37,7 +37,8 @@ def build_teacher(family: str, folder: Path, rope: bool = False) -> None:
 
         config = json.loads((folder / "transformer" / "config.json").read_text())
         assert config["use_rotary_positional_embeddings"] is False
-        model = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS["tiny"], use_rotary_positional_embeddings=True)
+        model = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS["tiny"],
+                                            use_rotary_positional_embeddings=True)
         model.save_pretrained(folder / "transformer")
 
 
@@ -73,7 +74,8 @@ def dual_expert(backbone, params, rank: int = 2) -> tuple[DualExpert, list[sched
 
 
 @pytest.mark.parametrize("family,rope", [("wan", False), ("hunyuan", False), ("cogvideox", False),
-                                         ("cogvideox", True)], ids=["wan", "hunyuan", "cogvideox", "cogvideox-rope"])
+                                         ("cogvideox", True)],
+                         ids=["wan", "hunyuan", "cogvideox", "cogvideox-rope"])
 def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, rope, tmp_path, monkeypatch):
     folder = tmp_path / "teacher"
     build_teacher(family, folder, rope)
@@ -86,7 +88,8 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, ro
     # what the export records
     plan = json.loads((out / SCHEDULE_FILE).read_text())
     cls = getattr(diffusers, plan["transformer_class"])
-    assert cls is type(backbone.transformer) and plan["family"] == family and plan["teacher"] == str(folder.resolve())
+    assert cls is type(backbone.transformer) and plan["family"] == family \
+        and plan["teacher"] == str(folder.resolve())
     assert json.loads((out / "transformer" / "config.json").read_text())["_class_name"] == cls.__name__
     assert [s["expert"] for s in plan["steps"]] == ["seme", "seme", "dete", "dete"]
     assert [s["sigma"] for s in plan["steps"]] == [s.sigma for s in steps]
@@ -95,7 +98,8 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, ro
     if family == "hunyuan":
         assert plan["guidance"] == 6016.0  # w = 6 through bf16, × 1000: what the adapter feeds every forward
     timestep_layers = load_file(out / "dete_timestep_layers.safetensors")
-    assert timestep_layers and set(timestep_layers) <= set(cls.from_pretrained(out / "transformer").state_dict())
+    assert timestep_layers \
+        and set(timestep_layers) <= set(cls.from_pretrained(out / "transformer").state_dict())
 
     # the recipe is stock diffusers + peft + torch, with this family's class and forward inputs
     readme = (out / "README.md").read_text()
@@ -111,7 +115,8 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, ro
     torch.manual_seed(3)
     ns = run_recipe(out, blocks, {"prompts": PROMPTS, **dict(zip("CTHW", shape))}, monkeypatch)
     assert isinstance(ns["seme"], cls) and type(ns["dete"]).__name__ == "PeftModel"
-    assert isinstance(ns["pipe"], getattr(diffusers, type(backbone.pipe).__name__)) and ns["pipe"].transformer is ns["seme"]
+    assert isinstance(ns["pipe"], getattr(diffusers, type(backbone.pipe).__name__)) \
+        and ns["pipe"].transformer is ns["seme"]
     if family == "cogvideox":
         assert (ns["rope"] is not None) == rope
 
@@ -186,10 +191,10 @@ def test_export_without_a_backbone_refuses_families_that_need_one(tmp_path):
 
 def test_dcm_export_cli_writes_the_trained_dual_expert_of_a_toy_project(smoke, monkeypatch):
     """`dcm export --method dcm` on checkpoints/dcm/{seme,dete}: family and class recorded, recipe runs."""
-    from conftest import smoke_params
     from dcm import cli, paths
     from dcm.backbones import load_teacher
     from dcm.distill.experts import FULL_DIR, save_dete
+    from helpers import smoke_params
 
     params = smoke_params()
     backbone = load_teacher(params, paths.TEACHER)

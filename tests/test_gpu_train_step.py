@@ -1,4 +1,5 @@
-"""``benchmarks/gpu_train_step.py --experts dmd2``: the DMD2 step runs end to end on a tiny CPU transformer."""
+"""``benchmarks/gpu_train_step.py --experts dmd2``: the DMD2 step runs end to end on a tiny CPU
+transformer."""
 
 from __future__ import annotations
 

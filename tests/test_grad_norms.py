@@ -15,11 +15,13 @@ def test_grad_norm_table_from_a_history(tmp_path):
     run.mkdir()
     rows = []
     for step in range(9):  # logged every step; thirds = steps 0-2 and 6-8
-        rows.append({"step": step, "grad_norm/consistency": 1.0 + step, "grad_norm/gan/gan_g": 0.1 * (1 + step),
+        rows.append({"step": step, "grad_norm/consistency": 1.0 + step,
+                     "grad_norm/gan/gan_g": 0.1 * (1 + step),
                      "grad_norm": 2.0 + step, "gan/d_real": 0.5, "gan/d_fake": 0.25, "loss": 1.0})
         rows.append({"step": step, "loss": 1.0})  # an unlogged record is ignored
     (run / "history.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grad_norms.py"), str(run), "--labels", "toy"],
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grad_norms.py"), str(run),
+                          "--labels", "toy"],
                          capture_output=True, text=True, check=True).stdout
     row = next(line for line in out.splitlines() if line.startswith("| toy"))
     cells = [c.strip() for c in row.strip("|").split("|")]

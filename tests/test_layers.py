@@ -33,3 +33,30 @@ def test_an_import_that_reaches_up_breaks_the_contract(tmp_path):
     out = lint(tmp_path)
     assert out.returncode != 0
     assert "dcm.schedule is not allowed to import dcm.pipeline" in out.stdout
+
+
+def test_no_test_file_imports_another_test_file_or_conftest():
+    """What test files share lives in tests/helpers.py and fixtures in conftest.py: a test file that imports
+    another test file (``test_*``) or ``conftest`` depends on that file's body and on pytest's rootdir on
+    sys.path."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                          if name.split(".")[0] == "conftest" or name.split(".")[0].startswith("test_")]
+    assert not offenders, offenders
+
+
+def test_the_code_passes_ruff_at_the_configured_line_length():
+    """pyproject.toml's ruff rules, E501 (line length 110) included, over src, tests and benchmarks."""
+    out = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check", "--no-cache", "src", "tests",
+                          "benchmarks"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

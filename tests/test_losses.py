@@ -86,7 +86,8 @@ def test_consistency_target_is_euler_endpoint_of_the_target_velocity():
 
 
 def test_target_at_phase_boundary_is_stored_x_end():
-    """n = end + 1: x_{n−1} is the phase end itself, and the target is exactly x_{n−1} (even for a wild velocity)."""
+    """n = end + 1: x_{n−1} is the phase end itself, and the target is exactly x_{n−1} (even for a wild
+    velocity)."""
     x_prev = torch.randn(2, 3, 4, 2, 2)
     v_prev = torch.full_like(x_prev, float("inf"))
     v_prev[1] = torch.randn_like(x_prev[1])

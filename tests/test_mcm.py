@@ -1,4 +1,5 @@
-"""MCM on the one engine: motion representations, single-frame image discriminator, mixed trajectories, resume, stages."""
+"""MCM on the one engine: motion representations, single-frame image discriminator, mixed trajectories,
+resume, stages."""
 
 from __future__ import annotations
 
@@ -11,23 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FailAt, smoke_params
 from dcm import config, distill, paths, schedule
 from dcm.distill import mcm
-from dcm.distill.data import OnlineSource
 from dcm.distill.loop import ConsistencyBatch, train
-from dcm.schedule import teacher_grid
 from dcm.tracking import StageRun
 from dcm.worlds import shapes
+from helpers import FailAt, smoke_params, video_source
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def video_source(params, backbone, quality="low", rows=4) -> OnlineSource:
-    captions = shapes.all_captions()
-    train_rows = [{"prompt": captions[7 * i], "seed": i} for i in range(rows)]
-    grid = teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
-    return OnlineSource(train_rows, backbone, grid, params.world.size, params.world.frames, quality)
 
 
 # ------------------------------------------------------------------------------------ params
@@ -43,7 +35,8 @@ def test_mcm_rows_load_with_defaults_and_ablations_opt_in():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"mcm": {"cd_target": "hlearn"}}, r"methods\.mcm\.mcm\.cd_target = 'hlearn' is invalid: one of 'raw', 'diff', 'learn'"),
+    ({"mcm": {"cd_target": "hlearn"}},
+     r"methods\.mcm\.mcm\.cd_target = 'hlearn' is invalid: one of 'raw', 'diff', 'learn'"),
     ({"mcm": {"mix_portion": 1.5}}, r"methods\.mcm\.mcm\.mix_portion = 1\.5 is invalid: must be <= 1"),
     ({"mcm": {"disc_frames": 9}}, r"methods\.mcm\.mcm\.disc_frames = 9 is invalid: <= world\.frames \(8\)"),
     ({"kind": "consistency"}, r"methods\.mcm\.mcm = .* is invalid: only for kind 'mcm'"),
@@ -79,7 +72,8 @@ def test_learn_head_is_the_identity_at_init_and_a_per_frame_residual():
     torch.manual_seed(0)
     head = mcm.MotionHead(channels=4)
     conv_in, norm, conv_out = head.g[1], head.g[2], head.g[4]
-    assert (conv_in.in_channels, conv_in.out_channels, conv_out.in_channels, conv_out.out_channels) == (4, 64, 64, 4)
+    assert (conv_in.in_channels, conv_in.out_channels, conv_out.in_channels,
+            conv_out.out_channels) == (4, 64, 64, 4)
     assert conv_in.kernel_size == conv_out.kernel_size == (1, 1) and norm.num_groups == 32
     assert torch.count_nonzero(conv_out.weight) == 0 and torch.count_nonzero(conv_out.bias) == 0
     z = torch.randn(2, 4, 3, 5, 5)
@@ -133,8 +127,8 @@ def make_batch(backbone, params, batch=2):
     x_end_pred = (0.5 * x_n + 0.1 * torch.randn((batch, *shape), generator=gen)).requires_grad_(True)
     sigma_n, sigma_end = torch.full((batch,), 0.8), torch.full((batch,), 0.02)
     cond = backbone.encode_prompts(["a red circle moves left"] * batch)
-    return ConsistencyBatch(0, torch.ones(batch, dtype=torch.long), sigma_n, sigma_n, sigma_end, x_n, x_n, cond,
-                            x_end_pred, x_end_pred.detach())
+    return ConsistencyBatch(0, torch.ones(batch, dtype=torch.long), sigma_n, sigma_n, sigma_end, x_n, x_n,
+                            cond, x_end_pred, x_end_pred.detach())
 
 
 class SpyFeatures(mcm.TeacherFrameFeatures):
@@ -174,14 +168,15 @@ def test_image_discriminator_logits_depend_on_the_prompt(backbone, params):
     and the generator term follows the batch's prompts."""
     torch.manual_seed(0)
     features = mcm.TeacherFrameFeatures(backbone, backbone.transformer, 0.1)
-    disc = mcm.ImageDiscriminator(features, *hq_set(backbone, params), weight=1.0, disc_lr=1e-3, r1_weight=0.0,
-                                  frames=2)
+    disc = mcm.ImageDiscriminator(features, *hq_set(backbone, params), weight=1.0, disc_lr=1e-3,
+                                  r1_weight=0.0, frames=2)
     frames = disc.real_bank[:2]
     torch.manual_seed(1)
     feats = features(frames)
     a, b = (backbone.encode_prompts([p] * 2).pooled() for p in ("a red circle moves left",
                                                                 "a blue striped square moves up quickly"))
-    logits_a, logits_b = disc.discriminator(feats, frames.shape[2:], a), disc.discriminator(feats, frames.shape[2:], b)
+    logits_a, logits_b = (disc.discriminator(feats, frames.shape[2:], a),
+                          disc.discriminator(feats, frames.shape[2:], b))
     assert all(not torch.allclose(x, y) for x, y in zip(logits_a, logits_b))
     batch = make_batch(backbone, params)
     other = make_batch(backbone, params)
@@ -224,7 +219,8 @@ def test_fake_frames_are_frames_of_the_students_x0(backbone, params):
         torch.testing.assert_close(frames[k, :, 0], x0[b, :, t])
     torch.manual_seed(0)
     drawn = mcm.segment_frames(500, 8, 2)
-    assert drawn[:, 0].min() == 0 and drawn[:, 0].max() == 3 and drawn[:, 1].min() == 4 and drawn[:, 1].max() == 7
+    assert drawn[:, 0].min() == 0 and drawn[:, 0].max() == 3 and drawn[:, 1].min() == 4 \
+        and drawn[:, 1].max() == 7
 
 
 # ------------------------------------------------------------------------------- mixed trajectories
@@ -286,7 +282,8 @@ def test_low_quality_videos_are_the_degraded_renders(backbone, params):
 def mcm_spec(params, backbone, method="mcm", steps=6, extra=()):
     torch.manual_seed(11)  # head and discriminator initialisation, equal in every run
     student = distill.full_parameter_student(backbone)
-    videos = distill.make_source(params, backbone, source="online", quality=params.methods[method].mcm.video_quality)
+    videos = distill.make_source(params, backbone, source="online",
+                                 quality=params.methods[method].mcm.video_quality)
     source, space, objectives = mcm.build(params, method, backbone, student, videos, distill.device())
     spec = distill.DistillSpec(name=method, student=student, trainable=list(student.parameters()),
                                phases=schedule.pcm_phases(params.grid.steps, 1), target="ema", lr=1e-3,
@@ -299,7 +296,8 @@ def history(out: Path) -> list[dict]:
 
 
 def test_resume_of_an_mcm_run_gives_identical_next_losses(smoke):
-    """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, head, discriminator, mix counts."""
+    """6 steps straight vs 3 steps, a kill during step 4 and a resume: same losses, head, discriminator, mix
+    counts."""
     params = smoke_params(checkpoint_every=3)
     backbone = distill.load_backbone(params)  # on distill.device(), as the stages load it
     kill = FailAt(4)

@@ -1,6 +1,6 @@
 """MCM in its own setting (stage mcm_setting): the `mcm` preset's pipeline run by the same stage code in
-mcm_setting/ -- a teacher trained on the world's low-quality videos, LCM and MCM distilled from it, sampled and
-scored -- resumable, and refused before any work where it cannot apply."""
+mcm_setting/ -- a teacher trained on the world's low-quality videos, LCM and MCM distilled from it, sampled
+and scored -- resumable, and refused before any work where it cannot apply."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ def test_the_setting_is_the_mcm_preset_on_these_params_with_its_three_rows(proje
     assert setting.experiment == overlay["experiment"]
     assert list(setting.methods) == list(mcm_setting.ROWS) and setting.paper.rows == []
     assert setting.methods["mcm"] == params.methods["mcm"] and setting.teacher == params.teacher
-    assert setting.tracking.uri == f"sqlite:///{project / 'mlflow.db'}"  # this project's database, not the folder's
-    other = config.parse(config.deep_merge(config.load_raw("params.yaml", "smoke"), {"training": {"huber_c": 0.5}}))
+    # this project's database, not the folder's
+    assert setting.tracking.uri == f"sqlite:///{project / 'mlflow.db'}"
+    other = config.parse(config.deep_merge(config.load_raw("params.yaml", "smoke"),
+                                           {"training": {"huber_c": 0.5}}))
     assert mcm_setting.fingerprint(mcm_setting.setting_params(other)) != mcm_setting.fingerprint(setting)
 
 
@@ -46,8 +48,10 @@ def test_mcm_setting_runs_the_low_quality_teachers_pipeline_and_resumes(project,
     assert len(progress["done"]) == len(mcm_setting.RUNS) and progress["preset"] == "mcm"
     for row in mcm_setting.ROWS:
         record = io.read_json(root / "metrics" / f"{row}.json")
-        assert record["method"] == row and len(record["per_row"]) == 4 and "imaging_quality" in record["dimensions"]
-    assert not (project / "metrics").exists() and not (project / "models").exists()  # nothing outside its folder
+        assert record["method"] == row and len(record["per_row"]) == 4 \
+            and "imaging_quality" in record["dimensions"]
+    # nothing outside its folder
+    assert not (project / "metrics").exists() and not (project / "models").exists()
     metrics = (root / "metrics" / "mcm.json").read_bytes()
     capsys.readouterr()
     STAGES["mcm_setting"].run(params)  # everything done: skipped, nothing rewritten
@@ -58,4 +62,5 @@ def test_mcm_setting_runs_the_low_quality_teachers_pipeline_and_resumes(project,
     (root / "progress.json").write_text(json.dumps(progress))
     STAGES["mcm_setting"].run(params)
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == len(mcm_setting.RUNS) - 1 and "evaluate --method mcm (preset" in out
+    assert out.count("done before, skipped") == len(mcm_setting.RUNS) - 1 \
+        and "evaluate --method mcm (preset" in out

@@ -1,5 +1,6 @@
-"""The package's AdamW takes the same steps as PyTorch's default CPU AdamW, and so does the foreach kernel
-(the package's choice until it was measured slower on an idle CPU), bit for bit: the path changes no result."""
+"""The package's AdamW (foreach left to PyTorch: the per-tensor loop on the CPU) and the foreach kernel take
+the same steps as PyTorch's default CPU AdamW, bit for bit, weights and moments alike: the path changes no
+result."""
 
 from __future__ import annotations
 

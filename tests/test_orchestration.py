@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import smoke_params
 from dcm import config
 from dcm.config import ConfigError
 from dcm.pipeline import dag, launch
 from dcm.pipeline.table import STAGES
+from helpers import smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -51,9 +51,11 @@ def expand_dvc(doc: dict) -> dict[str, dict[str, set[str]]]:
 
 
 def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
-    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all", "report_ablations", "report_paper"],
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all", "report_ablations",
+                          "report_paper"],
                          cwd=workdir,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stdout
     runs = {}
     for block in re.split(r"\n(?=\[|rule |localrule )", out.stdout):
@@ -64,7 +66,8 @@ def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
         method = fields.get("wildcards", "").partition("method=")[2] or None
         split = lambda s: {p.strip() for p in s.split(",") if p.strip()}  # noqa: E731
         # a multi-task rule starts its ranks with srun inside its SLURM job (workflow/rules/stages.smk)
-        cmd = re.search(r"^(?:Shell command: )?\s*(?:\$\{SLURM_JOB_ID:\+srun[^}]*\} )?(dcm run .*)$", block, re.M).group(1).strip()
+        cmd = re.search(r"^(?:Shell command: )?\s*(?:\$\{SLURM_JOB_ID:\+srun[^}]*\} )?(dcm run .*)$",
+                        block, re.M).group(1).strip()
         runs[f"{m.group(1)}@{method}" if method else m.group(1)] = {
             "deps": split(fields.get("input", "")), "outs": split(fields.get("output", "")), "cmd": cmd}
     return runs
@@ -82,11 +85,13 @@ def smoke_workdir(tmp_path_factory):
 
 
 def test_dvc_yaml_is_generated_from_the_stage_table():
-    assert dag.main(["--check", "--params", str(REPO / "params.yaml"), "--output", str(REPO / "dvc.yaml")]) == 0
+    assert dag.main(["--check", "--params", str(REPO / "params.yaml"), "--output",
+                     str(REPO / "dvc.yaml")]) == 0
 
 
 def test_every_stage_of_the_table_is_in_dvc_yaml_and_the_snakefile(smoke_workdir):
-    dvc_stages = {name.partition("@")[0] for name in expand_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()))}
+    dvc_stages = {name.partition("@")[0]
+                  for name in expand_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()))}
     snake_stages = {name.partition("@")[0] for name in snakemake_dry_run(smoke_workdir)}
     assert dvc_stages == snake_stages == set(STAGES)
 
@@ -125,14 +130,16 @@ def test_resources_overlay_default_and_name_the_bad_key(tmp_path):
     assert good.gpus == 0 and good.partition == "gpu"
     assert dag.load_resources("train_seme", REPO / "slurm/resources.yaml").gres == "gpu:a100:8"
     bad = tmp_path / "resources.yaml"
-    bad.write_text(yaml.safe_dump({"default": yaml.safe_load((REPO / "slurm/resources.yaml").read_text())["default"],
-                                   "teacher": {"gpu": 2}}))
+    bad.write_text(yaml.safe_dump({
+        "default": yaml.safe_load((REPO / "slurm/resources.yaml").read_text())["default"],
+        "teacher": {"gpu": 2}}))
     with pytest.raises(ConfigError, match=r"teacher\.gpu"):
         dag.load_resources("teacher", bad)
 
 
 def _missing_stage_modules() -> list[str]:
-    return [f"dcm.pipeline.stages.{s}" for s in STAGES if importlib.util.find_spec(f"dcm.pipeline.stages.{s}") is None]
+    return [f"dcm.pipeline.stages.{s}" for s in STAGES
+            if importlib.util.find_spec(f"dcm.pipeline.stages.{s}") is None]
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -165,12 +172,14 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     ran = set(re.findall(r"Running stage '([^']+)'", _dvc(tmp_path, "repro", "report").stdout))
     assert "train_dete@dcm" in ran and "train_seme@dcm" not in ran, ran
-    assert ran <= {"train_dete@dcm", "sample@dcm", "sample@dcm8", "evaluate@dcm", "evaluate@dcm8", "report"}, ran
+    assert ran <= {"train_dete@dcm", "sample@dcm", "sample@dcm8", "evaluate@dcm", "evaluate@dcm8",
+                   "report"}, ran
 
     # an experiment with another κ: only the expert split and what follows it re-run
     subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "add", "-A"],
                    cwd=tmp_path, check=True)
-    subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "commit", "-qm", "smoke"],
+    subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost",
+                    "commit", "-qm", "smoke"],
                    cwd=tmp_path, check=True)
     kappa = raw["grid"]["kappa"] - 1
     exp = _dvc(tmp_path, "exp", "run", "report", "-S", f"grid.kappa={kappa}")
@@ -189,8 +198,8 @@ def test_resumable_stages_keep_their_outputs_when_dvc_reruns_them():
         outs = entry.get("do", entry).get("outs", [])
         persisted = [o for o in outs if isinstance(o, dict) and next(iter(o.values())).get("persist")]
         assert bool(persisted) == STAGES[name].resumable, name
-    assert {s.name for s in STAGES.values() if s.resumable} >= {"trajectories", "train_baseline", "train_seme",
-                                                                  "train_dete"}
+    assert {s.name for s in STAGES.values() if s.resumable} \
+        >= {"trajectories", "train_baseline", "train_seme", "train_dete"}
 
 
 def test_stage_inputs_are_checked_from_the_table_naming_the_runs_that_write_them(project):
@@ -219,8 +228,8 @@ def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
     params = config.load(REPO / "params.yaml")
     curves = curve_rows(params)
     assert {"euler1", "euler2", "euler8", "euler16", "lcm1", "lcm2", "lcm8", "pcm2", "dcm2"} <= set(curves)
-    default = {m for s, m in dag.runs(params, include_ablations=False)} | {s.name for s, _ in
-                                                                           dag.runs(params, include_ablations=False)}
+    default = {m for s, m in dag.runs(params, include_ablations=False)} \
+        | {s.name for s, _ in dag.runs(params, include_ablations=False)}
     assert not default & set(curves) and "report_paper" not in default
     assert not set(curves) & set(ablation_rows(params))
     assert not any(f"metrics/{m}.json" in STAGES["report_ablations"].resolve(params)["deps"] for m in curves)
@@ -270,5 +279,6 @@ def test_a_training_seed_row_is_its_row_trained_with_seed_plus_k(smoke):
     assert (runs["lcm"]["seed"], runs["lcm_s1"]["seed"]) == (params.seed, params.seed + 1)
     assert runs["lcm"]["steps"] == runs["lcm_s1"]["steps"] == params.methods["lcm"].train_steps
     assert runs["lcm"]["final_loss"] != runs["lcm_s1"]["final_loss"]
-    weights = [load_file(next(Path(f"checkpoints/{m}/transformer").glob("*.safetensors"))) for m in ("lcm", "lcm_s1")]
+    weights = [load_file(next(Path(f"checkpoints/{m}/transformer").glob("*.safetensors")))
+               for m in ("lcm", "lcm_s1")]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

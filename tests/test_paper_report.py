@@ -47,9 +47,10 @@ def write_metrics(params, name: str, totals: np.ndarray) -> dict:
     record = {
         "method": name, "backend": "shapes-bench", "steps": m.sample_steps,
         "nfe": 2 * m.sample_steps if m.kind == "teacher" else m.sample_steps,
-        "latency_s": 0.01 * m.sample_steps, "dimensions": {"color": total}, "quality": total, "semantic": total,
-        "total": total, "total_ci95": list(bootstrap(totals, np.mean, n, seed)),
-        "diff_vs_teacher": {"total": {"mean": float(diff.mean()), "ci95": list(bootstrap(diff, np.mean, n, seed))}},
+        "latency_s": 0.01 * m.sample_steps, "dimensions": {"color": total}, "quality": total,
+        "semantic": total, "total": total, "total_ci95": list(bootstrap(totals, np.mean, n, seed)),
+        "diff_vs_teacher": {"total": {"mean": float(diff.mean()),
+                                      "ci95": list(bootstrap(diff, np.mean, n, seed))}},
         "psnr_vs_teacher": 30.0, "match_rate": total,
         "fd": fd_excess + 1.0, "fd_ci95": [fd_excess + 0.5, fd_excess + 1.5], "fd_real_floor": 1.0,
         "fd_excess": fd_excess, "fd_excess_ci95": [fd_excess - 0.5, fd_excess + 0.5],
@@ -109,7 +110,8 @@ def test_paper_report_with_no_metrics_says_not_run_for_every_claim(project):
     report_paper.run(params)
     summary = (project / "paper" / "summary.md").read_text()
     claims = [line for line in summary.splitlines() if line.startswith("- **")]
-    assert len(claims) == len(report_paper.CLAIMS) + len(report_paper.COMPARISONS) + len(report_paper.MCM_CLAIMS)
+    assert len(claims) \
+        == len(report_paper.CLAIMS) + len(report_paper.COMPARISONS) + len(report_paper.MCM_CLAIMS)
     assert all(line.startswith("- **not run**") for line in claims)
     assert "no row at 2 steps ran" in summary and not list((project / "paper").glob("*.png"))
 
@@ -177,7 +179,8 @@ def test_training_seeds_pool_into_the_verdicts_and_the_seed_table(project):
     assert "× training seeds 3 vs 1" in line(pooled, "DCM-4 > PCM-4")
     table = pooled.split("## Training seeds")[1].split("##")[0]
     dcm = 100 * TOTALS["dcm"].mean()
-    assert f"| dcm | 3 | {dcm:.1f}, {dcm - 2:.1f}, {dcm + 2:.1f} | {dcm:.1f} [" in table and "| 4.0 |" in table
+    assert f"| dcm | 3 | {dcm:.1f}, {dcm - 2:.1f}, {dcm + 2:.1f} | {dcm:.1f} [" in table \
+        and "| 4.0 |" in table
     assert "| pcm |" not in table  # one run: nothing to pool
     assert "hierarchical bootstrap" in pooled and "## Training seeds" not in one_run
 
@@ -200,7 +203,8 @@ def test_mcm_setting_section_gives_mcms_claims_from_its_own_metrics(project):
             r["imaging_quality"] = 0.5 + sharper[name]
         record["dimensions"]["imaging_quality"] = 0.5 + sharper[name]
         if name != "teacher":
-            record["diff_vs_teacher"]["imaging_quality"] = {"mean": sharper[name], "ci95": [sharper[name]] * 2}
+            record["diff_vs_teacher"]["imaging_quality"] = {"mean": sharper[name],
+                                                            "ci95": [sharper[name]] * 2}
         (folder / f"{name}.json").write_text(json.dumps(record))
     for name in ("teacher", "lcm", "mcm"):
         write_metrics(params, name, TOTALS["teacher"])
@@ -213,7 +217,8 @@ def test_mcm_setting_section_gives_mcms_claims_from_its_own_metrics(project):
 
     assert line("MCM-4 > LCM-4").startswith("- **holds**") and "+2.50 [" in line("MCM-4 > LCM-4")
     assert line("MCM-4's frames sharper").startswith("- **holds**")
-    assert "imaging_quality(mcm, 4 steps) − imaging_quality(teacher, 50 steps) = +10.00" in line("MCM-4's frames")
+    assert "imaging_quality(mcm, 4 steps) − imaging_quality(teacher, 50 steps) = +10.00" \
+        in line("MCM-4's frames")
     assert line("MCM-4 ≈ its low-quality teacher-50").startswith("- **inconclusive**")  # 0.5 below, surely
     assert "| mcm | 60.00 | +10.00 [+10.00, +10.00] |" in section and "| teacher | 50.00 |  |" in section
     assert "MCM in its own setting" in (project / "paper" / "index.html").read_text()

@@ -53,7 +53,8 @@ def test_defaults_are_ddp_with_nothing_sharded():
 
 
 @pytest.mark.parametrize(("parallel", "world", "key", "allowed"), [
-    ({"strategy": "hsdp", "shard_group_size": 3}, 4, "shard_group_size", "divisor of the data-parallel ranks"),
+    ({"strategy": "hsdp", "shard_group_size": 3}, 4, "shard_group_size",
+     "divisor of the data-parallel ranks"),
     ({"context_parallel": 3}, 4, "context_parallel", "divisor of the world size"),
     ({"context_parallel": 3}, 3, "context_parallel", r"divisor of the video token count \(16 tokens"),
 ])
@@ -90,18 +91,22 @@ def test_mesh_degrees_multiply_to_the_world_size(parallel, world, shape, names):
 def test_blocks_found_in_every_family_and_under_expert_wrappers():
     from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=3)
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
+                                num_layers=3)
     assert [type(b).__name__ for b in fsdp.transformer_blocks(wan)] == ["WanTransformerBlock"] * 3
-    hunyuan = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
-                                             num_layers=2, num_single_layers=3, num_refiner_layers=1, patch_size=2,
-                                             patch_size_t=1, text_embed_dim=32, pooled_projection_dim=32,
+    hunyuan = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                             attention_head_dim=16, num_layers=2, num_single_layers=3,
+                                             num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                                             text_embed_dim=32, pooled_projection_dim=32,
                                              rope_axes_dim=(4, 6, 6))
     names = [type(b).__name__ for b in fsdp.transformer_blocks(hunyuan)]
-    assert names.count("HunyuanVideoTransformerBlock") == 2 and names.count("HunyuanVideoSingleTransformerBlock") == 3
-    cog = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                      time_embed_dim=4, text_embed_dim=32, num_layers=2, sample_width=16,
-                                      sample_height=16, sample_frames=9, patch_size=2, max_text_seq_length=16)
+    assert names.count("HunyuanVideoTransformerBlock") == 2 \
+        and names.count("HunyuanVideoSingleTransformerBlock") == 3
+    cog = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                      out_channels=4, time_embed_dim=4, text_embed_dim=32, num_layers=2,
+                                      sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+                                      max_text_seq_length=16)
     assert [type(b).__name__ for b in fsdp.transformer_blocks(cog)].count("CogVideoXBlock") == 2
     # a LoRA DualExpert with a second full expert: both transformers' blocks, once each
     from dcm.backbones.toy import ToyBackbone
@@ -165,7 +170,8 @@ def set_params(folder: Path, batch_size: int, parallel: dict | None = None, seme
 
 
 def dcm_run(folder: Path, stage: str, ranks: int, method: str = "dcm") -> None:
-    """``dcm run <stage> --method <method>`` in ``folder``: in one process, or as ``ranks`` torchrun processes."""
+    """``dcm run <stage> --method <method>`` in ``folder``: in one process, or as ``ranks`` torchrun
+    processes."""
     command = [str(BIN / "dcm"), "run", stage, "--method", method]
     if ranks > 1:
         command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), *command]
@@ -273,8 +279,8 @@ def test_hsdp_lcm_with_an_ema_target_equals_one_process(base_project, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_lora_dete_at_two_ranks_equals_one_process(seme_runs, tmp_path):
-    """LoRA DetE (adapters + copied timestep layers trainable, the rest frozen) sharded, GAN/FM off (with them:
-    ``test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process``)."""
+    """LoRA DetE (adapters + copied timestep layers trainable, the rest frozen) sharded, GAN/FM off (with
+    them: ``test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process``)."""
     one_seme, _ = seme_runs
     dete = {"gan_weight": 0.0, "fm_weight": 0.0}
     one = make_project(one_seme, tmp_path / "one", batch_size=4, dete=dete)
@@ -295,12 +301,15 @@ def test_fsdp_lora_dete_at_two_ranks_equals_one_process(seme_runs, tmp_path):
 @pytest.mark.slow
 def test_two_rank_checkpoint_resumes_exactly_at_two_ranks_and_at_one(base_project, seme_runs, tmp_path):
     """Stop a 2-rank SemE run at step 2 (a DCP checkpoint), continue to 4: the uninterrupted run's losses.
-    The same checkpoint continued by one process (global batch 4): its losses equal the 2-rank continuation's."""
+    The same checkpoint continued by one process (global batch 4): its losses equal the 2-rank
+    continuation's."""
     _, uninterrupted = seme_runs
-    two = make_project(base_project, tmp_path / "two", batch_size=2, parallel={"strategy": "fsdp"}, seme_steps=2)
+    two = make_project(base_project, tmp_path / "two", batch_size=2, parallel={"strategy": "fsdp"},
+                       seme_steps=2)
     dcm_run(two, "train_seme", 2)
     assert (two / "checkpoints/dcm/seme/resume/dcp/.metadata").is_file()
-    one = make_project(two, tmp_path / "one", batch_size=4, seme_steps=4)  # the step-2 checkpoint, one process
+    # the step-2 checkpoint, one process
+    one = make_project(two, tmp_path / "one", batch_size=4, seme_steps=4)
     dcm_run(set_params(two, batch_size=2, parallel={"strategy": "fsdp"}, seme_steps=4), "train_seme", 2)
     dcm_run(one, "train_seme", 1)
 
@@ -344,7 +353,8 @@ def assert_same_weights(one: Path, two: Path) -> None:
 
 
 def assert_tokens_split(run: Path, per_rank: int) -> None:
-    """Both ranks ran the transformer blocks on their half of the video tokens (one context-parallel group)."""
+    """Both ranks ran the transformer blocks on their half of the video tokens (one context-parallel
+    group)."""
     record = json.loads(run.joinpath("distributed.json").read_text())
     assert record["parallel"]["cp"] == 2 and record["world_size"] == 2
     assert record["context_parallel_tokens"] == [per_rank, per_rank]
@@ -379,9 +389,10 @@ def dete_one(seme_one, tmp_path_factory):
     return one
 
 
-def test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process(seme_one, dete_one, tmp_path):
-    """Two data-parallel ranks (FSDP2, batch 2 each): σ_adv and ε′ are drawn for the global batch and each rank
-    keeps its rows, so the hinge, FM and discriminator values equal one process's with batch 4."""
+def test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process(seme_one, dete_one,
+                                                                                 tmp_path):
+    """Two data-parallel ranks (FSDP2, batch 2 each): σ_adv and ε′ are drawn for the global batch and each
+    rank keeps its rows, so the hinge, FM and discriminator values equal one process's with batch 4."""
     two = make_project(seme_one, tmp_path / "two", batch_size=2, parallel={"strategy": "fsdp"})
     dcm_run(two, "train_dete", 2)
     one, two = dete_one / "checkpoints/dcm/dete", two / "checkpoints/dcm/dete"
@@ -392,9 +403,11 @@ def test_fsdp_dete_with_gan_and_feature_matching_at_two_ranks_equals_one_process
 
 
 def test_context_parallel_dete_with_gan_and_feature_matching_equals_one_process(seme_one, dete_one, tmp_path):
-    """DDP × context_parallel 2: the student (LoRA DetE) and the frozen teacher of the GAN feature passes split
-    the tokens; the teacher's taps are gathered, so the heads and feature matching see the whole grid."""
-    two = make_project(seme_one, tmp_path / "two", batch_size=4, parallel={"strategy": "ddp", "context_parallel": 2})
+    """DDP × context_parallel 2: the student (LoRA DetE) and the frozen teacher of the GAN feature passes
+    split the tokens; the teacher's taps are gathered, so the heads and feature matching see the whole
+    grid."""
+    two = make_project(seme_one, tmp_path / "two", batch_size=4,
+                       parallel={"strategy": "ddp", "context_parallel": 2})
     dcm_run(two, "train_dete", 2)
     one, two = dete_one / "checkpoints/dcm/dete", two / "checkpoints/dcm/dete"
     assert_same_history(one, two)
@@ -403,7 +416,8 @@ def test_context_parallel_dete_with_gan_and_feature_matching_equals_one_process(
         assert_same_weights(one / folder, two / folder)
 
 
-def dmd2_project(base: Path, folder: Path, batch_size: int, parallel: dict | None = None, steps: int = 4) -> Path:
+def dmd2_project(base: Path, folder: Path, batch_size: int, parallel: dict | None = None,
+                 steps: int = 4) -> Path:
     """The smoke DMD2 row (4 generator steps of 4 sampling steps, 2 fake-score updates each) with its GAN
     classifier on (λ 0.1, classifier loss 0.5), in a copy of ``base``."""
     shutil.copytree(base, folder, dirs_exist_ok=True)
@@ -421,7 +435,8 @@ def set_dmd2_params(folder: Path, batch_size: int, parallel: dict | None = None,
 
 @pytest.fixture(scope="module")
 def dmd2_one(base_project, tmp_path_factory):
-    """DMD2 with its classifier, 4 generator steps, 1 process with batch 4: the reference of the 2-rank runs."""
+    """DMD2 with its classifier, 4 generator steps, 1 process with batch 4: the reference of the 2-rank
+    runs."""
     one = dmd2_project(base_project, tmp_path_factory.mktemp("parallel-dmd2-one") / "one", batch_size=4)
     dcm_run(one, "train_baseline", 1, method="dmd2")
     rows = history(one / "checkpoints/dmd2")
@@ -432,7 +447,8 @@ def dmd2_one(base_project, tmp_path_factory):
 def test_context_parallel_dmd2_with_its_classifier_equals_one_process(base_project, dmd2_one, tmp_path):
     """DMD2 over one context-parallel pair (DDP): the generator's backward simulation, the real and the fake
     score split the tokens, the classifier's tap is gathered, both ranks draw the global batch's stream."""
-    two = dmd2_project(base_project, tmp_path / "two", batch_size=4, parallel={"strategy": "ddp", "context_parallel": 2})
+    two = dmd2_project(base_project, tmp_path / "two", batch_size=4,
+                       parallel={"strategy": "ddp", "context_parallel": 2})
     dcm_run(two, "train_baseline", 2, method="dmd2")
     one, two = dmd2_one / "checkpoints/dmd2", two / "checkpoints/dmd2"
     worst = assert_same_history(one, two)
@@ -457,8 +473,8 @@ def test_fsdp_dmd2_with_its_classifier_at_two_ranks_equals_one_process(dmd2_one,
     classifier loss and logits, gradient norms) and the final generator equal one process's with batch 4."""
     one, two = dmd2_one / "checkpoints/dmd2", dmd2_fsdp / "checkpoints/dmd2"
     worst = assert_same_history(one, two)
-    assert {"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls", "dmd2/fake_d_real", "dmd2/fake_grad_norm",
-            "grad_norm/dmd2/gan_g"} <= worst.keys()
+    assert {"dmd2/dm", "dmd2/gan_g", "dmd2/fake_fm", "dmd2/fake_cls", "dmd2/fake_d_real",
+            "dmd2/fake_grad_norm", "grad_norm/dmd2/gan_g"} <= worst.keys()
     assert_half_per_rank(two)  # the generator
     record = json.loads(two.joinpath("distributed.json").read_text())
     fake, head = record["objective_numel"]["dmd2.fake"], record["objective_numel"]["dmd2.classifier"]
@@ -510,7 +526,8 @@ def test_gan_draws_do_not_depend_on_the_number_of_ranks():
 
     def draw(rows: int, data_rank: int, data_size: int):
         torch.manual_seed(7)
-        batch = SimpleNamespace(x_end_pred=torch.zeros(rows, 3, 2, 4, 4), data_rank=data_rank, data_size=data_size)
+        batch = SimpleNamespace(x_end_pred=torch.zeros(rows, 3, 2, 4, 4), data_rank=data_rank,
+                                data_size=data_size)
         return GanFeatureMatching.draw(gan, batch)
 
     sigma, eps = draw(4, 0, 1)
@@ -551,7 +568,8 @@ def test_objectives_refuse_layouts_they_cannot_train_under():
 
 
 def bare(kind, **attrs):
-    """An instance of ``kind`` without its constructor (which needs a teacher): the class attributes and ``attrs``."""
+    """An instance of ``kind`` without its constructor (which needs a teacher): the class attributes and
+    ``attrs``."""
     obj = kind.__new__(kind)
     vars(obj).update(attrs)
     return obj

@@ -14,119 +14,22 @@ import yaml
 from dcm import cli, config, paths, schedule
 from dcm.backbones import adapter_class, load_teacher, record_teacher
 from dcm.backbones.cogvideox import (
-    TRANSFORMER_CONFIGS as COG_CONFIGS,
-)
-from dcm.backbones.cogvideox import (
     VPTimesteps,
     flow_to_vp,
     flow_velocity_to_vp,
     vp_coefficients,
     vp_velocity_to_flow,
 )
-from dcm.backbones.hunyuan import TRANSFORMER_CONFIGS as HY_CONFIGS
 from dcm.backbones.hunyuan import embedded_guidance
-from dcm.backbones.toy import caption_vocabulary
-from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
 from dcm.config import ConfigError
 from dcm.distill.experts import make_dete
+from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan", "hunyuan", "cogvideox")
-VIDEO = {"height": 32, "width": 32, "frames": 9}  # 3 latent frames of 4×4: 2×2 tokens per frame
-PROMPTS = ["a red striped square moves left slowly", "a blue circle moves up quickly"]
 
 
-# ------------------------------------------------------------------------------ tiny pipelines
-
-
-def tiny_tokenizer(max_length: int = 512):
-    """A word-level tokenizer over the shapes captions (plus pad/unk/eos), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = [w for w in caption_vocabulary() if w not in ("<pad>", "<unk>")]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                   model_max_length=max_length)
-
-
-def build_wan(folder: Path) -> None:
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tokenizer = tiny_tokenizer()
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                          num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=WanTransformer3DModel(**WAN_CONFIGS["tiny"]))
-    pipe.save_pretrained(folder)
-
-
-def build_hunyuan(folder: Path) -> None:
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
-
-    tokenizer = tiny_tokenizer()
-    llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
-                                   max_position_embeddings=512, pad_token_id=0))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                                        eos_token_id=2, pad_token_id=0))
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
-                                    temporal_compression_ratio=4, mid_block_add_attention=True)
-    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, text_encoder_2=clip,
-                                tokenizer_2=tiny_tokenizer(77), vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-                                transformer=HunyuanVideoTransformer3DModel(**HY_CONFIGS["tiny"]))
-    pipe.save_pretrained(folder)
-
-
-def build_cogvideox(folder: Path) -> None:
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = tiny_tokenizer()
-    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                      num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                                 temporal_compression_ratio=4)
-    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                       timestep_spacing="trailing", snr_shift_scale=3.0, clip_sample=False,
-                                       set_alpha_to_one=True)
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
-                             transformer=CogVideoXTransformer3DModel(**COG_CONFIGS["tiny"]))
-    pipe.save_pretrained(folder)
-
-
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox}
+# ------------------------------------------------------------------------------ tiny pipelines (BUILDERS)
 
 
 @pytest.fixture(scope="module")
@@ -143,19 +46,6 @@ def folders(tmp_path_factory):
         return built[family]
 
     return get
-
-
-def family_raw(family: str, folder: Path, **real) -> dict:
-    """The smoke preset with a real family: params.yaml content for a scratch project."""
-    raw = config.load_raw(REPO / "params.yaml", "smoke")
-    settings = {**VIDEO, "max_sequence_length": 12, "text_dtype": "fp32", "vae_dtype": "fp32", **real}
-    return config.deep_merge(raw, {"experiment": f"tiny-{family}",
-                                   "backbone": {"family": family, "path": str(folder), "guidance_scale": 6.0,
-                                                "real": settings}})
-
-
-def family_params(family: str, folder: Path, **real):
-    return config.parse(family_raw(family, folder, **real))
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +138,8 @@ def test_wan_cfg_combines_conditional_and_negative_prompt_forwards(loaded):
 
 def test_cogvideox_v_prediction_maps_to_the_flow_velocity_and_back():
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(5, 4, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, 3, 4, 4, generator=g,
-                                                                                          dtype=torch.float64)
+    x0, eps = (torch.randn(5, 4, 3, 4, 4, generator=g, dtype=torch.float64),
+               torch.randn(5, 4, 3, 4, 4, generator=g, dtype=torch.float64))
     sigma = torch.tensor([1.0, 0.97, 0.5, 0.1, 0.017], dtype=torch.float64)
     s_ = sigma.view(-1, 1, 1, 1, 1)
     x_flow = (1 - s_) * x0 + s_ * eps
@@ -289,9 +179,11 @@ def test_dete_trains_only_lora_and_the_copied_timestep_layers(family, loaded):
     dual = make_dete(copy.deepcopy(backbone.transformer), backbone, 4, 8.0, kappa=kappa,
                      sigma_kappa=grid.sigma(kappa))
     trainable = {n for n, p in dual.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or n.startswith(("dete_modules.", "dete_parameters.")) for n in trainable)
+    assert trainable \
+        and all("lora_" in n or n.startswith(("dete_modules.", "dete_parameters.")) for n in trainable)
     copied = {n.split(".")[1] for n in trainable if n.startswith(("dete_modules.", "dete_parameters."))}
-    assert copied == {n for n in backbone.timestep_layer_names if has_weights(getattr(backbone.transformer, n))}
+    assert copied == {n for n in backbone.timestep_layer_names
+                      if has_weights(getattr(backbone.transformer, n))}
     before = {n: p.detach().clone() for n, p in dual.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in dual.parameters() if p.requires_grad], lr=1e-2)
     x, _, cond = inputs(backbone, params)
@@ -333,7 +225,8 @@ def test_wrong_family_and_missing_paths_fail_with_the_key(folders, tmp_path):
     with pytest.raises(ConfigError, match=r"backbone\.real\.frames = 8 .* 4k\+1"):
         config.parse(raw)
     del raw["backbone"]["real"]
-    with pytest.raises(ConfigError, match=r"backbone\.real = None .* required when backbone\.family is 'wan'"):
+    with pytest.raises(ConfigError,
+                       match=r"backbone\.real = None .* required when backbone\.family is 'wan'"):
         config.parse(raw)
 
 
@@ -400,7 +293,8 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
 # ------------------------------------------------------------------------------ presets, resources
 
 
-@pytest.mark.parametrize("family,kappa,shift,dcm_steps,fm", [("hunyuan", 37, 17.0, 4, 1.0), ("wan", 34, 17.0, 6, 10.0),
+@pytest.mark.parametrize("family,kappa,shift,dcm_steps,fm", [("hunyuan", 37, 17.0, 4, 1.0),
+                                                             ("wan", 34, 17.0, 6, 10.0),
                                                              ("cogvideox", 37, 4.0, 4, 1.0)])
 def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, tmp_path):
     raw = config.load_raw(REPO / "params.yaml", family)
@@ -420,4 +314,5 @@ def test_resource_rows_cover_every_stage(family):
     from dcm.pipeline.table import STAGES
 
     rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
-    assert rows["train_seme"].gpus * rows["train_seme"].nodes == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]
+    assert rows["train_seme"].gpus * rows["train_seme"].nodes \
+        == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]

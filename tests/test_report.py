@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from dcm import config
 from dcm.pipeline.stages import report
+from helpers import write_method
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write_method(root: Path, name: str, total: float, latency: float, steps: int) -> None:
-    (root / "metrics").mkdir(exist_ok=True)
-    record = {"method": name, "steps": steps, "nfe": steps, "latency_s": latency,
-              "dimensions": {"colour": total, "motion_smoothness": 0.9},
-              "quality": total + 0.01, "semantic": total - 0.02, "total": total,
-              "total_ci95": [total - 0.03, total + 0.03],
-              "diff_vs_teacher": {"total": {"mean": total - 0.8, "ci95": [total - 0.85, total - 0.75]}},
-              "psnr_vs_teacher": float("inf") if name == "teacher" else 20.0}
-    (root / "metrics" / f"{name}.json").write_text(json.dumps(record))
-    samples = root / "samples" / name
-    samples.mkdir(parents=True)
-    rng = np.random.default_rng(len(name))
-    save_file({"videos": rng.uniform(-1, 1, (4, 3, 8, 16, 16)).astype(np.float16)}, str(samples / "videos.safetensors"))
-    hist = root / "checkpoints" / name
-    hist.mkdir(parents=True)
-    (hist / "history.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / (i + 1)}) + "\n" for i in range(5)))
 
 
 def test_report_writes_table_plots_and_video_grid(project):
     params = config.load("params.yaml", preset="smoke")
     methods = params.default_methods
     for k, m in enumerate(methods):
-        _write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
-                      steps=params.methods[m].sample_steps)
+        write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
+                     steps=params.methods[m].sample_steps)
     report.run(params)
     summary = (project / "reports" / "summary.md").read_text()
     for m in methods:
@@ -64,8 +44,8 @@ def test_ablation_report_puts_the_ablation_rows_beside_the_default_methods(proje
     rows = [m for m, c in params.methods.items()
             if not (c.nfe_curve or c.replicate_of) and (c.kind != "teacher" or not c.ablation)]
     for k, m in enumerate(rows):
-        _write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
-                      steps=params.methods[m].sample_steps)
+        write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
+                     steps=params.methods[m].sample_steps)
     report_ablations.run(params)
     summary = (project / "ablations" / "summary.md").read_text()
     for m in rows:
@@ -75,4 +55,5 @@ def test_ablation_report_puts_the_ablation_rows_beside_the_default_methods(proje
     assert not any(f"| {m} |" in summary for m, c in params.methods.items() if c.nfe_curve or c.replicate_of)
     assert (project / "ablations" / "scores.png").stat().st_size > 0
     report.run(params)
-    assert "| od |" not in (project / "reports" / "summary.md").read_text()  # the default report: no ablations
+    # the default report: no ablations
+    assert "| od |" not in (project / "reports" / "summary.md").read_text()

@@ -14,7 +14,7 @@ import pytest
 
 from dcm import config, paths
 from dcm.pipeline.stages import report
-from test_report import _write_method
+from helpers import write_method
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -37,19 +37,20 @@ window.addEventListener('load', () => {
 
 def render(html_file: Path, profile: Path) -> str:
     """The DOM after load, as Chromium serialises it with --dump-dom."""
-    result = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", html_file.as_uri()],
+    result = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom",
+                             html_file.as_uri()],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium; "
-                                              ".ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                              "(apt-get install -y chromium; .ci/run installs it)")
 def test_report_renders_in_headless_chromium_with_table_and_no_broken_image(project, tmp_path_factory):
     params = config.load("params.yaml", preset="smoke")
     for k, m in enumerate(params.default_methods):
-        _write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
-                      steps=params.methods[m].sample_steps)
+        write_method(project, m, total=0.8 - 0.01 * k, latency=2.0 if m == "teacher" else 0.2,
+                     steps=params.methods[m].sample_steps)
     paths.ANALYSIS.mkdir()
     import matplotlib.pyplot as plt
 
@@ -58,7 +59,8 @@ def test_report_renders_in_headless_chromium_with_table_and_no_broken_image(proj
 
     page = (paths.REPORTS / "index.html").read_text()
     sources = re.findall(r"<img[^>]*\ssrc=['\"]([^'\"]+)['\"]", page)
-    assert {"scores.png", "dimensions.png", "losses.png", "analysis_dynamics.png", "side_by_side.gif"} <= set(sources)
+    assert {"scores.png", "dimensions.png", "losses.png", "analysis_dynamics.png", "side_by_side.gif"} \
+        <= set(sources)
     for src in sources:  # relative, inside the report folder: the folder can be moved or served as is
         assert not src.startswith(("/", "file:", "http")) and (paths.REPORTS / src).is_file(), src
 

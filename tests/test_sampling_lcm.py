@@ -47,7 +47,8 @@ def test_lcm_sampler_matches_diffusers_flow_match_lcm_scheduler_step_by_step(nam
 
     scheduler = FlowMatchLCMScheduler(num_train_timesteps=1000, shift=1.0)  # shift 1: σ as given
     scheduler.set_timesteps(sigmas=[s.sigma for s in steps])
-    torch.testing.assert_close(scheduler.sigmas, torch.tensor([s.sigma for s in steps] + [0.0], dtype=torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(scheduler.sigmas, torch.tensor([s.sigma for s in steps] + [0.0],
+                                                              dtype=torch.float32), rtol=0, atol=0)
     generators = renoise_generators(SEEDS)  # the same per-row streams, handed to diffusers
     x = noise
     for i, t in enumerate(scheduler.timesteps):
@@ -62,7 +63,8 @@ def test_lcm_rows_are_deterministic_per_seed_whatever_the_batch():
     together = sample_lcm({"student": field}, steps, noise_for(SEEDS), None, seeds=SEEDS)
     alone = sample_lcm({"student": field}, steps, noise_for(SEEDS[2:]), None, seeds=SEEDS[2:])
     torch.testing.assert_close(together[2:], alone, rtol=0, atol=0)
-    again = sample_lcm({"student": field}, steps, noise_for(SEEDS), None, generators=renoise_generators(SEEDS))
+    again = sample_lcm({"student": field}, steps, noise_for(SEEDS), None,
+                       generators=renoise_generators(SEEDS))
     torch.testing.assert_close(together, again, rtol=0, atol=0)
     other = sample_lcm({"student": field}, steps, noise_for(SEEDS), None, seeds=[1, 2, 3])
     assert not torch.allclose(together, other)  # the fresh noise matters
@@ -79,7 +81,8 @@ def test_lcm_reinjects_fresh_noise_unlike_euler_but_one_step_is_the_same_x0():
     lcm = sample_lcm({"student": field}, steps, noise, None, seeds=SEEDS, keep_trajectory=True)
     euler = sample({"student": field}, steps, noise, None, keep_trajectory=True)
     assert not torch.allclose(lcm[1], euler[1], atol=1e-3)
-    # after re-noising, x sits at σ_next as (1 − σ_next)·x0̂ + σ_next·ε: its x0̂ part is exactly the prediction
+    # after re-noising, x sits at σ_next as (1 − σ_next)·x0̂ + σ_next·ε: its x0̂ part is exactly the
+    # prediction
     x0_hat = noise - steps[0].sigma * field(noise, torch.full((3,), steps[0].sigma), None)
     eps = torch.cat([torch.randn((1, *SHAPE), generator=g) for g in renoise_generators(SEEDS)])
     s1 = torch.tensor(steps[1].sigma, dtype=torch.float32)
@@ -108,7 +111,8 @@ def test_lcm_sampler_rejects_missing_or_mismatched_noise_sources():
     with pytest.raises(ValueError, match="exactly one of seeds or generators"):
         sample_lcm({"student": field}, steps, noise_for(SEEDS), None)
     with pytest.raises(ValueError, match="exactly one of seeds or generators"):
-        sample_lcm({"student": field}, steps, noise_for(SEEDS), None, seeds=SEEDS, generators=renoise_generators(SEEDS))
+        sample_lcm({"student": field}, steps, noise_for(SEEDS), None, seeds=SEEDS,
+                   generators=renoise_generators(SEEDS))
     with pytest.raises(ValueError, match="3 rows but 2"):
         sample_lcm({"student": field}, steps, noise_for(SEEDS), None, seeds=SEEDS[:2])
     with pytest.raises(KeyError, match="only \\['student'\\]"):

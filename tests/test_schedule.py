@@ -137,7 +137,8 @@ def test_phase_schedule_steps_from_each_phase_top(grid):
 
 # The spec (METHODS.md, Inference): the released lists, written here independently of any preset.
 HUNYUAN_4_STEP_SIGMAS = [1.0, 0.992, 0.9818, 0.9124]
-HUNYUAN_4_STEP = [[1000 * s, e] for s, e in zip(HUNYUAN_4_STEP_SIGMAS, ["seme", "seme", "dete", "dete"], strict=True)]
+HUNYUAN_4_STEP = [[1000 * s, e]
+                  for s, e in zip(HUNYUAN_4_STEP_SIGMAS, ["seme", "seme", "dete", "dete"], strict=True)]
 WAN_6_STEP = [[1000, "seme"], [992, "seme"], [982, "seme"], [949, "dete"], [905, "dete"], [810, "dete"]]
 WAN_SHIFT, WAN_KAPPA = 17.0, 34  # src/dcm/presets/wan.yaml grid; κ = 34 (METHODS.md)
 
@@ -154,7 +155,8 @@ def test_explicit_schedule_gives_the_official_hunyuan_four_steps(grid):
 
 def test_explicit_schedule_gives_the_official_wan_six_steps():
     steps = explicit_schedule(WAN_6_STEP, num_train_timesteps=1000, experts={"seme", "dete"})
-    np.testing.assert_allclose([s.sigma for s in steps], [1.0, 0.992, 0.982, 0.949, 0.905, 0.81], rtol=0, atol=1e-12)
+    np.testing.assert_allclose([s.sigma for s in steps], [1.0, 0.992, 0.982, 0.949, 0.905, 0.81],
+                               rtol=0, atol=1e-12)
     assert [s.expert for s in steps] == ["seme"] * 3 + ["dete"] * 3
     # Every SemE step lies above σ_κ and every DetE step below it, so κ = 34 routes them the same way ...
     wan_grid = teacher_grid(50, WAN_SHIFT)
@@ -165,8 +167,9 @@ def test_explicit_schedule_gives_the_official_wan_six_steps():
 def test_derived_wan_schedule_departs_from_the_official_list():
     """... but the derived split (SemE from σ_49 to σ_κ, DetE from σ_κ to σ_min, evenly in grid index)
     is not Wan's released list: derived t ≈ [1000, 993.5, 985.5, 975.4, 935.4, 843.0] (indices 49, 44, 39 |
-    34, 22, 11) against the official [1000, 992, 982, 949, 905, 810] (within 0.6 of grid indices 49, 43, 37 | 25, 17, 9).
-    The official list is data, not a rule of (steps, shift, κ): it must come from ``explicit_schedule``."""
+    34, 22, 11) against the official [1000, 992, 982, 949, 905, 810] (within 0.6 of grid indices 49, 43, 37 |
+    25, 17, 9). The official list is data, not a rule of (steps, shift, κ): it must come from
+    ``explicit_schedule``."""
     wan_grid = teacher_grid(50, WAN_SHIFT)
     derived = expert_schedule(wan_grid, WAN_KAPPA, 6)
     official = explicit_schedule(WAN_6_STEP)

@@ -137,10 +137,12 @@ def test_position_jitter_keeps_tracks_near_the_centre_and_the_same_stream(size):
         centres = near.pixel_track(FRAMES, size)
         half, margin = object_half_extent(size), frame_margin(size)
         assert centres.min() - half >= margin and centres.max() + half <= size - 1 - margin
-    videos = render_batch([sample_scene(np.random.default_rng(s), size, FRAMES, jitter=jitter) for s in range(100)],
+    videos = render_batch([sample_scene(np.random.default_rng(s), size, FRAMES, jitter=jitter)
+                           for s in range(100)],
                           size, FRAMES)
     scenes = [sample_scene(np.random.default_rng(s), size, FRAMES, jitter=jitter) for s in range(100)]
-    assert all(detect(v, size_hint=size).attributes == sc.attributes for v, sc in zip(videos, scenes, strict=True))
+    assert all(detect(v, size_hint=size).attributes == sc.attributes
+               for v, sc in zip(videos, scenes, strict=True))
 
 
 def test_detector_accuracy_on_clean_videos_at_least_99_percent():

@@ -49,8 +49,9 @@ def test_distributed_env_maps_submitit_job_environment(monkeypatch):
                        "SLURM_LOCALID": "1", "_TEST_CLUSTER_": "slurm"}.items():
         monkeypatch.setenv(key, value)
     env = distributed.distributed_env(submitit.JobEnvironment())
-    assert env == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(distributed.PORT_BASE + 4242 % distributed.PORT_SPAN),
-                   "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "1"}
+    assert env == {"MASTER_ADDR": "gpu07",
+                   "MASTER_PORT": str(distributed.PORT_BASE + 4242 % distributed.PORT_SPAN), "RANK": "5",
+                   "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "1"}
 
 
 def test_stage_job_requeues_the_same_call_on_preemption():
@@ -183,7 +184,8 @@ def _assert_trained_as_two_fsdp2_ranks(run: Path, batch_size: int) -> None:
     mine, theirs = record["local_numel"]
     for name, shape in record["shapes"].items():  # fully_shard splits dim 0: rank 0 holds ceil(rows / 2) rows
         numel, rows = math.prod(shape), (shape[0] if shape else 1)
-        assert mine[name] == -(-rows // 2) * (numel // max(rows, 1)) and mine[name] + theirs[name] == numel, name
+        assert mine[name] == -(-rows // 2) * (numel // max(rows, 1)) \
+            and mine[name] + theirs[name] == numel, name
     assert 0.45 < sum(mine.values()) / (sum(mine.values()) + sum(theirs.values())) < 0.55
     summary = json.loads((run / "train.json").read_text())
     assert summary["world_size"] == 2 and summary["parallel"]["strategy"] == "fsdp"
@@ -230,7 +232,8 @@ def test_launch_trains_as_a_two_task_gloo_job_with_identical_ranks(cluster_proje
     first, second = record["parameter_digests"]
     assert first == second  # every rank took the same optimiser steps
     teacher = load_teacher(params, "models/teacher")
-    assert first != distributed.parameter_digest(list(teacher.transformer.parameters()))  # and training moved them
+    # and training moved them
+    assert first != distributed.parameter_digest(list(teacher.transformer.parameters()))
     summary = json.loads(Path("checkpoints/lcm/train.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 2 * params.training.batch_size
 
@@ -255,7 +258,8 @@ def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weigh
     here = Path.cwd()
     os.chdir(reference)
     try:
-        table.get("train_baseline").run(config.parse({**config.load_raw("params.yaml"), "launcher": "local"}), "lcm")
+        table.get("train_baseline").run(config.parse({**config.load_raw("params.yaml"),
+                                                      "launcher": "local"}), "lcm")
         expected = _student_weights("lcm")
     finally:
         os.chdir(here)
@@ -293,9 +297,10 @@ def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weigh
 
 @pytest.mark.slow
 @needs_cluster
-def test_snakemake_slurm_profile_runs_the_whole_dag_with_the_metrics_of_dvc_repro(cluster_project, dvc_smoke_repo):
+def test_snakemake_slurm_profile_runs_the_whole_dag_with_the_metrics_of_dvc_repro(cluster_project,
+                                                                                  dvc_smoke_repo):
     """Every rule a SLURM job on the local cluster; the metrics equal `dvc repro`'s (less wall time)."""
-    from conftest import deterministic_metrics
+    from helpers import deterministic_metrics
 
     _, _, dvc_metrics = dvc_smoke_repo
     for name in ("Snakefile", "workflow"):
@@ -336,7 +341,8 @@ def test_methods_of_one_stage_go_out_as_one_job_array(cluster_project):
 
 @needs_cluster
 def test_launch_trains_seme_as_a_two_task_fsdp2_job(cluster_project, training_inputs):
-    """`dcm launch train_seme` with a 2-task row: submitit's srun starts 2 ranks that shard SemE with FSDP2."""
+    """`dcm launch train_seme` with a 2-task row: submitit's srun starts 2 ranks that shard SemE with
+    FSDP2."""
     _copy_training_inputs(training_inputs)
     _set_resources("train_seme", tasks=2, cpus_per_task=1)
     _use_fsdp()
@@ -363,11 +369,13 @@ def test_snakemake_slurm_profile_trains_seme_as_a_two_task_fsdp2_job(cluster_pro
     Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = subprocess.run(
         [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "--default-resources",
-         "slurm_partition=gpu", "gres=none", "mem_mb=2048", "cpus_per_task=1", "--allowed-rules", "train_seme",
-         "--", "checkpoints/dcm/seme"],
+         "slurm_partition=gpu", "gres=none", "mem_mb=2048", "cpus_per_task=1", "--allowed-rules",
+         "train_seme", "--", "checkpoints/dcm/seme"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
         env={**os.environ, "DCM_TRACKING": "off"})
     assert out.returncode == 0, out.stdout[-4000:]
     assert len(re.findall(r"has been submitted with SLURM jobid", out.stdout)) == 1, out.stdout[-3000:]
-    assert "${SLURM_JOB_ID:+srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1} dcm run train_seme --method dcm" in out.stdout
-    _assert_trained_as_two_fsdp2_ranks(Path("checkpoints/dcm/seme"), config.load("params.yaml").training.batch_size)
+    assert ("${SLURM_JOB_ID:+srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1} "
+            "dcm run train_seme --method dcm") in out.stdout
+    _assert_trained_as_two_fsdp2_ranks(Path("checkpoints/dcm/seme"),
+                                       config.load("params.yaml").training.batch_size)

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 FIGURE = re.compile(r"match\(colour\+shape\+direction\) ([0-9.]+) \| (.*)")
 
@@ -46,7 +46,8 @@ def test_teacher_restart_prints_each_start(smoke):
 
 
 def test_teacher_restart_rejects_a_start_outside_the_grid(smoke):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "teacher_restart.py"), "--preset", "smoke", "--starts", "0.0001"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "teacher_restart.py"), "--preset", "smoke",
+           "--starts", "0.0001"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--starts [0.0001]: each start σ must lie in" in done.stderr
 

@@ -1,4 +1,5 @@
-"""The toy teacher: a tiny diffusers WanTransformer3DModel, a normalising pixel codec, a learned prompt encoder."""
+"""The toy teacher: a tiny diffusers WanTransformer3DModel, a normalising pixel codec, a learned prompt
+encoder."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _inputs(backbone: ToyBackbone, params, batch: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *backbone.latent_shape(params.world.frames, params.world.size), generator=g)
     sigma = torch.rand(batch, generator=g)
-    cond = backbone.encode_prompts(["a red striped square moves left slowly", "a blue circle moves up quickly"][:batch])
+    cond = backbone.encode_prompts(["a red striped square moves left slowly",
+                                    "a blue circle moves up quickly"][:batch])
     return x, sigma, cond
 
 
@@ -61,13 +63,15 @@ def test_every_caption_word_has_its_own_token(backbone):
 
 
 def test_captions_differing_in_one_word_embed_differently(backbone):
-    a, b = backbone.encode_prompts(["a red square moves left slowly", "a red square moves right slowly"]).hidden
+    a, b = backbone.encode_prompts(["a red square moves left slowly",
+                                    "a red square moves right slowly"]).hidden
     assert not torch.allclose(a, b)
 
 
 def test_pixel_codec_round_trip_is_exact_up_to_rounding(backbone, params):
     video = shapes.render(shapes.sample_scene(__import__("numpy").random.default_rng(3), params.world.size,
-                                              params.world.frames), params.world.size, params.world.frames)[None]
+                                              params.world.frames), params.world.size,
+                          params.world.frames)[None]
     latents = backbone.encode_video(video)
     assert latents.shape == (1, *backbone.latent_shape(params.world.frames, params.world.size))
     torch.testing.assert_close(backbone.decode_latents(latents), video, rtol=0, atol=1e-6)

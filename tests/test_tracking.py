@@ -84,7 +84,8 @@ def test_two_jobs_logging_to_one_server_at_once_lose_no_metric(mlflow_server, tm
     outputs = [j.communicate(timeout=300) for j in jobs]
     for job, (_out, err) in zip(jobs, outputs):
         assert job.returncode == 0, err[-3000:]
-    run_ids = [line.split("=", 1)[1] for out, _ in outputs for line in out.splitlines() if line.startswith("RUN_ID=")]
+    run_ids = [line.split("=", 1)[1] for out, _ in outputs for line in out.splitlines()
+               if line.startswith("RUN_ID=")]
 
     from mlflow.tracking import MlflowClient
 
@@ -95,7 +96,8 @@ def test_two_jobs_logging_to_one_server_at_once_lose_no_metric(mlflow_server, tm
         for key in ("loss", "grad_norm"):
             history = client.get_metric_history(run_id, key)
             assert sorted(m.step for m in history) == list(range(STEPS)), (method, key)
-        assert {m.value for m in client.get_metric_history(run_id, "grad_norm")} == {float(s) for s in range(STEPS)}
+        assert {m.value for m in client.get_metric_history(run_id, "grad_norm")} \
+            == {float(s) for s in range(STEPS)}
 
 
 def test_stage_runs_nest_under_the_pipeline_parent_run(monkeypatch, mlflow_sqlite):

@@ -1,4 +1,5 @@
-"""The trajectory store and the ``trajectories`` stage: exact fp32 teacher steps, random access, checksums, atomic resume."""
+"""The trajectory store and the ``trajectories`` stage: exact fp32 teacher steps, random access, checksums,
+atomic resume."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def no_tracking(monkeypatch):
 
 def fake_header(rows, latent_shape=(3, 2, 2, 2), shard_size=2, **overrides):
     grid = teacher_grid(10, 3.0)
-    args = {"grid": grid, "num_train_timesteps": 1000, "shift": 3.0, "guidance_mode": "cfg", "guidance_scale": 4.0,
+    args = {"grid": grid, "num_train_timesteps": 1000, "shift": 3.0, "guidance_mode": "cfg",
+            "guidance_scale": 4.0,
             "dtype": "fp32", "latent_shape": latent_shape, "shard_size": shard_size, "batch_size": 2,
             "rows": rows, "teacher_sha256": "0" * 64}
     args.update(overrides)
@@ -105,7 +107,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def test_store_layout_is_fixed_size_shards_plus_index(tmp_path):
     values = write_random_store(tmp_path / "store")
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [INDEX] + [shard_name(i) for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) \
+        == [INDEX] + [shard_name(i) for i in range(3)]
     index = json.loads((tmp_path / "store" / INDEX).read_text())
     assert [len(s["rows"]) for s in index["shards"]] == [2, 2, 1]  # the last shard may be shorter
     assert index["grid"]["sigmas"] == [float(s) for s in teacher_grid(10, 3.0).extended]
@@ -124,7 +127,8 @@ def test_store_layout_is_fixed_size_shards_plus_index(tmp_path):
     # the shard files are the fp32 tensors plus a small header
     sizes = [(tmp_path / "store" / shard_name(i)).stat().st_size for i in range(3)]
     per_traj = bytes_per_trajectory((3, 2, 2, 2), 10)
-    assert per_traj == 4 * 11 * 24 and all(0 < size - rows * per_traj < 1024 for size, rows in zip(sizes, [2, 2, 1]))
+    assert per_traj == 4 * 11 * 24 \
+        and all(0 < size - rows * per_traj < 1024 for size, rows in zip(sizes, [2, 2, 1]))
 
 
 def test_fp32_store_pairs_are_exact(tmp_path):
@@ -134,7 +138,8 @@ def test_fp32_store_pairs_are_exact(tmp_path):
     torch.testing.assert_close(got, torch.stack([values[3, 1], values[3, 6]]), rtol=0, atol=0)
     x_n, x_prev = store.pair([3, 0, 4], [0, 9, 5])  # n = 0 pairs σ_0 with σ_min
     torch.testing.assert_close(x_n, torch.stack([values[3, 1], values[0, 10], values[4, 6]]), rtol=0, atol=0)
-    torch.testing.assert_close(x_prev, torch.stack([values[3, 0], values[0, 9], values[4, 5]]), rtol=0, atol=0)
+    torch.testing.assert_close(x_prev, torch.stack([values[3, 0], values[0, 9], values[4, 5]]),
+                               rtol=0, atol=0)
     with pytest.raises(IndexError, match="grid index -1 has no previous point"):
         store.pair([0], [-1])
     with pytest.raises(IndexError, match="grid index 10"):
@@ -144,9 +149,11 @@ def test_fp32_store_pairs_are_exact(tmp_path):
 def test_bf16_store_rounds_every_point_and_says_so(tmp_path):
     values = write_random_store(tmp_path / "store", dtype="bf16")
     store = TrajectoryStore(tmp_path / "store")
-    assert not store.exact_steps and json.loads((tmp_path / "store" / INDEX).read_text())["exact_steps"] is False
+    assert not store.exact_steps \
+        and json.loads((tmp_path / "store" / INDEX).read_text())["exact_steps"] is False
     got = store.latents([4, 1], [-1, 9])
-    torch.testing.assert_close(got, torch.stack([values[4, 0], values[1, 10]]).to(torch.bfloat16).float(), rtol=0, atol=0)
+    torch.testing.assert_close(got, torch.stack([values[4, 0], values[1, 10]]).to(torch.bfloat16).float(),
+                               rtol=0, atol=0)
     assert bytes_per_trajectory((3, 2, 2, 2), 10, "bf16") == bytes_per_trajectory((3, 2, 2, 2), 10) // 2
 
 
@@ -164,10 +171,11 @@ def test_format_1_store_is_refused_with_a_clear_error(tmp_path):
     index["dtype"] = "bf16"
     del index["exact_steps"]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(StoreError, match=r"format_version 1, this code reads only 2 \(format 1 rounded every point.*"
-                                         r"not the fp32 step\).*re-run `dcm run trajectories`"):
+    with pytest.raises(StoreError, match=r"format_version 1, this code reads only 2 \(format 1 rounded "
+                                         r"every point.*not the fp32 step\).*re-run `dcm run trajectories`"):
         TrajectoryStore(tmp_path / "store")
-    index["format_version"], index["exact_steps"] = 2, True  # bf16 claiming exact steps: not written by this code
+    # bf16 claiming exact steps: not written by this code
+    index["format_version"], index["exact_steps"] = 2, True
     index_path.write_text(json.dumps(index))
     with pytest.raises(StoreError, match="dtype 'bf16' with exact_steps True"):
         TrajectoryStore(tmp_path / "store", verify=False)
@@ -180,9 +188,11 @@ def test_bytes_per_trajectory_at_the_real_presets_latent_sizes():
     by cumulative sum: 204; fp32 points: 204), so the exact store is plain fp32 points."""
     got = {}
     for preset in ("hunyuan", "wan"):
-        real = config.load_raw(REPO / "params.yaml", preset=preset)["backbone"]["real"]  # (parsing wants the weights)
+        # (parsing wants the weights)
+        real = config.load_raw(REPO / "params.yaml", preset=preset)["backbone"]["real"]
         shape = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)
-        got[preset] = (shape, bytes_per_trajectory(shape, 50, "fp32"), bytes_per_trajectory(shape, 50, "bf16"))
+        got[preset] = (shape, bytes_per_trajectory(shape, 50, "fp32"),
+                       bytes_per_trajectory(shape, 50, "bf16"))
     assert got["hunyuan"] == ((16, 32, 90, 160), 1_504_051_200, 752_025_600)  # 1.50 GB (bf16: 0.75 GB)
     assert got["wan"] == ((16, 21, 60, 104), 427_714_560, 213_857_280)  # 0.43 GB (bf16: 0.21 GB)
 
@@ -228,7 +238,8 @@ def test_fingerprint_covers_grid_guidance_dtype_rows_and_teacher():
     base = fake_header(ROWS)["fingerprint"]
     assert fake_header(ROWS)["fingerprint"] == base
     others = [fake_header(ROWS, grid=teacher_grid(10, 5.0), shift=5.0), fake_header(ROWS, guidance_scale=6.0),
-              fake_header(ROWS, dtype="fp16"), fake_header(ROWS[:4]), fake_header(ROWS, teacher_sha256="1" * 64),
+              fake_header(ROWS, dtype="fp16"), fake_header(ROWS[:4]),
+              fake_header(ROWS, teacher_sha256="1" * 64),
               fake_header([{**ROWS[0], "seed": 7}, *ROWS[1:]]), fake_header(ROWS, shard_size=3)]
     assert len({h["fingerprint"] for h in others} | {base}) == len(others) + 1
 
@@ -266,8 +277,8 @@ class _PromptStub:
 
 
 def cached_source(root: Path, dtype: str, paths_: torch.Tensor, backbone=None, rows=ROWS[:3]) -> CachedSource:
-    header = fake_header(rows, latent_shape=tuple(paths_.shape[2:]), shard_size=len(rows), grid=SHIFT17, shift=17.0,
-                         dtype=dtype)
+    header = fake_header(rows, latent_shape=tuple(paths_.shape[2:]), shard_size=len(rows), grid=SHIFT17,
+                         shift=17.0, dtype=dtype)
     writer = TrajectoryWriter(root, header, rows)
     writer.write(0, paths_)
     writer.finish()
@@ -278,15 +289,17 @@ def cached_source(root: Path, dtype: str, paths_: torch.Tensor, backbone=None, r
 
 
 def step_errors(source: CachedSource, velocity, cond_of=lambda rows: None) -> np.ndarray:
-    """Per grid index n: max |x_{n−1} (cache) − (x_n + (σ_{n−1} − σ_n)·v(x_n))| / mean |(σ_{n−1} − σ_n)·v(x_n)|,
-    the online fp32 teacher step taken from the cache's own x_n; and the same for x_n − x_{n−1}."""
+    """Per grid index n: max |x_{n−1} (cache) − (x_n + (σ_{n−1} − σ_n)·v(x_n))|
+    / mean |(σ_{n−1} − σ_n)·v(x_n)|, the online fp32 teacher step taken from the cache's own x_n; and the same
+    for x_n − x_{n−1}."""
     rows = torch.arange(len(source))
     errors = []
     for n in range(SHIFT17.steps):
         batch = source.batch(rows, torch.full((len(rows),), n), torch.Generator())
         sigma_n, sigma_prev = SHIFT17.sigma(n), SHIFT17.sigma(n - 1)
         with torch.no_grad():
-            step = (sigma_prev - sigma_n) * velocity(batch.x_n, torch.full((len(rows),), sigma_n), cond_of(rows))
+            step = (sigma_prev - sigma_n) * velocity(batch.x_n, torch.full((len(rows),), sigma_n),
+                                                     cond_of(rows))
         size = step.abs().mean()
         errors.append([((batch.x_prev - (batch.x_n + step)).abs().max() / size).item(),
                        (((batch.x_prev - batch.x_n) - step).abs().max() / size).item()])
@@ -345,7 +358,8 @@ def test_store_roundtrip_random_access(tmp_path, teacher_dir, monkeypatch, no_tr
     noise = torch.stack([initial_noise(r["seed"], store.latent_shape) for r in rows])
     cond = backbone.encode_prompts([r["prompt"] for r in rows])
     path = sample({"teacher": teacher_velocity(backbone, backbone.null_prompts(len(rows)))},
-                  uniform_schedule(grid, grid.steps), noise, cond, final_sigma=grid.sigma_min, keep_trajectory=True)
+                  uniform_schedule(grid, grid.steps), noise, cond, final_sigma=grid.sigma_min,
+                  keep_trajectory=True)
     N = grid.steps
     for n in range(-1, N):
         want = path[N - 1 - n]  # path[0] = noise at σ_{N−1}, path[N] = σ_min
@@ -353,7 +367,8 @@ def test_store_roundtrip_random_access(tmp_path, teacher_dir, monkeypatch, no_tr
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert store.exact_steps
     torch.testing.assert_close(store.latents(picks, [N - 1, N - 1]), noise, rtol=0, atol=0)
-    assert not torch.equal(store.latents(picks, [-1, -1]), store.latents(picks, [0, 0]))  # σ_min is one more step
+    # σ_min is one more step
+    assert not torch.equal(store.latents(picks, [-1, -1]), store.latents(picks, [0, 0]))
 
 
 def _run_stage_subprocess(cwd: Path) -> subprocess.Popen:
@@ -398,7 +413,8 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tmp_path, teacher_dir, mo
 
 
 @pytest.mark.slow
-def test_stale_partial_store_with_other_params_is_not_resumed(tmp_path, teacher_dir, monkeypatch, no_tracking, capsys):
+def test_stale_partial_store_with_other_params_is_not_resumed(tmp_path, teacher_dir, monkeypatch,
+                                                              no_tracking, capsys):
     params = make_project(tmp_path, teacher_dir, smoke_raw())
     monkeypatch.chdir(tmp_path)
     # a killed run of the same rows with another guidance scale left shard 0 behind

@@ -83,7 +83,8 @@ def test_aggregation_matches_a_hand_computation():
     assert out["semantic"] == pytest.approx(semantic, abs=1e-12)
     assert out["total"] == pytest.approx((4 * quality + semantic) / 5, abs=1e-12)
     # Q = (5 + 0.32247 + 0.2)/6.5 = 0.84961, S = 7.5/9 = 0.83333, Total = (4Q + S)/5 = 0.84636
-    assert (round(100 * out["quality"], 2), round(100 * out["semantic"], 2), round(100 * out["total"], 2)) == \
+    assert (round(100 * out["quality"], 2), round(100 * out["semantic"], 2),
+            round(100 * out["total"], 2)) == \
         (84.96, 83.33, 84.64)
 
 
@@ -110,7 +111,8 @@ def test_parse_results_reads_vbenchs_output_and_reproduces_the_paper_row(tmp_pat
     assert set(parsed) == set(VBENCH)
     assert parsed["human_action"][1][videos[0]] == 1.0  # bool per video → 0/1
     out = vbench.summarise({d: parsed[d][0] for d in parsed})
-    assert (round(100 * out["total"], 2), round(100 * out["quality"], 2), round(100 * out["semantic"], 2)) == \
+    assert (round(100 * out["total"], 2), round(100 * out["quality"], 2),
+            round(100 * out["semantic"], 2)) == \
         (83.87, 85.00, 79.34)
     assert out["dimensions_not_scored"] == []
 
@@ -166,7 +168,8 @@ def test_run_checks_weights_before_touching_the_environment_or_the_videos(tmp_pa
 
 def test_command_line_is_vbench_launch_in_custom_input_mode_with_local_weights(tmp_path):
     cmd = vbench.command(tmp_path / "venv", tmp_path / "videos", tmp_path / "out",
-                         ["subject_consistency", "dynamic_degree"], "custom_input", tmp_path / "prompts.json", 2)
+                         ["subject_consistency", "dynamic_degree"], "custom_input",
+                         tmp_path / "prompts.json", 2)
     assert cmd[:8] == [str(tmp_path / "venv/bin/python"), "-m", "torch.distributed.run", "--standalone",
                        "--nproc_per_node", "2", "-m", "vbench.launch.evaluate"]
     i = cmd.index("--dimension")
@@ -179,7 +182,8 @@ def test_command_line_is_vbench_launch_in_custom_input_mode_with_local_weights(t
     assert standard[standard.index("--mode") + 1] == "vbench_standard" and "--prompt_file" not in standard
     # without CUDA: the launcher's flags, unchanged, to the CPU runner in the venv's interpreter (isolated)
     cpu = vbench.command(tmp_path / "venv", tmp_path / "videos", tmp_path / "out",
-                         ["subject_consistency", "dynamic_degree"], "custom_input", tmp_path / "prompts.json", 2, "cpu")
+                         ["subject_consistency", "dynamic_degree"], "custom_input",
+                         tmp_path / "prompts.json", 2, "cpu")
     assert cpu[:3] == [str(tmp_path / "venv/bin/python"), "-I", str(vbench.CPU_RUNNER)]
     assert vbench.CPU_RUNNER.is_file() and cpu[3:] == cmd[8:]
     with pytest.raises(ValueError, match="device"):
@@ -244,11 +248,13 @@ def test_run_vbench_invokes_the_venv_and_maps_per_video_scores_back_to_rows(tmp_
         (out / "results_2025_eval_results.json").write_text(json.dumps(results))
         return subprocess.CompletedProcess(cmd, 0)
 
-    cfg = SimpleNamespace(mode="custom_input", dimensions=dims, weights_dir=str(weights), venv=str(venv), ngpus=1)
+    cfg = SimpleNamespace(mode="custom_input", dimensions=dims, weights_dir=str(weights),
+                          venv=str(venv), ngpus=1)
     means, per_row = vbench.run_vbench(cfg, rows, samples, tmp_path / "work", run=fake_vbench, device=device)
     (cmd, env), = calls
     assert cmd[0] == str(venv / "bin" / "python") and env["VBENCH_CACHE_DIR"] == str(weights.resolve())
-    assert ("vbench.launch.evaluate" in cmd) == (device == "cuda") and (str(vbench.CPU_RUNNER) in cmd) == (device == "cpu")
+    assert ("vbench.launch.evaluate" in cmd) == (device == "cuda") \
+        and (str(vbench.CPU_RUNNER) in cmd) == (device == "cpu")
     assert means == {"temporal_flickering": 0.97, "temporal_style": 0.2}
     assert [r["temporal_flickering"] for r in per_row] == pytest.approx([0.96, 0.98])
 
@@ -277,10 +283,12 @@ def test_setup_creates_a_real_venv_and_installs_the_given_requirements(tmp_path)
     assert stamp["requirements"] == str(requirements.resolve())
     assert vbench.check_env(venv) == py
     # reuse is keyed by the requirements' hash: a changed file makes the venv stale
-    assert vbench.env_is_current(venv, requirements) and not vbench.env_is_current(tmp_path / "none", requirements)
+    assert vbench.env_is_current(venv, requirements) \
+        and not vbench.env_is_current(tmp_path / "none", requirements)
     # a second setup keeps the current venv (nothing runs); --force rebuilds it
     seen.clear()
-    assert vbench.create_env(venv, requirements, sys.executable, run=run, upgrade_pip=False) == py and seen == []
+    assert vbench.create_env(venv, requirements, sys.executable, run=run, upgrade_pip=False) == py \
+        and seen == []
     vbench.create_env(venv, requirements, sys.executable, run=run, upgrade_pip=False, force=True)
     assert seen[0][:3] == [sys.executable, "-m", "venv"]
     requirements.write_text("six\n")
@@ -352,12 +360,13 @@ def test_evaluate_writes_the_shapes_bench_metrics_schema_from_vbench_output(proj
 
     metrics = vbench.evaluate(params, "dcm", None, run=fake_vbench)
     assert seen[0][0] == str((project / "venv" / "bin" / "python").absolute())  # vbench runs elsewhere
-    for key in ("method", "backend", "steps", "nfe", "latency_s", "dimensions", "quality", "semantic", "total",
-                "total_ci95", "diff_vs_teacher", "psnr_vs_teacher", "per_row"):
+    for key in ("method", "backend", "steps", "nfe", "latency_s", "dimensions", "quality", "semantic",
+                "total", "total_ci95", "diff_vs_teacher", "psnr_vs_teacher", "per_row"):
         assert key in metrics, key
     assert metrics["backend"] == "vbench" and metrics["quality"] == pytest.approx(0.8)
     row_total = (4 * 0.8 + (1.0 + 0.8 + 0.8) / 3) / 5  # human_action per video is correct-or-not: 1
-    assert len(metrics["per_row"]) == 3 and all(r["total"] == pytest.approx(row_total) for r in metrics["per_row"])
+    assert len(metrics["per_row"]) == 3 \
+        and all(r["total"] == pytest.approx(row_total) for r in metrics["per_row"])
     assert sorted(metrics["dimensions_not_scored"]) == sorted(vbench.CUSTOM_UNSUPPORTED)
     assert 10 < metrics["psnr_vs_teacher"] < 60
 
@@ -410,7 +419,8 @@ def test_real_vbench_scores_shapes_samples_on_every_dimension_that_needs_no_weig
     weights.mkdir()
     raw_params = config.load_raw("params.yaml", preset="smoke")
     raw_params["evaluation"].update(backend="vbench", vbench={"venv": str(real_vbench_venv),
-                                                              "weights_dir": str(weights), "dimensions": free})
+                                                              "weights_dir": str(weights),
+                                                              "dimensions": free})
     params = config.parse(raw_params)
     size, frames = 32, 16
     scene = shapes.sample_scene(np.random.default_rng(3), size, frames)

@@ -31,7 +31,8 @@ def per_row(totals) -> list[dict]:
 
 
 def metrics_with_difference(shift: float, spread: float) -> dict[str, dict]:
-    """Rows b around 0.85, rows a = b + shift + a zero-mean ±spread pattern (so the mean difference is shift)."""
+    """Rows b around 0.85, rows a = b + shift + a zero-mean ±spread pattern (so the mean difference is
+    shift)."""
     b = 0.85 + 0.05 * np.random.default_rng(0).standard_normal(ROWS)
     a = b + shift + spread * np.tile([1.0, -1.0], ROWS // 2)
     return {"a": {"per_row": per_row(a)}, "b": {"per_row": per_row(b)}}
@@ -96,8 +97,8 @@ def test_rows_without_a_shared_prompt_and_seed_are_an_error():
 
 def test_the_line_states_the_difference_and_the_rows_step_counts():
     v = verdict(BETTER, metrics_with_difference(0.02, 0.0), n=50, seed=0)
-    assert v.line({"a": 4, "b": 50}) == ("- **holds** — A > B: Total(a, 4 steps) − Total(b, 50 steps) = +2.00 "
-                                         "[+2.00, +2.00] over 64 paired rows")
+    assert v.line({"a": 4, "b": 50}) == ("- **holds** — A > B: Total(a, 4 steps) − Total(b, 50 steps) = "
+                                         "+2.00 [+2.00, +2.00] over 64 paired rows")
 
 
 def test_an_unknown_claim_kind_is_refused_when_the_claim_is_made():
@@ -106,7 +107,8 @@ def test_an_unknown_claim_kind_is_refused_when_the_claim_is_made():
 
 
 def test_a_verdict_on_a_tiny_difference_never_prints_its_interval_as_zero():
-    """A +0.00 [+0.00, +0.00] beside 'holds' would hide the sign the verdict rests on: tiny values in e-notation."""
+    """A +0.00 [+0.00, +0.00] beside 'holds' would hide the sign the verdict rests on: tiny values in
+    e-notation."""
     v = verdict(BETTER, metrics_with_difference(2e-6, 0.0), n=50, seed=0)
     assert v.outcome == "holds"
     assert v.line().endswith("= +2.0e-04 [+2.0e-04, +2.0e-04] over 64 paired rows")

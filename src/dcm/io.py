@@ -55,7 +55,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON-lines file (a training history); [] when there is none."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.is_file() else [])
 
 
 def read_json(path: str | os.PathLike) -> Any:

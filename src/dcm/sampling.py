@@ -52,8 +52,8 @@ def student_velocity(backbone: Backbone, model: nn.Module) -> Velocity:
 
 
 @torch.no_grad()
-def sample(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], noise: torch.Tensor, cond: PromptEmbeds,
-           final_sigma: float = 0.0, keep_trajectory: bool = False):
+def sample(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], noise: torch.Tensor,
+           cond: PromptEmbeds, final_sigma: float = 0.0, keep_trajectory: bool = False):
     """Integrate from ``noise`` (at steps[0].sigma) through every step to ``final_sigma``.
 
     Returns the final latents, or with ``keep_trajectory`` the list of latents at every σ visited
@@ -72,7 +72,8 @@ def sample(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], noise
     return path if keep_trajectory else x
 
 
-def _checked_sigmas(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], final_sigma: float) -> list[float]:
+def _checked_sigmas(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep],
+                    final_sigma: float) -> list[float]:
     if not steps:
         raise ValueError("a sampling schedule needs at least one step")
     unknown = sorted({s.expert for s in steps} - set(experts))
@@ -84,16 +85,19 @@ def _checked_sigmas(experts: Mapping[str, Velocity], steps: Sequence[SamplingSte
     return sigmas
 
 
-RENOISE_SALT = 0x4C434D  # "LCM": keeps a row's re-noising stream apart from its initial noise (same seed)
+# "LCM": keeps a row's re-noising stream apart from its initial noise (same seed)
+RENOISE_SALT = 0x4C434D
 
 
 def renoise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per row for LCM's fresh noise, derived from the row's seed.
 
     The seed is salted: ``initial_noise(seed)`` draws the starting noise from ``manual_seed(seed)``,
-    and the first re-noising must not repeat it.  CPU generators, so the noise is the same on any device.
+    and the first re-noising must not repeat it.  CPU generators, so the noise is the same on any
+    device.
     """
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), RENOISE_SALT]).generate_state(1)[0]))
+    return [torch.Generator().manual_seed(
+                int(np.random.SeedSequence([int(seed), RENOISE_SALT]).generate_state(1)[0]))
             for seed in seeds]
 
 
@@ -129,7 +133,8 @@ def sample_lcm(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], n
         x0 = x.float() - sigma * v  # x0̂ in fp32 (v promotes to fp32)
         if sigma_next > 0:
             s_next = torch.tensor(sigma_next, dtype=torch.float32)
-            eps = torch.cat([torch.randn(row_shape, generator=g, dtype=torch.float32) for g in gens]).to(x.device)
+            eps = torch.cat([torch.randn(row_shape, generator=g, dtype=torch.float32)
+                             for g in gens]).to(x.device)
             x0 = (1 - s_next) * x0 + s_next * eps
         x = x0.to(noise.dtype)
         if path is not None:

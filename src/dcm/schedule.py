@@ -19,12 +19,14 @@ SIGMA_MIN_INDEX = -1
 
 
 def noised(x0, noise, sigma):
-    """Forward noising of flow matching, x_σ = (1 − σ)·x0 + σ·ε (``sigma`` a float or broadcastable tensor)."""
+    """Forward noising of flow matching, x_σ = (1 − σ)·x0 + σ·ε (``sigma`` a float or broadcastable
+    tensor)."""
     return (1.0 - sigma) * x0 + sigma * noise
 
 
 def training_sigmas(num_train_timesteps: int, shift: float) -> np.ndarray:
-    """The 1000 training sigmas of diffusers' FlowMatchEulerDiscreteScheduler(shift), ascending."""
+    """The ``num_train_timesteps`` (1000 for every family here) training sigmas of diffusers'
+    FlowMatchEulerDiscreteScheduler(shift), ascending."""
     s = np.arange(1, num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
     return shift * s / (1.0 + (shift - 1.0) * s)
 
@@ -73,7 +75,8 @@ class Phase:
 
     def __post_init__(self) -> None:
         if not (self.end < self.first <= self.last):
-            raise ValueError(f"invalid phase: end {self.end} must be < first {self.first} <= last {self.last}")
+            raise ValueError(f"invalid phase: end {self.end} must be < first {self.first} <= last "
+                             f"{self.last}")
 
     def __contains__(self, n: int) -> bool:
         return self.first <= n <= self.last
@@ -84,7 +87,8 @@ class Phase:
 
 
 def phases_from_ends(ends: list[int], steps: int) -> list[Phase]:
-    """Phases between consecutive ends, ascending: ends [−1, 11, 24, 36] → n ∈ [0,11], [12,24], …, [37, N−1]."""
+    """Phases between consecutive ends, ascending: ends [−1, 11, 24, 36] → n ∈ [0,11], [12,24], …,
+    [37, N−1]."""
     bounds = sorted(ends) + [steps - 1]
     return [Phase(first=e + 1, last=bounds[i + 1], end=e) for i, e in enumerate(bounds[:-1])]
 
@@ -98,7 +102,8 @@ def expert_phases(steps: int, kappa: int) -> dict[str, Phase]:
 
 
 def pcm_phases(steps: int, num_phases: int) -> list[Phase]:
-    """PCM: phase starts floor(linspace(0, N, K, endpoint=False)); K = 4, N = 50 → starts [0, 12, 25, 37]."""
+    """PCM: phase starts floor(linspace(0, N, K, endpoint=False)); K = 4, N = 50 → starts
+    [0, 12, 25, 37]."""
     if not 1 <= num_phases <= steps:
         raise ValueError(f"num_phases must lie in [1, {steps}], got {num_phases}")
     starts = np.floor(np.linspace(0, steps, num_phases, endpoint=False)).astype(int)
@@ -119,10 +124,12 @@ def split_points(first_index: int, end_index: int, count: int) -> list[int]:
     official HunyuanVideo 4-step sigmas [1.0, 0.992, 0.9818, 0.9124] at shift 17.
     """
     if not 1 <= count <= first_index - end_index:
-        raise ValueError(f"cannot place {count} steps on grid indices {first_index} down to {end_index + 1}")
+        raise ValueError(f"cannot place {count} steps on grid indices {first_index} down to "
+                         f"{end_index + 1}")
     points = np.linspace(first_index, end_index, count + 1)[:-1]
     indices = [int(np.floor(p + 0.5)) for p in points]
-    for k in range(1, count):  # rounding may collide when steps are dense: keep them strictly decreasing
+    # rounding may collide when steps are dense: keep them strictly decreasing
+    for k in range(1, count):
         indices[k] = min(indices[k], indices[k - 1] - 1)
     return indices
 
@@ -134,26 +141,31 @@ class SamplingStep:
 
 
 def expert_schedule(grid: TeacherGrid, kappa: int, steps: int) -> list[SamplingStep]:
-    """DCM schedule: half the steps (rounded up) for SemE from σ_{N−1} to σ_κ, the rest for DetE to σ_min."""
+    """DCM schedule: half the steps (rounded up) for SemE from σ_{N−1} to σ_κ, the rest for DetE to
+    σ_min."""
     if steps < 2:
         raise ValueError(f"a dual-expert schedule needs at least 2 steps, got {steps}")
     n_seme = (steps + 1) // 2
     seme = split_points(grid.steps - 1, kappa, n_seme)
     dete = split_points(kappa, SIGMA_MIN_INDEX, steps - n_seme)
-    return [SamplingStep(grid.sigma(n), "seme") for n in seme] + [SamplingStep(grid.sigma(n), "dete") for n in dete]
+    return ([SamplingStep(grid.sigma(n), "seme") for n in seme]
+            + [SamplingStep(grid.sigma(n), "dete") for n in dete])
 
 
 def phase_schedule(grid: TeacherGrid, phases: list[Phase], expert: str = "student") -> list[SamplingStep]:
-    """Multistep sampling at phase edges (PCM/LCM): one step from the top of each phase, highest first."""
+    """Multistep sampling at phase edges (PCM/LCM): one step from the top of each phase, highest
+    first."""
     tops = sorted({p.last for p in phases}, reverse=True)
     return [SamplingStep(grid.sigma(n), expert) for n in tops]
 
 
 def uniform_schedule(grid: TeacherGrid, steps: int, expert: str = "teacher") -> list[SamplingStep]:
-    """``steps`` grid points evenly from σ_{N−1} down towards σ_min; steps = N gives the full teacher grid."""
+    """``steps`` grid points evenly from σ_{N−1} down towards σ_min; steps = N gives the full teacher
+    grid."""
     if steps == grid.steps:
         return [SamplingStep(float(s), expert) for s in grid.sigmas[::-1]]
-    return [SamplingStep(grid.sigma(n), expert) for n in split_points(grid.steps - 1, SIGMA_MIN_INDEX, steps)]
+    return [SamplingStep(grid.sigma(n), expert)
+            for n in split_points(grid.steps - 1, SIGMA_MIN_INDEX, steps)]
 
 
 def explicit_schedule(pairs: Sequence[Sequence], num_train_timesteps: int = 1000,
@@ -176,18 +188,20 @@ def explicit_schedule(pairs: Sequence[Sequence], num_train_timesteps: int = 1000
             raise ValueError(f"schedule[{i}] = {pair!r}: expected a [t, expert] pair")
         t, expert = pair
         if isinstance(t, bool) or not isinstance(t, Real) or not 0 < float(t) <= num_train_timesteps:
-            raise ValueError(f"schedule[{i}] = {list(pair)!r}: t must be a number in (0, {num_train_timesteps}]")
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: t must be a number in "
+                             f"(0, {num_train_timesteps}]")
         if not isinstance(expert, str) or not expert:
             raise ValueError(f"schedule[{i}] = {list(pair)!r}: the expert must be a non-empty name")
         if allowed is not None and expert not in allowed:
-            raise ValueError(f"schedule[{i}] = {list(pair)!r}: expert {expert!r} is not one of {sorted(allowed)}")
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: expert {expert!r} is not one of "
+                             f"{sorted(allowed)}")
         if steps and float(t) / num_train_timesteps >= steps[-1].sigma:
             raise ValueError(f"schedule[{i}] = {list(pair)!r}: t must decrease strictly "
                              f"(previous t = {steps[-1].sigma * num_train_timesteps:g})")
         if steps and expert != steps[-1].expert:
             finished.add(steps[-1].expert)
         if expert in finished:
-            raise ValueError(f"schedule[{i}] = {list(pair)!r}: {expert!r} already handed over to another expert "
-                             "(each expert's steps must be contiguous)")
+            raise ValueError(f"schedule[{i}] = {list(pair)!r}: {expert!r} already handed over to another "
+                             "expert (each expert's steps must be contiguous)")
         steps.append(SamplingStep(float(t) / num_train_timesteps, expert))
     return steps

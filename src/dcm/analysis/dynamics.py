@@ -7,8 +7,8 @@ at κ into two experts.  Here:
 1. distil ``analysis.seeds`` full-parameter students over the whole grid (one phase, n ∈ [0, N−1] →
    σ_min), each for ``analysis.train_steps`` steps with the shared loop (``dcm.distill.train``, the
    VCM setting) and its own training seed (``seed`` + k: data order and noise);
-2. per grid index n, on a fixed probe batch (the same trajectories and noise at every n, for every
-   student) measure the consistency loss and the gradient norm ‖∇_θ L_n‖ of each trained student,
+2. per grid index n, on a fixed probe batch (the same rows at every n; the same rows and noise for
+   every student) measure the consistency loss and the gradient norm ‖∇_θ L_n‖ of each trained student,
    one backward pass per n; the loop's own per-sample (n, loss) records give the loss seen during
    training beside it;
 3. propose κ where the discrepancy splits, on the students' pooled curves (the geometric mean over
@@ -22,16 +22,12 @@ indices: an expert gets a range, not a point).  κ = s − 1, the last index of 
 trains on [0, κ], SemE on [κ+1, N−1]), so κ ∈ [0, N−2] as grid.kappa requires.
 
 Why the minimum segment: the gradient norm falls towards σ_min by construction (the last step's
-target is nearly its input), so its first one or two indices sit far below the rest.  Unconstrained,
-the fit can split there: on the shapes preset (3 students, probe batch 8, 2026-12-03) it proposed
-κ = 1 pooled, and 2, 38, 37 per student, while the loss rises above n ≈ 38.  With the constraint the
-same curves propose 38 pooled and 38, 38, 37 per student.  The constraint was added after that run,
-so its stability on other machines and seeds is not yet shown.
+target is nearly its input), so its first one or two indices sit far below the rest, and an
+unconstrained fit can split there instead of where the loss rises.
 
-Why pooled: on the shapes preset one student's curves propose κ anywhere from 27 to 38 depending on
-its training seed (the per-index curves wobble by ±0.2 decades around a slow rise above n ≈ 28, so a
-single change point lands on whichever wobble is largest), while the geometric mean of any three of
-five seeds proposed 29 in 10 of 10 triples (probe batch 8; issue 16's note).
+Why pooled: one student's per-index curves wobble around a slow rise, so a single change point lands
+on whichever wobble is largest and moves with the training seed; the geometric mean over several
+students' curves averages the wobbles out.
 """
 
 from __future__ import annotations
@@ -55,8 +51,9 @@ from dcm.schedule import pcm_phases, teacher_grid
 
 MIN_SEGMENT = 0.1  # each expert's range: at least this fraction of the grid's indices
 KAPPA_RULE = ("two-segment piecewise-constant least-squares fit of z-scored log10 probe loss and log10 "
-              "gradient norm over the grid index, both the geometric mean over analysis.seeds students, each "
-              f"segment at least {MIN_SEGMENT:.0%} of the indices; kappa = last index of the low-noise segment")
+              "gradient norm over the grid index, both the geometric mean over analysis.seeds students, "
+              f"each segment at least {MIN_SEGMENT:.0%} of the indices; kappa = last index of the "
+              "low-noise segment")
 TRAIN_DIR = "train"  # the first student's loop output; student k ≥ 1 trains into train_s<k>
 
 
@@ -65,7 +62,8 @@ class Dynamics:
     sigmas: np.ndarray  # (N,) σ_n
     probe_loss: np.ndarray  # (N,) consistency loss on the probe batch: geometric mean over the students
     grad_norm: np.ndarray  # (N,) ‖∇θ L_n‖ on the probe batch: geometric mean over the students
-    train_loss: np.ndarray  # (N,) mean per-sample loss recorded in the second half of training (nan: unseen)
+    # (N,) mean per-sample loss recorded in the second half of training (nan: unseen)
+    train_loss: np.ndarray
     train_count: np.ndarray  # (N,) samples behind train_loss
     proposed_kappa: int
     configured_kappa: int
@@ -81,8 +79,9 @@ class Dynamics:
             "seeds": len(self.seed_probe_loss), "per_seed_proposed_kappa": list(self.seed_kappa),
             "seed_probe_loss": [finite(a) for a in self.seed_probe_loss],
             "seed_grad_norm": [finite(a) for a in self.seed_grad_norm]}
-        return {"rule": KAPPA_RULE, "proposed_kappa": self.proposed_kappa, "configured_kappa": self.configured_kappa,
-                **seeds, "sigma_proposed": float(self.sigmas[self.proposed_kappa]),
+        return {"rule": KAPPA_RULE, "proposed_kappa": self.proposed_kappa,
+                "configured_kappa": self.configured_kappa, **seeds,
+                "sigma_proposed": float(self.sigmas[self.proposed_kappa]),
                 "sigma_configured": float(self.sigmas[self.configured_kappa]),
                 "index": list(range(len(self.sigmas))), "sigma": finite(self.sigmas),
                 "probe_loss": finite(self.probe_loss), "grad_norm": finite(self.grad_norm),
@@ -105,8 +104,8 @@ def probe(student: nn.Module, backbone: Backbone, source, params: Params, batch:
     target from the teacher's x_{n−1}); one backward pass per index, so each norm is that index's alone.
     """
     steps = params.grid.steps
-    sigmas_ext = torch.as_tensor(teacher_grid(steps, params.grid.shift, params.grid.num_train_timesteps).extended,
-                                 dtype=torch.float32)
+    sigmas_ext = torch.as_tensor(
+        teacher_grid(steps, params.grid.shift, params.grid.num_train_timesteps).extended, dtype=torch.float32)
     trainable = [p for p in student.parameters() if p.requires_grad]
     device = trainable[0].device
     rows = torch.arange(batch) % len(source)
@@ -132,7 +131,8 @@ def training_loss_per_index(history: Path | list[Path], steps: int, from_step: i
     """Mean per-sample consistency loss per grid index from the loop's history (steps ≥ from_step); a
     list of histories (one per student) pools their samples."""
     total, count = np.zeros(steps), np.zeros(steps, dtype=int)
-    lines = [line for h in ([history] if isinstance(history, Path) else history) for line in h.read_text().splitlines()]
+    lines = [line for h in ([history] if isinstance(history, Path) else history)
+             for line in h.read_text().splitlines()]
     for line in lines:
         rec = json.loads(line)
         if rec["step"] < from_step:
@@ -150,12 +150,13 @@ def change_point(curves: np.ndarray, min_size: int = 1) -> int:
     curves = np.atleast_2d(np.asarray(curves, dtype=np.float64))
     n = curves.shape[1]
     if min_size < 1 or n < 2 * min_size:
-        raise ValueError(f"a change point with segments of at least {min_size} needs at least {2 * max(1, min_size)} "
-                         f"grid indices, got {n}")
+        raise ValueError(f"a change point with segments of at least {min_size} needs at least "
+                         f"{2 * max(1, min_size)} grid indices, got {n}")
     costs = []
     for s in range(min_size, n - min_size + 1):
         left, right = curves[:, :s], curves[:, s:]
-        costs.append(((left - left.mean(1, keepdims=True)) ** 2).sum() + ((right - right.mean(1, keepdims=True)) ** 2).sum())
+        costs.append(((left - left.mean(1, keepdims=True)) ** 2).sum()
+                     + ((right - right.mean(1, keepdims=True)) ** 2).sum())
     return min_size + int(np.argmin(costs))
 
 
@@ -182,13 +183,15 @@ def plot(d: Dynamics, path: Path) -> Path:
     fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(10.5, 5.5), sharex=True)
     seeds = 1 if d.seed_probe_loss is None else len(d.seed_probe_loss)
     if seeds > 1:
-        spread = f"{min(d.seed_kappa)}–{max(d.seed_kappa)}" if min(d.seed_kappa) != max(d.seed_kappa) else d.seed_kappa[0]
+        spread = (f"{min(d.seed_kappa)}–{max(d.seed_kappa)}" if min(d.seed_kappa) != max(d.seed_kappa)
+                  else d.seed_kappa[0])
         for k, (a, b) in enumerate(zip(d.seed_probe_loss, d.seed_grad_norm)):
             label = f"each student alone (κ {spread})" if k == 0 else None
             ax_loss.plot(index, a, "-", lw=0.7, color="tab:blue", alpha=0.35, label=label)
             ax_norm.plot(index, b, "-", lw=0.7, color="tab:red", alpha=0.35)
     ax_loss.plot(index, d.probe_loss, "o-", ms=3, color="tab:blue",
-                 label=f"probe batch (geometric mean of {seeds} students)" if seeds > 1 else "probe batch (trained student)")
+                 label=(f"probe batch (geometric mean of {seeds} students)" if seeds > 1
+                        else "probe batch (trained student)"))
     seen = np.isfinite(d.train_loss)
     ax_loss.plot(index[seen], d.train_loss[seen], "x", ms=4, alpha=0.7, label="during training (2nd half)")
     ax_loss.set_ylabel("consistency loss")
@@ -197,11 +200,14 @@ def plot(d: Dynamics, path: Path) -> Path:
     ax_norm.set_xlabel("teacher grid index n (σ_n grows with n; 0 = low noise)")
     for ax in (ax_loss, ax_norm):
         ax.set_yscale("log")
-        ax.axvline(d.configured_kappa + 0.5, color="gray", ls="--", label=f"configured κ = {d.configured_kappa}")
+        ax.axvline(d.configured_kappa + 0.5, color="gray", ls="--",
+                   label=f"configured κ = {d.configured_kappa}")
         ax.axvline(d.proposed_kappa + 0.5, color="black", ls="-", label=f"proposed κ = {d.proposed_kappa}")
-    ax_loss.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over the data
+    # beside the axes, never over the data
+    ax_loss.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_loss.set_title(f"{seeds} models, each distilled over the whole trajectory: per-timestep dynamics"
-                      if seeds > 1 else "one model distilled over the whole trajectory: per-timestep dynamics")
+                      if seeds > 1
+                      else "one model distilled over the whole trajectory: per-timestep dynamics")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -213,10 +219,10 @@ def geometric_mean(curves: np.ndarray) -> np.ndarray:
     return 10 ** np.log10(np.maximum(np.asarray(curves, dtype=np.float64), 1e-30)).mean(axis=0)
 
 
-def analyze(params: Params, backbone: Backbone, source, new_student: Callable[[], nn.Module], out_dir: Path,
-            tracker) -> Dynamics:
-    """Train ``analysis.seeds`` whole-range students (``new_student()`` each; student k with seed + k, into
-    ``out_dir/train`` and ``out_dir/train_s<k>``), probe each, propose κ on the pooled curves; writes
+def analyze(params: Params, backbone: Backbone, source, new_student: Callable[[], nn.Module],
+            out_dir: Path, tracker) -> Dynamics:
+    """Train ``analysis.seeds`` whole-range students (``new_student()`` each; student k with seed + k,
+    into ``out_dir/train`` and ``out_dir/train_s<k>``), probe each, propose κ on the pooled curves; writes
     dynamics.{json,png}."""
     out_dir = Path(out_dir)
     losses_, norms, histories = [], [], []
@@ -234,11 +240,13 @@ def analyze(params: Params, backbone: Backbone, source, new_student: Callable[[]
         del student
     seed_loss, seed_norm = np.stack(losses_), np.stack(norms)
     probe_loss, grad_norm = geometric_mean(seed_loss), geometric_mean(seed_norm)
-    train_loss, count = training_loss_per_index(histories, params.grid.steps, params.analysis.train_steps // 2)
+    train_loss, count = training_loss_per_index(histories, params.grid.steps,
+                                                params.analysis.train_steps // 2)
     grid = params.teacher_grid()
-    d = Dynamics(sigmas=np.asarray(grid.sigmas), probe_loss=probe_loss, grad_norm=grad_norm, train_loss=train_loss,
-                 train_count=count, proposed_kappa=propose_kappa(probe_loss, grad_norm),
-                 configured_kappa=params.grid.kappa, seed_probe_loss=seed_loss, seed_grad_norm=seed_norm,
+    d = Dynamics(sigmas=np.asarray(grid.sigmas), probe_loss=probe_loss, grad_norm=grad_norm,
+                 train_loss=train_loss, train_count=count,
+                 proposed_kappa=propose_kappa(probe_loss, grad_norm), configured_kappa=params.grid.kappa,
+                 seed_probe_loss=seed_loss, seed_grad_norm=seed_norm,
                  seed_kappa=tuple(propose_kappa(a, b) for a, b in zip(seed_loss, seed_norm)))
     (out_dir / "dynamics.json").write_text(json.dumps(d.to_json(), indent=1) + "\n")
     plot(d, out_dir / "dynamics.png")

@@ -31,8 +31,8 @@ _RULES = [
     ("timestep embedding", re.compile(r"time_embed|time_proj|timestep|time_text_embed|guidance_embed"
                                       r"|scale_shift_table")),
     ("output", re.compile(r"(^|\.)(norm_out|proj_out)(\.|$)")),
-    ("attention linears", re.compile(r"(^|\.)(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-                                     r"(\.|$)")),
+    ("attention linears", re.compile(r"(^|\.)(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj"
+                                     r"|to_add_out)(\.|$)")),
     ("FFN", re.compile(r"(^|\.)(ff|ffn|ff_context|mlp|proj_mlp)(\.|$)")),
     ("norms", re.compile(r"norm")),
 ]
@@ -78,7 +78,8 @@ def _merged_dete(dete: Path) -> dict[str, torch.Tensor]:
     merged = PeftModel.from_pretrained(base, dete / ADAPTER_DIR).merge_and_unload()
     result = merged.load_state_dict(load_file(str(dete / TIMESTEP_LAYERS_FILE)), strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"{dete}: timestep layers {result.unexpected_keys[:3]} are not in the SemE transformer")
+        raise ValueError(f"{dete}: timestep layers {result.unexpected_keys[:3]} are not in the SemE "
+                         "transformer")
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
@@ -93,8 +94,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if (path / "transformer").is_dir():
         path = path / "transformer"
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path}: not a checkpoint; expected a diffusers transformer folder (config.json + "
-                                "*.safetensors), a folder holding transformer/, or a DetE folder (expert.json)")
+        raise FileNotFoundError(f"{path}: not a checkpoint; expected a diffusers transformer folder "
+                                "(config.json + *.safetensors), a folder holding transformer/, or a DetE "
+                                "folder (expert.json)")
     return _safetensors_state(path)
 
 
@@ -102,7 +104,8 @@ def relative_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
     """{group: {relative_change, delta_norm, weight_norm, params, tensors}} for the groups present."""
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        raise ValueError(f"the checkpoints hold different tensors: only in A {only_a[:3]}, only in B {only_b[:3]}")
+        raise ValueError(f"the checkpoints hold different tensors: only in A {only_a[:3]}, only in B "
+                         f"{only_b[:3]}")
     acc = {g: {"delta_sq": 0.0, "weight_sq": 0.0, "params": 0, "tensors": 0} for g in GROUPS}
     for name, wa in a.items():
         wb = b[name]
@@ -119,15 +122,16 @@ def relative_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
         if g["tensors"]:
             delta, weight = g["delta_sq"] ** 0.5, g["weight_sq"] ** 0.5
             out[group] = {"relative_change": delta / weight if weight > 0 else float("inf") if delta else 0.0,
-                          "delta_norm": delta, "weight_norm": weight, "params": g["params"], "tensors": g["tensors"]}
+                          "delta_norm": delta, "weight_norm": weight, "params": g["params"],
+                          "tensors": g["tensors"]}
     return out
 
 
 def table(changes: dict[str, dict[str, float]]) -> str:
     lines = ["| module group | tensors | params | ‖W‖ | ‖ΔW‖ | ‖ΔW‖/‖W‖ |", "|---|---|---|---|---|---|"]
     for group, c in changes.items():
-        lines.append(f"| {group} | {c['tensors']} | {c['params']} | {c['weight_norm']:.4g} | {c['delta_norm']:.4g} "
-                     f"| {c['relative_change']:.4e} |")
+        lines.append(f"| {group} | {c['tensors']} | {c['params']} | {c['weight_norm']:.4g} | "
+                     f"{c['delta_norm']:.4g} | {c['relative_change']:.4e} |")
     return "\n".join(lines)
 
 
@@ -159,5 +163,6 @@ def main(a: str | Path, b: str | Path, plot: str | Path | None, json_path: str |
         bar_plot(changes, plot, f"{Path(b)} vs {Path(a)}")
         print(f"bar plot: {plot}")
     if json_path:
-        Path(json_path).write_text(json.dumps({"a": str(a), "b": str(b), "groups": changes}, indent=2) + "\n")
+        Path(json_path).write_text(json.dumps({"a": str(a), "b": str(b), "groups": changes}, indent=2)
+                                   + "\n")
     return changes

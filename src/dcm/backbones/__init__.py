@@ -13,7 +13,8 @@ from pathlib import Path
 from dcm.backbones.base import Backbone, PromptEmbeds
 from dcm.config import ConfigError, Params
 
-__all__ = ["Backbone", "PromptEmbeds", "load_teacher", "create_teacher", "record_teacher", "adapter_class", "FAMILIES"]
+__all__ = ["Backbone", "PromptEmbeds", "load_teacher", "create_teacher", "record_teacher", "adapter_class",
+           "FAMILIES"]
 
 FAMILIES = ("toy", "wan", "hunyuan", "cogvideox")
 REAL_FAMILIES = FAMILIES[1:]
@@ -37,7 +38,8 @@ def adapter_class(family: str):
 
 
 def create_teacher(params: Params) -> Backbone:
-    """A freshly initialised toy teacher (pretrained by the ``teacher`` stage); a real family's folder, loaded."""
+    """A freshly initialised toy teacher (pretrained by the ``teacher`` stage); a real family's folder,
+    loaded."""
     _check_family(params)
     bb = params.backbone
     if bb.family in REAL_FAMILIES:
@@ -85,15 +87,16 @@ def _load_recorded(params: Params, path: Path) -> Backbone:
     cls = adapter_class(bb.family)
     if record.get("family") != bb.family:
         raise ConfigError("backbone.family", bb.family,
-                          f"the family recorded in {path} ({record.get('family')!r}): re-run `dcm run teacher`")
+                          f"the family recorded in {path} ({record.get('family')!r}): re-run "
+                          "`dcm run teacher`")
     folder = cls.check_folder(record["path"], key=f"{path}/backbone.json path")
     configured = cls.check_folder(bb.path)
     if configured != folder:
         raise ConfigError("backbone.path", bb.path,
                           f"the folder recorded in {path} ({folder}): re-run `dcm run teacher`")
     if folder_config_digest(folder) != record["config_sha256"]:
-        raise ConfigError("backbone.path", bb.path, f"the folder as recorded in {path} (its config/weight files "
-                                                    "changed since): re-run `dcm run teacher`")
+        raise ConfigError("backbone.path", bb.path, f"the folder as recorded in {path} (its config/weight "
+                                                    "files changed since): re-run `dcm run teacher`")
     backbone = cls.from_folder(folder, bb.real, bb.guidance_scale)
     backbone.load_prompt_table(path)
     return backbone

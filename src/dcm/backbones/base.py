@@ -31,7 +31,8 @@ class PromptEmbeds:
         return PromptEmbeds(self.hidden[idx], extra)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        move = (lambda t: t.to(device, dtype) if t.is_floating_point() and dtype else t.to(device))  # noqa: E731
+        move = (lambda t: t.to(device, dtype)  # noqa: E731
+                if t.is_floating_point() and dtype else t.to(device))
         return PromptEmbeds(move(self.hidden), {k: move(v) for k, v in (self.extra or {}).items()} or None)
 
     @staticmethod
@@ -42,7 +43,8 @@ class PromptEmbeds:
 
     def pooled(self) -> torch.Tensor:
         """(B, D) one vector per prompt: the family's pooled embedding (Hunyuan's CLIP) where it has one,
-        else the mean of the non-padding token embeddings (padding rows are all zero in every family)."""
+        else the mean of the token embeddings that are not all zero (the toy's and Wan's padding is zero;
+        CogVideoX's pipeline returns the encoder's outputs at pad tokens, so they count there)."""
         if self.extra and "pooled" in self.extra:
             return self.extra["pooled"]
         hidden = self.hidden.float()
@@ -55,7 +57,8 @@ def token_grid(latent_thw: Sequence[int], patch_size: Sequence[int]) -> tuple[in
     t, h, w = latent_thw
     pt, ph, pw = patch_size
     if t % pt or h % ph or w % pw:
-        raise ValueError(f"latent (T, H, W) = {tuple(latent_thw)} is not divisible by the patch size {tuple(patch_size)}")
+        raise ValueError(f"latent (T, H, W) = {tuple(latent_thw)} is not divisible by the patch size "
+                         f"{tuple(patch_size)}")
     return t // pt, h // ph, w // pw
 
 
@@ -122,7 +125,8 @@ class Backbone(ABC):
 
     @abstractmethod
     def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
-        """(C, T, H, W) of a ``frames`` × ``size`` × ``size`` video (real families: see ``video_latent_shape``)."""
+        """(C, T, H, W) of a ``frames`` × ``size`` × ``size`` video (real families: see
+        ``video_latent_shape``)."""
         ...
 
     def video_latent_shape(self, params) -> tuple[int, int, int, int]:
@@ -153,7 +157,8 @@ class Backbone(ABC):
         return list(range(0, len(self.blocks(model)), 2))
 
     def model_timestep(self, sigma: float) -> float:
-        """The transformer's timestep input at noise level σ: 1000·σ (a VP family maps it); experts route on it."""
+        """The transformer's timestep input at noise level σ: 1000·σ (a VP family maps it); experts route
+        on it."""
         return 1000.0 * float(sigma)
 
     def feature_dim(self, model: nn.Module) -> int:
@@ -161,7 +166,8 @@ class Backbone(ABC):
         return int(unwrap(model).proj_out.in_features)
 
     def token_patch(self, model: nn.Module) -> tuple[int, int, int]:
-        """(t, h, w) patch of the transformer's tokens: latent grid / patch = the discriminator's token grid."""
+        """(t, h, w) patch of the transformer's tokens: latent grid / patch = the discriminator's token
+        grid."""
         return tuple(int(p) for p in unwrap(model).config.patch_size)
 
     # --- the output head, for feature matching (METHODS.md, DetE)
@@ -172,7 +178,8 @@ class Backbone(ABC):
         ...
 
     @abstractmethod
-    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+    def output_head(self, model: nn.Module, hidden: torch.Tensor,
+                    head_condition: torch.Tensor) -> torch.Tensor:
         """The transformer's final layer on block outputs (B, tokens, dim): modulated ``norm_out``, then
         ``proj_out``; (B, tokens, patch values), before unpatchifying."""
         ...
@@ -184,7 +191,8 @@ class Backbone(ABC):
         """Each tap through the teacher's output head at the pass's t (modulation included), unpatchified
         to the network's output space (B, C, T, H, W): what feature matching compares."""
         if features.head_condition is None:
-            raise ValueError("these features carry no output-head conditioning: take them with predict(features=True)")
+            raise ValueError("these features carry no output-head conditioning: take them with "
+                             "predict(features=True)")
         patch = self.token_patch(model)
         return [unpatchify(self.output_head(model, tap, features.head_condition), features.latent_thw, patch,
                            self.head_channels_last) for tap in features.taps]
@@ -232,7 +240,8 @@ class Backbone(ABC):
             return self.forward(model, x, sigma, cond, guidance=g)
         if uncond is None or w == 1.0:
             return self.forward(model, x, sigma, cond)
-        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]), PromptEmbeds.cat([uncond, cond]))
+        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]),
+                         PromptEmbeds.cat([uncond, cond]))
         v_u, v_c = v.chunk(2)
         return v_u + w * (v_c - v_u)
 
@@ -252,7 +261,8 @@ def enable_activation_checkpointing(*models: nn.Module) -> int:
     count, seen = 0, set()
     for model in models:
         for module in model.modules():
-            if isinstance(module, ModelMixin) and id(module) not in seen and module._supports_gradient_checkpointing:
+            if (isinstance(module, ModelMixin) and id(module) not in seen
+                    and module._supports_gradient_checkpointing):
                 seen.add(id(module))
                 module.enable_gradient_checkpointing()
                 count += 1

@@ -1,4 +1,5 @@
-"""CogVideoX (``CogVideoXPipeline``) as a teacher: T5 text encoder, CogVideoX VAE, CogVideoXTransformer3DModel.
+"""CogVideoX (``CogVideoXPipeline``) as a teacher: T5 text encoder, CogVideoX VAE,
+CogVideoXTransformer3DModel.
 
 CogVideoX is not flow matching: it is a variance-preserving (VP) diffusion model with
 v-prediction, sampled by DDIM over 1000 discrete timesteps whose ᾱ_t come from the folder's
@@ -42,12 +43,12 @@ from dcm.backbones.real import PipelineBackbone
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
 TRANSFORMER_CONFIGS = {
-    "2B": dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
-               text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49,
-               patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226),
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
-                 text_embed_dim=32, num_layers=4, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-                 temporal_compression_ratio=4, max_text_seq_length=8),
+    "2B": dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
+               time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60,
+               sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226),
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                 time_embed_dim=4, text_embed_dim=32, num_layers=4, sample_width=4, sample_height=4,
+                 sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8),
 }
 
 
@@ -80,7 +81,8 @@ def vp_velocity_to_flow(z: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -
 
 
 def flow_velocity_to_vp(x: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The VP v-prediction α·ε − s·x0 that a flow velocity u at x_σ stands for (x0 = x − σu, ε = x + (1−σ)u)."""
+    """The VP v-prediction α·ε − s·x0 that a flow velocity u at x_σ stands for (x0 = x − σu,
+    ε = x + (1−σ)u)."""
     sig = _bcast(sigma.double(), x)
     a, s, _ = (_bcast(c, x) for c in vp_coefficients(sigma))
     x0, eps = x - sig * u, x + (1 - sig) * u
@@ -125,8 +127,8 @@ class CogVideoXBackbone(PipelineBackbone):
         super().__init__(pipe, settings, guidance_scale, path)
         self.vp = VPTimesteps(pipe.scheduler.alphas_cumprod)
         if pipe.scheduler.config.prediction_type != "v_prediction":
-            raise ValueError(f"CogVideoX scheduler predicts {pipe.scheduler.config.prediction_type!r}; this adapter "
-                             "maps v_prediction only")
+            raise ValueError(f"CogVideoX scheduler predicts {pipe.scheduler.config.prediction_type!r}; this "
+                             "adapter maps v_prediction only")
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -157,10 +159,11 @@ class CogVideoXBackbone(PipelineBackbone):
         return (int(cfg.patch_size_t or 1), int(cfg.patch_size), int(cfg.patch_size))
 
     def watch_head_condition(self, model: nn.Module, store):
-        return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, _args, kwargs: store(kwargs["temb"]),
-                                                                with_kwargs=True)
+        return unwrap(model).norm_out.register_forward_pre_hook(
+            lambda _m, _args, kwargs: store(kwargs["temb"]), with_kwargs=True)
 
-    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+    def output_head(self, model: nn.Module, hidden: torch.Tensor,
+                    head_condition: torch.Tensor) -> torch.Tensor:
         m = unwrap(model)
         return m.proj_out(m.norm_out(m.norm_final(hidden), temb=head_condition))
 
@@ -183,7 +186,8 @@ class CogVideoXBackbone(PipelineBackbone):
         sigma = sigma.reshape(-1).expand(x.shape[0])
         z = flow_to_vp(x, sigma)
         timestep = self.vp.timestep(sigma).to(x.device)
-        v = model(hidden_states=z.transpose(1, 2), encoder_hidden_states=cond.hidden.to(x.dtype), timestep=timestep,
+        v = model(hidden_states=z.transpose(1, 2), encoder_hidden_states=cond.hidden.to(x.dtype),
+                  timestep=timestep,
                   image_rotary_emb=self.rotary_embedding(model, tuple(x.shape[2:]), x.device),
                   return_dict=False)[0].transpose(1, 2)
         return vp_velocity_to_flow(z, v, sigma)

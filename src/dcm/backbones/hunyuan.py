@@ -16,9 +16,10 @@ with its 95-token system prefix cropped, their attention mask, CLIP's pooled out
 Discriminator taps: every 2nd single-stream block (0, 2, …, 38); their outputs are split into
 video and text tokens and the hook keeps the video tokens.  Feature matching maps them through the
 output head as the forward does: ``proj_out(norm_out(h, temb))`` (``norm_out`` is an
-AdaLayerNormContinuous, temb the time/guidance/pooled-text embedding), tokens holding (C, p_t, p, p).  DetE copies ``time_text_embed``
-(timestep + guidance + pooled-text embedding), ``norm_out`` and ``proj_out`` (METHODS.md); the
-token refiner (``context_embedder``) also sees t but is shared, as in the official code.
+AdaLayerNormContinuous, temb the time/guidance/pooled-text embedding), tokens holding (C, p_t, p, p).
+DetE copies ``time_text_embed`` (timestep + guidance + pooled-text embedding), ``norm_out`` and
+``proj_out`` (METHODS.md); the token refiner (``context_embedder``) also sees t but is shared, as in
+the official code.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ GUIDANCE_SCALE_FACTOR = 1000.0  # the pipeline's guidance input is w · 1000
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
 TRANSFORMER_CONFIGS = {
-    "13B": dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-                num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
-                qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
-                rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
+    "13B": dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+                pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
     "tiny": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-                 num_single_layers=4, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-                 text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6)),
+                 num_single_layers=4, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                 guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6)),
 }
 
 
@@ -53,7 +54,8 @@ class HunyuanBackbone(PipelineBackbone):
     guidance_mode = "embedded"
     timestep_layer_names = ("time_text_embed", "norm_out", "proj_out")
     pipeline_class_name = "HunyuanVideoPipeline"
-    components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                  "scheduler")
     text_components = ("text_encoder", "text_encoder_2")
     default_max_sequence_length = 256  # HunyuanVideoPipeline's default (after the template prefix)
 
@@ -81,7 +83,8 @@ class HunyuanBackbone(PipelineBackbone):
     def watch_head_condition(self, model: nn.Module, store):
         return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, args: store(args[1]))
 
-    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+    def output_head(self, model: nn.Module, hidden: torch.Tensor,
+                    head_condition: torch.Tensor) -> torch.Tensor:
         m = unwrap(model)
         return m.proj_out(m.norm_out(hidden, head_condition))
 
@@ -89,7 +92,8 @@ class HunyuanBackbone(PipelineBackbone):
         batch = x.shape[0]
         scale = guidance if guidance is not None else torch.full((batch,), self.guidance_scale)
         extra = cond.extra or {}
-        return model(hidden_states=x, timestep=self.timestep(sigma, x), encoder_hidden_states=cond.hidden.to(x.dtype),
+        return model(hidden_states=x, timestep=self.timestep(sigma, x),
+                     encoder_hidden_states=cond.hidden.to(x.dtype),
                      encoder_attention_mask=extra["attention_mask"].to(x.device),
                      pooled_projections=extra["pooled"].to(x.device, x.dtype),
                      guidance=embedded_guidance(scale.reshape(-1).to(x.device)).to(x.dtype).expand(batch),

@@ -54,7 +54,8 @@ class PipelineBackbone(Backbone):
     text_components: tuple[str, ...] = ()  # loaded only when a prompt misses the prompt table
     default_max_sequence_length: int = 256
 
-    def __init__(self, pipe, settings: RealBackboneConfig, guidance_scale: float, path: str | Path | None = None):
+    def __init__(self, pipe, settings: RealBackboneConfig, guidance_scale: float,
+                 path: str | Path | None = None):
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.vae = getattr(pipe, "vae", None)
@@ -80,16 +81,19 @@ class PipelineBackbone(Backbone):
     def check_folder(cls, path: str | os.PathLike | None, key: str = "backbone.path") -> Path:
         """The folder, resolved; a ConfigError naming every missing component otherwise."""
         if not path:
-            raise ConfigError(key, path, f"a local {cls.pipeline_class_name} folder for family '{cls.family}'")
+            raise ConfigError(key, path,
+                              f"a local {cls.pipeline_class_name} folder for family '{cls.family}'")
         folder = Path(os.path.expanduser(str(path))).resolve()
         if not folder.is_dir():
-            raise ConfigError(key, str(path), f"an existing local {cls.pipeline_class_name} folder (never a hub id)")
+            raise ConfigError(key, str(path),
+                              f"an existing local {cls.pipeline_class_name} folder (never a hub id)")
         missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
         if not missing:
             found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
             if found not in (None, cls.pipeline_class_name):
-                raise ConfigError(key, str(path), f"a {cls.pipeline_class_name} folder for family '{cls.family}', "
-                                                  f"not a {found} (check backbone.family)")
+                raise ConfigError(key, str(path),
+                                  f"a {cls.pipeline_class_name} folder for family '{cls.family}', "
+                                  f"not a {found} (check backbone.family)")
         for name in cls.components:
             sub = folder / name
             if not sub.is_dir() or not any(sub.iterdir()):
@@ -97,8 +101,9 @@ class PipelineBackbone(Backbone):
             elif name not in ("tokenizer", "tokenizer_2", "scheduler") and not _has_weights(sub):
                 missing.append(f"{name}/ weights (*.safetensors or *.bin)")
         if missing:
-            raise ConfigError(key, str(path), f"a {cls.pipeline_class_name} folder ({', '.join(cls.components)}); "
-                                              f"missing: {', '.join(missing)}")
+            raise ConfigError(key, str(path),
+                              f"a {cls.pipeline_class_name} folder ({', '.join(cls.components)}); "
+                              f"missing: {', '.join(missing)}")
         return folder
 
     @classmethod
@@ -130,7 +135,8 @@ class PipelineBackbone(Backbone):
         for name in missing:
             library, class_name = index[name]
             model_class = getattr(importlib.import_module(library), class_name)
-            encoder = model_class.from_pretrained(self.path / name, torch_dtype=DTYPES[self.settings.text_dtype],
+            encoder = model_class.from_pretrained(self.path / name,
+                                                  torch_dtype=DTYPES[self.settings.text_dtype],
                                                   local_files_only=True)
             self.pipe.register_modules(**{name: encoder.eval().requires_grad_(False).to(self.device)})
 
@@ -143,8 +149,9 @@ class PipelineBackbone(Backbone):
         return self.settings.max_sequence_length or self.default_max_sequence_length
 
     def encode_text(self, prompts: list[str]) -> PromptEmbeds:
-        """The pipeline's own ``encode_prompt`` on its T5-style encoder (Wan, CogVideoX); padded positions
-        come back zeroed.  Families with other text inputs (Hunyuan: pooled + mask) override this."""
+        """The pipeline's own ``encode_prompt`` on its T5-style encoder (Wan, CogVideoX); Wan's pipeline
+        zeroes the padded positions, CogVideoX's returns the encoder's outputs there.  Families with other
+        text inputs (Hunyuan: pooled + mask) override this."""
         embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                             max_sequence_length=self.max_sequence_length, device=self.device)
         return PromptEmbeds(embeds)

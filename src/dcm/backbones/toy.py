@@ -51,7 +51,8 @@ class PromptEncoder(ModelMixin, ConfigMixin):
         ids = torch.zeros(len(prompts), n, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             words = re.findall(r"[a-z]+", prompt.lower())[:n]
-            ids[row, : len(words)] = torch.tensor([self.word_index.get(w, 1) for w in words], dtype=torch.long)
+            ids[row, : len(words)] = torch.tensor([self.word_index.get(w, 1) for w in words],
+                                                  dtype=torch.long)
         return ids
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class PromptEncoder(ModelMixin, ConfigMixin):
 # Pixel statistics of shapes-world videos in [-1, 1] (dark-grey background, an 11 px object):
 # mean -0.39, std 0.22.  Like a VAE's latents_mean / latents_std (Wan) the codec normalises with
 # them, so latents have unit scale: un-normalised, x0 (std 0.22) drowns in ε (std 1) already at
-# σ ≈ 0.2, most of the σ range carries no signal and the teacher never learns layout.
+# σ ≈ 0.2, and most of the σ range would carry no signal.
 LATENT_MEAN = -0.39
 LATENT_STD = 0.22
 
@@ -99,7 +100,8 @@ class ToyBackbone(WanOutputHead, Backbone):
     timestep_layer_names = ("condition_embedder", "scale_shift_table", "norm_out", "proj_out")
 
     def __init__(self, transformer: WanTransformer3DModel, prompt_encoder: PromptEncoder, codec_factor: int,
-                 guidance_scale: float = 4.0, latent_mean: float = LATENT_MEAN, latent_std: float = LATENT_STD):
+                 guidance_scale: float = 4.0, latent_mean: float = LATENT_MEAN,
+                 latent_std: float = LATENT_STD):
         self.transformer = transformer
         self.prompt_encoder = prompt_encoder
         self.codec = PixelCodec(codec_factor, latent_mean, latent_std)
@@ -138,8 +140,9 @@ class ToyBackbone(WanOutputHead, Backbone):
         path = Path(path)
         (transformer or self.transformer).save_pretrained(path / "transformer")
         self.prompt_encoder.save_pretrained(path / "prompt_encoder")
-        meta = {"family": self.family, "codec_factor": self.codec.factor, "guidance_scale": self.guidance_scale,
-                "latent_mean": self.codec.mean, "latent_std": self.codec.std}
+        meta = {"family": self.family, "codec_factor": self.codec.factor,
+                "guidance_scale": self.guidance_scale, "latent_mean": self.codec.mean,
+                "latent_std": self.codec.std}
         (path / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     # --------------------------------------------------------------------------- protocol

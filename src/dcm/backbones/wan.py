@@ -25,11 +25,11 @@ from dcm.backbones.real import PipelineBackbone
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
 TRANSFORMER_CONFIGS = {
     "1.3B": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     "14B": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     "tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4, cross_attn_norm=True,
                  qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
@@ -51,7 +51,8 @@ class WanOutputHead:
         # Wan calls norm_out without temb: take it where it is made, the condition embedder's first output
         return unwrap(model).condition_embedder.register_forward_hook(lambda _m, _inputs, out: store(out[0]))
 
-    def output_head(self, model: nn.Module, hidden: torch.Tensor, head_condition: torch.Tensor) -> torch.Tensor:
+    def output_head(self, model: nn.Module, hidden: torch.Tensor,
+                    head_condition: torch.Tensor) -> torch.Tensor:
         m = unwrap(model)
         table, temb = m.scale_shift_table.to(head_condition.device), head_condition
         if temb.ndim == 3:  # one timestep per token (Wan 2.2 TI2V): temb (B, tokens, dim)
@@ -99,5 +100,5 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
         return unwrap(model).blocks
 
     def forward(self, model, x, sigma, cond, guidance=None):
-        return model(hidden_states=x, timestep=self.timestep(sigma, x), encoder_hidden_states=cond.hidden.to(x.dtype),
-                     return_dict=False)[0]
+        return model(hidden_states=x, timestep=self.timestep(sigma, x),
+                     encoder_hidden_states=cond.hidden.to(x.dtype), return_dict=False)[0]

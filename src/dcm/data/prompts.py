@@ -1,4 +1,5 @@
-"""The (prompt, seed) rows of every split: training, evaluation (``data/prompts.json``) and validation.
+"""The (prompt, seed) rows of every split: training, evaluation (``data/prompts.json``) and
+validation.
 
 Train rows cycle over a seeded shuffle of every caption of the world, with distinct seeds from
 [0, TRAIN_SEED_LIMIT).  Eval rows are ``world.eval_prompts`` captions chosen to spread evenly over
@@ -13,7 +14,8 @@ import numpy as np
 from dcm.config import ConfigError, Params
 from dcm.worlds import shapes
 
-TRAIN_SEED_LIMIT = 1_000_000  # train seeds lie in [0, limit); eval in [limit, 2·limit); validation in [2·limit, 3·limit)
+# train seeds lie in [0, limit); eval in [limit, 2·limit); validation in [2·limit, 3·limit)
+TRAIN_SEED_LIMIT = 1_000_000
 
 
 def balanced_captions(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
@@ -37,12 +39,14 @@ def balanced_captions(captions: list[str], count: int, rng: np.random.Generator)
 
 
 def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
-    """The ``data/prompts.json`` contract: ``{"train": [...], "eval": [...]}`` rows of prompt_id, prompt, seed."""
+    """The ``data/prompts.json`` contract: ``{"train": [...], "eval": [...]}`` rows of prompt_id, prompt,
+    seed."""
     captions = shapes.all_captions()
     n_train = params.trajectories.num_trajectories
     n_eval_prompts, n_eval_seeds = params.world.eval_prompts, params.world.eval_seeds
     if n_eval_prompts > len(captions):
-        raise ConfigError("world.eval_prompts", n_eval_prompts, f"<= the number of captions ({len(captions)})")
+        raise ConfigError("world.eval_prompts", n_eval_prompts,
+                          f"<= the number of captions ({len(captions)})")
     if n_train > TRAIN_SEED_LIMIT or n_eval_prompts * n_eval_seeds > TRAIN_SEED_LIMIT:
         raise ConfigError("trajectories.num_trajectories", n_train, f"<= {TRAIN_SEED_LIMIT} distinct seeds")
     train_rng, eval_rng = (np.random.default_rng([params.seed, k]) for k in (0, 1))
@@ -67,9 +71,10 @@ def held_out_rows(captions: list[str], n_prompts: int, n_seeds: int, rng: np.ran
 
 
 def validation_rows(params: Params) -> list[dict]:
-    """A validation split shaped like the eval rows (balanced captions × ``world.eval_seeds``) with seeds in
-    [2·limit, 3·limit): unseen by training and disjoint from the eval rows, for choosing hyperparameters
-    without looking at the numbers that get reported (``benchmarks/validate.py``).  Not in prompts.json."""
+    """A validation split shaped like the eval rows (balanced captions × ``world.eval_seeds``) with seeds
+    in [2·limit, 3·limit): unseen by training and disjoint from the eval rows, for choosing
+    hyperparameters without looking at the numbers that get reported (``benchmarks/validate.py``).  Not in
+    prompts.json."""
     rng = np.random.default_rng([params.seed, 2])
     return held_out_rows(shapes.all_captions(), params.world.eval_prompts, params.world.eval_seeds, rng,
                          2 * TRAIN_SEED_LIMIT)

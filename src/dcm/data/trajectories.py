@@ -19,20 +19,11 @@ both points to bf16 independently makes the stored difference mostly rounding no
 range (and still off by far more than 1e-3 of the step at every grid index, tests/test_trajectories.py).
 The solve runs in fp32, and an fp32 store keeps every point bit for bit as the solver made it, so
 ``TrajectoryStore.pair`` returns x_n, x_{n−1} whose difference is the solver's fp32 step
-(``exact_steps: true``).  Layouts that keep the step exact, bytes per trajectory at N = 50 (51 points):
-
-    layout                                       B/elem   Hunyuan 720p    Wan 480p
-                                                          16×32×90×160    16×21×60×104
-    bf16 points (format 1's default, NOT exact)     102   0.75 GB         0.21 GB
-    fp32 points                     (this store)    204   1.50 GB         0.43 GB
-    bf16 points + fp32 steps (or fp32 velocity)     302   2.23 GB         0.63 GB
-    fp32 noise + fp32 steps, x_n by cumulative sum  204   1.50 GB         0.43 GB
-    noise from the seed + fp32 steps (cumsum)       200   1.47 GB         0.42 GB
-
-Every exact layout needs ~4 bytes per element per grid point, and fp32 points are the smallest one
-with O(1) random access to x_n (the cumulative ones read up to N slices per sample), so an exact
-store is plain fp32.  ``dtype`` bf16/fp16 is still accepted (half the bytes) but the store records
-``exact_steps: false`` and ``dcm.distill.data.CachedSource`` warns that its teacher step is rounded.
+(``exact_steps: true``).  Every layout that keeps the step exact needs ~4 bytes per element per grid
+point, and fp32 points are the smallest one with O(1) random access to x_n (layouts that store steps
+read up to N slices per sample to sum them), so an exact store is plain fp32.  ``dtype`` bf16/fp16 is
+still accepted (half the bytes) but the store records ``exact_steps: false`` and
+``dcm.distill.data.CachedSource`` warns that its teacher step is rounded.
 
 ``TrajectoryWriter`` builds the folder shard by shard so that a killed run resumes: each shard is
 written to a temporary file, fsynced and renamed (a reader never sees half a shard), carries the
@@ -117,11 +108,12 @@ def solve(backbone: Backbone, grid: TeacherGrid, prompts: list[str], noise: torc
 
 
 @torch.no_grad()
-def solve_velocity(velocity: Velocity, grid: TeacherGrid, noise: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+def solve_velocity(velocity: Velocity, grid: TeacherGrid, noise: torch.Tensor,
+                   cond: PromptEmbeds) -> torch.Tensor:
     """Euler solve of any velocity field over the full grid in fp32 (the points stay fp32 whatever the
     field returns); (B, N+1, C, T, H, W) float32 in ``grid.extended`` order."""
-    path = sample({"teacher": velocity}, uniform_schedule(grid, grid.steps), noise.to(dtype=torch.float32), cond,
-                  final_sigma=grid.sigma_min, keep_trajectory=True)
+    path = sample({"teacher": velocity}, uniform_schedule(grid, grid.steps), noise.to(dtype=torch.float32),
+                  cond, final_sigma=grid.sigma_min, keep_trajectory=True)
     return torch.stack(path[::-1], dim=1).cpu()
 
 
@@ -226,7 +218,8 @@ class TrajectoryWriter:
                 meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
         except Exception:  # unreadable header: recompute the shard
             return None
-        if meta.get("fingerprint") != self.fingerprint or meta.get("shard") != i or meta.get("rows") != self.shard_rows[i]:
+        if (meta.get("fingerprint") != self.fingerprint or meta.get("shard") != i
+                or meta.get("rows") != self.shard_rows[i]):
             return None
         digest = file_sha256(path)
         if recorded is not None and recorded.get("sha256") != digest:
@@ -254,7 +247,8 @@ class TrajectoryWriter:
         data = safetensors_bytes({TENSOR: tensor}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         io.write_bytes_atomic(self.root / shard_name(i), data)
         _fsync_dir(self.root)
-        entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(), "rows": self.shard_rows[i]}
+        entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(),
+                 "rows": self.shard_rows[i]}
         self.entries[i] = entry
         self._write_partial()
         return entry
@@ -301,8 +295,10 @@ class TrajectoryStore:
             why = (" (format 1 rounded every point to its dtype, bf16 by default, so the teacher step "
                    "x_n − x_{n−1} it returns is not the fp32 step)" if version == 1 else "")
             raise StoreError(f"{index_path}: trajectory store format_version {version!r}, this code reads "
-                             f"only {FORMAT_VERSION}{why}: delete {self.root} and re-run `dcm run trajectories`")
-        if self.index.get("dtype") not in DTYPES or self.index.get("exact_steps") != (self.index["dtype"] == EXACT_DTYPE):
+                             f"only {FORMAT_VERSION}{why}: delete {self.root} and re-run "
+                             "`dcm run trajectories`")
+        if (self.index.get("dtype") not in DTYPES
+                or self.index.get("exact_steps") != (self.index["dtype"] == EXACT_DTYPE)):
             raise StoreError(f"{index_path}: dtype {self.index.get('dtype')!r} with exact_steps "
                              f"{self.index.get('exact_steps')!r} is not a store this code writes")
         self.grid_sigmas = np.asarray(self.index["grid"]["sigmas"], dtype=np.float64)
@@ -313,7 +309,8 @@ class TrajectoryStore:
         self.rows: list[dict] = [row for shard in self.shards for row in shard["rows"]]
         self._shard_of = np.concatenate([np.full(len(s["rows"]), k) for k, s in enumerate(self.shards)]
                                         or [np.zeros(0)]).astype(np.int64)
-        self._local = np.concatenate([np.arange(len(s["rows"])) for s in self.shards] or [np.zeros(0)]).astype(np.int64)
+        self._local = np.concatenate([np.arange(len(s["rows"])) for s in self.shards]
+                                     or [np.zeros(0)]).astype(np.int64)
         self._handles: dict[int, Any] = {}
         if verify:
             self.verify()
@@ -352,7 +349,8 @@ class TrajectoryStore:
         return [self.rows[i]["seed"] for i in self._trajectories(traj)]
 
     # --- values
-    def latents(self, traj: Sequence[int] | torch.Tensor, n: Sequence[int] | torch.Tensor | int) -> torch.Tensor:
+    def latents(self, traj: Sequence[int] | torch.Tensor,
+                n: Sequence[int] | torch.Tensor | int) -> torch.Tensor:
         """float32 (B, C, T, H, W): trajectory traj[i] at grid index n[i] (−1 = σ_min, N−1 = the noise)."""
         rows = self._trajectories(traj)
         ns = [int(n)] * len(rows) if isinstance(n, (int, np.integer)) else _as_ints(n)

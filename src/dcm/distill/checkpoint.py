@@ -28,7 +28,7 @@ SHARDED_DIR = "dcp"
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
-    """sha256 of the settings a resume must match (canonical JSON)."""
+    """sha256 of the settings a resume must match (canonical JSON), its first 16 hex digits."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -85,7 +85,8 @@ class ResumeState:
 
     def __init__(self, out_dir: str | os.PathLike, fingerprint: str, *, names: list[str],
                  trainable: list[torch.Tensor], ema: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                 optimized: torch.nn.Module, objectives: list, space, sampler: torch.Generator, sharded: bool):
+                 optimized: torch.nn.Module, objectives: list, space, sampler: torch.Generator,
+                 sharded: bool):
         self.out_dir, self.fingerprint, self.names = Path(out_dir), fingerprint, names
         self.trainable, self.ema, self.optimizer, self.optimized = trainable, ema, optimizer, optimized
         self.objectives, self.space, self.sampler, self.sharded = objectives, space, sampler, sharded
@@ -118,7 +119,8 @@ class ResumeState:
         if not self.sharded:
             path = save(self.out_dir, {
                 "step": step, "wall_s": wall_s, "fingerprint": self.fingerprint,
-                "trainable": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.trainable, strict=True)},
+                "trainable": {n: p.detach().cpu().clone()
+                              for n, p in zip(self.names, self.trainable, strict=True)},
                 "ema": ({n: p.detach().cpu().clone() for n, p in zip(self.names, self.ema, strict=True)}
                         if self.ema else None),
                 "optimizer": self.optimizer.state_dict(),
@@ -138,7 +140,7 @@ class ResumeState:
     # --- loading
     def load(self, max_step: int) -> tuple[int, float, str] | None:
         """Restore the saved state if it was made with the same settings and is not past ``max_step``;
-        returns (step, wall_s, 'path (step k)') or None (a stale state is removed)."""
+        returns (step, wall_s, 'path (step k)') or None (a state made with other settings is removed)."""
         from dcm import distributed
         from dcm.parallel import checkpoint as dcp_parts
 

@@ -60,8 +60,8 @@ class CachedSource:
             dtype = getattr(store, "index", {}).get("dtype", "rounded")
             warnings.warn(f"trajectory store {getattr(store, 'root', store)} holds {dtype} "
                           "points: the teacher step x_n − x_{n−1} it gives is rounded, not the fp32 step "
-                          "(METHODS.md, Precision); set trajectories.dtype: fp32 and re-run `dcm run trajectories`",
-                          RuntimeWarning, stacklevel=2)
+                          "(METHODS.md, Precision); set trajectories.dtype: fp32 and re-run "
+                          "`dcm run trajectories`", RuntimeWarning, stacklevel=2)
         self.device = torch.device(device)
         self.grid_sigmas = np.asarray(store.grid_sigmas, dtype=np.float64)
         prompts = [_row_prompt(r) for r in store.rows]
@@ -77,11 +77,13 @@ class CachedSource:
 
     def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
         x_n, x_prev = self.store.pair(rows.tolist(), n.tolist())
-        return SourceBatch(x_n.to(self.device), x_prev.to(self.device), self.embeds.index(rows.to(self.device)))
+        return SourceBatch(x_n.to(self.device), x_prev.to(self.device),
+                           self.embeds.index(rows.to(self.device)))
 
     # read-only look-ups (DetE's real="trajectory": a trajectory's own point at the phase end)
     def points(self, rows: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """float32 (B, C, T, H, W) on the device: stored trajectory rows[i] at grid index n[i] (−1 = σ_min)."""
+        """float32 (B, C, T, H, W) on the device: stored trajectory rows[i] at grid index n[i]
+        (−1 = σ_min)."""
         return self.store.latents(rows.tolist(), n.tolist()).to(self.device)
 
     def grid_index(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -98,13 +100,15 @@ class OnlineSource:
     """Noised data latents and one guided teacher Euler step per micro-batch (the official mode).
 
     ``rows`` are the ``train`` rows of ``data/prompts.json``; a row's data latent is the encoded
-    render of ``sample_scene(default_rng(seed), size, frames, caption=prompt, jitter=jitter)``, made once and kept.
+    render of ``sample_scene(default_rng(seed), size, frames, caption=prompt, jitter=jitter)``, made once
+    and kept.
     """
 
     kind = "online"
 
     def __init__(self, rows: Sequence[dict], backbone: Backbone, grid: TeacherGrid, size: int, frames: int,
-                 quality: str = "clean", device: torch.device | str = "cpu", jitter: float | None = None):
+                 quality: str = "clean", device: torch.device | str = "cpu",
+                 jitter: float | None = None):
         from dcm.worlds import shapes
 
         if not rows:
@@ -113,7 +117,8 @@ class OnlineSource:
         self.device = torch.device(device)
         self.grid_sigmas = grid.extended
         prompts = [_row_prompt(r) for r in rows]
-        scenes = [shapes.sample_scene(np.random.default_rng(_row_seed(r)), size, frames, caption=p, jitter=jitter)
+        scenes = [shapes.sample_scene(np.random.default_rng(_row_seed(r)), size, frames, caption=p,
+                                      jitter=jitter)
                   for r, p in zip(rows, prompts, strict=True)]
         videos = shapes.render_batch(scenes, size, frames)
         if quality == "low":  # MCM's low-quality video data, degraded deterministically per row
@@ -137,7 +142,8 @@ class OnlineSource:
     @torch.no_grad()
     def batch_from_x0(self, x0: torch.Tensor, rows: torch.Tensor, n: torch.Tensor,
                       generator: torch.Generator) -> SourceBatch:
-        """x0 noised to x_n with fresh ε, then one guided teacher Euler step to x_{n−1} (rows give the prompts)."""
+        """x0 noised to x_n with fresh ε, then one guided teacher Euler step to x_{n−1} (rows give the
+        prompts)."""
         eps = torch.randn(x0.shape, generator=generator).to(self.device)
         sigma_n = torch.as_tensor(self.grid_sigmas[(n + 1).numpy()], dtype=torch.float32, device=self.device)
         sigma_prev = torch.as_tensor(self.grid_sigmas[n.numpy()], dtype=torch.float32, device=self.device)

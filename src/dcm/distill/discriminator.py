@@ -1,9 +1,10 @@
-"""DetE's adversarial training: discriminator heads on frozen-teacher features, hinge GAN and feature matching.
+"""DetE's adversarial training: discriminator heads on frozen-teacher features, hinge GAN and feature
+matching.
 
 METHODS.md (DetE), as the official code does it: real = the consistency target x̂_tgt, fake = the
 student endpoint x̂; both are forward-diffused with the same noise ε′ from σ_end to σ_adv,
 
-    σ_adv ~ U{σ_min, σ_0, …, σ_{κ−1}}           (sigmas_prev[U[0, κ+1)]: the x_{n−1} levels of DetE's n)
+    σ_adv ~ U{σ_min, σ_0, …, σ_{κ−1}}     (sigmas_prev[U[0, κ+1)]: the x_{n−1} levels of DetE's n)
     x_adv = ((1 − σ_adv)·x + (σ_adv − σ_end)·ε′)/(1 − σ_end)
 
 the frozen teacher at t_adv gives features from every 2nd block (under the training autocast); one
@@ -14,7 +15,8 @@ output head at t_adv (modulation included), unpatchified to latent space.  The l
     L_D = Σ_h [relu(1 + D_h(fake)) + relu(1 − D_h(real))] / H
     L_G = 0.1 · (5 · λ_gan · Σ_h relu(1 − D_h(fake)) / H + λ_fm · mse(feat_fake, feat_real))
 
-Generator step then discriminator step (1:1); D: AdamW, betas (0, 0.999), clip 1.0.  The hinge term
+Generator step then discriminator step (1:1); D: AdamW, betas (0, 0.999), gradient clipped at
+``training.max_grad_norm`` (official: 1.0).  The hinge term
 (and D) is on when λ_gan > 0, feature matching when λ_fm > 0, independently.
 
 Variants (``DeteConfig``, issue 15; each default is the paper's, and leaves the path above bit for bit):
@@ -30,8 +32,8 @@ Variants (``DeteConfig``, issue 15; each default is the paper's, and leaves the 
   reads m after all D steps of steps < s.
 - ``real``: what D calls real and feature matching pulls toward.  ``target`` (paper): x̂_tgt.
   ``ema``: the endpoint of an EMA copy of DetE's trainable parameters from the fake's own x_n,
-  x̂_EMA = x_n + (σ_end − σ_n)·v_θEMA(x_n, t_n), θ_EMA ← decay·θ_EMA + (1 − decay)·θ after each
-  generator step (decay = ``training.ema_decay``; θ_EMA starts at θ and is resume state).
+  x̂_EMA = x_n + (σ_end − σ_n)·v_θEMA(x_n, t_n), θ_EMA ← decay·θ_EMA + (1 − decay)·θ after
+  each generator step (decay = ``training.ema_decay``; θ_EMA starts at θ and is resume state).
   ``trajectory``: the cached teacher trajectory's point at σ_end (σ_min for DetE) of the batch's
   trajectory, re-noised with the same σ_adv and ε′ as the fake (``training.source: cached`` only).
 """
@@ -64,7 +66,8 @@ MARGIN_DECAY = 0.9  # running mean of D's margin (hinge_margin)
 
 
 def adversarial_sigmas(grid: TeacherGrid, kappa: int) -> list[float]:
-    """The σ_adv DetE draws from: sigmas_prev[0..κ] = [σ_min, σ_0, …, σ_{κ−1}] (official: U[0, κ+1))."""
+    """The σ_adv DetE draws from: sigmas_prev[0..κ] = [σ_min, σ_0, …, σ_{κ−1}] (official:
+    U[0, κ+1))."""
     return [grid.sigma(n) for n in range(SIGMA_MIN_INDEX, kappa)]
 
 
@@ -74,7 +77,8 @@ def group_count(channels: int, most: int = 32) -> int:
 
 
 def _conv_norm_act(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.GroupNorm(group_count(c_out), c_out), nn.LeakyReLU(LEAKY_SLOPE))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.GroupNorm(group_count(c_out), c_out),
+                         nn.LeakyReLU(LEAKY_SLOPE))
 
 
 class DiscriminatorHead(nn.Module):
@@ -124,8 +128,8 @@ class Discriminator(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], latent_thw: Sequence[int],
                 cond: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per head the logits (B, T'·H'·W'), one per token; ``features`` are (B, tokens, dim) block outputs,
-        ``cond`` (B, cond_dim) the prompts' pooled embeddings for text-conditioned heads."""
+        """Per head the logits (B, T'·H'·W'), one per token; ``features`` are (B, tokens, dim) block
+        outputs, ``cond`` (B, cond_dim) the prompts' pooled embeddings for text-conditioned heads."""
         if len(features) != len(self.heads):
             raise ValueError(f"{len(features)} feature taps for {len(self.heads)} discriminator heads")
         t, h, w = token_grid(latent_thw, self.patch_size)
@@ -134,7 +138,8 @@ class Discriminator(nn.Module):
         for head, feat in zip(self.heads, features):
             b, tokens, dim = feat.shape
             if tokens != t * h * w:
-                raise ValueError(f"features have {tokens} tokens but the latent grid is {t}×{h}×{w} = {t * h * w}")
+                raise ValueError(f"features have {tokens} tokens but the latent grid is {t}×{h}×{w} = "
+                                 f"{t * h * w}")
             # tokens are ordered (frame, row, column): each frame's tokens become a (dim, H', W') image
             frames = feat.float().reshape(b, t, h, w, dim).permute(0, 1, 4, 2, 3).reshape(b * t, dim, h, w)
             logits.append(head(frames, frame_cond).reshape(b, t * h * w))
@@ -153,7 +158,8 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
-CHANCE_TOLERANCE = 0.05  # |mean L_D − 2| and |mean D(real) − D(fake)| below this: the heads do not separate
+# |mean L_D − 2| and |mean D(real) − D(fake)| below this: the heads do not separate
+CHANCE_TOLERANCE = 0.05
 
 
 def discriminator_summary(rows: Sequence[dict], prefix: str = "gan/") -> dict | None:
@@ -199,11 +205,11 @@ class GanFeatureMatching(Objective):
     name = "gan"
     supports_context_parallel = True
 
-    def __init__(self, backbone: Backbone, teacher: nn.Module, adv_sigmas: Sequence[float], *, gan_weight: float,
-                 fm_weight: float, disc_lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 disc_warmup: int = 0, disc_steps: int = 1, hinge_margin: float | None = None, real: str = "target",
-                 student: nn.Module | None = None, trainable: Sequence[nn.Parameter] | None = None,
-                 ema_decay: float = 0.95):
+    def __init__(self, backbone: Backbone, teacher: nn.Module, adv_sigmas: Sequence[float], *,
+                 gan_weight: float, fm_weight: float, disc_lr: float, weight_decay: float = 0.0,
+                 max_grad_norm: float = 1.0, disc_warmup: int = 0, disc_steps: int = 1,
+                 hinge_margin: float | None = None, real: str = "target", student: nn.Module | None = None,
+                 trainable: Sequence[nn.Parameter] | None = None, ema_decay: float = 0.95):
         if not len(adv_sigmas):
             raise ValueError("GanFeatureMatching needs at least one σ_adv to draw from")
         if gan_weight <= 0 and fm_weight <= 0:
@@ -212,16 +218,18 @@ class GanFeatureMatching(Objective):
         if real not in REALS:
             raise ValueError(f"GanFeatureMatching real must be one of {REALS}, got {real!r}")
         if disc_steps < 1 or disc_warmup < 0:
-            raise ValueError(f"GanFeatureMatching needs disc_steps >= 1 and disc_warmup >= 0, got {disc_steps}, "
-                             f"{disc_warmup}")
-        variants = {"disc_warmup": (disc_warmup, 0), "disc_steps": (disc_steps, 1), "hinge_margin": (hinge_margin, None)}
+            raise ValueError(f"GanFeatureMatching needs disc_steps >= 1 and disc_warmup >= 0, got "
+                             f"{disc_steps}, {disc_warmup}")
+        variants = {"disc_warmup": (disc_warmup, 0), "disc_steps": (disc_steps, 1),
+                    "hinge_margin": (hinge_margin, None)}
         moved = {k: v for k, (v, default) in variants.items() if v != default}
         if gan_weight <= 0 and moved:
             raise ValueError(f"GanFeatureMatching with gan_weight {gan_weight} has no discriminator: {moved} "
                              "would change nothing")
         self.backbone, self.teacher = backbone, teacher
         self.gan_weight, self.fm_weight, self.max_grad_norm = gan_weight, fm_weight, max_grad_norm
-        self.disc_warmup, self.disc_steps, self.hinge_margin, self.real = disc_warmup, disc_steps, hinge_margin, real
+        self.disc_warmup, self.disc_steps, self.hinge_margin, self.real = (disc_warmup, disc_steps,
+                                                                           hinge_margin, real)
         self.adv_sigmas = torch.as_tensor(list(adv_sigmas), dtype=torch.float32)
         self.discriminator = self.optimizer = None
         if gan_weight > 0:
@@ -232,7 +240,8 @@ class GanFeatureMatching(Objective):
             self.optimizer = adamw(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                                weight_decay=weight_decay)
         # per micro-batch, from the generator pass to the D step: real and fake taps, real and fake endpoints
-        self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor,
+                                       torch.Tensor]] = {}
         self.margin: float | None = None  # D's running margin (hinge_margin)
         self.hinge_open = hinge_margin is None  # the margin gate, latched once open
         self._hinge_on_at: dict[int, bool] = {}  # per step: was the generator's hinge on
@@ -247,30 +256,33 @@ class GanFeatureMatching(Objective):
 
     # ------------------------------------------------------------------ the real side's sources
     def bind_student(self, student: nn.Module, trainable: Sequence[nn.Parameter] | None = None) -> None:
-        """real="ema": the student whose trainable parameters (default: those with requires_grad) get an EMA copy,
-        initialised to their current values."""
+        """real="ema": the student whose trainable parameters (default: those with requires_grad) get an
+        EMA copy, initialised to their current values."""
         if self.real != "ema":
             return
-        wanted = list(trainable) if trainable is not None else [p for p in student.parameters() if p.requires_grad]
+        wanted = (list(trainable) if trainable is not None
+                  else [p for p in student.parameters() if p.requires_grad])
         names = {id(p): n for n, p in student.named_parameters()}
         missing = [i for i, p in enumerate(wanted) if id(p) not in names]
         if missing or not wanted:
-            raise ValueError(f"real 'ema': trainable parameters {missing[:3]} are not parameters of the student"
-                             if missing else "real 'ema': the student has no trainable parameters")
+            raise ValueError(f"real 'ema': trainable parameters {missing[:3]} are not parameters of the "
+                             "student" if missing else "real 'ema': the student has no trainable parameters")
         self.student = student
         self._trainable = [(names[id(p)], p) for p in wanted]
         self.ema = {n: nn.Parameter(p.detach().clone(), requires_grad=False) for n, p in self._trainable}
 
     def watch_source(self, source):
-        """The batch source to train with: ``source`` itself, or for real="trajectory" a ``TrajectoryEndpoints``
-        around it (a cached source; it records each micro-batch's trajectory rows)."""
+        """The batch source to train with: ``source`` itself, or for real="trajectory" a
+        ``TrajectoryEndpoints`` around it (a cached source; it records each micro-batch's trajectory
+        rows)."""
         if self.real != "trajectory":
             return source
         self._trajectories = TrajectoryEndpoints(source)
         return self._trajectories
 
     def update_ema(self, step: int) -> None:
-        """θ_EMA ← decay·θ_EMA + (1 − decay)·θ, once per generator step (after the student's optimiser step)."""
+        """θ_EMA ← decay·θ_EMA + (1 − decay)·θ, once per generator step (after the student's optimiser
+        step)."""
         if not self.ema or self._ema_step == step:
             return
         self._ema_step = step
@@ -280,16 +292,18 @@ class GanFeatureMatching(Objective):
 
     @torch.no_grad()
     def ema_endpoint(self, batch: ConsistencyBatch) -> torch.Tensor:
-        """x̂_EMA = x_n + (σ_end − σ_n)·v_θEMA(x_n, t_n): the EMA student's endpoint from the fake's own x_n."""
+        """x̂_EMA = x_n + (σ_end − σ_n)·v_θEMA(x_n, t_n): the EMA student's endpoint from the fake's own
+        x_n."""
         if self.student is None:
-            raise RuntimeError("real 'ema' needs the student: GanFeatureMatching.bind_student(student, trainable) "
-                               "(dete_objective(..., student=...))")
+            raise RuntimeError("real 'ema' needs the student: GanFeatureMatching.bind_student(student, "
+                               "trainable) (dete_objective(..., student=...))")
         with parameters_swapped(self.student, self.ema), batch.autocast():
             v = self.backbone.predict(self.student, batch.x_n, batch.sigma_n, batch.cond)
         return losses.euler_endpoint(batch.x_n, v.float(), batch.sigma_n, batch.sigma_end)
 
     def real_endpoint(self, batch: ConsistencyBatch) -> torch.Tensor:
-        """The clean point D calls real (no grad): x̂_tgt, the EMA student's endpoint, or the trajectory's σ_end point."""
+        """The clean point D calls real (no grad): x̂_tgt, the EMA student's endpoint, or the trajectory's
+        σ_end point."""
         if self.real == "ema":
             return self.ema_endpoint(batch)
         if self.real == "trajectory":
@@ -307,13 +321,13 @@ class GanFeatureMatching(Objective):
         super().check_parallel(dims)
         if self.real == "ema" and dims.sharded:
             raise ConfigError("training.parallel.strategy", dims.strategy,
-                              "'ddp' with dete.real 'ema': the EMA copy of DetE's parameters is kept whole and "
-                              "swapped into the student, which a sharded (FSDP2) student does not allow")
+                              "'ddp' with dete.real 'ema': the EMA copy of DetE's parameters is kept whole "
+                              "and swapped into the student, which a sharded (FSDP2) student does not allow")
 
     def draw(self, batch: ConsistencyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ_adv (B,), ε′): one level per sample from ``adv_sigmas``, one noise shared by real and fake.  Drawn for
-        the global batch (``batch.data_size`` micro-batches of B), this rank's rows kept: the same draws at any
-        number of ranks (the global RNG is seeded and advanced alike on every rank)."""
+        """(σ_adv (B,), ε′): one level per sample from ``adv_sigmas``, one noise shared by real and fake.
+        Drawn for the global batch (``batch.data_size`` micro-batches of B), this rank's rows kept: the same
+        draws at any number of ranks (the global RNG is seeded and advanced alike on every rank)."""
         x = batch.x_end_pred
         b, size = x.shape[0], batch.data_size
         pick = torch.randint(len(self.adv_sigmas), (b * size,))
@@ -323,12 +337,14 @@ class GanFeatureMatching(Objective):
             pick, eps = pick[rows], eps[rows]
         return self.adv_sigmas[pick].to(x.device), eps.to(x.device)
 
-    def adversarial_features(self, batch: ConsistencyBatch, drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def adversarial_features(self, batch: ConsistencyBatch,
+                             drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
                              x_real: torch.Tensor | None = None, x_fake: torch.Tensor | None = None
                              ) -> tuple[TeacherFeatures, TeacherFeatures]:
-        """Teacher features of real (``real_endpoint``, no grad) and fake (x̂, with grad), both diffused with one
-        ε′ from σ_end to one σ_adv per sample (``drawn``, or a fresh ``draw``), in the training autocast.
-        ``x_real``/``x_fake`` replace the batch's endpoints (a further D step re-noises the same ones)."""
+        """Teacher features of real (``real_endpoint``, no grad) and fake (x̂, with grad), both diffused
+        with one ε′ from σ_end to one σ_adv per sample (``drawn``, or a fresh ``draw``), in the training
+        autocast.  ``x_real``/``x_fake`` replace the batch's endpoints (a further D step re-noises the same
+        ones)."""
         x_real = self.real_endpoint(batch) if x_real is None else x_real
         x_fake = batch.x_end_pred if x_fake is None else x_fake
         sigma_adv, eps = drawn if drawn is not None else self.draw(batch)
@@ -336,9 +352,11 @@ class GanFeatureMatching(Objective):
         x_adv_fake = losses.adversarial_noising(x_fake, eps, sigma_adv, batch.sigma_end)
         with batch.autocast():
             with torch.no_grad():
-                _, feat_real = self.backbone.predict(self.teacher, x_adv_real, sigma_adv, batch.cond, features=True)
+                _, feat_real = self.backbone.predict(self.teacher, x_adv_real, sigma_adv, batch.cond,
+                                                     features=True)
                 feat_real.taps = gather_taps(self.teacher, feat_real.taps)  # context parallel: the whole grid
-            _, feat_fake = self.backbone.predict(self.teacher, x_adv_fake, sigma_adv, batch.cond, features=True)
+            _, feat_fake = self.backbone.predict(self.teacher, x_adv_fake, sigma_adv, batch.cond,
+                                                 features=True)
             feat_fake.taps = gather_taps(self.teacher, feat_fake.taps)
         return feat_real.detach(), feat_fake
 
@@ -356,7 +374,8 @@ class GanFeatureMatching(Objective):
                 feat_real, feat_fake = self.adversarial_features(batch, x_real=x_real)
         L_hinge = L_FM = None
         if self.discriminator is not None:
-            self._pending[id(batch)] = (feat_real.taps, feat_fake.detach().taps, x_real, batch.x_end_pred.detach())
+            self._pending[id(batch)] = (feat_real.taps, feat_fake.detach().taps, x_real,
+                                        batch.x_end_pred.detach())
             if hinge:
                 with frozen(self.discriminator):
                     L_hinge = losses.generator_hinge(self.discriminator(feat_fake, feat_fake.latent_thw))
@@ -369,9 +388,10 @@ class GanFeatureMatching(Objective):
         return losses.dete_generator_loss(L_hinge, L_FM, self.gan_weight, self.fm_weight)
 
     def after_generator_step(self, batch: ConsistencyBatch) -> dict[str, float]:
-        """``disc_steps`` D steps on the batch's real features and its detached fakes (hinge, clip 1.0, AdamW):
-        the first on the generator pass's features, each further one on a fresh σ_adv and ε′.  Also the
-        EMA of real="ema" (once per step) and the margin gate of ``hinge_margin``."""
+        """``disc_steps`` D steps on the batch's real features and its detached fakes (hinge, gradient clipped
+        at ``max_grad_norm``, AdamW): the first on the generator pass's features, each further one on a
+        fresh σ_adv and ε′.  Also the EMA of real="ema" (once per step) and the margin gate of
+        ``hinge_margin``."""
         self.update_ema(batch.step)
         if self.discriminator is None:
             return {}
@@ -396,10 +416,12 @@ class GanFeatureMatching(Objective):
         return logged
 
     def _update_margin(self, delta: float) -> None:
-        """m ← Δ (first D step), then m ← 0.9·m + 0.1·Δ; the gate latches open once m > hinge_margin."""
+        """m ← Δ (first D step), then m ← 0.9·m + 0.1·Δ; the gate latches open once m >
+        hinge_margin."""
         if self.hinge_margin is None:
             return
-        self.margin = delta if self.margin is None else MARGIN_DECAY * self.margin + (1 - MARGIN_DECAY) * delta
+        self.margin = (delta if self.margin is None
+                       else MARGIN_DECAY * self.margin + (1 - MARGIN_DECAY) * delta)
         self.hinge_open = self.hinge_open or self.margin > self.hinge_margin
 
     def _discriminator_step(self, feat_real: list[torch.Tensor], feat_fake: list[torch.Tensor],
@@ -414,16 +436,19 @@ class GanFeatureMatching(Objective):
         self.optimizer.step()
         means = torch.stack([torch.stack([r.detach().mean() for r in D_real]).mean(),
                              torch.stack([f.detach().mean() for f in D_fake]).mean()])
-        if self.hinge_margin is not None and distributed.world().size > 1:  # the gate: the global batch's margin
+        # the gate reads the global batch's margin; context-parallel ranks hold equal values, so the mean
+        # over all ranks is the data ranks' mean
+        if self.hinge_margin is not None and distributed.world().size > 1:
             means = means.float().cpu()
             torch.distributed.all_reduce(means)
-            means /= distributed.world().size  # context-parallel ranks hold equal values: the data ranks' mean
+            means /= distributed.world().size
         d_real, d_fake = float(means[0]), float(means[1])
         self._update_margin(d_real - d_fake)
         return {"d_loss": float(loss.detach()), "d_real": d_real, "d_fake": d_fake}
 
     def state_dict(self) -> dict:
-        """D's heads and optimiser; with hinge_margin the running margin and the gate; with real="ema" θ_EMA."""
+        """D's heads and optimiser; with hinge_margin the running margin and the gate; with real="ema"
+        θ_EMA."""
         state = {}
         if self.discriminator is not None:
             state.update(heads=self.discriminator.state_dict(), optimizer=self.optimizer.state_dict())
@@ -443,8 +468,8 @@ class GanFeatureMatching(Objective):
             self.margin, self.hinge_open = state["margin"]["value"], bool(state["margin"]["open"])
         if self.real == "ema" and "ema" in state:
             if set(state["ema"]) != set(self.ema):
-                raise ValueError(f"real 'ema': the resume state's EMA has parameters {sorted(state['ema'])[:3]}…, "
-                                 f"the student {sorted(self.ema)[:3]}…")
+                raise ValueError(f"real 'ema': the resume state's EMA has parameters "
+                                 f"{sorted(state['ema'])[:3]}…, the student {sorted(self.ema)[:3]}…")
             with torch.no_grad():
                 for name, value in state["ema"].items():
                     self.ema[name].copy_(value)
@@ -509,19 +534,22 @@ def parameters_swapped(module: nn.Module, values: dict[str, nn.Parameter]) -> It
 
 
 def check_variants(dete, training, key: str = "dete") -> None:
-    """Combinations of ``DeteConfig`` with other sections that cannot train (a ConfigError before any work)."""
+    """Combinations of ``DeteConfig`` with other sections that cannot train (a ConfigError before any
+    work)."""
     if dete.real == "trajectory" and training.source != "cached":
-        raise ConfigError(f"{key}.real", dete.real, f"'target' or 'ema' with training.source: {training.source} "
-                          "(the online source noises data latents: there is no cached teacher trajectory whose "
-                          "σ_end point could be the real; use training.source: cached)")
+        raise ConfigError(f"{key}.real", dete.real,
+                          f"'target' or 'ema' with training.source: {training.source} (the online source "
+                          "noises data latents: there is no cached teacher trajectory whose σ_end point "
+                          "could be the real; use training.source: cached)")
     if dete.gan_weight <= 0:
         for name, default in (("disc_warmup", 0), ("disc_steps", 1), ("hinge_margin", None)):
             if getattr(dete, name) != default:
                 raise ConfigError(f"{key}.{name}", getattr(dete, name),
-                                  f"{default!r} with gan_weight {dete.gan_weight} (no discriminator to warm up, "
-                                  "step or gate)")
+                                  f"{default!r} with gan_weight {dete.gan_weight} (no discriminator to "
+                                  "warm up, step or gate)")
     if dete.gan_weight <= 0 and dete.fm_weight <= 0 and dete.real != "target":
-        raise ConfigError(f"{key}.real", dete.real, "'target' with gan_weight and fm_weight 0 (nothing reads the real)")
+        raise ConfigError(f"{key}.real", dete.real,
+                          "'target' with gan_weight and fm_weight 0 (nothing reads the real)")
 
 
 def dete_objective(backbone: Backbone, dete, grid: TeacherGrid, kappa: int, training,
@@ -538,5 +566,6 @@ def dete_objective(backbone: Backbone, dete, grid: TeacherGrid, kappa: int, trai
     return GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa),
                               gan_weight=dete.gan_weight, fm_weight=dete.fm_weight, disc_lr=dete.disc_lr,
                               weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm,
-                              disc_warmup=dete.disc_warmup, disc_steps=dete.disc_steps, hinge_margin=dete.hinge_margin,
-                              real=dete.real, student=student, trainable=trainable, ema_decay=training.ema_decay)
+                              disc_warmup=dete.disc_warmup, disc_steps=dete.disc_steps,
+                              hinge_margin=dete.hinge_margin, real=dete.real, student=student,
+                              trainable=trainable, ema_decay=training.ema_decay)

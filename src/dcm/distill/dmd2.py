@@ -1,4 +1,5 @@
-"""DMD2 (Improved Distribution Matching Distillation, Yin et al., arXiv 2405.14867) on the one distillation loop.
+"""DMD2 (Improved Distribution Matching Distillation, Yin et al., arXiv 2405.14867) on the one distillation
+loop.
 
 A few-step generator G (the student, initialised from the teacher) at fixed timesteps t_0 > … > t_{K−1}
 (the row's sampling schedule, on the teacher grid), trained so that the distribution of its samples
@@ -13,10 +14,10 @@ matches the guided teacher's.  The parts, each passed into the loop as its data:
 - Fake score μ_fake: a copy of the teacher trained online by flow matching on the generator's samples
   (σ uniform over the teacher's 1000 shifted training sigmas), ``fake_steps`` updates per generator
   update with its own AdamW (the two time-scale update rule; official 5).
-- Distribution matching (``losses.distribution_matching_gradient`` / ``_loss``): at x_t = (1−σ_t)·x0_gen + σ_t·ε,
-  t uniform over [t_min, t_max]·1000 of the training sigmas,
+- Distribution matching (``losses.distribution_matching_gradient`` / ``_loss``): at
+  x_t = (1−σ_t)·x0_gen + σ_t·ε, t uniform over [t_min, t_max]·1000 of the training sigmas,
 
-      grad = (x0_fake − x0_real) / mean|x0_gen − x0_real|      L_DM = 0.5·mse(x0_gen, (x0_gen − grad).detach())
+      grad = (x0_fake − x0_real) / mean|x0_gen − x0_real|    L_DM = 0.5·mse(x0_gen, (x0_gen − grad).detach())
 
 - Optional GAN classifier (``gan_weight`` > 0): a head on the fake score's middle-block features of
   noised samples (σ uniform over the training sigmas, DMD2's "diffusion GAN"), real = the world's
@@ -35,7 +36,7 @@ per image on a UNet bottleneck; clipping, weight decay and the constant lr are t
 ``training`` settings (official: clip 10, weight decay 0.01, 500 warm-up steps); no separate prompt
 stream for the fake score (its extra updates draw prompts from the same training rows).  DMD2 has no
 consistency loss: ``NoConsistencyLoss`` makes the loop's consistency term exactly 0, and the loop's
-no-grad target forward is one wasted student forward per micro-batch (about 3% of a DMD2 step).
+no-grad target forward is one wasted student forward per micro-batch.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def own_rows(part: Part, batch: int) -> slice:
 
 
 def draw_global(draw, batch: int, part: Part) -> torch.Tensor:
-    """``draw(n)`` (a tensor of n rows) for the global batch of ``batch × data_size`` rows, this rank's ``batch`` rows
-    kept: the same values at any number of ranks (one process: exactly ``draw(batch)``)."""
+    """``draw(n)`` (a tensor of n rows) for the global batch of ``batch × data_size`` rows, this rank's
+    ``batch`` rows kept: the same values at any number of ranks (one process: exactly ``draw(batch)``)."""
     drawn = draw(batch * part[1])
     return drawn if part[1] == 1 else drawn[own_rows(part, batch)]
 
@@ -96,7 +97,8 @@ def generator_indices(grid: TeacherGrid, steps: Sequence[SamplingStep], key: str
         hits = np.flatnonzero(np.isclose(grid.sigmas, step.sigma, rtol=0, atol=1e-6))
         if not len(hits):
             raise ConfigError(key, [round(s.sigma, 6) for s in steps],
-                              f"sigmas on the teacher grid (grid.steps, grid.shift): {step.sigma:.6g} is not one")
+                              f"sigmas on the teacher grid (grid.steps, grid.shift): {step.sigma:.6g} is "
+                              "not one")
         indices.append(int(hits[0]))
     return indices
 
@@ -108,7 +110,8 @@ def generator_phases(indices: Sequence[int]) -> list[Phase]:
 
 
 class NoConsistencyLoss(ConsistencySpace):
-    """DMD2 has no consistency loss: both endpoints map to one point, so the loop's term is exactly 0 (no grad)."""
+    """DMD2 has no consistency loss: both endpoints map to one point, so the loop's term is exactly 0
+    (no grad)."""
 
     name = "none"
 
@@ -146,7 +149,8 @@ class BackwardSimulation:
     draws_global_batch = True  # the loop hands ``batch`` the global batch and this rank's part
 
     def __init__(self, backbone: Backbone, student: nn.Module, embeds: PromptEmbeds, grid: TeacherGrid,
-                 steps: Sequence[SamplingStep], latent_shape: Sequence[int], device: torch.device | str = "cpu"):
+                 steps: Sequence[SamplingStep], latent_shape: Sequence[int],
+                 device: torch.device | str = "cpu"):
         self.backbone, self.student, self.steps = backbone, student, list(steps)
         self.device = torch.device(device)
         self.embeds = embeds.to(self.device)
@@ -192,8 +196,8 @@ class BackwardSimulation:
     @torch.no_grad()
     def samples(self, batch_size: int, generator: torch.Generator,
                 part: Part = ONE_PROCESS) -> tuple[torch.Tensor, PromptEmbeds]:
-        """Fresh generator samples x0 = G(x_{t_k}) for random rows and steps (the fake score's extra updates):
-        ``batch_size`` of them, this rank's part of a global draw."""
+        """Fresh generator samples x0 = G(x_{t_k}) for random rows and steps (the fake score's extra
+        updates): ``batch_size`` of them, this rank's part of a global draw."""
         total = batch_size * part[1]
         rows = torch.randint(len(self), (total,), generator=generator)
         n = torch.as_tensor(self.indices)[torch.randint(len(self.indices), (total,), generator=generator)]
@@ -212,8 +216,8 @@ class _Pending:
 
 
 class DistributionMatching(Objective):
-    """DMD2's generator terms (``dm``, ``gan_g``) and, after each generator step, ``fake_steps`` updates of the
-    fake score (flow matching, + ``cls_weight`` · classifier loss) with its own AdamW.
+    """DMD2's generator terms (``dm``, ``gan_g``) and, after each generator step, ``fake_steps`` updates of
+    the fake score (flow matching, + ``cls_weight`` · classifier loss) with its own AdamW.
 
     Its own CPU generator (``seed``) draws t, ε, rows and steps, for the global batch (every rank advances
     it alike and keeps its rows); it is part of the resume state with the fake score, the classifier head
@@ -228,14 +232,16 @@ class DistributionMatching(Objective):
     def __init__(self, backbone: Backbone, source: BackwardSimulation, train_sigmas: torch.Tensor, *,
                  fake_steps: int, fake_lr: float, dm_weight: float, t_range: tuple[int, int],
                  guidance: float | None = None, gan_weight: float = 0.0, cls_weight: float = 0.0,
-                 real_videos: OnlineSource | None = None, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 seed: int = 0):
+                 real_videos: OnlineSource | None = None, weight_decay: float = 0.0,
+                 max_grad_norm: float = 1.0, seed: int = 0):
         if fake_steps < 1:
-            raise ValueError(f"DMD2 needs at least one fake-score update per generator update, got {fake_steps}")
+            raise ValueError(f"DMD2 needs at least one fake-score update per generator update, got "
+                             f"{fake_steps}")
         if gan_weight > 0 and real_videos is None:
             raise ValueError("DMD2's GAN classifier (gan_weight > 0) needs real videos")
         self.backbone, self.source = backbone, source
-        self.fake_steps, self.dm_weight, self.gan_weight, self.cls_weight = fake_steps, dm_weight, gan_weight, cls_weight
+        self.fake_steps, self.dm_weight, self.gan_weight, self.cls_weight = (fake_steps, dm_weight,
+                                                                             gan_weight, cls_weight)
         self.max_grad_norm, self.real_videos = max_grad_norm, real_videos
         self.train_sigmas = train_sigmas.float()
         self.t_range = t_range  # inclusive indices into train_sigmas
@@ -244,16 +250,19 @@ class DistributionMatching(Objective):
         self.classifier = None
         if gan_weight > 0:
             device = next(self.fake.parameters()).device
-            self.classifier = Discriminator(backbone.feature_dim(self.fake), 1, backbone.token_patch(self.fake)).to(device)
+            self.classifier = Discriminator(backbone.feature_dim(self.fake), 1,
+                                            backbone.token_patch(self.fake)).to(device)
         self.fake_lr, self.weight_decay = fake_lr, weight_decay
         self.optimizer = self.make_optimizer()
-        # one stream on every rank (the 0: the stream of data rank 0, all a run ever drew before draws were global)
-        self.rng = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, RNG_SALT, 0]).generate_state(1)[0]))
+        # one stream, the same on every rank; the trailing 0 keeps the seed one-process runs always had
+        self.rng = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, RNG_SALT, 0]).generate_state(1)[0]))
         self._pending: dict[int, list[_Pending]] = {}
         self._thaw_flags: list[tuple[nn.Parameter, bool]] | None = None  # set while the generator's step runs
 
     def make_optimizer(self) -> torch.optim.AdamW:
-        return adamw(self.fake_parameters(), lr=self.fake_lr, betas=ADAM_BETAS, weight_decay=self.weight_decay)
+        return adamw(self.fake_parameters(), lr=self.fake_lr, betas=ADAM_BETAS,
+                     weight_decay=self.weight_decay)
 
     def fake_parameters(self) -> list[nn.Parameter]:
         head = list(self.classifier.parameters()) if self.classifier is not None else []
@@ -261,7 +270,8 @@ class DistributionMatching(Objective):
 
     def parallelize(self, wrap: Wrap) -> None:
         """The fake score sharded like the student (trained, the student's size), the classifier head
-        replicated; the optimizer then made anew over the wrapped parameters (FSDP2 replaces them by shards)."""
+        replicated; the optimizer then made anew over the wrapped parameters (FSDP2 replaces them by
+        shards)."""
         wrap(self.fake, shard=True)
         if self.classifier is not None:
             wrap(self.classifier, shard=False)
@@ -269,7 +279,8 @@ class DistributionMatching(Objective):
 
     def _trained(self) -> nn.Module:
         """One module whose named parameters are the optimizer's (its state is saved keyed by these names)."""
-        return nn.ModuleDict({"fake": self.fake, **({"classifier": self.classifier} if self.classifier else {})})
+        return nn.ModuleDict({"fake": self.fake,
+                              **({"classifier": self.classifier} if self.classifier else {})})
 
     def sharded_parts(self) -> dict:
         from dcm.parallel.checkpoint import OptimizerState, TensorsState
@@ -282,17 +293,21 @@ class DistributionMatching(Objective):
         return [self.fake] if self.classifier is not None else []  # the generator's GAN term runs through it
 
     # --- draws (all from the objective's own generator, for the global batch: this rank's ``part`` kept)
-    def draw_sigmas(self, batch: int, first: int = 0, last: int | None = None, part: Part = ONE_PROCESS) -> torch.Tensor:
+    def draw_sigmas(self, batch: int, first: int = 0, last: int | None = None,
+                    part: Part = ONE_PROCESS) -> torch.Tensor:
         last = len(self.train_sigmas) - 1 if last is None else last
-        return self.train_sigmas[draw_global(lambda b: torch.randint(first, last + 1, (b,), generator=self.rng),
-                                             batch, part)]
+        return self.train_sigmas[draw_global(
+            lambda b: torch.randint(first, last + 1, (b,), generator=self.rng), batch, part)]
 
     def noise_like(self, x: torch.Tensor, part: Part = ONE_PROCESS) -> torch.Tensor:
-        return draw_global(lambda b: torch.randn((b, *x.shape[1:]), generator=self.rng), x.shape[0], part).to(x.device)
+        return draw_global(lambda b: torch.randn((b, *x.shape[1:]), generator=self.rng), x.shape[0],
+                           part).to(x.device)
 
     # --- the networks
-    def classify(self, x0: torch.Tensor, cond: PromptEmbeds, autocast, part: Part = ONE_PROCESS) -> list[torch.Tensor]:
-        """Classifier logits on the fake score's middle tap at x0 noised to a σ uniform over the training sigmas."""
+    def classify(self, x0: torch.Tensor, cond: PromptEmbeds, autocast,
+                 part: Part = ONE_PROCESS) -> list[torch.Tensor]:
+        """Classifier logits on the fake score's middle tap at x0 noised to a σ uniform over the training
+        sigmas."""
         sigma = self.draw_sigmas(x0.shape[0], part=part).to(x0.device)
         x = noised(x0, self.noise_like(x0, part), sigma.view(-1, *([1] * (x0.ndim - 1))))
         with autocast():
@@ -328,10 +343,10 @@ class DistributionMatching(Objective):
         return terms
 
     def _freeze_fake(self) -> None:
-        """The fake score and the head frozen from the generator's GAN term until ``after_generator_step``, not
-        just around its forward: an activation-checkpointed block recomputes its forward inside the generator's
-        backward, and must see the flags its first forward saw (trainable again there, it saves more tensors
-        and torch's checkpoint raises)."""
+        """The fake score and the head frozen from the generator's GAN term until ``after_generator_step``,
+        not just around its forward: an activation-checkpointed block recomputes its forward inside the
+        generator's backward, and must see the flags its first forward saw (trainable again there, it saves
+        more tensors and torch's checkpoint raises)."""
         if self._thaw_flags is None:
             self._thaw_flags = [(p, p.requires_grad) for p in self.fake_parameters()]
             for p, _ in self._thaw_flags:
@@ -351,12 +366,14 @@ class DistributionMatching(Objective):
         x0 = x0.detach()
         sigma = self.draw_sigmas(x0.shape[0], part=part).to(x0.device)
         with autocast():
-            terms = {"fm": flow_matching_loss(self.backbone, self.fake, x0, self.noise_like(x0, part), sigma, cond)}
+            terms = {"fm": flow_matching_loss(self.backbone, self.fake, x0, self.noise_like(x0, part), sigma,
+                                              cond)}
         logits = {}
         if self.classifier is not None:
             rows = draw_global(lambda b: torch.randint(len(self.real_videos), (b,), generator=self.rng),
                                x0.shape[0], part).to(x0.device)
-            D_real = self.classify(self.real_videos.x0[rows], self.real_videos.embeds.index(rows), autocast, part)
+            D_real = self.classify(self.real_videos.x0[rows], self.real_videos.embeds.index(rows), autocast,
+                                   part)
             D_fake = self.classify(x0, cond, autocast, part)
             terms["cls"] = self.cls_weight * losses.dmd2_classifier(D_real, D_fake)
             logits = {"d_real": float(torch.stack([d.detach().mean() for d in D_real]).mean()),
@@ -365,7 +382,8 @@ class DistributionMatching(Objective):
 
     def fake_score_step(self, samples: Sequence[tuple[torch.Tensor, PromptEmbeds]], autocast,
                         part: Part = ONE_PROCESS) -> dict[str, float]:
-        """One AdamW step of the fake score (and head), gradients accumulated over ``samples`` (micro-batches)."""
+        """One AdamW step of the fake score (and head), gradients accumulated over ``samples``
+        (micro-batches)."""
         self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
         for x0, cond in samples:
@@ -374,7 +392,8 @@ class DistributionMatching(Objective):
             values = {**{k: float(v.detach()) for k, v in terms.items()}, **logits}
             for key, value in values.items():
                 logged[key] = logged.get(key, 0.0) + value / len(samples)
-        # multi-rank: averaged over the ranks in backward by the engines (``parallelize``); the norm over every shard
+        # multi-rank: gradients averaged over the ranks in backward by the engines (``parallelize``);
+        # the norm is over every shard
         logged["grad_norm"] = float(fsdp.clip_grad_norm_(self.fake_parameters(), self.max_grad_norm))
         self.optimizer.step()
         return logged
@@ -397,7 +416,8 @@ class DistributionMatching(Objective):
         return logged
 
     def state_dict(self) -> dict:
-        return {"fake": self.fake.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+        return {"fake": self.fake.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": self.rng.get_state(),
                 **({"classifier": self.classifier.state_dict()} if self.classifier is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -418,7 +438,8 @@ class DistributionMatching(Objective):
 
 
 def build(params: Params, method: str, backbone: Backbone, student: nn.Module, steps: Sequence[SamplingStep],
-          device: torch.device | str) -> tuple[BackwardSimulation, NoConsistencyLoss, list[Objective], list[Phase]]:
+          device: torch.device | str
+          ) -> tuple[BackwardSimulation, NoConsistencyLoss, list[Objective], list[Phase]]:
     """The DMD2 parts for ``methods.<method>``: backward simulation over the training prompts at the row's
     sampling ``steps``, the no-consistency space, the DMD2 objective and the K generator phases."""
     m = params.method(method)
@@ -427,8 +448,8 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
     grid = params.teacher_grid()
     prompts = [row["prompt"] for row in io.read_json(paths.PROMPTS)["train"]]
     latent_shape = backbone.video_latent_shape(params)
-    source = BackwardSimulation(backbone, student, prompt_embeddings(backbone, prompts), grid, steps, latent_shape,
-                                device)
+    source = BackwardSimulation(backbone, student, prompt_embeddings(backbone, prompts), grid, steps,
+                                latent_shape, device)
     videos = None
     if cfg.gan_weight > 0:
         from dcm.distill import make_source
@@ -436,15 +457,17 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
         videos = make_source(params, backbone, source="online")  # the world's videos: DMD2's real data
         if tuple(videos.x0.shape[1:]) != tuple(latent_shape):
             raise ConfigError(f"{key}.dmd2.gan_weight", cfg.gan_weight,
-                              f"0 here: the world's videos have latent shape {tuple(videos.x0.shape[1:])}, the "
-                              f"generator's samples {tuple(latent_shape)}")
+                              f"0 here: the world's videos have latent shape {tuple(videos.x0.shape[1:])}, "
+                              f"the generator's samples {tuple(latent_shape)}")
     T = params.grid.num_train_timesteps
     train_sigmas = torch.from_numpy(schedule.training_sigmas(T, params.grid.shift))
     objective = DistributionMatching(
         backbone, source, train_sigmas, fake_steps=cfg.fake_steps, fake_lr=cfg.fake_lr or m.lr,
         dm_weight=cfg.dm_weight, t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)),
         guidance=cfg.guidance, gan_weight=cfg.gan_weight, cls_weight=cfg.cls_weight, real_videos=videos,
-        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm, seed=params.seed)
-    if params.training.gradient_checkpointing:  # the fake score trains at the student's size: the same memory rule
+        weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm,
+        seed=params.seed)
+    # the fake score trains at the student's size: the same memory rule
+    if params.training.gradient_checkpointing:
         enable_activation_checkpointing(objective.fake)
     return source, NoConsistencyLoss(), [objective], generator_phases(source.indices)

@@ -8,8 +8,9 @@ adapter disabled and its own timestep layers; DetE = adapter enabled and the cop
 in on the instance for the duration of the call.  With ``rank == 0`` (the +OD ablation, "two full
 experts") DetE is a full trainable copy of SemE instead.
 
-Routing is per sample: σ = timestep/1000 > σ_κ goes to SemE, σ ≤ σ_κ to DetE, outputs reassembled
-in batch order (the official code switched the whole batch on its first timestep).
+Routing is per sample: σ > σ_κ goes to SemE, σ ≤ σ_κ to DetE, compared on the transformer's timestep
+input (t = 1000·σ, ``Backbone.model_timestep``), outputs reassembled in batch order (the official code
+switched the whole batch on its first timestep).
 
 On disk (``checkpoints/<method>/``): ``seme/transformer/`` (diffusers) and ``dete/`` holding
 ``adapter/`` (PEFT ``save_pretrained``), ``timestep_layers.safetensors`` and ``expert.json``
@@ -46,12 +47,14 @@ def _base_transformer(model: nn.Module) -> nn.Module:
 class DualExpert(nn.Module):
     """SemE and DetE behind the diffusers transformer's call signature, routed per sample by σ."""
 
-    def __init__(self, seme: nn.Module, *, kappa: int, sigma_kappa: float, timestep_layer_names: tuple[str, ...],
-                 rank: int, alpha: float, timestep_layers: dict[str, nn.Module | nn.Parameter] | None = None,
+    def __init__(self, seme: nn.Module, *, kappa: int, sigma_kappa: float,
+                 timestep_layer_names: tuple[str, ...], rank: int, alpha: float,
+                 timestep_layers: dict[str, nn.Module | nn.Parameter] | None = None,
                  dete_full: nn.Module | None = None, t_kappa: float | None = None):
         super().__init__()
         if (timestep_layers is None) == (dete_full is None):
-            raise ValueError("DualExpert needs either LoRA timestep layers (rank > 0) or a full DetE (rank == 0)")
+            raise ValueError("DualExpert needs either LoRA timestep layers (rank > 0) or a full DetE "
+                             "(rank == 0)")
         self.model = seme  # the PeftModel (LoRA form) or the plain SemE transformer (full form)
         self.kappa, self.sigma_kappa = int(kappa), float(sigma_kappa)
         # the transformer's timestep input at σ_κ (1000·σ_κ; a VP family maps it: Backbone.model_timestep)
@@ -136,10 +139,12 @@ class DualExpert(nn.Module):
         inputs["return_dict"] = False
         if expert == "seme":
             if self.is_lora:
-                if torch.is_grad_enabled() and getattr(self.seme_transformer, "gradient_checkpointing", False):
+                if (torch.is_grad_enabled()
+                        and getattr(self.seme_transformer, "gradient_checkpointing", False)):
                     # backward would recompute the blocks after the adapter is re-enabled: wrong gradients
                     raise RuntimeError("SemE under a LoRA DualExpert cannot run with grad and activation "
-                                       "checkpointing (training.gradient_checkpointing); train SemE on its own")
+                                       "checkpointing (training.gradient_checkpointing); train SemE on its "
+                                       "own")
                 with self._adapter_disabled():
                     return self.model(**inputs)[0]
             return self.model(**inputs)[0]
@@ -151,11 +156,12 @@ class DualExpert(nn.Module):
         raise ValueError(f"expert must be 'seme' or 'dete', got {expert!r}")
 
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: True where a sample goes to SemE (σ = t/1000 > σ_κ), False for DetE."""
+        """(B,) bool: True where a sample goes to SemE (its timestep above t_κ, the model timestep of σ_κ,
+        by more than ``ROUTING_TOLERANCE_T``), False for DetE."""
         return timestep.detach().double() > self.t_kappa + ROUTING_TOLERANCE_T
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                return_dict: bool = True, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, return_dict: bool = True, **kwargs):
         batch = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
         to_seme = self.route(timestep)
@@ -168,7 +174,8 @@ class DualExpert(nn.Module):
                    for k, v in kwargs.items()}
             if idx.numel() == batch:  # the whole batch to one expert: no gather/scatter
                 return self._wrap(self.run_expert(expert, hidden_states=hidden_states, timestep=timestep,
-                                                  encoder_hidden_states=encoder_hidden_states, **sub), return_dict)
+                                                  encoder_hidden_states=encoder_hidden_states, **sub),
+                                  return_dict)
             y = self.run_expert(expert, hidden_states=hidden_states[idx], timestep=timestep[idx],
                                 encoder_hidden_states=encoder_hidden_states[idx], **sub)
             if out is None:
@@ -235,7 +242,8 @@ def make_dete(seme_transformer: nn.Module, backbone: Backbone, rank: int, alpha:
 
 
 def save_dete(dual: DualExpert, dete_dir: str | Path) -> None:
-    """DetE's own weights into ``dete_dir``: adapter/ + timestep_layers.safetensors (or transformer/) + expert.json."""
+    """DetE's own weights into ``dete_dir``: adapter/ + timestep_layers.safetensors (or transformer/) +
+    expert.json."""
     from safetensors.torch import save as safetensors_bytes
 
     from dcm import io
@@ -250,8 +258,8 @@ def save_dete(dual: DualExpert, dete_dir: str | Path) -> None:
         with io.atomic_dir(dete_dir / FULL_DIR) as tmp:
             dual.dete_full.save_pretrained(tmp)
     meta = {"kappa": dual.kappa, "sigma_kappa": dual.sigma_kappa, "rank": dual.rank, "alpha": dual.alpha,
-            "form": "lora" if dual.is_lora else "full", "timestep_layer_names": list(dual.timestep_layer_names),
-            **dual.parameter_counts()}
+            "form": "lora" if dual.is_lora else "full",
+            "timestep_layer_names": list(dual.timestep_layer_names), **dual.parameter_counts()}
     io.write_json_atomic(dete_dir / EXPERT_FILE, meta)
 
 
@@ -263,23 +271,26 @@ def timestep_layer_state(dual: DualExpert) -> dict[str, torch.Tensor]:
         if isinstance(layer, nn.Parameter):
             state[name] = layer.detach().cpu().contiguous()
         else:
-            state.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in layer.state_dict().items()})
+            state.update({f"{name}.{k}": v.detach().cpu().contiguous()
+                          for k, v in layer.state_dict().items()})
     return state
 
 
 def load_dual_expert(seme_dir: str | Path, dete_dir: str | Path, backbone: Backbone) -> DualExpert:
-    """SemE (``seme_dir/transformer``, diffusers) + DetE (``dete_dir``, as ``save_dete`` wrote it), frozen, eval."""
+    """SemE (``seme_dir/transformer``, diffusers) + DetE (``dete_dir``, as ``save_dete`` wrote it), frozen,
+    eval."""
     from safetensors.torch import load_file
 
     seme_dir, dete_dir = Path(seme_dir), Path(dete_dir)
     meta_file = dete_dir / EXPERT_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{dete_dir} is not a saved DetE: {EXPERT_FILE} is missing (run `dcm run train_dete`)")
+        raise FileNotFoundError(f"{dete_dir} is not a saved DetE: {EXPERT_FILE} is missing "
+                                "(run `dcm run train_dete`)")
     meta = json.loads(meta_file.read_text())
     model_class = type(_base_transformer(backbone.transformer))
     seme = model_class.from_pretrained(seme_dir / FULL_DIR)
-    common = dict(kappa=meta["kappa"], sigma_kappa=meta["sigma_kappa"], rank=meta["rank"], alpha=meta["alpha"],
-                  t_kappa=backbone.model_timestep(meta["sigma_kappa"]),
+    common = dict(kappa=meta["kappa"], sigma_kappa=meta["sigma_kappa"], rank=meta["rank"],
+                  alpha=meta["alpha"], t_kappa=backbone.model_timestep(meta["sigma_kappa"]),
                   timestep_layer_names=tuple(meta["timestep_layer_names"]))
     if meta["form"] == "full":
         dual = DualExpert(seme, dete_full=model_class.from_pretrained(dete_dir / FULL_DIR), **common)

@@ -1,4 +1,5 @@
-"""Every loss equation of the papers, one short function each, named as the papers name them (METHODS.md).
+"""Every loss equation of the papers, one short function each, named as the papers name them
+(METHODS.md).
 
 Flow matching throughout: x_σ = (1−σ)·x0 + σ·ε, the network predicts v ≈ ε − x0.  The
 parametrisation (x0 from v, the Euler endpoint, the consistency target with its phase boundary),
@@ -58,7 +59,9 @@ def pseudo_huber_per_sample(x: torch.Tensor, y: torch.Tensor, c: float) -> torch
 
 
 def temporal_coherence(x_pred: torch.Tensor, x_target: torch.Tensor, offset: int) -> torch.Tensor:
-    """SemE temporal coherence (DCM): L_TC = mse(x̂[:, :, l:] − x̂[:, :, :−l], x̂_tgt[:, :, l:] − x̂_tgt[:, :, :−l]).
+    """SemE temporal coherence (DCM):
+
+        L_TC = mse(x̂[:, :, l:] − x̂[:, :, :−l], x̂_tgt[:, :, l:] − x̂_tgt[:, :, :−l]).
 
     Frames are dim 2 of (B, C, T, H, W); with T ≤ l there is no frame pair and the loss is 0.
     """
@@ -143,12 +146,13 @@ def r1_penalty(D_real: Sequence[torch.Tensor], feat_real: Sequence[torch.Tensor]
 # ------------------------------------------------ DMD2: distribution matching + GAN classifier (Yin et al.)
 
 
-def distribution_matching_gradient(x0_gen: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+def distribution_matching_gradient(x0_gen: torch.Tensor, x0_real: torch.Tensor,
+                                   x0_fake: torch.Tensor) -> torch.Tensor:
     """DMD's gradient of KL(p_fake ‖ p_real) at the generator's sample, normalised per sample as DMD does
     (DMD2, Yin et al., arXiv 2405.14867, Sec. 3; DMD, arXiv 2311.18828):
 
         p_real = x0_gen − x0_real,  p_fake = x0_gen − x0_fake
-        grad   = (p_real − p_fake) / mean|p_real| = (x0_fake − x0_real) / mean|x0_gen − x0_real|   (per sample)
+        grad   = (p_real − p_fake) / mean|p_real| = (x0_fake − x0_real) / mean|x0_gen − x0_real|  (per sample)
 
     x0_real / x0_fake: the real (teacher, guided) and fake score's clean estimates at the noised sample x_t.
     Descending it moves x0_gen toward the real score's estimate and away from the fake one's; a sample
@@ -172,5 +176,6 @@ def dmd2_generator_gan(D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def dmd2_classifier(D_real: Sequence[torch.Tensor], D_fake: Sequence[torch.Tensor]) -> torch.Tensor:
     """L_D = softplus(D(fake)) + softplus(−D(real)) (DMD2's classifier on the fake score's features)."""
-    terms = [F.softplus(fake).mean() + F.softplus(-real).mean() for real, fake in zip(D_real, D_fake, strict=True)]
+    terms = [F.softplus(fake).mean() + F.softplus(-real).mean()
+             for real, fake in zip(D_real, D_fake, strict=True)]
     return torch.stack(terms).mean()

@@ -64,15 +64,17 @@ def temporal_difference(z: torch.Tensor) -> torch.Tensor:
 
 
 class MotionHead(nn.Module):
-    """M_learn(z) = z + g(z), g applied to every frame: SiLU → 1×1 conv C→64 → GroupNorm → SiLU → 1×1 conv 64→C.
+    """M_learn(z) = z + g(z), g applied to every frame: SiLU → 1×1 conv C→64 → GroupNorm → SiLU →
+    1×1 conv 64→C.
 
     The last conv starts at zero, so M is the identity at initialisation.
     """
 
     def __init__(self, channels: int, hidden: int = MOTION_HIDDEN):
         super().__init__()
-        self.g = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, hidden, 1), nn.GroupNorm(group_count(hidden), hidden),
-                               nn.SiLU(), nn.Conv2d(hidden, channels, 1))
+        self.g = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, hidden, 1),
+                               nn.GroupNorm(group_count(hidden), hidden), nn.SiLU(),
+                               nn.Conv2d(hidden, channels, 1))
         nn.init.zeros_(self.g[-1].weight)
         nn.init.zeros_(self.g[-1].bias)
 
@@ -84,7 +86,8 @@ class MotionHead(nn.Module):
 
 
 class MotionSpace(ConsistencySpace):
-    """The consistency loss on a motion representation (``cd_target`` raw | diff | learn, see the module doc)."""
+    """The consistency loss on a motion representation (``cd_target`` raw | diff | learn, see the module
+    doc)."""
 
     def __init__(self, cd_target: str, channels: int, head_ema_decay: float = 0.95,
                  device: torch.device | str = "cpu"):
@@ -195,7 +198,8 @@ class FrameFeatures(Protocol):
         ...
 
     def video_frames(self, x0: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Frames ``index`` (B, F) of latent videos x0 (B, C, T, h, w) → (B·F, ...) frames, keeping the graph."""
+        """Frames ``index`` (B, F) of latent videos x0 (B, C, T, h, w) → (B·F, ...) frames, keeping the
+        graph."""
         ...
 
     def __call__(self, frames: torch.Tensor) -> list[torch.Tensor]:
@@ -204,7 +208,8 @@ class FrameFeatures(Protocol):
 
 class TeacherFrameFeatures:
     """The frozen teacher as the image backbone: single latent frames noised to a low σ_d, null prompt,
-    outputs of every 2nd block (the DetE taps).  Noise ε comes from the global torch RNG (in the resume state).
+    outputs of every 2nd block (the DetE taps).  Noise ε comes from the global torch RNG (in the resume
+    state).
 
     A teacher whose tokens span ``t > 1`` latent frames (the shapes toy's temporal tubes) sees each
     frame as a still clip of ``t`` copies, noised independently; its token grid is still (1, H, W) / patch.
@@ -250,7 +255,8 @@ def segment_frames(batch: int, frames: int, count: int) -> torch.Tensor:
 
 
 def student_x0(batch: ConsistencyBatch) -> torch.Tensor:
-    """The student's clean-sample estimate x0 = x_n − σ_n·v, with v recovered from its endpoint (keeps the graph)."""
+    """The student's clean-sample estimate x0 = x_n − σ_n·v, with v recovered from its endpoint (keeps the
+    graph)."""
     s = lambda sig: sig.view(-1, *([1] * (batch.x_n.ndim - 1)))  # noqa: E731
     v = (batch.x_end_pred - batch.x_n) / (s(batch.sigma_end) - s(batch.sigma_n))
     return losses.x0_from_velocity(batch.x_n, v, batch.sigma_n)
@@ -267,8 +273,8 @@ class ImageDiscriminator(Objective):
 
     name = "img_gan"
 
-    def __init__(self, features: FrameFeatures, hq_images: torch.Tensor, hq_text: torch.Tensor, *, weight: float,
-                 disc_lr: float, r1_weight: float, frames: int, max_grad_norm: float = 1.0,
+    def __init__(self, features: FrameFeatures, hq_images: torch.Tensor, hq_text: torch.Tensor, *,
+                 weight: float, disc_lr: float, r1_weight: float, frames: int, max_grad_norm: float = 1.0,
                  weight_decay: float = 0.0, device: torch.device | str = "cpu"):
         if len(hq_text) != len(hq_images):
             raise ValueError(f"{len(hq_images)} high-quality images but {len(hq_text)} caption embeddings")
@@ -339,7 +345,8 @@ class ImageDiscriminator(Objective):
 
 
 def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
-    """MCM's real images: the shapes world's high-quality stills with their captions (``shapes.hq_stills``)."""
+    """MCM's real images: the shapes world's high-quality stills with their captions
+    (``shapes.hq_stills``)."""
     from dcm.worlds import shapes
 
     return shapes.hq_stills(n, seed, size, jitter)
@@ -348,7 +355,8 @@ def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tupl
 def build(params, method: str, backbone: Backbone, student: nn.Module, videos: OnlineSource, device
           ) -> tuple[MixedTrajectorySource, MotionSpace, list[Objective]]:
     """The MCM parts for ``methods.<method>``: the mixed source over ``videos``, the motion space, the
-    image discriminator on the shapes world's high-quality stills and their captions (seeded from params.seed)."""
+    image discriminator on the shapes world's high-quality stills and their captions (seeded from
+    params.seed)."""
     cfg = params.method(method).mcm
     channels = backbone.latent_shape(params.world.frames, params.world.size)[0]
     space = MotionSpace(cfg.cd_target, channels, cfg.head_ema_decay, device)
@@ -360,7 +368,8 @@ def build(params, method: str, backbone: Backbone, student: nn.Module, videos: O
                                      jitter=params.world.position_jitter)
         with torch.no_grad():
             text = backbone.encode_prompts(captions).pooled()
-        objectives.append(ImageDiscriminator(features, images, text, weight=cfg.disc_weight, disc_lr=cfg.disc_lr,
-                                             r1_weight=cfg.disc_r1, frames=cfg.disc_frames,
+        objectives.append(ImageDiscriminator(features, images, text, weight=cfg.disc_weight,
+                                             disc_lr=cfg.disc_lr, r1_weight=cfg.disc_r1,
+                                             frames=cfg.disc_frames,
                                              max_grad_norm=params.training.max_grad_norm, device=device))
     return source, space, objectives

@@ -1,4 +1,5 @@
-"""Distribution-level metrics of the shapes world: a Fréchet distance to real videos, and diversity across seeds.
+"""Distribution-level metrics of the shapes world: a Fréchet distance to real videos, and diversity across
+seeds.
 
 shapes-bench scores each video on its own, so it cannot see what few-step samplers usually lose at the
 level of the whole set: blur spread thinly over every video, motion that is right in direction but
@@ -65,7 +66,8 @@ from dcm.data.prompts import TRAIN_SEED_LIMIT
 from dcm.evaluation.scoring import bootstrap
 from dcm.worlds import shapes
 
-REAL_SEEDS_PER_PROMPT = 8  # reference videos per prompt (256 renders for 32 prompts): its side of FD is stable
+# reference videos per prompt (256 renders for 32 prompts), so the reference side of FD is stable
+REAL_SEEDS_PER_PROMPT = 8
 REAL_SEED_BASE = 3 * TRAIN_SEED_LIMIT  # train [0, L), eval [L, 2L), validation [2L, 3L): real sets [3L, 4L)
 MIN_SEEDS_FOR_DIVERSITY = 2
 METRIC_KEYS = ("fd", "fd_ci95", "fd_real_floor", "fd_real_floor_ci95", "fd_excess", "fd_excess_ci95",
@@ -84,7 +86,8 @@ FEATURES: dict[str, float] = {
     "track_residual": 0.05, "found_fraction": 0.05,
     "edge_sharpness": 0.05, "high_frequency": 0.05, "flicker": 0.01,
     "background_r": 0.005, "background_g": 0.005, "background_b": 0.005, "background_contrast": 0.005,
-    "layout_top_left": 0.005, "layout_top_right": 0.005, "layout_bottom_left": 0.005, "layout_bottom_right": 0.005,
+    "layout_top_left": 0.005, "layout_top_right": 0.005, "layout_bottom_left": 0.005,
+    "layout_bottom_right": 0.005,
 }
 RESOLUTION = np.array(list(FEATURES.values()))
 
@@ -101,7 +104,8 @@ def _foreground(rgb: np.ndarray) -> np.ndarray:
 
 
 def _shape_features(fg: np.ndarray, size: int) -> list[float]:
-    """Mean area and bounding-box area (÷ the square's), the area's variation over time, lower-half widening."""
+    """Mean area and bounding-box area (÷ the square's), the area's variation over time, lower-half
+    widening."""
     square = (2 * shapes.object_half_extent(size) + 1) ** 2
     areas, extents, widenings = [], [], []
     for mask in fg:
@@ -113,15 +117,18 @@ def _shape_features(fg: np.ndarray, size: int) -> list[float]:
         extents.append((bottom - top + 1) * (right - left + 1) / square)
         widths = mask[top:bottom + 1].sum(axis=1).astype(np.float64)
         half = widths.size // 2
-        widenings.append((widths[widths.size - half:].mean() - widths[:half].mean()) / widths.max() if half else 0.0)
+        widenings.append((widths[widths.size - half:].mean() - widths[:half].mean()) / widths.max()
+                         if half else 0.0)
     if not areas:
         return [0.0, 0.0, 0.0, 0.0]
     area = np.array(areas, dtype=np.float64)
-    return [area.mean() / square, area.std() / area.mean(), float(np.mean(extents)), float(np.mean(widenings))]
+    return [area.mean() / square, area.std() / area.mean(), float(np.mean(extents)),
+            float(np.mean(widenings))]
 
 
 def _colour_texture_features(rgb: np.ndarray, fg: np.ndarray, size: int) -> list[float]:
-    """Mean RGB of the brightest quarter of object pixels; brightness change one band apart along rows, columns."""
+    """Mean RGB of the brightest quarter of object pixels; brightness change one band apart along rows,
+    columns."""
     if not fg.any():
         return [0.0] * 5
     value = rgb.max(axis=0)
@@ -134,13 +141,15 @@ def _colour_texture_features(rgb: np.ndarray, fg: np.ndarray, size: int) -> list
         n = fg.shape[axis]
         first, second = np.arange(n - band), np.arange(band, n)
         both = fg.take(first, axis) & fg.take(second, axis)
-        return float(np.abs(relative.take(second, axis) - relative.take(first, axis))[both].mean()) if both.any() else 0.0
+        return (float(np.abs(relative.take(second, axis) - relative.take(first, axis))[both].mean())
+                if both.any() else 0.0)
 
     return [*colour.tolist(), change(1), change(2)]
 
 
 def _motion_features(det: shapes.Detection, size: int) -> list[float]:
-    """Track position at mid-clip (÷ size), velocity (px/frame at the reference size), residual, found share."""
+    """Track position at mid-clip (÷ size), velocity (px/frame at the reference size), residual, found
+    share."""
     unit = shapes.speed_px_per_frame("slowly", size)  # 1 px/frame at the 32 px reference
     times = np.flatnonzero(det.found)
     frames = det.found.size
@@ -171,7 +180,8 @@ def _sharpness_features(rgb: np.ndarray, fg: np.ndarray, det: shapes.Detection) 
 
 
 def _background_features(rgb: np.ndarray, fg: np.ndarray) -> list[float]:
-    """Mean background RGB, contrast of the time-averaged background, its 2×2 layout (quadrants less their mean)."""
+    """Mean background RGB, contrast of the time-averaged background, its 2×2 layout (quadrants less their
+    mean)."""
     background = ~fg
     if not background.any():
         return [0.0] * 8
@@ -193,7 +203,8 @@ def video_features(video: torch.Tensor, size: int) -> np.ndarray:
     fg = _foreground(rgb)
     det = shapes.detect(torch.from_numpy(array), size_hint=size)
     features = [*_shape_features(fg, size), *_colour_texture_features(rgb, fg, size),
-                *_motion_features(det, size), *_sharpness_features(rgb, fg, det), *_background_features(rgb, fg)]
+                *_motion_features(det, size), *_sharpness_features(rgb, fg, det),
+                *_background_features(rgb, fg)]
     return np.asarray(features, dtype=np.float64)
 
 
@@ -209,7 +220,8 @@ def check_videos(videos: torch.Tensor, size: int, frames: int, what: str) -> Non
 
 def features(videos: torch.Tensor, size: int) -> np.ndarray:
     """(N, len(FEATURES)) features of a (N, 3, T, H, W) batch."""
-    return np.stack([video_features(v, size) for v in videos]) if len(videos) else np.zeros((0, len(FEATURES)))
+    return (np.stack([video_features(v, size) for v in videos]) if len(videos)
+            else np.zeros((0, len(FEATURES))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +231,8 @@ def features(videos: torch.Tensor, size: int) -> np.ndarray:
 
 def real_videos(prompts: Sequence[str], seeds: Sequence[int], size: int, frames: int,
                 jitter: float | None) -> torch.Tensor:
-    """Clean renders of ``prompts[i]`` at ``seeds[i]``: the world's ground truth, as ``score_rows`` draws it."""
+    """Clean renders of ``prompts[i]`` at ``seeds[i]``: the world's ground truth, as ``score_rows`` draws
+    it."""
     scenes = [shapes.sample_scene(np.random.default_rng(s), size, frames, caption=p, jitter=jitter)
               for p, s in zip(prompts, seeds, strict=True)]
     return shapes.render_batch(scenes, size, frames)
@@ -238,8 +251,9 @@ class RealSets:
 
 def real_sets(prompts: Sequence[str], size: int, frames: int, jitter: float | None, seed: int,
               per_prompt: int = REAL_SEEDS_PER_PROMPT) -> RealSets:
-    """Render and describe the real sets for rows with these ``prompts`` (one entry per row); seeds come from
-    [REAL_SEED_BASE, REAL_SEED_BASE + TRAIN_SEED_LIMIT), distinct, deterministic in ``seed`` and the prompts."""
+    """Render and describe the real sets for rows with these ``prompts`` (one entry per row); seeds come
+    from [REAL_SEED_BASE, REAL_SEED_BASE + TRAIN_SEED_LIMIT), distinct, deterministic in ``seed`` and the
+    prompts."""
     unique = list(dict.fromkeys(prompts))
     reference_prompts = [p for p in unique for _ in range(per_prompt)]
     floor_prompts = list(prompts)

@@ -65,7 +65,8 @@ def shapes_bench_metrics(params: Params, method: str, record: dict, videos: torc
         "total_ci95": list(bootstrap(totals, np.mean, n, seed)),
         "dimensions_ci95": {d: list(bootstrap(np.array([s[d] for s in scores]), np.mean, n, seed))
                             for d in SHAPES_BENCH},
-        "diff_vs_teacher": {"total": {"mean": float(diff.mean()), "ci95": list(bootstrap(diff, np.mean, n, seed))},
+        "diff_vs_teacher": {"total": {"mean": float(diff.mean()),
+                                      "ci95": list(bootstrap(diff, np.mean, n, seed))},
                             **{d: per_dimension_diff(d) for d in SHAPES_BENCH}},
         "psnr_vs_teacher": float(np.mean(psnrs)) if np.all(np.isfinite(psnrs)) else None,
         "match_rate": match_rate(scores),

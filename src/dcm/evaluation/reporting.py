@@ -88,15 +88,17 @@ def markdown_table(rows: list[dict]) -> str:
 def dimension_table(metrics: dict[str, dict], order: list[str]) -> str:
     """Per-dimension means ×100 with their 95% bootstrap interval where the metrics carry one."""
     dims = list(next(iter(metrics.values())).get("dimensions", {})) if metrics else []
-    lines = ["| method | " + " | ".join(d.replace("_", " ") for d in dims) + " |", "|" + "---|" * (len(dims) + 1)]
+    lines = ["| method | " + " | ".join(d.replace("_", " ") for d in dims) + " |",
+             "|" + "---|" * (len(dims) + 1)]
     for name in order:
         m = metrics[name]
         cells = []
         for d in dims:
             ci = m.get("dimensions_ci95", {}).get(d)
             value = m["dimensions"].get(d)
-            cells.append("" if value is None else f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-                                                                        if ci else ""))
+            cells.append("" if value is None
+                         else f"{100 * value:.1f}"
+                         + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,9 +242,10 @@ def analysis_note(dynamics_json: Path) -> str:
         return ""
     d = json.loads(dynamics_json.read_text())
     each = d.get("per_seed_proposed_kappa")
-    spread = f" (each of {len(each)} training seeds alone: {', '.join(map(str, each))})" if each and len(each) > 1 else ""
-    return (f"proposed κ = {d['proposed_kappa']} (σ {d['sigma_proposed']:.4f}){spread}, configured grid.kappa = "
-            f"{d['configured_kappa']} (σ {d['sigma_configured']:.4f}); rule: {d['rule']}")
+    spread = (f" (each of {len(each)} training seeds alone: {', '.join(map(str, each))})"
+              if each and len(each) > 1 else "")
+    return (f"proposed κ = {d['proposed_kappa']} (σ {d['sigma_proposed']:.4f}){spread}, configured "
+            f"grid.kappa = {d['configured_kappa']} (σ {d['sigma_configured']:.4f}); rule: {d['rule']}")
 
 
 def markdown_to_html_table(md: str) -> str:

@@ -62,7 +62,8 @@ def aggregate(scores: Mapping[str, float], table: Mapping[str, Dimension]) -> di
 
 
 def bootstrap(per_row: np.ndarray, statistic, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of ``statistic(per_row[idx])`` over row resamples (fixed seed: deterministic)."""
+    """95% percentile interval of ``statistic(per_row[idx])`` over row resamples (fixed seed:
+    deterministic)."""
     per_row = np.asarray(per_row)
     rng = np.random.default_rng(seed)
     values = [statistic(per_row[rng.integers(0, len(per_row), len(per_row))]) for _ in range(n)]

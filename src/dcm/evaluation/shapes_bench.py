@@ -3,16 +3,18 @@
 Every sampled video is read back by ``shapes.detect`` and compared with the row's true scene and its
 clean render.  Each dimension is a score in [0, 1] (1 = as good as the clean render):
 
-| dimension              | group    | definition                                                                   |
-|------------------------|----------|------------------------------------------------------------------------------|
-| subject_consistency    | quality  | found-fraction × (1 − cv of object area − mean colour drift of the object)   |
-| background_consistency | quality  | 1 − mean |x_t − x_0| / 2 over pixels that are static background in the truth |
-| temporal_flickering    | quality  | VBench's (255 − MAE of consecutive frames)/255 on those static pixels        |
-| motion_smoothness      | quality  | 1 / (1 + RMS residual, px, of the track around a constant-velocity fit)      |
-| dynamic_degree         | quality  | 1 if the object moves (median displacement ≥ half the prompted speed) else 0 |
-| imaging_quality        | quality  | edge/texture sharpness relative to a clean render (``Detection.sharpness``)  |
-| object_class, color,   | semantic | 1 if the detected shape / colour / motion direction / speed / texture equals |
-| motion_direction, speed, texture |  | the prompt's, else 0                                                      |
+Quality group:
+
+- ``subject_consistency``: found-fraction × (1 − cv of object area − mean colour drift of the object);
+- ``background_consistency``: 1 − mean |x_t − x_0| / 2 over pixels that are static background in the
+  truth;
+- ``temporal_flickering``: VBench's (255 − MAE of consecutive frames)/255 on those static pixels;
+- ``motion_smoothness``: 1 / (1 + RMS residual, px, of the track around a constant-velocity fit);
+- ``dynamic_degree``: 1 if the object moves (median displacement ≥ half the prompted speed) else 0;
+- ``imaging_quality``: edge/texture sharpness relative to a clean render (``Detection.sharpness``).
+
+Semantic group: ``object_class``, ``color``, ``motion_direction``, ``speed``, ``texture``: 1 if the
+detected shape / colour / motion direction / speed / texture equals the prompt's, else 0.
 
 Aggregation follows VBench (``scoring.aggregate``): dynamic degree weight 0.5, others 1;
 Quality = weighted mean of the quality group, Semantic of the semantic group, Total = (4Q + S)/5.

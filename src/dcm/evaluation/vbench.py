@@ -99,11 +99,11 @@ def setup_commands(venv: str | os.PathLike, requirements: str | os.PathLike = RE
             [str(python_of(venv)), "-m", "pip", "install", "-r", str(Path(requirements).resolve())]]
 
 
-def create_env(venv: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS, python: str = sys.executable,
-               run: Callable[..., subprocess.CompletedProcess] = subprocess.run, upgrade_pip: bool = True,
-               force: bool = False) -> Path:
-    """Create (or update) the VBench venv from ``requirements``; stamps what it was built from.  A venv already
-    built from these requirements (``env_is_current``) is kept as it is unless ``force``."""
+def create_env(venv: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS,
+               python: str = sys.executable, run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+               upgrade_pip: bool = True, force: bool = False) -> Path:
+    """Create (or update) the VBench venv from ``requirements``; stamps what it was built from.  A venv
+    already built from these requirements (``env_is_current``) is kept as it is unless ``force``."""
     requirements = Path(requirements)
     if not requirements.is_file():
         raise ConfigError("vbench setup --requirements", str(requirements), "an existing requirements file")
@@ -128,7 +128,8 @@ def requirements_sha256(requirements: str | os.PathLike = REQUIREMENTS) -> str:
 
 
 def env_is_current(venv: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS) -> bool:
-    """Whether ``venv`` was built (by ``create_env``) from ``requirements`` as it is now (its stamp's hash)."""
+    """Whether ``venv`` was built (by ``create_env``) from ``requirements`` as it is now (its stamp's
+    hash)."""
     stamp = Path(venv) / STAMP_FILE
     if not (python_of(venv).exists() and stamp.is_file()):
         return False
@@ -181,12 +182,14 @@ def check_weights(weights_dir: str | os.PathLike | None, dimensions: Sequence[st
     """Fail, listing every missing file, unless the weights of all ``dimensions`` are in ``weights_dir``."""
     if not weights_dir:
         raise ConfigError("evaluation.vbench.weights_dir", weights_dir,
-                          "a local directory holding VBench's pretrained weights (its VBENCH_CACHE_DIR layout)")
+                          "a local directory holding VBench's pretrained weights (its VBENCH_CACHE_DIR "
+                          "layout)")
     root = Path(os.path.expanduser(str(weights_dir)))
     missing = missing_weights(root, dimensions)
     if missing:
         files = sorted({f for fs in missing.values() for f in fs})
-        lines = "\n".join(f"  {root / f}  (for {', '.join(d for d in missing if f in missing[d])})" for f in files)
+        lines = "\n".join(f"  {root / f}  (for {', '.join(d for d in missing if f in missing[d])})"
+                          for f in files)
         raise ConfigError("evaluation.vbench.weights_dir", str(weights_dir),
                           f"a directory with every weight file the chosen dimensions need; missing:\n{lines}")
     return root
@@ -203,8 +206,8 @@ def cuda_available() -> bool:
 
 
 def command(venv: str | os.PathLike, videos_dir: str | os.PathLike, output_dir: str | os.PathLike,
-            dimensions: Sequence[str], mode: str = "custom_input", prompt_file: str | os.PathLike | None = None,
-            ngpus: int = 1, device: str = "cuda") -> list[str]:
+            dimensions: Sequence[str], mode: str = "custom_input",
+            prompt_file: str | os.PathLike | None = None, ngpus: int = 1, device: str = "cuda") -> list[str]:
     """The vbench command line: on ``cuda`` what ``vbench evaluate`` launches (without its shell string),
     on ``cpu`` the same flags to ``vbench_cpu.py`` in one process (``ngpus`` unused)."""
     if device == "cuda":
@@ -320,7 +323,8 @@ def table_for(dimensions: Sequence[str]) -> dict[str, Dimension]:
 def summarise(dimension_means: Mapping[str, float]) -> dict:
     """Quality / Semantic / Total from per-dimension means, and which of VBench's 16 were not scored."""
     table = table_for(list(dimension_means))
-    return {**aggregate(dimension_means, table), "dimensions_not_scored": [d for d in VBENCH if d not in table]}
+    return {**aggregate(dimension_means, table),
+            "dimensions_not_scored": [d for d in VBENCH if d not in table]}
 
 
 # ----------------------------------------------------------------------------------- the stage's work
@@ -343,8 +347,8 @@ def run_vbench(cfg, rows: Sequence[dict], samples_dir: str | os.PathLike, work_d
     device = device or ("cuda" if cuda_available() else "cpu")
     cmd = command(venv, videos, out, dimensions, cfg.mode, prompt_file, cfg.ngpus, device)
     if device == "cpu":
-        print("vbench on the CPU: one process through its Python API (vbench_cpu.py; its launcher needs CUDA)",
-              flush=True)
+        print("vbench on the CPU: one process through its Python API (vbench_cpu.py; its launcher needs "
+              "CUDA)", flush=True)
     print("+", " ".join(cmd), flush=True)
     result = run(cmd, env=environment(weights), cwd=str(work_dir))
     if result.returncode != 0:
@@ -361,7 +365,8 @@ def run_vbench(cfg, rows: Sequence[dict], samples_dir: str | os.PathLike, work_d
 
 
 def evaluate(params, method: str, teacher_metrics: dict | None = None,
-             run: Callable[..., subprocess.CompletedProcess] = subprocess.run, device: str | None = None) -> dict:
+             run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+             device: str | None = None) -> dict:
     """metrics/<method>.json content, in the shapes-bench schema, from a real vbench run."""
     from safetensors.torch import load_file
 

@@ -105,8 +105,8 @@ class Verdict:
         spec = "+.2f" if all(v == 0 or abs(v) >= 0.005 for v in values[1:]) else "+.1e"
         mean, low, high = (format(v, spec) for v in values)
         seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != (1, 1) else ""
-        return (f"- **{self.label}** — {c.text}: {c.score_name}({row(c.a)}) − {c.score_name}({row(c.b)}) = {mean} "
-                f"[{low}, {high}] "
+        return (f"- **{self.label}** — {c.text}: {c.score_name}({row(c.a)}) − {c.score_name}({row(c.b)}) "
+                f"= {mean} [{low}, {high}] "
                 f"over {d.rows} paired rows{seeds}")
 
 
@@ -118,8 +118,8 @@ def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed
     delta = [r[score] - b_total[(r["prompt"], r["seed"])] for r in a_rows
              if r.get(score) is not None and b_total.get((r["prompt"], r["seed"])) is not None]
     if not delta:
-        raise ValueError("no (prompt, seed) row scored in both metrics: a paired difference needs shared rows "
-                         "(sample every row on the same evaluation set)")
+        raise ValueError("no (prompt, seed) row scored in both metrics: a paired difference needs shared "
+                         "rows (sample every row on the same evaluation set)")
     delta = np.asarray(delta, dtype=float)
     return Difference(float(delta.mean()), bootstrap(delta, np.mean, n, seed), len(delta))
 
@@ -150,9 +150,9 @@ def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mappi
         raise ValueError("a difference needs at least one training seed on each side")
     if len(a_sets) == len(b_sets) == 1:
         return paired_difference(a_sets[0], b_sets[0], n, seed, score)
-    count, totals = _shared_totals([*a_sets, *b_sets], "no (prompt, seed) row scored in every training seed's "
-                                   "metrics: a paired difference needs shared rows (sample every row on the same "
-                                   "evaluation set)", score)
+    count, totals = _shared_totals([*a_sets, *b_sets], "no (prompt, seed) row scored in every training "
+                                   "seed's metrics: a paired difference needs shared rows (sample every row "
+                                   "on the same evaluation set)", score)
     a, b = totals[:len(a_sets)], totals[len(a_sets):]
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, count, (n, count))  # shared by both sides: the difference stays paired
@@ -162,7 +162,8 @@ def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mappi
     return Difference(float(a.mean() - b.mean()), (float(lo), float(hi)), count, (len(a), len(b)))
 
 
-def pooled_total(sets: list[list[Mapping]], n: int, seed: int) -> tuple[float, tuple[float, float], list[float]]:
+def pooled_total(sets: list[list[Mapping]], n: int,
+                 seed: int) -> tuple[float, tuple[float, float], list[float]]:
     """One row's Total over its training seeds (each seed's ``per_row``): the mean over seeds and the rows
     every seed scored, its 95% two-level bootstrap interval (rows, then seeds, as
     :func:`hierarchical_difference`) and each seed's own mean."""
@@ -199,5 +200,6 @@ def verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
         if not metrics[m].get("per_row"):
             raise ValueError(f"metrics of {m!r} have no 'per_row' scores: a verdict needs the paired rows "
                              f"(re-run `dcm run evaluate --method {m}`)")
-    diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed, claim.score)
+    diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed,
+                                   claim.score)
     return Verdict(claim, decide(claim.kind, diff.ci95, margin), diff)

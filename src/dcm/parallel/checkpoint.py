@@ -102,8 +102,9 @@ class ObjectState(Stateful):
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """An optimizer ``state_dict()`` saved by one process (keyed by position) into ``optimizer`` over ``model``'s
-    parameters, in the same order, sharded (DTensors: each rank keeps its shards of the moments) or not."""
+    """An optimizer ``state_dict()`` saved by one process (keyed by position) into ``optimizer`` over
+    ``model``'s parameters, in the same order, sharded (DTensors: each rank keeps its shards of the moments)
+    or not."""
     if not any(hasattr(p, "to_local") for p in model.parameters()):
         optimizer.load_state_dict(saved)
         return
@@ -116,7 +117,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     template = get_optimizer_state_dict(model, optimizer)  # names the positions
     fqns = [fqn for group in template["param_groups"] for fqn in group["params"]]
     by_name = {"state": {fqns[i]: s for i, s in saved["state"].items()},
-               "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in saved["param_groups"]]}
+               "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]}
+                                for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 

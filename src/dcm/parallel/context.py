@@ -65,8 +65,9 @@ def check_context_parallel(degree: Any, *, tokens: int, heads: int, world_size: 
         raise ConfigError(key, degree, "must be a positive integer (1 = no context parallelism)")
     allowed = allowed_degrees(tokens, heads)
     if tokens % degree or heads % degree:
-        raise ConfigError(key, degree, f"must divide the video token count {tokens} (latent frames × height × "
-                                       f"width / patch) and the attention head count {heads}: allowed {allowed}")
+        raise ConfigError(key, degree, f"must divide the video token count {tokens} (latent frames × "
+                                       f"height × width / patch) and the attention head count {heads}: "
+                                       f"allowed {allowed}")
     if world_size is not None and world_size % degree:
         ok = [d for d in allowed if world_size % d == 0]
         raise ConfigError(key, degree, f"must divide the world size {world_size} (the ranks are grouped into "
@@ -102,7 +103,8 @@ def video_tokens(config: Any, latent_thw: Iterable[int], family: str | None = No
     if family == "wan":
         pt, ph, pw = (int(p) for p in cfg.get("patch_size", (1, 2, 2)))
     elif family == "hunyuan":
-        pt, ph, pw = int(cfg.get("patch_size_t", 1)), int(cfg.get("patch_size", 2)), int(cfg.get("patch_size", 2))
+        pt, ph, pw = (int(cfg.get("patch_size_t", 1)), int(cfg.get("patch_size", 2)),
+                      int(cfg.get("patch_size", 2)))
     elif family == "cogvideox":
         pt, ph = int(cfg.get("patch_size_t") or 1), int(cfg.get("patch_size", 2))
         pw, t = ph, t + (-t) % pt  # CogVideoX 1.5 pads the frames to the temporal patch
@@ -192,7 +194,8 @@ def _rank_heads(x: torch.Tensor, group, head_dim: int = 2) -> torch.Tensor:
 # ============================================================================ attention processors
 
 class _UlyssesProcessor:
-    """Shared parts; ``_attention_backend`` is what ``set_attention_backend`` sets (flash on GPUs)."""
+    """Shared parts; ``_attention_backend`` is what diffusers' ``set_attention_backend`` sets (None:
+    diffusers' default, PyTorch's SDPA)."""
 
     _attention_backend = None
     _parallel_config = None  # diffusers' own CP stays off: these processors do the all-to-all
@@ -203,8 +206,8 @@ class _UlyssesProcessor:
     def attend(self, query, key, value, attention_mask=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend)
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                     is_causal=False, backend=self._attention_backend)
 
     def joint_attention(self, image_qkv, text_qkv, attention_mask, rotary, text_first: bool):
         """Video q/k/v (3, B, tokens/P, H, D) of the rank's tokens and text q/k/v (3, B, L, H, D),
@@ -239,7 +242,8 @@ class WanContextParallelAttnProcessor(_UlyssesProcessor):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)  # RMS norm across heads: per token, before the split
+        # RMS norm across heads: per token, before the split
+        query, key = attn.norm_q(query), attn.norm_k(key)
         qkv = torch.stack([t.unflatten(2, (attn.heads, -1)) for t in (query, key, value)])
         q, k, v = seq_to_heads(qkv, self.group, token_dim=2, head_dim=3).unbind(0)  # (B, tokens, H/P, D)
         if rotary_emb is not None:
@@ -263,11 +267,13 @@ class HunyuanVideoContextParallelAttnProcessor(_UlyssesProcessor):
     """HunyuanVideo's dual-stream (separate text projections) and single-stream (shared projections)
     joint attention: [video; text], text padding masked by ``attention_mask`` (B, 1, 1, tokens + L)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
         if encoder_hidden_states is None:
-            raise ValueError("HunyuanVideoContextParallelAttnProcessor is for the joint (video + text) attention")
+            raise ValueError("HunyuanVideoContextParallelAttnProcessor is for the joint (video + text) "
+                             "attention")
         text_tokens, dual = encoder_hidden_states.shape[1], attn.add_q_proj is not None
         x = hidden_states if dual else torch.cat([hidden_states, encoder_hidden_states], dim=1)
         qkv = [proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
@@ -290,7 +296,8 @@ class HunyuanVideoContextParallelAttnProcessor(_UlyssesProcessor):
         if image_rotary_emb is not None:
             def rotary(t):
                 return apply_rotary_emb(t, image_rotary_emb, sequence_dim=1)
-        image_out, text_out = self.joint_attention(image_qkv, text_qkv, attention_mask, rotary, text_first=False)
+        image_out, text_out = self.joint_attention(image_qkv, text_qkv, attention_mask, rotary,
+                                                   text_first=False)
         image_out, text_out = image_out.to(qkv[0].dtype), text_out.to(qkv[0].dtype)
         if getattr(attn, "to_out", None) is not None:
             image_out = attn.to_out[1](attn.to_out[0](image_out))
@@ -303,7 +310,8 @@ class CogVideoXContextParallelAttnProcessor(_UlyssesProcessor):
     """CogVideoX's joint attention over [text; video] with shared projections; RoPE (5B, 1.5) on the
     video tokens after the all-to-all."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
+                 image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
         if attention_mask is not None:
@@ -391,8 +399,8 @@ class ContextParallel:
         if self.degree == 1 or self.local_tokens is None or x.shape[dim] == self.local_tokens * self.degree:
             return x
         if x.shape[dim] != self.local_tokens:
-            raise ValueError(f"expected {self.local_tokens} (this rank's) or {self.local_tokens * self.degree} "
-                             f"tokens along dim {dim}, got {x.shape[dim]}")
+            raise ValueError(f"expected {self.local_tokens} (this rank's) or "
+                             f"{self.local_tokens * self.degree} tokens along dim {dim}, got {x.shape[dim]}")
         return all_gather(x, self.group, dim=dim)
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
@@ -419,7 +427,8 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], group) -> None:
     world = dist.get_world_size(group)
     for p in parameters:
         if p.grad is not None:
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a DTensor: this rank's shard
+            # a DTensor: this rank's shard
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             dist.all_reduce(grad, group=group)
             grad.div_(world)
 
@@ -443,7 +452,8 @@ def enable_context_parallel(model: nn.Module, family: Any = None, group=None) ->
     for transformer in _transformers(model):
         fam = transformer_family(transformer)
         if expected is not None and fam != expected:
-            raise ValueError(f"family {expected!r} does not match the transformer's class {type(transformer).__name__}")
+            raise ValueError(f"family {expected!r} does not match the transformer's class "
+                             f"{type(transformer).__name__}")
         _install(cp, transformer)
     return cp
 
@@ -492,7 +502,8 @@ def _install(cp: ContextParallel, transformer: nn.Module) -> None:
                                        f"{[d for d in range(1, heads + 1) if heads % d == 0]}")
     if fam == "hunyuan" and transformer.config.get("image_condition_type") == "token_replace":
         raise ConfigError(KEY, degree, "1 for a HunyuanVideo transformer with image_condition_type "
-                                       "'token_replace' (its first-frame modulation is not split across ranks)")
+                                       "'token_replace' (its first-frame modulation is not split across "
+                                       "ranks)")
     transformer._dcm_context_parallel = cp
     cp.transformers.append(transformer)
     if degree == 1:

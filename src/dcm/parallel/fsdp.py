@@ -49,8 +49,10 @@ class ParallelDims:
     cp: int
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int, local_world_size: int | None = None) -> ParallelDims:
-        """The degrees ``cfg`` asks for at ``world_size`` ranks; a ``ConfigError`` names what does not divide."""
+    def from_config(cls, cfg: ParallelConfig, world_size: int,
+                    local_world_size: int | None = None) -> ParallelDims:
+        """The degrees ``cfg`` asks for at ``world_size`` ranks; a ``ConfigError`` names what does not
+        divide."""
         if world_size % cfg.context_parallel:
             raise ConfigError(f"{KEY}.context_parallel", cfg.context_parallel,
                               f"a divisor of the world size ({world_size} ranks)")
@@ -59,9 +61,11 @@ class ParallelDims:
             return cls("ddp", world_size, dp, 1, cfg.context_parallel)
         if cfg.strategy == "fsdp":
             return cls("fsdp", world_size, 1, dp, cfg.context_parallel)
-        shard = cfg.shard_group_size or min(local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", dp)), dp)
+        shard = cfg.shard_group_size or min(local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", dp)),
+                                            dp)
         if dp % shard:
-            raise ConfigError(f"{KEY}.shard_group_size", cfg.shard_group_size if cfg.shard_group_size else shard,
+            raise ConfigError(f"{KEY}.shard_group_size",
+                              cfg.shard_group_size if cfg.shard_group_size else shard,
                               f"a divisor of the data-parallel ranks ({world_size} ranks / context_parallel "
                               f"{cfg.context_parallel} = {dp})")
         return cls("hsdp", world_size, dp // shard, shard, cfg.context_parallel)
@@ -154,7 +158,8 @@ def check_world(params: Params, size: int | None = None) -> ParallelDims:
             allowed = [d for d in range(1, heads + 1) if heads % d == 0 and size % d == 0
                        and (tokens is None or tokens % d == 0)]
             raise ConfigError(f"{KEY}.context_parallel", cfg.context_parallel,
-                              f"a divisor of the attention head count ({heads} heads; allowed here {allowed})")
+                              f"a divisor of the attention head count ({heads} heads; allowed here "
+                              f"{allowed})")
     return dims
 
 
@@ -192,8 +197,9 @@ def _policies(cfg: ParallelConfig) -> dict:
     # bf16: blocks gather and compute in bf16, gradients are reduced in fp32 onto fp32 master shards
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
-    return {"mp_policy": mp, "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload
-            else OffloadPolicy()}
+    return {"mp_policy": mp,
+            "offload_policy": (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload
+                               else OffloadPolicy())}
 
 
 @functools.lru_cache(maxsize=4)  # one set of process groups per job, however many models are wrapped
@@ -214,7 +220,8 @@ def shard_mesh(mesh):
     return init_device_mesh(mesh.device_type, (shard,), mesh_dim_names=("dp_shard_cp",))
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = True, root: bool = True) -> nn.Module:
+def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = True,
+                root: bool = True) -> nn.Module:
     """``model`` wrapped in place for ``cfg.strategy`` over ``mesh`` (returned; nothing happens without a
     mesh).  fsdp/hsdp: ``fully_shard`` on each transformer block, then the root (``root=False``: blocks
     only, the root's own weights stay whole on every rank), with the mixed-precision and offload
@@ -231,7 +238,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = Tr
         # over every rank (data and context parallel alike); buffers are constants here (RoPE tables):
         # no broadcast, so passes may differ in count between ranks
         replicate(model, device_ids=device, forward_sync_buffers=False)
-        replicate.state(model).lazy_init()  # now, not at the first forward: that may run frozen (a generator pass)
+        # initialised now, not at the first forward: that may run frozen (a generator pass)
+        replicate.state(model).lazy_init()
         return model
     from torch.distributed.fsdp import fully_shard
 
@@ -240,7 +248,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = Tr
     # gathered weights would also keep them stale once an EMA update changes the shards
     trains = any(p.requires_grad for p in model.parameters())
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward or not trains, **policies)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward or not trains,
+                    **policies)
     if not root:
         return model
     # the root keeps its (small) gathered weights from forward to backward, if it has one
@@ -265,7 +274,8 @@ def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
         ([torch.nn.utils.get_total_norm(plain)] if plain else [])
     if not norms:
         return torch.zeros(())
-    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    return (norms[0] if len(norms) == 1
+            else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -287,22 +297,25 @@ def copy_full_(target: torch.Tensor, full: torch.Tensor) -> None:
         if _is_dtensor(target):
             from torch.distributed.tensor import distribute_tensor
 
-            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                      src_data_rank=None)  # every rank holds ``full``: each slices its own shard
+            # every rank holds ``full``: each slices its own shard
+            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh,
+                                      target.placements, src_data_rank=None)
             target.to_local().copy_(local.to_local())
         else:
             target.copy_(full)
 
 
 def load_full_state_dict_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``model.load_state_dict(state)`` for a full (one-process) state dict, ``model`` sharded or not: each rank
-    copies its shard of every tensor in place."""
+    """``model.load_state_dict(state)`` for a full (one-process) state dict, ``model`` sharded or not: each
+    rank copies its shard of every tensor in place."""
     if not any(_is_dtensor(p) for p in model.parameters()):
         model.load_state_dict(state)
         return
-    targets = model.state_dict()  # the shards themselves (DTensors sharing the parameters' storage) and buffers
+    # the shards themselves (DTensors sharing the parameters' storage) and buffers
+    targets = model.state_dict()
     if targets.keys() != state.keys():
-        raise KeyError(f"state dict keys differ from the model's: missing {sorted(targets.keys() - state.keys())[:3]}, "
+        raise KeyError(f"state dict keys differ from the model's: missing "
+                       f"{sorted(targets.keys() - state.keys())[:3]}, "
                        f"unexpected {sorted(state.keys() - targets.keys())[:3]}")
     for name, target in targets.items():
         copy_full_(target, state[name])
@@ -351,7 +364,8 @@ def gather_full_weights(model: nn.Module) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    for module in model.modules():  # every group sharded, so a state-dict hook leaves the swapped-in weights alone
+    # every group sharded, so a state-dict hook leaves the swapped-in weights alone
+    for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,4 +1,5 @@
-"""The shapes world's analytic detector: reads colour, shape, texture, direction and speed back from a video."""
+"""The shapes world's analytic detector: reads colour, shape, texture, direction and speed back from a
+video."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Detection:
     direction: str | None
     speed: str | None
     track: np.ndarray  # (frames, 2) detected centres (x, y), NaN where no object was found
-    sharpness: float  # edge crispness in [0, 1]: ~1 for a clean render, ~0.53 after degrade()
+    sharpness: float  # edge crispness in [0, 1]: ~1 for a clean render, lower the blurrier
     found: np.ndarray  # (frames,) bool
 
     @property
@@ -151,7 +152,7 @@ def _classify_shape(mask: np.ndarray) -> str:
 
 
 def _majority(votes: list[str]) -> str | None:
-    """Most common vote (ties broken by vocabulary order), None if no votes."""
+    """Most common vote (ties go to the alphabetically first word), None if no votes."""
     if not votes:
         return None
     values, counts = np.unique(np.array(votes), return_counts=True)
@@ -203,8 +204,8 @@ def _edge_sharpness(saturation: np.ndarray, mask: np.ndarray, region: np.ndarray
     where textures are invisible; summed over all pairs, so noise averages out.  The boundary is
     located on a 5-pixel plus-shaped average of s, which keeps the choice of p and q from favouring
     pixels whose own noise happens to push them across the threshold (that would inflate the jump).
-    A clean render gives ~1 (>= 0.98); ``degrade`` with blur 1 px gives ~0.53 (0.4-0.65), with
-    blur 0.5 px ~0.87.  Strong noise alone barely lowers it: it measures blur, not noise.
+    A clean render gives ~1 and more blur gives less (``degrade`` with blur 1 px stays under 0.7,
+    tests/test_shapes_world.py); noise alone barely lowers it: it measures blur, not noise.
     """
     smooth_inside = (_plus_average(saturation) > EDGE_THRESHOLD) & region
     inside, outside = smooth_inside & mask, ~smooth_inside & ~mask

@@ -1,4 +1,5 @@
-"""The shapes world's caption grammar: the vocabulary, captions built from attributes and parsed back."""
+"""The shapes world's caption grammar: the vocabulary, captions built from attributes and parsed
+back."""
 
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ VOCABULARY = {
     "direction": DIRECTIONS,
     "speed": SPEEDS,
 }
-
-# Object colours in [0, 1] RGB: saturated and far apart in hue.
 
 
 def _check_word(attribute: str, word: str) -> None:

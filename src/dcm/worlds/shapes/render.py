@@ -278,7 +278,8 @@ def render(scene: Scene, size: int, frames: int) -> torch.Tensor:
 
 
 def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
-    """(n, 3, size, size) clean single frames of random scenes (the high-quality still images) and their captions."""
+    """(n, 3, size, size) clean single frames of random scenes (the high-quality still images) and their
+    captions."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, size, frames=1, jitter=jitter) for _ in range(n)]
     return render_batch(scenes, size, frames=1)[:, :, 0], [scene.caption for scene in scenes]
