@@ -38,18 +38,22 @@ demo: setup
 	@echo "MLflow UI        : $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 # Opt-in ablation rows of the paper (VCM, +OD, +OD+PE, +OD+PE+TC; MCM's): the same DVC stages, same
-# budget; `dvc repro report_ablations` builds what the default DAG has not, then ablations/summary.md.
+# budget.  `dcm params --enable ablations` switches them on in params.yaml (pipeline.ablations) and rewrites
+# dvc.yaml; `dvc repro report_ablations` builds what the default DAG has not, then ablations/summary.md.
 ablations: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
+	$(VENV)/bin/dcm params --enable ablations -o params.yaml
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report_ablations
 	@echo "ablation table: ablations/summary.md  (HTML: ablations/index.html)"
 
 # The paper report: every row of the default DAG, the quality-against-steps rows (nfe_curve: true) and paper.rows
 # (each trained paper.seeds times, seed + k), and MCM in its own setting (stage mcm_setting: the mcm preset's
-# pipeline in mcm_setting/); `dvc repro report_paper` builds what is missing, then paper/summary.md
-# opens with the paper's claims, each marked holds / does not hold / inconclusive from the paired intervals.
+# pipeline in mcm_setting/).  `dcm params --enable paper` switches them on in params.yaml (pipeline.paper) and
+# rewrites dvc.yaml; `dvc repro report_paper` builds what is missing, then paper/summary.md opens with the
+# paper's claims, each marked holds / does not hold / inconclusive from the paired intervals.
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
+	$(VENV)/bin/dcm params --enable paper -o params.yaml
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report_paper
 	@echo "paper report: paper/summary.md  (HTML: paper/index.html; curves: paper/*_vs_nfe.png)"
 

@@ -222,20 +222,66 @@ BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvi
 
 
 def family_raw(family: str, folder: Path, **real) -> dict:
-    """The smoke preset with a real family: params.yaml content for a scratch project."""
+    """The smoke preset with a real family: params.yaml content for a scratch project (MCM an ablation row,
+    as in the real presets: its image discriminator trains on the shapes world's stills)."""
     from dcm import config
 
     raw = config.load_raw(REPO / "params.yaml", "smoke")
     settings = {**VIDEO, "max_sequence_length": 12, "text_dtype": "fp32", "vae_dtype": "fp32", **real}
     return config.deep_merge(raw, {"experiment": f"tiny-{family}",
                                    "backbone": {"family": family, "path": str(folder), "guidance_scale": 6.0,
-                                                "real": settings}})
+                                                "real": settings},
+                                   "methods": {"mcm": {"ablation": True}}})
 
 
 def family_params(family: str, folder: Path, **real):
     from dcm import config
 
     return config.parse(family_raw(family, folder, **real))
+
+
+# ------------------------------------------------------------------------------ real data
+
+# words of the tiny tokenizer's vocabulary (the shapes captions'), in a user's own prompt files
+TRAIN_PROMPTS = ["a red striped square moves left slowly", "a blue circle moves up quickly",
+                 "a green triangle moves right slowly", "a yellow checked square moves down quickly"]
+EVAL_PROMPTS = ["a blue striped circle moves left quickly", "a red triangle moves up slowly"]
+
+
+def write_video(path: Path, frames: int, height: int = 48, width: int = 64, fps: int = 8,
+                seed: int = 0) -> None:
+    """A short mp4 (libx264 through imageio-ffmpeg) of a bright block moving over noise; sizes are
+    multiples of 16 so ffmpeg keeps them."""
+    import imageio.v2 as imageio
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(str(path), fps=fps, codec="libx264", macro_block_size=16,
+                            ffmpeg_log_level="error") as writer:
+        for k in range(frames):
+            frame = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+            frame[8:24, 4 + 3 * k:20 + 3 * k] = (220, 180, 40)
+            writer.append_data(frame)
+
+
+def real_data(root: Path, videos: int = 0, frames: int = 12, per_prompt: int = 2) -> dict:
+    """A user's data under ``root/inputs``: a training prompt file, an evaluation prompt file and, with
+    ``videos``, a captioned video set (``videos`` short mp4s of ``frames`` frames and captions.jsonl); the
+    params overlay that names them."""
+    inputs = root / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "prompts.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (inputs / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    overlay = {"data": {"prompts": str(inputs / "prompts.txt")},
+               "evaluation": {"prompts": str(inputs / "eval.txt"), "videos_per_prompt": per_prompt}}
+    if videos:
+        rows = []
+        for i in range(videos):
+            write_video(inputs / "videos" / f"clip{i}.mp4", frames, seed=i)
+            rows.append({"video": f"clip{i}.mp4", "caption": TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)]})
+        (inputs / "videos" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        overlay["data"]["videos"] = str(inputs / "videos")
+    return overlay
 
 
 # ------------------------------------------------------------------------------ reports

@@ -99,7 +99,8 @@ BAD_INPUTS = [
     # SemE and DetE keys are separate types: the other expert's key names where it belongs
     (lambda r: _set(r, "methods.dcm.seme.gan_weight", 0.5),
      r"methods\.dcm\.seme\.gan_weight = 0\.5 is invalid: a DetE key, not a SemE one \(set "
-     r"methods\.dcm\.dete\.gan_weight\); allowed keys here: train_steps, lr, tc_weight, tc_offset$"),
+     r"methods\.dcm\.dete\.gan_weight\); allowed keys here: train_steps, lr, prompt_dropout, tc_weight, "
+     r"tc_offset$"),
     (lambda r: _set(r, "methods.dcm.dete.tc_weight", 1.0),
      r"methods\.dcm\.dete\.tc_weight = 1\.0 is invalid: a SemE key, not a DetE one \(set "
      r"methods\.dcm\.seme\.tc_weight\)"),

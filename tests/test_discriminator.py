@@ -482,11 +482,12 @@ def test_the_loop_hands_its_autocast_to_the_objectives(smoke, monkeypatch):
     assert spy.seen == [True]
 
 
-def _dete_run(out: Path, log_every: int, checkpointing: bool):
+def _dete_run(out: Path, log_every: int, checkpointing: bool, **training):
     """3 DetE steps (LoRA) with GAN + FM and temporal coherence through the loop, from a fresh teacher
-    load."""
+    load; ``training``: more training keys."""
 
-    params = smoke_params(source="online", log_every=log_every, gradient_checkpointing=checkpointing)
+    params = smoke_params(source="online", log_every=log_every, gradient_checkpointing=checkpointing,
+                          **training)
     torch.manual_seed(0)
     backbone = distill.load_backbone(params)
     source = distill.make_source(params, backbone)
@@ -525,6 +526,29 @@ def test_per_term_grad_norms_are_logged_on_logging_steps_and_change_nothing(smok
                 if k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")}
     # the pre-clip total is at most the sum of its terms' norms (triangle inequality)
     assert all(r["grad_norm"] <= sum(r[k] for k in keys) * (1 + 1e-5) for r in rows_logged)
+
+
+def test_term_grad_norms_off_takes_no_extra_gradient_pass_and_trains_the_same(smoke, monkeypatch):
+    """training.term_grad_norms false (the real presets): no step logs grad_norm/<term> nor runs a gradient
+    pass for one (neither the one-process autograd.grad nor the multi-rank extra backward), the total norm is
+    still logged, and DetE, D and the losses are bit-identical to a run that logs them every step."""
+    from dcm.distill import loop
+
+    on, gan_on, rows_on = _dete_run(smoke / "on", 1, False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a per-term gradient pass with training.term_grad_norms off")
+
+    monkeypatch.setattr(loop, "term_grad_norm", refuse)
+    monkeypatch.setattr(loop, "term_grad_norms_by_backward", refuse)
+    off, gan_off, rows_off = _dete_run(smoke / "off", 1, False, term_grad_norms=False)
+    assert all("grad_norm" in r and not any(k.startswith("grad_norm/") for k in r) for r in rows_off)
+    assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(gan_on.discriminator.parameters(),
+                                                 gan_off.discriminator.parameters(), strict=True))
+    for a, b in zip(rows_on, rows_off, strict=True):
+        assert {k: a[k] for k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")} \
+            == {k: b[k] for k in ("loss", "grad_norm", "consistency", "tc", "gan/fm", "gan/d_loss")}
 
 
 # ------------------------------------------------------------------ adversarial variants (issue 15)

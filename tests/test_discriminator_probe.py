@@ -18,13 +18,13 @@ def run_probe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_probe_prints_held_out_accuracy_per_sigma_adv_bucket(smoke):
-    from dcm.pipeline.stages import train_dete, train_seme
+    from dcm.pipeline.stages import train
 
     refused = run_probe()
     assert refused.returncode == 1 and "Traceback" not in refused.stderr and "train_dete" in refused.stderr
     params = smoke_params(source="online")
-    train_seme.run(params, "dcm")
-    train_dete.run(params, "dcm")
+    train.run(params, "dcm", "train_seme")
+    train.run(params, "dcm", "train_dete")
 
     done = run_probe("--steps", "20", "--batches", "2", "--buckets", "2")
     assert done.returncode == 0, done.stderr[-3000:]

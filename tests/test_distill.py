@@ -232,12 +232,12 @@ def _stage_params(smoke):
 def test_lcm_and_pcm_smoke_runs_write_loadable_transformers(smoke, monkeypatch, mlflow_sqlite):
     from diffusers import WanTransformer3DModel
 
-    from dcm.pipeline.stages import train_baseline
+    from dcm.pipeline.stages import train
 
     monkeypatch.setenv("DCM_TRACKING", "on")
     params = _stage_params(smoke)
     for method in ("lcm", "pcm"):
-        train_baseline.run(params, method)
+        train.run(params, method, "train_baseline")
         out = paths.checkpoint(method)
         model = WanTransformer3DModel.from_pretrained(out / "transformer")
         teacher = load_teacher(params, paths.TEACHER).transformer
@@ -255,10 +255,10 @@ def test_lcm_and_pcm_smoke_runs_write_loadable_transformers(smoke, monkeypatch, 
 def test_seme_smoke_run_trains_the_high_noise_phase_with_temporal_coherence(smoke):
     from diffusers import WanTransformer3DModel
 
-    from dcm.pipeline.stages import train_seme
+    from dcm.pipeline.stages import train
 
     params = _stage_params(smoke)
-    train_seme.run(params, "dcm")
+    train.run(params, "dcm", "train_seme")
     out = paths.checkpoint("dcm", "seme")
     WanTransformer3DModel.from_pretrained(out / "transformer")
     rows = history(out)
@@ -348,7 +348,7 @@ def test_lora_seme_with_grad_and_checkpointing_is_refused(smoke):
 
 def test_prompt_dropout_gives_dropped_rows_the_empty_prompt_in_every_tensor():
     from dcm.backbones.base import PromptEmbeds
-    from dcm.distill.loop import drop_prompts
+    from dcm.distill.data import drop_prompts
 
     cond = PromptEmbeds(torch.ones(3, 2, 4),
                         {"pooled": torch.ones(3, 5), "mask": torch.ones(3, 2, dtype=torch.bool)})

@@ -166,7 +166,7 @@ def test_missing_dete_folder_is_named(backbone, tmp_path):
 def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkeypatch):
     """SemE then DetE on the smoke preset (online source), then 4-step sampling through both experts."""
     from dcm.backbones import create_teacher, load_teacher
-    from dcm.pipeline.stages import prepare, train_dete, train_seme
+    from dcm.pipeline.stages import prepare, train
     from dcm.pipeline.table import STAGES
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
@@ -179,8 +179,8 @@ def test_train_dete_smoke_run_writes_adapter_layers_and_samples(tmp_path, monkey
     create_teacher(params).save(paths.TEACHER)
     with pytest.raises(config.ConfigError, match=r"checkpoints/dcm/seme.*`dcm run train_seme --method dcm`"):
         STAGES["train_dete"].run(params, "dcm")
-    train_seme.run(params, "dcm")
-    train_dete.run(params, "dcm")
+    train.run(params, "dcm", "train_seme")
+    train.run(params, "dcm", "train_dete")
 
     out = paths.checkpoint("dcm", "dete")
     assert {"adapter", "timestep_layers.safetensors", "expert.json", "train.json"} \

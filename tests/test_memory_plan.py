@@ -533,8 +533,10 @@ def hunyuan_preset_plan(tmp_path_factory) -> dict:
     rows = yaml.safe_load((REPO / "slurm" / "resources-hunyuan.yaml").read_text())
     gpus = {rows[s]["nodes"] * rows[s]["gpus"] for s in ("train_seme", "train_dete", "train_baseline")}
     assert gpus == {24} and 24 % par.context_parallel == 0
-    global_batch = params.training.batch_size * 24 // par.context_parallel * params.training.grad_accum
-    assert global_batch == 6  # the paper's (24 A100s, sequence parallel 4, batch 1 per group)
+    accum = params.training.accumulation(24 // par.context_parallel)  # derived from the global batch
+    # the paper's (24 A100s, sequence parallel 4, batch 1 per group)
+    assert params.training.global_batch_size == 6
+    assert params.training.batch_size * 24 // par.context_parallel * accum == 6
     argv = ["--family", "hunyuan", "--gpus", "24", "--gpu-mem-gb", "80", "--context-parallel",
             str(par.context_parallel), "--max-gpus", "8", "--json-out", str(tmp_path / "plan.json"),
             "--params", PARAMS]
@@ -554,3 +556,23 @@ def test_the_hunyuan_presets_layout_fits_the_gpus_of_its_slurm_rows(hunyuan_pres
     """Each training stage fits 80 GiB A100s with activation checkpointing on the preset's layout."""
     usable = (80 - hunyuan_preset_plan["reserve_gb"]) * 2**30
     assert hunyuan_preset_plan["per_gpu"][stage]["total, checkpointing"] <= usable, stage
+
+
+@pytest.mark.slow
+def test_the_wan_preset_trains_in_the_compute_the_plan_assumes_and_fits_its_gpu(tmp_path):
+    """The wan preset trains as the official recipe does (fp32 master weights, bf16 compute; FSDP2 gathers
+    bf16 blocks on several GPUs): the plan's default compute, and on its one GPU SemE and DetE fit 80 GiB."""
+    from dcm import config
+
+    raw = config.deep_merge(config.load_raw(REPO / "params.yaml", "wan"),
+                            {"backbone": {"path": str(tmp_path)}})
+    par = config.parse(raw).training.parallel
+    assert (par.strategy, par.mixed_precision) == ("fsdp", "bf16")
+    out = tmp_path / "plan.json"
+    assert mp.main(["--family", "wan", "--gpus", "1", "--gpu-mem-gb", "80", "--max-gpus", "1",
+                    "--json-out", str(out), "--params", PARAMS]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["setting"]["compute"] == par.mixed_precision
+    usable = (80 - plan["reserve_gb"]) * 2**30
+    for stage in ("SemE", "DetE"):
+        assert plan["per_gpu"][stage]["total, checkpointing"] <= usable, stage

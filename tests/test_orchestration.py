@@ -18,7 +18,7 @@ import yaml
 from dcm import config
 from dcm.config import ConfigError
 from dcm.pipeline import dag, launch
-from dcm.pipeline.table import STAGES
+from dcm.pipeline.table import STAGES, switched
 from helpers import smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +51,8 @@ def expand_dvc(doc: dict) -> dict[str, dict[str, set[str]]]:
 
 
 def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
-    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all", "report_ablations",
-                          "report_paper"],
+    """Every rule run of the Snakefile's `all`: the DAG of the folder's params.yaml, as `dvc repro` runs."""
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--cores", "1", "all"],
                          cwd=workdir,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
@@ -73,15 +73,35 @@ def snakemake_dry_run(workdir: Path) -> dict[str, dict[str, set[str]]]:
     return runs
 
 
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("dag")
-    for name in ("Snakefile", "dvc.yaml", "workflow", "slurm/resources.yaml"):
+def project_copy(work: Path, *groups: str) -> Path:
+    """The DAG's files in ``work``; with ``groups``, switched on by `dcm params --enable` (which rewrites the
+    copy's dvc.yaml, as `make ablations` / `make paper` do)."""
+    from dcm import cli
+
+    for name in ("Snakefile", "dvc.yaml", "workflow", "slurm/resources.yaml", "params.yaml"):
         src = REPO / name
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, work / name) if src.is_dir() else shutil.copy(src, work / name)
-    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    if groups:
+        enable = [arg for group in groups for arg in ("--enable", group)]
+        assert cli.main(["params", "--params", str(work / "params.yaml"), *enable,
+                         "-o", str(work / "params.yaml")]) == 0
     return work
+
+
+@pytest.fixture(scope="module")
+def default_views(tmp_path_factory):
+    """The committed params.yaml (opt-in groups off): its folder, dvc.yaml's runs and the Snakefile's."""
+    work = project_copy(tmp_path_factory.mktemp("dag"))
+    return work, expand_dvc(yaml.safe_load((work / "dvc.yaml").read_text())), snakemake_dry_run(work)
+
+
+@pytest.fixture(scope="module")
+def opt_in_views(tmp_path_factory):
+    """Both opt-in groups switched on (`make ablations` then `make paper`): folder, dvc.yaml's runs and the
+    Snakefile's."""
+    work = project_copy(tmp_path_factory.mktemp("dag-opt-in"), "ablations", "paper")
+    return work, expand_dvc(yaml.safe_load((work / "dvc.yaml").read_text())), snakemake_dry_run(work)
 
 
 def test_dvc_yaml_is_generated_from_the_stage_table():
@@ -89,17 +109,21 @@ def test_dvc_yaml_is_generated_from_the_stage_table():
                      str(REPO / "dvc.yaml")]) == 0
 
 
-def test_every_stage_of_the_table_is_in_dvc_yaml_and_the_snakefile(smoke_workdir):
-    dvc_stages = {name.partition("@")[0]
-                  for name in expand_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()))}
-    snake_stages = {name.partition("@")[0] for name in snakemake_dry_run(smoke_workdir)}
-    assert dvc_stages == snake_stages == set(STAGES)
+@pytest.mark.parametrize("views", ["default_views", "opt_in_views"])
+def test_every_stage_of_the_dag_is_in_dvc_yaml_and_the_snakefile(views, request):
+    work, dvc_runs, snake_runs = request.getfixturevalue(views)
+    params = config.load(work / "params.yaml")
+    dvc_stages = {name.partition("@")[0] for name in dvc_runs}
+    snake_stages = {name.partition("@")[0] for name in snake_runs}
+    assert dvc_stages == snake_stages == {s.name for s in STAGES.values() if s.in_dag(params)}
+    if views == "opt_in_views":
+        assert dvc_stages == set(STAGES)
 
 
-def test_dvc_yaml_and_snakefile_have_the_same_runs_deps_and_outs(smoke_workdir):
-    dvc_runs = expand_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()))
-    snake_runs = snakemake_dry_run(smoke_workdir)
-    params = config.load(REPO / "params.yaml")
+@pytest.mark.parametrize("views", ["default_views", "opt_in_views"])
+def test_dvc_yaml_and_snakefile_have_the_same_runs_deps_and_outs(views, request):
+    work, dvc_runs, snake_runs = request.getfixturevalue(views)
+    params = config.load(work / "params.yaml")
     assert set(dvc_runs) == set(snake_runs) == {f"{s.name}@{m}" if m else s.name for s, m in dag.runs(params)}
     for name, snake in snake_runs.items():
         dvc_run = dvc_runs[name]
@@ -110,6 +134,116 @@ def test_dvc_yaml_and_snakefile_have_the_same_runs_deps_and_outs(smoke_workdir):
         assert all(covering.values()), (name, covering)
         assert set().union(*covering.values()) == snake["deps"], name
         assert dvc_run["cmd"].replace("dcm launch", "dcm run") == snake["cmd"], name
+
+
+def test_a_bare_dvc_repro_builds_the_default_experiment_and_the_switches_add_the_opt_in_groups(
+        default_views, opt_in_views):
+    """The committed params.yaml has both groups off: dvc.yaml (what a bare `dvc repro` runs) holds no opt-in
+    stage and no opt-in row; `dcm params --enable ablations --enable paper` puts every stage and row of the
+    table in it (and in the Snakefile's `all`)."""
+    from dcm.pipeline.table import ablation_rows, curve_rows, paper_rows
+
+    _, default_runs, _ = default_views
+    work, opt_in_runs, snake_runs = opt_in_views
+    params = config.load(REPO / "params.yaml")
+    assert (params.pipeline.ablations, params.pipeline.paper) == (False, False)
+    opt_in_stages = {s.name for s in STAGES.values() if s.opt_in}
+    assert opt_in_stages == {"report_ablations", "mcm_setting", "report_paper"}
+    opt_in_rows = set(ablation_rows(params)) | set(curve_rows(params)) | set(paper_rows(params))
+    assert {"vcm", "dcm_d3", "euler1", "pcm2", "lcm_s1", "dcm_s2"} <= opt_in_rows
+    default_methods = {name.partition("@")[2] for name in default_runs} - {""}
+    assert not {name.partition("@")[0] for name in default_runs} & opt_in_stages
+    assert default_methods == set(params.default_methods) and not default_methods & opt_in_rows
+    on = config.load(work / "params.yaml")
+    assert (on.pipeline.ablations, on.pipeline.paper) == (True, True)
+    assert opt_in_stages <= {name.partition("@")[0] for name in opt_in_runs}
+    assert {f"evaluate@{m}" for m in opt_in_rows} <= set(opt_in_runs)
+    assert set(opt_in_runs) == set(snake_runs) == {f"{s.name}@{m}" if m else s.name
+                                                   for s, m in dag.runs(params, every_row=True)}
+
+
+def test_the_paper_switch_adds_the_paper_reports_rows_and_not_the_other_ablation_rows():
+    """pipeline.paper alone: mcm_setting, report_paper, the NFE curves, paper.rows (VCM and the OD rows among
+    them) and their training seeds; not report_ablations nor the ablation rows outside paper.rows."""
+    params = config.load(REPO / "params.yaml")
+    runs = expand_dvc(dag.dvc_yaml(switched(params, paper=True)))
+    stages = {name.partition("@")[0] for name in runs}
+    assert {"mcm_setting", "report_paper"} <= stages and "report_ablations" not in stages
+    for row in ("euler1", "lcm8", "vcm", "od_pe_tc", "vcm_s1", "dcm_s2"):
+        assert f"evaluate@{row}" in runs, row
+    assert not {"evaluate@dcm_d3", "evaluate@mcm_raw", "train_baseline@dmd2_steps"} & set(runs)
+    ablations = expand_dvc(dag.dvc_yaml(switched(params, ablations=True)))
+    assert "report_ablations" in ablations and "evaluate@dcm_d3" in ablations
+    assert not {"report_paper", "mcm_setting", "evaluate@euler1", "evaluate@vcm_s1"} & set(ablations)
+
+
+def test_enable_changes_only_the_switch_in_the_params_file_and_rewrites_dvc_yaml(tmp_path):
+    """`dcm params --enable paper -o params.yaml` (`make paper`): the file keeps every other line and comment;
+    dvc.yaml beside it is regenerated for the new params; --disable returns both to what they were."""
+    from dcm import cli
+
+    work = project_copy(tmp_path)
+    before = (work / "params.yaml").read_text()
+    args = ["params", "--params", str(work / "params.yaml"), "-o", str(work / "params.yaml")]
+    assert cli.main([*args, "--enable", "paper"]) == 0
+    after = (work / "params.yaml").read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert [(a.split("#")[0].strip(), b.split("#")[0].strip()) for a, b in changed] \
+        == [("paper: false", "paper: true")]
+    assert changed[0][0].split("#")[1] == changed[0][1].split("#")[1]  # its comment kept
+    assert (work / "dvc.yaml").read_text() == dag.dvc_yaml_text(config.load(work / "params.yaml"))
+    assert "report_paper" in yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
+    assert cli.main([*args, "--disable", "paper"]) == 0
+    assert (work / "params.yaml").read_text() == before
+    assert (work / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
+
+
+def test_a_preset_written_by_dcm_params_comes_with_its_dvc_yaml(tmp_path):
+    """`dcm params --preset smoke -o params.yaml` writes the preset where DVC sees it and the dvc.yaml of
+    those params beside it; another file name leaves dvc.yaml alone."""
+    from dcm import cli
+
+    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "smoke",
+                     "-o", str(tmp_path / "params.yaml")]) == 0
+    written = config.load(tmp_path / "params.yaml")
+    assert written.experiment == "smoke" and written == config.load(REPO / "params.yaml", preset="smoke")
+    assert (tmp_path / "dvc.yaml").read_text() == dag.dvc_yaml_text(written)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "smoke",
+                     "-o", str(other / "smoke.yaml")]) == 0
+    assert not (other / "dvc.yaml").exists()
+
+
+def test_a_preset_chosen_in_the_environment_is_refused_naming_the_variable_and_the_command(monkeypatch,
+                                                                                           capsys):
+    """DCM_PRESET is invisible to DVC: every command that reads params fails, naming it, its value and how to
+    write the preset into params.yaml instead."""
+    from dcm import cli
+
+    monkeypatch.setenv("DCM_PRESET", "hunyuan")
+    with pytest.raises(ConfigError,
+                       match=r"DCM_PRESET = 'hunyuan'.*dcm params --preset <name> -o params\.yaml"):
+        config.load(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match="DCM_PRESET"):
+        config.load(REPO / "params.yaml", preset="smoke")
+    assert cli.main(["stages", "--params", str(REPO / "params.yaml")]) == 2
+    assert "DCM_PRESET" in capsys.readouterr().err
+
+
+def test_dcm_stages_lists_the_dags_runs_and_what_each_switch_would_add(capsys):
+    from dcm import cli
+
+    assert cli.main(["stages", "--params", str(REPO / "params.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in lines if not line.startswith("off:")}
+    params = config.load(REPO / "params.yaml")
+    assert list(listed) == [s.name for s in STAGES.values() if s.in_dag(params)]
+    assert listed["evaluate"] == ", ".join(params.default_methods)
+    off = [line for line in lines if line.startswith("off:")]
+    assert len(off) == 2 and "report_ablations" in off[0] and "dcm_d3" in off[0]
+    assert "mcm_setting, report_paper" in off[1] and "euler1" in off[1] and "lcm_s1" in off[1]
+    assert "dcm params --enable paper -o params.yaml" in off[1]
 
 
 def test_launch_local_runs_the_stage_in_process(project):
@@ -156,7 +290,7 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
         pytest.skip(f"stage modules not written yet: {', '.join(missing)}")
     tmp_path, first_stdout, _ = dvc_smoke_repo
     params = config.load(tmp_path / "params.yaml")
-    for s, m in dag.runs(params, include_ablations=False):
+    for s, m in dag.runs(params):  # the smoke params' DAG: the default experiment (groups off)
         for path in s.resolve(params, m)["outs"] + s.resolve(params, m)["metrics"]:
             assert (tmp_path / path).exists(), (path, first_stdout[-2000:])
     again = _dvc(tmp_path, "repro", "report")
@@ -228,8 +362,7 @@ def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
     params = config.load(REPO / "params.yaml")
     curves = curve_rows(params)
     assert {"euler1", "euler2", "euler8", "euler16", "lcm1", "lcm2", "lcm8", "pcm2", "dcm2"} <= set(curves)
-    default = {m for s, m in dag.runs(params, include_ablations=False)} \
-        | {s.name for s, _ in dag.runs(params, include_ablations=False)}
+    default = {m for s, m in dag.runs(params)} | {s.name for s, _ in dag.runs(params)}
     assert not default & set(curves) and "report_paper" not in default
     assert not set(curves) & set(ablation_rows(params))
     assert not any(f"metrics/{m}.json" in STAGES["report_ablations"].resolve(params)["deps"] for m in curves)
@@ -239,7 +372,7 @@ def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
     assert paper_deps == {f"metrics/{m}.json" for m in wanted} | {"mcm_setting"}  # MCM in its own setting
     assert "metrics/dcm_d3.json" not in paper_deps and "metrics/dmd2_steps.json" not in paper_deps
     # sampling-only rows reuse trained weights; pcm2 is trained as its own row
-    train = {m for s, m in dag.runs(params) if s.name.startswith("train_")}
+    train = {m for s, m in dag.runs(params, every_row=True) if s.name.startswith("train_")}
     assert "pcm2" in train and not train & {"lcm1", "lcm2", "lcm8", "dcm2"}
 
 

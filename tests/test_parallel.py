@@ -380,6 +380,29 @@ def test_context_parallel_seme_at_two_ranks_equals_one_process(seme_one, base_pr
     assert summary["global_batch_size"] == 4 and summary["parallel"]["cp"] == 2
 
 
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp_context_parallel_and_checkpointing_train_as_eager(seme_one, base_project,
+                                                                                   tmp_path):
+    """training.compile (inductor's CPU code) at 2 ranks × context_parallel 2 with activation checkpointing:
+    every block's compiled forward between FSDP2's gathers, inside the recomputation and on the split tokens
+    gives the losses, gradient norms (per-term ones too: backward over a kept graph) and weights of the eager
+    one-process run.  The weights within 1e-5 where 4 steps move them by 4e-4: Adam divides each gradient by
+    its own size, so inductor's rounding in a gradient near 0 shows in its update."""
+    two = make_project(base_project, tmp_path / "two", batch_size=4,
+                       parallel={"strategy": "fsdp", "context_parallel": 2})
+    raw = yaml.safe_load((two / "params.yaml").read_text())
+    raw["training"].update(compile=True, gradient_checkpointing=True)
+    (two / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    dcm_run(two, "train_seme", 2)
+    one, two = seme_one / "checkpoints/dcm/seme", two / "checkpoints/dcm/seme"
+    assert_same_history(one, two)
+    assert_tokens_split(two, SMOKE_TOKENS // 2)
+    a, b = safetensors_in(one / "transformer"), safetensors_in(two / "transformer")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.fixture(scope="module")
 def dete_one(seme_one, tmp_path_factory):
     """DetE with the smoke preset's GAN + feature matching (λ_gan 0.1, λ_fm 1), 1 process, batch 4."""
@@ -412,6 +435,38 @@ def test_context_parallel_dete_with_gan_and_feature_matching_equals_one_process(
     one, two = dete_one / "checkpoints/dcm/dete", two / "checkpoints/dcm/dete"
     assert_same_history(one, two)
     assert_tokens_split(two, SMOKE_TOKENS // 2)
+    for folder in ("adapter", "."):
+        assert_same_weights(one / folder, two / folder)
+
+
+@pytest.mark.slow
+def test_margin_gated_dete_without_term_norms_at_two_ranks_equals_one_process(seme_one, tmp_path):
+    """DetE's hinge gated on D's running margin (hinge_margin: the margin is all-reduced on D's own device,
+    as NCCL needs, not on a CPU copy) with training.term_grad_norms off, at 2 FSDP2 ranks with batch 2: the
+    margin is the global batch's, every logged value equals one process's with batch 4, and no step logs a
+    per-term gradient norm (no extra backward)."""
+    dete = {"hinge_margin": 0.2}
+    one = make_project(seme_one, tmp_path / "one", batch_size=4, dete=dete)
+    two = make_project(seme_one, tmp_path / "two", batch_size=2, parallel={"strategy": "fsdp"}, dete=dete)
+    for folder in (one, two):
+        raw = yaml.safe_load((folder / "params.yaml").read_text())
+        raw["training"]["term_grad_norms"] = False
+        (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    dcm_run(one, "train_dete", 1)
+    dcm_run(two, "train_dete", 2)
+    one, two = one / "checkpoints/dcm/dete", two / "checkpoints/dcm/dete"
+    rows_one, rows_two = history(one), history(two)
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert a["n"] == b["n"] and a.keys() == b.keys()
+        assert {"gan/margin", "gan/g_hinge_on", "gan/d_real", "gan/d_fake", "grad_norm"} <= a.keys()
+        assert not any(k.startswith("grad_norm/") for k in a)
+        # the margin is a difference of D's mean logits: compared at their scale, not at its own
+        scale = max(abs(a["gan/d_real"]), abs(a["gan/d_fake"]))
+        for key, value in a.items():
+            if isinstance(value, float) and key != "step_s":
+                tol = LOSS_RTOL * scale if key == "gan/margin" else 1e-9
+                assert b[key] == pytest.approx(value, rel=LOSS_RTOL, abs=tol), (a["step"], key)
     for folder in ("adapter", "."):
         assert_same_weights(one / folder, two / folder)
 

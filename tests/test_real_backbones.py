@@ -23,7 +23,7 @@ from dcm.backbones.cogvideox import (
 from dcm.backbones.hunyuan import embedded_guidance
 from dcm.config import ConfigError
 from dcm.distill.experts import make_dete
-from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw
+from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw, real_data
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan", "hunyuan", "cogvideox")
@@ -236,11 +236,10 @@ def test_recorded_teacher_refuses_a_changed_folder(folders, tmp_path):
     folder = tmp_path / "cog"
     shutil.copytree(folders("cogvideox"), folder)
     params = family_params("cogvideox", folder)
-    record_teacher(params, PROMPTS, tmp_path / "teacher")
+    record_teacher(params, tmp_path / "teacher")
     record = json.loads((tmp_path / "teacher" / "backbone.json").read_text())
     assert record["family"] == "cogvideox" and record["path"] == str(folder.resolve())
-    backbone = load_teacher(params, tmp_path / "teacher")
-    assert set(PROMPTS) <= set(backbone.prompt_table)
+    backbone = load_teacher(params, tmp_path / "teacher", prompt_store=None)
     assert all(getattr(backbone.pipe, n) is None for n in backbone.text_components)  # not loaded
     cfg = folder / "transformer" / "config.json"
     cfg.write_text(cfg.read_text().replace('"num_layers": 4', '"num_layers": 2'))
@@ -257,16 +256,18 @@ def run(*argv: str) -> None:
 
 def start_project(family: str, folder: Path, root: Path, monkeypatch) -> None:
     root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(family_raw(family, folder), sort_keys=False))
+    raw = config.deep_merge(family_raw(family, folder), real_data(root))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.chdir(root)
     run("prepare")
     run("teacher")
+    run("preprocess")
 
 
 @pytest.mark.parametrize("family,mode", [("hunyuan", "embedded"), ("wan", "cfg")])
 def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tmp_path, monkeypatch):
     start_project(family, folders(family), tmp_path / "project", monkeypatch)
-    assert (paths.TEACHER / "prompt_embeds.safetensors").is_file()
+    assert (paths.PROMPT_STORE / "index.json").is_file()
     run("trajectories")
     index = json.loads((paths.TRAJECTORIES / "index.json").read_text())
     assert index["guidance"] == {"mode": mode, "scale": 6.0}

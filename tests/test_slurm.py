@@ -379,3 +379,84 @@ def test_snakemake_slurm_profile_trains_seme_as_a_two_task_fsdp2_job(cluster_pro
             "dcm run train_seme --method dcm") in out.stdout
     _assert_trained_as_two_fsdp2_ranks(Path("checkpoints/dcm/seme"),
                                        config.load("params.yaml").training.batch_size)
+
+
+def _jobs_started_in(folder: Path) -> list[str]:
+    """Ids of the jobs the controller still knows (MinJobAge) whose working directory is ``folder``."""
+    out = subprocess.run(["scontrol", "show", "jobs", "-o"], capture_output=True, text=True, timeout=30)
+    return [re.search(r"JobId=(\d+)", line).group(1) for line in out.stdout.splitlines()
+            if f"WorkDir={folder} " in f"{line} "]
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_launch_inside_an_allocation_runs_the_stage_as_a_two_task_step_of_it(cluster_project,
+                                                                              training_inputs):
+    """`dcm launch train_seme` (launcher: slurm) inside `salloc -n 2`: no job submitted (no submitit log
+    folder; the controller knows one job started here, the allocation), the stage ran as step 0 of the
+    allocation with 2 tasks (its MLflow run's SLURM tags; 2 FSDP2 ranks in distributed.json)."""
+    import sqlite3
+
+    _copy_training_inputs(training_inputs)
+    _set_resources("train_seme", tasks=2, cpus_per_task=1)
+    _use_fsdp()
+    db = Path("mlflow.db").resolve()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DCM_TRACKING"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    out = subprocess.run(["salloc", "--ntasks=2", "--cpus-per-task=1", "--mem=4G", "--time=20",
+                          str(BIN / "dcm"), "launch", "train_seme", "--method", "dcm"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:]
+    job_id = re.search(r"Granted job allocation (\d+)", out.stdout).group(1)
+    assert f"train_seme as a step of SLURM job {job_id}, 2 task(s)" in out.stdout, out.stdout[-3000:]
+    assert not Path("slurm/logs").exists()  # submitit never ran
+    assert _jobs_started_in(Path.cwd()) == [job_id]
+    with sqlite3.connect(db) as con:
+        tags = dict(con.execute("SELECT t.key, t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+                                "WHERE r.name = 'train_seme[dcm]'").fetchall())
+    assert tags["slurm.job_id"] == job_id and tags["slurm.step_id"] == "0"
+    _assert_trained_as_two_fsdp2_ranks(Path("checkpoints/dcm/seme"),
+                                       config.load("params.yaml").training.batch_size)
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_sigterm_to_launch_inside_an_allocation_stops_the_steps_tasks_gracefully(cluster_project):
+    """SIGTERM to `dcm launch teacher` inside `salloc`: the step's task gets SIGTERM (scancel --signal, not
+    srun's SIGKILL), exits 143 with its MLflow run KILLED, and so does `dcm launch`."""
+    import signal
+    import sqlite3
+
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["teacher"].update(train_steps=100000, log_every=1)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    db = Path("mlflow.db").resolve()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DCM_TRACKING"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    dcm = str(BIN / "dcm")
+    subprocess.run([dcm, "run", "prepare"], env={**env, "DCM_TRACKING": "off"}, capture_output=True,
+                   check=True)
+
+    def teacher_runs() -> list[tuple[str, int]]:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0) as con:
+                return con.execute("SELECT r.status, (SELECT COUNT(*) FROM metrics m WHERE m.run_uuid = "
+                                   "r.run_uuid) FROM runs r WHERE r.name = 'teacher'").fetchall()
+        except sqlite3.OperationalError:  # not created yet, or a write in progress
+            return []
+
+    salloc = subprocess.Popen(["salloc", "--ntasks=1", "--cpus-per-task=1", "--mem=2G", "--time=20", dcm,
+                               "launch", "teacher"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(metrics >= 10 for _, metrics in teacher_runs()):
+        assert salloc.poll() is None and time.monotonic() < deadline, salloc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    launcher = [int(pid) for task in Path(f"/proc/{salloc.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    assert len(launcher) == 1, launcher  # `dcm launch teacher`, salloc's child
+    os.kill(launcher[0], signal.SIGTERM)
+    out, _ = salloc.communicate(timeout=180)
+    assert salloc.returncode == 143, out[-3000:]
+    assert "SIGTERM: sent to step" in out and "Exited with exit code 143" in out, out[-3000:]
+    assert [status for status, _ in teacher_runs()] == ["KILLED"]

@@ -30,6 +30,7 @@ from dcm.data.trajectories import (
     bytes_per_trajectory,
     initial_noise,
     shard_name,
+    sidecar_name,
     solve,
     solve_velocity,
     store_header,
@@ -386,7 +387,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tmp_path, teacher_dir, mo
 
     proc = _run_stage_subprocess(killed)
     deadline = time.monotonic() + 120
-    while not (store / shard_name(0)).is_file():
+    while not (store / sidecar_name(0)).is_file():  # shard 0 and its sidecar written: shard 0 is done
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "no shard appeared"
         time.sleep(0.005)

@@ -213,11 +213,19 @@ def test_stage_videos_writes_vbench_prompt_file_and_standard_names(tmp_path):
     assert sorted(prompts.values()) == sorted(r["prompt"] for r in rows)
     assert all(Path(p).is_absolute() and Path(p).resolve().parent == samples.resolve() for p in prompts)
     assert sorted(index.values()) == [0, 1, 2]
+    suite = ["a blue disc"] * 5 + ["a red square moves left"] * 5
+    samples, rows = _samples(tmp_path / "five", suite)
     videos, prompt_file, index = vbench.stage_videos(rows, samples, tmp_path / "std", "standard")
     assert prompt_file is None
-    assert sorted(p.name for p in videos.iterdir()) == ["a blue disc-0.mp4", "a red square moves left-0.mp4",
-                                                        "a red square moves left-1.mp4"]
-    assert index[str(videos / "a red square moves left-1.mp4")] == 2
+    names = sorted(f"{p}-{k}.mp4" for p in set(suite) for k in range(5))
+    assert sorted(p.name for p in videos.iterdir()) == names
+    assert index[str(videos / "a red square moves left-1.mp4")] == 6
+
+
+def test_standard_staging_refuses_a_prompt_without_its_five_videos(tmp_path):
+    samples, rows = _samples(tmp_path, ["a blue disc"] * 5 + ["a red square moves left"] * 2)
+    with pytest.raises(ValueError, match=r"5 videos per prompt.*'a red square moves left': 2"):
+        vbench.stage_videos(rows, samples, tmp_path / "std", "standard")
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])

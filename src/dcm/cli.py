@@ -37,8 +37,9 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
 
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="experiment file (default: params.yaml)")
-    p.add_argument("--preset", default=None, help="overlay a preset on the params file (e.g. smoke); "
-                   "also read from $DCM_PRESET")
+    p.add_argument("--preset", default=None, help="overlay a preset on the params file for this command "
+                   "(e.g. smoke); DVC sees only the file: `dcm params --preset NAME -o params.yaml` writes "
+                   "it there")
 
 
 def _params(args: argparse.Namespace) -> config.Params:
@@ -82,6 +83,9 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None)
     p.add_argument("--methods", default=None, help="several methods of a per-method stage at once: a comma "
                    "list or 'all'; with launcher: slurm one job array")
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="launcher: slurm: submit a real family's stage even where its plan (`dcm plan "
+                   "--dag`) says it does not fit its row (or DCM_NO_PLAN_CHECK=1)")
     _params_args(p)
 
 
@@ -94,19 +98,38 @@ def _launch(args: argparse.Namespace) -> int:
         if args.method:
             raise config.ConfigError("--method", args.method, "either --method or --methods, not both")
         methods = launch.resolve_methods(params, args.stage, args.methods)
-        return launch.launch_array(params, args.stage, methods, params_path=args.params, preset=args.preset)
+        return launch.launch_array(params, args.stage, methods, params_path=args.params, preset=args.preset,
+                                   plan_check=not args.no_plan_check)
     with tracking.stop_signals_handled():
-        return launch.launch(params, args.stage, args.method, params_path=args.params, preset=args.preset)
+        return launch.launch(params, args.stage, args.method, params_path=args.params, preset=args.preset,
+                             plan_check=not args.no_plan_check)
 
 
-@command("stages", "list the stages with their runs for these params", _params_args)
+@command("check", "pre-flight: everything the DAG of these params needs (weights folder, data files, VBench, "
+         "free disk), every problem at once; `prepare` runs it first", _params_args)
+def _check(args: argparse.Namespace) -> int:
+    from dcm.pipeline import check
+
+    return check.main(_params(args))
+
+
+@command("stages", "list the stages of the DAG with their runs for these params (what dvc.yaml and the "
+         "Snakefile hold), then the opt-in groups switched off", _params_args)
 def _stages(args: argparse.Namespace) -> int:
     from dcm.pipeline import table
 
     params = _params(args)
     for s in table.STAGES.values():
-        runs = s.methods(params, include_ablations=True) if s.per_method else ["-"]
-        print(f"{s.name:<15} {', '.join(runs)}")
+        if s.in_dag(params):
+            runs = s.dag_methods(params) if s.per_method else ["-"]
+            print(f"{s.name:<15} {', '.join(runs)}")
+    for group in config.PIPELINE_GROUPS:
+        if not getattr(params.pipeline, group):
+            rows = table.dag_rows(params)
+            extra = [m for m in table.dag_rows(table.switched(params, **{group: True})) if m not in rows]
+            stages = [s.name for s in table.STAGES.values() if s.opt_in == group]
+            print(f"off: pipeline.{group} ({', '.join(stages)}; rows {', '.join(extra) or 'none'}): "
+                  f"`dcm params --enable {group} -o params.yaml` adds them")
     return 0
 
 
@@ -133,16 +156,41 @@ def _pipeline_run(args: argparse.Namespace) -> int:
 
 def _params_out_args(p: argparse.ArgumentParser) -> None:
     _params_args(p)
-    p.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    p.add_argument("--enable", action="append", default=[], choices=config.PIPELINE_GROUPS,
+                   help="switch an opt-in group on (pipeline.<group>: true): its rows and stages join "
+                   "the DAG")
+    p.add_argument("--disable", action="append", default=[], choices=config.PIPELINE_GROUPS,
+                   help="switch an opt-in group off again")
+    p.add_argument("-o", "--output", default=None, help="write to this file instead of stdout; a file named "
+                   "params.yaml also gets the dvc.yaml beside it rewritten, the DAG of the written params "
+                   "(as `python -m dcm.pipeline.dag` does), so DVC runs what the file says")
 
 
-@command("params", "print the validated params (with a preset overlay) as YAML", _params_out_args)
+@command("params", "print or write the validated params (a preset overlaid, opt-in groups switched) as YAML; "
+         "`dcm params --preset wan -o params.yaml` chooses a preset DVC can see", _params_out_args)
 def _show_params(args: argparse.Namespace) -> int:
     import yaml
 
+    switches = {**dict.fromkeys(args.enable, True), **dict.fromkeys(args.disable, False)}
+    if set(args.enable) & set(args.disable):
+        raise config.ConfigError("--disable", args.disable,
+                                 f"groups not also given to --enable ({args.enable})")
     raw = config.load_raw(args.params, args.preset)
-    config.parse(raw)  # validate before writing anything
-    _write_or_print(yaml.safe_dump(raw, sort_keys=False), args.output)
+    if args.preset in (None, "shapes"):  # the file as written, comments included, only the switches changed
+        text = Path(args.params).read_text()
+        text = config.with_pipeline_switches(text, switches) if switches else text
+    else:  # a preset overlaid: written out whole (the file's comments describe values the preset replaced)
+        if switches:
+            raw["pipeline"] = {**(raw.get("pipeline") or {}), **switches}
+        text = yaml.safe_dump(raw, sort_keys=False)
+    params = config.parse(yaml.safe_load(text))  # validate before writing anything
+    _write_or_print(text, args.output)
+    if args.output and Path(args.output).name == "params.yaml":
+        from dcm.pipeline import dag
+
+        dvc_yaml = Path(args.output).parent / "dvc.yaml"
+        dvc_yaml.write_text(dag.dvc_yaml_text(params))
+        print(f"wrote {args.output} and {dvc_yaml} ({len(dag.runs(params))} stage runs)", file=sys.stderr)
     return 0
 
 
@@ -252,8 +300,14 @@ def _dvc_setup(args: argparse.Namespace) -> int:
 
 
 @command("plan", "per-GPU memory plan of SemE, DetE and DMD2 at a preset's video size, on meta tensors "
-         "(no GPU): `dcm plan --help`", own_parser=True)
+         "(no GPU): `dcm plan --help`; the whole DAG's plan on its SLURM rows (GPU-hours, wall time, memory, "
+         "disk per stage run): `dcm plan --dag --help`", own_parser=True)
 def _plan(args: argparse.Namespace) -> int:
+    if "--dag" in args.rest:
+        from dcm.pipeline import launch
+        from dcm.plan import whole
+
+        return whole.main([a for a in args.rest if a != "--dag"], launch.stage_runs)
     from dcm.plan import memory
 
     return memory.main(args.rest)

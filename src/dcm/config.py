@@ -25,6 +25,7 @@ from pydantic.dataclasses import dataclass
 from dcm import schedule
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+PRESET_ENV = "DCM_PRESET"  # the old way to choose a preset: refused (DVC cannot see it)
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,16 @@ class RealBackboneConfig:
     negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, cogvideox)
 
 
+# diffusers' attention backends a run may name (what each is: dcm.backbones.kernels): PyTorch's SDPA and the
+# flash-attn packages' kernels; not the Hub-downloaded ones (stages never reach the network)
+AttentionBackend = Literal["native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn",
+                           "flash", "flash_varlen", "_flash_3", "_flash_varlen_3"]
+ATTENTION_BACKENDS = typing.get_args(AttentionBackend)
+CUDA_ATTENTION = ATTENTION_BACKENDS[3:]  # GPU only: the CPU runs SDPA's native, math and flash kernels
+# no attention mask (HunyuanVideo masks its prompts' padding; the *_varlen kernels take it as key lengths)
+MASKLESS_ATTENTION = ("_native_flash", "flash", "_flash_3")
+
+
 @dataclass(config=SECTION)
 class BackboneConfig:
     family: Literal["toy", "wan", "hunyuan", "cogvideox"]
@@ -95,6 +106,39 @@ class BackboneConfig:
     guidance_scale: Float = at_least(0)  # CFG scale (embedded guidance for hunyuan)
     toy: ToyBackboneConfig | None = None
     real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, cogvideox
+    # the attention kernel of every stage's transformers, by diffusers' backend name (ATTENTION_BACKENDS)
+    attention_backend: AttentionBackend = "native"
+
+
+@dataclass(config=SECTION)
+class DataConfig:
+    """The real teachers' data (families wan, hunyuan, cogvideox): local files only, never a hub id.  The
+    shapes world has its own prompt splits (``dcm.data.prompts``) and takes none of these.
+
+    ``dcm run preprocess`` makes every clip ``backbone.real`` frames × height × width in [-1, 1], then VAE
+    latents (the posterior's mode).  The family's official policy (docs/scaling-and-slurm.md, "Real data"):
+    - Wan (the DCM code's own Wan dataset): ``frame_sampling: stride``, frames evenly strided over the whole
+      clip (stride ⌊n / frames⌋ from frame 0, the first ``frames`` kept); ``resize: cover_crop``, resized
+      (bicubic) to cover height × width with its aspect kept, then centre-cropped.
+    - HunyuanVideo (FastVideo's preprocessing, which the DCM code's HunyuanVideo runs read):
+      ``frame_sampling: fps``, resampled to ``fps`` (24) from frame 0, then a ``frames``-long window at a
+      random start (seeded here by ``seed`` and the row); ``resize: crop_resize``, centre-cropped to the
+      target aspect, then resized (bilinear).
+    Both leave out clips shorter than ``frames``; here they are bad rows, reported before any GPU work.
+    """
+
+    # training prompts: one a line (.txt), or .jsonl / .csv with a `prompt` column (and an optional `id`);
+    # null: the captions of `videos`
+    prompts: Str | None = None
+    # captioned videos (training.source: online): a folder (captions.jsonl or captions.csv inside, or a
+    # <name>.txt caption beside each <name>.mp4) or a .jsonl / .csv of `video, caption` rows (optional
+    # `id`) whose video paths lie under the file's folder; DVC tracks that folder
+    videos: Str | None = None
+    frame_sampling: Literal["stride", "fps"] = "stride"
+    fps: Float = positive(16.0)  # frame_sampling fps: the frame rate clips are resampled to
+    resize: Literal["cover_crop", "crop_resize"] = "cover_crop"
+    shard_size: Int = at_least(1, 64)  # prompts (or videos) per shard of data/preprocessed
+    batch_size: Int = at_least(1, 1)  # videos per VAE call (batches never span shards)
 
 
 @dataclass(config=SECTION)
@@ -162,6 +206,21 @@ class ParallelConfig:
 SHARDED = ("fsdp", "hsdp")
 
 
+def _check_global_batch(t: TrainingConfig) -> None:
+    """A global batch that no rank count can give, or given twice; the rank count is checked when a stage
+    starts (``accumulation``)."""
+    if t.global_batch_size is None:
+        return
+    if t.global_batch_size % t.batch_size:
+        raise ConfigError("training.global_batch_size", t.global_batch_size,
+                          f"a multiple of training.batch_size ({t.batch_size}, the samples of one rank's "
+                          "micro-batch)")
+    if t.grad_accum != 1:
+        raise ConfigError("training.grad_accum", t.grad_accum,
+                          f"1 (left out) with training.global_batch_size {t.global_batch_size}: the number "
+                          "of micro-batches is then derived from the global batch and the ranks")
+
+
 def _check_parallel(p: ParallelConfig) -> None:
     """Combinations of ``training.parallel`` that are wrong at any world size."""
     key = "training.parallel"
@@ -182,8 +241,13 @@ class TrainingConfig:
     """Settings every distillation stage shares (one training loop for all methods)."""
 
     source: Literal["cached", "online"]  # cached teacher trajectories, or the official noised-data mode
-    batch_size: Int = at_least(1)
+    batch_size: Int = at_least(1)  # per data-parallel rank, per micro-batch
     grad_accum: Int = at_least(1, 1)
+    # samples per optimizer step over all ranks; null: batch_size × data-parallel ranks × grad_accum, which
+    # grows with the GPUs.  Set, grad_accum is derived when the stage starts: global / (batch_size ×
+    # data-parallel ranks), a whole number or a ConfigError before any model loads (the paper's global
+    # batch at whatever rank count the launcher gives; :func:`accumulation`)
+    global_batch_size: Int | None = at_least(1, None)
     huber_c: Float = positive(0.001)
     weight_decay: Float = at_least(0, 1e-3)
     max_grad_norm: Float = positive(1.0)
@@ -194,12 +258,45 @@ class TrainingConfig:
     # loss backpropagates through it: DetE's fake features, MCM's frame features); needed for real
     # backbones at full resolution on 80 GB GPUs
     gradient_checkpointing: Bool = False
-    # share of training prompts replaced by the empty prompt's embedding (official Wan recipe: 0.1;
-    # HunyuanVideo: 0, its guidance is embedded)
+    # share of training prompts replaced by the empty prompt's embedding, for every method whose kind drops
+    # prompts (methods.<m>.prompt_dropout overrides it; DMD2 never drops); a dropped row's teacher step is the
+    # one under the empty prompt (official Wan recipe: 0.1; HunyuanVideo: 0, its guidance is embedded)
     prompt_dropout: Float = between(0, 1, 0.0, exclusive_max=True)
+    # each loss term's gradient norm on logging steps (grad_norm/<term> in history.jsonl, read by
+    # benchmarks/grad_norms.py): one autograd.grad pass per term in one process, one more backward per term
+    # in a multi-rank run (docs/scaling-and-slurm.md); false: neither, the step's own total norm stays logged
+    term_grad_norms: Bool = True
+    # regional torch.compile (inductor) of every transformer block a training stage runs (student, EMA,
+    # teacher, an objective's): the first steps compile; hooks, checkpointing and FSDP2 stay outside the
+    # compiled code (dcm.backbones.kernels)
+    compile: Bool = False
     # multi-rank layout (ddp | fsdp | hsdp, context parallel, mixed precision, offload); batch_size is per
-    # data-parallel rank, so the global batch is batch_size × world size / context_parallel
+    # data-parallel rank, so the global batch is batch_size × world size / context_parallel × grad_accum
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    def accumulation(self, data_ranks: int, world: int | None = None, cp: int = 1) -> int:
+        """Micro-batches per optimizer step at ``data_ranks`` data-parallel ranks (``world`` ranks over
+        context-parallel groups of ``cp``): ``grad_accum``, or derived from ``global_batch_size``."""
+        return accumulation(self.global_batch_size, self.batch_size, self.grad_accum, data_ranks, world, cp)
+
+
+def accumulation(global_batch: int | None, batch_size: int, grad_accum: int, data_ranks: int,
+                 world: int | None = None, cp: int = 1) -> int:
+    """Micro-batches per optimizer step: ``grad_accum`` when no global batch is set, else global /
+    (batch_size × data_ranks), which must be a whole number; the ConfigError names the rank layout and the
+    rank counts that give the global batch."""
+    if global_batch is None:
+        return grad_accum
+    per_micro = batch_size * data_ranks  # one micro-batch over all data-parallel ranks
+    if global_batch % per_micro == 0:
+        return global_batch // per_micro
+    layout = f" ({world} ranks / context_parallel {cp})" if world is not None else ""
+    fits = [d * cp for d in range(1, global_batch // batch_size + 1) if global_batch % (batch_size * d) == 0]
+    raise ConfigError("training.global_batch_size", global_batch,
+                      f"a multiple of training.batch_size × data-parallel ranks ({batch_size} per rank × "
+                      f"{data_ranks}{layout} = {per_micro} per micro-batch): at batch_size {batch_size} and "
+                      f"context_parallel {cp} the rank counts that give it are {fits}; launch on one of "
+                      "those (launcher local: DCM_LOCAL_RANKS; SLURM: the stage's row) or change batch_size")
 
 
 @dataclass(config=SECTION)
@@ -208,6 +305,9 @@ class ExpertConfig:
 
     train_steps: Int = at_least(1)
     lr: Float = positive()
+    # share of this expert's training prompts replaced by the empty prompt; null: training.prompt_dropout
+    # (a dcm row sets it per expert: the expert stages track their own section)
+    prompt_dropout: Float | None = between(0, 1, None, exclusive_max=True)
 
 
 @dataclass(config=SECTION)
@@ -330,6 +430,18 @@ def _check_dcm(key: str, m: MethodConfig, params: Params) -> None:
         raise ConfigError(f"{key}.dete.lora_alpha", m.dete.lora_alpha, "> 0 when lora_rank > 0")
 
 
+def _check_data(params: Params) -> None:
+    """The data keys belong to the real families; the shapes world keeps its own prompt splits."""
+    if params.backbone.family != "toy":
+        return
+    for key, value in (("data.prompts", params.data.prompts), ("data.videos", params.data.videos),
+                       ("evaluation.prompts", params.evaluation.prompts)):
+        if value is not None:
+            raise ConfigError(key, value, "null for backbone.family 'toy': the shapes world has its own "
+                              "prompt splits (world.eval_prompts, world.eval_seeds, "
+                              "trajectories.num_trajectories)")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodKind:
     """A kind of method (``methods.<m>.kind``), declared once: its config and checks, the stages that train
@@ -348,6 +460,12 @@ class MethodKind:
     weights: tuple[str, ...] = ()  # sub-folders of checkpoints/<m> its sampling reads (none: the folder)
     # the batch source it trains on whatever training.source says (None: training.source)
     source: Literal["online", "generated"] | None = None
+    # whether its training may replace prompts by the empty one (training.prompt_dropout); DMD2 may not: its
+    # real score is the teacher guided by the prompt, and an empty prompt's guided score is another target
+    prompt_dropout: bool = True
+    # what it needs of the shapes world beyond a teacher and its data (MCM: the stills its image discriminator
+    # trains on); a real family cannot train it (the pre-flight check says so)
+    needs_shapes_world: str | None = None
     check: typing.Callable[[str, MethodConfig, Params], None] | None = None
 
 
@@ -359,9 +477,10 @@ METHOD_KINDS: dict[str, MethodKind] = {k.name: k for k in (
                trains=("train_seme", "train_dete"), weights=("seme", "dete"), check=_check_dcm),
     MethodKind("mcm", "mcm", sections={"mcm": McmConfig}, samplers=("euler", "lcm"),
                trains=("train_baseline",),
-               source="online", check=_check_mcm),
+               source="online", needs_shapes_world="high-quality stills (its image discriminator's real set)",
+               check=_check_mcm),
     MethodKind("dmd2", "dmd2", sections={"dmd2": Dmd2Config}, samplers=("lcm",), trains=("train_baseline",),
-               source="generated", check=_check_dmd2),
+               source="generated", prompt_dropout=False, check=_check_dmd2),
 )}
 METHOD_SECTIONS = tuple(dict.fromkeys(s for k in METHOD_KINDS.values() for s in k.sections))
 KIND_NAMES = tuple(METHOD_KINDS)
@@ -391,6 +510,9 @@ class MethodConfig:
     # euler: deterministic Euler through the steps (PCM, DCM, the teacher); lcm: LCM's multistep sampler
     # (predict x0, re-noise to the next σ with fresh noise; consistency and mcm kinds; required for dmd2)
     sampler: Literal["euler", "lcm"] = "euler"
+    # share of this row's training prompts replaced by the empty prompt; null: training.prompt_dropout (for
+    # a kind that drops prompts; dmd2 rows keep every prompt)
+    prompt_dropout: Float | None = between(0, 1, None, exclusive_max=True)
     ablation: Bool = False  # opt-in rows: not part of the default DAG
     # opt-in rows of the quality-against-NFE curves (`make paper`): outside the default DAG and, unlike
     # `ablation`, outside the ablation report (a step count of a method is not an ablation of it)
@@ -428,6 +550,9 @@ class VBenchConfig:
     venv: Str = ".venv-vbench"  # created by `dcm vbench setup`
     weights_dir: Str | None = None  # VBench's VBENCH_CACHE_DIR layout; nothing is downloaded
     mode: Literal["custom_input", "standard"] = "custom_input"  # standard = the 946-prompt suite
+    # standard mode: the evaluation rows are VBench's own prompts (read from the venv's vbench package),
+    # 5 videos each; subset N: N prompts balanced over the dimensions (reports mark the run a subset)
+    subset: Int | None = at_least(1, None)
     dimensions: list[Str] = Field(default_factory=list)  # empty: every dimension the mode supports
     ngpus: Int = at_least(1, 1)
 
@@ -438,6 +563,10 @@ class EvaluationConfig:
     bootstrap: Int = at_least(10, 1000)
     latency_repeats: Int = at_least(1, 3)
     vbench: VBenchConfig = Field(default_factory=VBenchConfig)
+    # real families: the evaluation prompts (a local file: one a line, or .jsonl / .csv with a `prompt`
+    # column), each sampled videos_per_prompt times with seeds no training row uses; the shapes world: null
+    prompts: Str | None = None
+    videos_per_prompt: Int = at_least(1, 5)  # VBench's protocol samples 5 videos per prompt
 
 
 @dataclass(config=SECTION)
@@ -452,6 +581,31 @@ class AnalysisConfig:
     # whole-range students (training seeds seed + k) whose geometric-mean curves propose κ; each alone gives
     # the proposal's spread over training seeds
     seeds: Int = at_least(1, 3)
+
+
+@dataclass(config=SECTION)
+class PipelineConfig:
+    """What dvc.yaml and the Snakefile hold beyond the default experiment.  Both groups are off by default,
+    so a bare ``dvc repro`` builds the default experiment only; ``dcm params --enable <group> -o
+    params.yaml`` switches one on and rewrites dvc.yaml (``make ablations``, ``make paper`` do)."""
+
+    # the ablation rows (methods.<m>.ablation) and report_ablations
+    ablations: Bool = False
+    # the paper report's rows (methods.<m>.nfe_curve, paper.rows and their paper.seeds training seeds),
+    # mcm_setting and report_paper
+    paper: Bool = False
+
+
+PIPELINE_GROUPS = tuple(f.name for f in dataclasses.fields(PipelineConfig))  # the opt-in groups
+
+
+@dataclass(config=SECTION)
+class DistributedConfig:
+    """The process group of a multi-rank stage (``dcm.distributed.process_group``)."""
+
+    # how long a rank waits in one collective before the job fails (NCCL's own default is 10 min): the other
+    # ranks wait at a barrier while rank 0 writes a checkpoint or the final weights
+    timeout_min: Float = positive(60.0)
 
 
 @dataclass(config=SECTION)
@@ -483,6 +637,9 @@ class Params:
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     paper: PaperConfig = Field(default_factory=PaperConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    data: DataConfig = Field(default_factory=DataConfig)  # the real families' prompts and videos
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -509,6 +666,16 @@ class Params:
     def training_seed(self, name: str) -> int:
         """The seed a training stage of row ``name`` runs with: ``seed`` + ``methods.<name>.train_seed``."""
         return self.seed + self.method(name).train_seed
+
+    def prompt_dropout(self, name: str, expert: str | None = None) -> float:
+        """The share of row ``name``'s (or its ``expert``'s: seme, dete) training prompts replaced by the
+        empty prompt: its own ``prompt_dropout``, else ``training.prompt_dropout``; 0 for a kind that keeps
+        every prompt (dmd2)."""
+        m = self.method(name)
+        if not METHOD_KINDS[m.kind].prompt_dropout:
+            return 0.0
+        own = getattr(m, expert).prompt_dropout if expert else m.prompt_dropout
+        return self.training.prompt_dropout if own is None else own
 
     def with_seed(self, seed: int) -> Params:
         """These params with ``seed`` replaced (another training run of the same settings); ``self`` when
@@ -704,8 +871,22 @@ def _check_schedule(key: str, m: MethodConfig, g: GridConfig) -> None:
         raise ConfigError(f"{key}.schedule", pairs, f"at least one {' and one '.join(experts)} step")
 
 
+def _check_attention_backend(bb: BackboneConfig) -> None:
+    """The attention kernels a family's attention processors can use (dcm.backbones.kernels)."""
+    key, backend = "backbone.attention_backend", bb.attention_backend
+    if bb.family == "cogvideox" and backend != "native":
+        raise ConfigError(key, backend, "'native' for family 'cogvideox': its attention processor calls "
+                                        "PyTorch's SDPA itself (which picks flash, efficient or cuDNN)")
+    if bb.family == "hunyuan" and backend in MASKLESS_ATTENTION:
+        takes_mask = [b for b in ATTENTION_BACKENDS if b not in MASKLESS_ATTENTION]
+        raise ConfigError(key, backend, f"one that takes HunyuanVideo's text mask: {takes_mask} "
+                                        "(flash_varlen, _flash_varlen_3: flash-attn's kernels with the mask "
+                                        "as key lengths)")
+
+
 def _check_backbone(params: Params) -> None:
     bb = params.backbone
+    _check_attention_backend(bb)
     if bb.family == "toy":
         if bb.toy is None:
             raise ConfigError("backbone.toy", None, "required when backbone.family is 'toy'")
@@ -761,6 +942,14 @@ def _check_method(name: str, m: MethodConfig, params: Params) -> None:
         users = [k.name for k in METHOD_KINDS.values() if m.sampler in k.samplers]
         raise ConfigError(f"{key}.sampler", m.sampler, f"{' or '.join(map(repr, kind.samplers))} for kind "
                           f"{m.kind!r} ({m.sampler}: {', '.join(users)} only)")
+    if m.prompt_dropout and not kind.prompt_dropout:
+        raise ConfigError(f"{key}.prompt_dropout", m.prompt_dropout,
+                          f"0 or null for kind {m.kind!r}: its training keeps every prompt")
+    experts = [e for e in kind.experts if e in kind.sections]  # dcm: seme, dete
+    if m.prompt_dropout is not None and experts:
+        per_expert = ", ".join(f"{key}.{e}.prompt_dropout" for e in experts)
+        raise ConfigError(f"{key}.prompt_dropout", m.prompt_dropout, f"null for kind {m.kind!r}: set it per "
+                          f"expert ({per_expert}), the sections its training stages track")
     if kind.check is not None:
         kind.check(key, m, params)
     _check_schedule(key, m, params.grid)
@@ -795,6 +984,7 @@ def validate(params: Params) -> None:
     kind, …); raises :class:`ConfigError` and changes nothing."""
     g = params.grid
     _check_parallel(params.training.parallel)
+    _check_global_batch(params.training)
     if g.num_train_timesteps % g.steps:
         raise ConfigError("grid.steps", g.steps,
                           f"must divide grid.num_train_timesteps ({g.num_train_timesteps})")
@@ -802,6 +992,7 @@ def validate(params: Params) -> None:
         raise ConfigError("grid.kappa", g.kappa,
                           f"must lie inside the teacher grid: 0 <= kappa <= {g.steps - 2}")
     _check_backbone(params)
+    _check_data(params)
     for name, m in params.methods.items():
         _check_method(name, m, params)
     _check_paper(params)
@@ -852,10 +1043,60 @@ def load_raw(path: str | os.PathLike = "params.yaml", preset: str | None = None)
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError("params file", str(path), f"valid YAML ({e})") from None
-    preset = preset or os.environ.get("DCM_PRESET") or None
+    if PRESET_ENV in os.environ:  # DVC hashes params.yaml, never the environment: a preset goes in the file
+        raise ConfigError(PRESET_ENV, os.environ[PRESET_ENV],
+                          "unset: a preset chosen in the environment is invisible to DVC; write it into "
+                          "the params file instead: `dcm params --preset <name> -o params.yaml` (it also "
+                          "rewrites dvc.yaml), or pass --preset to `dcm run`/`dcm launch` for a one-off run")
     if preset and preset != "shapes":
         raw = deep_merge(raw, preset_overlay(preset))
     return raw
+
+
+def with_pipeline_switches(text: str, switches: dict[str, bool]) -> str:
+    """A params file's text with ``pipeline.<group>`` set for each of ``switches`` and every other byte as
+    written (comments, alignment): the value on the group's line under a block ``pipeline:`` is replaced, a
+    missing line or section added.  The result is checked to differ from ``text`` in those switches only."""
+    import re
+
+    for group in switches:
+        if group not in PIPELINE_GROUPS:
+            raise ConfigError("pipeline", group, f"one of {list(PIPELINE_GROUPS)}")
+    refused = ConfigError("pipeline", switches, "a block mapping in the params file (`pipeline:` on its own "
+                          "line, one `<group>: true|false` line per group below it): edit it by hand, then "
+                          "regenerate dvc.yaml with `python -m dcm.pipeline.dag`")
+    before = yaml.safe_load(text) or {}
+    if not isinstance(before, dict):
+        raise refused
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if re.match(r"pipeline:\s*(#.*)?$", line)), None)
+    if start is None:
+        if "pipeline" in before:  # written some other way (a flow mapping)
+            raise refused
+        lines += ([] if not lines or lines[-1].endswith("\n") else ["\n"]) + ["pipeline:\n"]
+        start = len(lines) - 1
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
+    indent = next((re.match(r"\s*", line).group() for line in lines[start + 1:end]
+                   if line.strip() and not line.lstrip().startswith("#")), "  ")
+    for group, on in switches.items():
+        value = "true" if on else "false"
+        for i in range(start + 1, end):
+            m = re.match(rf"(\s+{group}:\s*)(true|false)([ \t]*)(#.*)?(\n?)$", lines[i])
+            if m:  # keep the comment in its column: the padding absorbs the value's change in length
+                pad = m.group(3) if not m.group(4) else " " * max(len(m.group(3)) + len(m.group(2))
+                                                                 - len(value), 1)
+                lines[i] = f"{m.group(1)}{value}{pad}{m.group(4) or ''}{m.group(5)}"
+                break
+        else:
+            lines.insert(start + 1, f"{indent}{group}: {value}\n")
+            end += 1
+    out = "".join(lines)
+    after = yaml.safe_load(out) or {}
+    if after.get("pipeline") != {**(before.get("pipeline") or {}), **switches} \
+            or {k: v for k, v in after.items() if k != "pipeline"} \
+            != {k: v for k, v in before.items() if k != "pipeline"}:
+        raise refused
+    return out
 
 
 def parse(raw: dict) -> Params:

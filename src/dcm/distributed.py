@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,8 +69,10 @@ def distributed_env(job_env: submitit.JobEnvironment) -> dict[str, str]:
 
 
 @contextmanager
-def process_group() -> Iterator[World]:
-    """Open the process group when the environment names more than one rank (and close it after)."""
+def process_group(timeout: timedelta | None = None) -> Iterator[World]:
+    """Open the process group when the environment names more than one rank (and close it after).
+    ``timeout``: how long a rank waits in one collective before it fails (None: torch's default, 10 min
+    for NCCL); the stages pass params' ``distributed.timeout_min``."""
     # a multi-task srun step not started by submitit (a Snakemake rule's srun); not a batch script, whose
     # SLURM_NTASKS is the job's while it runs as one process
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 \
@@ -90,7 +93,7 @@ def process_group() -> Iterator[World]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, init_method="env://")
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     try:
         yield world()
     finally:
@@ -103,8 +106,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def parameter_digest(params: Sequence[torch.Tensor]) -> str:
-    """sha256 of the parameters' bytes: equal on every rank iff the ranks hold the same weights."""
+def parameter_digest(params: Iterable[torch.Tensor]) -> str:
+    """sha256 of the parameters' bytes: equal on every rank iff the ranks hold the same weights.  Reads
+    one tensor at a time, so a generator of gathered tensors holds one full tensor at a time."""
     h = hashlib.sha256()
     for p in params:
         h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -10,6 +10,11 @@ if TYPE_CHECKING:
 
 DATA = Path("data")
 PROMPTS = DATA / "prompts.json"
+# the preprocess stage: text embeddings and video latents of the real families' data, as sharded stores
+PREPROCESSED = DATA / "preprocessed"
+PROMPT_STORE = PREPROCESSED / "prompts"
+VIDEO_STORE = PREPROCESSED / "videos"
+PREPROCESS_RECORD = PREPROCESSED / "preprocess.json"  # written last: what the stage made (toy: nothing)
 TEACHER = Path("models/teacher")
 TRAJECTORIES = Path("trajectories")
 CHECKPOINTS = Path("checkpoints")

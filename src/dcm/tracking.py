@@ -23,7 +23,7 @@ from dcm.config import Params
 
 _ENV_TAGS = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.exp_name", "DVC_ROOT": "dvc.root",
              "SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
-             "DCM_PARENT_RUN_ID": "mlflow.parentRunId"}
+             "SLURM_STEP_ID": "slurm.step_id", "DCM_PARENT_RUN_ID": "mlflow.parentRunId"}
 
 
 # ------------------------------------------------------------------------------- stop signals

@@ -1,6 +1,8 @@
 # One rule per stage of the stage table, each one `dcm run <stage> [--method M]` shell line;
 # input/output from Stage.resolve, resources from slurm/resources.yaml (dcm.pipeline.dag.snakemake_resources).
-# Per-method stages take the method as a wildcard constrained to the methods the table runs (ablation rows too).
+# The rules are the DAG of params.yaml (dcm.pipeline.table.dag_rows): the default experiment plus the opt-in
+# groups its `pipeline` section switches on, as dvc.yaml; per-method stages take the method as a wildcard
+# constrained to the DAG's methods.
 from dcm import config as dcm_config
 from dcm.pipeline import dag as dcm_dag
 from dcm.pipeline.table import STAGES
@@ -25,16 +27,17 @@ def _inputs(stage):
 
 
 def dag_targets():
-    """Every output of the default DAG (the Snakefile's `all`; `snakemake report_ablations` adds the ablation rows)."""
+    """Every output of the DAG (the Snakefile's `all`, as a bare `dvc repro`); `snakemake report` builds the
+    default experiment only."""
     targets = []
-    for stage, method in dcm_dag.runs(PARAMS, include_ablations=False):
+    for stage, method in dcm_dag.runs(PARAMS):
         resolved = stage.resolve(PARAMS, method)
         targets += resolved["outs"] + resolved["metrics"]
     return targets
 
 
 for _stage in STAGES.values():
-    if _stage.per_method and not _stage.methods(PARAMS, include_ablations=True):
+    if not _stage.in_dag(PARAMS) or (_stage.per_method and not _stage.dag_methods(PARAMS)):
         continue
     _resources = dcm_dag.snakemake_resources(_stage.name)
     rule:
@@ -42,7 +45,7 @@ for _stage in STAGES.values():
         input: _inputs(_stage)
         output: _outputs(_stage)
         wildcard_constraints:
-            method="|".join(_stage.methods(PARAMS, include_ablations=True)) if _stage.per_method else ".+"
+            method="|".join(_stage.dag_methods(PARAMS)) if _stage.per_method else ".+"
         resources: **_resources
         params:  # bound now: a loop's shell string would see the last stage
             stage=_stage.name,

@@ -8,7 +8,7 @@ one adapter serves every model of a run.  Velocity parametrisation: v ≈ ε −
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -253,6 +253,24 @@ class Backbone(ABC):
         ...
 
 
+@contextmanager
+def inference_precision(device: torch.device | str) -> Iterator[None]:
+    """The precision the inference stages (trajectories, sample) run the transformers in: on a GPU the
+    families' own, bf16 autocast over the forwards (diffusers' pipelines run these transformers in bf16)
+    with TF32 matmuls; on the CPU fp32 as loaded.  The Euler updates stay in fp32 either way (autocast
+    leaves elementwise arithmetic on fp32 tensors alone), so a stored teacher step is an fp32 step."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def enable_activation_checkpointing(*models: nn.Module) -> int:
     """diffusers' block-level activation checkpointing on every transformer inside ``models`` (through
     expert / PEFT / DDP wrappers); it acts only on forwards with grad enabled.  Returns how many it set."""
@@ -267,6 +285,24 @@ def enable_activation_checkpointing(*models: nn.Module) -> int:
                 module.enable_gradient_checkpointing()
                 count += 1
     return count
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of every diffusers transformer inside ``model`` (its ``_no_split_modules``
+    classes, outermost only), in module order."""
+    from diffusers import ModelMixin
+
+    blocks: list[nn.Module] = []
+    taken: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, ModelMixin):
+            continue
+        names = set(getattr(type(module), "_no_split_modules", None) or ())
+        for sub in module.modules():
+            if type(sub).__name__ in names and id(sub) not in taken:
+                blocks.append(sub)
+                taken.update(id(m) for m in sub.modules())
+    return blocks
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -6,18 +6,15 @@ repositories ship (``model_index.json``, ``transformer/``, ``vae/``, ``text_enco
 path with ``local_files_only=True``: never a hub id, never the network.
 
 The ``teacher`` stage does not train a real teacher: it checks the folder and *records* it into
-``models/teacher`` (``record_teacher``):
+``models/teacher/backbone.json`` (``record_teacher``): family, pipeline class, absolute folder, sha256
+of its config files (model_index, component configs, tokenizer files, weight-file names and sizes: a
+changed folder is caught without hashing 10⁹ weights).
 
-    backbone.json               family, pipeline class, absolute folder, sha256 of its config files
-                                (model_index, component configs, tokenizer files, weight-file names
-                                and sizes: a changed folder is caught without hashing 10⁹ weights)
-    prompt_embeds.safetensors   the text conditioning of every prompt of data/prompts.json and the
-                                negative prompt, encoded once by the text encoders
-
-Every later stage loads the recorded folder without its text encoders: prompts are looked up in
-the table, and the encoders are loaded (lazily, once) only for a prompt that is not in it.  This is
-where the issue's "embeddings cached so the text encoders need not stay in memory" lives: the
-trajectory store stays latents-only, and sampling reuses the same table for the eval prompts.
+The ``preprocess`` stage encodes every prompt of data/prompts.json (train and eval rows, the videos'
+captions, the negative prompt) once with the folder's text encoders into the sharded prompt store
+``data/preprocessed/prompts/`` (``prompt_tensors``; ``dcm.shards``).  Every later stage loads the
+recorded folder without its text encoders and reads that store (``load_prompt_store``): a prompt that
+is not in it is an error, never a reason to load the encoders.
 
 Precision: the transformer loads in fp32 (master weights; the training loop autocasts to bf16 on
 GPU), the text encoders and the VAE in ``backbone.real.text_dtype`` / ``vae_dtype``.
@@ -41,7 +38,7 @@ from dcm.config import ConfigError, RealBackboneConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RECORD_FILE = "backbone.json"
-PROMPT_TABLE_FILE = "prompt_embeds.safetensors"
+TEXT_BATCH = 16  # prompts per text-encoder call
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")  # hashed by content
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # hashed by name and size
 
@@ -64,6 +61,8 @@ class PipelineBackbone(Backbone):
         self.path = Path(path).resolve() if path is not None else None
         self.device = torch.device("cpu")
         self.prompt_table: dict[str, PromptEmbeds] = {}  # prompt -> one row, on the CPU
+        # set by load_prompt_store: the table is the preprocessed store's, the text encoders stay unloaded
+        self.prompt_store: Path | None = None
         if self.vae is not None:
             if settings.vae_tiling:
                 self.vae.enable_tiling()
@@ -126,19 +125,30 @@ class PipelineBackbone(Backbone):
 
     def load_text_encoders(self) -> None:
         """The text encoders of the folder, loaded once (they are skipped while the prompt table suffices)."""
-        missing = [n for n in self.text_components if getattr(self.pipe, n, None) is None]
+        self._load_components(self.text_components, DTYPES[self.settings.text_dtype])
+
+    def load_vae(self) -> None:
+        """The VAE of a folder loaded without its networks (the ``preprocess`` stage encodes videos)."""
+        self._load_components(("vae",), DTYPES[self.settings.vae_dtype])
+        self.vae = self.pipe.vae
+        if self.settings.vae_tiling:
+            self.vae.enable_tiling()
+        if self.settings.vae_slicing and hasattr(self.vae, "enable_slicing"):
+            self.vae.enable_slicing()
+
+    def _load_components(self, names: tuple[str, ...], dtype: torch.dtype) -> None:
+        """Components of the folder not loaded yet, by model_index.json's class, frozen, on this device."""
+        missing = [n for n in names if getattr(self.pipe, n, None) is None]
         if not missing:
             return
         if self.path is None:
-            raise RuntimeError(f"{type(self).__name__}: no text encoders and no folder to load them from")
+            raise RuntimeError(f"{type(self).__name__}: no {missing} and no folder to load them from")
         index = json.loads((self.path / "model_index.json").read_text())
         for name in missing:
             library, class_name = index[name]
             model_class = getattr(importlib.import_module(library), class_name)
-            encoder = model_class.from_pretrained(self.path / name,
-                                                  torch_dtype=DTYPES[self.settings.text_dtype],
-                                                  local_files_only=True)
-            self.pipe.register_modules(**{name: encoder.eval().requires_grad_(False).to(self.device)})
+            module = model_class.from_pretrained(self.path / name, torch_dtype=dtype, local_files_only=True)
+            self.pipe.register_modules(**{name: module.eval().requires_grad_(False).to(self.device)})
 
     def config_digest(self) -> str:
         return folder_config_digest(self.path)
@@ -157,7 +167,14 @@ class PipelineBackbone(Backbone):
         return PromptEmbeds(embeds)
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """The prompts' embeddings from the table; a prompt missing from it is encoded (text encoders loaded
+        once) unless the table is the preprocessed store's, where a missing prompt is an error."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_table))
+        if missing and self.prompt_store is not None:
+            raise ConfigError(str(self.prompt_store), missing[:3],
+                              f"prompts of data/prompts.json ({len(missing)} not in the preprocessed store; "
+                              "the text encoders are not loaded after preprocessing): re-run "
+                              "`dcm run preprocess`")
         if missing:
             self.load_text_encoders()
             with torch.no_grad():
@@ -206,37 +223,57 @@ class PipelineBackbone(Backbone):
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """The record of the folder (backbone.json) and the prompt table (prompt_embeds.safetensors)."""
-        from safetensors.torch import save_file
-
+        """The record of the folder (backbone.json): what later stages check the configured folder against."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        prompts = list(self.prompt_table)
-        tensors = {}
-        for i, prompt in enumerate(prompts):
-            row = self.prompt_table[prompt]
-            tensors[f"{i}.hidden"] = row.hidden.contiguous()
-            tensors.update({f"{i}.{k}": v.contiguous() for k, v in (row.extra or {}).items()})
-        save_file(tensors, str(path / PROMPT_TABLE_FILE), metadata={"prompts": json.dumps(prompts)})
-        record = {"family": self.family, "pipeline": self.pipeline_class_name, "path": str(self.path),
-                  "config_sha256": self.config_digest(), "guidance_mode": self.guidance_mode,
-                  "guidance_scale": self.guidance_scale, "prompts": len(prompts),
-                  "settings": dataclasses.asdict(self.settings)}
-        (path / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (path / RECORD_FILE).write_text(json.dumps(self.record(), indent=2) + "\n")
 
-    def load_prompt_table(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
+    def record(self) -> dict:
+        return {"family": self.family, "pipeline": self.pipeline_class_name, "path": str(self.path),
+                "config_sha256": self.config_digest(), "guidance_mode": self.guidance_mode,
+                "guidance_scale": self.guidance_scale, "settings": dataclasses.asdict(self.settings)}
 
-        file = Path(path) / PROMPT_TABLE_FILE
-        if not file.is_file():
-            return
-        with safe_open(str(file), framework="pt") as f:
-            prompts = json.loads(f.metadata()["prompts"])
-            keys = set(f.keys())
-            for i, prompt in enumerate(prompts):
-                extra = {k.split(".", 1)[1]: f.get_tensor(k) for k in sorted(keys)
-                         if k.startswith(f"{i}.") and k != f"{i}.hidden"}
-                self.prompt_table[prompt] = PromptEmbeds(f.get_tensor(f"{i}.hidden"), extra or None)
+    # --------------------------------------------------------------------------- the prompt store
+    def prompt_tensors(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """One shard of the prompt store: the text conditioning of ``prompts`` (``{j}.hidden`` and
+        ``{j}.<extra>`` for the j-th prompt), encoded by the folder's text encoders in batches of
+        TEXT_BATCH."""
+        self.load_text_encoders()
+        tensors: dict[str, torch.Tensor] = {}
+        for start in range(0, len(prompts), TEXT_BATCH):
+            with torch.no_grad():
+                encoded = self.encode_text(prompts[start:start + TEXT_BATCH]).to("cpu")
+            for j in range(len(encoded)):
+                row = encoded.index(slice(j, j + 1))
+                tensors[f"{start + j}.hidden"] = row.hidden.clone()  # its own storage: safetensors
+                tensors.update({f"{start + j}.{k}": v.clone() for k, v in (row.extra or {}).items()})
+        return tensors
+
+    def load_prompt_store(self, folder: str | os.PathLike, config_sha256: str) -> None:
+        """The preprocessed prompt store (``dcm run preprocess``) as this backbone's prompt table; the store
+        must have been made from this very folder (``config_sha256``) with these text settings."""
+        from dcm.shards import ShardStore, StoreError
+
+        try:
+            store = ShardStore(folder, producer="`dcm run preprocess`")
+        except StoreError as e:
+            raise ConfigError(str(folder), "missing",
+                              f"the prompt store of `dcm run preprocess` ({e})") from None
+        made = store.index.get("teacher", {})
+        if made.get("config_sha256") != config_sha256 or made.get("text") != self.text_settings():
+            raise ConfigError(str(folder), made, "a prompt store made from the recorded folder with these "
+                              "text settings: re-run `dcm run preprocess`")
+        for i, shard in enumerate(store.shards):
+            tensors = store.tensors(i)
+            for j, row in enumerate(shard["rows"]):
+                extra = {k.split(".", 1)[1]: v for k, v in tensors.items()
+                         if k.startswith(f"{j}.") and k != f"{j}.hidden"}
+                self.prompt_table[row["prompt"]] = PromptEmbeds(tensors[f"{j}.hidden"], extra or None)
+        self.prompt_store = Path(folder)
+
+    def text_settings(self) -> dict:
+        """What a prompt's stored embedding depends on besides the folder."""
+        return {"max_sequence_length": self.max_sequence_length, "text_dtype": self.settings.text_dtype}
 
     # --------------------------------------------------------------------------- network helpers
     def timestep(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,10 @@ Train rows cycle over a seeded shuffle of every caption of the world, with disti
 [0, TRAIN_SEED_LIMIT).  Eval rows are ``world.eval_prompts`` captions chosen to spread evenly over
 every attribute value, each with ``world.eval_seeds`` distinct seeds ≥ TRAIN_SEED_LIMIT: unseen by
 teacher training and by the trajectories.  Everything is deterministic from ``params.seed``.
+
+A real family (wan, hunyuan, cogvideox) takes its prompts from the user's files instead
+(``real_prompt_sets``: ``data.prompts``, or the captions of ``data.videos``, and ``evaluation.prompts``)
+and refuses to run without them: the shapes grammar is the toy teacher's, never a real teacher's.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ def balanced_captions(captions: list[str], count: int, rng: np.random.Generator)
     return chosen
 
 
-def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
+def build_prompt_sets(params: Params, standard: tuple[list[dict], dict] | None = None) -> dict[str, list]:
     """The ``data/prompts.json`` contract: ``{"train": [...], "eval": [...]}`` rows of prompt_id, prompt,
-    seed."""
+    seed: the shapes world's splits, or a real family's prompt files (``real_prompt_sets``).  ``standard``:
+    VBench's suite as the evaluation rows and the record of what was taken (``"suite"`` in the file)."""
+    if params.backbone.family != "toy":
+        return real_prompt_sets(params, standard)
     captions = shapes.all_captions()
     n_train = params.trajectories.num_trajectories
     n_eval_prompts, n_eval_seeds = params.world.eval_prompts, params.world.eval_seeds
@@ -60,6 +67,55 @@ def build_prompt_sets(params: Params) -> dict[str, list[dict]]:
     return {"train": train, "eval": evaluation}
 
 
+def training_prompts(params: Params) -> list[str]:
+    """A real family's training prompts: ``data.prompts``, else the captions of ``data.videos``; never the
+    shapes world's grammar."""
+    from dcm.data import dataset
+
+    data = params.data
+    if data.prompts:
+        return [row.prompt for row in dataset.read_prompts("data.prompts", data.prompts)]
+    if data.videos:
+        return [row.caption for row in dataset.read_videos("data.videos", data.videos)]
+    raise ConfigError("data.prompts", None,
+                      f"a local prompt file (or data.videos, whose captions are then the prompts) for family "
+                      f"{params.backbone.family!r}: the shapes world's captions belong to the toy teacher")
+
+
+def real_prompt_sets(params: Params, standard: tuple[list[dict], dict] | None = None) -> dict[str, list]:
+    """Train rows cycle over a seeded shuffle of the training prompts (prompt_id: the prompt's position in
+    its file), with distinct seeds from [0, limit); eval rows are every prompt of ``evaluation.prompts``
+    (prompt_id: its position there) × ``evaluation.videos_per_prompt`` distinct seeds from [limit, 2·limit),
+    prompt-major; with ``standard``, the eval rows are VBench's suite's (``dcm.evaluation.vbench_suite``)."""
+    from dcm.data import dataset
+
+    prompts = training_prompts(params)
+    if standard is None and params.evaluation.prompts is None:
+        raise ConfigError("evaluation.prompts", None,
+                          f"a local prompt file of the evaluation prompts for family "
+                          f"{params.backbone.family!r} (each sampled evaluation.videos_per_prompt times), "
+                          f"or evaluation.backend: vbench with evaluation.vbench.mode: standard")
+    eval_file = params.evaluation.prompts
+    eval_prompts = ([] if standard is not None else
+                    [row.prompt for row in dataset.read_prompts("evaluation.prompts", eval_file)])
+    n_train, per_prompt = params.trajectories.num_trajectories, params.evaluation.videos_per_prompt
+    if n_train > TRAIN_SEED_LIMIT or len(eval_prompts) * per_prompt > TRAIN_SEED_LIMIT:
+        raise ConfigError("trajectories.num_trajectories", n_train, f"<= {TRAIN_SEED_LIMIT} distinct seeds")
+    train_rng, eval_rng = (np.random.default_rng([params.seed, k]) for k in (0, 1))
+    order = train_rng.permutation(len(prompts))
+    train_seeds = train_rng.choice(TRAIN_SEED_LIMIT, size=n_train, replace=False)
+    train = [{"prompt_id": int(order[i % len(order)]), "prompt": prompts[order[i % len(order)]],
+              "seed": int(train_seeds[i])} for i in range(n_train)]
+    seeds = TRAIN_SEED_LIMIT + eval_rng.choice(TRAIN_SEED_LIMIT, size=len(eval_prompts) * per_prompt,
+                                               replace=False)
+    evaluation = [{"prompt_id": i, "prompt": p, "seed": int(seeds[i * per_prompt + k])}
+                  for i, p in enumerate(eval_prompts) for k in range(per_prompt)]
+    if standard is not None:  # VBench's own suite: its rows and the record the reports print
+        evaluation, suite = standard
+        return {"train": train, "eval": evaluation, "suite": suite}
+    return {"train": train, "eval": evaluation}
+
+
 def held_out_rows(captions: list[str], n_prompts: int, n_seeds: int, rng: np.random.Generator,
                   seed_base: int) -> list[dict]:
     """Balanced captions × ``n_seeds`` distinct seeds from [seed_base, seed_base + limit), caption-major."""
@@ -75,6 +131,9 @@ def validation_rows(params: Params) -> list[dict]:
     in [2·limit, 3·limit): unseen by training and disjoint from the eval rows, for choosing
     hyperparameters without looking at the numbers that get reported (``benchmarks/validate.py``).  Not in
     prompts.json."""
+    if params.backbone.family != "toy":
+        raise ConfigError("backbone.family", params.backbone.family,
+                          "'toy': the validation split is the shapes world's (a real family has none)")
     rng = np.random.default_rng([params.seed, 2])
     return held_out_rows(shapes.all_captions(), params.world.eval_prompts, params.world.eval_seeds, rng,
                          2 * TRAIN_SEED_LIMIT)

@@ -25,10 +25,15 @@ read up to N slices per sample to sum them), so an exact store is plain fp32.  `
 still accepted (half the bytes) but the store records ``exact_steps: false`` and
 ``dcm.distill.data.CachedSource`` warns that its teacher step is rounded.
 
-``TrajectoryWriter`` builds the folder shard by shard so that a killed run resumes: each shard is
-written to a temporary file, fsynced and renamed (a reader never sees half a shard), carries the
-store's fingerprint in its safetensors metadata, and is reused on resume only when that fingerprint
-matches.  ``index.partial.json`` marks a store in progress; ``index.json`` is written last.
+``TrajectoryWriter`` builds the folder shard by shard so that a killed run resumes, on any number of
+ranks (shard i on rank i mod world size; batches never span shards, so the values do not depend on
+the rank count): each shard is written to a temporary file, fsynced and renamed (a reader never sees
+half a shard), carries the store's fingerprint in its safetensors metadata, and is followed by its
+sidecar ``shard-00000.json`` (fingerprint, rows, sha256 and size of the bytes written).  On resume a
+shard is reused when its sidecar matches the store and its file has the recorded size: nothing is
+re-hashed.  ``index.partial.json`` marks a store in progress; rank 0 writes ``index.json`` last, from
+the sidecars.  Readers check each shard's size when the store opens and its fingerprint when they
+first read it; the full sha256 of every shard (``TrajectoryStore.verify``) is there to be asked for.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from dcm import io
+from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds
 from dcm.sampling import Velocity, sample, teacher_velocity
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid, uniform_schedule
@@ -67,6 +72,10 @@ class StoreError(RuntimeError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -165,11 +174,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 class TrajectoryWriter:
-    """Builds a store shard by shard; a re-run with the same header resumes, another header starts over."""
+    """Builds a store shard by shard on every rank of the stage; a re-run with the same header resumes,
+    another header starts over."""
 
-    def __init__(self, root: str | os.PathLike, header: dict[str, Any], rows: list[dict]):
+    def __init__(self, root: str | os.PathLike, header: dict[str, Any], rows: list[dict],
+                 world: distributed.World | None = None):
         self.root = Path(root)
         self.header = header
+        self.world = world or distributed.world()
         self.rows = [{"prompt_id": int(r["prompt_id"]), "prompt": str(r["prompt"]), "seed": int(r["seed"])}
                      for r in rows]
         size = header["shard_size"]
@@ -187,55 +199,60 @@ class TrajectoryWriter:
         return len(self.shard_rows)
 
     def _open(self) -> None:
+        """Rank 0 starts a store of other params over and marks it in progress; then every rank finds
+        the finished shards from their sidecars."""
         index, partial = self.root / INDEX, self.root / PARTIAL_INDEX
-        recorded: dict = {}
-        if index.is_file():
-            recorded = _read_json_or_none(index) or {}
-        elif partial.is_file():
-            recorded = _read_json_or_none(partial) or {}
-        if recorded and recorded.get("fingerprint") != self.fingerprint:
-            shutil.rmtree(self.root)  # another grid, guidance, row set or teacher: never resume it
-            self.started_over = True
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stray in self.root.glob(".*.tmp-*"):  # temp files of a killed write
-            stray.unlink(missing_ok=True)
-        known = {e["file"]: e for e in recorded.get("shards", [])}
+        recorded = None
+        for path in (index, partial):
+            if recorded is None and path.is_file():
+                recorded = _read_json_or_none(path) or {}
+        distributed.barrier()  # every rank has read what was there before rank 0 changes it
+        if self.world.is_main:
+            if recorded and recorded.get("fingerprint") != self.fingerprint:
+                shutil.rmtree(self.root)  # another grid, guidance, row set or teacher: never resume it
+                self.started_over = True
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stray in self.root.glob(".*.tmp-*"):  # temp files of a killed write
+                stray.unlink(missing_ok=True)
+        distributed.barrier()
+        self.started_over = bool(recorded) and recorded.get("fingerprint") != self.fingerprint
+        finished = {e["file"]: e for e in (recorded or {}).get("shards", [])} if index.is_file() else {}
         for i in range(self.num_shards):
-            entry = self._reusable(i, known.get(shard_name(i)))
+            entry = self._reusable(i, finished.get(shard_name(i)))
             if entry is not None:
                 self.entries[i] = entry
-        if not index.is_file() or len(self.entries) < self.num_shards:
+        if self.world.is_main and len(self.entries) < self.num_shards:
             index.unlink(missing_ok=True)
-            self._write_partial()
+            io.write_json_atomic(partial, {**self.header, "shards": []})
+        distributed.barrier()
 
-    def _reusable(self, i: int, recorded: dict | None) -> dict | None:
-        """A finished shard of this very store: same fingerprint and rows, hash as recorded (if recorded)."""
+    def _reusable(self, i: int, indexed: dict | None) -> dict | None:
+        """A finished shard of this very store: its sidecar (or a finished index's entry) names this
+        store's fingerprint and rows, and the file has the size written."""
         path = self.root / shard_name(i)
-        if not path.is_file():
+        entry = indexed
+        if entry is None:
+            side = _read_json_or_none(self.root / sidecar_name(i))
+            if not side or side.get("fingerprint") != self.fingerprint or side.get("shard") != i:
+                return None
+            entry = side["entry"]
+        if entry.get("rows") != self.shard_rows[i] or not path.is_file():
             return None
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
-        except Exception:  # unreadable header: recompute the shard
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
             return None
-        if (meta.get("fingerprint") != self.fingerprint or meta.get("shard") != i
-                or meta.get("rows") != self.shard_rows[i]):
-            return None
-        digest = file_sha256(path)
-        if recorded is not None and recorded.get("sha256") != digest:
-            return None
-        return {"file": path.name, "sha256": digest, "rows": self.shard_rows[i]}
-
-    def _write_partial(self) -> None:
-        done = [self.entries[i] for i in sorted(self.entries)]
-        io.write_json_atomic(self.root / PARTIAL_INDEX, {**self.header, "shards": done})
+        return entry
 
     def pending(self) -> list[int]:
         """Shard indices still to compute, in order."""
         return [i for i in range(self.num_shards) if i not in self.entries]
 
+    def mine(self) -> list[int]:
+        """The pending shards this rank computes: shard i on rank i mod world size."""
+        return [i for i in self.pending() if i % self.world.size == self.world.rank]
+
     def write(self, i: int, latents: torch.Tensor) -> dict:
-        """Store shard ``i`` atomically (temp file, fsync, rename); ``latents`` is (S, N+1, C, T, H, W)."""
+        """Store shard ``i`` atomically (temp file, fsync, rename), then its sidecar; ``latents`` is
+        (S, N+1, C, T, H, W)."""
         expected = (len(self.shard_rows[i]), len(self.header["grid"]["sigmas"]), *self.header["latent_shape"])
         if tuple(latents.shape) != expected:
             raise ValueError(f"shard {i}: latents of shape {tuple(latents.shape)}, expected {expected}")
@@ -247,25 +264,31 @@ class TrajectoryWriter:
         data = safetensors_bytes({TENSOR: tensor}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         io.write_bytes_atomic(self.root / shard_name(i), data)
         _fsync_dir(self.root)
-        entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(),
+        entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                  "rows": self.shard_rows[i]}
+        io.write_json_atomic(self.root / sidecar_name(i),
+                             {"fingerprint": self.fingerprint, "shard": i, "entry": entry})
         self.entries[i] = entry
-        self._write_partial()
         return entry
 
     def finish(self) -> dict:
-        """Write index.json last; leave only index.json and the shards in the folder."""
-        missing = self.pending()
-        if missing:
-            raise StoreError(f"{self.root}: shards {missing} are not written yet")
-        index = {**self.header, "shards": [self.entries[i] for i in range(self.num_shards)]}
-        keep = {INDEX} | {e["file"] for e in index["shards"]}
-        for path in self.root.iterdir():
-            if path.name not in keep:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        io.write_json_atomic(self.root / INDEX, index)
-        _fsync_dir(self.root)
-        return index
+        """After every rank's shards: rank 0 writes index.json last (from the sidecars) and leaves only
+        index.json and the shards in the folder; every rank returns the index."""
+        distributed.barrier()
+        if self.world.is_main:
+            entries = {i: self._reusable(i, self.entries.get(i)) for i in range(self.num_shards)}
+            missing = [i for i, e in entries.items() if e is None]
+            if missing:
+                raise StoreError(f"{self.root}: shards {missing} are not written yet")
+            index = {**self.header, "shards": [entries[i] for i in range(self.num_shards)]}
+            keep = {INDEX} | {e["file"] for e in index["shards"]}
+            for path in self.root.iterdir():
+                if path.name not in keep:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            io.write_json_atomic(self.root / INDEX, index)
+            _fsync_dir(self.root)
+        distributed.barrier()
+        return io.read_json(self.root / INDEX)
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -281,7 +304,7 @@ def _read_json_or_none(path: Path) -> Any:
 class TrajectoryStore:
     """Random access to stored teacher trajectories: ``latents(traj, n)`` reads only the slices it needs."""
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True):
+    def __init__(self, root: str | os.PathLike, verify: bool = False):
         self.root = Path(root)
         index_path = self.root / INDEX
         if not index_path.is_file():
@@ -312,11 +335,23 @@ class TrajectoryStore:
         self._local = np.concatenate([np.arange(len(s["rows"])) for s in self.shards]
                                      or [np.zeros(0)]).astype(np.int64)
         self._handles: dict[int, Any] = {}
+        self._check_sizes()
         if verify:
             self.verify()
 
+    def _check_sizes(self) -> None:
+        """Every shard is there with the size written (a stat per shard: cheap at any store size)."""
+        for shard in self.shards:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise StoreError(f"trajectory shard {path} listed in {INDEX} is missing")
+            if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+                raise StoreError(f"trajectory shard {path} is truncated or replaced: {path.stat().st_size} "
+                                 f"bytes, {INDEX} expects {shard['bytes']}")
+
     def verify(self) -> None:
-        """sha256 of every shard against index.json; the error names the shard and both hashes."""
+        """sha256 of every shard against index.json (reads the whole store); the error names the shard and
+        both hashes."""
         for shard in self.shards:
             path = self.root / shard["file"]
             if not path.is_file():
@@ -386,8 +421,15 @@ class TrajectoryStore:
         return x_n, x_prev
 
     def _slice(self, shard: int):
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.root / self.shards[shard]["file"], framework="pt")
+        if shard not in self._handles:  # first read: the shard must be this store's (its metadata)
+            path = self.root / self.shards[shard]["file"]
+            handle = safe_open(path, framework="pt")
+            meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+            if meta.get("fingerprint") != self.index.get("fingerprint") or meta.get("shard") != shard:
+                raise StoreError(f"trajectory shard {path} belongs to another store (fingerprint "
+                                 f"{meta.get('fingerprint')!r}, shard {meta.get('shard')!r}; {INDEX} expects "
+                                 f"{self.index.get('fingerprint')!r}, shard {shard})")
+            self._handles[shard] = handle
         return self._handles[shard].get_slice(TENSOR)
 
     def _position(self, n: int) -> int:

@@ -50,6 +50,13 @@ def check_inputs(params: Params, source: str | None = None) -> None:
     elif not paths.PROMPTS.is_file():
         raise ConfigError("training.source", source or params.training.source,
                           f"needs {paths.PROMPTS}: run `dcm run prepare` first")
+    elif (source or params.training.source) == "online" and params.backbone.family != "toy":
+        if not params.data.videos:
+            raise ConfigError("data.videos", None, "a captioned video set: training.source online noises "
+                              "real video latents (or set training.source: cached)")
+        if not (paths.VIDEO_STORE / "index.json").is_file():
+            raise ConfigError("training.source", "online",
+                              f"needs the video latents in {paths.VIDEO_STORE}/: run `dcm run preprocess`")
 
 
 def load_backbone(params: Params) -> Backbone:
@@ -59,14 +66,21 @@ def load_backbone(params: Params) -> Backbone:
 
 def make_source(params: Params, backbone: Backbone, source: str | None = None, quality: str | None = None):
     """The batch source ``training.source`` (or ``source``) names: the cached trajectory store, or online
-    teacher steps on the shapes world's videos of ``world.quality`` (or ``quality``: MCM's low-quality
-    data)."""
+    teacher steps on the data videos: a real family's preprocessed latents (``data.videos``), the shapes
+    world's videos of ``world.quality`` (or ``quality``: MCM's low-quality data)."""
     if (source or params.training.source) == "cached":
         from dcm.data.trajectories import TrajectoryStore
 
-        return CachedSource(TrajectoryStore(paths.TRAJECTORIES, verify=True), backbone, device())
-    rows = io.read_json(paths.PROMPTS)["train"]
+        # sizes checked at open, each shard's fingerprint when first read; the sha256s were taken when
+        # the shards were written (a full re-hash of a multi-hundred-GB store on every rank at every start
+        # is what TrajectoryStore.verify would cost)
+        return CachedSource(TrajectoryStore(paths.TRAJECTORIES), backbone, device())
     grid = params.teacher_grid()
+    if params.backbone.family != "toy":
+        from dcm.data.preprocess import VideoLatents
+
+        return OnlineSource.from_videos(VideoLatents(paths.VIDEO_STORE), backbone, grid, device())
+    rows = io.read_json(paths.PROMPTS)["train"]
     return OnlineSource(rows, backbone, grid, params.world.size, params.world.frames,
                         quality or params.world.quality,
                         device(), jitter=params.world.position_jitter)

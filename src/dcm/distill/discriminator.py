@@ -437,9 +437,9 @@ class GanFeatureMatching(Objective):
         means = torch.stack([torch.stack([r.detach().mean() for r in D_real]).mean(),
                              torch.stack([f.detach().mean() for f in D_fake]).mean()])
         # the gate reads the global batch's margin; context-parallel ranks hold equal values, so the mean
-        # over all ranks is the data ranks' mean
+        # over all ranks is the data ranks' mean; reduced on D's device (NCCL reduces CUDA tensors only)
         if self.hinge_margin is not None and distributed.world().size > 1:
-            means = means.float().cpu()
+            means = means.float()
             torch.distributed.all_reduce(means)
             means /= distributed.world().size
         d_real, d_fake = float(means[0]), float(means[1])
@@ -499,8 +499,8 @@ class TrajectoryEndpoints:
     def __len__(self) -> int:
         return len(self.source)
 
-    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator):
-        data = self.source.batch(rows, n, generator)
+    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator, **kwargs):
+        data = self.source.batch(rows, n, generator, **kwargs)  # kwargs: the loop's prompt dropout
         self._rows[id(data.x_n)] = (data.x_n, rows.detach().cpu().clone())
         while len(self._rows) > self.keep:
             self._rows.popitem(last=False)

@@ -11,10 +11,11 @@ extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each st
             (M = identity unless a ConsistencySpace is given: MCM)
     backward (× grad_accum) → clip → AdamW → EMA → objectives' own steps → log → checkpoint
 
-Every ``training.log_every`` steps the history also holds each loss term's gradient norm before
-clipping (``grad_norm/<term>``), from extra ``autograd.grad`` passes that leave ``.grad`` untouched;
-with grad_accum > 1 it is the mean over micro-batches (an upper bound of the accumulated term's norm).
-In multi-rank runs (``training.parallel``) they come from extra backward passes after the step's own:
+Every ``training.log_every`` steps (unless ``training.term_grad_norms`` is off, as in the real presets) the
+history also holds each loss term's gradient norm before clipping (``grad_norm/<term>``), from extra
+``autograd.grad`` passes that leave ``.grad`` untouched; with grad_accum > 1 it is the mean over
+micro-batches (an upper bound of the accumulated term's norm).  In multi-rank runs (sharded or replicated
+by ``training.parallel``) they come from one extra backward pass per term after the step's own:
 the mean over ranks for FSDP-sharded parameters, this rank's for DDP-replicated ones; every logged
 value is the mean over the data-parallel ranks, i.e. the global batch's.
 
@@ -22,7 +23,8 @@ With ``training.parallel.context_parallel`` C > 1 the ranks form groups of C tha
 video tokens (``dcm.parallel.context``, Ulysses): every transformer that runs in a step has its tokens
 split inside and gathered at its output, the ranks of a group draw the same samples, noise and
 objective draws, and the engines average gradients over the group; a run equals one process with the
-same global batch (batch_size × world size / C).
+same global batch (batch_size × world size / C × grad_accum; with ``training.global_batch_size`` set,
+grad_accum is derived from the rank count, and every step draws the same samples at any count).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -46,6 +48,7 @@ from tqdm import tqdm
 
 from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds, enable_activation_checkpointing
+from dcm.backbones.kernels import compile_blocks
 from dcm.config import ConfigError, Params
 from dcm.distill import checkpoint, losses
 from dcm.distill.optim import adamw
@@ -196,6 +199,9 @@ class DistillSpec:
     save: Callable[[Path], None] | None = None  # writes the final weights into the run's folder
     settings: dict = field(default_factory=dict)  # extra identity a resume must match (method params)
     consistency_space: ConsistencySpace | None = None  # None: the loss compares the raw endpoints
+    # share of rows whose prompt is dropped (Params.prompt_dropout of the method or expert; the source gives
+    # a dropped row the empty prompt and the teacher step under it); None: training.prompt_dropout
+    prompt_dropout: float | None = None
 
 
 @dataclass
@@ -245,12 +251,18 @@ def named_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> list[str
 def resume_settings(spec: DistillSpec, params: Params, data_parallel: int = 1) -> dict:
     """Everything a resumed run must share with the run that wrote the state (train_steps may grow)."""
     # checkpointing changes memory, not the maths: a job may resume with it switched on after running out of
-    # memory; so does the layout over ranks (training.parallel) at the same global batch, bf16 compute aside
-    unshared = ("checkpoint_every", "log_every", "gradient_checkpointing", "parallel")
-    training = {k: v for k, v in vars(params.training).items() if k not in unshared}
-    # global: resumable on another GPU count
-    training["batch_size"] = params.training.batch_size * data_parallel
+    # memory; so does the layout over ranks (training.parallel) at the same global batch, bf16 compute aside,
+    # and compiling the blocks (speed; rounding at most)
+    unshared = ("checkpoint_every", "log_every", "gradient_checkpointing", "parallel", "compile")
+    training = {k: v for k, v in vars(params.training).items()
+                if k not in (*unshared, "grad_accum", "global_batch_size")}
+    # the global batch per optimizer step: resumable on another GPU count (its split into ranks and
+    # micro-batches changes the per-term gradient norms' log, not the step)
+    training["batch_size"] = (params.training.batch_size * data_parallel
+                              * params.training.accumulation(data_parallel))
     training["mixed_precision"] = params.training.parallel.mixed_precision
+    if spec.prompt_dropout is not None:  # the method's (or expert's) own share replaces the shared one
+        training["prompt_dropout"] = spec.prompt_dropout
     return {"name": spec.name, "phases": [(p.first, p.last, p.end) for p in spec.phases],
             "target": spec.target,
             "lr": spec.lr, "seed": params.seed, "training": training, "grid": vars(params.grid),
@@ -298,21 +310,6 @@ def _source_counts(path: Path) -> dict:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def drop_prompts(cond: PromptEmbeds, null: PromptEmbeds, drop: torch.Tensor) -> PromptEmbeds:
-    """Prompt dropout (training.prompt_dropout; official Wan recipe 10%): the rows where ``drop`` is set get
-    the empty prompt's embedding (every tensor of it: hidden states, masks, pooled) for the student and
-    its target; the teacher's trajectory stays the guided one it was solved with."""
-    def pick(mine: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-        if mine.shape != empty.shape:
-            raise ValueError(f"prompt dropout: empty-prompt embedding {tuple(empty.shape)} does not match "
-                             f"the batch's {tuple(mine.shape)}")
-        return torch.where(drop.to(mine.device).view(-1, *[1] * (mine.dim() - 1)), empty.to(mine.dtype), mine)
-
-    hidden = pick(cond.hidden, null.hidden)
-    extra = {k: pick(v, (null.extra or {})[k]) for k, v in (cond.extra or {}).items()} or None
-    return PromptEmbeds(hidden, extra)
 
 
 def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
@@ -459,11 +456,18 @@ class Trainer:
         self.mesh = dims.build_mesh()
         # each data rank computes its slice of one global batch
         self.data_rank, self.data_size = self.ranks.rank // dims.cp, dims.dp_size
+        # micro-batches per step: training.grad_accum, or derived from training.global_batch_size
+        self.grad_accum = cfg.accumulation(dims.dp_size, self.ranks.size, dims.cp)
         for obj in spec.objectives:  # layouts an objective cannot train under, before any work
             obj.check_parallel(dims)
         # a source that draws for the global batch (DMD2's backward simulation) runs the student alike on
         # every rank
         self.global_source = getattr(source, "draws_global_batch", False)
+        self.dropout = cfg.prompt_dropout if spec.prompt_dropout is None else spec.prompt_dropout
+        if self.dropout > 0 and self.global_source:
+            raise ConfigError("training.prompt_dropout", self.dropout,
+                              f"0 for {spec.name}: its batch source draws its own samples for the global "
+                              "batch and keeps every prompt")
 
         # The target network θ⁻: the student itself without grad (official DCM/PCM) or an EMA copy (LCM).
         ema_model = copy.deepcopy(spec.student).requires_grad_(False) if spec.target == "ema" else None
@@ -473,6 +477,10 @@ class Trainer:
                 raise ConfigError("training.gradient_checkpointing", True,
                                   f"false for {spec.name}: its student holds no transformer that supports it")
         self.space = spec.consistency_space or ConsistencySpace()
+        # after checkpointing and before the wrappers: torchtitan's order (checkpointing, compile, FSDP)
+        if cfg.compile and not compile_blocks(*self._networks(spec.student, ema_model)):
+            raise ConfigError("training.compile", True,
+                              f"false for {spec.name}: its networks hold no diffusers transformer blocks")
         self.student, self.ema_model = self._wrap(ema_model)
         self.cp = self._context_parallel()
 
@@ -491,7 +499,6 @@ class Trainer:
             sampler=self.sampler, sharded=self.mesh is not None)
         self.history_path = out_dir / HISTORY_FILE
         self.last_checkpoint: str | None = None
-        self._null_by_batch: dict[int, PromptEmbeds] = {}
 
     # ------------------------------------------------------------------------------------- build
 
@@ -517,6 +524,12 @@ class Trainer:
             parallel.parallelize(net, cfg, mesh, shard=False)
         return student, ema_model
 
+    def _networks(self, student: nn.Module, ema_model: nn.Module | None) -> list[nn.Module | None]:
+        """Every network that may run in a step: the student, the EMA copy, the backbone's (the teacher),
+        the batch source's, the objectives' and the consistency space's."""
+        return [student, ema_model, *_modules_of(self.backbone), *_modules_of(self.source),
+                *(m for obj in self.spec.objectives for m in _modules_of(obj)), *_modules_of(self.space)]
+
     def _context_parallel(self):
         """Context parallelism (Ulysses, dcm.parallel.context): every transformer that runs forward in a step
         (the student, the EMA copy, the teacher of an online source and of DetE's GAN features, an
@@ -529,11 +542,7 @@ class Trainer:
             return None
         from dcm.parallel.context import enable_context_parallel_on
 
-        spec = self.spec
-        return enable_context_parallel_on(
-            [self.student, self.ema_model, *_modules_of(self.backbone), *_modules_of(self.source),
-             *(m for obj in spec.objectives for m in _modules_of(obj)), *_modules_of(self.space)],
-            self.mesh["cp"])
+        return enable_context_parallel_on(self._networks(self.student, self.ema_model), self.mesh["cp"])
 
     def resume(self) -> tuple[int, float]:
         """The step to start from and the wall time spent before it (0, 0.0 for a fresh run); the history
@@ -582,14 +591,18 @@ class Trainer:
                            step_losses)
 
     def step(self, step: int) -> tuple[dict[str, float], list[int], list[float]]:
-        """One optimisation step over ``training.grad_accum`` micro-batches, then clip, AdamW, EMA and the
+        """One optimisation step over ``self.grad_accum`` micro-batches, then clip, AdamW, EMA and the
         objectives' own steps; returns the logged values (the global batch's in a multi-rank run), the
         drawn grid indices and the per-sample losses in the order one process draws them."""
         self.optimizer.zero_grad(set_to_none=True)
         log = _StepLog()
-        term_norms = step % self.cfg.log_every == 0  # a logging step: each term's gradient norm too
-        micro_batches = [self._micro_step(step, micro, log, term_norms)
-                         for micro in range(self.cfg.grad_accum)]
+        # a logging step: each term's gradient norm too, unless training.term_grad_norms is off
+        term_norms = self.cfg.term_grad_norms and step % self.cfg.log_every == 0
+        # the step's global batch drawn at once; micro-batch m of data rank r is its slice m·D + r (D data
+        # ranks), so the same samples make each step whatever the rank count and grad_accum
+        self.step_draw = draw_indices(len(self.source), self.allowed_n,
+                                      self.cfg.batch_size * self.data_size * self.grad_accum, self.sampler)
+        micro_batches = [self._micro_step(step, micro, log, term_norms) for micro in range(self.grad_accum)]
 
         # gradients are already reduced over the ranks by the engine
         grad_norm = parallel.clip_grad_norm_(self.stepped, self.cfg.max_grad_norm)
@@ -616,27 +629,25 @@ class Trainer:
         return logged, samples_n, samples_loss
 
     def _draw(self, step: int, micro: int):
-        """This rank's share of one micro-batch of the global batch: the source's data (prompt dropout
-        applied) and its grid indices n."""
+        """This rank's share of one micro-batch of the global batch: the source's data and its grid indices n.
+        With prompt dropout the rows to drop are drawn first, from the stream the source draws from, and
+        the source gives them the empty prompt and the teacher step under it (``dcm.distill.data``)."""
         cfg, data_rank, data_size = self.cfg, self.data_rank, self.data_size
-        rows, n = draw_indices(len(self.source), self.allowed_n, cfg.batch_size * data_size, self.sampler)
+        width = cfg.batch_size * data_size  # one micro-batch over every data rank, cut from the step's draw
+        rows, n = (t[micro * width:(micro + 1) * width] for t in self.step_draw)
         source_rng = self.sampler
         mine = slice(data_rank * cfg.batch_size, (data_rank + 1) * cfg.batch_size)  # this rank's rows
-        if data_size == 1:
-            data = self.source.batch(rows, n, source_rng)
-        elif self.global_source:  # the global batch's draws from the loop's stream, this rank's rows computed
+        if self.global_source:  # the global batch's draws from the loop's stream, this rank's rows computed
             data = self.source.batch(rows, n, self.sampler, part=(data_rank, data_size))
-            rows, n = rows[mine], n[mine]
-        else:  # this rank's slice; its own noise stream, replayable from the step
+            return data, n[mine]
+        if data_size > 1:  # this rank's slice; its own noise stream, replayable from the step
             rows, n = rows[mine], n[mine]
             seed = hash((self.params.seed, step, micro, data_rank)) % 2**62
             source_rng = torch.Generator().manual_seed(seed)
-            data = self.source.batch(rows, n, source_rng)
-        if cfg.prompt_dropout > 0:  # no draw at 0: runs without dropout keep their random stream
-            drop = (torch.rand(cfg.batch_size * data_size, generator=self.sampler)[mine] if self.global_source
-                    else torch.rand(len(rows), generator=source_rng)) < cfg.prompt_dropout
-            data = replace(data, cond=drop_prompts(data.cond, self._null_cond(len(rows)), drop))
-        return data, n
+        if self.dropout > 0:  # no draw at 0: runs without dropout keep their random stream
+            drop = torch.rand(len(rows), generator=source_rng) < self.dropout
+            return self.source.batch(rows, n, source_rng, drop=drop), n
+        return self.source.batch(rows, n, source_rng), n
 
     def _micro_step(self, step: int, micro: int, log: _StepLog, term_norms: bool) -> ConsistencyBatch:
         """Draw, the student's and the target's endpoints, the loss terms and the backward of one
@@ -665,28 +676,21 @@ class Trainer:
         sharded = self.mesh is not None
         if term_norms and not sharded:  # before the backward frees the graph; the mean over micro-batches
             for k, term in terms.items():
-                log.add(f"grad_norm/{k}", term_grad_norm(term, self.stepped) / cfg.grad_accum)
-        (loss / cfg.grad_accum).backward(retain_graph=term_norms and sharded)
+                log.add(f"grad_norm/{k}", term_grad_norm(term, self.stepped) / self.grad_accum)
+        (loss / self.grad_accum).backward(retain_graph=term_norms and sharded)
         if term_norms and sharded:
             through = [net for obj in self.spec.objectives for net in obj.grad_networks()]
             for k, norm in term_grad_norms_by_backward(terms, self.stepped, self.cp, through).items():
-                log.add(f"grad_norm/{k}", norm / cfg.grad_accum)
+                log.add(f"grad_norm/{k}", norm / self.grad_accum)
         for k, term in terms.items():
-            log.add(k, float(term.detach()) / cfg.grad_accum)
-        log.add("loss", float(loss.detach()) / cfg.grad_accum)
+            log.add(k, float(term.detach()) / self.grad_accum)
+        log.add("loss", float(loss.detach()) / self.grad_accum)
         log.record_n.append(n.tolist())
         per_sample = losses.pseudo_huber_per_sample(m_pred.detach(), m_target, cfg.huber_c)
         log.record_loss.append(per_sample.tolist())
         for origin, count in data.counts.items():  # where the samples came from (MCM's mixed trajectories)
             log.add(f"source/{origin}", count)
         return batch
-
-    def _null_cond(self, batch: int) -> PromptEmbeds:
-        """The empty prompt's embedding for a batch of that size (prompt dropout), computed once."""
-        if batch not in self._null_by_batch:
-            with torch.no_grad():
-                self._null_by_batch[batch] = self.backbone.null_prompts(batch).to(self.device)
-        return self._null_by_batch[batch]
 
     def _last_good(self) -> str:
         return self.last_checkpoint or "none (no checkpoint yet)"
@@ -719,8 +723,9 @@ class Trainer:
         """A multi-rank run: every rank's (consolidated) weights and its shard sizes, for the record
         (``distributed.json``, rank 0); rank 0 gets the full weights for the save."""
         names, trainable, spec, dims = self.names, self.trainable, self.spec, self.dims
+        # one full tensor at a time (a generator): never every gathered weight of a large student at once
         digests = distributed.gather_objects(
-            distributed.parameter_digest([parallel.full_tensor(p) for p in trainable]))
+            distributed.parameter_digest(parallel.full_tensor(p) for p in trainable))
         local = distributed.gather_objects(
             {name: parallel.local_numel(p) for name, p in zip(names, trainable, strict=True)})
         trained = {f"{obj.name}.{attr}": net for obj in spec.objectives
@@ -749,11 +754,12 @@ class Trainer:
             "wall_s": round(wall_s, 3), "steps_per_s": round(ran / run_s, 4) if ran > 0 else None,
             "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_params": n_trainable, "total_params": n_total,
             "trainable_fraction": n_trainable / max(n_total, 1), "batch_size": params.training.batch_size,
-            "grad_accum": params.training.grad_accum, "target": spec.target, "lr": spec.lr,
+            "grad_accum": self.grad_accum, "target": spec.target, "lr": spec.lr,
             "seed": params.seed,
             "phases": [[p.first, p.last, p.end] for p in spec.phases], "device": str(self.device),
             "final_loss": _last_logged_loss(self.history_path), **_source_counts(self.history_path),
-            "world_size": self.ranks.size, "global_batch_size": params.training.batch_size * self.data_size,
+            "world_size": self.ranks.size,
+            "global_batch_size": params.training.batch_size * self.data_size * self.grad_accum,
             "parallel": vars(self.dims)}
 
 

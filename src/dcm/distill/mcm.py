@@ -161,7 +161,8 @@ class MixedTrajectorySource:
         return len(self.videos)
 
     @torch.no_grad()
-    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator) -> SourceBatch:
+    def batch(self, rows: torch.Tensor, n: torch.Tensor, generator: torch.Generator,
+              drop: torch.Tensor | None = None) -> SourceBatch:
         device = self.videos.device
         x0 = self.videos.x0[rows.to(device)]
         from_student = torch.rand(len(rows), generator=generator) < self.portion
@@ -173,7 +174,7 @@ class MixedTrajectorySource:
             v = self.backbone.predict(self.student, eps, sigma_max, cond)
             x0 = x0.clone()
             x0[from_student.to(device)] = losses.x0_from_velocity(eps, v.float(), sigma_max)
-        batch = self.videos.batch_from_x0(x0, rows, n, generator)
+        batch = self.videos.batch_from_x0(x0, rows, n, generator, drop)  # dropped: the empty prompt's step
         batch.counts = {"video": len(rows) - k, "student": k}
         return batch
 

@@ -33,6 +33,15 @@ def _fmt_ci(ci) -> str:
     return f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else ""
 
 
+def protocol_note(metrics: dict[str, dict]) -> str | None:
+    """The line every report prints above its tables when the rows were VBench's standard suite: whole, or a
+    subset (``evaluation.vbench.subset``) that must not be read as a score on the whole suite."""
+    from dcm.evaluation.vbench_suite import describe
+
+    suites = [m.get("vbench_suite") for m in metrics.values() if m.get("vbench_suite")]
+    return describe(suites[0]) if suites else None
+
+
 def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:
     """Rows of the main table: steps, NFE, latency, speedup vs teacher, Total/Quality/Semantic (×100), and
     the distribution metrics (FD to real renders with its real-vs-real floor, diversity) where evaluated."""

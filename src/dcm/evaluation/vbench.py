@@ -48,6 +48,7 @@ import numpy as np
 
 from dcm.config import ConfigError
 from dcm.evaluation.scoring import VBENCH, Dimension, aggregate, bootstrap
+from dcm.evaluation.vbench_suite import VIDEOS_PER_PROMPT
 
 REQUIREMENTS = Path(__file__).with_name("vbench-requirements.txt")
 CPU_RUNNER = Path(__file__).with_name("vbench_cpu.py")  # runs in the venv, never imported by dcm
@@ -81,7 +82,6 @@ WEIGHTS: dict[str, tuple[str, ...]] = {
 CUSTOM_UNSUPPORTED = frozenset({"object_class", "multiple_objects", "scene", "appearance_style", "color",
                                 "spatial_relationship"})
 MODES = {"custom_input": "custom_input", "standard": "vbench_standard"}  # ours → vbench's --mode
-VIDEOS_PER_PROMPT = 5  # the standard suite reads {prompt}-0 … {prompt}-4
 
 
 # ----------------------------------------------------------------------------------- environment
@@ -272,6 +272,13 @@ def stage_videos(rows: Sequence[dict], samples_dir: str | os.PathLike, work_dir:
         link.symlink_to(mp4)
         index[str(link)] = i
         prompts[str(link)] = row["prompt"]
+    if mode == "standard":
+        wrong = {p: k + 1 for p, k in seen.items() if k + 1 != VIDEOS_PER_PROMPT}
+        shown = dict(list(wrong.items())[:5])
+        if wrong:
+            raise ValueError(f"VBench's standard suite reads {VIDEOS_PER_PROMPT} videos per prompt "
+                             f"({{prompt}}-0 … {{prompt}}-{VIDEOS_PER_PROMPT - 1}); these prompts have "
+                             f"another count: {shown}{' …' if len(wrong) > 5 else ''}")
     prompt_file = None
     if mode == "custom_input":
         prompt_file = Path(work_dir).resolve() / "prompts.json"
@@ -377,6 +384,7 @@ def evaluate(params, method: str, teacher_metrics: dict | None = None,
     table_for(dimensions_for(cfg.mode, cfg.dimensions))  # Total needs both groups: fail before any work
     record = io.read_json(paths.samples(method) / "samples.json")
     rows = record["rows"]
+    suite = io.read_json(paths.PROMPTS).get("suite") if paths.PROMPTS.is_file() else None
     with tempfile.TemporaryDirectory(prefix=f"vbench-{method}-") as work:
         means, per_row = run_vbench(cfg, rows, paths.samples(method), work, run, device)
     summary = summarise(means)
@@ -399,7 +407,8 @@ def evaluate(params, method: str, teacher_metrics: dict | None = None,
     psnrs = [psnr(v, t) for v, t in zip(videos, teacher_videos)]
     row_total = dict(zip(complete, totals.tolist()))
     return {
-        "method": method, "backend": "vbench", "vbench_mode": cfg.mode, "steps": record["num_steps"],
+        "method": method, "backend": "vbench", "vbench_mode": cfg.mode, "vbench_suite": suite,
+        "steps": record["num_steps"],
         "nfe": record["nfe"], "latency_s": record["seconds_per_video"], "dimensions": means,
         "quality": summary["quality"], "semantic": summary["semantic"], "total": summary["total"],
         "dimensions_not_scored": summary["dimensions_not_scored"],

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dcm import distill, paths
-from dcm.backbones.base import Backbone
+from dcm.backbones.base import Backbone, inference_precision
 from dcm.config import METHOD_KINDS, ConfigError, MethodKind, Params
 from dcm.data.trajectories import initial_noise
 from dcm.sampling import Velocity, nfe, sample, sample_lcm, student_velocity
@@ -94,7 +94,8 @@ def single_student(params: Params, method: str, backbone: Backbone, student: tor
     spec = distill.DistillSpec(
         name=method, student=student, trainable=list(student.parameters()), phases=phases,
         target=target or m.target, lr=m.lr, train_steps=m.train_steps, objectives=list(objectives), save=save,
-        consistency_space=space, settings={"kind": m.kind, "phases": m.phases, **sections})
+        consistency_space=space, settings={"kind": m.kind, "phases": m.phases, **sections},
+        prompt_dropout=params.prompt_dropout(method))
     return Training(spec, backbone, source, paths.checkpoint(method))
 
 
@@ -133,33 +134,47 @@ def student_velocities(params: Params, method: str, backbone: Backbone, merged: 
     return {"student": student_velocity(backbone, student)}, {}
 
 
-def generate(params: Params, method: str, backbone: Backbone, rows: list[dict], desc: str | None = None):
-    """Sample ``rows`` (prompt, seed) with the method's schedule and sampler (Euler, or LCM's multistep
-    re-noising): (latents, decoded videos, s/video, steps, NFE).
+class Sampler:
+    """One method's sampling, loaded once: its schedule, its experts and its sampler (Euler, or LCM's
+    multistep re-noising).  ``rows(chunk)`` samples a batch of (prompt, seed) rows; the noise of a row
+    is ``initial_noise(seed)``, so every method sees the same start for the same row.  The transformer
+    forwards run in the inference precision (bf16 autocast on GPUs); decoding runs the VAE as loaded."""
 
-    The noise of a row is ``initial_noise(seed)``, so every method sees the same start for the same row.
-    """
-    device = next(backbone.transformer.parameters()).device
-    steps = schedule_for(params, method)
-    latent_shape = backbone.video_latent_shape(params)
-    experts, forwards = load_experts(params, method, backbone)
-    lcm_sampler = params.method(method).sampler == "lcm"
-    latents, videos, seconds = [], [], 0.0
-    for start in tqdm(range(0, len(rows), BATCH), desc=desc or f"sample[{method}]", unit="batch"):
-        chunk = rows[start:start + BATCH]
-        noise = torch.stack([initial_noise(r["seed"], latent_shape) for r in chunk]).to(device)
-        cond = backbone.encode_prompts([r["prompt"] for r in chunk])
+    def __init__(self, params: Params, method: str, backbone: Backbone):
+        self.backbone = backbone
+        self.device = next(backbone.transformer.parameters()).device
+        self.steps = schedule_for(params, method)
+        self.latent_shape = backbone.video_latent_shape(params)
+        self.experts, forwards = load_experts(params, method, backbone)
+        self.nfe = nfe(self.steps, forwards)
+        self.lcm = params.method(method).sampler == "lcm"
+
+    def rows(self, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(latents, decoded videos) of the rows on the CPU, and the seconds the batch took."""
+        noise = torch.stack([initial_noise(r["seed"], self.latent_shape) for r in chunk]).to(self.device)
+        cond = self.backbone.encode_prompts([r["prompt"] for r in chunk])
         t0 = time.perf_counter()
         with torch.no_grad():
-            # fresh re-noising per row, seeded from the row: paired across methods and batches
-            if lcm_sampler:
-                x = sample_lcm(experts, steps, noise, cond, seeds=[r["seed"] for r in chunk])
-            else:
-                x = sample(experts, steps, noise, cond)
-            video = backbone.decode_latents(x)
-        if device.type == "cuda":
+            with inference_precision(self.device):
+                # LCM: fresh re-noising per row, seeded from the row (paired across methods and batches)
+                if self.lcm:
+                    x = sample_lcm(self.experts, self.steps, noise, cond, seeds=[r["seed"] for r in chunk])
+                else:
+                    x = sample(self.experts, self.steps, noise, cond)
+            video = self.backbone.decode_latents(x)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        latents.append(x.cpu())
-        videos.append(video.cpu())
-    return torch.cat(latents), torch.cat(videos), seconds / len(rows), steps, nfe(steps, forwards)
+        return x.cpu(), video.cpu(), time.perf_counter() - t0
+
+
+def generate(params: Params, method: str, backbone: Backbone, rows: list[dict], desc: str | None = None):
+    """Sample ``rows`` (prompt, seed) in batches of ``BATCH`` with the method's schedule and sampler:
+    (latents, decoded videos, s/video, steps, NFE)."""
+    sampler = Sampler(params, method, backbone)
+    latents, videos, seconds = [], [], 0.0
+    for start in tqdm(range(0, len(rows), BATCH), desc=desc or f"sample[{method}]", unit="batch"):
+        x, video, took = sampler.rows(rows[start:start + BATCH])
+        latents.append(x)
+        videos.append(video)
+        seconds += took
+    return torch.cat(latents), torch.cat(videos), seconds / len(rows), sampler.steps, sampler.nfe

@@ -71,7 +71,8 @@ def _seme(params: Params, method: str) -> Training:
         phases=[expert_phases(params.grid.steps, params.grid.kappa)["seme"]], target="online",
         lr=seme.lr, train_steps=seme.train_steps, objectives=objectives,
         save=distill.save_transformer(student),
-        settings={"tc_weight": seme.tc_weight, "tc_offset": seme.tc_offset})
+        settings={"tc_weight": seme.tc_weight, "tc_offset": seme.tc_offset},
+        prompt_dropout=params.prompt_dropout(method, "seme"))
     return Training(spec, backbone, source, paths.checkpoint(method, "seme"))
 
 
@@ -100,7 +101,8 @@ def _dete(params: Params, method: str) -> Training:
         phases=[expert_phases(params.grid.steps, kappa)["dete"]], target="online", lr=dete.lr,
         train_steps=dete.train_steps, objectives=objectives, save=lambda out: save_dete(dual, out),
         settings={"lora_rank": dete.lora_rank, "lora_alpha": dete.lora_alpha, "gan_weight": dete.gan_weight,
-                  "fm_weight": dete.fm_weight, "disc_lr": dete.disc_lr, **variant_settings(dete)})
+                  "fm_weight": dete.fm_weight, "disc_lr": dete.disc_lr, **variant_settings(dete)},
+        prompt_dropout=params.prompt_dropout(method, "dete"))
     out_dir = paths.checkpoint(method, "dete")
     return Training(spec, backbone, source, out_dir,
                     finish=lambda: _summarize_dete(method, dete, dual, kappa, bool(objectives), out_dir))

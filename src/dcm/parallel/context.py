@@ -195,7 +195,8 @@ def _rank_heads(x: torch.Tensor, group, head_dim: int = 2) -> torch.Tensor:
 
 class _UlyssesProcessor:
     """Shared parts; ``_attention_backend`` is what diffusers' ``set_attention_backend`` sets (None:
-    diffusers' default, PyTorch's SDPA)."""
+    diffusers' active backend).  Under ``training.compile`` a block's compiled forward runs the processors
+    eagerly (``torch.compiler.disable``): the all-to-alls are not traced into its graph."""
 
     _attention_backend = None
     _parallel_config = None  # diffusers' own CP stays off: these processors do the all-to-all
@@ -235,6 +236,7 @@ class WanContextParallelAttnProcessor(_UlyssesProcessor):
     """Wan's self-attention (``attn1``) under context parallelism; cross-attention keeps diffusers'
     processor (its queries are the rank's tokens, its keys the whole text)."""
 
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None:
             raise ValueError("WanContextParallelAttnProcessor is for self-attention (attn1) only")
@@ -267,6 +269,7 @@ class HunyuanVideoContextParallelAttnProcessor(_UlyssesProcessor):
     """HunyuanVideo's dual-stream (separate text projections) and single-stream (shared projections)
     joint attention: [video; text], text padding masked by ``attention_mask`` (B, 1, 1, tokens + L)."""
 
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
@@ -310,6 +313,7 @@ class CogVideoXContextParallelAttnProcessor(_UlyssesProcessor):
     """CogVideoX's joint attention over [text; video] with shared projections; RoPE (5B, 1.5) on the
     video tokens after the all-to-all."""
 
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
                  image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
@@ -510,7 +514,10 @@ def _install(cp: ContextParallel, transformer: nn.Module) -> None:
         return
     for attn in _attention_modules(transformer, fam):
         cp._processors.append((attn, attn.processor))
-        attn.set_processor(_PROCESSORS[fam](cp.group))
+        processor = _PROCESSORS[fam](cp.group)
+        # the kernel backbone.attention_backend set on the processor it replaces (None: the active one)
+        processor._attention_backend = getattr(attn.processor, "_attention_backend", None)
+        attn.set_processor(processor)
     blocks = _blocks(transformer, fam)
     cp._handles.append(blocks[0].register_forward_pre_hook(_split_hook(cp, fam), with_kwargs=True))
     cp._handles.append(blocks[-1].register_forward_hook(_gather_hook(cp)))

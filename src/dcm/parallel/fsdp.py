@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dcm.backbones.base import transformer_blocks
 from dcm.config import SHARDED, ConfigError, ParallelConfig, Params
 
 KEY = "training.parallel"
@@ -143,8 +144,9 @@ def head_count(params: Params) -> int | None:
 
 
 def check_world(params: Params, size: int | None = None) -> ParallelDims:
-    """The checks of ``training.parallel`` that need the world size: run at the start of a stage, before
-    any model is loaded.  Returns the job's degrees."""
+    """The checks of ``training.parallel`` and ``training.global_batch_size`` that need the world size: run
+    at the start of a stage (and by ``dcm launch`` before it starts the ranks), before any model is loaded.
+    Returns the job's degrees."""
     cfg = params.training.parallel
     size = world_size() if size is None else size
     dims = ParallelDims.from_config(cfg, size)
@@ -160,28 +162,12 @@ def check_world(params: Params, size: int | None = None) -> ParallelDims:
             raise ConfigError(f"{KEY}.context_parallel", cfg.context_parallel,
                               f"a divisor of the attention head count ({heads} heads; allowed here "
                               f"{allowed})")
+    # training.global_batch_size at this rank count: a grad_accum that is not a whole number fails here
+    params.training.accumulation(dims.dp_size, world=size, cp=dims.cp)
     return dims
 
 
 # ------------------------------------------------------------------------------------ wrapping
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of every diffusers transformer inside ``model`` (its ``_no_split_modules``
-    classes, outermost only), in module order."""
-    from diffusers import ModelMixin
-
-    blocks: list[nn.Module] = []
-    taken: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, ModelMixin):
-            continue
-        names = set(getattr(type(module), "_no_split_modules", None) or ())
-        for sub in module.modules():
-            if type(sub).__name__ in names and id(sub) not in taken:
-                blocks.append(sub)
-                taken.update(id(m) for m in sub.modules())
-    return blocks
 
 
 def is_wrapped(model: nn.Module) -> bool:

@@ -2,11 +2,13 @@
 same table in workflow/rules/stages.smk) and the SLURM resources both launchers read.
 
 ``python -m dcm.pipeline.dag`` rewrites dvc.yaml from the table and params.yaml; ``--check`` fails when the
-file on disk is stale (a test runs it).  Per-method stages become DVC ``foreach`` stages over the
-methods the table gives for these params, ablation rows included; a stage that gathers methods (the
-report, the ablation report) depends on each method's file by name, so ``dvc repro report`` builds the
-default DAG only and ``dvc repro report_ablations`` adds the ablation rows.  Regenerate after changing
-the method lists.
+file on disk is stale (a test runs it); ``dcm params ... -o params.yaml`` rewrites it too.  Both views hold
+the DAG of the params (``dcm.pipeline.table.dag_rows``): the default experiment, plus the opt-in groups
+``pipeline.ablations`` and ``pipeline.paper`` switch on (both off in the default params.yaml, so a bare
+``dvc repro`` builds the default experiment only).  Per-method stages become DVC ``foreach`` stages over
+the DAG's methods; a stage that gathers methods (the report, the ablation report) depends on each method's
+file by name, so ``dvc repro report`` builds the default experiment whatever is switched on.  Regenerate
+after changing the method lists or the switches.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from pathlib import Path
 import yaml
 
 from dcm import config
-from dcm.config import ConfigError, Params
+from dcm.config import PIPELINE_GROUPS, ConfigError, Params
 from dcm.paths import weights_path
-from dcm.pipeline.table import STAGES, Stage
+from dcm.pipeline.table import STAGES, Stage, switched
 
 RESOURCES_FILE = Path("slurm/resources.yaml")
 RESOURCES_ENV = "DCM_SLURM_RESOURCES"  # another resources file (the local test cluster has no GPUs)
-DVC_HEADER = ("# Generated from the stage table (src/dcm/pipeline/table.py) by "
-              "`python -m dcm.pipeline.dag`;\n"
+DVC_HEADER = ("# Generated from the stage table (src/dcm/pipeline/table.py) and params.yaml by "
+              "`python -m dcm.pipeline.dag`\n"
+              "# or `dcm params ... -o params.yaml`; the opt-in stages and rows are in it when params.yaml's "
+              "`pipeline` switches them on;\n"
               "# tests/test_orchestration.py holds it equal to the table and to the Snakefile.\n")
 
 
@@ -122,11 +126,14 @@ def snakemake_resources(stage: str) -> dict:
 # ------------------------------------------------------------------------------------ the runs
 
 
-def runs(params: Params, include_ablations: bool = True) -> list[tuple[Stage, str | None]]:
-    """Every (stage, method) run in table order: all of dvc.yaml and the Snakefile's rules, or only the
-    default DAG (``include_ablations=False``: what ``make demo`` and the Snakefile's ``all`` build)."""
-    return [(s, m) for s in STAGES.values() if include_ablations or not s.ablation
-            for m in (s.methods(params, include_ablations) if s.per_method else [None])]
+def runs(params: Params, every_row: bool = False) -> list[tuple[Stage, str | None]]:
+    """Every (stage, method) run in table order: the DAG of these params (dvc.yaml, the Snakefile's rules
+    and its ``all``: the default experiment plus the groups ``pipeline`` switches on), or with
+    ``every_row`` every run the table knows (every group on)."""
+    if every_row:
+        params = switched(params, **dict.fromkeys(PIPELINE_GROUPS, True))
+    return [(s, m) for s in STAGES.values() if s.in_dag(params)
+            for m in (s.dag_methods(params) if s.per_method else [None])]
 
 
 # ------------------------------------------------------------------------------------ dvc.yaml
@@ -143,7 +150,7 @@ def dvc_stage(stage: Stage, params: Params) -> dict | None:
     of `paper.seeds` reads its own row's keys) and, for sampling, the weights it samples from."""
     entry: dict = {}
     if stage.per_method:
-        methods = stage.methods(params, include_ablations=True)
+        methods = stage.dag_methods(params)
         if not methods:
             return None
         weights = "{weights}" in stage.deps
@@ -180,7 +187,7 @@ def dvc_stage(stage: Stage, params: Params) -> dict | None:
 def dvc_yaml(params: Params) -> dict:
     stages = {}
     for stage in STAGES.values():
-        entry = dvc_stage(stage, params)
+        entry = dvc_stage(stage, params) if stage.in_dag(params) else None
         if entry is not None:
             stages[stage.name] = entry
     return {"stages": stages}

@@ -1,6 +1,7 @@
 """``dcm launch <stage>``: run a stage through the configured launcher (``params.launcher``).
 
-- ``local``: in this process, exactly ``dcm run``.
+- ``local``: in this process, exactly ``dcm run``; a data-parallel stage on a machine with several GPUs as
+  one rank per GPU under PyTorch's elastic launcher (``dcm.pipeline.ranks``; ``DCM_LOCAL_RANKS``).
 - ``debug``: through submitit's debug executor (same pickled call as on SLURM, in this process).
 - ``slurm``: one submitit job with the stage's resources from ``slurm/resources.yaml`` (nodes ×
   tasks per node, one torch.distributed rank per task, one per GPU unless the row says); streams
@@ -10,8 +11,14 @@
   (the stages resume from their own checkpoints).  The preemption signal is SIGUSR1 (sbatch
   ``--signal=USR1@90``); set ``SUBMITIT_PREEMPT_SIGNAL=USR2`` where NCCL or the site claims USR1.
 
-Never called from inside a Snakemake SLURM job: Snakemake's rules call ``dcm run`` (no nested
-submission).
+Before a real family's stage goes to SLURM, its plan (``dcm.plan.whole``: FLOPs on meta tensors at an
+assumed MFU, the memory plan) must say it fits its row's time limit and GPUs; otherwise a ConfigError names
+the numbers and nothing is submitted (``--no-plan-check`` or ``DCM_NO_PLAN_CHECK=1`` skips the check; a row
+with ``gpus: 0``, the local test cluster's, is not planned).
+
+Inside an allocation (an sbatch script, an salloc shell) ``slurm`` runs the stage as a job step of it
+(``srun`` with its row, capped by the allocation: ``dcm.pipeline.ranks``), and inside a job step (srun's
+tasks) in this process: never a nested job.  Snakemake's rules call ``dcm run``.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from submitit.slurm.slurm import SlurmJobEnvironment
 
 from dcm import config
 from dcm.config import ConfigError, Params
-from dcm.pipeline import dag
+from dcm.pipeline import dag, ranks
 
 LOG_FOLDER = Path("slurm/logs/%j")  # job-array safe (%j, not %A_%a)
 POLL_SECONDS = 1.0
 TAIL_LINES = 40
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+NO_PLAN_CHECK_ENV = "DCM_NO_PLAN_CHECK"  # set (not 0): submit without the plan's check (dvc repro's escape)
+TIMEOUT_REQUEUES = 3  # submitit's AutoExecutor(max_num_timeout=3): requeues of a job that timed out
 
 
 def use_preempt_signal(name: str | None = None) -> str:
@@ -101,12 +110,58 @@ def slurm_parameters(resources: dag.Resources, job_name: str) -> dict:
     return out
 
 
+def stage_runs(params: Params, resources: str | os.PathLike | None = None, stage: str | None = None,
+               method: str | None = None) -> list:
+    """The runs the plan looks at (``dcm.plan.whole.StageRun``), each with its SLURM row: every run of the
+    DAG of these params (``dag.runs``), or the one run ``stage`` [``method``] that a launch submits."""
+    from dcm.pipeline import table
+    from dcm.plan import whole
+
+    todo = dag.runs(params) if stage is None else [(table.get(stage), method)]
+    path = Path(resources) if resources else dag.resources_path()
+    out = []
+    for s, m in todo:
+        r = dag.load_resources(s.name, path)
+        row = whole.Row(source=f"{path}:{s.name}", gpus=r.gpus, nodes=r.nodes,
+                        ranks=r.nodes * r.tasks_per_node, gpu_type=r.gpu_type, time_min=r.time_min)
+        out.append(whole.StageRun(s.name, m, row, data_parallel=s.data_parallel, resumable=s.resumable,
+                                  requeues=TIMEOUT_REQUEUES))
+    return out
+
+
+def check_plan(params: Params, stage: str, methods: list[str | None]) -> None:
+    """Refuse (ConfigError, with the numbers) a real family's run whose plan does not fit its SLURM row,
+    before anything is submitted; the toy world, a CPU row (``gpus: 0``) and ``DCM_NO_PLAN_CHECK`` are not
+    checked."""
+    if params.backbone.family == "toy" or os.environ.get(NO_PLAN_CHECK_ENV, "") not in ("", "0"):
+        return
+    from dcm.plan import whole
+
+    planner = None
+    for run in (r for m in methods for r in stage_runs(params, stage=stage, method=m)):
+        if run.row.total_gpus == 0:
+            print(f"dcm launch: {run.label} not planned ({run.row.source}: gpus 0)", file=sys.stderr)
+            continue
+        if planner is None:
+            whole.quiet_diffusers()
+            planner = whole.Planner(params)
+        plan = planner.plan(run)
+        print(f"dcm launch: plan of {run.label}: {whole.summary(plan)}", file=sys.stderr, flush=True)
+        refused = whole.refusal(plan, run, planner.options)
+        if refused is not None:
+            raise refused
+
+
 def launch(params: Params, stage: str, method: str | None, params_path: str = "params.yaml",
-           preset: str | None = None) -> int:
+           preset: str | None = None, plan_check: bool = True) -> int:
     from dcm.pipeline import table
 
     stage_row = table.get(stage)  # unknown stage: ConfigError before anything is submitted
     if params.launcher == "local":
+        count = ranks.local_ranks(stage_row)
+        if count > 1:  # a data-parallel stage, one rank per GPU: PyTorch's elastic launcher
+            ranks.check_ranks(params, stage_row, count)
+            return ranks.run_elastic(stage, method, params_path, preset, count)
         stage_row.run(params, method)
         return 0
     job = StageJob(stage, method, str(Path(params_path).resolve()), preset, str(Path.cwd()))
@@ -116,6 +171,16 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
         executor.update_parameters(name=name, timeout_min=dag.load_resources(stage).time_min)
         return _wait(executor.submit(job), stream=False)
     if params.launcher == "slurm":
+        if ranks.in_step():  # already a task of a job step (srun): here, never a nested job
+            print(f"dcm launch: {stage} inside SLURM job step {os.environ['SLURM_JOB_ID']}."
+                  f"{os.environ['SLURM_STEP_ID']}: run here", file=sys.stderr, flush=True)
+            stage_row.run(params, method)
+            return 0
+        if plan_check:  # before a job step or a job is started
+            check_plan(params, stage, [method])
+        allocation = ranks.allocation()
+        if allocation is not None:  # an sbatch script or an salloc shell: a job step of that allocation
+            return ranks.run_step(params, stage_row, method, params_path, preset, allocation)
         use_preempt_signal()
         resources = dag.load_resources(stage)
         executor = submitit.AutoExecutor(folder=Path.cwd() / LOG_FOLDER, cluster="slurm")
@@ -130,14 +195,15 @@ def launch(params: Params, stage: str, method: str | None, params_path: str = "p
 
 
 def resolve_methods(params: Params, stage: str, methods: str) -> list[str]:
-    """``--methods lcm,pcm`` or ``--methods all`` (every default-DAG method of the stage), checked."""
+    """``--methods lcm,pcm`` or ``--methods all`` (every method of the stage in the DAG of these params: the
+    default experiment's, and the opt-in rows ``pipeline`` switches on), checked."""
     from dcm.pipeline import table
 
     row = table.get(stage)
     allowed = row.methods(params, include_ablations=True)
     if not row.per_method:
         raise ConfigError("--methods", methods, f"stage {stage} takes no method")
-    names = row.methods(params) if methods == "all" else [m for m in methods.split(",") if m]
+    names = row.dag_methods(params) if methods == "all" else [m for m in methods.split(",") if m]
     unknown = [m for m in names if m not in allowed]
     if unknown or not names:
         raise ConfigError("--methods", methods, f"'all' or a comma list of {allowed}")
@@ -145,13 +211,16 @@ def resolve_methods(params: Params, stage: str, methods: str) -> list[str]:
 
 
 def launch_array(params: Params, stage: str, methods: list[str], params_path: str = "params.yaml",
-                 preset: str | None = None) -> int:
+                 preset: str | None = None, plan_check: bool = True) -> int:
     """One stage for several methods: a SLURM job array (one task per method), or one after another."""
     from dcm.pipeline import table
 
     stage_row = table.get(stage)
-    if params.launcher != "slurm":
-        return max((launch(params, stage, m, params_path, preset) for m in methods), default=0)
+    # inside an allocation or a job step: one method after another in it (no nested job array)
+    if params.launcher != "slurm" or ranks.in_step() or ranks.allocation() is not None:
+        return max((launch(params, stage, m, params_path, preset, plan_check) for m in methods), default=0)
+    if plan_check:  # every task of the array, before any is submitted
+        check_plan(params, stage, list(methods))
     use_preempt_signal()
     resources = dag.load_resources(stage)
     executor = submitit.AutoExecutor(folder=Path.cwd() / LOG_FOLDER, cluster="slurm")

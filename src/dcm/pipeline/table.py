@@ -3,14 +3,23 @@ holds them equal), ``dcm run <stage>`` dispatches through it, and ``dcm launch``
 
 Paths may contain ``{method}``; such stages run once per method: every method (``per_method``), or the
 methods whose kind declares this stage among those that train it (``trains``; ``dcm.config.METHOD_KINDS``).
+
+The DAG of a params file (:func:`dag_rows`, :meth:`Stage.in_dag`) is the default experiment plus the opt-in
+groups its ``pipeline`` section switches on: ``ablations`` (the ablation rows, report_ablations) and
+``paper`` (the paper report's rows, mcm_setting, report_paper).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
+from dcm import paths
 from dcm.config import METHOD_KINDS, ConfigError, Params
 from dcm.paths import weights_paths
 
@@ -27,13 +36,24 @@ class Stage:
     trains: bool = False  # a training stage: it runs for the methods whose kind it trains (MethodKind.trains)
     data_parallel: bool = False  # runs on every rank of a multi-task job; other stages on rank 0 only
     resumable: bool = False  # picks up its own partial outputs (shards, checkpoints): DVC persists them
-    ablation: bool = False  # opt-in: outside the default DAG (`make ablations`, `make paper`)
+    # opt-in: in the DAG only when its group is switched on (params pipeline.<group>; `make ablations`,
+    # `make paper`)
+    opt_in: Literal["ablations", "paper"] | None = None
 
     def methods(self, params: Params, include_ablations: bool = False) -> list[str]:
         """The methods this stage runs for: the default DAG's, or every row with ``include_ablations``
         (the opt-in rows of both groups: ``ablation`` and ``nfe_curve``)."""
         names = params.methods if include_ablations else params.default_methods
         return [m for m in names if self.runs_for(params, m)]
+
+    def dag_methods(self, params: Params) -> list[str]:
+        """The methods this stage runs for in the DAG of these params (:func:`dag_rows`)."""
+        return [m for m in dag_rows(params) if self.runs_for(params, m)]
+
+    def in_dag(self, params: Params) -> bool:
+        """Whether the DAG of these params holds this stage: a stage of the default experiment always, an
+        opt-in one when its group is switched on (``pipeline.ablations`` / ``pipeline.paper``)."""
+        return self.opt_in is None or getattr(params.pipeline, self.opt_in)
 
     def runs_for(self, params: Params, method: str) -> bool:
         """A training stage runs for the methods its kind trains there, except those that reuse another
@@ -59,6 +79,8 @@ class Stage:
                     return [path.replace(placeholder, m).format(**fill) for m in rows]
             if path == "{weights}":
                 return weights_paths(params, method)
+            if path in DATA_INPUTS:
+                return data_inputs(params, path)
             return [path.format(**fill)]
 
         return {key: list(dict.fromkeys(p for path in getattr(self, key) for p in expand(path)))
@@ -79,7 +101,8 @@ class Stage:
         from dcm import distributed  # torch: imported when a stage runs, not for the stage list
 
         module = importlib.import_module(f"dcm.pipeline.stages.{'train' if self.trains else self.name}")
-        with distributed.process_group() as world:
+        # ranks wait in collectives while rank 0 saves: params' distributed.timeout_min, not NCCL's 10 min
+        with distributed.process_group(timeout=timedelta(minutes=params.distributed.timeout_min)) as world:
             if world.size > 1 and not self.data_parallel and not world.is_main:
                 print(f"{self.name}: rank {world.rank} idle (the stage runs on rank 0 only)")
                 return
@@ -92,9 +115,12 @@ class Stage:
 
 
     def check_inputs(self, params: Params, method: str | None = None) -> None:
-        """Fail before any work when an input of this run is missing, naming the runs that write it."""
+        """Fail before any work when an input of this run is missing, naming the runs that write it.  The
+        data files params name are the user's, not a stage's: the pre-flight check and their readers report
+        those with their keys."""
+        declared = {p for key in DATA_INPUTS for p in data_inputs(params, key)}
         missing = [p for p in self.resolve(params, method)["deps"]
-                   if not Path(p).exists() and self.reads(params, method, p)]
+                   if p not in declared and not Path(p).exists() and self.reads(params, method, p)]
         if missing:
             todo = ", ".join(dict.fromkeys(producer(params, p) for p in missing))
             where = f"{self.name} --method {method}" if method else self.name
@@ -103,7 +129,10 @@ class Stage:
 
     def reads(self, params: Params, method: str | None, path: str) -> bool:
         """Whether this run reads ``path``: the trajectory store is read only by a cached batch source
-        (``training.source: cached``; MCM trains on the world's videos, DMD2 on its own samples)."""
+        (``training.source: cached``; MCM trains on the world's videos, DMD2 on its own samples); the
+        preprocessed stores only by a real family (the toy's prompt encoder is part of its teacher)."""
+        if path == str(paths.PREPROCESSED):
+            return params.backbone.family != "toy"
         if path != "trajectories" or not (self.trains or self.name == "analyze"):
             return True
         return (METHOD_KINDS[params.method(method).kind].source if method else None) is None \
@@ -136,6 +165,50 @@ def paper_rows(params: Params) -> list[str]:
     return [m for m in evaluated if m in wanted and m not in own]
 
 
+def dag_rows(params: Params) -> list[str]:
+    """The method rows of the DAG of these params (dvc.yaml, the Snakefile), in params.yaml order: the
+    default experiment's; with ``pipeline.ablations`` the ablation rows; with ``pipeline.paper`` the paper
+    report's (the NFE-curve rows, paper.rows and their training seeds); and every row whose trained weights
+    one of these samples (checkpoint_from)."""
+    wanted = set(params.default_methods)
+    if params.pipeline.ablations:
+        wanted |= set(ablation_rows(params))
+    if params.pipeline.paper:
+        wanted |= set(curve_rows(params)) | set(paper_rows(params))
+    todo = list(wanted)
+    while todo:  # a sampling-only row needs the training of the row it reuses
+        source = params.methods[todo.pop()].checkpoint_from
+        if source is not None and source not in wanted:
+            wanted.add(source)
+            todo.append(source)
+    return [m for m in params.methods if m in wanted]
+
+
+def switched(params: Params, **groups: bool) -> Params:
+    """These params with some ``pipeline`` switches set (``switched(params, paper=True)``)."""
+    out = copy.copy(params)
+    out.pipeline = dataclasses.replace(params.pipeline, **groups)
+    return out
+
+
+# Params keys that name the user's data files: a stage listing "{key}" among its deps depends on that file
+# (a video set: on the folder that holds it, so DVC hashes every video); null: no dependency.
+DATA_INPUTS = ("{data.prompts}", "{data.videos}", "{evaluation.prompts}")
+
+
+def data_inputs(params: Params, placeholder: str) -> list[str]:
+    """The files (or folders) behind one of ``DATA_INPUTS`` for these params.  ``data.prompts`` left null
+    means the captions of ``data.videos``: the video set is then what the prompts come from."""
+    from dcm.data.dataset import dataset_root
+
+    data = params.data
+    if placeholder == "{evaluation.prompts}":
+        return [params.evaluation.prompts] if params.evaluation.prompts else []
+    if placeholder == "{data.prompts}" and data.prompts:
+        return [data.prompts]
+    return [str(dataset_root(data.videos))] if data.videos else []
+
+
 def producer(params: Params, path: str) -> str:
     """The ``dcm run`` command whose outputs hold ``path`` (every method, ablation rows included)."""
     for stage in STAGES.values():
@@ -153,35 +226,45 @@ TEACHER_GRID = ("grid.steps", "grid.shift", "grid.num_train_timesteps")
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("prepare", "the training and evaluation (prompt, seed) sets",
-              outs=("data/prompts.json",), params=("seed", "world", "trajectories.num_trajectories")),
+        Stage("prepare", "pre-flight check of the whole DAG; the training and evaluation (prompt, seed) sets",
+              deps=("{data.prompts}", "{evaluation.prompts}"), outs=("data/prompts.json",),
+              params=("seed", "world", "trajectories.num_trajectories", "backbone.family", "data.prompts",
+                      "data.videos", "evaluation.prompts", "evaluation.videos_per_prompt")),
         Stage("teacher", "pretrain the toy teacher by flow matching (real backbones: record the weights)",
               deps=("data/prompts.json",), outs=("models/teacher",),
               params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps")),
+        Stage("preprocess", "real backbones: text embeddings and video latents, once, as checksummed shards "
+                            "(toy: nothing)",
+              deps=("data/prompts.json", "models/teacher", "{data.videos}"), outs=("data/preprocessed",),
+              params=("seed", "backbone", "data"), data_parallel=True, resumable=True),
         Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
-              deps=("models/teacher", "data/prompts.json"), outs=("trajectories",), resumable=True,
+              deps=("models/teacher", "data/prompts.json", "data/preprocessed"), outs=("trajectories",),
+              data_parallel=True, resumable=True,
               params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale")),
         Stage("analyze",
               "per-timestep loss / grad-norm dynamics of analysis.seeds whole-range students; proposes kappa",
-              deps=("models/teacher", "trajectories"), outs=("analysis",),
+              deps=("models/teacher", "trajectories", "data/preprocessed"), outs=("analysis",),
               params=("seed", "grid", "training", "analysis")),
         Stage("train_baseline", "LCM / PCM consistency distillation; MCM on low-quality videos; DMD2",
-              deps=("models/teacher", "trajectories", "data/prompts.json"), outs=("checkpoints/{method}",),
+              deps=("models/teacher", "trajectories", "data/prompts.json", "data/preprocessed"),
+              outs=("checkpoints/{method}",),
               params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{row}"),
               per_method=True, trains=True, data_parallel=True, resumable=True),
         Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
-              deps=("models/teacher", "trajectories"), outs=("checkpoints/{method}/seme",),
+              deps=("models/teacher", "trajectories", "data/preprocessed"),
+              outs=("checkpoints/{method}/seme",),
               params=("seed", "grid", "training", "methods.{row}.seme"), per_method=True, trains=True,
               data_parallel=True, resumable=True),
         Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
-              deps=("models/teacher", "trajectories", "checkpoints/{method}/seme"),
+              deps=("models/teacher", "trajectories", "data/preprocessed", "checkpoints/{method}/seme"),
               outs=("checkpoints/{method}/dete",),
               params=("seed", "grid", "training", "methods.{row}.dete"), per_method=True, trains=True,
               data_parallel=True, resumable=True),
         Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
-              deps=("data/prompts.json", "models/teacher", "{weights}"), outs=("samples/{method}",),
+              deps=("data/prompts.json", "models/teacher", "data/preprocessed", "{weights}"),
+              outs=("samples/{method}",),
               params=("seed", "grid", "world", "backbone.guidance_scale", "methods.{row}"),
-              per_method=True),
+              per_method=True, data_parallel=True),
         Stage("evaluate", "shapes-bench (or VBench) scores, paired against the teacher",
               deps=("samples/{method}", "samples/teacher"), metrics=("metrics/{method}.json",),
               params=("evaluation", "world"), per_method=True),
@@ -191,20 +274,20 @@ STAGES: dict[str, Stage] = {
         Stage("report_ablations",
               "the paper's ablation rows beside the teacher and DCM (opt-in: `make ablations`)",
               deps=("metrics/{each}.json", "metrics/{ablation}.json"), outs=("ablations",),
-              params=("methods", "tracking"), ablation=True),
+              params=("methods", "tracking"), opt_in="ablations"),
         Stage("mcm_setting",
               "MCM in its own setting: the `mcm` preset's teacher (low-quality videos), LCM and MCM "
               "distilled from it, sampled and scored in mcm_setting/ (opt-in: `make paper`)",
               outs=("mcm_setting",),
               params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training",
                       "evaluation",
-                      "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, ablation=True),
+                      "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, opt_in="paper"),
         Stage("report_paper",
               "the paper's claims with computed verdicts, quality against NFE, the ablation table, "
               "MCM in its own setting (opt-in: `make paper`)",
               deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json", "mcm_setting"),
               outs=("paper",),
-              params=("seed", "evaluation.bootstrap", "methods", "paper", "tracking"), ablation=True),
+              params=("seed", "evaluation.bootstrap", "methods", "paper", "tracking"), opt_in="paper"),
     ]
 }
 

@@ -72,14 +72,14 @@ import copy
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from dcm.config import ConfigError
+from dcm.config import ConfigError, accumulation
 from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel
 
 GiB = 2**30
@@ -143,14 +143,18 @@ def transformer_class(family: str):
             "cogvideox": diffusers.CogVideoXTransformer3DModel}[family]
 
 
-def vae_parameter_count(family: str) -> int:
-    """The family's VAE (diffusers' class defaults = the released VAEs), counted on the meta device."""
+def vae_class(family: str):
+    """The family's VAE class; its defaults are the released VAE's configuration."""
     import diffusers
 
-    cls = {"wan": diffusers.AutoencoderKLWan, "hunyuan": diffusers.AutoencoderKLHunyuanVideo,
-           "cogvideox": diffusers.AutoencoderKLCogVideoX}[family]
+    return {"wan": diffusers.AutoencoderKLWan, "hunyuan": diffusers.AutoencoderKLHunyuanVideo,
+            "cogvideox": diffusers.AutoencoderKLCogVideoX}[family]
+
+
+def vae_parameter_count(family: str) -> int:
+    """The family's VAE (diffusers' class defaults = the released VAEs), counted on the meta device."""
     with torch.device("meta"):
-        return sum(p.numel() for p in cls().parameters())
+        return sum(p.numel() for p in vae_class(family)().parameters())
 
 
 # ----------------------------------------------------------------------------- the workload
@@ -170,6 +174,7 @@ class Workload:
     # DMD2's classifier on the fake score's features (methods.dmd2.dmd2.gan_weight > 0)
     dmd2_gan: bool = False
     grad_accum: int = 1  # training.grad_accum: micro-batches whose GAN taps are held until the D steps
+    global_batch: int | None = None  # training.global_batch_size: grad_accum then follows from the GPUs
     disc_steps: int = 1  # dete.disc_steps: D steps per generator step (> 1: the teacher runs again per step)
     vae_params: int = 0
     vae_bytes: int = 2
@@ -199,17 +204,26 @@ def preset_workload(family: str, variant: str | None = None, params: str | Path 
         raise ConfigError("--variant", variant, f"one of {list(VARIANTS[family])} for family {family!r}")
     # the preset as merged over params.yaml (load_raw: no check that the weights folder exists here)
     raw = dcm_config.load_raw(params, preset=family)
-    real, cfg = raw["backbone"]["real"], CONFIGS[(family, variant)]
+    return raw_workload(raw, family, CONFIGS[(family, variant)], variant)
+
+
+def raw_workload(raw: dict, family: str, cfg: dict, variant: str, dcm: str = "dcm",
+                 dmd2: str = "dmd2") -> Workload:
+    """The workload of a params mapping (``load_raw``'s, or ``Params.to_dict()``) for the transformer config
+    ``cfg`` (named ``variant``): DetE's settings from the row ``dcm``, DMD2's from the row ``dmd2``."""
+    real = raw["backbone"]["real"]
     # the VAEs: ÷4 in time, ÷8 in space
     latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)
-    text = cfg["max_text_seq_length"] if family == "cogvideox" else real.get("max_sequence_length", 256)
-    dete = raw["methods"]["dcm"]["dete"]
-    dmd2 = (raw["methods"].get("dmd2") or {}).get("dmd2") or {}
+    text = cfg["max_text_seq_length"] if family == "cogvideox" else (real.get("max_sequence_length") or 256)
+    dete = (raw["methods"].get(dcm) or {}).get("dete") or {}
+    dmd2_row = (raw["methods"].get(dmd2) or {}).get("dmd2") or {}
     trajectories = raw["trajectories"]
     return Workload(family=family, config=cfg, latent=latent, batch=raw["training"]["batch_size"],
-                    text_tokens=text, lora_rank=dete["lora_rank"], gan=dete.get("gan_weight", 1.0) > 0,
-                    fm=dete.get("fm_weight", 1.0) > 0, dmd2_gan=dmd2.get("gan_weight", 5e-3) > 0,
+                    text_tokens=text, lora_rank=dete.get("lora_rank", 128),
+                    gan=dete.get("gan_weight", 1.0) > 0, fm=dete.get("fm_weight", 1.0) > 0,
+                    dmd2_gan=dmd2_row.get("gan_weight", 5e-3) > 0,
                     grad_accum=raw["training"].get("grad_accum", 1), disc_steps=dete.get("disc_steps", 1),
+                    global_batch=raw["training"].get("global_batch_size"),
                     vae_params=vae_parameter_count(family),
                     vae_bytes=DTYPE_BYTES[real.get("vae_dtype", "bf16")],
                     grid_points=raw["grid"]["steps"] + 1, num_trajectories=trajectories["num_trajectories"],
@@ -826,6 +840,10 @@ def main(argv: list[str] | None = None) -> int:
         setting = Setting(args.gpus, args.context_parallel, args.shard_group, args.shard_teacher, args.ema,
                           args.compute)
         check_setting(work, setting)
+        if work.global_batch is not None:  # the micro-batches (and GAN taps held) at this GPU count
+            accum = accumulation(work.global_batch, work.batch, work.grad_accum, setting.gpus // setting.cp,
+                                 setting.gpus, setting.cp)
+            work = replace(work, grad_accum=accum)
     except ConfigError as err:
         print(f"dcm plan: {err}", file=sys.stderr)
         return 2

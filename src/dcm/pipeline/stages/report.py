@@ -35,6 +35,10 @@ def run(params: Params) -> None:
     with tracking.stage_run(params, "report", param_keys={"methods": ",".join(evaluated)}) as run_, \
             atomic_dir(paths.REPORTS) as out:
         sections, md = [], [f"# {params.experiment}: distillation results\n"]
+        protocol = reporting.protocol_note(metrics)
+        if protocol:
+            md += [f"**{protocol}**\n"]
+            sections.append(("Evaluation rows", f"<p><b>{protocol}</b></p>"))
         table = reporting.markdown_table(reporting.method_table(metrics, main_rows))
         legend = ("FD: Fréchet distance to real renders of the same prompts on 26 detector features (lower "
                   "is better; 'FD real vs real' is what real videos score at this sample size). Diversity: "

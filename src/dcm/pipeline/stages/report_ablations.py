@@ -21,11 +21,13 @@ def run(params: Params) -> None:
         rows = reporting.method_table(metrics, order)
         md_table = reporting.markdown_table(rows)
         reporting.bar_plot(rows, out / "scores.png", "Total / Quality / Semantic, ablation rows last")
-        md = [f"# {params.experiment}: ablations\n",
+        protocol = reporting.protocol_note(metrics)
+        md = [f"# {params.experiment}: ablations\n", *([f"**{protocol}**\n"] if protocol else []),
               "## Methods and ablation rows (same prompts and seeds for every row; scores ×100)\n", md_table,
               "", "![scores](scores.png)", ""]
         (out / "summary.md").write_text("\n".join(md) + "\n")
-        sections = [("Ablations", reporting.markdown_to_html_table(md_table)),
+        sections = [*([("Evaluation rows", f"<p><b>{protocol}</b></p>")] if protocol else []),
+                    ("Ablations", reporting.markdown_to_html_table(md_table)),
                     ("Scores", "<img src='scores.png'>")]
         (out / "index.html").write_text(reporting.html_page(f"dcm — {params.experiment}: ablations",
                                                             sections))

@@ -71,6 +71,10 @@ def run(params: Params) -> None:
             atomic_dir(paths.PAPER) as out:
         md = [f"# {params.experiment}: the paper's claims, quality against steps, ablations\n"]
         sections = []
+        protocol = reporting.protocol_note(metrics)
+        if protocol:
+            md += [f"**{protocol}**\n"]
+            sections.append(("Evaluation rows", f"<p><b>{html.escape(protocol)}</b></p>"))
 
         rule = (f"Each verdict is the paired difference of Total over the same (prompt, seed) rows with its "
                 f"95% bootstrap interval (scores ×100). *a > b* holds if the interval lies above 0, does not "

@@ -4,7 +4,7 @@ The folder is a saved backbone (``backbone.save``: transformer/, prompt_encoder/
 plus ``training.json`` (steps, final loss, wall time, loss curve); ``load_teacher(params,
 "models/teacher")`` reads it back.  A real family (wan, hunyuan, cogvideox) does not train: the
 folder at ``backbone.path`` is checked and recorded (backbone.json with its absolute path and a
-digest of its config files) with the text embeddings of every prompt (``record_teacher``).
+digest of its config files; ``record_teacher``); the ``preprocess`` stage then encodes the prompts.
 """
 
 from __future__ import annotations
@@ -51,13 +51,9 @@ def run(params: Params) -> None:
 
 
 def _record(params: Params) -> None:
-    """A real teacher: record the configured folder and the text embeddings of every prompt."""
-    prompt_sets = io.read_json(paths.PROMPTS)
-    prompts = [row["prompt"] for key in ("train", "eval") for row in prompt_sets.get(key, [])]
+    """A real teacher: record the configured folder (the ``preprocess`` stage encodes the prompts)."""
     with tracking.stage_run(params, "teacher") as run_log:
         with io.atomic_dir(paths.TEACHER) as tmp:
-            backbone = record_teacher(params, prompts, tmp)
-        run_log.metrics({"prompts": len(backbone.prompt_table)})
+            backbone = record_teacher(params, tmp)
         run_log.artifact(paths.TEACHER / "backbone.json")
-    print(f"teacher: recorded {params.backbone.family} folder {backbone.path} with "
-          f"{len(backbone.prompt_table)} prompt embeddings -> {paths.TEACHER}")
+    print(f"teacher: recorded {params.backbone.family} folder {backbone.path} -> {paths.TEACHER}")
