@@ -50,7 +50,8 @@ ablations: setup
 # (each trained paper.seeds times, seed + k), and MCM in its own setting (stage mcm_setting: the mcm preset's
 # pipeline in mcm_setting/).  `dcm params --enable paper` switches them on in params.yaml (pipeline.paper) and
 # rewrites dvc.yaml; `dvc repro report_paper` builds what is missing, then paper/summary.md opens with the
-# paper's claims, each marked holds / does not hold / inconclusive from the paired intervals.
+# paper's claims, each marked holds / does not hold / inconclusive from the paired intervals, with its control
+# beside it (plain Euler at the same step count in place of the distilled row: "holds, but so does Euler-k").
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	$(VENV)/bin/dcm params --enable paper -o params.yaml

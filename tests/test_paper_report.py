@@ -1,6 +1,7 @@
-"""The paper report end to end on hand-written metrics files (evaluate's format): a verdict line per claim,
-decided by the constructed differences; the headline tables at 2 and 4 steps; the curves against NFE; rows
-that never ran reported as not run.  And no plot of the reports puts its legend over the data."""
+"""The paper report end to end on hand-written metrics files (evaluate's format): the claims table first, a
+verdict per claim decided by the constructed differences and beside it its control (Euler-k in place of the
+distilled row); the headline tables at 2 and 4 steps; the curves against NFE; rows that never ran reported
+as not run.  And no plot of the reports puts its legend over the data."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from dcm import config
-from dcm.evaluation import reporting
+from dcm.evaluation import reporting, results_block
 from dcm.evaluation.scoring import bootstrap
 from dcm.pipeline.stages import report_paper
 
@@ -29,11 +30,20 @@ TOTALS = {
     "od": BASE - 0.03,
     "od_pe": BASE - 0.04,
     "dmd2": BASE + 0.03,
-    "euler1": BASE - 0.2, "euler2": BASE - 0.1, "euler4": BASE - 0.01, "euler8": BASE, "euler16": BASE,
+    "euler1": BASE - 0.2, "euler2": BASE - 0.1, "euler4": BASE - 0.015, "euler8": BASE, "euler16": BASE,
     "lcm1": BASE - 0.05, "lcm2": BASE - 0.03,
     "pcm2": BASE - 0.04, "dcm2": BASE - 0.02, "dcm8": BASE, "mcm": BASE - 0.03,
     "dmd2_1": BASE - 0.01, "dmd2_2": BASE, "mcm_raw": BASE - 0.04,
 }  # no od_pe_tc, lcm8, ...: never ran
+
+
+def claim_row(summary: str, text: str) -> dict[str, str]:
+    """The cells of the claims table's row for the claim ``text``, by column header."""
+    table = [line for line in summary.split("## Claims")[1].split("\n## ")[0].splitlines()
+             if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
+    assert cells and tuple(cells[0]) == report_paper.CLAIMS_HEADER
+    return next(dict(zip(cells[0], row)) for row in cells[2:] if row[0] == text)
 
 
 def write_metrics(params, name: str, totals: np.ndarray) -> dict:
@@ -68,22 +78,35 @@ def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(proje
     report_paper.run(params)
     summary = (project / "paper" / "summary.md").read_text()
 
-    def verdict_line(text: str) -> str:
-        return next(line for line in summary.splitlines() if f"— {text}" in line)
+    def verdict(text: str) -> str:
+        return claim_row(summary, text)["verdict"]
 
-    assert verdict_line("DCM-4 ≈ teacher-50").startswith("- **holds**")
-    assert verdict_line("DCM-4 > PCM-4").startswith("- **holds**")
-    assert verdict_line("PCM-4 > LCM-4").startswith("- **inconclusive**")
-    assert verdict_line("ablation: + trajectory split helps").startswith("- **holds**")
-    assert verdict_line("ablation: + parameter-efficient DetE helps").startswith("- **does not hold**")
-    for claim in ("ablation: + temporal coherence helps", "ablation: + GAN and feature matching help"):
-        assert verdict_line(claim).startswith("- **not run**") and "`od_pe_tc`" in verdict_line(claim)
-    assert verdict_line("DCM vs DMD2 at 4 steps").startswith("- **dmd2 higher**")
+    so_does = "holds, but so does Euler-4 (no distillation)"
+    assert verdict("DCM-4 ≈ teacher-50") == "holds"  # Euler-4 is 1.5 below the teacher: its control fails
+    assert verdict("DCM-4 > PCM-4") == so_does  # Euler-4 beats PCM-4 too
+    assert verdict("PCM-4 > LCM-4") == "inconclusive"
+    assert verdict("ablation: + trajectory split helps (OD > VCM)") == so_does
+    assert verdict("ablation: + parameter-efficient DetE helps (OD+PE > OD)") == "does not hold"
+    for claim in ("ablation: + temporal coherence helps (OD+PE+TC > OD+PE)",
+                  "ablation: + GAN and feature matching help (DCM > OD+PE+TC)"):
+        assert verdict(claim) == "not run"
+        assert "`od_pe_tc`" in claim_row(summary, claim)["difference ×100 [95% CI]"]
+    comparison = next(x for x in summary.splitlines() if "— DCM vs DMD2 at 4 steps" in x)
+    assert comparison.startswith("- **dmd2 higher**")
     # the interval is the metrics' own paired Total − teacher (same rows, bootstrap, seed)
+    dcm = claim_row(summary, "DCM-4 ≈ teacher-50")
     lo, hi = records["dcm"]["diff_vs_teacher"]["total"]["ci95"]
-    assert f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in verdict_line("DCM-4 ≈ teacher-50")
-    assert "Total(dcm, 4 steps) − Total(teacher, 50 steps)" in verdict_line("DCM-4 ≈ teacher-50")
-    assert "margin 1 point" in summary
+    assert f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in dcm["difference ×100 [95% CI]"]
+    assert "Total(dcm, 4 steps) − Total(teacher, 50 steps)" in dcm["difference ×100 [95% CI]"]
+    # the control: Euler-4's own metrics, Total − teacher, decided by the same rule
+    lo, hi = records["euler4"]["diff_vs_teacher"]["total"]["ci95"]
+    assert dcm["control verdict"] == "does not hold"
+    assert dcm["control difference ×100 [95% CI]"].startswith(
+        f"Total(euler4, 4 steps) − Total(teacher, 50 steps) = -1.50 [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+    assert dcm["a − Euler-k ×100 [95% CI]"].startswith("Total(dcm, 4 steps) − Total(euler4, 4 steps) = +1.60")
+    assert claim_row(summary, "DCM-4 > PCM-4")["control difference ×100 [95% CI]"].startswith(
+        "Total(euler4, 4 steps) − Total(pcm, 4 steps) = +0.50")
+    assert "margin 1 point" in summary and "Control: each claim is decided again" in summary
 
     two, four = summary.split("## At 2 steps")[1].split("## At 4 steps")
     four = four.split("## Against NFE")[0]
@@ -102,17 +125,29 @@ def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(proje
         assert (project / "paper" / f"{key}_vs_nfe.png").stat().st_size > 0, key
         assert f"![{key}_vs_nfe.png]({key}_vs_nfe.png)" in summary
     page = (project / "paper" / "index.html").read_text()
-    assert "<b>holds</b>" in page and "<img src='total_vs_nfe.png'>" in page
+    assert "<td><b>holds</b></td>" in page and f"<td><b>{so_does}</b></td>" in page
+    assert "<img src='total_vs_nfe.png'>" in page
+
+    # the README's results block (dcm results) quotes the claims table, controls included, then the list
+    block = results_block.render(project).split("The paper's claims (written ")[1].split("MCM's claims")[0]
+    lines = block.splitlines()
+    assert lines[2] == "| " + " | ".join(report_paper.CLAIMS_HEADER) + " |"
+    assert f"| DCM-4 > PCM-4 | {so_does} |" in block
+    assert lines[2 + 2 + len(report_paper.CLAIMS)] == "" and "- **dmd2 higher**" in block
 
 
 def test_paper_report_with_no_metrics_says_not_run_for_every_claim(project):
     params = config.load("params.yaml")
     report_paper.run(params)
     summary = (project / "paper" / "summary.md").read_text()
-    claims = [line for line in summary.splitlines() if line.startswith("- **")]
-    assert len(claims) \
-        == len(report_paper.CLAIMS) + len(report_paper.COMPARISONS) + len(report_paper.MCM_CLAIMS)
-    assert all(line.startswith("- **not run**") for line in claims)
+    lines = [line for line in summary.splitlines() if line.startswith("- **")]
+    assert len(lines) == len(report_paper.COMPARISONS) + len(report_paper.MCM_CLAIMS)
+    assert all(line.startswith("- **not run**") for line in lines)
+    for c in report_paper.CLAIMS:
+        row = claim_row(summary, c.text)
+        assert row["verdict"] == "not run"
+        # names euler4, and b's row where that is missing too
+        assert row["control verdict"].startswith("control not run (euler4")
     assert "no row at 2 steps ran" in summary and not list((project / "paper").glob("*.png"))
 
 
@@ -170,11 +205,12 @@ def test_training_seeds_pool_into_the_verdicts_and_the_seed_table(project):
     pooled = (project / "paper" / "summary.md").read_text()
 
     def line(summary: str, text: str) -> str:
-        return next(x for x in summary.splitlines() if f"— {text}" in x)
+        row = claim_row(summary, text)
+        return f"{row['verdict']}: {row['difference ×100 [95% CI]']}"
 
-    assert line(one_run, "DCM-4 ≈ teacher-50").startswith("- **holds**")
+    assert line(one_run, "DCM-4 ≈ teacher-50").startswith("holds: ")
     assert "training seeds" not in line(one_run, "DCM-4 ≈ teacher-50")
-    assert line(pooled, "DCM-4 ≈ teacher-50").startswith("- **inconclusive**")
+    assert line(pooled, "DCM-4 ≈ teacher-50").startswith("inconclusive: ")
     assert "over 64 paired rows × training seeds 3 vs 1" in line(pooled, "DCM-4 ≈ teacher-50")
     assert "× training seeds 3 vs 1" in line(pooled, "DCM-4 > PCM-4")
     table = pooled.split("## Training seeds")[1].split("##")[0]
@@ -222,3 +258,43 @@ def test_mcm_setting_section_gives_mcms_claims_from_its_own_metrics(project):
     assert line("MCM-4 ≈ its low-quality teacher-50").startswith("- **inconclusive**")  # 0.5 below, surely
     assert "| mcm | 60.00 | +10.00 [+10.00, +10.00] |" in section and "| teacher | 50.00 |  |" in section
     assert "MCM in its own setting" in (project / "paper" / "index.html").read_text()
+
+
+SO_DOES = "holds, but so does Euler-4 (no distillation)"
+
+
+@pytest.mark.parametrize("euler4, expect", [
+    # plain Euler at 4 steps as good as the teacher on average (rows ±2 points either side), 2 above
+    # PCM-4: both claims hold without distillation
+    (BASE + 0.02 * ALTERNATE,
+     {"DCM-4 ≈ teacher-50": (SO_DOES, "holds"), "DCM-4 > PCM-4": (SO_DOES, "holds")}),
+    # Euler-4 5 points below the teacher and 3 below PCM-4: the controls fail, the claims hold on their own
+    (BASE - 0.05, {"DCM-4 ≈ teacher-50": ("holds", "does not hold"),
+                   "DCM-4 > PCM-4": ("holds", "does not hold")}),
+    # no euler4 metrics: the claims keep their verdicts, the control says which row it needs
+    (None, {"DCM-4 ≈ teacher-50": ("holds", "control not run (euler4)"),
+            "DCM-4 > PCM-4": ("holds", "control not run (euler4)")}),
+])
+def test_each_claim_is_reported_beside_its_euler_control_in_the_first_table(project, euler4, expect):
+    """A claim that Euler-4 (the teacher, plain Euler at 4 steps, no distillation) also satisfies is marked
+    so; one Euler-4 fails stays a bare 'holds'; a missing Euler row is named.  The verdicts and the controls
+    are computed from the written per-row Totals, and the claims table is the report's first table."""
+    params = config.load("params.yaml")
+    for name in ("teacher", "dcm", "pcm"):
+        write_metrics(params, name, TOTALS[name])
+    if euler4 is not None:
+        write_metrics(params, "euler4", euler4)
+    report_paper.run(params)
+    summary = (project / "paper" / "summary.md").read_text()
+    for text, (verdict, control) in expect.items():
+        row = claim_row(summary, text)
+        assert (row["verdict"], row["control verdict"]) == (verdict, control), text
+        assert row["control: Euler-k in place of a"] == "Euler-4 (`euler4`) in place of `dcm`"
+        if euler4 is None:
+            assert row["control difference ×100 [95% CI]"] == "no metrics for `euler4`"
+        else:
+            assert row["control difference ×100 [95% CI]"].startswith("Total(euler4, 4 steps) − ")
+    first_table = next(line for line in summary.splitlines() if line.startswith("|"))
+    assert first_table == "| " + " | ".join(report_paper.CLAIMS_HEADER) + " |"
+    assert summary.index(first_table) < summary.index("## At 2 steps")
+    assert "holds, but so does Euler-k (no distillation)" in summary  # the rule, stated in the report

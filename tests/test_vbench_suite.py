@@ -131,7 +131,8 @@ def test_standard_mode_refuses_a_prompt_file_another_count_and_the_shapes_world(
         vbench_suite.standard_rows(standard_params(venv, tmp_path, prompts=str(tmp_path / "inputs/eval.txt")))
     with pytest.raises(ConfigError, match=r"evaluation\.videos_per_prompt = 2.*\{prompt\}-4"):
         vbench_suite.standard_rows(standard_params(venv, tmp_path, videos_per_prompt=2))
-    toy = config.parse(config.deep_merge(config.load_raw(Path(__file__).parents[1] / "params.yaml", "smoke"), {
+    smoke = config.load_raw(Path(__file__).parents[1] / "params.yaml", "smoke")
+    toy = config.parse(config.deep_merge(smoke, {
         "evaluation": {"backend": "vbench", "vbench": {"venv": str(venv), "mode": "standard"}}}))
     with pytest.raises(ConfigError, match=r"evaluation\.vbench\.mode = 'standard'.*shapes world"):
         vbench_suite.standard_rows(toy)

@@ -13,6 +13,7 @@ from dcm.evaluation.verdicts import (
     INCONCLUSIVE,
     NOT_RUN,
     Claim,
+    controlled_verdict,
     decide,
     hierarchical_difference,
     paired_difference,
@@ -157,3 +158,42 @@ def test_pooled_total_is_the_mean_over_seeds_with_each_seeds_own_mean():
     assert mean == pytest.approx(base.mean())
     assert per_seed == pytest.approx([base.mean() - 0.01, base.mean(), base.mean() + 0.01])
     assert lo < base.mean() - 0.003 and hi > base.mean() + 0.003  # wider than the rows' own ±0.0025
+
+
+
+# ------------------------------------------------------------------------------------ Euler controls
+
+
+def control_metrics(euler_shift: float | None) -> dict[str, dict]:
+    """a = b + 0.02 on every row (a > b and a ≈ b both hold); the Euler row e = b + ``euler_shift`` (None:
+    not run)."""
+    m = metrics_with_difference(0.02, 0.0)
+    if euler_shift is not None:
+        b = np.array([r["total"] for r in m["b"]["per_row"]])
+        m["e"] = {"per_row": per_row(b + euler_shift)}
+    return m
+
+
+@pytest.mark.parametrize("claim", [BETTER, EQUIVALENT])
+def test_a_claim_its_euler_control_also_satisfies_is_marked_as_such(claim):
+    """Euler at a's step count in place of a: the claim keeps its outcome, the label says no distillation
+    does as well; the gain is a against the Euler row."""
+    c = controlled_verdict(claim, control_metrics(0.01), 100, 0, euler={4: "e"}, steps={"a": 4, "b": 50})
+    assert c.verdict.outcome == HOLDS and c.control.outcome == HOLDS
+    assert (c.control.claim.a, c.control.claim.b, c.control.claim.kind) == ("e", "b", claim.kind)
+    assert c.label == "holds, but so does Euler-4 (no distillation)" and c.control_label == HOLDS
+    assert c.gain.difference.mean == pytest.approx(0.01) and (c.gain.claim.a, c.gain.claim.b) == ("a", "e")
+
+
+def test_a_claim_whose_euler_control_fails_keeps_a_bare_holds():
+    c = controlled_verdict(BETTER, control_metrics(-0.01), 100, 0, euler={4: "e"}, steps={"a": 4})
+    assert c.verdict.outcome == HOLDS and c.control.outcome == DOES_NOT_HOLD
+    assert c.label == HOLDS and c.control_label == DOES_NOT_HOLD
+
+
+def test_a_control_without_its_euler_row_says_which_row_is_missing():
+    c = controlled_verdict(BETTER, control_metrics(None), 100, 0, euler={4: "e"}, steps={"a": 4})
+    assert c.label == HOLDS and c.control.outcome == NOT_RUN and c.control_label == "control not run (e)"
+    c = controlled_verdict(BETTER, control_metrics(0.01), 100, 0, euler={4: "e"}, steps={"a": 2})
+    assert c.control is None and c.label == HOLDS
+    assert c.control_label == "no control (no Euler row at 2 steps)"

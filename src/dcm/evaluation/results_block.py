@@ -2,7 +2,8 @@
 
 ``render(project)`` builds a Markdown block from a project folder after ``make demo`` (and, when it ran,
 ``make paper``): the method table from ``metrics/<method>.json`` in the order of ``reports/summary.md``,
-the paper's claims with their verdicts from ``paper/summary.md``, and a stamp saying which commit,
+the paper's claims with their verdicts and their controls (plain Euler at the claim's step count, no
+distillation) from ``paper/summary.md``, and a stamp saying which commit,
 when, on what machine and how fast its teacher trained (``models/teacher/training.json``).
 ``update_readme(readme, block)`` puts the block between the marker lines, atomically.  ``dcm results
 [--project DIR] [--write README.md]`` is ``main``.
@@ -27,9 +28,11 @@ END = "<!-- results:end -->"
 TEACHER = "teacher"
 # The per-method keys the block reads: the metrics/<method>.json contract (dcm.evaluation.metrics).
 REQUIRED_KEYS = ("total", "quality", "semantic")
-# The sections of paper/summary.md (written by the report_paper stage) whose verdict lines the block quotes.
+# The sections of paper/summary.md (written by the report_paper stage) whose verdict lines and claims table
+# (the table whose header starts CLAIMS_TABLE: each claim with its Euler control) the block quotes.
 PAPER_SECTIONS = {"## Claims": "The paper's claims",
                   "## MCM in its own setting": "MCM's claims in its own setting"}
+CLAIMS_TABLE = "| claim |"
 
 
 class ResultsError(ValueError):
@@ -106,18 +109,25 @@ def method_table(metrics: dict[str, dict], order: list[str]) -> str:
 
 
 def paper_claims(project: Path) -> list[str]:
-    """The verdict lines of paper/summary.md under a heading per section; [] when `make paper` has not run."""
+    """The claims tables and verdict lines of paper/summary.md under a heading per section; [] when `make
+    paper` has not run."""
     summary = project / paths.PAPER / "summary.md"
     if not summary.is_file():
         return []
-    out, section = [], None
+    out, section, in_table = [], None, False
     for line in summary.read_text().splitlines():
         if line.startswith("## "):
-            section = PAPER_SECTIONS.get(line.strip())
+            section, in_table = PAPER_SECTIONS.get(line.strip()), False
             if section:
                 out += ["", f"{section} ({_written(summary)}, `{paths.PAPER / 'summary.md'}`):", ""]
-        elif section and line.startswith("- "):
+        elif section and (line.startswith(CLAIMS_TABLE) or in_table and line.startswith("|")):
+            in_table = True
             out.append(line)
+        elif section and line.startswith("- "):
+            in_table = False
+            out += ["", line] if out[-1].startswith("|") else [line]  # a list after a table: a blank line
+        else:
+            in_table = False
     return out
 
 

@@ -23,12 +23,20 @@ with a hierarchical bootstrap (:func:`hierarchical_difference`): every resample 
 with replacement; the estimate is the mean over seeds and rows of each side.  The interval then covers
 the retraining spread as well as the choice of evaluation rows.  With one training seed per side it is
 the paired row bootstrap above, to the digit.
+
+Controls (:func:`controlled_verdict`): a claim about a distilled row ``a`` sampled at k steps is decided
+again with ``a`` replaced by the teacher sampled with plain Euler at k steps (the row ``Euler-k``, no
+distillation): *Euler-k ≈ b* for ``a ≈ b``, *Euler-k > b* for ``a > b``, same rules and intervals.  A
+claim that holds while its control holds too is marked *holds, but so does Euler-k (no distillation)*:
+the comparison does not tell distillation apart from sampling the teacher in as few steps.  Beside it,
+Total(a) − Total(Euler-k) says whether the distilled row beats plain Euler at its own step count.  No
+Euler row at k with metrics: *control not run (<row>)*.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -88,13 +96,13 @@ class Verdict:
         return {HOLDS: f"{self.claim.a} higher", DOES_NOT_HOLD: f"{self.claim.b} higher"}.get(
             self.outcome, INCONCLUSIVE)
 
-    def line(self, steps: Mapping[str, int] | None = None) -> str:
-        """One Markdown line: outcome, claim, and the difference (×100) it was decided on; ``steps`` (row →
-        sampling steps, from the metrics) names the step count each row really ran at."""
+    def difference_text(self, steps: Mapping[str, int | None] | None = None) -> str:
+        """The difference (×100) the outcome was decided on, naming each row's step count (``steps``: row →
+        sampling steps, from the metrics) and the paired rows; for a claim not run, the rows without
+        metrics."""
         c = self.claim
         if self.outcome == NOT_RUN:
-            rows = ", ".join(f"`{m}`" for m in self.missing)
-            return f"- **{NOT_RUN}** — {c.text}: no metrics for {rows} (`dcm run evaluate --method <row>`)"
+            return "no metrics for " + ", ".join(f"`{m}`" for m in self.missing)
         d = self.difference
 
         def row(m: str) -> str:
@@ -105,9 +113,53 @@ class Verdict:
         spec = "+.2f" if all(v == 0 or abs(v) >= 0.005 for v in values[1:]) else "+.1e"
         mean, low, high = (format(v, spec) for v in values)
         seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != (1, 1) else ""
-        return (f"- **{self.label}** — {c.text}: {c.score_name}({row(c.a)}) − {c.score_name}({row(c.b)}) "
-                f"= {mean} [{low}, {high}] "
+        return (f"{c.score_name}({row(c.a)}) − {c.score_name}({row(c.b)}) = {mean} [{low}, {high}] "
                 f"over {d.rows} paired rows{seeds}")
+
+    def line(self, steps: Mapping[str, int | None] | None = None) -> str:
+        """One Markdown line: outcome, claim, and the difference (×100) it was decided on; ``steps`` (row →
+        sampling steps, from the metrics) names the step count each row really ran at."""
+        if self.outcome == NOT_RUN:
+            return (f"- **{NOT_RUN}** — {self.claim.text}: {self.difference_text()} "
+                    f"(`dcm run evaluate --method <row>`)")
+        return f"- **{self.label}** — {self.claim.text}: {self.difference_text(steps)}"
+
+
+@dataclass(frozen=True)
+class Controlled:
+    """A claim's verdict beside its control (module docstring): ``control`` is the claim with ``euler`` (the
+    teacher sampled with plain Euler at ``steps``, the step count of the claim's row a) in place of a, and
+    ``gain`` compares a with ``euler``.  Both are None when no Euler row is known at ``steps`` or the claim
+    names that row itself."""
+
+    verdict: Verdict
+    steps: int | None
+    euler: str | None
+    control: Verdict | None = None
+    gain: Verdict | None = None
+
+    @property
+    def control_holds(self) -> bool:
+        return self.control is not None and self.control.outcome == HOLDS
+
+    @property
+    def label(self) -> str:
+        """The claim's outcome, or *holds, but so does Euler-k (no distillation)* when its control holds."""
+        if self.verdict.outcome == HOLDS and self.verdict.claim.kind != "compare" and self.control_holds:
+            return f"{HOLDS}, but so does Euler-{self.steps} (no distillation)"
+        return self.verdict.label
+
+    @property
+    def control_label(self) -> str:
+        """The control's outcome, worded for the report."""
+        if self.euler is None:
+            return ("no control (the row's step count is unknown)" if self.steps is None
+                    else f"no control (no Euler row at {self.steps} steps)")
+        if self.control is None:
+            return f"no control (the claim compares {self.euler} itself)"
+        if self.control.outcome == NOT_RUN:
+            return f"control not run ({', '.join(self.control.missing)})"
+        return self.control.label
 
 
 def paired_difference(a_rows: list[Mapping], b_rows: list[Mapping], n: int, seed: int,
@@ -203,3 +255,24 @@ def verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
     diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed,
                                    claim.score)
     return Verdict(claim, decide(claim.kind, diff.ci95, margin), diff)
+
+
+
+def controlled_verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
+                       euler: Mapping[int, str], steps: Mapping[str, int | None],
+                       margin: float = EQUIVALENCE_MARGIN,
+                       seeds: Mapping[str, list[str]] | None = None) -> Controlled:
+    """The claim's verdict with its control (module docstring).  ``euler``: sampling steps → the row that
+    samples the teacher with plain Euler at that many steps; ``steps``: row → its sampling steps (the
+    metrics' where it ran).  The control replaces the claim's row a by ``euler[steps[a]]``; the gain is
+    a against that row (kind ``compare``).  Both decided as :func:`verdict`, with its ``n``, ``seed``,
+    ``margin`` and ``seeds``."""
+    main = verdict(claim, metrics, n, seed, margin, seeds)
+    k = steps.get(claim.a)
+    row = euler.get(k) if k is not None else None
+    if row is None or row in (claim.a, claim.b):
+        return Controlled(main, k, row)
+    control = replace(claim, text=f"{claim.text} (control: Euler-{k} in place of {claim.a})", a=row)
+    gain = Claim(f"{claim.a} vs Euler-{k}", claim.a, row, "compare", claim.score)
+    return Controlled(main, k, row, verdict(control, metrics, n, seed, margin, seeds),
+                      verdict(gain, metrics, n, seed, margin, seeds))

@@ -1,11 +1,13 @@
 """``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dvc repro report_paper``).
 
-In order: the paper's claims, each with a verdict computed from the paired 95% intervals
-(``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
-bootstrap), and DMD2 against DCM as a comparison; each row's Total per training seed; the headline
-tables at 2 and 4 steps; Total, FD excess and diversity against NFE, one line per method; MCM's claims in its
-own setting (stage ``mcm_setting``: ``mcm_setting/metrics/``); the ablation table.  A row the claims or
-curves name that has no metrics is reported as not run.
+In order: the paper's claims as the first table, each with a verdict computed from the paired 95%
+intervals (``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
+bootstrap) and beside it its control, the same claim with the teacher sampled by plain Euler at the claim's
+step count in place of the distilled row (``CURVES["teacher (Euler)"]``), and DMD2 against DCM as a
+comparison; each row's Total per training seed; the headline tables at 2 and 4 steps; Total, FD excess
+and diversity against NFE, one line per method; MCM's claims in its own setting (stage ``mcm_setting``:
+``mcm_setting/metrics/``); the ablation table.  A row the claims or curves name that has no metrics is
+reported as not run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import html
 from dcm import paths, tracking
 from dcm.config import Params
 from dcm.evaluation import reporting
-from dcm.evaluation.verdicts import EQUIVALENCE_MARGIN, Claim, Verdict, pooled_total, verdict
+from dcm.evaluation.verdicts import (
+    EQUIVALENCE_MARGIN,
+    Claim,
+    Controlled,
+    Verdict,
+    controlled_verdict,
+    pooled_total,
+    verdict,
+)
 from dcm.io import atomic_dir, read_json
 from dcm.pipeline.table import STAGES, curve_rows, paper_rows
 
@@ -50,6 +60,13 @@ CURVES = {
     "MCM": ["mcm"],
 }
 HEADLINE_STEPS = (2, 4)
+CONTROL_RULE = (
+    "Control: each claim is decided again, by the same rule, with its distilled row a replaced by the "
+    "teacher sampled with plain Euler at a's step count k (Euler-k, no distillation): Euler-k ≈ teacher-50 "
+    "for a ≈ teacher-50, Euler-k > b for a > b. A claim that holds while its control holds too is marked "
+    "holds, but so does Euler-k (no distillation): it does not show what distillation adds. The last "
+    "column, Total(a) − Total(Euler-k), says whether a beats plain Euler at its own step count. An Euler "
+    "row at k without metrics: control not run.")
 # (metrics key, axis label, scale): the headline metrics plotted against NFE
 CURVE_METRICS = (
     ("total", "Total (×100, higher is better)", 100.0),
@@ -64,9 +81,14 @@ def run(params: Params) -> None:
     metrics = {m: read_json(paths.metrics(m)) for m in rows if paths.metrics(m).is_file()}
     n, seed = params.evaluation.bootstrap, params.seed
     seeds = {m: params.replicates(m) for m in metrics if not params.methods[m].replicate_of}
-    claims = [verdict(c, metrics, n, seed, seeds=seeds) for c in CLAIMS]
-    comparisons = [verdict(c, metrics, n, seed, seeds=seeds) for c in COMPARISONS]
     steps = {m: r.get("steps") for m, r in metrics.items()}
+    # the controls: a claim row's step count (the metrics', else params.yaml's) → the Euler row at it
+    row_steps = {**{m: params.methods[m].sample_steps for m in params.methods},
+                 **{m: k for m, k in steps.items() if k is not None}}
+    euler = euler_rows(params)
+    controlled = [controlled_verdict(c, metrics, n, seed, euler, row_steps, seeds=seeds) for c in CLAIMS]
+    claims = [c.verdict for c in controlled]
+    comparisons = [verdict(c, metrics, n, seed, seeds=seeds) for c in COMPARISONS]
     with tracking.stage_run(params, "report_paper", param_keys={"methods": ",".join(metrics)}) as run_, \
             atomic_dir(paths.PAPER) as out:
         md = [f"# {params.experiment}: the paper's claims, quality against steps, ablations\n"]
@@ -82,10 +104,12 @@ def run(params: Params) -> None:
                 f"{100 * EQUIVALENCE_MARGIN:.0f} point of Total) holds if the interval reaches 0 or lies "
                 f"above it and its lower bound is above −{100 * EQUIVALENCE_MARGIN:.0f}, does not hold if it "
                 f"lies wholly below −{100 * EQUIVALENCE_MARGIN:.0f}, inconclusive otherwise. A row without "
-                f"metrics: not run. " + _seeds_rule(params, metrics))
-        lines = [v.line(steps) for v in claims] + ["", *(v.line(steps) for v in comparisons)]
-        md += ["## Claims\n", rule, "", *lines, ""]
-        sections.append(("Claims", f"<p>{html.escape(rule)}</p>" + _html_list(claims + comparisons, steps)))
+                f"metrics: not run. " + _seeds_rule(params, metrics) + " " + CONTROL_RULE)
+        header, rows_ = _claims_table(controlled, steps)
+        md += ["## Claims\n", rule, "", _markdown_rows(header, rows_), "",
+               *(v.line(steps) for v in comparisons), ""]
+        sections.append(("Claims", f"<p>{html.escape(rule)}</p>" + _html_table(header, rows_, bold=(1, 4))
+                         + _html_list(comparisons, steps)))
 
         seed_table = _seed_table(metrics, seeds, n, seed)
         if seed_table:
@@ -137,6 +161,8 @@ def run(params: Params) -> None:
         (out / "index.html").write_text(page)
         run_.metrics({f"claim.{v.claim.a}-{v.claim.b}": v.difference.mean
                       for v in claims + comparisons if v.difference})
+        run_.metrics({f"control.{c.verdict.claim.a}-{c.verdict.claim.b}": c.control.difference.mean
+                      for c in controlled if c.control and c.control.difference})
         run_.metrics({f"mcm_setting.claim.{v.claim.a}-{v.claim.b}.{v.claim.score}": v.difference.mean
                       for v in mcm["verdicts"] if v.difference})
         run_.artifact(out, "paper")
@@ -205,6 +231,45 @@ def _seed_table(metrics: dict, seeds: dict[str, list[str]], n: int, seed: int) -
         return ""
     return "\n".join(["| row | seeds | Total per seed | pooled Total [95%] | spread (max − min) |",
                       "|---|---|---|---|---|", *lines])
+
+
+def euler_rows(params: Params) -> dict[int, str]:
+    """Sampling steps → the row that samples the teacher with plain Euler at that many steps (the curve
+    ``teacher (Euler)`` of params.yaml's rows, less the teacher-50 reference itself)."""
+    return {params.methods[m].sample_steps: m for m in CURVES["teacher (Euler)"]
+            if m != TEACHER and m in params.methods}
+
+
+CLAIMS_HEADER = ("claim", "verdict", "difference ×100 [95% CI]", "control: Euler-k in place of a",
+                 "control verdict", "control difference ×100 [95% CI]", "a − Euler-k ×100 [95% CI]")
+
+
+def _claims_table(controlled: list[Controlled], steps: dict) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The claims with their controls: the header and one row of cells per claim."""
+    rows = []
+    for c in controlled:
+        v = c.verdict
+        control = "—" if c.euler is None else f"Euler-{c.steps} (`{c.euler}`) in place of `{v.claim.a}`"
+        rows.append([v.claim.text, c.label, v.difference_text(steps), control, c.control_label,
+                     c.control.difference_text(steps) if c.control else "—",
+                     c.gain.difference_text(steps) if c.gain else "—"])
+    return CLAIMS_HEADER, rows
+
+
+def _markdown_rows(header: tuple[str, ...], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def _html_table(header: tuple[str, ...], rows: list[list[str]], bold: tuple[int, ...] = ()) -> str:
+    """An HTML table of ``rows`` (cells as text, backticks dropped); the columns ``bold`` in bold."""
+    def cell(i: int, text: str) -> str:
+        text = html.escape(text.replace("`", ""))
+        return f"<td><b>{text}</b></td>" if i in bold else f"<td>{text}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(i, t) for i, t in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _html_list(verdicts: list[Verdict], steps: dict) -> str:
