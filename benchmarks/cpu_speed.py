@@ -82,7 +82,7 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.steps):
             videos, captions = scene_batch(v["rng"], cfg.batch_size, world.size, world.frames, world.quality,
-                                           world.position_jitter)
+                                           world.position_jitter, world.open_share, world.open_attributes)
             x0 = bb.encode_video(videos)
             eps = torch.randn(x0.shape, generator=v["gen"])
             sigma = sample_sigmas(x0.shape[0], sigmas, v["gen"])

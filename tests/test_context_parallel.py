@@ -64,8 +64,7 @@ def make_case(name: str):
 
         from dcm.distill.experts import make_dete
 
-        backbone = SimpleNamespace(timestep_layer_names=("condition_embedder", "scale_shift_table",
-                                                         "norm_out", "proj_out"),
+        backbone = SimpleNamespace(timestep_layer_names=("condition_embedder", "norm_out", "proj_out"),
                                    lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"),
                                    model_timestep=lambda s: 1000.0 * s)
         model = make_dete(model, backbone, 4, 8.0, kappa=1, sigma_kappa=0.95)

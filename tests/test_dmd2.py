@@ -20,7 +20,6 @@ from dcm.distill.loop import ConsistencyBatch, autocast_for, train
 from dcm.distill.teacher_pretraining import flow_matching_loss
 from dcm.methods import schedule_for
 from dcm.sampling import sample_lcm
-from dcm.schedule import uniform_schedule
 from dcm.tracking import StageRun
 from dcm.worlds import shapes
 from helpers import FailAt, smoke_params
@@ -71,16 +70,18 @@ def test_dmd2_gan_terms_are_the_non_saturating_softplus_losses():
 def make_objective(params, backbone, steps=2, gan_weight=0.0, fake_lr=1e-3, fake_steps=1, videos=None):
     """A DMD2 objective on a few captions, the generator a frozen copy of the teacher
     (``.source.student``)."""
-    grid = params.teacher_grid()
+    g = params.grid
+    grid = dmd2.generator_grid(g.num_train_timesteps, g.shift)
     captions = shapes.all_captions()[:6]
     student = copy.deepcopy(backbone.transformer).requires_grad_(True)
     latent_shape = backbone.latent_shape(params.world.frames, params.world.size)
+    steps = dmd2.generator_schedule(g.num_train_timesteps, g.shift, steps)
     source = dmd2.BackwardSimulation(backbone, student, dmd2.prompt_embeddings(backbone, captions), grid,
-                                     uniform_schedule(grid, steps, "student"), latent_shape)
+                                     steps, latent_shape)
     sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
     torch.manual_seed(3)
     return dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=fake_steps, fake_lr=fake_lr,
-                                     dm_weight=1.0, t_range=(20, 980), gan_weight=gan_weight,
+                                     dm_weight=1.0, dm_sigma_range=(0.02, 0.98), gan_weight=gan_weight,
                                      cls_weight=1e-2 if gan_weight else 0.0, real_videos=videos, seed=0)
 
 
@@ -100,8 +101,8 @@ def consistency_batch(objective: dmd2.DistributionMatching, rows: list[int],
 
 
 def test_generator_steps_are_the_sampling_schedule_on_the_grid(params):
-    grid = params.teacher_grid()
-    steps = uniform_schedule(grid, 4, "student")
+    grid = dmd2.generator_grid(params.grid.num_train_timesteps, params.grid.shift)
+    steps = dmd2.generator_schedule(params.grid.num_train_timesteps, params.grid.shift, 4)
     indices = dmd2.generator_indices(grid, steps)
     assert [grid.sigma(n) for n in indices] == [s.sigma for s in steps] and indices[0] == grid.steps - 1
     assert dmd2.generator_phases(indices) == [schedule.Phase(n, n, -1) for n in sorted(indices)]
@@ -237,15 +238,16 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
     params = real.family_params(family, tmp_path)
     bb = params.backbone
     backbone = adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale)
-    grid = params.teacher_grid()
+    g = params.grid
+    grid = dmd2.generator_grid(g.num_train_timesteps, g.shift)
     student = copy.deepcopy(backbone.transformer).requires_grad_(True)
     shape = backbone.video_latent_shape(params)
     source = dmd2.BackwardSimulation(backbone, student, dmd2.prompt_embeddings(backbone, real.PROMPTS), grid,
-                                     uniform_schedule(grid, 2, "student"), shape)
+                                     dmd2.generator_schedule(g.num_train_timesteps, g.shift, 2), shape)
     videos = RealVideos(torch.randn(2, *shape), backbone.encode_prompts(real.PROMPTS))
     sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps, params.grid.shift))
     objective = dmd2.DistributionMatching(backbone, source, sigmas, fake_steps=2, fake_lr=1e-4, dm_weight=1.0,
-                                          t_range=(20, 980), gan_weight=5e-3, cls_weight=1e-2,
+                                          dm_sigma_range=(0.02, 0.98), gan_weight=5e-3, cls_weight=1e-2,
                                           real_videos=videos)
     # as the real presets train (training.gradient_checkpointing): the generator's backward recomputes the
     # checkpointed fake score's blocks, which must still be frozen then
@@ -449,7 +451,7 @@ def test_dmd2_trains_samples_and_evaluates_through_the_stage_table(smoke, monkey
     summary = json.loads((out / "train.json").read_text())
     m = params.methods["dmd2"]
     assert summary["steps"] == m.train_steps and summary["target"] == "online"
-    grid = params.teacher_grid()
+    grid = dmd2.generator_grid(params.grid.num_train_timesteps, params.grid.shift)
     trained_at = sorted(grid.sigma(first) for first, last, end in summary["phases"])
     assert trained_at == sorted(s.sigma for s in schedule_for(params, "dmd2"))  # the steps it samples with
     assert sum(summary["source_counts"].values()) == m.train_steps * params.training.batch_size

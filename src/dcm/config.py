@@ -151,6 +151,22 @@ class WorldConfig:
     position_jitter: Float | None = at_least(0, None)
     eval_prompts: Int = at_least(1, 16)
     eval_seeds: Int = at_least(1, 2)
+    # opt-in multimodal prompts (docs/shapes-world.md, "Open captions"): the share of the world's captions
+    # (the teacher's training captions, the train rows) that leave attributes open, drawn uniformly per seed
+    open_share: Float = between(0, 1, 0.0)
+    # the attributes an open caption may leave open: each leaves a non-empty set of them (never texture alone)
+    open_attributes: list[Literal["shape", "colour", "texture", "direction", "speed"]] = Field(
+        default_factory=lambda: ["shape", "colour", "texture", "direction", "speed"])
+    # open-caption prompts added to the eval and validation rows (eval_seeds seeds each): coverage's rows
+    eval_open_prompts: Int = at_least(0, 0)
+
+    @field_validator("open_attributes")
+    @classmethod
+    def _open_attributes_form_open_sets(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value) or value == ["texture"]:
+            raise ValueError("distinct attribute names, at least one, and not texture alone (a caption "
+                             "naming all but the texture is the full caption of the plain texture)")
+        return value
 
 
 @dataclass(config=SECTION)
@@ -371,8 +387,8 @@ class Dmd2Config:
     # generator's GAN term (official SDXL 5e-3, ImageNet 3e-3); 0 = no classifier
     gan_weight: Float = at_least(0, 5e-3)
     cls_weight: Float = at_least(0, 1e-2)  # classifier loss in the fake score's update (official 1e-2)
-    # the DM loss's timesteps, uniform over [t_min, t_max]·num_train_timesteps of the teacher's shifted
-    # training sigmas (official min/max_step_percent 0.02 / 0.98)
+    # the DM loss's σ_t: a training sigma (uniform on the unshifted scale) clamped to [t_min, t_max] after
+    # the shift (FastVideo's DMD; DMD2 unshifted: min/max_step_percent 0.02 / 0.98)
     t_min: Float = between(0, 1, 0.02)
     t_max: Float = between(0, 1, 0.98)
     # real score's guidance (CFG w, or HunyuanVideo's embedded scale); null: backbone.guidance_scale, the
@@ -492,6 +508,9 @@ class MethodConfig:
 
     kind: Literal[KIND_NAMES]
     sample_steps: Int = at_least(1)
+    # the row's name in tables, figures and claims beside its key (e.g. "DMD2 (no GAN)": a row that departs
+    # from its method's recipe says so wherever it is shown); null: the key alone
+    label: Str | None = None
     train_steps: Int = at_least(0, 0)  # consistency methods: optimisation steps
     lr: Float = positive(1e-4)
     phases: Int = at_least(1, 1)  # consistency: 1 = LCM, K = PCM

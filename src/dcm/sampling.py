@@ -5,10 +5,14 @@ same code runs the 50-step teacher with CFG, plain few-step Euler, PCM multistep
 edges and DCM with expert switching: what differs is the list of steps and which network each expert
 name resolves to.
 
-``sample_lcm``: LCM's multistep sampler, which predicts x0 at each step and re-noises it to the next σ
-with fresh noise: x0̂ = x − σ·v, x_next = (1 − σ_next)·x0̂ + σ_next·ε (diffusers'
-``FlowMatchLCMScheduler``).  The fresh noise is per row, from a generator seeded by the row's seed
-(``renoise_generators``), so a row's sample does not depend on its batch or device.
+``sample_lcm``: LCM's multistep sampler, which evaluates the student's consistency function at each step
+and re-noises its output to the next σ with fresh noise: x̂ = x + (σ_end − σ)·v, x_next = (1 − σ_next)·x̂ +
+σ_next·ε, the last step returning x̂ (diffusers' ``LCMScheduler``: ``denoised`` = the consistency function,
+re-noised as if clean, returned at the last step).  σ_end is where the student was trained to end: σ_min
+for LCM and MCM (their single phase ends at the smallest training sigma, as LCM's boundary is the smallest
+DDPM timestep t = 0), 0 for DMD2 (its generator's x0); with σ_end = 0 it is diffusers'
+``FlowMatchLCMScheduler`` (x̂ = x0̂ = x − σ·v).  The fresh noise is per row, from a generator seeded by
+the row's seed (``renoise_generators``), so a row's sample does not depend on its batch or device.
 """
 
 from __future__ import annotations
@@ -105,10 +109,11 @@ def renoise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 def sample_lcm(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], noise: torch.Tensor,
                cond: PromptEmbeds, seeds: Sequence[int] | None = None,
                generators: Sequence[torch.Generator] | None = None, final_sigma: float = 0.0,
-               keep_trajectory: bool = False):
-    """LCM multistep sampling from ``noise`` (at steps[0].sigma): at each step predict
-    x0̂ = x − σ·v and re-noise it to the next σ with fresh per-row noise ε,
-    x_next = (1 − σ_next)·x0̂ + σ_next·ε; the last step (to ``final_sigma`` = 0) returns x0̂.
+               keep_trajectory: bool = False, end_sigma: float = 0.0):
+    """LCM multistep sampling from ``noise`` (at steps[0].sigma): at each step the consistency function's
+    output x̂ = x + (σ_end − σ)·v (σ_end = ``end_sigma``, where the student's training phase ends; 0: the
+    x0 prediction x − σ·v) re-noised to the next σ with fresh per-row noise ε,
+    x_next = (1 − σ_next)·x̂ + σ_next·ε; the last step (to ``final_sigma`` = 0) returns x̂.
 
     The noise of row i comes from ``generators[i]`` (CPU generators, consumed in step order, one
     ``randn`` of the row's shape per re-noising), or from ``renoise_generators(seeds)``.  Arithmetic
@@ -117,6 +122,9 @@ def sample_lcm(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], n
     or with ``keep_trajectory`` the latents at every σ visited (len(steps) + 1 tensors, noise first).
     """
     sigmas = _checked_sigmas(experts, steps, final_sigma)
+    if not 0.0 <= end_sigma < steps[-1].sigma:
+        raise ValueError(f"sample_lcm: end_sigma must lie in [0, {steps[-1].sigma}) (below the last step), "
+                         f"got {end_sigma}")
     batch = noise.shape[0]
     if (seeds is None) == (generators is None):
         raise ValueError("sample_lcm needs exactly one of seeds or generators (one per row)")
@@ -130,7 +138,10 @@ def sample_lcm(experts: Mapping[str, Velocity], steps: Sequence[SamplingStep], n
         sigma_t = torch.full((batch,), step.sigma, dtype=torch.float32, device=x.device)
         v = experts[step.expert](x, sigma_t, cond)
         sigma = torch.tensor(step.sigma, dtype=torch.float32)
-        x0 = x.float() - sigma * v  # x0̂ in fp32 (v promotes to fp32)
+        if end_sigma == 0.0:
+            x0 = x.float() - sigma * v  # x0̂ in fp32 (v promotes to fp32), as FlowMatchLCMScheduler
+        else:  # the endpoint the student was trained to, x + (σ_end − σ)·v
+            x0 = x.float() + (torch.tensor(end_sigma, dtype=torch.float32) - sigma) * v
         if sigma_next > 0:
             s_next = torch.tensor(sigma_next, dtype=torch.float32)
             eps = torch.cat([torch.randn(row_shape, generator=g, dtype=torch.float32)

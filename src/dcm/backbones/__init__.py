@@ -48,7 +48,10 @@ def create_teacher(params: Params) -> Backbone:
         return with_kernels(adapter_class(bb.family).from_folder(bb.path, bb.real, bb.guidance_scale), params)
     from dcm.backbones.toy import ToyBackbone
 
-    return with_kernels(ToyBackbone.create(bb.toy, bb.guidance_scale, seed=params.seed), params)
+    world = params.world
+    open_world = world is not None and (world.open_share > 0 or world.eval_open_prompts > 0)
+    teacher = ToyBackbone.create(bb.toy, bb.guidance_scale, seed=params.seed, open_captions=open_world)
+    return with_kernels(teacher, params)
 
 
 def record_teacher(params: Params, out_dir: str | Path) -> Backbone:

@@ -23,12 +23,16 @@ from dcm.backbones.wan import WanOutputHead
 PAD, UNK = "<pad>", "<unk>"
 
 
-def caption_vocabulary() -> list[str]:
-    """Every word the shapes world's caption grammar can produce, plus pad/unk."""
+def caption_vocabulary(open_captions: bool = False) -> list[str]:
+    """Every word the shapes world's caption grammar can produce, plus pad/unk; with ``open_captions``
+    also the noun of a caption that leaves the shape open (``shapes.OPEN_SHAPE_WORD``).  Only then: a
+    larger table would change the default teacher's initialisation."""
     from dcm.worlds import shapes
 
     words = {"a", "moves"} | set(shapes.SHAPES) | set(shapes.COLOURS) | set(shapes.TEXTURES)
     words |= set(shapes.DIRECTIONS) | set(shapes.SPEEDS)
+    if open_captions:
+        words.add(shapes.OPEN_SHAPE_WORD)
     return [PAD, UNK, *sorted(words)]
 
 
@@ -96,8 +100,9 @@ class PixelCodec:
 class ToyBackbone(WanOutputHead, Backbone):
     family = "toy"
     guidance_mode = "cfg"
-    # Wan's timestep-dependent layers: the time/text embedder, the output modulation and projection.
-    timestep_layer_names = ("condition_embedder", "scale_shift_table", "norm_out", "proj_out")
+    # DetE's copies, Wan's official list (``WanBackbone``): the time/text embedder and the output norm and
+    # projection; the output modulation table stays shared and frozen
+    timestep_layer_names = ("condition_embedder", "norm_out", "proj_out")
 
     def __init__(self, transformer: WanTransformer3DModel, prompt_encoder: PromptEncoder, codec_factor: int,
                  guidance_scale: float = 4.0, latent_mean: float = LATENT_MEAN,
@@ -109,8 +114,10 @@ class ToyBackbone(WanOutputHead, Backbone):
 
     # --------------------------------------------------------------------------- construction
     @classmethod
-    def create(cls, cfg, guidance_scale: float = 4.0, seed: int = 0) -> ToyBackbone:
-        """A randomly initialised toy teacher from ``ToyBackboneConfig``."""
+    def create(cls, cfg, guidance_scale: float = 4.0, seed: int = 0, open_captions: bool = False
+               ) -> ToyBackbone:
+        """A randomly initialised toy teacher from ``ToyBackboneConfig`` (``open_captions``: its vocabulary
+        has the open captions' words)."""
         torch.manual_seed(seed)
         channels = 3 * cfg.codec_factor**2
         transformer = WanTransformer3DModel(
@@ -119,7 +126,7 @@ class ToyBackbone(WanOutputHead, Backbone):
             text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
         )
-        encoder = PromptEncoder(vocabulary=caption_vocabulary(), text_dim=cfg.text_dim)
+        encoder = PromptEncoder(vocabulary=caption_vocabulary(open_captions), text_dim=cfg.text_dim)
         return cls(transformer, encoder, cfg.codec_factor, guidance_scale)
 
     @classmethod

@@ -9,9 +9,12 @@ as the unconditional input.  Latents are the VAE's mean, normalised with the VAE
 
 Discriminator taps: every 2nd of ``blocks`` (0, 2, …, 28 for the 30-block 1.3B model).  Feature
 matching maps them through the output head (``WanOutputHead``, shared with the shapes toy).
-DetE copies ``condition_embedder`` (time + text embedding), ``scale_shift_table`` (the output
-modulation: Wan's ``norm_out`` is an affine-free LayerNorm, the modulation lives in this table),
-``norm_out`` and ``proj_out``.
+DetE copies ``condition_embedder`` (time + text embedding), ``norm_out`` and ``proj_out``, as the official
+DCM code does (``WanTransformer3DModel.add_layer``/``init_layer`` in Vchitect/DCM's
+``fastvideo/models/wan_hf/modeling_wan.py``: ``scale_shift_table_lora`` is commented out, and DetE's
+forward modulates with the shared ``scale_shift_table``, frozen with the rest of the backbone once the
+LoRA adapter is added).  DetE's output modulation still differs from SemE's through its own
+``condition_embedder``'s temb.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ class WanOutputHead:
 class WanBackbone(WanOutputHead, PipelineBackbone):
     family = "wan"
     guidance_mode = "cfg"
-    timestep_layer_names = ("condition_embedder", "scale_shift_table", "norm_out", "proj_out")
+    # DetE's copies (the official list; the output modulation table stays SemE's, shared and frozen)
+    timestep_layer_names = ("condition_embedder", "norm_out", "proj_out")
     pipeline_class_name = "WanPipeline"
     components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     text_components = ("text_encoder",)

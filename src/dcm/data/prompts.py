@@ -20,17 +20,20 @@ from dcm.worlds import shapes
 
 # train seeds lie in [0, limit); eval in [limit, 2·limit); validation in [2·limit, 3·limit)
 TRAIN_SEED_LIMIT = 1_000_000
+OPEN = "open"  # an open caption's unnamed attribute, as a value when balancing the held-out captions
 
 
 def balanced_captions(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
     """``count`` captions whose attribute values are as evenly used as possible (greedy, seeded ties).
 
     Each pick is the caption whose values have been used least so far (sum over the attributes),
-    first in a seeded shuffle among equals, so every colour, shape, direction, … appears.
+    first in a seeded shuffle among equals, so every colour, shape, direction, … appears.  Open captions
+    count an unnamed attribute as the value "open", so the open attributes spread evenly too.
     """
     order = [captions[i] for i in rng.permutation(len(captions))]
-    attributes = {c: shapes.parse_caption(c) for c in order}
-    used = {key: dict.fromkeys(shapes.VOCABULARY[key], 0) for key in shapes.ATTRIBUTES}
+    attributes = {c: ({k: v or OPEN for k, v in shapes.parse_open_caption(c).items()} if shapes.is_open(c)
+                      else shapes.parse_caption(c)) for c in order}
+    used = {key: dict.fromkeys([*shapes.VOCABULARY[key], OPEN], 0) for key in shapes.ATTRIBUTES}
     chosen: list[str] = []
     remaining = list(order)
     for _ in range(count):
@@ -48,23 +51,63 @@ def build_prompt_sets(params: Params, standard: tuple[list[dict], dict] | None =
     VBench's suite as the evaluation rows and the record of what was taken (``"suite"`` in the file)."""
     if params.backbone.family != "toy":
         return real_prompt_sets(params, standard)
-    captions = shapes.all_captions()
+    world = params.world
+    full = shapes.all_captions()
     n_train = params.trajectories.num_trajectories
     n_eval_prompts, n_eval_seeds = params.world.eval_prompts, params.world.eval_seeds
-    if n_eval_prompts > len(captions):
+    if n_eval_prompts > len(full):
         raise ConfigError("world.eval_prompts", n_eval_prompts,
-                          f"<= the number of captions ({len(captions)})")
+                          f"<= the number of captions ({len(full)})")
     if n_train > TRAIN_SEED_LIMIT or n_eval_prompts * n_eval_seeds > TRAIN_SEED_LIMIT:
         raise ConfigError("trajectories.num_trajectories", n_train, f"<= {TRAIN_SEED_LIMIT} distinct seeds")
     train_rng, eval_rng = (np.random.default_rng([params.seed, k]) for k in (0, 1))
 
-    order = train_rng.permutation(len(captions))
+    order = train_rng.permutation(len(full))
     train_seeds = train_rng.choice(TRAIN_SEED_LIMIT, size=n_train, replace=False)
-    train = [{"prompt_id": int(order[i % len(order)]), "prompt": captions[order[i % len(order)]],
-              "seed": int(train_seeds[i])} for i in range(n_train)]
+    prompt_id = {c: i for i, c in enumerate(world_captions(params))}
+    train = []
+    for i in range(n_train):
+        # a row's prompt: a full caption, left open as often as the world's (keyed on the row's seed)
+        caption = shapes.coarsen_caption(full[order[i % len(order)]], int(train_seeds[i]), world.open_share,
+                                         world.open_attributes)
+        train.append({"prompt_id": prompt_id[caption], "prompt": caption, "seed": int(train_seeds[i])})
 
-    evaluation = held_out_rows(captions, n_eval_prompts, n_eval_seeds, eval_rng, TRAIN_SEED_LIMIT)
+    evaluation = held_out_rows(full, n_eval_prompts, n_eval_seeds, eval_rng, TRAIN_SEED_LIMIT)
+    evaluation += open_rows(params, evaluation, TRAIN_SEED_LIMIT, stream=4)
     return {"train": train, "eval": evaluation}
+
+
+def world_captions(params: Params) -> list[str]:
+    """The shapes world's captions, in prompt-id order: the full ones (288), then, when the world has open
+    prompts (``world.open_share`` or ``world.eval_open_prompts``), the open ones its attributes allow."""
+    world = params.world
+    captions = shapes.all_captions()
+    if world.open_share > 0 or world.eval_open_prompts > 0:
+        captions += shapes.open_captions(world.open_attributes)
+    return captions
+
+
+def open_rows(params: Params, taken: list[dict], seed_base: int, stream: int) -> list[dict]:
+    """``world.eval_open_prompts`` open captions (balanced over their values, "open" counted as one) ×
+    ``world.eval_seeds`` seeds in [seed_base, seed_base + limit) that no row of ``taken`` uses, drawn on
+    their own stream so the full-caption rows are those of a world without open prompts."""
+    world = params.world
+    if world.eval_open_prompts == 0:
+        return []
+    captions = world_captions(params)
+    candidates = shapes.open_captions(world.open_attributes)
+    if world.eval_open_prompts > len(candidates):
+        raise ConfigError("world.eval_open_prompts", world.eval_open_prompts,
+                          f"<= the number of open captions of world.open_attributes ({len(candidates)})")
+    rng = np.random.default_rng([params.seed, stream])
+    used = {r["seed"] for r in taken}
+    n = world.eval_open_prompts * world.eval_seeds
+    drawn = seed_base + rng.choice(TRAIN_SEED_LIMIT, size=n + len(used), replace=False)
+    seeds = [int(s) for s in drawn if int(s) not in used][:n]
+    prompt_id = {c: i for i, c in enumerate(captions)}
+    chosen = balanced_captions(candidates, world.eval_open_prompts, rng)
+    return [{"prompt_id": prompt_id[c], "prompt": c, "seed": seeds[i * world.eval_seeds + k]}
+            for i, c in enumerate(chosen) for k in range(world.eval_seeds)]
 
 
 def training_prompts(params: Params) -> list[str]:
@@ -135,5 +178,6 @@ def validation_rows(params: Params) -> list[dict]:
         raise ConfigError("backbone.family", params.backbone.family,
                           "'toy': the validation split is the shapes world's (a real family has none)")
     rng = np.random.default_rng([params.seed, 2])
-    return held_out_rows(shapes.all_captions(), params.world.eval_prompts, params.world.eval_seeds, rng,
+    rows = held_out_rows(shapes.all_captions(), params.world.eval_prompts, params.world.eval_seeds, rng,
                          2 * TRAIN_SEED_LIMIT)
+    return rows + open_rows(params, rows, 2 * TRAIN_SEED_LIMIT, stream=5)

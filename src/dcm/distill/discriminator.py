@@ -58,7 +58,10 @@ from dcm.parallel.context import gather_taps
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid
 
 DISC_BETAS = (0.0, 0.999)
-HEAD_WIDTH = 1024  # official head width: min(C, 1024)
+# the official head width is 1024 whatever C (Vchitect/DCM fastvideo/distill/discriminator*.py:
+# inner_channel = 1024); here min(C, 1024): 1024 on every real backbone (C = 1536 Wan 1.3B, 3072 HunyuanVideo,
+# 1920/3072 CogVideoX), C on a narrower model (the shapes toy: C = 384, heads no wider than their input)
+HEAD_WIDTH = 1024
 LEAKY_SLOPE = 0.01
 CMAP_DIM = 64  # width of a text-conditioned head's projection (MCM / StyleGAN-T's cmap_dim)
 REALS = ("target", "ema", "trajectory")  # DeteConfig.real
@@ -82,7 +85,8 @@ def _conv_norm_act(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class DiscriminatorHead(nn.Module):
-    """h = act(GN(conv(x))); h = h + act(GN(conv(h))); logit = conv(h): one logit per token (official widths).
+    """h = act(GN(conv(x))); h = h + act(GN(conv(h))); logit = conv(h): one logit per token; width
+    min(C, 1024) (official: 1024, the same for every C ≥ 1024; ``HEAD_WIDTH``).
 
     With ``cond_dim`` the head is text-conditioned, projection-discriminator style (MCM's heads):
     the last conv gives a ``CMAP_DIM`` vector per token and logit = ⟨it, W·c⟩/√CMAP_DIM for the

@@ -2,7 +2,8 @@
 loop.
 
 A few-step generator G (the student, initialised from the teacher) at fixed timesteps t_0 > … > t_{K−1}
-(the row's sampling schedule, on the teacher grid), trained so that the distribution of its samples
+(the row's sampling schedule: ``generator_schedule``, evenly spaced training timesteps on the unshifted
+scale, then shifted, as DMD2 and FastVideo place them), trained so that the distribution of its samples
 matches the guided teacher's.  The parts, each passed into the loop as its data:
 
 - Backward simulation (``BackwardSimulation``, the loop's batch source): the generator's input at its
@@ -15,7 +16,8 @@ matches the guided teacher's.  The parts, each passed into the loop as its data:
   (σ uniform over the teacher's 1000 shifted training sigmas), ``fake_steps`` updates per generator
   update with its own AdamW (the two time-scale update rule; official 5).
 - Distribution matching (``losses.distribution_matching_gradient`` / ``_loss``): at
-  x_t = (1−σ_t)·x0_gen + σ_t·ε, t uniform over [t_min, t_max]·1000 of the training sigmas,
+  x_t = (1−σ_t)·x0_gen + σ_t·ε, σ_t a training sigma (uniform on the unshifted scale) clamped to
+  [t_min, t_max] after the shift (``DistributionMatching.dm_sigmas``),
 
       grad = (x0_fake − x0_real) / mean|x0_gen − x0_real|    L_DM = 0.5·mse(x0_gen, (x0_gen − grad).detach())
 
@@ -87,18 +89,45 @@ def draw_global(draw, batch: int, part: Part) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the generator's steps
 
 
-def generator_indices(grid: TeacherGrid, steps: Sequence[SamplingStep], key: str = "schedule") -> list[int]:
-    """The teacher-grid index of each generator timestep (the sampling schedule, highest σ first).
+def generator_grid(num_train_timesteps: int, shift: float) -> TeacherGrid:
+    """The grid DMD2's generator lives on: the teacher scheduler's ``num_train_timesteps`` training sigmas
+    (position i ↔ σ = shift((i + 1)/T), the DDPM-style timestep index i of the official code), with σ = 0
+    below them as the end point, so the student's endpoint there is its x0 itself.  Not the teacher grid:
+    DMD2 spaces its steps evenly over the training timesteps, which the 50-point grid cannot hold (4 steps:
+    positions 749 and 249 are not on it)."""
+    return TeacherGrid(sigmas=schedule.training_sigmas(num_train_timesteps, shift), sigma_min=0.0)
 
-    The loop draws grid indices, so every step must lie on the grid (a derived schedule always does;
-    an explicit ``methods.<m>.schedule`` must name grid timesteps)."""
+
+def generator_schedule(num_train_timesteps: int, shift: float, steps: int,
+                       expert: str = "student") -> list[SamplingStep]:
+    """DMD2's K generator timesteps, chosen on the unshifted scale and then shifted: positions
+    t_k = T − 1 − k·⌊T/K⌋ (the official ``range(T − 1, 0, −T//K)``: 4 steps → 999, 749, 499, 249), each
+    at its training sigma σ_k = shift((t_k + 1)/T), i.e. the shifted images of u = 1, 0.75, 0.5, 0.25
+    (FastVideo's ``warp_denoising_step``: ``scheduler.timesteps[1000 − t]`` for t = 1000, 750, 500, 250).
+    On a shift-17 grid the 4 steps are σ = 1, 0.981, 0.944, 0.850 (the last step then goes to 0, as in
+    DMD2 and FastVideo)."""
+    T = num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"DMD2 needs 1 to {T} generator steps, got {steps}")
+    sigmas = schedule.training_sigmas(T, shift)
+    return [SamplingStep(float(sigmas[T - 1 - k * (T // steps)]), expert) for k in range(steps)]
+
+
+def generator_indices(grid: TeacherGrid, steps: Sequence[SamplingStep], key: str = "schedule") -> list[int]:
+    """The generator-grid index of each generator timestep (the sampling schedule, highest σ first).
+
+    The loop draws grid indices, so every step must lie on ``grid`` (``generator_grid``: the training
+    sigmas; a derived schedule always does, an explicit ``methods.<m>.schedule`` must name training
+    timesteps, t = 1000·σ to 1e-3)."""
     indices = []
     for step in steps:
         hits = np.flatnonzero(np.isclose(grid.sigmas, step.sigma, rtol=0, atol=1e-6))
         if not len(hits):
+            near = grid.sigmas[np.argsort(np.abs(grid.sigmas - step.sigma))[:2]]
             raise ConfigError(key, [round(s.sigma, 6) for s in steps],
-                              f"sigmas on the teacher grid (grid.steps, grid.shift): {step.sigma:.6g} is "
-                              "not one")
+                              f"sigmas of the teacher scheduler's training timesteps (grid.shift, "
+                              f"grid.num_train_timesteps): {step.sigma:.6g} is not one (nearest: "
+                              f"{', '.join(f'{v:.6g}' for v in sorted(near))})")
         indices.append(int(hits[0]))
     return indices
 
@@ -134,7 +163,8 @@ def prompt_embeddings(backbone: Backbone, prompts: Sequence[str]) -> PromptEmbed
 
 
 class BackwardSimulation:
-    """The generator's inputs: for a row at generator step k (grid index n_k), fresh noise ε at t_0 run
+    """The generator's inputs: for a row at generator step k (index n_k of ``grid``, the generator's own:
+    ``generator_grid``), fresh noise ε at t_0 run
     through the current generator's first k steps of LCM sampling (no grad), ending re-noised to σ_{n_k}
     with fresh noise; k = 0 is the noise itself.  All draws come from the generator the caller passes
     (the loop's sampler), so a resumed run replays them.  ``x_prev`` = ``x_n``: no teacher step exists.
@@ -147,6 +177,7 @@ class BackwardSimulation:
 
     kind = "backward_simulation"
     draws_global_batch = True  # the loop hands ``batch`` the global batch and this rank's part
+    own_grid = True  # its indices are ``grid``'s (``generator_grid``), not the teacher grid's
 
     def __init__(self, backbone: Backbone, student: nn.Module, embeds: PromptEmbeds, grid: TeacherGrid,
                  steps: Sequence[SamplingStep], latent_shape: Sequence[int],
@@ -230,7 +261,7 @@ class DistributionMatching(Objective):
     supports_context_parallel = True  # its draws are the global batch's; the classifier's tap is gathered
 
     def __init__(self, backbone: Backbone, source: BackwardSimulation, train_sigmas: torch.Tensor, *,
-                 fake_steps: int, fake_lr: float, dm_weight: float, t_range: tuple[int, int],
+                 fake_steps: int, fake_lr: float, dm_weight: float, dm_sigma_range: tuple[float, float],
                  guidance: float | None = None, gan_weight: float = 0.0, cls_weight: float = 0.0,
                  real_videos: OnlineSource | None = None, weight_decay: float = 0.0,
                  max_grad_norm: float = 1.0, seed: int = 0):
@@ -244,7 +275,7 @@ class DistributionMatching(Objective):
                                                                              gan_weight, cls_weight)
         self.max_grad_norm, self.real_videos = max_grad_norm, real_videos
         self.train_sigmas = train_sigmas.float()
-        self.t_range = t_range  # inclusive indices into train_sigmas
+        self.dm_sigma_range = dm_sigma_range  # σ_t's clamp, after the shift (``scores``)
         self.real_velocity = teacher_velocity(backbone, None, guidance)
         self.fake = copy.deepcopy(backbone.transformer).requires_grad_(True).train()
         self.classifier = None
@@ -315,10 +346,17 @@ class DistributionMatching(Objective):
         tap = gather_taps(self.fake, [feats.taps[len(feats.taps) // 2]])  # context parallel: the whole grid
         return self.classifier(tap, feats.latent_thw)
 
+    def dm_sigmas(self, batch: int, part: Part = ONE_PROCESS) -> torch.Tensor:
+        """The DM loss's σ_t: a training timestep uniform on the unshifted scale, shifted (one of the 1000
+        training sigmas), then clamped to [t_min, t_max] (FastVideo's DMD: ``shift_timestep`` of
+        ``randint(0, 1000)``, then ``clamp(min_timestep, max_timestep)``; DMD2 itself, unshifted: t uniform
+        over [0.02, 0.98]·1000).  At shift 17 it covers σ ∈ [0.02, 0.98], 26% of it at 0.98."""
+        return self.draw_sigmas(batch, part=part).clamp(*self.dm_sigma_range)
+
     def scores(self, x0_gen: torch.Tensor, cond: PromptEmbeds, autocast, part: Part = ONE_PROCESS
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_real, x0_fake): both scores' clean estimates at x_t, t uniform over the DM range, one ε."""
-        sigma_t = self.draw_sigmas(x0_gen.shape[0], *self.t_range, part=part).to(x0_gen.device)
+        """(x0_real, x0_fake): both scores' clean estimates at x_t, σ_t from ``dm_sigmas``, one ε."""
+        sigma_t = self.dm_sigmas(x0_gen.shape[0], part).to(x0_gen.device)
         x_t = noised(x0_gen, self.noise_like(x0_gen, part), sigma_t.view(-1, *([1] * (x0_gen.ndim - 1))))
         with torch.no_grad(), autocast():
             v_real = self.real_velocity(x_t, sigma_t, cond)
@@ -445,7 +483,8 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
     m = params.method(method)
     cfg = m.dmd2
     key = f"methods.{method}"
-    grid = params.teacher_grid()
+    T = params.grid.num_train_timesteps
+    grid = generator_grid(T, params.grid.shift)  # the generator's steps: training timesteps, not the grid
     prompts = [row["prompt"] for row in io.read_json(paths.PROMPTS)["train"]]
     latent_shape = backbone.video_latent_shape(params)
     source = BackwardSimulation(backbone, student, prompt_embeddings(backbone, prompts), grid, steps,
@@ -459,11 +498,10 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
             raise ConfigError(f"{key}.dmd2.gan_weight", cfg.gan_weight,
                               f"0 here: the world's videos have latent shape {tuple(videos.x0.shape[1:])}, "
                               f"the generator's samples {tuple(latent_shape)}")
-    T = params.grid.num_train_timesteps
     train_sigmas = torch.from_numpy(schedule.training_sigmas(T, params.grid.shift))
     objective = DistributionMatching(
         backbone, source, train_sigmas, fake_steps=cfg.fake_steps, fake_lr=cfg.fake_lr or m.lr,
-        dm_weight=cfg.dm_weight, t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)),
+        dm_weight=cfg.dm_weight, dm_sigma_range=(cfg.t_min, cfg.t_max),
         guidance=cfg.guidance, gan_weight=cfg.gan_weight, cls_weight=cfg.cls_weight, real_videos=videos,
         weight_decay=params.training.weight_decay, max_grad_norm=params.training.max_grad_norm,
         seed=params.seed)

@@ -272,6 +272,8 @@ def resume_settings(spec: DistillSpec, params: Params, data_parallel: int = 1) -
 
 
 def _check_grid(source, params: Params) -> np.ndarray:
+    if getattr(source, "own_grid", False):  # DMD2's generator: its steps index the training sigmas
+        return np.asarray(source.grid_sigmas, dtype=np.float64)
     grid = params.teacher_grid()
     sigmas = np.asarray(source.grid_sigmas, dtype=np.float64)
     if sigmas.shape != grid.extended.shape or not np.allclose(sigmas, grid.extended, rtol=1e-5, atol=1e-6):
@@ -444,7 +446,7 @@ class Trainer:
         out_dir.mkdir(parents=True, exist_ok=True)
         # position n + 1 ↔ grid index n
         self.sigmas_ext = torch.as_tensor(_check_grid(source, params), dtype=torch.float32)
-        self.allowed_n, self.end_of = phase_tables(spec.phases, params.grid.steps)
+        self.allowed_n, self.end_of = phase_tables(spec.phases, len(self.sigmas_ext) - 1)
         if not spec.trainable:
             raise ValueError(f"{spec.name}: no trainable parameters")
         self.names = named_trainable(spec.student, spec.trainable)

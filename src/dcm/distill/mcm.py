@@ -345,12 +345,13 @@ class ImageDiscriminator(Objective):
 # ------------------------------------------------------------------------------------------ wiring
 
 
-def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
-    """MCM's real images: the shapes world's high-quality stills with their captions
-    (``shapes.hq_stills``)."""
+def hq_stills(n: int, seed: int, size: int, jitter: float | None = None, open_share: float = 0.0,
+              open_attributes=None) -> tuple[torch.Tensor, list[str]]:
+    """MCM's real images: the shapes world's high-quality stills with their captions, open as often as
+    the world's (``shapes.hq_stills``)."""
     from dcm.worlds import shapes
 
-    return shapes.hq_stills(n, seed, size, jitter)
+    return shapes.hq_stills(n, seed, size, jitter, open_share, open_attributes or shapes.ATTRIBUTES)
 
 
 def build(params, method: str, backbone: Backbone, student: nn.Module, videos: OnlineSource, device
@@ -365,8 +366,10 @@ def build(params, method: str, backbone: Backbone, student: nn.Module, videos: O
     objectives: list[Objective] = []
     if cfg.disc_weight > 0:
         features = TeacherFrameFeatures(backbone, backbone.transformer, cfg.disc_sigma)
-        images, captions = hq_stills(cfg.hq_images, seed=params.seed + 1, size=params.world.size,
-                                     jitter=params.world.position_jitter)
+        world = params.world
+        images, captions = hq_stills(cfg.hq_images, seed=params.seed + 1, size=world.size,
+                                     jitter=world.position_jitter, open_share=world.open_share,
+                                     open_attributes=world.open_attributes)
         with torch.no_grad():
             text = backbone.encode_prompts(captions).pooled()
         objectives.append(ImageDiscriminator(features, images, text, weight=cfg.disc_weight,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,19 +46,23 @@ class TrainingLog:
 
 
 def scene_batch(rng: np.random.Generator, batch: int, size: int, frames: int, quality: str,
-                jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
+                jitter: float | None = None, open_share: float = 0.0,
+                open_attributes: Sequence[str] = shapes.ATTRIBUTES) -> tuple[torch.Tensor, list[str]]:
     """Videos (B, 3, T, H, W) and captions of ``batch`` random scenes, each from its own training seed.
 
     A scene is ``sample_scene(default_rng(seed), jitter=jitter)`` as in the prompts contract; seeds lie in
     [0, TRAIN_SEED_LIMIT), so the evaluation seeds are never seen.  ``quality == "low"`` degrades
-    the videos (MCM's low-quality video data).
+    the videos (MCM's low-quality video data).  With ``open_share`` > 0 that share of the captions leaves
+    attributes open (``shapes.coarsen_caption``, drawn from the seed): the world's multimodal prompts, whose
+    unnamed attributes the scenes draw uniformly.
     """
     seeds = rng.integers(0, TRAIN_SEED_LIMIT, size=batch)
     scenes = [shapes.sample_scene(np.random.default_rng(int(s)), size, frames, jitter=jitter) for s in seeds]
     videos = shapes.render_batch(scenes, size, frames)
     if quality == "low":
         videos = shapes.degrade(videos, rng)
-    return videos, [s.caption for s in scenes]
+    return videos, [shapes.coarsen_caption(s.caption, int(seed), open_share, open_attributes)
+                    for s, seed in zip(scenes, seeds, strict=True)]
 
 
 def sample_sigmas(batch: int, train_sigmas: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -109,7 +113,7 @@ def train_teacher(backbone: Backbone, params: Params,
     bar = tqdm(range(cfg.train_steps), desc="teacher", unit="step", dynamic_ncols=True)
     for step in bar:
         videos, captions = scene_batch(rng, cfg.batch_size, world.size, world.frames, world.quality,
-                                        world.position_jitter)
+                                        world.position_jitter, world.open_share, world.open_attributes)
         drop = torch.rand(len(captions), generator=generator) < cfg.cfg_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         x0 = backbone.encode_video(videos)

@@ -51,6 +51,24 @@ bootstrap interval over them.  1 = as diverse as the data, → 0 = mode collapse
 than the data (e.g. attributes changing with the seed).  ``diversity_real`` is the floor set's: a real
 set of the same shape, ≈ 1.  It needs ≥ 2 seeds per prompt in the samples (``world.eval_seeds``);
 with one, diversity is None and ``distribution.note`` says so.
+
+**Open captions** (opt-in: ``world.open_share``, ``world.eval_open_prompts``; docs/shapes-world.md): a
+prompt that leaves attributes open has several right videos, one per value of each open attribute, and
+the world draws them uniformly per seed.  Few-step samplers lose that multimodality in two ways, which
+``open_world_metrics`` measures from the detector's reading of each video (``shapes.detect``,
+``shapes.averaged_mode``), in an ``open_world`` block added only when the option is on:
+
+- *coverage* per open attribute: the total-variation distance between the detected values over the
+  rows whose prompt leaves that attribute open (pooled over those prompts, undetected counted as a value
+  of its own) and the detected values of the real reference renders of the same prompts (weighted like
+  the rows), which carries the detector's own errors; the floor set's distance to the same reference
+  is what real videos score at this sample size, and the excess (paired over the same draws) is the
+  coverage lost.  Beside it, *repeat*: the share of seed pairs of one prompt that agree on the value
+  (real: ≈ 1/K for K values, → 1 for a collapse that a pooled distribution can hide when different
+  prompts collapse onto different values), with its floor and excess.  Intervals: 95% bootstrap over
+  prompts (their rows on every side), moved onto the estimate (``recentred_ci``).
+- *averaged modes*: the share of videos ``shapes.averaged_mode`` flags (blended colours, ghosts, smears;
+  a clean render never), with the floor set's share and the paired excess, bootstrapped over rows.
 """
 
 from __future__ import annotations
@@ -196,8 +214,8 @@ def _background_features(rgb: np.ndarray, fg: np.ndarray) -> list[float]:
     return [*colour.tolist(), float(image.std()), *(quadrants - quadrants.mean()).tolist()]
 
 
-def video_features(video: torch.Tensor, size: int) -> np.ndarray:
-    """The ``FEATURES`` of one (3, T, H, W) video in [-1, 1]; ``size`` is the world's frame size."""
+def _describe(video: torch.Tensor, size: int) -> tuple[np.ndarray, shapes.Detection]:
+    """``video_features`` and the detection they read."""
     array = torch.as_tensor(video).detach().to("cpu", torch.float32).numpy()
     rgb = np.clip((np.nan_to_num(array) + 1.0) / 2.0, 0.0, 1.0)
     fg = _foreground(rgb)
@@ -205,7 +223,12 @@ def video_features(video: torch.Tensor, size: int) -> np.ndarray:
     features = [*_shape_features(fg, size), *_colour_texture_features(rgb, fg, size),
                 *_motion_features(det, size), *_sharpness_features(rgb, fg, det),
                 *_background_features(rgb, fg)]
-    return np.asarray(features, dtype=np.float64)
+    return np.asarray(features, dtype=np.float64), det
+
+
+def video_features(video: torch.Tensor, size: int) -> np.ndarray:
+    """The ``FEATURES`` of one (3, T, H, W) video in [-1, 1]; ``size`` is the world's frame size."""
+    return _describe(video, size)[0]
 
 
 def check_videos(videos: torch.Tensor, size: int, frames: int, what: str) -> None:
@@ -222,6 +245,26 @@ def features(videos: torch.Tensor, size: int) -> np.ndarray:
     """(N, len(FEATURES)) features of a (N, 3, T, H, W) batch."""
     return (np.stack([video_features(v, size) for v in videos]) if len(videos)
             else np.zeros((0, len(FEATURES))))
+
+
+@dataclass(frozen=True)
+class Observations:
+    """What the metrics read from a batch of videos: ``features``, and per video the detected attributes
+    and its ``shapes.averaged_mode`` reading."""
+
+    features: np.ndarray
+    attributes: list[dict[str, str | None]]
+    averaged: list[shapes.AveragedMode]
+
+
+def observe(videos: torch.Tensor, size: int) -> Observations:
+    """``features`` of a (N, 3, T, H, W) batch (the same numbers), with each video's detected attributes and
+    averaged-mode reading."""
+    described = [_describe(v, size) for v in videos]
+    return Observations(
+        np.stack([f for f, _ in described]) if described else np.zeros((0, len(FEATURES))),
+        [det.attributes for _, det in described],
+        [shapes.averaged_mode(v, size_hint=size) for v in videos])
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,13 +290,16 @@ class RealSets:
     reference_prompts: list[str]
     floor: np.ndarray
     floor_prompts: list[str]
+    # with ``real_sets(observe_open=True)``: the real videos' readings the open-caption metrics compare with
+    reference_observed: Observations | None = None
+    floor_observed: Observations | None = None
 
 
 def real_sets(prompts: Sequence[str], size: int, frames: int, jitter: float | None, seed: int,
-              per_prompt: int = REAL_SEEDS_PER_PROMPT) -> RealSets:
+              per_prompt: int = REAL_SEEDS_PER_PROMPT, observe_open: bool = False) -> RealSets:
     """Render and describe the real sets for rows with these ``prompts`` (one entry per row); seeds come
     from [REAL_SEED_BASE, REAL_SEED_BASE + TRAIN_SEED_LIMIT), distinct, deterministic in ``seed`` and the
-    prompts."""
+    prompts.  ``observe_open`` keeps the detections and averaged-mode readings as well (same features)."""
     unique = list(dict.fromkeys(prompts))
     reference_prompts = [p for p in unique for _ in range(per_prompt)]
     floor_prompts = list(prompts)
@@ -261,9 +307,14 @@ def real_sets(prompts: Sequence[str], size: int, frames: int, jitter: float | No
     seeds = REAL_SEED_BASE + rng.choice(TRAIN_SEED_LIMIT, size=len(reference_prompts) + len(floor_prompts),
                                         replace=False)
     videos = real_videos(reference_prompts + floor_prompts, seeds.tolist(), size, frames, jitter)
-    described = features(videos, size)
-    return RealSets(described[:len(reference_prompts)], reference_prompts,
-                    described[len(reference_prompts):], floor_prompts)
+    k = len(reference_prompts)
+    if not observe_open:
+        described = features(videos, size)
+        return RealSets(described[:k], reference_prompts, described[k:], floor_prompts)
+    seen = observe(videos, size)
+    reference, floor = (Observations(seen.features[part], seen.attributes[part], seen.averaged[part])
+                        for part in (slice(0, k), slice(k, None)))
+    return RealSets(reference.features, reference_prompts, floor.features, floor_prompts, reference, floor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,16 +446,155 @@ def compare(generated: np.ndarray, prompts: Sequence[str], real: RealSets, n: in
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Open captions: coverage of the unnamed attributes and averaged modes
+# --------------------------------------------------------------------------------------------
+
+NONE_VALUE = "none"  # the detector read no value: counted as a value of its own in coverage
+
+
+def _tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Total-variation distance of distributions along the last axis."""
+    return 0.5 * np.abs(a - b).sum(axis=-1)
+
+
+def _value_counts(attributes: Sequence[dict], attribute: str, values: Sequence[str]) -> np.ndarray:
+    """(len(values) + 1,) counts of each value of ``attribute`` and, last, of undetected (None)."""
+    counts = np.zeros(len(values) + 1)
+    for read in attributes:
+        counts[values.index(read[attribute]) if read[attribute] is not None else len(values)] += 1
+    return counts
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated: Observations,
+              real: RealSets, weights: np.ndarray, present: list[str]) -> dict:
+    """Coverage of ``attribute`` over ``rows`` (those leaving it open); ``weights``: (n, prompts) bootstrap
+    draws of the prompts in ``present`` (row 0: the sample itself)."""
+    values = list(shapes.VOCABULARY[attribute])
+    k = len(values)
+    by_prompt = {p: [i for i in rows if prompts[i] == p] for p in present}
+    ref_rows = {p: [j for j, q in enumerate(real.reference_prompts) if q == p] for p in present}
+    gen = np.stack([_value_counts([generated.attributes[i] for i in by_prompt[p]], attribute, values)
+                    for p in present])  # (P, K + 1)
+    floor = np.stack([_value_counts([real.floor_observed.attributes[i] for i in by_prompt[p]], attribute,
+                                    values) for p in present])
+    reference = np.stack([_value_counts([real.reference_observed.attributes[j] for j in ref_rows[p]],
+                                        attribute, values) for p in present])
+    n_rows = gen.sum(axis=1)  # rows per prompt (the floor set has as many)
+    reference = reference / reference.sum(axis=1, keepdims=True) * n_rows[:, None]  # weighted like the rows
+    uniform = np.append(np.full(k, 1 / k), 0.0)
+
+    def pooled(counts: np.ndarray) -> np.ndarray:  # (n, K + 1) distributions of every draw
+        return (weights @ counts) / (weights @ n_rows)[:, None]
+
+    def repeat(counts: np.ndarray) -> np.ndarray:  # share of same-prompt seed pairs agreeing on a value
+        agree = (counts[:, :k] * (counts[:, :k] - 1) / 2).sum(axis=1)
+        return _ratio(weights @ agree, weights @ (n_rows * (n_rows - 1) / 2))
+
+    ref_dist = pooled(reference)
+    tv, tv_floor = _tv(pooled(gen), ref_dist), _tv(pooled(floor), ref_dist)
+    rep, rep_floor = repeat(gen), repeat(floor)
+    names = [*values, NONE_VALUE]
+    out = {
+        "rows": len(rows), "prompts": len(present),
+        "tv": float(tv[0]), "tv_ci95": recentred_ci(tv[0], tv[1:], low=0.0),
+        "tv_real_floor": float(tv_floor[0]),
+        "tv_real_floor_ci95": recentred_ci(tv_floor[0], tv_floor[1:], low=0.0),
+        "tv_excess": float(tv[0] - tv_floor[0]),
+        "tv_excess_ci95": recentred_ci(tv[0] - tv_floor[0], tv[1:] - tv_floor[1:]),
+        "tv_uniform": float(_tv(pooled(gen)[0], uniform)),
+        "tv_uniform_real_floor": float(_tv(pooled(floor)[0], uniform)),
+        "detected": dict(zip(names, pooled(gen)[0].round(6).tolist(), strict=True)),
+        "real": dict(zip(names, ref_dist[0].round(6).tolist(), strict=True)),
+        "repeat": None, "repeat_ci95": None, "repeat_real_floor": None, "repeat_excess": None,
+        "repeat_excess_ci95": None, "repeat_uniform": 1 / k,
+    }
+    if np.isfinite(rep[0]):
+        ok = np.isfinite(rep[1:])
+        out.update({
+            "repeat": float(rep[0]), "repeat_ci95": recentred_ci(rep[0], rep[1:][ok], low=0.0),
+            "repeat_real_floor": float(rep_floor[0]), "repeat_excess": float(rep[0] - rep_floor[0]),
+            "repeat_excess_ci95": recentred_ci(rep[0] - rep_floor[0], (rep - rep_floor)[1:][ok]),
+        })
+    return out
+
+
+def open_world_metrics(prompts: Sequence[str], generated: Observations, real: RealSets, n: int = 1000,
+                       seed: int = 0) -> dict:
+    """Coverage of every attribute some prompt leaves open, and the averaged-mode share (module docstring),
+    of ``generated`` (one reading per row of ``prompts``) against ``real`` (``real_sets(observe_open=True)``
+    of the same prompts); ``n`` bootstrap draws."""
+    if real.reference_observed is None or real.floor_observed is None:
+        raise ValueError("open_world_metrics needs real sets made with real_sets(..., observe_open=True)")
+    if not len(generated.attributes) == len(prompts) == len(real.floor_prompts):
+        raise ValueError(f"{len(generated.attributes)} generated readings, {len(prompts)} prompts and "
+                         f"{len(real.floor_prompts)} floor videos: one of each per row")
+    flags = np.array([a.flagged for a in generated.averaged], dtype=np.float64)
+    floor_flags = np.array([a.flagged for a in real.floor_observed.averaged], dtype=np.float64)
+    averaged = {
+        "share": float(flags.mean()), "ci95": list(bootstrap(flags, np.mean, n, seed)),
+        "real_floor": float(floor_flags.mean()),
+        "real_floor_ci95": list(bootstrap(floor_flags, np.mean, n, seed)),
+        "excess": float(flags.mean() - floor_flags.mean()),
+        "excess_ci95": list(bootstrap(flags - floor_flags, np.mean, n, seed)),
+        "mixed_share": float(np.mean([a.mixed_share for a in generated.averaged])),
+        "mixed_share_real_floor": float(np.mean([a.mixed_share for a in real.floor_observed.averaged])),
+        "flagged_rows": np.flatnonzero(flags).tolist(),
+        "thresholds": {"pure_distance": shapes.PURE_DISTANCE, "mixed_share": shapes.MIXED_SHARE_THRESHOLD,
+                       "footprint": shapes.FOOTPRINT_THRESHOLD},
+    }
+    open_sets = [shapes.open_attributes_of(p) for p in prompts]
+    coverage = {}
+    rng = np.random.default_rng([seed, 5])
+    for attribute in shapes.ATTRIBUTES:
+        rows = [i for i, s in enumerate(open_sets) if attribute in s]
+        if not rows:
+            continue
+        present = list(dict.fromkeys(prompts[i] for i in rows))
+        draws = rng.integers(0, len(present), (n, len(present)))
+        weights = np.zeros((n + 1, len(present)))
+        weights[0] = 1.0
+        np.add.at(weights, (1 + np.arange(n)[:, None], draws), 1.0)
+        coverage[attribute] = _coverage(attribute, rows, prompts, generated, real, weights, present)
+    open_rows = sum(bool(s) for s in open_sets)
+    note = (f"coverage over the {open_rows} rows whose prompt leaves an attribute open" if open_rows else
+            "no row's prompt leaves an attribute open (world.eval_open_prompts = 0?): no coverage")
+    return {"open_rows": open_rows, "rows": len(prompts), "coverage": coverage, "averaged_mode": averaged,
+            "note": note}
+
+
+def open_world_on(params: Params, prompts: Sequence[str]) -> bool:
+    """Whether the open-caption metrics are reported: the world draws open captions, or a row's prompt is
+    one (the default world adds nothing to the metrics)."""
+    world = params.world
+    return world.open_share > 0 or world.eval_open_prompts > 0 or any(shapes.is_open(p) for p in prompts)
+
+
 def distribution_metrics(params: Params, rows: list[dict], videos: torch.Tensor) -> dict:
     """FD and diversity of one method's sampled ``videos`` (one per row of its samples.json) against real
-    renders of the same prompts (``compare``; the world, bootstrap size and seed from ``params``)."""
+    renders of the same prompts (``compare``; the world, bootstrap size and seed from ``params``), and the
+    ``open_world`` block (``open_world_metrics``) where ``open_world_on``."""
     size, frames = params.world.size, params.world.frames
     check_videos(videos, size, frames, "distribution metrics")
     if len(rows) != len(videos):
         raise ValueError(f"distribution metrics: {len(videos)} videos for {len(rows)} rows of samples.json")
+    prompts = [r["prompt"] for r in rows]
+    open_world = open_world_on(params, prompts)
     if len(videos) < 2:  # one row: nothing to estimate a distribution from, but nothing wrong either
         note = f"not computed: a Fréchet distance needs ≥ 2 sampled videos, the samples have {len(videos)}"
-        return {**dict.fromkeys(METRIC_KEYS), "distribution": {"videos": len(videos), "note": note}}
-    prompts = [r["prompt"] for r in rows]
-    real = real_sets(prompts, size, frames, params.world.position_jitter, params.seed)
-    return compare(features(videos, size), prompts, real, params.evaluation.bootstrap, params.seed)
+        out = {**dict.fromkeys(METRIC_KEYS), "distribution": {"videos": len(videos), "note": note}}
+        if open_world:
+            out["open_world"] = {"note": note.replace("a Fréchet distance", "coverage")}
+        return out
+    n, seed = params.evaluation.bootstrap, params.seed
+    real = real_sets(prompts, size, frames, params.world.position_jitter, seed, observe_open=open_world)
+    if not open_world:
+        return compare(features(videos, size), prompts, real, n, seed)
+    generated = observe(videos, size)
+    return {**compare(generated.features, prompts, real, n, seed),
+            "open_world": open_world_metrics(prompts, generated, real, n, seed)}

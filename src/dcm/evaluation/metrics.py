@@ -5,7 +5,9 @@ the teacher (Total and per dimension) with their intervals, PSNR vs the teacher,
 per-row scores, and the distribution-level metrics against real renders of the same prompts (``fd``,
 ``fd_real_floor``, ``fd_excess``, ``diversity``, ``diversity_real``, each with ``*_ci95``, and the
 ``distribution`` details; ``dcm.evaluation.distribution``): the ``metrics/<method>.json`` contract
-(shared/DESIGN.md, Data contracts).
+(shared/DESIGN.md, Data contracts).  With open captions on (``world.open_share``, ``world.eval_open_prompts``,
+or open prompts in the rows) an ``open_world`` block is added: coverage of the unnamed attributes and the
+averaged-mode share (``distribution.open_world_metrics``); the default world's record is unchanged.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from dcm.worlds import shapes
 
 
 def score_rows(params: Params, rows: list[dict], videos: torch.Tensor) -> list[dict[str, float]]:
-    """shapes-bench scores of each row's video against the world's ground truth for its (prompt, seed)."""
+    """shapes-bench scores of each row's video against the world's ground truth for its (prompt, seed); an
+    open caption's unnamed attributes score whether the detector reads any value (``score_video``)."""
     size, frames = params.world.size, params.world.frames
     scores = []
     for row, video in zip(rows, videos, strict=True):
         scene = shapes.sample_scene(np.random.default_rng(row["seed"]), size, frames, caption=row["prompt"],
                                     jitter=params.world.position_jitter)
-        scores.append(score_video(video, scene, size, frames))
+        scores.append(score_video(video, scene, size, frames, shapes.open_attributes_of(row["prompt"])))
     return scores
 
 
@@ -38,6 +41,13 @@ def match_rate(scores: list[dict[str, float]]) -> float:
 
 def row_totals(scores: list[dict[str, float]]) -> np.ndarray:
     return np.array([aggregate(s, SHAPES_BENCH)["total"] for s in scores])
+
+
+def label(params: Params, method: str) -> dict:
+    """``{"label": …}`` for a row with ``methods.<m>.label`` (how the reports name it beside its key), else
+    nothing (the metrics of an unlabelled row are as before)."""
+    text = params.method(method).label
+    return {"label": text} if text else {}
 
 
 def shapes_bench_metrics(params: Params, method: str, record: dict, videos: torch.Tensor,
@@ -60,7 +70,8 @@ def shapes_bench_metrics(params: Params, method: str, record: dict, videos: torc
 
     psnrs = [psnr(v, t) for v, t in zip(videos, teacher_videos)]
     return {
-        "method": method, "backend": "shapes-bench", "steps": record["num_steps"], "nfe": record["nfe"],
+        "method": method, **label(params, method), "backend": "shapes-bench", "steps": record["num_steps"],
+        "nfe": record["nfe"],
         "latency_s": record["seconds_per_video"], "dimensions": dims, **summary,
         "total_ci95": list(bootstrap(totals, np.mean, n, seed)),
         "dimensions_ci95": {d: list(bootstrap(np.array([s[d] for s in scores]), np.mean, n, seed))

@@ -42,6 +42,11 @@ def protocol_note(metrics: dict[str, dict]) -> str | None:
     return describe(suites[0]) if suites else None
 
 
+def shown_name(name: str, metrics: dict) -> str:
+    """A row as the tables show it: its key, and its label where it has one (``dmd2 (DMD2 (no GAN))``)."""
+    return f"{name} ({metrics['label']})" if metrics.get("label") else name
+
+
 def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:
     """Rows of the main table: steps, NFE, latency, speedup vs teacher, Total/Quality/Semantic (×100), and
     the distribution metrics (FD to real renders with its real-vs-real floor, diversity) where evaluated."""
@@ -51,7 +56,7 @@ def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:
         m = metrics[name]
         latency = m.get("latency_s")
         rows.append({
-            "method": name,
+            "method": shown_name(name, m),
             "steps": m.get("steps"),
             "nfe": m.get("nfe"),
             "latency_s": latency,
@@ -108,7 +113,7 @@ def dimension_table(metrics: dict[str, dict], order: list[str]) -> str:
             cells.append("" if value is None
                          else f"{100 * value:.1f}"
                          + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shown_name(name, m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

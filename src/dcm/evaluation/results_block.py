@@ -69,7 +69,7 @@ def _report_order(project: Path, metrics: dict[str, dict]) -> list[str]:
                 in_table = True
             elif in_table and line.startswith("|"):
                 if not set(cells[0]) <= set("-:"):
-                    order.append(cells[0])
+                    order.append(cells[0].split(" ", 1)[0])  # the key, less a label beside it
             elif in_table:
                 break
     order = [m for m in order if m in metrics]
@@ -101,7 +101,8 @@ def method_table(metrics: dict[str, dict], order: list[str]) -> str:
                      else f"{100 * diff['mean']:+.2f}{_ci(diff.get('ci95'), signed=True)}")
         match = m.get("match_rate")
         match_text = _cell(None if match is None else 100 * match, ".0f", "%")
-        lines.append(f"| {name} | {_cell(m.get('steps'), 'd')} | {_cell(m.get('nfe'), 'd')} "
+        shown = f"{name} ({m['label']})" if m.get("label") else name
+        lines.append(f"| {shown} | {_cell(m.get('steps'), 'd')} | {_cell(m.get('nfe'), 'd')} "
                      f"| {_cell(latency, '.3f')} | {_cell(speedup, '.1f', '×')} "
                      f"| {100 * m['total']:.2f}{_ci(m.get('total_ci95'))} | {100 * m['quality']:.2f} "
                      f"| {100 * m['semantic']:.2f} | {diff_text} | {match_text} |")

@@ -16,6 +16,13 @@ Quality group:
 Semantic group: ``object_class``, ``color``, ``motion_direction``, ``speed``, ``texture``: 1 if the
 detected shape / colour / motion direction / speed / texture equals the prompt's, else 0.
 
+Open captions (``world.open_share``, docs/shapes-world.md): an attribute the prompt leaves open has no
+single right value, so its semantic dimension scores 1 when the detector reads any value of it (the
+coverage of its values over seeds is ``distribution.open_world_metrics``'); the static background then
+also leaves out the pixels the generated object covers (it may move elsewhere than the seed's scene),
+and an open speed takes "slowly" as the prompted speed of ``dynamic_degree``.  Full captions score as
+before, bit for bit.
+
 Aggregation follows VBench (``scoring.aggregate``): dynamic degree weight 0.5, others 1;
 Quality = weighted mean of the quality group, Semantic of the semantic group, Total = (4Q + S)/5.
 Adapted Min/Max: every shapes-bench dimension is already a [0, 1] score against the clean render, so
@@ -23,6 +30,8 @@ Min = 0 and Max = 1 (no calibration against VBench's empirical ranges, which do 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,9 +61,19 @@ def _object_masks(video: np.ndarray) -> np.ndarray:
     return (rgb.max(-1) - rgb.min(-1)) > 0.25
 
 
-def _static_background(clean: np.ndarray) -> np.ndarray:
-    """(H, W) pixels that never change in the clean render: the static background."""
-    return (clean.max(axis=1) - clean.min(axis=1)).max(axis=0) < 1e-6
+def _static_background(clean: np.ndarray, video: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) pixels that never change in the clean render: the static background; with ``video`` (an
+    open caption's sample), less the pixels its object covers in any frame, grown by one pixel."""
+    static = (clean.max(axis=1) - clean.min(axis=1)).max(axis=0) < 1e-6
+    if video is None:
+        return static
+    covered = np.pad(_object_masks(video).any(axis=0), 1)
+    h, w = static.shape
+    grown = np.zeros_like(static)
+    for i in range(3):
+        for j in range(3):
+            grown |= covered[i:i + h, j:j + w]
+    return static & ~grown
 
 
 def subject_consistency(video: np.ndarray, det: shapes.Detection) -> float:
@@ -68,16 +87,16 @@ def subject_consistency(video: np.ndarray, det: shapes.Detection) -> float:
     return float(np.clip(found.mean() * (1 - areas.std() / areas.mean() - drift), 0, 1))
 
 
-def background_consistency(video: np.ndarray, clean: np.ndarray) -> float:
-    static = _static_background(clean)
+def background_consistency(video: np.ndarray, clean: np.ndarray, open_caption: bool = False) -> float:
+    static = _static_background(clean, video if open_caption else None)
     if not static.any():
         return 1.0
     diff = np.abs(video[:, 1:] - video[:, :1])[:, :, static]
     return float(np.clip(1 - diff.mean() / 2, 0, 1))
 
 
-def temporal_flickering(video: np.ndarray, clean: np.ndarray) -> float:
-    static = _static_background(clean)
+def temporal_flickering(video: np.ndarray, clean: np.ndarray, open_caption: bool = False) -> float:
+    static = _static_background(clean, video if open_caption else None)
     frames = np.round((np.clip(video, -1, 1) + 1) * 127.5)
     mae = np.abs(np.diff(frames, axis=1))[:, :, static].mean() if static.any() else 0.0
     return float((255 - mae) / 255)
@@ -93,33 +112,42 @@ def motion_smoothness(det: shapes.Detection) -> float:
     return 1.0 / (1.0 + rms)
 
 
-def dynamic_degree(det: shapes.Detection, scene: shapes.Scene, size: int) -> float:
+def dynamic_degree(det: shapes.Detection, scene: shapes.Scene, size: int, open_speed: bool = False) -> float:
     t = np.flatnonzero(det.found)
     if len(t) < 2:
         return 0.0
     steps = np.linalg.norm(np.diff(det.track[t], axis=0), axis=1) / np.diff(t)
-    expected = float(np.hypot(*scene.velocity(size)))
+    expected = (shapes.speed_px_per_frame(shapes.SPEEDS[0], size) if open_speed
+                else float(np.hypot(*scene.velocity(size))))
     return float(np.median(steps) >= 0.5 * expected)
 
 
-def score_video(video: torch.Tensor, scene: shapes.Scene, size: int, frames: int) -> dict[str, float]:
-    """All shapes-bench dimensions of one generated video (3, T, H, W) in [-1, 1] against its scene."""
+def score_video(video: torch.Tensor, scene: shapes.Scene, size: int, frames: int,
+                open_attributes: Sequence[str] = ()) -> dict[str, float]:
+    """All shapes-bench dimensions of one generated video (3, T, H, W) in [-1, 1] against its scene;
+    ``open_attributes``: those the row's caption leaves open (module docstring)."""
     det = shapes.detect(video)
     v = video.float().numpy()
     clean = shapes.render(scene, size, frames).numpy()
     truth = scene.attributes
+    is_open = bool(open_attributes)
+
+    def semantic(attribute: str) -> float:
+        found = getattr(det, attribute)
+        return float(found is not None if attribute in open_attributes else found == truth[attribute])
+
     return {
         "subject_consistency": subject_consistency(v, det),
-        "background_consistency": background_consistency(v, clean),
-        "temporal_flickering": temporal_flickering(v, clean),
+        "background_consistency": background_consistency(v, clean, is_open),
+        "temporal_flickering": temporal_flickering(v, clean, is_open),
         "motion_smoothness": motion_smoothness(det),
-        "dynamic_degree": dynamic_degree(det, scene, size),
+        "dynamic_degree": dynamic_degree(det, scene, size, "speed" in open_attributes),
         "imaging_quality": float(det.sharpness),
-        "object_class": float(det.shape == truth["shape"]),
-        "color": float(det.colour == truth["colour"]),
-        "motion_direction": float(det.direction == truth["direction"]),
-        "speed": float(det.speed == truth["speed"]),
-        "texture": float(det.texture == truth["texture"]),
+        "object_class": semantic("shape"),
+        "color": semantic("colour"),
+        "motion_direction": semantic("direction"),
+        "speed": semantic("speed"),
+        "texture": semantic("texture"),
     }
 
 

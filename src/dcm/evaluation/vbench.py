@@ -378,6 +378,7 @@ def evaluate(params, method: str, teacher_metrics: dict | None = None,
     from safetensors.torch import load_file
 
     from dcm import io, paths
+    from dcm.evaluation.metrics import label
     from dcm.evaluation.shapes_bench import psnr
 
     cfg = params.evaluation.vbench
@@ -407,7 +408,8 @@ def evaluate(params, method: str, teacher_metrics: dict | None = None,
     psnrs = [psnr(v, t) for v, t in zip(videos, teacher_videos)]
     row_total = dict(zip(complete, totals.tolist()))
     return {
-        "method": method, "backend": "vbench", "vbench_mode": cfg.mode, "vbench_suite": suite,
+        "method": method, **label(params, method), "backend": "vbench", "vbench_mode": cfg.mode,
+        "vbench_suite": suite,
         "steps": record["num_steps"],
         "nfe": record["nfe"], "latency_s": record["seconds_per_video"], "dimensions": means,
         "quality": summary["quality"], "semantic": summary["semantic"], "total": summary["total"],

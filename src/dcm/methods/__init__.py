@@ -6,7 +6,9 @@ implements it.  Each module of a kind defines
 - ``velocities(params, method, backbone, merged)``: a velocity function per expert of that schedule and
   the forwards a step costs where it is not one (the CFG teacher: 2);
 - ``train(params, method, stage)``, for a kind that trains: what that training stage hands the one loop
-  (a :class:`Training`).
+  (a :class:`Training`);
+- optionally ``lcm_end_sigma(params, method)``: the σ its LCM sampler (``sampler: lcm``) denoises to, where
+  its training ends (default 0: the x0 prediction).
 
 Adding a method is one module here plus its ``MethodKind`` row in ``dcm.config``; the stage table, the
 ``sample`` stage, ``dcm export`` and ``benchmarks/`` go through this package.
@@ -112,6 +114,13 @@ def schedule_for(params: Params, method: str) -> list[SamplingStep]:
     return implementation(params, method).schedule(params, method)
 
 
+def lcm_end_sigma(params: Params, method: str) -> float:
+    """The σ the method's LCM sampler takes each step's consistency output at (``sample_lcm``'s
+    ``end_sigma``): its kind's ``lcm_end_sigma``, else 0."""
+    end = getattr(implementation(params, method), "lcm_end_sigma", None)
+    return 0.0 if end is None else float(end(params, method))
+
+
 def guidance_forwards(backbone: Backbone) -> int:
     """Forwards per teacher step: 2 with classifier-free guidance, 1 with embedded (or no) guidance."""
     return 2 if backbone.guidance_mode == "cfg" and backbone.guidance_scale != 1.0 else 1
@@ -148,6 +157,7 @@ class Sampler:
         self.experts, forwards = load_experts(params, method, backbone)
         self.nfe = nfe(self.steps, forwards)
         self.lcm = params.method(method).sampler == "lcm"
+        self.lcm_end = lcm_end_sigma(params, method) if self.lcm else 0.0
 
     def rows(self, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(latents, decoded videos) of the rows on the CPU, and the seconds the batch took."""
@@ -158,7 +168,8 @@ class Sampler:
             with inference_precision(self.device):
                 # LCM: fresh re-noising per row, seeded from the row (paired across methods and batches)
                 if self.lcm:
-                    x = sample_lcm(self.experts, self.steps, noise, cond, seeds=[r["seed"] for r in chunk])
+                    x = sample_lcm(self.experts, self.steps, noise, cond, seeds=[r["seed"] for r in chunk],
+                                   end_sigma=self.lcm_end)
                 else:
                     x = sample(self.experts, self.steps, noise, cond)
             video = self.backbone.decode_latents(x)

@@ -21,6 +21,13 @@ def schedule(params: Params, method: str):
     return uniform_schedule(grid, m.sample_steps, "student")
 
 
+def lcm_end_sigma(params: Params, method: str) -> float:
+    """Where the LCM sampler (``sampler: lcm``) takes each step's output: σ_min, the end of the phase the
+    loop trains the lowest steps to (LCM's boundary, its smallest training timestep), so the sampler returns
+    the trained endpoint x + (σ_min − σ)·v rather than extrapolating it to σ = 0."""
+    return params.teacher_grid().sigma_min
+
+
 def train(params: Params, method: str, stage: str) -> Training:
     backbone = distill.load_backbone(params)
     student = distill.full_parameter_student(backbone)

@@ -9,14 +9,20 @@ from dcm import distill
 from dcm.config import Params
 from dcm.distill import dmd2
 from dcm.methods import Training, schedule_for, single_student, student_velocities
-from dcm.schedule import uniform_schedule
 
 velocities = student_velocities
 
 
 def schedule(params: Params, method: str):
-    """The generator's fixed timesteps: the same steps train (``dcm.distill.dmd2``) and sample."""
-    return uniform_schedule(params.teacher_grid(), params.method(method).sample_steps, "student")
+    """The generator's fixed timesteps: the same steps train (``dcm.distill.dmd2``) and sample; evenly spaced
+    training timesteps on the unshifted scale, shifted (``dmd2.generator_schedule``)."""
+    g = params.grid
+    return dmd2.generator_schedule(g.num_train_timesteps, g.shift, params.method(method).sample_steps)
+
+
+def lcm_end_sigma(params: Params, method: str) -> float:
+    """The σ its LCM sampler denoises to: 0, the generator's x0 (DMD2 trains x0 itself)."""
+    return 0.0
 
 
 def train(params: Params, method: str, stage: str) -> Training:

@@ -9,7 +9,7 @@ from dcm import distill
 from dcm.config import Params
 from dcm.distill import mcm
 from dcm.methods import Training, single_student
-from dcm.methods.consistency import schedule, velocities  # noqa: F401 (sampled as LCM/PCM are)
+from dcm.methods.consistency import lcm_end_sigma, schedule, velocities  # noqa: F401 (sampled as LCM/PCM are)
 from dcm.schedule import pcm_phases
 
 

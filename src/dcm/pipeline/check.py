@@ -290,7 +290,7 @@ def planned_bytes(params: Params, counts: Counts) -> dict[str, int]:
                 else "train_baseline (export + resume, with EMA)"}[stage]
         out[f"checkpoints/{method} ({stage})"] = per_stage[name]
     rows = (counts.eval_prompts * params.evaluation.videos_per_prompt if params.backbone.family != "toy"
-            else params.world.eval_prompts * params.world.eval_seeds)
+            else (params.world.eval_prompts + params.world.eval_open_prompts) * params.world.eval_seeds)
     frames, height, width = ((params.backbone.real.frames, params.backbone.real.height,
                               params.backbone.real.width) if params.backbone.family != "toy"
                              else (params.world.frames, params.world.size, params.world.size))

@@ -127,7 +127,7 @@ CONFIGS: dict[tuple[str, str], dict] = {
 VARIANTS = {"wan": ("1.3B", "14B"), "hunyuan": ("13B",), "cogvideox": ("2B", "5B")}
 DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "cogvideox": "2B"}
 # what DetE copies and where the LoRA goes (dcm.backbones.<family>: timestep_layer_names, lora_target_modules)
-TIMESTEP_LAYERS = {"wan": ("condition_embedder", "scale_shift_table", "norm_out", "proj_out"),
+TIMESTEP_LAYERS = {"wan": ("condition_embedder", "norm_out", "proj_out"),
                    "hunyuan": ("time_text_embed", "norm_out", "proj_out"),
                    "cogvideox": ("time_embedding", "norm_out", "proj_out")}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -12,6 +12,7 @@ reported as not run.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 
 from dcm import paths, tracking
@@ -75,6 +76,25 @@ CURVE_METRICS = (
 )
 
 
+def labelled(claim: Claim, metrics: dict[str, dict]) -> Claim:
+    """``claim`` with its text naming a labelled row by its label ("DMD2" → "DMD2 (no GAN)")."""
+    text = claim.text
+    for row in (claim.a, claim.b):
+        label = metrics.get(row, {}).get("label")
+        if label:
+            text = text.replace(label.split(" ", 1)[0], label, 1)
+    return dataclasses.replace(claim, text=text)
+
+
+def labelled_curves(metrics: dict[str, dict]) -> dict[str, list[str]]:
+    """``CURVES`` with a series named by the label of its rows where they have one."""
+    out = {}
+    for name, rows in CURVES.items():
+        labels = [metrics[r]["label"] for r in rows if metrics.get(r, {}).get("label")]
+        out[labels[0] if labels else name] = rows
+    return out
+
+
 def run(params: Params) -> None:
     main, own = STAGES["evaluate"].methods(params), paper_rows(params)
     rows = [*main, *own, *curve_rows(params)]  # the stage's deps: nothing else is read
@@ -88,7 +108,7 @@ def run(params: Params) -> None:
     euler = euler_rows(params)
     controlled = [controlled_verdict(c, metrics, n, seed, euler, row_steps, seeds=seeds) for c in CLAIMS]
     claims = [c.verdict for c in controlled]
-    comparisons = [verdict(c, metrics, n, seed, seeds=seeds) for c in COMPARISONS]
+    comparisons = [verdict(labelled(c, metrics), metrics, n, seed, seeds=seeds) for c in COMPARISONS]
     with tracking.stage_run(params, "report_paper", param_keys={"methods": ",".join(metrics)}) as run_, \
             atomic_dir(paths.PAPER) as out:
         md = [f"# {params.experiment}: the paper's claims, quality against steps, ablations\n"]
@@ -130,7 +150,8 @@ def run(params: Params) -> None:
         figures = []
         for key, label, scale in CURVE_METRICS:
             file = out / f"{key}_vs_nfe.png"
-            if reporting.nfe_curves(metrics, CURVES, key, file, label, reference=TEACHER, scale=scale):
+            if reporting.nfe_curves(metrics, labelled_curves(metrics), key, file, label, reference=TEACHER,
+                                    scale=scale):
                 figures.append(file.name)
         not_run = [m for series in CURVES.values() for m in series if m not in metrics]
         note = ("Error bars: 95% bootstrap intervals over the evaluation rows; dashed line and band: the "

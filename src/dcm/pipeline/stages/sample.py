@@ -33,15 +33,16 @@ def parts_dir(method: str) -> Path:
     return paths.SAMPLES / f".{method}.parts"
 
 
-def fingerprint(params: Params, method: str, rows: list[dict], steps) -> str:
-    """What a part's values depend on: the method's row, its schedule, the evaluation rows, the batch size
-    and the weights it samples (their files' names, sizes and modification times)."""
+def fingerprint(params: Params, method: str, rows: list[dict], steps, lcm_end: float = 0.0) -> str:
+    """What a part's values depend on: the method's row, its schedule (and where LCM's sampler ends), the
+    evaluation rows, the batch size and the weights it samples (their files' names, sizes and modification
+    times)."""
     roots = paths.weights_paths(params, method)
     weights = [f for root in roots for f in Path(root).rglob("*") if f.is_file()]
     files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weights)
     settings = params.to_dict()
     identity = {"method": settings["methods"][method], "grid": settings["grid"], "rows": rows, "batch": BATCH,
-                "steps": [[s.sigma, s.expert] for s in steps], "weights": files}
+                "steps": [[s.sigma, s.expert] for s in steps], "lcm_end": lcm_end, "weights": files}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -56,7 +57,7 @@ def run(params: Params, method: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = load_teacher(params, paths.TEACHER).to(device)
     sampler = Sampler(params, method, backbone)
-    key, work = fingerprint(params, method, rows, sampler.steps), parts_dir(method)
+    key, work = fingerprint(params, method, rows, sampler.steps, sampler.lcm_end), parts_dir(method)
     batches = [rows[b:b + BATCH] for b in range(0, len(rows), BATCH)]
     if world.is_main:
         work.mkdir(parents=True, exist_ok=True)

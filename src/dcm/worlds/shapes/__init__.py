@@ -3,6 +3,9 @@
 A coloured, optionally textured shape moves in a straight line over a static, dark-grey textured
 background.  Captions name five attributes ("a red striped square moves left slowly"); an analytic
 detector reads them back from a video, so generated videos can be scored without a learned model.
+Opt-in *open* captions ("a striped shape moves left") leave some attributes unnamed and the world draws
+them uniformly per seed: a prompt with several right answers (``grammar``); ``averaged_mode`` reads a
+video for what a sampler that averages those answers draws (blended colours, ghosts, smears).
 
 Geometry is defined at a reference frame size of 32 px and scales with ``size``: at 32 px the object
 is 11 px across, texture bands are 2 px wide and the speeds are 1 ("slowly") and 2 ("quickly")
@@ -17,8 +20,13 @@ from __future__ import annotations
 from dcm.worlds.shapes.detect import (  # noqa: F401
     CORNER_THRESHOLD,
     EDGE_THRESHOLD,
+    FOOTPRINT_THRESHOLD,
+    MIN_MIXED_NEIGHBOURS,
     MIN_SHARE_NEAR_OBJECT,
     MIN_SOLID_SHARE,
+    MIXED_SHARE_THRESHOLD,
+    PALETTE,
+    PURE_DISTANCE,
     SATURATION_THRESHOLD,
     SMOOTH_SATURATION_THRESHOLD,
     SQUARE_CORNER_OCCUPANCY,
@@ -26,7 +34,9 @@ from dcm.worlds.shapes.detect import (  # noqa: F401
     TEXTURE_CONTRAST_THRESHOLD,
     TRIANGLE_WIDENING_THRESHOLD,
     VALUE_FLOOR,
+    AveragedMode,
     Detection,
+    averaged_mode,
     detect,
     matches,
 )
@@ -34,13 +44,22 @@ from dcm.worlds.shapes.grammar import (  # noqa: F401
     ATTRIBUTES,
     COLOURS,
     DIRECTIONS,
+    OPEN_CAPTION_STREAM,
+    OPEN_SHAPE_WORD,
     SHAPES,
     SPEEDS,
     TEXTURES,
     VOCABULARY,
     all_captions,
+    coarsen_caption,
+    is_open,
     make_caption,
+    open_attributes_of,
+    open_caption,
+    open_captions,
+    open_sets,
     parse_caption,
+    parse_open_caption,
 )
 from dcm.worlds.shapes.render import (  # noqa: F401
     BACKGROUND_GRAIN_AMPLITUDE,

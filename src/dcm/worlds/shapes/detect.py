@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dcm.worlds.shapes.grammar import ATTRIBUTES, COLOURS, SPEEDS, make_caption, parse_caption
+from dcm.worlds.shapes.grammar import ATTRIBUTES, COLOURS, SPEEDS, make_caption, parse_open_caption
 from dcm.worlds.shapes.render import (
+    BACKGROUND_RANGE,
     COLOUR_RGB,
+    DARKEN,
     _scale,
     band_width,
     object_half_extent,
@@ -340,6 +342,75 @@ def _motion(track: np.ndarray, found: np.ndarray, size: int) -> tuple[str | None
 
 def matches(det: Detection, caption: str, keys: Sequence[str] = ("colour", "shape", "direction")
             ) -> bool:
-    """Whether the detection agrees with ``caption`` on every attribute in ``keys``."""
-    wanted = parse_caption(caption)
-    return all(getattr(det, key) == wanted[key] for key in keys)
+    """Whether the detection agrees with ``caption`` on every attribute in ``keys``; an attribute an open
+    caption leaves unnamed agrees with any value the detector reads (not with None)."""
+    wanted = parse_open_caption(caption)
+    return all(getattr(det, key) is not None if wanted[key] is None else getattr(det, key) == wanted[key]
+               for key in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Averaged modes: blended colours, ghosts and smears
+# --------------------------------------------------------------------------------------------
+
+# A clean render has two kinds of pixel only: background grey (chroma ~0.02, grey level inside
+# BACKGROUND_RANGE) and one of the 8 palette colours (each colour bright or DARKEN-ed).  A sample that
+# averages modes (two colours, two positions) or is blurred has pixels between them.
+PURE_DISTANCE = 0.12  # RGB distance ([0, 1] units) within which a pixel counts as background or palette
+MIN_MIXED_NEIGHBOURS = 3  # off-background pixels with fewer such pixels in their 3x3 are noise
+MIXED_SHARE_THRESHOLD = 0.25  # mixed share of the object's pixels above which a video is flagged
+FOOTPRINT_THRESHOLD = 1.5  # a frame's off-background area (÷ the square's) above which it is flagged
+PALETTE = np.array([[brightness * channel for channel in COLOUR_RGB[colour]]
+                    for colour in COLOURS for brightness in (1.0, DARKEN)])  # (8, 3)
+
+
+@dataclass
+class AveragedMode:
+    """What a video shows of averaged modes (``averaged_mode``)."""
+
+    mixed_share: float  # share of off-background pixels whose colour is no palette colour: 0 when clean
+    footprint: float  # largest per-frame off-background area ÷ the square object's: clean ≤ 1
+    object_pixels: int  # off-background pixels over all frames (0: nothing but background)
+
+    @property
+    def flagged(self) -> bool:
+        """Whether the video looks like an average of modes or a smear (module constants)."""
+        return self.mixed_share > MIXED_SHARE_THRESHOLD or self.footprint > FOOTPRINT_THRESHOLD
+
+
+def averaged_mode(video: torch.Tensor, size_hint: int | None = None) -> AveragedMode:
+    """Read a (3, T, H, W) video in [-1, 1] for averaged modes: blended colours, ghosts, smears.
+
+    After removing the video's colour cast (as ``detect`` does), each pixel's distance to the
+    background is its chroma (distance from the grey axis) combined with how far its grey level lies
+    outside ``BACKGROUND_RANGE``, and its distance to the object is the distance to the nearest of the
+    8 palette colours (4 colours, bright and darkened).  Pixels farther than ``PURE_DISTANCE`` from
+    the background (with ≥ ``MIN_MIXED_NEIGHBOURS`` such pixels around them, so isolated noise does
+    not count) are the object's; those of them also farther than that from every palette colour are
+    *mixed*: the mean of two palette colours (red + green, or blue + yellow's grey blob brighter than
+    any background), a half-intensity ghost (palette + background), or a blurred rim or texture band.
+    A clean render has none (its pixels are exact palette or background values); Gaussian noise of
+    0.04 per channel ([0, 1] units) leaves the share under 0.11.  The footprint (largest per-frame
+    object area ÷ the square's) sees two objects or a wide smear even where their colours are pure.
+    ``flagged``: mixed share > ``MIXED_SHARE_THRESHOLD`` or footprint > ``FOOTPRINT_THRESHOLD``.
+    """
+    array = torch.as_tensor(video).detach().to("cpu", torch.float32).numpy()
+    if array.ndim != 4 or array.shape[0] != 3:
+        raise ValueError(f"expected a (3, T, H, W) video, got shape {tuple(array.shape)}")
+    size = size_hint or array.shape[3]
+    rgb = np.clip((np.nan_to_num(array) + 1.0) / 2.0, 0.0, 1.0)
+    background_rgb = np.median(rgb.reshape(3, -1), axis=1)
+    pixels = np.moveaxis(rgb - (background_rgb - background_rgb.mean())[:, None, None, None], 0, -1)
+    grey = pixels.mean(axis=-1)  # (T, H, W)
+    chroma = np.linalg.norm(pixels - grey[..., None], axis=-1)
+    low, high = BACKGROUND_RANGE
+    outside = np.maximum(0.0, np.maximum(grey - high, low - grey))
+    off_background = np.hypot(chroma, outside) > PURE_DISTANCE
+    off_background &= _neighbour_count(off_background) >= MIN_MIXED_NEIGHBOURS
+    to_palette = np.linalg.norm(pixels[..., None, :] - PALETTE, axis=-1).min(axis=-1)
+    mixed = off_background & (to_palette > PURE_DISTANCE)
+    count = int(off_background.sum())
+    square = (2 * object_half_extent(size) + 1) ** 2
+    return AveragedMode(mixed_share=float(mixed.sum() / count) if count else 0.0,
+                        footprint=float(off_background.sum(axis=(1, 2)).max() / square),
+                        object_pixels=count)

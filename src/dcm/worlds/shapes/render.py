@@ -16,8 +16,9 @@ from dcm.worlds.shapes.grammar import (
     TEXTURES,
     VOCABULARY,
     _check_word,
+    coarsen_caption,
     make_caption,
-    parse_caption,
+    parse_open_caption,
 )
 
 COLOUR_RGB = {
@@ -144,11 +145,14 @@ def sample_scene(
     of the track centred on the frame (still inside the frame); ``None`` allows anywhere it fits.
     The random stream consumed is the same with or without a caption or jitter.  If the track is
     too long to fit (too many frames for the speed), it is centred and the object leaves the frame.
+    An open caption (``grammar.parse_open_caption``) fixes the attributes it names; the ones it leaves
+    open keep their uniform draws from ``rng``, so each seed gives one of their values.
     """
     attributes = {attribute: VOCABULARY[attribute][rng.integers(len(VOCABULARY[attribute]))]
                   for attribute in ATTRIBUTES}
     if caption is not None:
-        attributes = parse_caption(caption)
+        named = parse_open_caption(caption)
+        attributes.update({a: v for a, v in named.items() if v is not None})
     unit_x, unit_y = DIRECTION_UNIT[attributes["direction"]]
     speed = speed_px_per_frame(attributes["speed"], size)
     start = []
@@ -277,12 +281,16 @@ def render(scene: Scene, size: int, frames: int) -> torch.Tensor:
     return render_batch([scene], size, frames)[0]
 
 
-def hq_stills(n: int, seed: int, size: int, jitter: float | None = None) -> tuple[torch.Tensor, list[str]]:
+def hq_stills(n: int, seed: int, size: int, jitter: float | None = None, open_share: float = 0.0,
+              open_attributes: Sequence[str] = ATTRIBUTES) -> tuple[torch.Tensor, list[str]]:
     """(n, 3, size, size) clean single frames of random scenes (the high-quality still images) and their
-    captions."""
+    captions; ``open_share`` of the captions leave attributes open (``grammar.coarsen_caption`` keyed on
+    (seed, i), so the stills themselves are the same whatever the share)."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, size, frames=1, jitter=jitter) for _ in range(n)]
-    return render_batch(scenes, size, frames=1)[:, :, 0], [scene.caption for scene in scenes]
+    captions = [coarsen_caption(scene.caption, (seed, i), open_share, open_attributes)
+                for i, scene in enumerate(scenes)]
+    return render_batch(scenes, size, frames=1)[:, :, 0], captions
 
 
 def hq_images(n: int, seed: int, size: int, jitter: float | None = None) -> torch.Tensor:
