@@ -451,3 +451,35 @@ def test_the_stored_embeddings_are_the_encoders_and_a_missing_prompt_is_an_error
     torch.testing.assert_close(got.hidden, direct.hidden)  # encoded in another batch: rounding at most
     with pytest.raises(ConfigError, match=r"not in the preprocessed store; the text encoders are not loaded"):
         stored.encode_prompts(["a prompt nobody preprocessed"])
+
+
+@pytest.mark.parametrize("family", ["hunyuan", "cogvideox"])
+def test_hunyuan_and_cogvideox_preprocess_their_prompts_and_videos_with_their_own_encoders(family, tmp_path,
+                                                                                          monkeypatch):
+    """The other two families through prepare → teacher → preprocess with a captioned video set: the stored
+    conditioning (HunyuanVideo's two encoders: hidden states, pooled vector and mask) is the encoders', the
+    video store holds every clip's VAE latents at the family's latent shape."""
+    from dcm.backbones import adapter_class, load_teacher
+
+    torch.manual_seed(0)
+    folder = tmp_path / f"tiny-{family}"
+    BUILDERS[family](folder)
+    raw = config.deep_merge(family_raw(family, folder), real_data(tmp_path, videos=2))
+    project(tmp_path / "p", raw, monkeypatch)
+    for stage in ("prepare", "teacher", "preprocess"):
+        run(stage)
+    params = config.load("params.yaml")
+    stored = load_teacher(params, paths.TEACHER)
+    assert all(getattr(stored.pipe, n) is None for n in stored.text_components)
+    bb = params.backbone
+    fresh = adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale)
+    with torch.no_grad():
+        direct = fresh.encode_prompts(TRAIN_PROMPTS[:2])
+    got = stored.encode_prompts(TRAIN_PROMPTS[:2])
+    torch.testing.assert_close(got.hidden, direct.hidden)
+    assert set(got.extra or {}) == set(direct.extra or {})
+    for key, value in (direct.extra or {}).items():
+        torch.testing.assert_close(got.extra[key], value)
+    videos = json.loads((paths.VIDEO_STORE / "index.json").read_text())
+    assert videos["count"] == 2
+    assert tuple(videos["latent_shape"]) == tuple(stored.video_latent_shape(params))
