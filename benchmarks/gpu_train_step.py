@@ -169,7 +169,9 @@ def make_dmd2(args, backbone, grid, latent, device) -> tuple:
         backbone.prompt_table[backbone.settings.negative_prompt] = common.random_cond(backbone, 1, "cpu",
                                                                                       torch.float32)
     generator = copy.deepcopy(backbone.transformer).requires_grad_(True)
-    steps = schedule.uniform_schedule(grid, DMD2_STEPS, "student")
+    # the generator's own grid and steps, as dmd2.build takes them (DMD2's timesteps on the unshifted scale)
+    grid = dmd2.generator_grid(T, overlay["shift"])
+    steps = dmd2.generator_schedule(T, overlay["shift"], DMD2_STEPS)
     source = dmd2.BackwardSimulation(backbone, generator,
                                      common.random_cond(backbone, 1, "cpu", torch.float32),
                                      grid, steps, latent, device)
@@ -180,7 +182,7 @@ def make_dmd2(args, backbone, grid, latent, device) -> tuple:
     train_sigmas = torch.from_numpy(schedule.training_sigmas(T, overlay["shift"]))
     objective = dmd2.DistributionMatching(
         backbone, source, train_sigmas, fake_steps=args.dmd2_fake_steps, fake_lr=LR, dm_weight=cfg.dm_weight,
-        t_range=(int(cfg.t_min * T), min(int(cfg.t_max * T), T - 1)), guidance=cfg.guidance,
+        dm_sigma_range=(cfg.t_min, cfg.t_max), guidance=cfg.guidance,
         gan_weight=cfg.gan_weight if args.dmd2_gan else 0.0,
         cls_weight=cfg.cls_weight if args.dmd2_gan else 0.0, real_videos=videos, weight_decay=WEIGHT_DECAY,
         max_grad_norm=MAX_GRAD_NORM, seed=0)

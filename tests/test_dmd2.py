@@ -480,7 +480,8 @@ def test_dmd2_rows_share_dmd2s_budget_except_dmd2_steps():
     base = dataclasses.asdict(full.methods["dmd2"])
     curve, ablation = {"nfe_curve": True}, {"ablation": True}  # the opt-in group each row is in
     changes = {"dmd2_1": {"sample_steps": 1, **curve}, "dmd2_2": {"sample_steps": 2, **curve},
-               "dmd2_gan": {"dmd2": {**base["dmd2"], "gan_weight": 5.0e-3, "cls_weight": 1.0e-2}, **ablation},
+               "dmd2_gan": {"dmd2": {**base["dmd2"], "gan_weight": 5.0e-3, "cls_weight": 1.0e-2},
+                            "label": None, **ablation},
                "dmd2_steps": {"train_steps": full.methods["lcm"].train_steps, **ablation}}
     for name, change in changes.items():
         row = dataclasses.asdict(full.methods[name])
