@@ -429,6 +429,13 @@ def test_wan_rehearsal_preprocess_trajectories_online_training_sample_without_th
     assert len(list(paths.samples("dcm").glob("*.mp4"))) == 2
     prompts = shards.ShardStore(paths.PROMPT_STORE)
     assert {r["prompt"] for r in prompts.rows} >= set(TRAIN_PROMPTS) | {""}
+    # VBench's staging of these videos (custom_input: the files and the prompt file vbench reads)
+    from dcm.evaluation.vbench import stage_videos
+
+    staged, prompt_file, index = stage_videos(record["rows"], paths.samples("dcm"), Path("vbench-work"),
+                                              "custom_input")
+    assert sorted(json.loads(prompt_file.read_text()).values()) == sorted(EVAL_PROMPTS)
+    assert len(index) == 2 and all(Path(p).resolve().is_file() for p in index)
 
 
 def test_the_stored_embeddings_are_the_encoders_and_a_missing_prompt_is_an_error(wan_folder, tmp_path,
