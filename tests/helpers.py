@@ -284,6 +284,27 @@ def real_data(root: Path, videos: int = 0, frames: int = 12, per_prompt: int = 2
     return overlay
 
 
+def shrunk_wan(folder: Path, root: Path) -> dict:
+    """The wan preset (its recipe: online source, prompt dropout 0.1, FSDP layout, checkpointing) at the tiny
+    pipeline's size, with budgets of a few steps."""
+    from dcm import config
+
+    raw = config.deep_merge(config.load_raw(REPO / "params.yaml", "smoke"), config.preset_overlay("wan"))
+    raw = config.deep_merge(raw, real_data(root, videos=4))
+    return config.deep_merge(raw, {
+        "backbone": {"path": str(folder), "real": {**VIDEO, "max_sequence_length": 12, "text_dtype": "fp32",
+                                                   "vae_dtype": "fp32", "vae_slicing": False}},
+        "grid": {"steps": 10, "kappa": 5},
+        "trajectories": {"num_trajectories": 4, "batch_size": 2, "shard_size": 2},
+        "training": {"checkpoint_every": 2, "log_every": 1},
+        "evaluation": {"backend": "shapes-bench", "videos_per_prompt": 1},  # VBench needs its own venv
+        "methods": {"teacher": {"sample_steps": 10},
+                    "lcm": {"train_steps": 2},
+                    "dcm": {"seme": {"train_steps": 2}, "dete": {"train_steps": 2, "lora_rank": 4,
+                                                                 "lora_alpha": 8}}},
+    })
+
+
 # ------------------------------------------------------------------------------ reports
 
 

@@ -261,3 +261,32 @@ def test_merged_experts_sample_like_the_routed_dual_expert(backbone, params, gri
     merged = sample({e: student_velocity(backbone, dual.materialize(e).eval()) for e in ("seme", "dete")},
                     steps, noise, cond)
     torch.testing.assert_close(merged, routed, rtol=1e-4, atol=1e-4)
+
+
+def test_an_fsdp2_bf16_dual_expert_routes_on_the_callers_timestep(backbone, grid, params):
+    """FSDP2's bf16 policy casts forward inputs; the dual expert's route must see the timestep the caller
+    gave (at t ≈ 960 bf16's spacing is 4: a DetE sample at σ_κ would go to SemE)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dcm.config import ParallelConfig
+    from dcm.parallel.fsdp import parallelize
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        dual = build(backbone, grid, params)
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
+        parallelize(dual, ParallelConfig(strategy="fsdp", mixed_precision="bf16"), mesh)
+        seen = []
+        route = dual.route
+        dual.route = lambda t: seen.append(t.clone()) or route(t)
+        t = torch.tensor([dual.t_kappa], dtype=torch.float32)
+        assert t.to(torch.bfloat16).float() != t  # the cast would change it
+        x = latents(backbone, params, 1)
+        cond = backbone.encode_prompts([PROMPT])
+        with torch.no_grad():
+            dual(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden, return_dict=False)
+        assert seen and seen[0].dtype == torch.float32 and torch.equal(seen[0], t)
+        assert not dual.route(seen[0]).any()  # σ_κ itself: DetE's
+    finally:
+        dist.destroy_process_group()

@@ -69,6 +69,28 @@ def test_process_group_passes_the_timeout_to_torch(monkeypatch):
     assert [c["timeout"] for c in calls] == [timedelta(seconds=90), None]
 
 
+def test_a_failing_rank_leaves_without_waiting_at_the_closing_barrier(monkeypatch):
+    """A rank whose stage raises closes its group and re-raises at once: the closing barrier would wait on
+    ranks blocked in a collective it never reaches (until the timeout, its traceback held back)."""
+    import torch.distributed as dist
+
+    calls = []
+    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append("init"))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with pytest.raises(ValueError, match="the stage failed"):
+        with distributed.process_group():
+            raise ValueError("the stage failed")
+    assert calls == ["init", "destroy"]
+    calls.clear()
+    with distributed.process_group():
+        pass
+    assert calls == ["init", "barrier", "destroy"]
+
+
 WAIT_S, SLEEP_S = 2.0, 12.0  # rank 1's timeout, and how long rank 0 keeps it waiting
 
 

@@ -96,9 +96,13 @@ def process_group(timeout: timedelta | None = None) -> Iterator[World]:
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     try:
         yield world()
-    finally:
-        dist.barrier()
+    except BaseException:
+        # a failing rank leaves at once with its error: a barrier here would wait, until the timeout, on
+        # ranks blocked in a collective it never reaches, and hold its traceback back that long
         dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -160,11 +160,22 @@ class DualExpert(nn.Module):
         by more than ``ROUTING_TOLERANCE_T``), False for DetE."""
         return timestep.detach().double() > self.t_kappa + ROUTING_TOLERANCE_T
 
+    def record_timestep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook, registered ahead of a wrapper's own (``dcm.parallel.fsdp.parallelize``): the
+        timestep as the caller gave it, for ``route``.  FSDP2's bf16 mixed precision casts forward inputs,
+        and bf16's spacing near t = 1000 is 4, enough to send a sample at σ_κ's neighbour to the wrong
+        expert; the experts themselves still receive the cast timestep, as any FSDP2 student does."""
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self._caller_timestep = None if timestep is None else torch.as_tensor(timestep).detach().clone()
+
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, return_dict: bool = True, **kwargs):
         batch = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-        to_seme = self.route(timestep)
+        caller = self.__dict__.pop("_caller_timestep", None)
+        exact = (caller.to(hidden_states.device).reshape(-1).expand(batch) if caller is not None
+                 and caller.numel() in (1, batch) else timestep)
+        to_seme = self.route(exact)
         out = None
         for expert, mask in (("seme", to_seme), ("dete", ~to_seme)):
             idx = torch.nonzero(mask).flatten()

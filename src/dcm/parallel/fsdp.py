@@ -239,7 +239,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, *, shard: bool = Tr
     if not root:
         return model
     # the root keeps its (small) gathered weights from forward to backward, if it has one
-    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=None if trains else True, **policies)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=None if trains else True, **policies)
+    if hasattr(model, "record_timestep"):  # a dual expert routes on the caller's timestep, before the cast
+        model.register_forward_pre_hook(model.record_timestep, prepend=True, with_kwargs=True)
+    return model
 
 
 # ------------------------------------------------------------------------ the loop's other needs

@@ -76,6 +76,14 @@ class StageJob(submitit.helpers.Checkpointable):
             env = distributed_env(submitit.JobEnvironment())
         except RuntimeError:  # the debug executor runs outside any cluster environment
             env = {}
+        if int(env.get("WORLD_SIZE", "1")) > 1 and not table.get(self.stage).data_parallel:
+            # a rank-0 stage on a multi-task row: the other tasks end here and rank 0 works in a world of
+            # one (in a group of every task, rank 0's collectives, e.g. analyze's training loop, would wait
+            # on ranks that never join them)
+            if env["RANK"] != "0":
+                print(f"{self.stage}: rank {env['RANK']} idle (the stage runs on rank 0 only)", flush=True)
+                return
+            env = {**env, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
         os.environ.update(env)
         params = config.load(self.params_path, self.preset)
         table.get(self.stage).run(params, self.method)
