@@ -132,19 +132,20 @@ def test_snakemake_slurm_profile_runs_prepare_then_teacher(cluster_project):
 
 
 def _prepare_training_inputs(params_path: str = "params.yaml") -> None:
-    """prepare → teacher → trajectories in this process (the inputs of a training stage)."""
+    """prepare → teacher → preprocess → trajectories in this process (the inputs of a training stage)."""
     from dcm.pipeline import table
 
     params = config.load(params_path)
     local = config.parse({**config.load_raw(params_path), "launcher": "local"})
     assert params.launcher == "slurm"
-    for name in ("prepare", "teacher", "trajectories"):
+    for name in ("prepare", "teacher", "preprocess", "trajectories"):
         table.get(name).run(local)
 
 
 @pytest.fixture(scope="module")
 def training_inputs(tmp_path_factory):
-    """prepare → teacher → trajectories of the smoke preset, built once in this process (launcher local)."""
+    """prepare → teacher → preprocess → trajectories of the smoke preset, built once in this process
+    (launcher local)."""
     folder = tmp_path_factory.mktemp("slurm-inputs")
     raw = config.load_raw(REPO / "params.yaml", "smoke")
     raw["launcher"] = "local"
@@ -155,7 +156,7 @@ def training_inputs(tmp_path_factory):
         from dcm.pipeline import table
 
         params = config.load("params.yaml")
-        for name in ("prepare", "teacher", "trajectories"):
+        for name in ("prepare", "teacher", "preprocess", "trajectories"):
             table.get(name).run(params)
     finally:
         os.chdir(here)
