@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -271,11 +270,6 @@ def test_resources_overlay_default_and_name_the_bad_key(tmp_path):
         dag.load_resources("teacher", bad)
 
 
-def _missing_stage_modules() -> list[str]:
-    return [f"dcm.pipeline.stages.{s}" for s in STAGES
-            if importlib.util.find_spec(f"dcm.pipeline.stages.{s}") is None]
-
-
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     out = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, capture_output=True, text=True, env=env)
@@ -285,9 +279,6 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_smoke_repo):
-    missing = _missing_stage_modules()
-    if missing:
-        pytest.skip(f"stage modules not written yet: {', '.join(missing)}")
     tmp_path, first_stdout, _ = dvc_smoke_repo
     params = config.load(tmp_path / "params.yaml")
     for s, m in dag.runs(params):  # the smoke params' DAG: the default experiment (groups off)
