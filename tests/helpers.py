@@ -364,3 +364,20 @@ def plan_workloads() -> dict:
         "cogvideox": (Workload("cogvideox", cog, (4, 8, 16, 16), batch=2, text_tokens=16,
                                name="cogvideox tiny", **common), 1),
     }
+
+
+# ------------------------------------------------------------------------------ SLURM
+
+
+def cluster_answers() -> bool:
+    """A SLURM controller that answers sinfo with an idle, mixed or allocated node (DCM_SLURM_TESTS=1 forces
+    the SLURM tests)."""
+    if os.environ.get("DCM_SLURM_TESTS"):
+        return True
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))

@@ -44,7 +44,7 @@ import yaml
 
 from dcm import config, paths
 from dcm.pipeline import table
-from helpers import BUILDERS, EVAL_PROMPTS, REPO, VIDEO, run_dvc, shrunk_wan
+from helpers import BUILDERS, EVAL_PROMPTS, REPO, VIDEO, cluster_answers, run_dvc, shrunk_wan
 
 BIN = Path(sys.executable).parent
 RSS_ENV = "DCM_REHEARSAL_RSS_DIR"
@@ -88,21 +88,8 @@ STAMP = re.compile(r"submitit \w+ \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\)")
 MEMORY_TOLERANCE = 0.20  # the issue's bar: the plan's peak within 20% of the measured CPU peak
 
 
-def _cluster_answers() -> bool:
-    """A controller that answers sinfo with an idle or mixed node (DCM_SLURM_TESTS=1 forces the test)."""
-    if os.environ.get("DCM_SLURM_TESTS"):
-        return True
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return False
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not _cluster_answers(),
+    not cluster_answers(),
     reason="no SLURM cluster answers here: run slurm/local-cluster/start.sh (or set DCM_SLURM_TESTS=1)")]
 
 

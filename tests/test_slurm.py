@@ -20,25 +20,14 @@ import yaml
 
 from dcm import config, distributed
 from dcm.pipeline import launch
+from helpers import cluster_answers
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-def _cluster_answers() -> bool:
-    """A controller that answers sinfo with an idle or mixed node (DCM_SLURM_TESTS=1 forces the tests)."""
-    if os.environ.get("DCM_SLURM_TESTS"):
-        return True
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return False
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
-
 
 needs_cluster = pytest.mark.skipif(
-    not _cluster_answers(),
+    not cluster_answers(),
     reason="no SLURM cluster answers here: run slurm/local-cluster/start.sh (or set DCM_SLURM_TESTS=1)")
 
 
