@@ -287,34 +287,6 @@ def test_sigusr1_mid_training_requeues_and_finishes_with_the_uninterrupted_weigh
 
 @pytest.mark.slow
 @needs_cluster
-def test_snakemake_slurm_profile_runs_the_whole_dag_with_the_metrics_of_dvc_repro(cluster_project,
-                                                                                  dvc_smoke_repo):
-    """Every rule a SLURM job on the local cluster; the metrics equal `dvc repro`'s (less wall time)."""
-    from helpers import deterministic_metrics
-
-    _, _, dvc_metrics = dvc_smoke_repo
-    for name in ("Snakefile", "workflow"):
-        src = REPO / name
-        shutil.copytree(src, name) if src.is_dir() else shutil.copy(src, name)
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw["launcher"] = "local"  # the rules call `dcm run` inside their own SLURM jobs (no nested submission)
-    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    out = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "--default-resources",
-         "slurm_partition=gpu", "gres=none", "mem_mb=2048", "cpus_per_task=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500,
-        env={**os.environ, "DCM_TRACKING": "off"})  # concurrent logging is covered by the MLflow server test
-    assert out.returncode == 0, out.stdout[-4000:]
-    submitted = set(re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", out.stdout))
-    assert len(submitted) >= len(dvc_metrics), out.stdout[-3000:]
-    snake_metrics = deterministic_metrics(Path("metrics"))
-    assert set(snake_metrics) == set(dvc_metrics)
-    for method, expected in dvc_metrics.items():
-        assert snake_metrics[method] == expected, method
-
-
-@pytest.mark.slow
-@needs_cluster
 def test_methods_of_one_stage_go_out_as_one_job_array(cluster_project):
     _prepare_training_inputs()
     params = config.load("params.yaml")
