@@ -55,6 +55,7 @@ from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds
 from dcm.sampling import Velocity, sample, teacher_velocity
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid, uniform_schedule
+from dcm.shards import fsync_dir, read_json_or_none, shard_name, sidecar_name  # the stores' shared layout
 
 FORMAT_VERSION = 2  # 2: exact_steps in the header; fp32 = exact teacher steps (1: bf16 points, steps rounded)
 INDEX = "index.json"
@@ -68,14 +69,6 @@ LAYOUT = "(S, N+1, C, T, H, W); axis 1 ascending over grid.sigmas: position n+1 
 
 class StoreError(RuntimeError):
     """A trajectory store that is missing, incomplete, corrupted or of another format."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def sidecar_name(index: int) -> str:
-    return f"shard-{index:05d}.json"
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -165,14 +158,6 @@ def store_header(grid: TeacherGrid, num_train_timesteps: int, shift: float, guid
 # ------------------------------------------------------------------------------------ writer
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TrajectoryWriter:
     """Builds a store shard by shard on every rank of the stage; a re-run with the same header resumes,
     another header starts over."""
@@ -205,7 +190,7 @@ class TrajectoryWriter:
         recorded = None
         for path in (index, partial):
             if recorded is None and path.is_file():
-                recorded = _read_json_or_none(path) or {}
+                recorded = read_json_or_none(path) or {}
         distributed.barrier()  # every rank has read what was there before rank 0 changes it
         if self.world.is_main:
             if recorded and recorded.get("fingerprint") != self.fingerprint:
@@ -232,7 +217,7 @@ class TrajectoryWriter:
         path = self.root / shard_name(i)
         entry = indexed
         if entry is None:
-            side = _read_json_or_none(self.root / sidecar_name(i))
+            side = read_json_or_none(self.root / sidecar_name(i))
             if not side or side.get("fingerprint") != self.fingerprint or side.get("shard") != i:
                 return None
             entry = side["entry"]
@@ -263,7 +248,7 @@ class TrajectoryWriter:
         tensor = latents.detach().to("cpu", DTYPES[self.header["dtype"]]).contiguous()
         data = safetensors_bytes({TENSOR: tensor}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         io.write_bytes_atomic(self.root / shard_name(i), data)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                  "rows": self.shard_rows[i]}
         io.write_json_atomic(self.root / sidecar_name(i),
@@ -286,16 +271,9 @@ class TrajectoryWriter:
                 if path.name not in keep:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             io.write_json_atomic(self.root / INDEX, index)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         distributed.barrier()
         return io.read_json(self.root / INDEX)
-
-
-def _read_json_or_none(path: Path) -> Any:
-    try:
-        return io.read_json(path)
-    except (OSError, ValueError):
-        return None
 
 
 # ------------------------------------------------------------------------------------ reader
