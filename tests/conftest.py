@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import REPO, deterministic_metrics, run_dvc, smoke_dvc_repo, smoke_params
+from helpers import BUILDERS, REPO, deterministic_metrics, run_dvc, smoke_dvc_repo, smoke_params
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # The tiny test models gain nothing from intra-op threads, and on a loaded 2-core machine threads
@@ -87,3 +87,12 @@ def dvc_smoke_repo(tmp_path_factory):
     repo = smoke_dvc_repo(tmp_path_factory.mktemp("dvc-smoke"))
     first = run_dvc(repo, "repro", "report")  # the default DAG, as `make demo` runs it
     return repo, first.stdout, deterministic_metrics(repo / "metrics")
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """A tiny random Wan 2.1 pipeline folder saved by diffusers' own save_pretrained (one per test module)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-wan")
+    BUILDERS["wan"](folder)
+    return folder

@@ -44,14 +44,6 @@ from helpers import (
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-wan")
-    BUILDERS["wan"](folder)
-    return folder
-
-
 def run(*argv: str) -> None:
     assert cli.main(["run", *argv]) == 0
 

@@ -44,7 +44,7 @@ import yaml
 
 from dcm import config, paths
 from dcm.pipeline import table
-from helpers import BUILDERS, EVAL_PROMPTS, REPO, VIDEO, cluster_answers, run_dvc, shrunk_wan
+from helpers import EVAL_PROMPTS, REPO, VIDEO, cluster_answers, run_dvc, shrunk_wan
 
 BIN = Path(sys.executable).parent
 RSS_ENV = "DCM_REHEARSAL_RSS_DIR"
@@ -202,14 +202,6 @@ def _cancel_jobs_under(root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ the rehearsal
-
-
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-wan")
-    BUILDERS["wan"](folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
