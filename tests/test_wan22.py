@@ -240,3 +240,40 @@ def test_the_preset_sets_kappa_at_the_boundary_and_the_stock_four_step_schedule(
     assert [s.expert for s in steps] == ["seme", "seme", "dete", "dete"]
     sigma_kappa = params.teacher_grid().sigma(params.grid.kappa)
     assert all((s.expert == "seme") == (s.sigma > sigma_kappa) for s in steps)
+
+
+def test_the_memory_plan_holds_both_experts_where_the_stage_does():
+    """One expert runs per forward (activations unchanged); the frozen teacher, a baseline's student and
+    DMD2's fake score hold both, DetE a second frozen transformer (its LoRA's base), SemE trains one."""
+    import dataclasses
+
+    from dcm.plan import memory
+    from helpers import plan_workloads
+
+    work, _ = plan_workloads()["wan"]
+    st = memory.structure(work, torch.bfloat16)
+    setting = memory.Setting(gpus=1)
+    one = memory.plan(work, setting, st)
+    two = memory.plan(dataclasses.replace(work, experts=2), setting, st)
+    teacher = "frozen teacher (fp32)"
+    assert two["SemE"][teacher] == 2 * one["SemE"][teacher]
+    assert two["SemE"]["parameters (fp32)"] == one["SemE"]["parameters (fp32)"]  # one expert trains
+    adam, fake = "optimizer (AdamW, 2 × fp32)", "fake score (weights+grads+AdamW)"
+    assert two["Baseline"][adam] == 2 * one["Baseline"][adam] and two["DMD2"][fake] == 2 * one["DMD2"][fake]
+    assert two["DetE"]["frozen student weights"] == 2 * one["DetE"]["frozen student weights"]
+    for row in ("SemE", "DetE", "DMD2"):
+        assert two[row]["activations, checkpointing"] == one[row]["activations, checkpointing"]
+
+
+def test_the_presets_plan_is_two_14b_experts_and_its_rows_cover_every_stage(tmp_path):
+    from dcm.pipeline.dag import load_resources
+    from dcm.pipeline.table import STAGES
+    from dcm.plan import memory
+    from dcm.plan.whole import transformer_config
+
+    raw = config.load_raw(REPO / "params.yaml", "wan22_a14b")
+    raw["backbone"]["path"] = str(tmp_path)  # no transformer/config.json there: the released config
+    cfg, name, experts = transformer_config(config.parse(raw))
+    assert (name, experts, cfg) == ("A14B", 2, memory.CONFIGS[("wan", "14B")])
+    rows = {s: load_resources(s, REPO / "slurm" / "resources-wan22_a14b.yaml") for s in STAGES}
+    assert rows["train_seme"].gpus * rows["train_seme"].nodes == 16
