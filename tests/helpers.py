@@ -159,6 +159,33 @@ def build_wan(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
+def build_wan22_ti2v(folder: Path) -> None:
+    """A tiny Wan 2.2 TI2V pipeline: ``expand_timesteps`` on, the Wan 2.2 VAE's form (z_dim 48, residual,
+    patch size 2, 16× spatial compression) with its own per-channel latents_mean / latents_std."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
+
+    tokenizer = tiny_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
+                                          num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+                           in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=torch.linspace(-0.3, 0.3, 48).tolist(),
+                           latents_std=torch.linspace(0.5, 2.0, 48).tolist())
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                       transformer=WanTransformer3DModel(**WAN_CONFIGS["ti2v-tiny"]), expand_timesteps=True)
+    pipe.save_pretrained(folder)
+
+
 def build_hunyuan(folder: Path) -> None:
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -218,26 +245,34 @@ def build_cogvideox(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox}
+# tiny teachers by name (a family's, or a family's other form: Wan 2.2 TI2V is family wan)
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox,
+            "wan22_ti2v": build_wan22_ti2v}
+TEACHER_FAMILY = {"wan22_ti2v": "wan"}
+# the TI2V VAE compresses 16× in space: 64-pixel frames give the same 2×2 tokens per latent frame
+TEACHER_VIDEO = {"wan22_ti2v": {**VIDEO, "height": 64, "width": 64}}
 
 
-def family_raw(family: str, folder: Path, **real) -> dict:
-    """The smoke preset with a real family: params.yaml content for a scratch project (MCM an ablation row,
-    as in the real presets: its image discriminator trains on the shapes world's stills)."""
+def family_raw(teacher: str, folder: Path, **real) -> dict:
+    """The smoke preset with a real teacher (a ``BUILDERS`` name): params.yaml content for a scratch project
+    (MCM an ablation row, as in the real presets: its image discriminator trains on the shapes world's
+    stills)."""
     from dcm import config
 
     raw = config.load_raw(REPO / "params.yaml", "smoke")
-    settings = {**VIDEO, "max_sequence_length": 12, "text_dtype": "fp32", "vae_dtype": "fp32", **real}
-    return config.deep_merge(raw, {"experiment": f"tiny-{family}",
-                                   "backbone": {"family": family, "path": str(folder), "guidance_scale": 6.0,
+    settings = {**TEACHER_VIDEO.get(teacher, VIDEO), "max_sequence_length": 12, "text_dtype": "fp32",
+                "vae_dtype": "fp32", **real}
+    return config.deep_merge(raw, {"experiment": f"tiny-{teacher}",
+                                   "backbone": {"family": TEACHER_FAMILY.get(teacher, teacher),
+                                                "path": str(folder), "guidance_scale": 6.0,
                                                 "real": settings},
                                    "methods": {"mcm": {"ablation": True}}})
 
 
-def family_params(family: str, folder: Path, **real):
+def family_params(teacher: str, folder: Path, **real):
     from dcm import config
 
-    return config.parse(family_raw(family, folder, **real))
+    return config.parse(family_raw(teacher, folder, **real))
 
 
 # ------------------------------------------------------------------------------ real data

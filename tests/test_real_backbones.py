@@ -27,6 +27,7 @@ from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw, real_da
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan", "hunyuan", "cogvideox")
+TEACHERS = (*FAMILIES, "wan22_ti2v")  # Wan 2.2 TI2V-5B's form: family wan, per-token timesteps, 48-channel VAE
 
 
 # ------------------------------------------------------------------------------ tiny pipelines (BUILDERS)
@@ -53,12 +54,12 @@ def loaded(folders):
     """Adapters loaded through ``from_folder`` (text encoders lazily), frozen, per family."""
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
-            params = family_params(family, folders(family))
+    def get(teacher: str):
+        if teacher not in cache:
+            params = family_params(teacher, folders(teacher))
             bb = params.backbone
-            cache[family] = (adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale), params)
-        return cache[family]
+            cache[teacher] = (adapter_class(bb.family).from_folder(bb.path, bb.real, bb.guidance_scale), params)
+        return cache[teacher]
 
     return get
 
@@ -73,7 +74,7 @@ def inputs(backbone, params, batch: int = 2, seed: int = 0):
 # ------------------------------------------------------------------------------ the protocol
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_forward_gives_a_velocity_of_the_latent_shape_and_every_second_block_as_features(family, loaded):
     backbone, params = loaded(family)
     x, sigma, cond = inputs(backbone, params)
@@ -90,7 +91,7 @@ def test_forward_gives_a_velocity_of_the_latent_shape_and_every_second_block_as_
     assert [p.shape for p in backbone.project_features(backbone.transformer, feats)] == [x.shape] * len(feats)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_prompts_embed_differently_and_come_from_the_pipeline_encoder(family, loaded):
     backbone, _ = loaded(family)
     a, b = backbone.encode_prompts(PROMPTS).hidden
@@ -98,10 +99,11 @@ def test_prompts_embed_differently_and_come_from_the_pipeline_encoder(family, lo
     assert all(getattr(backbone.pipe, n) is not None for n in backbone.text_components)  # loaded on demand
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_vae_round_trip_keeps_the_latent_shape(family, loaded):
     backbone, params = loaded(family)
-    video = torch.rand(1, 3, VIDEO["frames"], VIDEO["height"], VIDEO["width"]) * 2 - 1
+    real = params.backbone.real
+    video = torch.rand(1, 3, real.frames, real.height, real.width) * 2 - 1
     with torch.no_grad():
         latents = backbone.encode_video(video)
         decoded = backbone.decode_latents(latents)
@@ -131,6 +133,79 @@ def test_wan_cfg_combines_conditional_and_negative_prompt_forwards(loaded):
         v_c = backbone.predict(backbone.transformer, x, sigma, cond)
         v_u = backbone.predict(backbone.transformer, x, sigma, uncond)
     torch.testing.assert_close(guided, v_u + 5.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ Wan 2.2 TI2V, the stock pipeline
+
+
+def test_wan22_ti2v_gets_a_timestep_per_video_token_and_the_48_channel_vae_latents(loaded):
+    backbone, params = loaded("wan22_ti2v")
+    assert backbone.expand_timesteps and not loaded("wan")[0].expand_timesteps
+    vae = backbone.vae.config
+    assert (vae.z_dim, vae.scale_factor_spatial, vae.is_residual, vae.patch_size) == (48, 16, True, 2)
+    # 9 frames of 64×64: ÷4 in time (+1), ÷16 in space; 3 latent frames of 2×2 tokens
+    assert backbone.video_latent_shape(params) == (48, 3, 4, 4)
+    x, sigma, _ = inputs(backbone, params)
+    t = backbone.timestep(sigma, x)
+    assert t.shape == (2, 3 * 2 * 2) and torch.equal(t, (1000.0 * sigma)[:, None].expand(-1, 12))
+    # the latent space is the VAE mean normalised by the config's per-channel latents_mean / latents_std
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = backbone.vae.encode(video).latent_dist.mode()
+        latents = backbone.encode_video(video)
+    mean, std = (torch.tensor(v).view(1, 48, 1, 1, 1) for v in (vae.latents_mean, vae.latents_std))
+    torch.testing.assert_close(latents, (z - mean) / std)
+    torch.testing.assert_close(backbone.denormalize_latents(latents), z)
+
+
+def test_wan22_ti2v_frame_size_must_be_a_multiple_of_32(folders):
+    raw = family_raw("wan22_ti2v", folders("wan22_ti2v"), height=48)
+    with pytest.raises(ConfigError, match=r"backbone\.real\.height = 48 .*multiple of 32 \(VAE 16x, patch 2\)"):
+        config.parse(raw)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan22_ti2v"])
+def test_the_output_head_maps_the_last_block_to_the_velocity(family, loaded):
+    """The head feature matching projects taps with (a per-token temb for TI2V) is the model's own: on the
+    last block's output it gives the forward's velocity."""
+    backbone, params = loaded(family)
+    x, sigma, cond = inputs(backbone, params)
+    model = backbone.transformer
+    last = []
+    handle = backbone.blocks(model)[-1].register_forward_hook(lambda _m, _i, out: last.append(out))
+    try:
+        with torch.no_grad():
+            v, feats = backbone.predict(model, x, sigma, cond, features=True)
+    finally:
+        handle.remove()
+    assert feats.head_condition.ndim == (3 if family == "wan22_ti2v" else 2)
+    from dcm.backbones.base import TeacherFeatures
+
+    with torch.no_grad():
+        (head,) = backbone.project_features(model, TeacherFeatures(last, feats.head_condition, feats.latent_thw))
+    torch.testing.assert_close(head, v)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan22_ti2v"])
+def test_guided_teacher_sampler_equals_the_stock_wan_pipeline(family, loaded):
+    """``WanPipeline(..., output_type="latent")`` (CFG with the empty negative prompt, Euler over its
+    scheduler's sigmas; per-token timesteps for TI2V) against dcm's sampler with the adapter's guided
+    velocity at the same sigmas, from the same noise."""
+    from dcm.sampling import sample, teacher_velocity
+
+    backbone, params = loaded(family)
+    real = params.backbone.real
+    noise = torch.randn(1, *backbone.video_latent_shape(params), generator=torch.Generator().manual_seed(3))
+    stock = backbone.pipe(prompt=PROMPTS[0], negative_prompt=real.negative_prompt, height=real.height,
+                          width=real.width, num_frames=real.frames, num_inference_steps=4,
+                          guidance_scale=params.backbone.guidance_scale, latents=noise.clone(),
+                          output_type="latent", max_sequence_length=real.max_sequence_length).frames
+    sigmas = backbone.pipe.scheduler.sigmas.tolist()
+    assert len(sigmas) == 5 and sigmas[-1] == 0.0
+    steps = [schedule.SamplingStep(float(s), "teacher") for s in sigmas[:-1]]
+    ours = sample({"teacher": teacher_velocity(backbone, None)}, steps, noise, backbone.encode_prompts(PROMPTS[:1]))
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
+    assert stock.abs().max() > 0.1  # the stock run moved the latents
 
 
 # ------------------------------------------------------------------------------ CogVideoX: VP ↔ flow
@@ -171,7 +246,7 @@ def has_weights(layer) -> bool:
     return isinstance(layer, torch.nn.Parameter) or any(True for _ in layer.parameters())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_dete_trains_only_lora_and_the_copied_timestep_layers(family, loaded):
     backbone, params = loaded(family)
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)

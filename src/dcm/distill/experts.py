@@ -171,11 +171,18 @@ class DualExpert(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, return_dict: bool = True, **kwargs):
         batch = hidden_states.shape[0]
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        # (B, tokens): one timestep per token (Wan 2.2 TI2V), routed on the sample's largest (its noise level)
+        per_token = timestep.ndim == 2
+        timestep = timestep if per_token else timestep.reshape(-1).expand(batch)
         caller = self.__dict__.pop("_caller_timestep", None)
-        exact = (caller.to(hidden_states.device).reshape(-1).expand(batch) if caller is not None
-                 and caller.numel() in (1, batch) else timestep)
-        to_seme = self.route(exact)
+        if caller is not None and caller.shape == timestep.shape:
+            exact = caller.to(hidden_states.device)
+        elif caller is not None and not per_token and caller.numel() in (1, batch):
+            exact = caller.to(hidden_states.device).reshape(-1).expand(batch)
+        else:
+            exact = timestep
+        to_seme = self.route(exact.amax(dim=1) if per_token else exact)
         out = None
         for expert, mask in (("seme", to_seme), ("dete", ~to_seme)):
             idx = torch.nonzero(mask).flatten()
