@@ -13,6 +13,7 @@ import yaml
 
 from dcm import cli, config, paths, schedule
 from dcm.backbones import adapter_class, load_teacher, record_teacher
+from dcm.backbones.base import TeacherFeatures
 from dcm.backbones.cogvideox import (
     VPTimesteps,
     flow_to_vp,
@@ -23,11 +24,11 @@ from dcm.backbones.cogvideox import (
 from dcm.backbones.hunyuan import embedded_guidance
 from dcm.config import ConfigError
 from dcm.distill.experts import make_dete
-from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw, real_data
+from helpers import BUILDERS, PROMPTS, family_params, family_raw, real_data
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan", "hunyuan", "cogvideox")
-TEACHERS = (*FAMILIES, "wan22_ti2v")  # Wan 2.2 TI2V-5B's form: family wan, per-token timesteps, 48-channel VAE
+TEACHERS = (*FAMILIES, "wan22_ti2v")  # Wan 2.2 TI2V-5B's form: family wan, per-token timesteps, 48-ch VAE
 
 
 # ------------------------------------------------------------------------------ tiny pipelines (BUILDERS)
@@ -58,7 +59,8 @@ def loaded(folders):
         if teacher not in cache:
             params = family_params(teacher, folders(teacher))
             bb = params.backbone
-            cache[teacher] = (adapter_class(bb.family).from_folder(bb.path, bb.real, bb.guidance_scale), params)
+            backbone = adapter_class(bb.family).from_folder(bb.path, bb.real, bb.guidance_scale)
+            cache[teacher] = (backbone, params)
         return cache[teacher]
 
     return get
@@ -135,7 +137,7 @@ def test_wan_cfg_combines_conditional_and_negative_prompt_forwards(loaded):
     torch.testing.assert_close(guided, v_u + 5.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------ Wan 2.2 TI2V, the stock pipeline
+# ------------------------------------------------------------------------------ Wan 2.2 TI2V, stock pipeline
 
 
 def test_wan22_ti2v_gets_a_timestep_per_video_token_and_the_48_channel_vae_latents(loaded):
@@ -160,7 +162,8 @@ def test_wan22_ti2v_gets_a_timestep_per_video_token_and_the_48_channel_vae_laten
 
 def test_wan22_ti2v_frame_size_must_be_a_multiple_of_32(folders):
     raw = family_raw("wan22_ti2v", folders("wan22_ti2v"), height=48)
-    with pytest.raises(ConfigError, match=r"backbone\.real\.height = 48 .*multiple of 32 \(VAE 16x, patch 2\)"):
+    with pytest.raises(ConfigError,
+                       match=r"backbone\.real\.height = 48 .*multiple of 32 \(VAE 16x, patch 2\)"):
         config.parse(raw)
 
 
@@ -179,10 +182,9 @@ def test_the_output_head_maps_the_last_block_to_the_velocity(family, loaded):
     finally:
         handle.remove()
     assert feats.head_condition.ndim == (3 if family == "wan22_ti2v" else 2)
-    from dcm.backbones.base import TeacherFeatures
-
     with torch.no_grad():
-        (head,) = backbone.project_features(model, TeacherFeatures(last, feats.head_condition, feats.latent_thw))
+        (head,) = backbone.project_features(model, TeacherFeatures(last, feats.head_condition,
+                                                                   feats.latent_thw))
     torch.testing.assert_close(head, v)
 
 
@@ -203,7 +205,8 @@ def test_guided_teacher_sampler_equals_the_stock_wan_pipeline(family, loaded):
     sigmas = backbone.pipe.scheduler.sigmas.tolist()
     assert len(sigmas) == 5 and sigmas[-1] == 0.0
     steps = [schedule.SamplingStep(float(s), "teacher") for s in sigmas[:-1]]
-    ours = sample({"teacher": teacher_velocity(backbone, None)}, steps, noise, backbone.encode_prompts(PROMPTS[:1]))
+    ours = sample({"teacher": teacher_velocity(backbone, None)}, steps, noise,
+                  backbone.encode_prompts(PROMPTS[:1]))
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
     assert stock.abs().max() > 0.1  # the stock run moved the latents
 

@@ -932,7 +932,8 @@ def _check_backbone(params: Params) -> None:
         raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
     # the VAE's spatial compression (Wan VAEs name it in their config: 8, or 16 for Wan 2.2's) × patch 2
     vae_config = Path(os.path.expanduser(bb.path)) / "vae" / "config.json"
-    spatial = (json.loads(vae_config.read_text()).get("scale_factor_spatial") or 8) if vae_config.is_file() else 8
+    spatial = ((json.loads(vae_config.read_text()).get("scale_factor_spatial") or 8) if vae_config.is_file()
+               else 8)
     for key in ("height", "width"):
         if getattr(bb.real, key) % (2 * spatial):
             raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key),

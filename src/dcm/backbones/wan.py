@@ -53,8 +53,8 @@ TRANSFORMER_CONFIGS = {
                     out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30,
                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     "ti2v-tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48,
-                      out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4, cross_attn_norm=True,
-                      qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+                      out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4,
+                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
 }
 
 
@@ -112,8 +112,8 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
         return latents * std + mean
 
     def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """From the VAE's config (Wan 2.1: z_dim 16, ÷4 in time, ÷8 in space; Wan 2.2: z_dim 48, ÷16 in space),
-        read from the folder's vae/config.json when the VAE is not loaded."""
+        """From the VAE's config (Wan 2.1: z_dim 16, ÷4 in time, ÷8 in space; Wan 2.2: z_dim 48, ÷16 in
+        space), read from the folder's vae/config.json when the VAE is not loaded."""
         cfg = dict(self.vae.config) if self.vae is not None else None
         if cfg is None and self.path is not None and (self.path / "vae" / "config.json").is_file():
             cfg = json.loads((self.path / "vae" / "config.json").read_text())
