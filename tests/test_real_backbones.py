@@ -24,7 +24,7 @@ from dcm.backbones.cogvideox import (
 from dcm.backbones.hunyuan import embedded_guidance
 from dcm.config import ConfigError
 from dcm.distill.experts import make_dete
-from helpers import BUILDERS, PROMPTS, family_params, family_raw, real_data
+from helpers import BUILDERS, PROMPTS, TEACHER_FAMILY, family_params, family_raw, real_data
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan", "hunyuan", "cogvideox")
@@ -355,15 +355,19 @@ def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, monkeypatch):
     start_project(family, folders(family), tmp_path / "project", monkeypatch)
     run("trajectories")
     run("train_seme", "--method", "dcm")
     run("train_dete", "--method", "dcm")
     run("sample", "--method", "dcm")
+    for baseline in ("lcm", "pcm"):  # the consistency baselines train on the same store
+        run("train_baseline", "--method", baseline)
+        assert (paths.checkpoint(baseline) / "history.jsonl").is_file()
     expert = json.loads((paths.checkpoint("dcm", "dete") / "expert.json").read_text())
-    assert expert["timestep_layer_names"] == list(adapter_class(family).timestep_layer_names)
+    assert expert["timestep_layer_names"] == list(adapter_class(TEACHER_FAMILY.get(family, family))
+                                                  .timestep_layer_names)
     record = json.loads((paths.samples("dcm") / "samples.json").read_text())
     assert record["num_steps"] == 4 and record["nfe"] == 4
     assert len(list(paths.samples("dcm").glob("*.mp4"))) == len(record["rows"])
