@@ -376,26 +376,62 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
 # ------------------------------------------------------------------------------ presets, resources
 
 
-@pytest.mark.parametrize("family,kappa,shift,dcm_steps,fm", [("hunyuan", 37, 17.0, 4, 1.0),
-                                                             ("wan", 34, 17.0, 6, 10.0),
-                                                             ("cogvideox", 37, 4.0, 4, 1.0)])
-def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, tmp_path):
-    raw = config.load_raw(REPO / "params.yaml", family)
+@pytest.mark.parametrize("preset,kappa,shift,dcm_steps,fm,cfg", [("hunyuan", 37, 17.0, 4, 1.0, 6.0),
+                                                                 ("wan", 34, 17.0, 6, 10.0, 6.0),
+                                                                 ("wan22_ti2v", 34, 17.0, 6, 10.0, 5.0),
+                                                                 ("cogvideox", 37, 4.0, 4, 1.0, 6.0)])
+def test_presets_carry_the_methods_numbers(preset, kappa, shift, dcm_steps, fm, cfg, tmp_path):
+    raw = config.load_raw(REPO / "params.yaml", preset)
     raw["backbone"]["path"] = str(tmp_path)  # the preset names a placeholder folder
     params = config.parse(raw)
-    assert params.backbone.family == family and params.backbone.guidance_scale == 6.0
+    assert params.backbone.family == TEACHER_FAMILY.get(preset, preset)
+    assert params.backbone.guidance_scale == cfg
     assert (params.grid.steps, params.grid.shift, params.grid.kappa) == (50, shift, kappa)
     dcm = params.methods["dcm"]
     assert dcm.sample_steps == dcm_steps and (dcm.dete.lora_rank, dcm.dete.lora_alpha) == (128, 256.0)
     assert (dcm.seme.lr, dcm.dete.lr, dcm.dete.disc_lr, dcm.dete.fm_weight) == (1e-6, 5e-6, 1e-5, fm)
     assert dcm.seme.tc_offset == 3 and params.backbone.real.frames % 4 == 1
+    assert params.methods["teacher"].sample_steps == 50
+    if preset == "wan22_ti2v":  # TI2V-5B's official text-to-video size; DCM's schedule and budgets as wan's
+        wan = config.parse({**config.load_raw(REPO / "params.yaml", "wan"),
+                            "backbone": {**raw["backbone"], "family": "wan"}})
+        real = params.backbone.real
+        assert (real.frames, real.height, real.width) == (121, 704, 1280)
+        assert dcm.schedule == wan.methods["dcm"].schedule
+        assert [(params.methods[m].train_steps, params.methods[m].lr) for m in ("lcm", "pcm")] \
+            == [(wan.methods[m].train_steps, wan.methods[m].lr) for m in ("lcm", "pcm")]
+        assert (dcm.seme.train_steps, dcm.dete.train_steps) == (1000, 1000)
+        assert params.training.global_batch_size == 1 and params.training.parallel.context_parallel == 4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_resource_rows_cover_every_stage(family):
+@pytest.mark.parametrize("preset", [*FAMILIES, "wan22_ti2v"])
+def test_resource_rows_cover_every_stage(preset):
     from dcm.pipeline.dag import load_resources
     from dcm.pipeline.table import STAGES
 
-    rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
+    rows = {s: load_resources(s, REPO / "slurm" / f"resources-{preset}.yaml") for s in STAGES}
     assert rows["train_seme"].gpus * rows["train_seme"].nodes \
-        == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]
+        == {"hunyuan": 24, "wan": 1, "cogvideox": 8, "wan22_ti2v": 4}[preset]
+    if preset == "wan22_ti2v":  # one context-parallel group of 4 per training job (global batch 1)
+        assert {rows[s].gpus for s in ("train_seme", "train_dete", "train_baseline")} == {4}
+        assert all(rows[s].gpu_type == "a100" for s in STAGES if rows[s].gpus)
+
+
+def test_the_wan22_ti2v_plan_builds_the_5b_transformer_at_48_channels_and_per_token_timesteps(folders,
+                                                                                             tmp_path):
+    """`dcm plan --dag --variant ti2v-5B` (no weights here) and a TI2V folder's own configs give the plan the
+    Wan 2.2 VAE's latents and the pipeline's per-token timestep."""
+    from dcm.plan import memory, whole
+
+    raw = config.load_raw(REPO / "params.yaml", "wan22_ti2v")
+    raw["backbone"]["path"] = str(tmp_path)
+    planner = whole.Planner(config.parse(raw), whole.Options(variant="ti2v-5B"))
+    work = planner.work
+    assert work.config == memory.CONFIGS[("wan", "ti2v-5B")] and work.per_token_timestep
+    assert work.latent == (48, 31, 44, 80) and work.tokens == 31 * 22 * 40
+    assert memory.model_inputs(work, torch.bfloat16)["timestep"].shape == (1, 27280)
+    # a TI2V folder: its transformer/config.json, vae/config.json and model_index.json's expand_timesteps
+    params = family_params("wan22_ti2v", folders("wan22_ti2v"))
+    folder_work = whole.Planner(params).work
+    assert folder_work.per_token_timestep and folder_work.vae_config["z_dim"] == 48
+    assert folder_work.latent == (48, 3, 4, 4) and folder_work.config["in_channels"] == 48

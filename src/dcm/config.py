@@ -903,6 +903,13 @@ def _check_attention_backend(bb: BackboneConfig) -> None:
                                         "as key lengths)")
 
 
+def folder_vae_config(path: str | os.PathLike | None) -> dict:
+    """The pipeline folder's vae/config.json ({} where there is none): the VAE's latent channels (z_dim) and
+    compression (the Wan VAEs' scale_factor_spatial / _temporal), read without loading it."""
+    file = Path(os.path.expanduser(str(path or ""))) / "vae" / "config.json"
+    return json.loads(file.read_text()) if path and file.is_file() else {}
+
+
 def _check_backbone(params: Params) -> None:
     bb = params.backbone
     _check_attention_backend(bb)
@@ -931,9 +938,7 @@ def _check_backbone(params: Params) -> None:
     if bb.real.frames % 4 != 1:
         raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
     # the VAE's spatial compression (Wan VAEs name it in their config: 8, or 16 for Wan 2.2's) × patch 2
-    vae_config = Path(os.path.expanduser(bb.path)) / "vae" / "config.json"
-    spatial = ((json.loads(vae_config.read_text()).get("scale_factor_spatial") or 8) if vae_config.is_file()
-               else 8)
+    spatial = folder_vae_config(bb.path).get("scale_factor_spatial") or 8
     for key in ("height", "width"):
         if getattr(bb.real, key) % (2 * spatial):
             raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key),

@@ -27,7 +27,6 @@ LoRA adapter is added).  DetE's output modulation still differs from SemE's thro
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 from dcm.backbones.base import token_grid, unwrap
 from dcm.backbones.real import PipelineBackbone
+from dcm.config import folder_vae_config
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
 TRANSFORMER_CONFIGS = {
@@ -114,10 +114,7 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
     def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """From the VAE's config (Wan 2.1: z_dim 16, ÷4 in time, ÷8 in space; Wan 2.2: z_dim 48, ÷16 in
         space), read from the folder's vae/config.json when the VAE is not loaded."""
-        cfg = dict(self.vae.config) if self.vae is not None else None
-        if cfg is None and self.path is not None and (self.path / "vae" / "config.json").is_file():
-            cfg = json.loads((self.path / "vae" / "config.json").read_text())
-        cfg = cfg or {}
+        cfg = dict(self.vae.config) if self.vae is not None else folder_vae_config(self.path)
         temporal, spatial = cfg.get("scale_factor_temporal") or 4, cfg.get("scale_factor_spatial") or 8
         channels = cfg.get("z_dim") or self.transformer.config.out_channels
         return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
