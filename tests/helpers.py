@@ -370,10 +370,11 @@ def write_method(root: Path, name: str, total: float, latency: float, steps: int
 # ------------------------------------------------------------------------------ the memory plan
 
 
-def plan_workloads() -> dict:
+def plan_workloads(ti2v: bool = True) -> dict:
     """name → (``dcm.plan.memory.Workload``, context parallel): the toy teacher (params.yaml's backbone.toy at
     the shapes world's size) and DESIGN.md's tiny real configurations (and Wan 2.2 TI2V's form of the tiny
-    Wan: 48 latent channels, one timestep per video token), DetE with feature matching only."""
+    Wan: 48 latent channels, one timestep per video token; ``ti2v=False`` leaves it out), DetE with feature
+    matching only."""
     from dcm.plan import memory as mp
     from dcm.plan.memory import Workload
 
@@ -391,20 +392,24 @@ def plan_workloads() -> dict:
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
     common = dict(lora_rank=4, gan=False, fm=True)
-    ti2v = dict(mp.CONFIGS[("wan", "ti2v-tiny")], num_attention_heads=4, attention_head_dim=32, text_dim=384,
-                freq_dim=64, ffn_dim=256)  # Wan 2.2 TI2V's form at the tiny wan's width
-    return {
+    # Wan 2.2 TI2V's form at the tiny wan's width
+    ti2v_config = dict(mp.CONFIGS[("wan", "ti2v-tiny")], num_attention_heads=4, attention_head_dim=32,
+                       text_dim=384, freq_dim=64, ffn_dim=256)
+    workloads = {
         "toy": (Workload("wan", toy, (12, 8, 8, 8), batch=4, text_tokens=8, name="toy", **common), 1),
         "wan": (Workload("wan", wan, (16, 8, 16, 16), batch=2, text_tokens=7, name="wan tiny", **common), 1),
         "wan-cp2": (Workload("wan", wan, (16, 8, 16, 16), batch=2, text_tokens=7, name="wan tiny",
                              **common), 2),
-        "wan-ti2v": (Workload("wan", ti2v, (48, 8, 16, 16), batch=2, text_tokens=7, name="wan ti2v tiny",
-                              **mp.PIPELINE_EXTRAS[("wan", "ti2v-tiny")], **common), 1),
+        "wan-ti2v": (Workload("wan", ti2v_config, (48, 8, 16, 16), batch=2, text_tokens=7,
+                              name="wan ti2v tiny", **mp.PIPELINE_EXTRAS[("wan", "ti2v-tiny")], **common), 1),
         "hunyuan": (Workload("hunyuan", hunyuan, (16, 8, 16, 16), batch=2, text_tokens=6, name="hunyuan tiny",
                              **common), 1),
         "cogvideox": (Workload("cogvideox", cog, (4, 8, 16, 16), batch=2, text_tokens=16,
                                name="cogvideox tiny", **common), 1),
     }
+    if not ti2v:
+        del workloads["wan-ti2v"]
+    return workloads
 
 
 # ------------------------------------------------------------------------------ SLURM

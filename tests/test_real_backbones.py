@@ -335,6 +335,7 @@ def run(*argv: str) -> None:
 def start_project(family: str, folder: Path, root: Path, monkeypatch) -> None:
     root.mkdir()
     raw = config.deep_merge(family_raw(family, folder), real_data(root))
+    raw = config.deep_merge(raw, {"methods": {m: {"train_steps": 1} for m in ("lcm", "pcm")}})  # one step
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.chdir(root)
     run("prepare")
@@ -362,7 +363,9 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
     run("train_seme", "--method", "dcm")
     run("train_dete", "--method", "dcm")
     run("sample", "--method", "dcm")
-    for baseline in ("lcm", "pcm"):  # the consistency baselines train on the same store
+    # the consistency baselines, one step each on the same store, on the TI2V teacher (CI's time budget: the
+    # other teachers' chains stop at DCM)
+    for baseline in ("lcm", "pcm") if family == "wan22_ti2v" else ():
         run("train_baseline", "--method", baseline)
         assert (paths.checkpoint(baseline) / "history.jsonl").is_file()
     expert = json.loads((paths.checkpoint("dcm", "dete") / "expert.json").read_text())
