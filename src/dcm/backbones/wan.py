@@ -126,7 +126,7 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
     @property
     def expand_timesteps(self) -> bool:
         """The pipeline's ``expand_timesteps`` (model_index.json; Wan 2.2 TI2V-5B): one timestep per token."""
-        return bool(self.pipe.config.get("expand_timesteps", False))
+        return bool((getattr(self.pipe, "config", None) or {}).get("expand_timesteps", False))
 
     def timestep(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """t = 1000·σ per sample (B,); with ``expand_timesteps`` per video token (B, T'·H'·W'), as
