@@ -186,6 +186,33 @@ def build_wan22_a14b(folder: Path, boundary_ratio: float = 0.875) -> None:
     pipe.save_pretrained(folder)
 
 
+def build_wan22_ti2v(folder: Path) -> None:
+    """A tiny Wan 2.2 TI2V pipeline: ``expand_timesteps`` on, the Wan 2.2 VAE's form (z_dim 48, residual,
+    patch size 2, 16× spatial compression) with its own per-channel latents_mean / latents_std."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
+
+    tokenizer = tiny_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
+                                          num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+                           in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=torch.linspace(-0.3, 0.3, 48).tolist(),
+                           latents_std=torch.linspace(0.5, 2.0, 48).tolist())
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                       transformer=WanTransformer3DModel(**WAN_CONFIGS["ti2v-tiny"]), expand_timesteps=True)
+    pipe.save_pretrained(folder)
+
+
 def build_hunyuan(folder: Path) -> None:
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -245,27 +272,34 @@ def build_cogvideox(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
+# tiny teachers by name (a family's, or a family's other form: Wan 2.2 TI2V and A14B are family wan)
 BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox,
-            "wan22_a14b": build_wan22_a14b}
+            "wan22_ti2v": build_wan22_ti2v, "wan22_a14b": build_wan22_a14b}
+TEACHER_FAMILY = {"wan22_ti2v": "wan", "wan22_a14b": "wan"}
+# the TI2V VAE compresses 16× in space: 64-pixel frames give the same 2×2 tokens per latent frame
+TEACHER_VIDEO = {"wan22_ti2v": {**VIDEO, "height": 64, "width": 64}}
 
 
-def family_raw(family: str, folder: Path, **real) -> dict:
-    """The smoke preset with a real family: params.yaml content for a scratch project (MCM an ablation row,
-    as in the real presets: its image discriminator trains on the shapes world's stills)."""
+def family_raw(teacher: str, folder: Path, **real) -> dict:
+    """The smoke preset with a real teacher (a ``BUILDERS`` name): params.yaml content for a scratch project
+    (MCM an ablation row, as in the real presets: its image discriminator trains on the shapes world's
+    stills)."""
     from dcm import config
 
     raw = config.load_raw(REPO / "params.yaml", "smoke")
-    settings = {**VIDEO, "max_sequence_length": 12, "text_dtype": "fp32", "vae_dtype": "fp32", **real}
-    return config.deep_merge(raw, {"experiment": f"tiny-{family}",
-                                   "backbone": {"family": family, "path": str(folder), "guidance_scale": 6.0,
+    settings = {**TEACHER_VIDEO.get(teacher, VIDEO), "max_sequence_length": 12, "text_dtype": "fp32",
+                "vae_dtype": "fp32", **real}
+    return config.deep_merge(raw, {"experiment": f"tiny-{teacher}",
+                                   "backbone": {"family": TEACHER_FAMILY.get(teacher, teacher),
+                                                "path": str(folder), "guidance_scale": 6.0,
                                                 "real": settings},
                                    "methods": {"mcm": {"ablation": True}}})
 
 
-def family_params(family: str, folder: Path, **real):
+def family_params(teacher: str, folder: Path, **real):
     from dcm import config
 
-    return config.parse(family_raw(family, folder, **real))
+    return config.parse(family_raw(teacher, folder, **real))
 
 
 # ------------------------------------------------------------------------------ real data
@@ -363,9 +397,12 @@ def write_method(root: Path, name: str, total: float, latency: float, steps: int
 # ------------------------------------------------------------------------------ the memory plan
 
 
-def plan_workloads() -> dict:
+def plan_workloads(ti2v: bool = True) -> dict:
     """name → (``dcm.plan.memory.Workload``, context parallel): the toy teacher (params.yaml's backbone.toy at
-    the shapes world's size) and DESIGN.md's tiny real configurations, DetE with feature matching only."""
+    the shapes world's size) and DESIGN.md's tiny real configurations (and Wan 2.2 TI2V's form of the tiny
+    Wan: 48 latent channels, one timestep per video token; ``ti2v=False`` leaves it out), DetE with feature
+    matching only."""
+    from dcm.plan import memory as mp
     from dcm.plan.memory import Workload
 
     toy = dict(patch_size=(8, 2, 2), num_attention_heads=12, attention_head_dim=32, in_channels=12,
@@ -382,16 +419,24 @@ def plan_workloads() -> dict:
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
     common = dict(lora_rank=4, gan=False, fm=True)
-    return {
+    # Wan 2.2 TI2V's form at the tiny wan's width
+    ti2v_config = dict(mp.CONFIGS[("wan", "ti2v-tiny")], num_attention_heads=4, attention_head_dim=32,
+                       text_dim=384, freq_dim=64, ffn_dim=256)
+    workloads = {
         "toy": (Workload("wan", toy, (12, 8, 8, 8), batch=4, text_tokens=8, name="toy", **common), 1),
         "wan": (Workload("wan", wan, (16, 8, 16, 16), batch=2, text_tokens=7, name="wan tiny", **common), 1),
         "wan-cp2": (Workload("wan", wan, (16, 8, 16, 16), batch=2, text_tokens=7, name="wan tiny",
                              **common), 2),
+        "wan-ti2v": (Workload("wan", ti2v_config, (48, 8, 16, 16), batch=2, text_tokens=7,
+                              name="wan ti2v tiny", **mp.PIPELINE_EXTRAS[("wan", "ti2v-tiny")], **common), 1),
         "hunyuan": (Workload("hunyuan", hunyuan, (16, 8, 16, 16), batch=2, text_tokens=6, name="hunyuan tiny",
                              **common), 1),
         "cogvideox": (Workload("cogvideox", cog, (4, 8, 16, 16), batch=2, text_tokens=16,
                                name="cogvideox tiny", **common), 1),
     }
+    if not ti2v:
+        del workloads["wan-ti2v"]
+    return workloads
 
 
 # ------------------------------------------------------------------------------ SLURM

@@ -24,8 +24,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 TC_OFFSET = 3  # METHODS.md: SemE's frame offset l = 3 latent frames
 OUT_ATOL = 1e-5
 GRAD_ATOL = 1e-5
-CASES = ["wan", "wan-checkpointing", "wan-fsdp", "wan-dete", "wan-a14b", "hunyuan", "cogvideox",
-         "cogvideox-rope"]
+CASES = ["wan", "wan-checkpointing", "wan-fsdp", "wan-dete", "wan-a14b", "wan-ti2v", "wan-ti2v-dete",
+         "hunyuan", "cogvideox", "cogvideox-rope"]
 
 
 # ============================================================================ the cases (worker side)
@@ -55,12 +55,15 @@ def make_case(name: str):
     """(family, model, inputs(), output → (B, C, T, H, W)) with weights and inputs from fixed seeds."""
     family = name.split("-")[0]
     overrides = {"use_rotary_positional_embeddings": True} if name == "cogvideox-rope" else {}
+    ti2v = name.startswith("wan-ti2v")  # Wan 2.2 TI2V: 48 latent channels, one timestep per video token
+    if ti2v:
+        overrides = {"in_channels": 48, "out_channels": 48}
     torch.manual_seed(0)
     model = tiny_transformer(family, **overrides)
     if name == "wan-checkpointing":
         model.enable_gradient_checkpointing()
     # DetE: LoRA (B ≠ 0, so both factors get gradients) + copied layers over frozen SemE
-    if name == "wan-dete":
+    if name.endswith("dete"):
         from types import SimpleNamespace
 
         from dcm.distill.experts import make_dete
@@ -81,9 +84,10 @@ def make_case(name: str):
     g = torch.Generator().manual_seed(1)
     batch, frames, size = 2, 8, 8  # 8 latent frames of 8×8: 8·4·4 = 128 video tokens
     if family == "wan":
-        inputs = dict(hidden_states=torch.randn(batch, 16, frames, size, size, generator=g),
-                      timestep=torch.tensor([900.0, 300.0]),
-                      encoder_hidden_states=torch.randn(batch, 7, 384, generator=g))
+        channels, timestep = (48, torch.tensor([[900.0], [300.0]]).expand(-1, 128)) if ti2v \
+            else (16, torch.tensor([900.0, 300.0]))
+        inputs = dict(hidden_states=torch.randn(batch, channels, frames, size, size, generator=g),
+                      timestep=timestep, encoder_hidden_states=torch.randn(batch, 7, 384, generator=g))
         to_bcthw = None
     elif family == "hunyuan":
         mask = torch.ones(batch, 6, dtype=torch.long)
@@ -137,7 +141,7 @@ def worker(out_path: str) -> None:
         family, model, inputs, to_bcthw = make_case(name)
         reference = copy.deepcopy(model)
         shape = inputs["hidden_states"].shape
-        target = torch.randn(shape[0], 16 if family != "cogvideox" else 4, 8, 8, 8,
+        target = torch.randn(shape[0], shape[2] if family == "cogvideox" else shape[1], 8, 8, 8,
                              generator=torch.Generator().manual_seed(2))
         ref_out, _, ref_tc = run_and_backward(reference, inputs, to_bcthw, target)
 

@@ -225,9 +225,10 @@ class RealVideos:
         return len(self.x0)
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "wan22_ti2v", "hunyuan", "cogvideox"])
 def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_path):
-    """Tiny Wan / HunyuanVideo (embedded guidance) / CogVideoX (VP) pipelines under activation checkpointing:
+    """Tiny Wan (2.1; 2.2 TI2V: per-token timesteps) / HunyuanVideo (embedded guidance) / CogVideoX (VP)
+    pipelines under activation checkpointing:
     generator terms, only the generator's gradients, then the fake score's updates (trainable again), through
     each adapter's velocity and features."""
     import helpers as real
@@ -237,7 +238,7 @@ def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_p
     real.BUILDERS[family](tmp_path)
     params = real.family_params(family, tmp_path)
     bb = params.backbone
-    backbone = adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale)
+    backbone = adapter_class(bb.family).from_folder(bb.path, bb.real, bb.guidance_scale)
     g = params.grid
     grid = dmd2.generator_grid(g.num_train_timesteps, g.shift)
     student = copy.deepcopy(backbone.transformer).requires_grad_(True)

@@ -1,8 +1,9 @@
 """`dcm export` per family: the folder loads with stock diffusers + peft and its README recipe, run as
 written, gives the same few-step samples as dcm's sampler, with DetE taking its steps.
 
-Tiny random Wan, HunyuanVideo and CogVideoX pipelines come from tests/test_real_backbones.py's builders
-(saved with ``save_pretrained``, loaded through the adapters); CogVideoX is also checked with RoPE on
+Tiny random Wan (2.1, and 2.2 TI2V with its per-token timestep), HunyuanVideo and CogVideoX pipelines come
+from tests/helpers.py's builders (saved with ``save_pretrained``, loaded through the adapters); CogVideoX is
+also checked with RoPE on
 (CogVideoX-5B's form, which the recipe builds with the stock pipeline's own helper).
 """
 
@@ -73,14 +74,15 @@ def dual_expert(backbone, params, rank: int = 2) -> tuple[DualExpert, list[sched
     return dual.requires_grad_(False).eval(), schedule.expert_schedule(grid, g.kappa, 4)
 
 
-@pytest.mark.parametrize("family,rope", [("wan", False), ("hunyuan", False), ("cogvideox", False),
-                                         ("cogvideox", True)],
-                         ids=["wan", "hunyuan", "cogvideox", "cogvideox-rope"])
-def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, rope, tmp_path, monkeypatch):
+@pytest.mark.parametrize("teacher,rope", [("wan", False), ("wan22_ti2v", False), ("hunyuan", False),
+                                          ("cogvideox", False), ("cogvideox", True)],
+                         ids=["wan", "wan22_ti2v", "hunyuan", "cogvideox", "cogvideox-rope"])
+def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(teacher, rope, tmp_path, monkeypatch):
     folder = tmp_path / "teacher"
-    build_teacher(family, folder, rope)
-    params = family_params(family, folder)
+    build_teacher(teacher, folder, rope)
+    params = family_params(teacher, folder)
     bb = params.backbone
+    family = bb.family
     backbone = adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale)
     dual, steps = dual_expert(backbone, params)
     out = export_dual_expert(dual, steps, tmp_path / "export", "dcm", backbone=backbone)
@@ -109,6 +111,8 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, ro
     assert ("WanTransformer3DModel" in code) == (family == "wan")
     assert ("encoder_attention_mask=mask" in code and "pooled_projections" in code) == (family == "hunyuan")
     assert ("transpose(1, 2)" in code and 'step["timestep"]' in code) == (family == "cogvideox")
+    # Wan 2.2 TI2V: the recipe gives the timestep per video token
+    assert ("t.expand(len(x), tokens)" in code) == (teacher == "wan22_ti2v")
 
     # run it as written
     shape = backbone.video_latent_shape(params)

@@ -265,7 +265,9 @@ def worker(out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     results = {}
-    for name, (work, cp) in plan_workloads().items():
+    # not the TI2V form: its profile is checked against a real forward (the meta test below), and this
+    # measured run is at CI's time budget
+    for name, (work, cp) in plan_workloads(ti2v=False).items():
         for stage in ("SemE", "DetE"):
             for ckpt in (False, True):
                 results[f"{name}/{stage}/{'ckpt' if ckpt else 'no-ckpt'}"] = measure(work, cp, stage, ckpt)
@@ -298,7 +300,7 @@ def predicted():
 def predictions() -> dict:
     """The plan's rows for every workload at 2 GPUs (FSDP over both), fp32 compute, teacher replicated."""
     out = {}
-    for name, (work, cp) in plan_workloads().items():
+    for name, (work, cp) in plan_workloads(ti2v=False).items():
         st = mp.structure(work, torch.float32, cps=(cp,))
         # the measured step has the teacher's pass, not the GAN/FM terms
         st.adversarial[cp] = mp.AdversarialProfile()
@@ -418,7 +420,7 @@ def test_checkpointed_passes_recompute_the_last_pass_first():
     assert mp.checkpointed_passes(first, second, terms) == 4 + 8 + max(70, 2 + 6 + max(30, 40))
 
 
-@pytest.mark.parametrize("name", ["toy", "wan", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("name", ["toy", "wan", "wan-ti2v", "hunyuan", "cogvideox"])
 def test_meta_activation_profiles_equal_a_real_forward(name):
     """What autograd saves, block by block, is the same on meta (the plan) as in a real CPU forward of the
     same configuration: SemE, DetE on its path (adapters on, its copies of the timestep layers in), and the

@@ -13,6 +13,7 @@ import yaml
 
 from dcm import cli, config, paths, schedule
 from dcm.backbones import adapter_class, load_teacher, record_teacher
+from dcm.backbones.base import TeacherFeatures
 from dcm.backbones.cogvideox import (
     VPTimesteps,
     flow_to_vp,
@@ -23,10 +24,11 @@ from dcm.backbones.cogvideox import (
 from dcm.backbones.hunyuan import embedded_guidance
 from dcm.config import ConfigError
 from dcm.distill.experts import make_dete
-from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw, real_data
+from helpers import BUILDERS, PROMPTS, TEACHER_FAMILY, family_params, family_raw, real_data
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan", "hunyuan", "cogvideox")
+TEACHERS = (*FAMILIES, "wan22_ti2v")  # Wan 2.2 TI2V-5B's form: family wan, per-token timesteps, 48-ch VAE
 
 
 # ------------------------------------------------------------------------------ tiny pipelines (BUILDERS)
@@ -53,12 +55,13 @@ def loaded(folders):
     """Adapters loaded through ``from_folder`` (text encoders lazily), frozen, per family."""
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
-            params = family_params(family, folders(family))
+    def get(teacher: str):
+        if teacher not in cache:
+            params = family_params(teacher, folders(teacher))
             bb = params.backbone
-            cache[family] = (adapter_class(family).from_folder(bb.path, bb.real, bb.guidance_scale), params)
-        return cache[family]
+            backbone = adapter_class(bb.family).from_folder(bb.path, bb.real, bb.guidance_scale)
+            cache[teacher] = (backbone, params)
+        return cache[teacher]
 
     return get
 
@@ -73,7 +76,7 @@ def inputs(backbone, params, batch: int = 2, seed: int = 0):
 # ------------------------------------------------------------------------------ the protocol
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_forward_gives_a_velocity_of_the_latent_shape_and_every_second_block_as_features(family, loaded):
     backbone, params = loaded(family)
     x, sigma, cond = inputs(backbone, params)
@@ -90,7 +93,7 @@ def test_forward_gives_a_velocity_of_the_latent_shape_and_every_second_block_as_
     assert [p.shape for p in backbone.project_features(backbone.transformer, feats)] == [x.shape] * len(feats)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_prompts_embed_differently_and_come_from_the_pipeline_encoder(family, loaded):
     backbone, _ = loaded(family)
     a, b = backbone.encode_prompts(PROMPTS).hidden
@@ -98,10 +101,11 @@ def test_prompts_embed_differently_and_come_from_the_pipeline_encoder(family, lo
     assert all(getattr(backbone.pipe, n) is not None for n in backbone.text_components)  # loaded on demand
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_vae_round_trip_keeps_the_latent_shape(family, loaded):
     backbone, params = loaded(family)
-    video = torch.rand(1, 3, VIDEO["frames"], VIDEO["height"], VIDEO["width"]) * 2 - 1
+    real = params.backbone.real
+    video = torch.rand(1, 3, real.frames, real.height, real.width) * 2 - 1
     with torch.no_grad():
         latents = backbone.encode_video(video)
         decoded = backbone.decode_latents(latents)
@@ -131,6 +135,80 @@ def test_wan_cfg_combines_conditional_and_negative_prompt_forwards(loaded):
         v_c = backbone.predict(backbone.transformer, x, sigma, cond)
         v_u = backbone.predict(backbone.transformer, x, sigma, uncond)
     torch.testing.assert_close(guided, v_u + 5.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ Wan 2.2 TI2V, stock pipeline
+
+
+def test_wan22_ti2v_gets_a_timestep_per_video_token_and_the_48_channel_vae_latents(loaded):
+    backbone, params = loaded("wan22_ti2v")
+    assert backbone.expand_timesteps and not loaded("wan")[0].expand_timesteps
+    vae = backbone.vae.config
+    assert (vae.z_dim, vae.scale_factor_spatial, vae.is_residual, vae.patch_size) == (48, 16, True, 2)
+    # 9 frames of 64×64: ÷4 in time (+1), ÷16 in space; 3 latent frames of 2×2 tokens
+    assert backbone.video_latent_shape(params) == (48, 3, 4, 4)
+    x, sigma, _ = inputs(backbone, params)
+    t = backbone.timestep(sigma, x)
+    assert t.shape == (2, 3 * 2 * 2) and torch.equal(t, (1000.0 * sigma)[:, None].expand(-1, 12))
+    # the latent space is the VAE mean normalised by the config's per-channel latents_mean / latents_std
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = backbone.vae.encode(video).latent_dist.mode()
+        latents = backbone.encode_video(video)
+    mean, std = (torch.tensor(v).view(1, 48, 1, 1, 1) for v in (vae.latents_mean, vae.latents_std))
+    torch.testing.assert_close(latents, (z - mean) / std)
+    torch.testing.assert_close(backbone.denormalize_latents(latents), z)
+
+
+def test_wan22_ti2v_frame_size_must_be_a_multiple_of_32(folders):
+    raw = family_raw("wan22_ti2v", folders("wan22_ti2v"), height=48)
+    with pytest.raises(ConfigError,
+                       match=r"backbone\.real\.height = 48 .*multiple of 32 \(VAE 16x, patch 2\)"):
+        config.parse(raw)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan22_ti2v"])
+def test_the_output_head_maps_the_last_block_to_the_velocity(family, loaded):
+    """The head feature matching projects taps with (a per-token temb for TI2V) is the model's own: on the
+    last block's output it gives the forward's velocity."""
+    backbone, params = loaded(family)
+    x, sigma, cond = inputs(backbone, params)
+    model = backbone.transformer
+    last = []
+    handle = backbone.blocks(model)[-1].register_forward_hook(lambda _m, _i, out: last.append(out))
+    try:
+        with torch.no_grad():
+            v, feats = backbone.predict(model, x, sigma, cond, features=True)
+    finally:
+        handle.remove()
+    assert feats.head_condition.ndim == (3 if family == "wan22_ti2v" else 2)
+    with torch.no_grad():
+        (head,) = backbone.project_features(model, TeacherFeatures(last, feats.head_condition,
+                                                                   feats.latent_thw))
+    torch.testing.assert_close(head, v)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan22_ti2v"])
+def test_guided_teacher_sampler_equals_the_stock_wan_pipeline(family, loaded):
+    """``WanPipeline(..., output_type="latent")`` (CFG with the empty negative prompt, Euler over its
+    scheduler's sigmas; per-token timesteps for TI2V) against dcm's sampler with the adapter's guided
+    velocity at the same sigmas, from the same noise."""
+    from dcm.sampling import sample, teacher_velocity
+
+    backbone, params = loaded(family)
+    real = params.backbone.real
+    noise = torch.randn(1, *backbone.video_latent_shape(params), generator=torch.Generator().manual_seed(3))
+    stock = backbone.pipe(prompt=PROMPTS[0], negative_prompt=real.negative_prompt, height=real.height,
+                          width=real.width, num_frames=real.frames, num_inference_steps=4,
+                          guidance_scale=params.backbone.guidance_scale, latents=noise.clone(),
+                          output_type="latent", max_sequence_length=real.max_sequence_length).frames
+    sigmas = backbone.pipe.scheduler.sigmas.tolist()
+    assert len(sigmas) == 5 and sigmas[-1] == 0.0
+    steps = [schedule.SamplingStep(float(s), "teacher") for s in sigmas[:-1]]
+    ours = sample({"teacher": teacher_velocity(backbone, None)}, steps, noise,
+                  backbone.encode_prompts(PROMPTS[:1]))
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
+    assert stock.abs().max() > 0.1  # the stock run moved the latents
 
 
 # ------------------------------------------------------------------------------ CogVideoX: VP ↔ flow
@@ -171,7 +249,7 @@ def has_weights(layer) -> bool:
     return isinstance(layer, torch.nn.Parameter) or any(True for _ in layer.parameters())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_dete_trains_only_lora_and_the_copied_timestep_layers(family, loaded):
     backbone, params = loaded(family)
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)
@@ -257,6 +335,7 @@ def run(*argv: str) -> None:
 def start_project(family: str, folder: Path, root: Path, monkeypatch) -> None:
     root.mkdir()
     raw = config.deep_merge(family_raw(family, folder), real_data(root))
+    raw = config.deep_merge(raw, {"methods": {m: {"train_steps": 1} for m in ("lcm", "pcm")}})  # one step
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.chdir(root)
     run("prepare")
@@ -277,15 +356,21 @@ def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEACHERS)
 def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, monkeypatch):
     start_project(family, folders(family), tmp_path / "project", monkeypatch)
     run("trajectories")
     run("train_seme", "--method", "dcm")
     run("train_dete", "--method", "dcm")
     run("sample", "--method", "dcm")
+    # the consistency baselines, one step each on the same store, on the TI2V teacher (CI's time budget: the
+    # other teachers' chains stop at DCM)
+    for baseline in ("lcm", "pcm") if family == "wan22_ti2v" else ():
+        run("train_baseline", "--method", baseline)
+        assert (paths.checkpoint(baseline) / "history.jsonl").is_file()
     expert = json.loads((paths.checkpoint("dcm", "dete") / "expert.json").read_text())
-    assert expert["timestep_layer_names"] == list(adapter_class(family).timestep_layer_names)
+    assert expert["timestep_layer_names"] == list(adapter_class(TEACHER_FAMILY.get(family, family))
+                                                  .timestep_layer_names)
     record = json.loads((paths.samples("dcm") / "samples.json").read_text())
     assert record["num_steps"] == 4 and record["nfe"] == 4
     assert len(list(paths.samples("dcm").glob("*.mp4"))) == len(record["rows"])
@@ -294,26 +379,62 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
 # ------------------------------------------------------------------------------ presets, resources
 
 
-@pytest.mark.parametrize("family,kappa,shift,dcm_steps,fm", [("hunyuan", 37, 17.0, 4, 1.0),
-                                                             ("wan", 34, 17.0, 6, 10.0),
-                                                             ("cogvideox", 37, 4.0, 4, 1.0)])
-def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, tmp_path):
-    raw = config.load_raw(REPO / "params.yaml", family)
+@pytest.mark.parametrize("preset,kappa,shift,dcm_steps,fm,cfg", [("hunyuan", 37, 17.0, 4, 1.0, 6.0),
+                                                                 ("wan", 34, 17.0, 6, 10.0, 6.0),
+                                                                 ("wan22_ti2v", 34, 17.0, 6, 10.0, 5.0),
+                                                                 ("cogvideox", 37, 4.0, 4, 1.0, 6.0)])
+def test_presets_carry_the_methods_numbers(preset, kappa, shift, dcm_steps, fm, cfg, tmp_path):
+    raw = config.load_raw(REPO / "params.yaml", preset)
     raw["backbone"]["path"] = str(tmp_path)  # the preset names a placeholder folder
     params = config.parse(raw)
-    assert params.backbone.family == family and params.backbone.guidance_scale == 6.0
+    assert params.backbone.family == TEACHER_FAMILY.get(preset, preset)
+    assert params.backbone.guidance_scale == cfg
     assert (params.grid.steps, params.grid.shift, params.grid.kappa) == (50, shift, kappa)
     dcm = params.methods["dcm"]
     assert dcm.sample_steps == dcm_steps and (dcm.dete.lora_rank, dcm.dete.lora_alpha) == (128, 256.0)
     assert (dcm.seme.lr, dcm.dete.lr, dcm.dete.disc_lr, dcm.dete.fm_weight) == (1e-6, 5e-6, 1e-5, fm)
     assert dcm.seme.tc_offset == 3 and params.backbone.real.frames % 4 == 1
+    assert params.methods["teacher"].sample_steps == 50
+    if preset == "wan22_ti2v":  # TI2V-5B's official text-to-video size; DCM's schedule and budgets as wan's
+        wan = config.parse({**config.load_raw(REPO / "params.yaml", "wan"),
+                            "backbone": {**raw["backbone"], "family": "wan"}})
+        real = params.backbone.real
+        assert (real.frames, real.height, real.width) == (121, 704, 1280)
+        assert dcm.schedule == wan.methods["dcm"].schedule
+        assert [(params.methods[m].train_steps, params.methods[m].lr) for m in ("lcm", "pcm")] \
+            == [(wan.methods[m].train_steps, wan.methods[m].lr) for m in ("lcm", "pcm")]
+        assert (dcm.seme.train_steps, dcm.dete.train_steps) == (1000, 1000)
+        assert params.training.global_batch_size == 1 and params.training.parallel.context_parallel == 4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_resource_rows_cover_every_stage(family):
+@pytest.mark.parametrize("preset", [*FAMILIES, "wan22_ti2v"])
+def test_resource_rows_cover_every_stage(preset):
     from dcm.pipeline.dag import load_resources
     from dcm.pipeline.table import STAGES
 
-    rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
+    rows = {s: load_resources(s, REPO / "slurm" / f"resources-{preset}.yaml") for s in STAGES}
     assert rows["train_seme"].gpus * rows["train_seme"].nodes \
-        == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]
+        == {"hunyuan": 24, "wan": 1, "cogvideox": 8, "wan22_ti2v": 4}[preset]
+    if preset == "wan22_ti2v":  # one context-parallel group of 4 per training job (global batch 1)
+        assert {rows[s].gpus for s in ("train_seme", "train_dete", "train_baseline")} == {4}
+        assert all(rows[s].gpu_type == "a100" for s in STAGES if rows[s].gpus)
+
+
+def test_the_wan22_ti2v_plan_builds_the_5b_transformer_at_48_channels_and_per_token_timesteps(folders,
+                                                                                             tmp_path):
+    """`dcm plan --dag --variant ti2v-5B` (no weights here) and a TI2V folder's own configs give the plan the
+    Wan 2.2 VAE's latents and the pipeline's per-token timestep."""
+    from dcm.plan import memory, whole
+
+    raw = config.load_raw(REPO / "params.yaml", "wan22_ti2v")
+    raw["backbone"]["path"] = str(tmp_path)
+    planner = whole.Planner(config.parse(raw), whole.Options(variant="ti2v-5B"))
+    work = planner.work
+    assert work.config == memory.CONFIGS[("wan", "ti2v-5B")] and work.per_token_timestep
+    assert work.latent == (48, 31, 44, 80) and work.tokens == 31 * 22 * 40
+    assert memory.model_inputs(work, torch.bfloat16)["timestep"].shape == (1, 27280)
+    # a TI2V folder: its transformer/config.json, vae/config.json and model_index.json's expand_timesteps
+    params = family_params("wan22_ti2v", folders("wan22_ti2v"))
+    folder_work = whole.Planner(params).work
+    assert folder_work.per_token_timestep and folder_work.vae_config["z_dim"] == 48
+    assert folder_work.latent == (48, 3, 4, 4) and folder_work.config["in_channels"] == 48

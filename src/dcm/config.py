@@ -78,7 +78,7 @@ class ToyBackboneConfig:
 class RealBackboneConfig:
     """Real teachers (wan, hunyuan, cogvideox): the video size and how the frozen parts run."""
 
-    height: Int = at_least(16)  # pixels, a multiple of 16 (VAE ×8 · patch 2)
+    height: Int = at_least(16)  # pixels, a multiple of 16 (VAE ×8 · patch 2; 32 with Wan 2.2's ×16 VAE)
     width: Int = at_least(16)
     frames: Int = at_least(1)  # pixel frames, 4k+1 (the VAEs compress time 4×)
     max_sequence_length: Int | None = at_least(1, None)  # text tokens; null: the family's own
@@ -909,6 +909,13 @@ def _check_attention_backend(bb: BackboneConfig) -> None:
                                         "as key lengths)")
 
 
+def folder_vae_config(path: str | os.PathLike | None) -> dict:
+    """The pipeline folder's vae/config.json ({} where there is none): the VAE's latent channels (z_dim) and
+    compression (the Wan VAEs' scale_factor_spatial / _temporal), read without loading it."""
+    file = Path(os.path.expanduser(str(path or ""))) / "vae" / "config.json"
+    return json.loads(file.read_text()) if path and file.is_file() else {}
+
+
 def _check_backbone(params: Params) -> None:
     bb = params.backbone
     _check_attention_backend(bb)
@@ -936,10 +943,12 @@ def _check_backbone(params: Params) -> None:
                           "(height, width, frames of the videos)")
     if bb.real.frames % 4 != 1:
         raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
+    # the VAE's spatial compression (Wan VAEs name it in their config: 8, or 16 for Wan 2.2's) × patch 2
+    spatial = folder_vae_config(bb.path).get("scale_factor_spatial") or 8
     for key in ("height", "width"):
-        if getattr(bb.real, key) % 16:
+        if getattr(bb.real, key) % (2 * spatial):
             raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key),
-                              "a multiple of 16 (VAE 8x, patch 2)")
+                              f"a multiple of {2 * spatial} (VAE {spatial}x, patch 2)")
 
 
 def _check_method(name: str, m: MethodConfig, params: Params) -> None:

@@ -1,4 +1,5 @@
-"""Wan 2.1 text-to-video (``WanPipeline``) as a teacher: UMT5 text encoder, Wan VAE, WanTransformer3DModel.
+"""Wan 2.1 text-to-video and Wan 2.2 TI2V-5B in text-to-video mode (``WanPipeline``) as a teacher: UMT5 text
+encoder, Wan VAE, WanTransformer3DModel.
 
 Conventions (checked against diffusers' ``WanPipeline`` and ``FlowMatchEulerDiscreteScheduler``):
 the transformer is called with t = 1000·σ and its output is the flow velocity v ≈ ε − x0 (the
@@ -6,6 +7,13 @@ scheduler steps x ← x + (σ_next − σ)·v), so ``forward`` returns it unchan
 v_u + w·(v_c − v_u) with the negative prompt (``backbone.real.negative_prompt``, "" by default)
 as the unconditional input.  Latents are the VAE's mean, normalised with the VAE config's
 ``latents_mean`` / ``latents_std`` as the pipeline does before decoding.
+
+Wan 2.2 TI2V-5B is the same pipeline class with ``expand_timesteps: true`` in its model_index.json and the
+Wan 2.2 VAE (z_dim 48, 16× spatial compression, ``is_residual``, patch size 2): the latent shape and the
+normalisation come from the VAE's config, and the transformer gets one timestep per video token,
+(B, T'·H'·W'), as ``WanPipeline.__call__`` builds it in text-to-video mode (its mask is all ones: every
+token at t).  The condition embedder then gives a per-token temb (B, tokens, dim), which the blocks and
+the output head (``WanOutputHead``) modulate with token by token.
 
 Discriminator taps: every 2nd of ``blocks`` (0, 2, …, 28 for the 30-block 1.3B model).  Feature
 matching maps them through the output head (``WanOutputHead``, shared with the shapes toy).
@@ -19,13 +27,15 @@ LoRA adapter is added).  DetE's output modulation still differs from SemE's thro
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from dcm.backbones.base import PromptEmbeds, unwrap
+from dcm.backbones.base import PromptEmbeds, token_grid, unwrap
 from dcm.backbones.real import PipelineBackbone
 from dcm.backbones.routing import BoundaryExperts
-from dcm.config import ConfigError
+from dcm.config import ConfigError, folder_vae_config
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
 TRANSFORMER_CONFIGS = {
@@ -38,6 +48,14 @@ TRANSFORMER_CONFIGS = {
     "tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4, cross_attn_norm=True,
                  qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+    # Wan 2.2 TI2V-5B (Wan2.2's wan/configs/wan_ti2v_5B.py: dim 3072, ffn_dim 14336, 24 heads, 30 layers,
+    # freq_dim 256, in_dim 48 = the Wan 2.2 VAE's z_dim); its tiny CPU form has the 48 latent channels
+    "ti2v-5B": dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                    out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30,
+                    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "ti2v-tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48,
+                      out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4,
+                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
 }
 
 
@@ -155,15 +173,31 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
         return latents * std + mean
 
     def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        cfg = self.vae.config if self.vae is not None else None
-        temporal = cfg.scale_factor_temporal if cfg else 4
-        spatial = cfg.scale_factor_spatial if cfg else 8
-        channels = cfg.z_dim if cfg else self.transformer.config.in_channels
+        """From the VAE's config (Wan 2.1: z_dim 16, ÷4 in time, ÷8 in space; Wan 2.2: z_dim 48, ÷16 in
+        space), read from the folder's vae/config.json when the VAE is not loaded."""
+        cfg = dict(self.vae.config) if self.vae is not None else folder_vae_config(self.path)
+        temporal, spatial = cfg.get("scale_factor_temporal") or 4, cfg.get("scale_factor_spatial") or 8
+        channels = cfg.get("z_dim") or self.transformer.config.out_channels
         return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
 
     # --- network
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return unwrap(model).blocks
+
+    @property
+    def expand_timesteps(self) -> bool:
+        """The pipeline's ``expand_timesteps`` (model_index.json; Wan 2.2 TI2V-5B): one timestep per token."""
+        return bool((getattr(self.pipe, "config", None) or {}).get("expand_timesteps", False))
+
+    def timestep(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """t = 1000·σ per sample (B,); with ``expand_timesteps`` per video token (B, T'·H'·W'), as
+        ``WanPipeline.__call__`` builds it in text-to-video mode: ``(mask[0][0][:, ::2, ::2] * t).flatten()``
+        with a mask of ones, i.e. every token of the latent grid over the (1, 2, 2) patch at t."""
+        t = super().timestep(sigma, x)
+        if not self.expand_timesteps:
+            return t
+        tokens = math.prod(token_grid(x.shape[2:], self.token_patch(self.transformer)))
+        return t[:, None].expand(-1, tokens)
 
     def forward(self, model, x, sigma, cond, guidance=None):
         return model(hidden_states=x, timestep=self.timestep(sigma, x),

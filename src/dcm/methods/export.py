@@ -20,7 +20,9 @@ What differs per family is the forward call (the recipe is written for the famil
 tests/test_export.py follows it for tiny Wan, HunyuanVideo and CogVideoX pipelines):
 
 - wan / toy (WanTransformer3DModel): ``hidden_states, timestep = 1000·σ, encoder_hidden_states``;
-  the output is the flow velocity the Euler step takes.
+  the output is the flow velocity the Euler step takes.  A Wan 2.2 TI2V teacher (its pipeline's
+  ``expand_timesteps``, recorded) takes the timestep per video token, (B, T'·H'·W'), as ``WanPipeline``
+  builds it in text-to-video mode.
 - hunyuan (HunyuanVideoTransformer3DModel): also ``encoder_attention_mask``, ``pooled_projections``
   and the embedded ``guidance`` input: the teacher's w · 1000 rounded through bf16 (6 → 6016), the
   value the adapter gives every student forward (recorded as ``guidance``).
@@ -137,6 +139,8 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
                             "text_dtype": settings.text_dtype, "vae_dtype": settings.vae_dtype,
                             "vae_tiling": bool(settings.vae_tiling),
                             "vae_slicing": bool(settings.vae_slicing)}
+        if family == "wan":  # Wan 2.2 TI2V: one timestep per video token
+            plan["pipeline"]["expand_timesteps"] = bool(backbone.expand_timesteps)
 
     out = Path(out)
     if dual.form == "lora_on_expert":
@@ -356,12 +360,19 @@ def _sample_block(plan: dict) -> str:
                   "f = pipe.vae_scale_factor_spatial",
                   "rope = (pipe._prepare_rotary_positional_embeddings(H * f, W * f, T, x.device)",
                   "        if seme.config.use_rotary_positional_embeddings else None)"]
+    per_token = (plan.get("pipeline") or {}).get("expand_timesteps", False)
+    if per_token:
+        lines += ["# Wan 2.2 TI2V (expand_timesteps): one timestep per video token, every token at t, as",
+                  "# WanPipeline builds it in text-to-video mode",
+                  "p_t, p_h, p_w = seme.config.patch_size",
+                  "tokens = (T // p_t) * (H // p_h) * (W // p_w)"]
     lines += ["with torch.no_grad():",
               '    for step, t in zip(plan["steps"], scheduler.timesteps):',
               '        model = seme if step["expert"] == "seme" else dete']
     if convention == "wan":
+        timestep = "t.expand(len(x), tokens)" if per_token else "t.expand(len(x))"
         lines += ["        # timestep t = 1000·σ (= step[\"timestep\"]); the output is the flow velocity",
-                  "        v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=text,",
+                  f"        v = model(hidden_states=x, timestep={timestep}, encoder_hidden_states=text,",
                   "                  return_dict=False)[0]"]
     elif convention == "hunyuan":
         lines += ["        # timestep t = 1000·σ (= step[\"timestep\"]); the output is the flow velocity",

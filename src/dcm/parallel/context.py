@@ -6,7 +6,8 @@ diffusers' own ``enable_parallelism`` needs an accelerator (DESIGN.md), so this 
 - every rank runs the embeddings (patch, time, text) on the whole input, as a single rank would;
 - a forward pre-hook on the first transformer block keeps the rank's contiguous slice of the video
   tokens, ``tokens/P`` of them; every block then works on that slice (norms, modulation, MLPs are
-  per token), while the text tokens stay whole and replicated on every rank;
+  per token), while the text tokens stay whole and replicated on every rank; a per-token timestep
+  (Wan 2.2 TI2V: the blocks' modulation is per token) is sliced the same way before every block;
 - around attention an all-to-all turns (tokens/P, all heads) into (all tokens, heads/P), the
   attention kernel (``dispatch_attention_fn``: SDPA, or the backend set with
   ``set_attention_backend``) runs over the whole clip for the rank's heads, and the inverse
@@ -519,11 +520,32 @@ def _install(cp: ContextParallel, transformer: nn.Module) -> None:
         processor._attention_backend = getattr(attn.processor, "_attention_backend", None)
         attn.set_processor(processor)
     blocks = _blocks(transformer, fam)
-    cp._handles.append(blocks[0].register_forward_pre_hook(_split_hook(cp, fam), with_kwargs=True))
+    cp._handles.append(blocks[0].register_forward_pre_hook(_split_hook(cp), with_kwargs=True))
     cp._handles.append(blocks[-1].register_forward_hook(_gather_hook(cp)))
+    if fam == "wan":
+        cp._handles += [block.register_forward_pre_hook(_token_timestep_hook(cp), with_kwargs=True)
+                        for block in blocks]
 
 
-def _split_hook(cp: ContextParallel, family: str):
+def _token_timestep_hook(cp: ContextParallel):
+    """Wan 2.2 TI2V's per-token timestep: ``WanTransformer3DModel.forward`` hands every block the whole
+    clip's timestep projection (B, tokens, 6, dim); each block keeps the rank's contiguous tokens of it, the
+    slice the split hook keeps of the hidden states.  The output head modulates the gathered tokens with the
+    whole temb (B, tokens, dim), which the condition embedder made on every rank."""
+    def hook(_module, args, kwargs):
+        positional = len(args) > 2
+        temb = args[2] if positional else kwargs.get("temb")
+        if temb is None or temb.ndim != 4:  # (B, 6, dim): one timestep per sample, nothing to split
+            return None
+        local = temb.shape[1] // cp.degree
+        temb = temb.narrow(1, cp.rank * local, local)
+        if positional:
+            return (*args[:2], temb, *args[3:]), kwargs
+        return args, {**kwargs, "temb": temb}
+    return hook
+
+
+def _split_hook(cp: ContextParallel):
     def hook(_module, args, kwargs):
         positional = len(args) > 0
         x = args[0] if positional else kwargs["hidden_states"]
@@ -531,11 +553,6 @@ def _split_hook(cp: ContextParallel, family: str):
         if tokens % cp.degree:
             heads = int(cp.transformers[0].config.num_attention_heads)
             check_context_parallel(cp.degree, tokens=tokens, heads=heads)
-        if family == "wan":
-            temb = args[2] if len(args) > 2 else kwargs.get("temb")
-            if temb is not None and temb.ndim == 4:
-                raise ConfigError(KEY, cp.degree, "1 for per-token timesteps (Wan 2.2 TI2V): the timestep "
-                                                  "embedding is per token and is not split across ranks")
         local = tokens // cp.degree
         cp.local_tokens = local
         x = x.narrow(1, cp.rank * local, local)

@@ -79,6 +79,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
 from dcm.config import ConfigError, accumulation
 from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel
 
@@ -123,14 +124,31 @@ CONFIGS: dict[tuple[str, str], dict] = {
                               time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
                               sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
                               attention_bias=True, use_rotary_positional_embeddings=True),
+    # Wan 2.2 TI2V-5B and its tiny CPU form: dcm.backbones.wan.TRANSFORMER_CONFIGS (sources cited there)
+    ("wan", "ti2v-5B"): WAN_CONFIGS["ti2v-5B"],
+    ("wan", "ti2v-tiny"): WAN_CONFIGS["ti2v-tiny"],
 }
 #  Wan 2.2 T2V A14B: two experts of Wan 2.1 14B's configuration (the Wan2.2 repo, wan/configs/wan_t2v_A14B.py:
 #    dim 5120, ffn_dim 13824, num_heads 40, num_layers 40; high_noise_model and low_noise_model).
 CONFIGS[("wan", "A14B")] = CONFIGS[("wan", "14B")]
-VARIANTS = {"wan": ("1.3B", "14B", "A14B"), "hunyuan": ("13B",), "cogvideox": ("2B", "5B")}
+VARIANTS = {"wan": ("1.3B", "14B", "A14B", "ti2v-5B", "ti2v-tiny"), "hunyuan": ("13B",),
+            "cogvideox": ("2B", "5B")}
 # the teacher's transformers (each of the variant's config); one of them runs per forward
 EXPERTS = {("wan", "A14B"): 2}
 DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "cogvideox": "2B"}
+# the Wan 2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json, as diffusers'
+# scripts/convert_wan_to_diffusers.py writes it: z_dim 48, residual, patchified by 2 into 12 channels, 16×
+# spatial compression); its latents_mean / latents_std do not change sizes and are left at the defaults
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)
+# what a released variant's pipeline adds to its transformer: its VAE's config (none: the family class's
+# defaults, the released VAE) and one timestep per video token (WanPipeline's expand_timesteps)
+PIPELINE_EXTRAS = {("wan", "ti2v-5B"): dict(vae_config=WAN22_VAE, per_token_timestep=True),
+                   ("wan", "ti2v-tiny"): dict(vae_config=WAN22_VAE, per_token_timestep=True)}
+# the preset a variant is planned at by `dcm plan --family` (default: the family's)
+VARIANT_PRESET = {("wan", "ti2v-5B"): "wan22_ti2v", ("wan", "ti2v-tiny"): "wan22_ti2v",
+                  ("wan", "A14B"): "wan22_a14b"}
 # what DetE copies and where the LoRA goes (dcm.backbones.<family>: timestep_layer_names, lora_target_modules)
 TIMESTEP_LAYERS = {"wan": ("condition_embedder", "norm_out", "proj_out"),
                    "hunyuan": ("time_text_embed", "norm_out", "proj_out"),
@@ -156,10 +174,11 @@ def vae_class(family: str):
             "cogvideox": diffusers.AutoencoderKLCogVideoX}[family]
 
 
-def vae_parameter_count(family: str) -> int:
-    """The family's VAE (diffusers' class defaults = the released VAEs), counted on the meta device."""
+def vae_parameter_count(family: str, vae_config: dict | None = None) -> int:
+    """The family's VAE (diffusers' class defaults = the released VAEs; ``vae_config``: another one, Wan
+    2.2's), counted on the meta device."""
     with torch.device("meta"):
-        return sum(p.numel() for p in vae_class(family)().parameters())
+        return sum(p.numel() for p in vae_class(family)(**(vae_config or {})).parameters())
 
 
 # ----------------------------------------------------------------------------- the workload
@@ -190,6 +209,8 @@ class Workload:
     num_trajectories: int = 0
     trajectory_bytes: int = 4
     name: str = ""
+    vae_config: dict | None = None  # the VAE's config where it is not the family class's defaults (Wan 2.2)
+    per_token_timestep: bool = False  # one timestep per video token (Wan 2.2 TI2V: expand_timesteps)
 
     @property
     def tokens(self) -> int:
@@ -211,18 +232,25 @@ def preset_workload(family: str, variant: str | None = None, params: str | Path 
     if variant not in VARIANTS[family]:
         raise ConfigError("--variant", variant, f"one of {list(VARIANTS[family])} for family {family!r}")
     # the preset as merged over params.yaml (load_raw: no check that the weights folder exists here)
-    raw = dcm_config.load_raw(params, preset=family)
-    return replace(raw_workload(raw, family, CONFIGS[(family, variant)], variant),
+    raw = dcm_config.load_raw(params, preset=VARIANT_PRESET.get((family, variant), family))
+    return replace(raw_workload(raw, family, CONFIGS[(family, variant)], variant,
+                                **PIPELINE_EXTRAS.get((family, variant), {})),
                    experts=EXPERTS.get((family, variant), 1))
 
 
 def raw_workload(raw: dict, family: str, cfg: dict, variant: str, dcm: str = "dcm",
-                 dmd2: str = "dmd2") -> Workload:
+                 dmd2: str = "dmd2", vae_config: dict | None = None,
+                 per_token_timestep: bool = False) -> Workload:
     """The workload of a params mapping (``load_raw``'s, or ``Params.to_dict()``) for the transformer config
-    ``cfg`` (named ``variant``): DetE's settings from the row ``dcm``, DMD2's from the row ``dmd2``."""
+    ``cfg`` (named ``variant``): DetE's settings from the row ``dcm``, DMD2's from the row ``dmd2``;
+    ``vae_config`` and ``per_token_timestep`` as ``PIPELINE_EXTRAS`` gives them."""
     real = raw["backbone"]["real"]
-    # the VAEs: ÷4 in time, ÷8 in space
-    latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)
+    # the VAEs: ÷4 in time, ÷8 in space (Wan 2.2's: z_dim 48, ÷16 in space)
+    vae = vae_config or {}
+    channels, spatial = vae.get("z_dim", 16), vae.get("scale_factor_spatial", 8)
+    temporal = vae.get("scale_factor_temporal", 4)
+    latent = (channels, (real["frames"] - 1) // temporal + 1, real["height"] // spatial,
+              real["width"] // spatial)
     text = cfg["max_text_seq_length"] if family == "cogvideox" else (real.get("max_sequence_length") or 256)
     dete = (raw["methods"].get(dcm) or {}).get("dete") or {}
     dmd2_row = (raw["methods"].get(dmd2) or {}).get("dmd2") or {}
@@ -233,7 +261,8 @@ def raw_workload(raw: dict, family: str, cfg: dict, variant: str, dcm: str = "dc
                     dmd2_gan=dmd2_row.get("gan_weight", 5e-3) > 0,
                     grad_accum=raw["training"].get("grad_accum", 1), disc_steps=dete.get("disc_steps", 1),
                     global_batch=raw["training"].get("global_batch_size"),
-                    vae_params=vae_parameter_count(family),
+                    vae_params=vae_parameter_count(family, vae_config), vae_config=vae_config,
+                    per_token_timestep=per_token_timestep,
                     vae_bytes=DTYPE_BYTES[real.get("vae_dtype", "bf16")],
                     grid_points=raw["grid"]["steps"] + 1, num_trajectories=trajectories["num_trajectories"],
                     trajectory_bytes=DTYPE_BYTES[trajectories.get("dtype", "fp32")],
@@ -378,6 +407,8 @@ def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: t
     c, t, h, w = work.latent
     b, cfg = work.batch, work.config
     timestep = torch.full((b,), 500.0, device=device)
+    if work.per_token_timestep:  # (B, video tokens), as WanPipeline gives it with expand_timesteps
+        timestep = torch.full((b, work.tokens), 500.0, device=device)
     if work.family == "wan":
         return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_dim"]))
@@ -838,7 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, choices=sorted(VARIANTS))
     ap.add_argument("--params", default="params.yaml",
                     help="experiment file the preset overlays (default: params.yaml)")
-    ap.add_argument("--variant", help="1.3B|14B (wan), 13B (hunyuan), 2B|5B (cogvideox)")
+    ap.add_argument("--variant", help="1.3B|14B|ti2v-5B (wan; ti2v-5B at the wan22_ti2v preset), 13B "
+                                      "(hunyuan), 2B|5B (cogvideox)")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GiB per GPU (an A100-80GB: 80)")
     ap.add_argument("--context-parallel", type=int, default=1)

@@ -77,7 +77,7 @@ from pathlib import Path
 
 import torch
 
-from dcm.config import METHOD_KINDS, SHARDED, ConfigError, Params
+from dcm.config import METHOD_KINDS, SHARDED, ConfigError, Params, folder_vae_config
 from dcm.plan import memory
 
 GiB = memory.GiB
@@ -289,13 +289,15 @@ def inference_activation_bytes(work: memory.Workload, batch: int) -> int:
 
 
 def vae_pass(family: str, latent: tuple[int, int, int, int], dtype: str, tiling: bool,
-             frames_hw: tuple[int, int, int], encode: bool = False) -> tuple[int, int]:
+             frames_hw: tuple[int, int, int], encode: bool = False,
+             vae_config: dict | None = None) -> tuple[int, int]:
     """(FLOPs, peak live bytes, its input included) of decoding one video's latents, or with ``encode``
-    encoding its frames (``frames_hw``: frames, height, width), with the family's released VAE on meta."""
+    encoding its frames (``frames_hw``: frames, height, width), with the family's released VAE on meta
+    (``vae_config``: another one, Wan 2.2's)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        vae = memory.vae_class(family)().to(DTYPES[dtype]).eval()
+        vae = memory.vae_class(family)(**(vae_config or {})).to(DTYPES[dtype]).eval()
     if tiling:
         vae.enable_tiling()
     x = torch.empty(1, 3, *frames_hw, device="meta", dtype=DTYPES[dtype]) if encode else \
@@ -353,12 +355,13 @@ class Measurements:
 
     def vae_decode(self, dtype: str, tiling: bool) -> tuple[int, int]:
         return self._once(("decode", dtype, tiling),
-                          lambda: vae_pass(self.work.family, self.work.latent, dtype, tiling, self.frames))
+                          lambda: vae_pass(self.work.family, self.work.latent, dtype, tiling, self.frames,
+                                           vae_config=self.work.vae_config))
 
     def vae_encode(self, dtype: str, tiling: bool) -> tuple[int, int]:
         return self._once(("encode", dtype, tiling),
                           lambda: vae_pass(self.work.family, self.work.latent, dtype, tiling, self.frames,
-                                           encode=True))
+                                           encode=True, vae_config=self.work.vae_config))
 
 
 # ----------------------------------------------------------------------------- the params' workload
@@ -385,6 +388,25 @@ def transformer_config(params: Params, variant: str | None = None) -> tuple[dict
     return memory.CONFIGS[(family, variant)], variant, memory.EXPERTS.get((family, variant), 1)
 
 
+def pipeline_extras(params: Params, name: str) -> dict:
+    """What the pipeline adds to the transformer config ``name`` (``memory.raw_workload``'s ``vae_config``,
+    ``per_token_timestep``): read from ``backbone.path`` when the folder has them (vae/config.json,
+    model_index.json's ``expand_timesteps``), else the released variant's (``memory.PIPELINE_EXTRAS``)."""
+    family = params.backbone.family
+    if name in memory.VARIANTS[family]:  # a released config: its pipeline's
+        return dict(memory.PIPELINE_EXTRAS.get((family, name), {}))
+    folder = Path(params.backbone.path or "").expanduser()
+    extras: dict = {}
+    if (folder / "model_index.json").is_file() \
+            and json.loads((folder / "model_index.json").read_text()).get("expand_timesteps"):
+        extras["per_token_timestep"] = True
+    accepted = inspect.signature(memory.vae_class(family).__init__).parameters
+    vae = {k: v for k, v in folder_vae_config(folder).items() if k in accepted}
+    if vae:
+        extras["vae_config"] = vae
+    return extras
+
+
 def guided_forwards(params: Params) -> int:
     """Forwards of one guided teacher step (``dcm.methods.guidance_forwards``): 2 with CFG, 1 embedded."""
     from dcm.backbones import adapter_class
@@ -399,7 +421,8 @@ class Planner:
     def __init__(self, params: Params, options: Options | None = None):
         self.params, self.options = params, options or Options()
         cfg, name, experts = transformer_config(params, self.options.variant)
-        work = memory.raw_workload(params.to_dict(), params.backbone.family, cfg, name)
+        work = memory.raw_workload(params.to_dict(), params.backbone.family, cfg, name,
+                                   **pipeline_extras(params, name))
         self.work = dataclasses.replace(work, experts=experts)
         real = params.backbone.real
         self.measure = Measurements(self.work, (real.frames, real.height, real.width))
@@ -843,8 +866,8 @@ def main(argv: list[str] | None, stage_runs: Callable[[Params, str | None], list
     ap.add_argument("--preset", default=None, help="overlay a preset on it for this plan")
     ap.add_argument("--resources", default=None, help="SLURM rows (default: $DCM_SLURM_RESOURCES, else "
                     "slurm/resources.yaml)")
-    ap.add_argument("--variant", default=None, help="plan a released config (1.3B|14B, 13B, 2B|5B) instead "
-                    "of backbone.path's transformer/config.json")
+    ap.add_argument("--variant", default=None, help="plan a released config (1.3B|14B|ti2v-5B, 13B, 2B|5B) "
+                    "instead of backbone.path's transformer/config.json")
     ap.add_argument("--mfu", type=float, default=Options.mfu,
                     help=f"model FLOP utilisation assumed (default {Options.mfu})")
     ap.add_argument("--peak-tflops", type=float, default=None,
