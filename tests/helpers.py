@@ -190,6 +190,47 @@ def build_hunyuan(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
+# a chat template of the tiny tokenizer: HunyuanVideo15Pipeline._get_mllm_prompt_embeds formats every prompt as a
+# (system, user) conversation, as Qwen2.5-VL's template does, and crops the first 108 template tokens
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def build_hunyuan15(folder: Path) -> None:
+    """A tiny HunyuanVideo15Pipeline: a 3-layer Qwen2.5-VL text model (M-RoPE) with the word-level tokenizer
+    and a chat template, a 1-layer T5 encoder with the real (byte-level) ByT5Tokenizer, the 1.5 VAE at 8×
+    in space, the tiny transformer (in_channels 2·4 + 1), the 480p T2V scheduler shift and CFG guider."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    from dcm.backbones.hunyuan15 import TRANSFORMER_CONFIGS as HY15_CONFIGS
+
+    tokenizer = tiny_tokenizer(2048)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, rope_parameters=rope,
+        pad_token_id=0, bos_token_id=None, eos_token_id=2))
+    byt5_tokenizer = ByT5Tokenizer()
+    byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                      spatial_compression_ratio=8, temporal_compression_ratio=4)
+    pipe = HunyuanVideo15Pipeline(text_encoder=qwen, tokenizer=tokenizer, text_encoder_2=byt5,
+                                  tokenizer_2=byt5_tokenizer, vae=vae,
+                                  transformer=HunyuanVideo15Transformer3DModel(**HY15_CONFIGS["tiny"]),
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.save_pretrained(folder)
+
+
 def build_cogvideox(folder: Path) -> None:
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -218,7 +259,8 @@ def build_cogvideox(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox}
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "hunyuan15": build_hunyuan15,
+            "cogvideox": build_cogvideox}
 
 
 def family_raw(family: str, folder: Path, **real) -> dict:

@@ -1,4 +1,4 @@
-"""Real teachers (wan, hunyuan, cogvideox) on tiny random pipelines built from the same diffusers and
+"""Real teachers (wan, hunyuan, hunyuan15, cogvideox) on tiny random pipelines built from the same diffusers and
 transformers classes, saved with ``save_pretrained`` and loaded through the adapters' normal path."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dcm.distill.experts import make_dete
 from helpers import BUILDERS, PROMPTS, VIDEO, family_params, family_raw, real_data
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ("wan", "hunyuan", "cogvideox")
+FAMILIES = ("wan", "hunyuan", "hunyuan15", "cogvideox")
 
 
 # ------------------------------------------------------------------------------ tiny pipelines (BUILDERS)
@@ -110,7 +110,7 @@ def test_vae_round_trip_keeps_the_latent_shape(family, loaded):
 
 
 def test_guidance_modes_embedded_for_hunyuan_cfg_for_wan_and_cogvideox(loaded):
-    assert [adapter_class(f).guidance_mode for f in FAMILIES] == ["cfg", "embedded", "cfg"]
+    assert [adapter_class(f).guidance_mode for f in FAMILIES] == ["cfg", "embedded", "cfg", "cfg"]
     backbone, params = loaded("hunyuan")
     assert float(embedded_guidance(torch.tensor([6.0]))) == 6016.0  # the pipeline's bf16 guidance input
     x, sigma, cond = inputs(backbone, params)

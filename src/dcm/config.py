@@ -76,7 +76,7 @@ class ToyBackboneConfig:
 
 @dataclass(config=SECTION)
 class RealBackboneConfig:
-    """Real teachers (wan, hunyuan, cogvideox): the video size and how the frozen parts run."""
+    """Real teachers (wan, hunyuan, hunyuan15, cogvideox): the video size and how the frozen parts run."""
 
     height: Int = at_least(16)  # pixels, a multiple of 16 (VAE ×8 · patch 2)
     width: Int = at_least(16)
@@ -86,7 +86,7 @@ class RealBackboneConfig:
     vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
     vae_tiling: Bool = False
     vae_slicing: Bool = False
-    negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, cogvideox)
+    negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, hunyuan15, cogvideox)
 
 
 # diffusers' attention backends a run may name (what each is: dcm.backbones.kernels): PyTorch's SDPA and the
@@ -101,11 +101,11 @@ MASKLESS_ATTENTION = ("_native_flash", "flash", "_flash_3")
 
 @dataclass(config=SECTION)
 class BackboneConfig:
-    family: Literal["toy", "wan", "hunyuan", "cogvideox"]
+    family: Literal["toy", "wan", "hunyuan", "hunyuan15", "cogvideox"]
     path: Str | None  # local diffusers folder for real backbones (never a hub id)
     guidance_scale: Float = at_least(0)  # CFG scale (embedded guidance for hunyuan)
     toy: ToyBackboneConfig | None = None
-    real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, cogvideox
+    real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, hunyuan15, cogvideox
     # the attention kernel of every stage's transformers, by diffusers' backend name (ATTENTION_BACKENDS)
     attention_backend: AttentionBackend = "native"
 
