@@ -133,6 +133,35 @@ def test_wan_cfg_combines_conditional_and_negative_prompt_forwards(loaded):
     torch.testing.assert_close(guided, v_u + 5.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
 
 
+def test_hunyuan15_guided_sampler_equals_the_stock_pipeline_with_its_guider_and_glyph_prompt(loaded):
+    """Two Euler steps of the stock HunyuanVideo15Pipeline (output_type="latent": its own encode_prompt for
+    the prompt and the default negative prompt, its zero condition latents and image tokens, its
+    ClassifierFreeGuidance) equal dcm's sampler on the adapter's guided velocity; the quoted text reaches
+    the ByT5 glyph encoder (a non-zero mask)."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    from dcm.sampling import sample, teacher_velocity
+
+    backbone, params = loaded("hunyuan15")
+    prompts = ['a red square moves left with a sign "stop"']
+    cond = backbone.encode_prompts(prompts)
+    assert cond.extra["attention_mask_2"].sum() > 0 and cond.extra["hidden_2"].abs().sum() > 0
+    assert backbone.encode_prompts(PROMPTS[:1]).extra["attention_mask_2"].sum() == 0  # nothing quoted
+    stock = HunyuanVideo15Pipeline.from_pretrained(backbone.path, local_files_only=True)
+    stock.tokenizer_max_length = backbone.max_sequence_length  # backbone.real.max_sequence_length (12)
+    assert stock.guider.guidance_scale == backbone.guidance_scale == 6.0
+    noise = torch.randn(1, *backbone.video_latent_shape(params), generator=torch.Generator().manual_seed(0))
+    theirs = stock(prompt=prompts, height=VIDEO["height"], width=VIDEO["width"], num_frames=VIDEO["frames"],
+                   num_inference_steps=2, latents=noise.clone(), output_type="latent").frames
+    steps = [schedule.SamplingStep(float(s), "teacher") for s in stock.scheduler.sigmas[:-1]]
+    ours = sample({"teacher": teacher_velocity(backbone, None)}, steps, noise, cond)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        unguided = backbone.guided_velocity(backbone.transformer, noise, torch.ones(1), cond,
+                                            backbone.null_prompts(1), scale=1.0)
+        torch.testing.assert_close(unguided, backbone.predict(backbone.transformer, noise, torch.ones(1), cond))
+
+
 # ------------------------------------------------------------------------------ CogVideoX: VP ↔ flow
 
 
