@@ -1,7 +1,7 @@
 """`dcm export` per family: the folder loads with stock diffusers + peft and its README recipe, run as
 written, gives the same few-step samples as dcm's sampler, with DetE taking its steps.
 
-Tiny random Wan, HunyuanVideo and CogVideoX pipelines come from tests/test_real_backbones.py's builders
+Tiny random Wan, HunyuanVideo, HunyuanVideo 1.5 and CogVideoX pipelines come from tests/test_real_backbones.py's builders
 (saved with ``save_pretrained``, loaded through the adapters); CogVideoX is also checked with RoPE on
 (CogVideoX-5B's form, which the recipe builds with the stock pipeline's own helper).
 """
@@ -73,9 +73,9 @@ def dual_expert(backbone, params, rank: int = 2) -> tuple[DualExpert, list[sched
     return dual.requires_grad_(False).eval(), schedule.expert_schedule(grid, g.kappa, 4)
 
 
-@pytest.mark.parametrize("family,rope", [("wan", False), ("hunyuan", False), ("cogvideox", False),
-                                         ("cogvideox", True)],
-                         ids=["wan", "hunyuan", "cogvideox", "cogvideox-rope"])
+@pytest.mark.parametrize("family,rope", [("wan", False), ("hunyuan", False), ("hunyuan15", False),
+                                         ("cogvideox", False), ("cogvideox", True)],
+                         ids=["wan", "hunyuan", "hunyuan15", "cogvideox", "cogvideox-rope"])
 def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, rope, tmp_path, monkeypatch):
     folder = tmp_path / "teacher"
     build_teacher(family, folder, rope)
@@ -109,6 +109,7 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, ro
     assert ("WanTransformer3DModel" in code) == (family == "wan")
     assert ("encoder_attention_mask=mask" in code and "pooled_projections" in code) == (family == "hunyuan")
     assert ("transpose(1, 2)" in code and 'step["timestep"]' in code) == (family == "cogvideox")
+    assert ("encoder_hidden_states_2=text_2" in code and "image_embeds=image" in code) == (family == "hunyuan15")
 
     # run it as written
     shape = backbone.video_latent_shape(params)

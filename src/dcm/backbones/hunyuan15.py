@@ -25,7 +25,8 @@ Conventions, checked against diffusers 0.42.1 ``pipelines/hunyuan_video1_5/pipel
   ``negative_prompt=None`` encodes "" (``backbone.real.negative_prompt``'s default), which the chat
   template turns into " " (``format_text_input``).
 - Latents: the VAE's posterior × ``scaling_factor`` (the pipeline decodes ``latents / scaling_factor``),
-  no shift; compression 4× in time, 16× in space (``temporal/spatial_compression_ratio``), patch 1.
+  no shift; compression 4× in time, 16× in space (``temporal/spatial_compression_ratio``), patch 1.  The
+  VAE always runs sliced (``_slice_vae``: batches above 1 fail in its mid-block attention).
 
 Discriminator taps: every 2nd dual-stream block (0, 2, …, 52); a block returns (video, text) tokens and
 the hook keeps the video tokens.  Feature matching maps them through the output head as the forward does,
@@ -79,6 +80,18 @@ class Hunyuan15Backbone(PipelineBackbone):
                 raise ConfigError("backbone.path", str(path), "a HunyuanVideo-1.5 T2V transformer whose "
                                   f"in_channels is 2·out_channels + 1 (latents, zero condition latents, zero "
                                   f"mask), not {cfg.in_channels} for {channels} output channels")
+        self._slice_vae()
+
+    def _slice_vae(self) -> None:
+        """One video per VAE call: in diffusers 0.42.1 the VAE's mid-block attention
+        (``HunyuanVideo15AttnBlock.forward``) passes a (B, S, S) causal mask to SDPA on (B, 1, S, S) queries,
+        which fails to broadcast for B > 1; ``enable_slicing`` encodes and decodes video by video."""
+        if self.vae is not None:
+            self.vae.enable_slicing()
+
+    def load_vae(self) -> None:
+        super().load_vae()
+        self._slice_vae()
 
     @classmethod
     def load_pipeline(cls, folder, dtypes: dict, skip: dict):
