@@ -74,11 +74,12 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from dcm.backbones.hunyuan15 import TRANSFORMER_CONFIGS as _HY15_CONFIGS
 from dcm.config import ConfigError, accumulation
 from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel
 
@@ -101,6 +102,9 @@ SHARD_KEY = "training.parallel.shard_group_size"
 #  CogVideoX: diffusers' scripts/convert_cogvideox_to_diffusers.py ("For CogVideoX-2B, num_layers is 30.
 #    For 5B, it is 42"; heads 30 / 48; RoPE off for 2B, on for 5B) over the class defaults (head dim 64,
 #    time_embed_dim 512, text 4096 (T5-XXL), max_text_seq_length 226, sample 49 × 60 × 90, patch 2).
+#  HunyuanVideo 1.5 8.3B (T2V): diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py,
+#    TRANSFORMER_CONFIGS["480p_t2v"] (dcm.backbones.hunyuan15): 16 heads × 128, 54 dual-stream blocks, patch 1,
+#    65 input channels (32 latent + 32 condition + 1 mask), text 3584 (Qwen2.5-VL-7B) + 1472 (ByT5), image 1152.
 CONFIGS: dict[tuple[str, str], dict] = {
     ("wan", "1.3B"): dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
                           in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
@@ -123,12 +127,20 @@ CONFIGS: dict[tuple[str, str], dict] = {
                               time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
                               sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
                               attention_bias=True, use_rotary_positional_embeddings=True),
+    ("hunyuan15", "8.3B"): dict(_HY15_CONFIGS["8.3B"]),
 }
-VARIANTS = {"wan": ("1.3B", "14B"), "hunyuan": ("13B",), "cogvideox": ("2B", "5B")}
-DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "cogvideox": "2B"}
+VARIANTS = {"wan": ("1.3B", "14B"), "hunyuan": ("13B",), "hunyuan15": ("8.3B",), "cogvideox": ("2B", "5B")}
+DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "hunyuan15": "8.3B", "cogvideox": "2B"}
+# (latent channels, spatial compression) of the family's VAE (time is ÷4 for all of them)
+LATENT = {"hunyuan15": (32, 16)}
+DEFAULT_LATENT = (16, 8)
+# HunyuanVideo 1.5's other text streams beside the Qwen2.5-VL tokens: ByT5's 256 glyph tokens and the T2V
+# call's 729 zero image tokens (HunyuanVideo15Pipeline.tokenizer_2_max_length, vision_num_semantic_tokens)
+HY15_GLYPH_TOKENS, HY15_IMAGE_TOKENS = 256, 729
 # what DetE copies and where the LoRA goes (dcm.backbones.<family>: timestep_layer_names, lora_target_modules)
 TIMESTEP_LAYERS = {"wan": ("condition_embedder", "norm_out", "proj_out"),
                    "hunyuan": ("time_text_embed", "norm_out", "proj_out"),
+                   "hunyuan15": ("time_embed", "norm_out", "proj_out"),
                    "cogvideox": ("time_embedding", "norm_out", "proj_out")}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ROLES = ("seme", "dete", "teacher")  # what trains in a forward: every weight, DetE's adapters, nothing
@@ -140,6 +152,7 @@ def transformer_class(family: str):
     import diffusers
 
     return {"wan": diffusers.WanTransformer3DModel, "hunyuan": diffusers.HunyuanVideoTransformer3DModel,
+            "hunyuan15": diffusers.HunyuanVideo15Transformer3DModel,
             "cogvideox": diffusers.CogVideoXTransformer3DModel}[family]
 
 
@@ -148,6 +161,7 @@ def vae_class(family: str):
     import diffusers
 
     return {"wan": diffusers.AutoencoderKLWan, "hunyuan": diffusers.AutoencoderKLHunyuanVideo,
+            "hunyuan15": diffusers.AutoencoderKLHunyuanVideo15,
             "cogvideox": diffusers.AutoencoderKLCogVideoX}[family]
 
 
@@ -212,9 +226,12 @@ def raw_workload(raw: dict, family: str, cfg: dict, variant: str, dcm: str = "dc
     """The workload of a params mapping (``load_raw``'s, or ``Params.to_dict()``) for the transformer config
     ``cfg`` (named ``variant``): DetE's settings from the row ``dcm``, DMD2's from the row ``dmd2``."""
     real = raw["backbone"]["real"]
-    # the VAEs: ÷4 in time, ÷8 in space
-    latent = (16, (real["frames"] - 1) // 4 + 1, real["height"] // 8, real["width"] // 8)
-    text = cfg["max_text_seq_length"] if family == "cogvideox" else (real.get("max_sequence_length") or 256)
+    # the VAEs: ÷4 in time, ÷8 in space (HunyuanVideo 1.5: ÷16, 32 channels)
+    channels, spatial = LATENT.get(family, DEFAULT_LATENT)
+    latent = (channels, (real["frames"] - 1) // 4 + 1, real["height"] // spatial, real["width"] // spatial)
+    default_text = 1000 if family == "hunyuan15" else 256  # the pipelines' max_sequence_length defaults
+    text = (cfg["max_text_seq_length"] if family == "cogvideox"
+            else (real.get("max_sequence_length") or default_text))
     dete = (raw["methods"].get(dcm) or {}).get("dete") or {}
     dmd2_row = (raw["methods"].get(dmd2) or {}).get("dmd2") or {}
     trajectories = raw["trajectories"]
@@ -249,7 +266,36 @@ def fake_world(size: int):
 
 def build(work: Workload, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):
-        return transformer_class(work.family)(**work.config).to(dtype)
+        model = transformer_class(work.family)(**work.config).to(dtype)
+    if work.family == "hunyuan15":
+        model.forward = MethodType(_hunyuan15_meta_forward, model)
+    return model
+
+
+def _hunyuan15_meta_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                            encoder_hidden_states_2=None, encoder_attention_mask_2=None, image_embeds=None,
+                            return_dict=False, **_):
+    """``HunyuanVideo15Transformer3DModel.forward`` with shapes only, for the meta device: its T2V test
+    (``torch.all(image_embeds == 0)``) and its per-sample reorder of the text tokens (valid ones first, by
+    boolean masks) need values.  Here the three text streams are concatenated in place (image, ByT5, Qwen,
+    each with its condition-type embedding): tensors of the sizes the real forward makes; then the same
+    blocks, output head and unpatchify."""
+    b, _, t, h, w = hidden_states.shape
+    pt, p = self.config.patch_size_t, self.config.patch_size
+    rotary = self.rope(hidden_states)
+    temb = self.time_embed(timestep)
+    x = self.x_embedder(hidden_states)
+    streams = [self.image_embedder(image_embeds), self.context_embedder_2(encoder_hidden_states_2),
+               self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)]
+    kinds = [torch.full(s.shape[:2], k, dtype=torch.long, device=s.device) for k, s in zip((2, 1, 0), streams)]
+    context = torch.cat([s + self.cond_type_embed(k) for s, k in zip(streams, kinds)], dim=1)
+    mask = torch.cat([torch.zeros(b, image_embeds.shape[1], dtype=torch.bool, device=x.device),
+                      encoder_attention_mask_2.bool(), encoder_attention_mask.bool()], dim=1)
+    for block in self.transformer_blocks:
+        x, context = block(x, context, temb, mask, rotary)
+    x = self.proj_out(self.norm_out(x, temb))
+    x = x.reshape(b, t // pt, h // p, w // p, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return (x.reshape(b, x.shape[1], t, h, w),)
 
 
 def make_dete_meta(seme, work: Workload):
@@ -369,6 +415,15 @@ def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: t
     if work.family == "wan":
         return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_dim"]))
+    if work.family == "hunyuan15":  # the T2V input: latents + zero condition latents + zero mask channel
+        mask = torch.ones(b, work.text_tokens, dtype=torch.long, device=device)
+        # the timestep in the compute dtype, as the pipeline passes it (t.expand(B).to(latents.dtype))
+        return dict(hidden_states=randn(b, cfg["in_channels"], t, h, w), timestep=timestep.to(dtype),
+                    encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
+                    encoder_attention_mask=mask,
+                    encoder_hidden_states_2=randn(b, HY15_GLYPH_TOKENS, cfg["text_embed_2_dim"]),
+                    encoder_attention_mask_2=torch.ones(b, HY15_GLYPH_TOKENS, dtype=torch.long, device=device),
+                    image_embeds=randn(b, HY15_IMAGE_TOKENS, cfg["image_embed_dim"]))
     if work.family == "hunyuan":
         return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
