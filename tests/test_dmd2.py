@@ -225,7 +225,7 @@ class RealVideos:
         return len(self.x0)
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "hunyuan15", "cogvideox"])
 def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_path):
     """Tiny Wan / HunyuanVideo (embedded guidance) / CogVideoX (VP) pipelines under activation checkpointing:
     generator terms, only the generator's gradients, then the fake score's updates (trainable again), through

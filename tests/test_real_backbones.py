@@ -324,6 +324,7 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
 
 
 @pytest.mark.parametrize("family,kappa,shift,dcm_steps,fm", [("hunyuan", 37, 17.0, 4, 1.0),
+                                                             ("hunyuan15", 37, 5.0, 4, 1.0),
                                                              ("wan", 34, 17.0, 6, 10.0),
                                                              ("cogvideox", 37, 4.0, 4, 1.0)])
 def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, tmp_path):
@@ -336,6 +337,10 @@ def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, 
     assert dcm.sample_steps == dcm_steps and (dcm.dete.lora_rank, dcm.dete.lora_alpha) == (128, 256.0)
     assert (dcm.seme.lr, dcm.dete.lr, dcm.dete.disc_lr, dcm.dete.fm_weight) == (1e-6, 5e-6, 1e-5, fm)
     assert dcm.seme.tc_offset == 3 and params.backbone.real.frames % 4 == 1
+    if family == "hunyuan15":  # HunyuanVideo-1.5 480p T2V as diffusers ships it (pipeline defaults, guider, shift)
+        real = params.backbone.real
+        assert (real.height, real.width, real.frames, real.max_sequence_length) == (480, 848, 121, 1000)
+        assert params.methods["teacher"].sample_steps == 50 and adapter_class(family).guidance_mode == "cfg"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -345,4 +350,4 @@ def test_resource_rows_cover_every_stage(family):
 
     rows = {s: load_resources(s, REPO / "slurm" / f"resources-{family}.yaml") for s in STAGES}
     assert rows["train_seme"].gpus * rows["train_seme"].nodes \
-        == {"hunyuan": 24, "wan": 1, "cogvideox": 8}[family]
+        == {"hunyuan": 24, "hunyuan15": 8, "wan": 1, "cogvideox": 8}[family]
