@@ -392,6 +392,9 @@ def plan_workloads() -> dict:
                    num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
                    guidance_embeds=True,
                    text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
+    hunyuan15 = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+                     num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32,
+                     image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
     cog = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
@@ -403,6 +406,8 @@ def plan_workloads() -> dict:
                              **common), 2),
         "hunyuan": (Workload("hunyuan", hunyuan, (16, 8, 16, 16), batch=2, text_tokens=6, name="hunyuan tiny",
                              **common), 1),
+        "hunyuan15": (Workload("hunyuan15", hunyuan15, (16, 4, 8, 8), batch=2, text_tokens=6,
+                               name="hunyuan15 tiny", **common), 1),
         "cogvideox": (Workload("cogvideox", cog, (4, 8, 16, 16), batch=2, text_tokens=16,
                                name="cogvideox tiny", **common), 1),
     }

@@ -418,7 +418,7 @@ def test_checkpointed_passes_recompute_the_last_pass_first():
     assert mp.checkpointed_passes(first, second, terms) == 4 + 8 + max(70, 2 + 6 + max(30, 40))
 
 
-@pytest.mark.parametrize("name", ["toy", "wan", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("name", ["toy", "wan", "hunyuan", "hunyuan15", "cogvideox"])
 def test_meta_activation_profiles_equal_a_real_forward(name):
     """What autograd saves, block by block, is the same on meta (the plan) as in a real CPU forward of the
     same configuration: SemE, DetE on its path (adapters on, its copies of the timestep layers in), and the

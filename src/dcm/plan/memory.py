@@ -370,18 +370,21 @@ def fsdp_working_set(block: tuple[int, int], compute_bytes: int) -> int:
 # ----------------------------------------------------------------------------- activations on meta
 
 class _FusedAttention(torch.autograd.Function):
-    """Shape-only SDPA that saves what a fused kernel saves: q, k, v, out and the log-sum-exp."""
+    """Shape-only SDPA that saves what a fused kernel saves: q, k, v, out and the log-sum-exp, and an
+    attention mask as the additive bias in q's dtype that the masked kernels keep for backward (HunyuanVideo
+    1.5's (B, 1, S, S) query-and-key mask is quadratic in the tokens)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, bias=None):
         out = torch.empty_like(q)
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        saved = (q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        ctx.save_for_backward(*saved, *(() if bias is None else (bias,)))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
 @contextlib.contextmanager
@@ -393,7 +396,8 @@ def fused_attention_accounting():
         if query.device.type != "meta":
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
-        return _FusedAttention.apply(query, key, value)
+        bias = None if attn_mask is None else attn_mask.new_empty(attn_mask.shape, dtype=query.dtype)
+        return _FusedAttention.apply(query, key, value, bias)
 
     functional.scaled_dot_product_attention = sdpa
     try:
@@ -423,7 +427,8 @@ def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: t
                     encoder_attention_mask=mask,
                     encoder_hidden_states_2=randn(b, HY15_GLYPH_TOKENS, cfg["text_embed_2_dim"]),
                     encoder_attention_mask_2=torch.ones(b, HY15_GLYPH_TOKENS, dtype=torch.long, device=device),
-                    image_embeds=randn(b, HY15_IMAGE_TOKENS, cfg["image_embed_dim"]))
+                    image_embeds=torch.zeros(b, HY15_IMAGE_TOKENS, cfg["image_embed_dim"], dtype=dtype,
+                                             device=device))  # T2V: zero image tokens
     if work.family == "hunyuan":
         return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
