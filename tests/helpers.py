@@ -190,8 +190,8 @@ def build_hunyuan(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-# a chat template of the tiny tokenizer: HunyuanVideo15Pipeline._get_mllm_prompt_embeds formats every prompt as a
-# (system, user) conversation, as Qwen2.5-VL's template does, and crops the first 108 template tokens
+# a chat template of the tiny tokenizer: HunyuanVideo15Pipeline._get_mllm_prompt_embeds formats every prompt
+# as a (system, user) conversation, as Qwen2.5-VL's template does, and crops the first 108 template tokens
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
@@ -207,7 +207,13 @@ def build_hunyuan15(folder: Path) -> None:
         HunyuanVideo15Pipeline,
         HunyuanVideo15Transformer3DModel,
     )
-    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from dcm.backbones.hunyuan15 import TRANSFORMER_CONFIGS as HY15_CONFIGS
 
@@ -392,9 +398,9 @@ def plan_workloads() -> dict:
                    num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
                    guidance_embeds=True,
                    text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
-    hunyuan15 = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16, num_layers=2,
-                     num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32,
-                     image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
+    hunyuan15 = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16,
+                     num_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32,
+                     text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
     cog = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)

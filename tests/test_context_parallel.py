@@ -51,9 +51,9 @@ def tiny_transformer(family: str, **overrides):
                    text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
         return HunyuanVideoTransformer3DModel(**{**cfg, **overrides})
     if family == "hunyuan15":  # T2V: 2·16 + 1 input channels (latents, zero condition latents, zero mask)
-        cfg = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16, num_layers=2,
-                   num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32,
-                   image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
+        cfg = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16,
+                   num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+                   text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
         return HunyuanVideo15Transformer3DModel(**{**cfg, **overrides})
     cfg = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
@@ -106,7 +106,8 @@ def make_case(name: str):
         latents = torch.randn(batch, 16, frames, size, size, generator=g)
         inputs = dict(hidden_states=torch.cat([latents, torch.zeros(batch, 17, frames, size, size)], 1),
                       timestep=torch.tensor([900.0, 300.0]),
-                      encoder_hidden_states=torch.randn(batch, 6, 32, generator=g), encoder_attention_mask=mask,
+                      encoder_hidden_states=torch.randn(batch, 6, 32, generator=g),
+                      encoder_attention_mask=mask,
                       encoder_hidden_states_2=torch.randn(batch, 5, 32, generator=g),
                       encoder_attention_mask_2=glyph_mask, image_embeds=torch.zeros(batch, 3, 16))
         to_bcthw = None

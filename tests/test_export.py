@@ -1,7 +1,8 @@
 """`dcm export` per family: the folder loads with stock diffusers + peft and its README recipe, run as
 written, gives the same few-step samples as dcm's sampler, with DetE taking its steps.
 
-Tiny random Wan, HunyuanVideo, HunyuanVideo 1.5 and CogVideoX pipelines come from tests/test_real_backbones.py's builders
+Tiny random Wan, HunyuanVideo, HunyuanVideo 1.5 and CogVideoX pipelines come from
+tests/test_real_backbones.py's builders
 (saved with ``save_pretrained``, loaded through the adapters); CogVideoX is also checked with RoPE on
 (CogVideoX-5B's form, which the recipe builds with the stock pipeline's own helper).
 """
@@ -109,7 +110,8 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(family, ro
     assert ("WanTransformer3DModel" in code) == (family == "wan")
     assert ("encoder_attention_mask=mask" in code and "pooled_projections" in code) == (family == "hunyuan")
     assert ("transpose(1, 2)" in code and 'step["timestep"]' in code) == (family == "cogvideox")
-    assert ("encoder_hidden_states_2=text_2" in code and "image_embeds=image" in code) == (family == "hunyuan15")
+    assert ("encoder_hidden_states_2=text_2" in code and "image_embeds=image" in code) \
+        == (family == "hunyuan15")
 
     # run it as written
     shape = backbone.video_latent_shape(params)

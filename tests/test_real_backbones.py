@@ -1,5 +1,5 @@
-"""Real teachers (wan, hunyuan, hunyuan15, cogvideox) on tiny random pipelines built from the same diffusers and
-transformers classes, saved with ``save_pretrained`` and loaded through the adapters' normal path."""
+"""Real teachers (wan, hunyuan, hunyuan15, cogvideox) on tiny random pipelines built from the same diffusers
+and transformers classes, saved with ``save_pretrained`` and loaded through the adapters' normal path."""
 
 from __future__ import annotations
 
@@ -159,7 +159,8 @@ def test_hunyuan15_guided_sampler_equals_the_stock_pipeline_with_its_guider_and_
     with torch.no_grad():
         unguided = backbone.guided_velocity(backbone.transformer, noise, torch.ones(1), cond,
                                             backbone.null_prompts(1), scale=1.0)
-        torch.testing.assert_close(unguided, backbone.predict(backbone.transformer, noise, torch.ones(1), cond))
+        plain = backbone.predict(backbone.transformer, noise, torch.ones(1), cond)
+    torch.testing.assert_close(unguided, plain)
 
 
 # ------------------------------------------------------------------------------ CogVideoX: VP ↔ flow
@@ -337,7 +338,7 @@ def test_presets_carry_the_methods_numbers(family, kappa, shift, dcm_steps, fm, 
     assert dcm.sample_steps == dcm_steps and (dcm.dete.lora_rank, dcm.dete.lora_alpha) == (128, 256.0)
     assert (dcm.seme.lr, dcm.dete.lr, dcm.dete.disc_lr, dcm.dete.fm_weight) == (1e-6, 5e-6, 1e-5, fm)
     assert dcm.seme.tc_offset == 3 and params.backbone.real.frames % 4 == 1
-    if family == "hunyuan15":  # HunyuanVideo-1.5 480p T2V as diffusers ships it (pipeline defaults, guider, shift)
+    if family == "hunyuan15":  # HunyuanVideo-1.5 480p T2V as diffusers ships it (pipeline defaults, guider)
         real = params.backbone.real
         assert (real.height, real.width, real.frames, real.max_sequence_length) == (480, 848, 121, 1000)
         assert params.methods["teacher"].sample_steps == 50 and adapter_class(family).guidance_mode == "cfg"

@@ -51,10 +51,11 @@ from dcm.config import ConfigError
 # the 480p/720p T2V transformer as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py configures
 # it (TRANSFORMER_CONFIGS["480p_t2v"]; 720p_t2v differs only in target_size 960).
 TRANSFORMER_CONFIGS = {
-    "8.3B": dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
-                 num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
-                 text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
-                 rope_axes_dim=(16, 56, 56), use_meanflow=False, target_size=640, task_type="t2v"),
+    "8.3B": dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128,
+                 num_layers=54, num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
+                 qk_norm="rms_norm", text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152,
+                 rope_theta=256.0, rope_axes_dim=(16, 56, 56), use_meanflow=False, target_size=640,
+                 task_type="t2v"),
     "tiny": dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=4,
                  num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32,
                  image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v"),
@@ -134,7 +135,8 @@ class Hunyuan15Backbone(PipelineBackbone):
         w = self.guidance_scale if scale is None else float(scale)
         if uncond is None or math.isclose(w, 0.0 if original else 1.0):
             return self.forward(model, x, sigma, cond)
-        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]), PromptEmbeds.cat([uncond, cond]))
+        both = PromptEmbeds.cat([uncond, cond])
+        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         v_u, v_c = v.chunk(2)
         guided = (v_c if original else v_u) + w * (v_c - v_u)
         if rescale > 0.0:

@@ -1,4 +1,5 @@
-"""What the real teachers (wan, hunyuan, hunyuan15, cogvideox) share: a diffusers pipeline folder on local disk.
+"""What the real teachers (wan, hunyuan, hunyuan15, cogvideox) share: a diffusers pipeline folder on local
+disk.
 
 The folder is the pipeline layout ``save_pretrained`` writes and the released ``*-Diffusers``
 repositories ship (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``,

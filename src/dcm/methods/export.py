@@ -58,7 +58,8 @@ FORMAT_VERSION = 2
 
 # the forward convention of each diffusers transformer class (the toy teacher is a WanTransformer3DModel)
 CLASS_CONVENTION = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan",
-                    "HunyuanVideo15Transformer3DModel": "hunyuan15", "CogVideoXTransformer3DModel": "cogvideox"}
+                    "HunyuanVideo15Transformer3DModel": "hunyuan15",
+                    "CogVideoXTransformer3DModel": "cogvideox"}
 FAMILY_CONVENTION = {"toy": "wan", "wan": "wan", "hunyuan": "hunyuan", "hunyuan15": "hunyuan15",
                      "cogvideox": "cogvideox"}
 PIPELINES = {"wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline", "hunyuan15": "HunyuanVideo15Pipeline",
@@ -248,8 +249,8 @@ def _text_block(plan: dict, teacher: str) -> str:
         note = (f"Guidance is embedded: every forward gets `guidance = {plan['guidance']:g}` (the teacher's "
                 f"w = {plan['guidance_scale']:g} as its pipeline passes it: w · 1000, rounded through bf16).")
     elif family == "hunyuan15":
-        lines += [f"pipe.tokenizer_max_length = {max_len}  # the run's Qwen2.5-VL text length (the pipeline's "
-                  "attribute)",
+        lines += [f"pipe.tokenizer_max_length = {max_len}  # the run's Qwen2.5-VL text length "
+                  "(a pipeline attribute)",
                   "text, mask, text_2, mask_2 = pipe.encode_prompt(prompts, batch_size=len(prompts))",
                   "text, text_2 = text.float(), text_2.float()  # Qwen2.5-VL and ByT5 (glyph) embeddings"]
         note = ("The teacher's classifier-free guidance is distilled into both experts: one forward per step "
@@ -289,13 +290,15 @@ def _sample_block(plan: dict) -> str:
     elif convention == "hunyuan15":
         lines += ["        # T2V: latents + zero condition latents + a zero mask channel, zero image tokens; "
                   "t = 1000·σ",
-                  "        latent_input = torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], dim=1)",
+                  "        latent_input = torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], "
+                  "dim=1)",
                   "        image = torch.zeros(len(x), pipe.vision_num_semantic_tokens, "
                   "seme.config.image_embed_dim)",
                   "        v = model(hidden_states=latent_input, timestep=t.expand(len(x)), "
                   "encoder_hidden_states=text,",
                   "                  encoder_attention_mask=mask, encoder_hidden_states_2=text_2,",
-                  "                  encoder_attention_mask_2=mask_2, image_embeds=image, return_dict=False)[0]"]
+                  "                  encoder_attention_mask_2=mask_2, image_embeds=image, "
+                  "return_dict=False)[0]"]
     else:
         lines += ["        # VP v-prediction: the model sees z = x / r at the VP timestep of σ (not the",
                   "        # scheduler's t = 1000·σ), frames before channels; "

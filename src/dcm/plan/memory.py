@@ -103,8 +103,9 @@ SHARD_KEY = "training.parallel.shard_group_size"
 #    For 5B, it is 42"; heads 30 / 48; RoPE off for 2B, on for 5B) over the class defaults (head dim 64,
 #    time_embed_dim 512, text 4096 (T5-XXL), max_text_seq_length 226, sample 49 × 60 × 90, patch 2).
 #  HunyuanVideo 1.5 8.3B (T2V): diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py,
-#    TRANSFORMER_CONFIGS["480p_t2v"] (dcm.backbones.hunyuan15): 16 heads × 128, 54 dual-stream blocks, patch 1,
-#    65 input channels (32 latent + 32 condition + 1 mask), text 3584 (Qwen2.5-VL-7B) + 1472 (ByT5), image 1152.
+#    TRANSFORMER_CONFIGS["480p_t2v"] (dcm.backbones.hunyuan15): 16 heads × 128, 54 dual-stream blocks,
+#    patch 1, 65 input channels (32 latent + 32 condition + 1 mask), text 3584 (Qwen2.5-VL-7B) + 1472
+#    (ByT5), image 1152.
 CONFIGS: dict[tuple[str, str], dict] = {
     ("wan", "1.3B"): dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
                           in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
@@ -287,7 +288,8 @@ def _hunyuan15_meta_forward(self, hidden_states, timestep, encoder_hidden_states
     x = self.x_embedder(hidden_states)
     streams = [self.image_embedder(image_embeds), self.context_embedder_2(encoder_hidden_states_2),
                self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)]
-    kinds = [torch.full(s.shape[:2], k, dtype=torch.long, device=s.device) for k, s in zip((2, 1, 0), streams)]
+    kinds = [torch.full(s.shape[:2], k, dtype=torch.long, device=s.device)
+             for k, s in zip((2, 1, 0), streams)]
     context = torch.cat([s + self.cond_type_embed(k) for s, k in zip(streams, kinds)], dim=1)
     mask = torch.cat([torch.zeros(b, image_embeds.shape[1], dtype=torch.bool, device=x.device),
                       encoder_attention_mask_2.bool(), encoder_attention_mask.bool()], dim=1)
@@ -426,7 +428,8 @@ def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: t
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
                     encoder_attention_mask=mask,
                     encoder_hidden_states_2=randn(b, HY15_GLYPH_TOKENS, cfg["text_embed_2_dim"]),
-                    encoder_attention_mask_2=torch.ones(b, HY15_GLYPH_TOKENS, dtype=torch.long, device=device),
+                    encoder_attention_mask_2=torch.ones(b, HY15_GLYPH_TOKENS, dtype=torch.long,
+                                                        device=device),
                     image_embeds=torch.zeros(b, HY15_IMAGE_TOKENS, cfg["image_embed_dim"], dtype=dtype,
                                              device=device))  # T2V: zero image tokens
     if work.family == "hunyuan":
