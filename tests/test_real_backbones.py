@@ -294,7 +294,7 @@ def start_project(family: str, folder: Path, root: Path, monkeypatch) -> None:
     run("preprocess")
 
 
-@pytest.mark.parametrize("family,mode", [("hunyuan", "embedded"), ("wan", "cfg"), ("hunyuan15", "cfg")])
+@pytest.mark.parametrize("family,mode", [("hunyuan", "embedded"), ("wan", "cfg")])
 def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tmp_path, monkeypatch):
     start_project(family, folders(family), tmp_path / "project", monkeypatch)
     assert (paths.PROMPT_STORE / "index.json").is_file()
