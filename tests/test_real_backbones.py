@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,10 @@ def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tm
     assert index["latent_shape"] == list(backbone.video_latent_shape(params))
 
 
+# the newest family also trains the consistency baselines (LCM, PCM: train_baseline) in its chain
+CHAIN_BASELINES = {"hunyuan15": ("lcm", "pcm")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, monkeypatch):
@@ -314,6 +319,10 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
     run("train_seme", "--method", "dcm")
     run("train_dete", "--method", "dcm")
     run("sample", "--method", "dcm")
+    for method in CHAIN_BASELINES.get(family, ()):
+        run("train_baseline", "--method", method)
+        history = (paths.checkpoint(method) / "history.jsonl").read_text().splitlines()
+        assert history and all(math.isfinite(json.loads(line)["loss"]) for line in history)
     expert = json.loads((paths.checkpoint("dcm", "dete") / "expert.json").read_text())
     assert expert["timestep_layer_names"] == list(adapter_class(family).timestep_layer_names)
     record = json.loads((paths.samples("dcm") / "samples.json").read_text())
