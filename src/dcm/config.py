@@ -97,6 +97,8 @@ ATTENTION_BACKENDS = typing.get_args(AttentionBackend)
 CUDA_ATTENTION = ATTENTION_BACKENDS[3:]  # GPU only: the CPU runs SDPA's native, math and flash kernels
 # no attention mask (HunyuanVideo masks its prompts' padding; the *_varlen kernels take it as key lengths)
 MASKLESS_ATTENTION = ("_native_flash", "flash", "_flash_3")
+# SDPA's kernels that take a full (B, 1, S, S) mask (HunyuanVideo 1.5's attention processor builds one)
+SQUARE_MASK_ATTENTION = ("native", "_native_math", "_native_efficient", "_native_cudnn")
 
 
 @dataclass(config=SECTION)
@@ -896,6 +898,11 @@ def _check_attention_backend(bb: BackboneConfig) -> None:
     if bb.family == "cogvideox" and backend != "native":
         raise ConfigError(key, backend, "'native' for family 'cogvideox': its attention processor calls "
                                         "PyTorch's SDPA itself (which picks flash, efficient or cuDNN)")
+    if bb.family == "hunyuan15" and backend not in SQUARE_MASK_ATTENTION:
+        raise ConfigError(key, backend, f"one of {list(SQUARE_MASK_ATTENTION)} for family 'hunyuan15': its "
+                                        "attention processor passes a (B, 1, S, S) query-and-key mask, which "
+                                        "only SDPA's mask-taking kernels take (the flash-attn packages' are "
+                                        "maskless or read key lengths)")
     if bb.family == "hunyuan" and backend in MASKLESS_ATTENTION:
         takes_mask = [b for b in ATTENTION_BACKENDS if b not in MASKLESS_ATTENTION]
         raise ConfigError(key, backend, f"one that takes HunyuanVideo's text mask: {takes_mask} "
