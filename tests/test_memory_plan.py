@@ -162,7 +162,12 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
     if stage == "DetE":
         inputs["timestep"] = torch.full_like(inputs["timestep"], 300)  # below t_κ: DetE's phase
     x = inputs["hidden_states"]
-    target = torch.randn(x.shape, generator=g)
+    # HunyuanVideo 1.5's input is its latents + zero condition channels; the output has the latents' channels
+    latents = work.config["out_channels"] if work.family == "hunyuan15" else x.shape[1]
+    target = torch.randn(x[:, :latents].shape, generator=g)
+
+    def as_input(out):
+        return torch.cat([out, x[:, out.shape[1]:]], dim=1) if work.family == "hunyuan15" else out
 
     def step():
         out = student(**inputs, return_dict=False)[0]
@@ -172,7 +177,7 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
                                          target.transpose(1, 2) if work.family == "cogvideox" else target, 3)
         # the teacher's feature pass on the student's output, with grad (DetE's fake features)
         if stage == "DetE":
-            feats = teacher(**{**inputs, "hidden_states": out}, return_dict=False)[0]
+            feats = teacher(**{**inputs, "hidden_states": as_input(out)}, return_dict=False)[0]
             loss = loss + feats.float().pow(2).mean()
             del feats
         loss.backward()
