@@ -261,6 +261,21 @@ def test_wrong_family_and_missing_paths_fail_with_the_key(folders, tmp_path):
         config.parse(raw)
 
 
+def test_hunyuan15_refuses_a_guider_it_does_not_reproduce(folders, tmp_path):
+    """The adapter's CFG is ClassifierFreeGuidance on every step: a guider limited to a step range is refused
+    when the folder loads, naming the key and the setting."""
+    import shutil
+
+    folder = tmp_path / "hy15"
+    shutil.copytree(folders("hunyuan15"), folder)
+    cfg = folder / "guider" / "guider_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "stop": 0.5}))
+    settings = family_params("hunyuan15", folder).backbone
+    message = r"backbone\.path = .* \(start, stop, enabled\) = \(0\.0, 0\.5, True\)"
+    with pytest.raises(ConfigError, match=message):
+        adapter_class("hunyuan15").from_folder(folder, settings.real, settings.guidance_scale, networks=False)
+
+
 def test_recorded_teacher_refuses_a_changed_folder(folders, tmp_path):
     import shutil
 

@@ -81,7 +81,24 @@ class Hunyuan15Backbone(PipelineBackbone):
                 raise ConfigError("backbone.path", str(path), "a HunyuanVideo-1.5 T2V transformer whose "
                                   f"in_channels is 2·out_channels + 1 (latents, zero condition latents, zero "
                                   f"mask), not {cfg.in_channels} for {channels} output channels")
+        self._check_guider(getattr(pipe, "guider", None), path)
         self._slice_vae()
+
+    @staticmethod
+    def _check_guider(guider, path) -> None:
+        """``guided_velocity`` reproduces ``ClassifierFreeGuidance`` on every step; a guider of another class,
+        or one limited to a range of steps (``start``/``stop``: step indices, not σ) or disabled, is
+        refused."""
+        if guider is None:
+            return
+        from diffusers import ClassifierFreeGuidance
+
+        defaults = (("_start", 0.0), ("_stop", 1.0), ("_enabled", True))
+        settings = tuple(getattr(guider, k, v) for k, v in defaults)
+        if type(guider) is not ClassifierFreeGuidance or settings != (0.0, 1.0, True):
+            raise ConfigError("backbone.path", str(path), "a folder whose guider is a ClassifierFreeGuidance "
+                              f"on every step (start 0, stop 1, enabled), not {type(guider).__name__} with "
+                              f"(start, stop, enabled) = {settings}")
 
     def _slice_vae(self) -> None:
         """One video per VAE call: in diffusers 0.42.1 the VAE's mid-block attention
