@@ -159,6 +159,33 @@ def build_wan(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
+def build_wan22_a14b(folder: Path, boundary_ratio: float = 0.875) -> None:
+    """Wan 2.2 A14B's layout at tiny size: a WanPipeline with two transformers of the same configuration
+    (high noise ``transformer``, low noise ``transformer_2``, different random weights) and
+    ``boundary_ratio`` in its model_index.json."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
+
+    tokenizer = tiny_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
+                                          num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    high = WanTransformer3DModel(**WAN_CONFIGS["tiny"])
+    low = WanTransformer3DModel(**WAN_CONFIGS["tiny"])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=12.0), transformer=high,
+                       transformer_2=low, boundary_ratio=boundary_ratio)
+    pipe.save_pretrained(folder)
+
+
 def build_hunyuan(folder: Path) -> None:
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -266,7 +293,7 @@ def build_cogvideox(folder: Path) -> None:
 
 
 BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "hunyuan15": build_hunyuan15,
-            "cogvideox": build_cogvideox}
+            "cogvideox": build_cogvideox, "wan22_a14b": build_wan22_a14b}
 
 
 def family_raw(family: str, folder: Path, **real) -> dict:

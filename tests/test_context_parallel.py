@@ -24,8 +24,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 TC_OFFSET = 3  # METHODS.md: SemE's frame offset l = 3 latent frames
 OUT_ATOL = 1e-5
 GRAD_ATOL = 1e-5
-CASES = ["wan", "wan-checkpointing", "wan-fsdp", "wan-dete", "hunyuan", "hunyuan15", "cogvideox",
-         "cogvideox-rope"]
+CASES = ["wan", "wan-checkpointing", "wan-fsdp", "wan-dete", "wan-a14b", "hunyuan", "hunyuan15",
+         "cogvideox", "cogvideox-rope"]
 
 
 # ============================================================================ the cases (worker side)
@@ -83,6 +83,11 @@ def make_case(name: str):
             for pname, p in model.named_parameters():
                 if "lora_B" in pname:
                     p.normal_(0, 0.05)
+    # Wan 2.2 A14B's two experts, switched per sample at t = 875: the batch's t = 900 and 300 take one each
+    if name == "wan-a14b":
+        from dcm.backbones.routing import BoundaryExperts
+
+        model = BoundaryExperts(model, tiny_transformer(family), 875.0)
     g = torch.Generator().manual_seed(1)
     batch, frames, size = 2, 8, 8  # 8 latent frames of 8×8: 8·4·4 = 128 video tokens
     if family == "wan":

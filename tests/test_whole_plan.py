@@ -156,7 +156,7 @@ def test_training_stages_carry_the_memory_plans_numbers(preset_plans, family):
             work = memory.Workload(**{**work.__dict__, "dmd2_gan": m.dmd2.gan_weight > 0})
         st = planner.measure.structure(work, par.context_parallel, "bf16")
         key = {"train_seme": "SemE", "train_dete": "DetE"}.get(run.stage,
-                                                               "DMD2" if m.kind == "dmd2" else "SemE")
+                                                               "DMD2" if m.kind == "dmd2" else "Baseline")
         assert plan.peak_bytes == memory.plan(work, setting, st)[key]["total, checkpointing"], plan.label
     if family == "hunyuan":  # the documented memory plan: SemE fits at context parallel 8, DetE does not
         by_label = {p.label: p for p in plans}

@@ -87,6 +87,9 @@ class RealBackboneConfig:
     vae_tiling: Bool = False
     vae_slicing: Bool = False
     negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, hunyuan15, cogvideox)
+    # a two-expert Wan 2.2 folder (transformer_2): the low-noise expert's CFG scale (WanPipeline's
+    # guidance_scale_2); null: backbone.guidance_scale for both experts, as the pipeline does
+    guidance_scale_2: Float | None = at_least(0, None)
 
 
 # diffusers' attention backends a run may name (what each is: dcm.backbones.kernels): PyTorch's SDPA and the
@@ -110,6 +113,9 @@ class BackboneConfig:
     real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, hunyuan15, cogvideox
     # the attention kernel of every stage's transformers, by diffusers' backend name (ATTENTION_BACKENDS)
     attention_backend: AttentionBackend = "native"
+    # the released configuration `dcm plan` sizes when backbone.path holds no transformer/config.json
+    # (dcm.plan.memory.VARIANTS, e.g. wan: 1.3B, 14B, A14B); null: the family's default
+    variant: Str | None = None
 
 
 @dataclass(config=SECTION)

@@ -65,6 +65,16 @@ def teacher_grid(steps: int, shift: float, num_train_timesteps: int = 1000) -> T
     return TeacherGrid(sigmas=train[positions], sigma_min=float(train[0]))
 
 
+def boundary_index(grid: TeacherGrid, boundary_t: float) -> int:
+    """The κ of a two-expert teacher's boundary on ``grid``: the largest n whose model timestep 1000·σ_n is
+    below ``boundary_t`` (where ``WanPipeline`` runs its low-noise expert), so SemE's phase [κ+1, N−1] is
+    the high-noise expert's and DetE's [0, κ] the low-noise expert's."""
+    below = [n for n in range(grid.steps) if 1000.0 * grid.sigma(n) < boundary_t]
+    if not below:
+        raise ValueError(f"no grid point lies below the boundary t = {boundary_t:g}")
+    return max(below)
+
+
 @dataclass(frozen=True)
 class Phase:
     """A consistency phase: start indices n ∈ [first, last], all mapped to the phase end ``end``."""

@@ -145,6 +145,27 @@ class Backbone(ABC):
         return self
 
     # --- the network
+    #: True for a teacher made of two experts of its own (Wan 2.2 A14B: ``transformer`` for high noise,
+    #: ``transformer_2`` for low noise; ``self.transformer`` is then a ``routing.BoundaryExperts``)
+    two_experts: bool = False
+
+    def expert_transformer(self, expert: str) -> nn.Module:
+        """The frozen teacher transformer DCM's ``expert`` ('seme' | 'dete') is initialised from, and the
+        one whose features DetE's GAN and feature matching read ('dete'): the teacher's transformer for
+        a single-expert teacher; a two-expert teacher's high-noise expert for SemE, low-noise for DetE."""
+        if expert not in ("seme", "dete"):
+            raise ValueError(f"expert must be 'seme' or 'dete', got {expert!r}")
+        if not self.two_experts:
+            return self.transformer
+        return self.transformer.high if expert == "seme" else self.transformer.low
+
+    def teacher_at(self, sigma: float) -> nn.Module:
+        """The frozen teacher transformer that runs at noise level σ (a two-expert teacher: the expert its
+        boundary picks there)."""
+        if not self.two_experts:
+            return self.transformer
+        return self.transformer.expert_at(self.model_timestep(sigma))
+
     @abstractmethod
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The transformer blocks whose outputs are features for the discriminator."""
@@ -315,7 +336,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     seen = 0
     while not isinstance(model, ModelMixin) and seen < 8:
-        for attr in ("seme_transformer", "module", "base_model", "model"):
+        # a two-expert module unwraps to its first expert (the experts share one configuration)
+        for attr in ("seme_transformer", "high", "module", "base_model", "model"):
             inner = getattr(model, attr, None)
             if isinstance(inner, nn.Module) and inner is not model:
                 model = inner

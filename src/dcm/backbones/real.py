@@ -51,6 +51,7 @@ class PipelineBackbone(Backbone):
     pipeline_class_name: str = ""  # diffusers pipeline class of the folder
     components: tuple[str, ...] = ()  # sub-folders the folder must have
     text_components: tuple[str, ...] = ()  # loaded only when a prompt misses the prompt table
+    network_components: tuple[str, ...] = ("transformer", "vae")  # skipped by ``networks=False``
     default_max_sequence_length: int = 256
 
     def __init__(self, pipe, settings: RealBackboneConfig, guidance_scale: float,
@@ -89,13 +90,15 @@ class PipelineBackbone(Backbone):
             raise ConfigError(key, str(path),
                               f"an existing local {cls.pipeline_class_name} folder (never a hub id)")
         missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+        index = {}
         if not missing:
-            found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+            index = json.loads((folder / "model_index.json").read_text())
+            found = index.get("_class_name")
             if found not in (None, cls.pipeline_class_name):
                 raise ConfigError(key, str(path),
                                   f"a {cls.pipeline_class_name} folder for family '{cls.family}', "
                                   f"not a {found} (check backbone.family)")
-        for name in cls.components:
+        for name in cls.required_components(index):
             sub = folder / name
             if not sub.is_dir() or not any(sub.iterdir()):
                 missing.append(f"{name}/")
@@ -108,13 +111,19 @@ class PipelineBackbone(Backbone):
         return folder
 
     @classmethod
+    def required_components(cls, index: dict) -> tuple[str, ...]:
+        """The sub-folders a folder with this ``model_index.json`` must have (its family's components;
+        Wan adds ``transformer_2`` where the index names one)."""
+        return cls.components
+
+    @classmethod
     def from_folder(cls, path: str | os.PathLike, settings: RealBackboneConfig, guidance_scale: float,
                     text_encoders: bool = False, networks: bool = True) -> PipelineBackbone:
         """Load the pipeline from a local folder: transformer (fp32) and VAE, text encoders only if asked."""
         folder = cls.check_folder(path)
         skip = {} if text_encoders else dict.fromkeys(cls.text_components)
         if not networks:
-            skip.update(transformer=None, vae=None)
+            skip.update(dict.fromkeys(cls.network_components))
         dtypes = {"default": torch.float32, "vae": DTYPES[settings.vae_dtype],
                   **dict.fromkeys(cls.text_components, DTYPES[settings.text_dtype])}
         backbone = cls(cls.load_pipeline(folder, dtypes, skip), settings, guidance_scale, folder)
@@ -223,7 +232,7 @@ class PipelineBackbone(Backbone):
     # --------------------------------------------------------------------------- devices, saving
     def to(self, device: torch.device | str) -> PipelineBackbone:
         self.device = torch.device(device)
-        for name in ("transformer", "vae", *self.text_components):
+        for name in (*self.network_components, *self.text_components):
             module = getattr(self.pipe, name, None)
             if isinstance(module, nn.Module):
                 module.to(self.device)

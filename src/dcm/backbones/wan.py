@@ -22,8 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcm.backbones.base import unwrap
+from dcm.backbones.base import PromptEmbeds, unwrap
 from dcm.backbones.real import PipelineBackbone
+from dcm.backbones.routing import BoundaryExperts
+from dcm.config import ConfigError
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
 TRANSFORMER_CONFIGS = {
@@ -74,7 +76,67 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
     pipeline_class_name = "WanPipeline"
     components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     text_components = ("text_encoder",)
+    network_components = ("transformer", "transformer_2", "vae")
     default_max_sequence_length = 512  # WanPipeline.__call__'s default
+
+    def __init__(self, pipe, settings, guidance_scale: float, path=None):
+        super().__init__(pipe, settings, guidance_scale, path)
+        ratio = pipe.config.get("boundary_ratio") if hasattr(pipe, "config") else None
+        low = getattr(pipe, "transformer_2", None)
+        # the low-noise expert's CFG scale: WanPipeline's guidance_scale_2, defaulting to guidance_scale
+        scale_2 = settings.guidance_scale_2
+        self.guidance_scale_2 = self.guidance_scale if scale_2 is None else float(scale_2)
+        self.boundary_ratio = None if ratio is None else float(ratio)
+        if low is not None and self.transformer is not None:
+            if ratio is None:
+                raise ConfigError("backbone.path", str(path), "a WanPipeline folder whose model_index.json "
+                                  "sets boundary_ratio with its transformer_2 (Wan 2.2 A14B)")
+            # WanPipeline.__call__: boundary_timestep = boundary_ratio · num_train_timesteps,
+            # t ≥ it → transformer
+            boundary_t = float(ratio) * int(pipe.scheduler.config.num_train_timesteps)
+            self.transformer = BoundaryExperts(pipe.transformer, low, boundary_t)
+        elif scale_2 is not None and ratio is None and path is not None:
+            raise ConfigError("backbone.real.guidance_scale_2", scale_2,
+                              "null for a one-transformer Wan folder (it sets the low-noise expert's "
+                              "scale of a two-expert Wan 2.2 folder)")
+
+    @classmethod
+    def required_components(cls, index: dict) -> tuple[str, ...]:
+        """Wan 2.2 A14B's folder also holds its low-noise expert, ``transformer_2``."""
+        two = (index.get("transformer_2") or [None])[0] is not None
+        return cls.components + (("transformer_2",) if two else ())
+
+    @property
+    def two_experts(self) -> bool:
+        return isinstance(self.transformer, BoundaryExperts)
+
+    def guidance_scales(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
+        """The CFG scale of each sample: ``guidance_scale``, or with two experts the scale of the expert the
+        sample's timestep picks (WanPipeline's ``current_guidance_scale``), shaped to broadcast over x."""
+        if not self.two_experts or self.guidance_scale_2 == self.guidance_scale:
+            return self.guidance_scale
+        high = self.transformer.route(self.timestep(sigma, x))
+        scale = torch.where(high, torch.tensor(self.guidance_scale), torch.tensor(self.guidance_scale_2))
+        return scale.to(x.device, torch.float32).view(-1, *([1] * (x.ndim - 1)))
+
+    def guided_velocity(self, model, x, sigma, cond, uncond, scale=None):
+        """CFG as ``Backbone.guided_velocity``; the teacher's own scale (``scale`` None) is per expert for a
+        two-expert folder."""
+        if scale is not None or not self.two_experts or uncond is None:
+            return super().guided_velocity(model, x, sigma, cond, uncond, scale)
+        w = self.guidance_scales(sigma, x)
+        if not torch.is_tensor(w):
+            return super().guided_velocity(model, x, sigma, cond, uncond, w)
+        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]),
+                         PromptEmbeds.cat([uncond, cond]))
+        v_u, v_c = v.chunk(2)
+        return v_u + w * (v_c - v_u)
+
+    def record(self) -> dict:
+        record = super().record()
+        if self.boundary_ratio is not None:
+            record.update(boundary_ratio=self.boundary_ratio, guidance_scale_2=self.guidance_scale_2)
+        return record
 
     # --- video
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

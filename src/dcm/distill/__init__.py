@@ -86,10 +86,12 @@ def make_source(params: Params, backbone: Backbone, source: str | None = None, q
                         device(), jitter=params.world.position_jitter)
 
 
-def full_parameter_student(backbone: Backbone) -> nn.Module:
+def full_parameter_student(backbone: Backbone, expert: str | None = None) -> nn.Module:
     """A full-parameter student initialised from the teacher transformer (a deep copy; the teacher stays
-    frozen)."""
-    student = copy.deepcopy(backbone.transformer).requires_grad_(True)
+    frozen): the whole teacher (both experts of a two-expert teacher), or the one DCM's ``expert`` starts
+    from (``Backbone.expert_transformer``)."""
+    init = backbone.transformer if expert is None else backbone.expert_transformer(expert)
+    student = copy.deepcopy(init).requires_grad_(True)
     return student.train()
 
 

@@ -567,7 +567,7 @@ def dete_objective(backbone: Backbone, dete, grid: TeacherGrid, kappa: int, trai
     check_variants(dete, training)
     if dete.gan_weight <= 0 and dete.fm_weight <= 0:
         return None
-    return GanFeatureMatching(backbone, backbone.transformer, adversarial_sigmas(grid, kappa),
+    return GanFeatureMatching(backbone, backbone.expert_transformer("dete"), adversarial_sigmas(grid, kappa),
                               gan_weight=dete.gan_weight, fm_weight=dete.fm_weight, disc_lr=dete.disc_lr,
                               weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm,
                               disc_warmup=dete.disc_warmup, disc_steps=dete.disc_steps,

@@ -277,6 +277,8 @@ class DistributionMatching(Objective):
         self.train_sigmas = train_sigmas.float()
         self.dm_sigma_range = dm_sigma_range  # σ_t's clamp, after the shift (``scores``)
         self.real_velocity = teacher_velocity(backbone, None, guidance)
+        # a copy of the teacher: a two-expert teacher's fake score has both experts, each trained on the
+        # draws its boundary routes to it: one fake score per expert
         self.fake = copy.deepcopy(backbone.transformer).requires_grad_(True).train()
         self.classifier = None
         if gan_weight > 0:
@@ -490,6 +492,12 @@ def build(params: Params, method: str, backbone: Backbone, student: nn.Module, s
     source = BackwardSimulation(backbone, student, prompt_embeddings(backbone, prompts), grid, steps,
                                 latent_shape, device)
     videos = None
+    if cfg.gan_weight > 0 and backbone.two_experts:
+        # the classifier taps one network's middle blocks; a two-expert fake score runs one expert or the
+        # other by t, so the tap would come from different networks at different draws
+        raise ConfigError(f"{key}.dmd2.gan_weight", cfg.gan_weight,
+                          "0 with a two-expert teacher (Wan 2.2 A14B): the GAN classifier reads one fake "
+                          "score's features, and this fake score has one expert per noise range")
     if cfg.gan_weight > 0:
         from dcm.distill import make_source
 

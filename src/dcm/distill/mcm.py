@@ -365,7 +365,7 @@ def build(params, method: str, backbone: Backbone, student: nn.Module, videos: O
     source = MixedTrajectorySource(videos, backbone, student, cfg.mix_portion)
     objectives: list[Objective] = []
     if cfg.disc_weight > 0:
-        features = TeacherFrameFeatures(backbone, backbone.transformer, cfg.disc_sigma)
+        features = TeacherFrameFeatures(backbone, backbone.teacher_at(cfg.disc_sigma), cfg.disc_sigma)
         world = params.world
         images, captions = hq_stills(cfg.hq_images, seed=params.seed + 1, size=world.size,
                                      jitter=world.position_jitter, open_share=world.open_share,

@@ -1,9 +1,11 @@
 """``kind: dcm``: the Dual-Expert Consistency Model (arXiv 2506.03123).
 
-- ``train_seme``: SemE, a full-parameter student initialised from the teacher, on the high-noise phase
+- ``train_seme``: SemE, a full-parameter student initialised from the teacher (a two-expert teacher's
+  high-noise expert), on the high-noise phase
   n ∈ [κ+1, N−1] ending at σ_κ, online target, plus the temporal coherence loss (``seme.tc_weight``,
   frame offset ``seme.tc_offset``).  Weights to ``checkpoints/<m>/seme/transformer`` (diffusers format).
-- ``train_dete``: DetE built from the trained SemE, LoRA (``dete.lora_rank``, ``dete.lora_alpha``) + copied
+- ``train_dete``: DetE built from the trained SemE (a two-expert teacher: from its low-noise expert),
+  LoRA (``dete.lora_rank``, ``dete.lora_alpha``) + copied
   timestep layers (rank 0: a full copy, the +OD ablation), on the low-noise phase n ∈ [0, κ] ending at
   σ_min, online target, plus the GAN hinge (``dete.gan_weight``) and feature matching (``dete.fm_weight``)
   on frozen-teacher features, with the adversarial variants of ``dete`` (``dcm.distill.discriminator``).
@@ -25,7 +27,7 @@ from dcm.distill.loop import HISTORY_FILE
 from dcm.methods import Training, schedule_for
 from dcm.methods.export import export_dual_expert
 from dcm.sampling import Velocity, student_velocity
-from dcm.schedule import expert_phases, expert_schedule
+from dcm.schedule import boundary_index, expert_phases, expert_schedule
 
 VARIANT_DEFAULTS = {"disc_warmup": 0, "disc_steps": 1, "hinge_margin": None, "real": "target"}
 
@@ -60,11 +62,23 @@ def train(params: Params, method: str, stage: str) -> Training:
     return {"train_seme": _seme, "train_dete": _dete}[stage](params, method)
 
 
+def boundary_notice(params: Params, backbone: Backbone, stage: str, method: str) -> None:
+    """A two-expert teacher with κ off its boundary is allowed (each teacher step picks its expert by t);
+    say so, once per stage."""
+    if not backbone.two_experts:
+        return
+    at = boundary_index(params.teacher_grid(), backbone.transformer.boundary_t)
+    if params.grid.kappa != at:
+        print(f"{stage}[{method}]: grid.kappa = {params.grid.kappa} is not the teacher's boundary on this "
+              f"grid (κ = {at}): the teacher's steps pick their expert by t, so a phase runs both experts")
+
+
 def _seme(params: Params, method: str) -> Training:
     seme = params.method(method).seme
     backbone = distill.load_backbone(params)
+    boundary_notice(params, backbone, "train_seme", method)
     source = distill.make_source(params, backbone)
-    student = distill.full_parameter_student(backbone)
+    student = distill.full_parameter_student(backbone, "seme")
     objectives = [distill.TemporalCoherence(seme.tc_weight, seme.tc_offset)] if seme.tc_weight > 0 else []
     spec = distill.DistillSpec(
         name=f"{method}/seme", student=student, trainable=list(student.parameters()),
@@ -87,8 +101,10 @@ def _dete(params: Params, method: str) -> Training:
     check_variants(dete, params.training, f"methods.{method}.dete")  # before anything loads
     grid, kappa = params.teacher_grid(), params.grid.kappa
     backbone = distill.load_backbone(params)
+    boundary_notice(params, backbone, "train_dete", method)
     source = distill.make_source(params, backbone)
-    seme = type(backbone.transformer).from_pretrained(paths.checkpoint(method, "seme") / FULL_DIR)
+    seme_class = type(backbone.expert_transformer("seme"))
+    seme = seme_class.from_pretrained(paths.checkpoint(method, "seme") / FULL_DIR)
     dual = make_dete(seme.to(distill.device()), backbone, dete.lora_rank, dete.lora_alpha, kappa=kappa,
                      sigma_kappa=grid.sigma(kappa))
     adversarial = dete_objective(backbone, dete, grid, kappa, params.training, student=dual,

@@ -150,6 +150,8 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
                                                            False))}
 
     out = Path(out)
+    if dual.form == "lora_on_expert":
+        return export_two_expert_pipeline(dual, steps, out, plan, backbone)
     with io.atomic_dir(out) as tmp:
         dual.materialize("seme").save_pretrained(tmp / "transformer")
         if dual.is_lora:
@@ -163,6 +165,103 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
         (tmp / SCHEDULE_FILE).write_text(json.dumps(plan, indent=2) + "\n")
         (tmp / "README.md").write_text(recipe(plan))
     return out
+
+
+# ------------------------------------------------------------------------------------ Wan 2.2 A14B
+
+
+def stock_scheduler_shift(steps: list[schedule.SamplingStep], shifts: list[float]) -> float | None:
+    """The first shift whose stock ``FlowMatchEulerDiscreteScheduler`` makes exactly the student's sigmas
+    (float32) from ``set_timesteps(len(steps))`` alone, the only call ``WanPipeline.__call__`` makes; None
+    if none does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    wanted = torch.tensor([s.sigma for s in steps], dtype=torch.float32)
+    for shift in shifts:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+        scheduler.set_timesteps(len(steps))
+        got = scheduler.sigmas[:-1].to(torch.float32)
+        if got.shape == wanted.shape and torch.allclose(got, wanted, rtol=0, atol=1e-6):
+            return float(shift)
+    return None
+
+
+def export_two_expert_pipeline(dual: DualExpert, steps: list[schedule.SamplingStep], out: Path, plan: dict,
+                               backbone) -> Path:
+    """A two-expert DCM (Wan 2.2 A14B) as a stock two-transformer ``WanPipeline`` folder:
+    ``transformer/`` = SemE, ``transformer_2/`` = DetE with its LoRA merged and its timestep layers in place,
+    ``model_index.json`` the teacher's with ``boundary_ratio`` = (t_κ + the routing tolerance) / 1000, so the
+    pipeline's ``t ≥ boundary`` sends exactly the steps SemE takes to ``transformer``, as ``DualExpert.route``
+    does; ``vae/``, ``text_encoder/`` and ``tokenizer/`` are links to the teacher folder's.  When a stock
+    ``FlowMatchEulerDiscreteScheduler`` makes the student's sigmas from the step count alone
+    (``stock_scheduler_shift``), ``scheduler/`` is that one and ``WanPipeline.from_pretrained(folder)(…,
+    num_inference_steps=K, guidance_scale=1)`` samples the student as is; otherwise ``scheduler/`` has shift 1
+    and the recipe sets the sigmas in its own loop."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dcm.distill.experts import ROUTING_TOLERANCE_T
+
+    if backbone is None or getattr(backbone, "path", None) is None:
+        raise ValueError("a two-expert export needs the teacher backbone and its folder (vae, text encoder)")
+    teacher = Path(backbone.path)
+    index = json.loads((teacher / "model_index.json").read_text())
+    boundary_ratio = (dual.t_kappa + ROUTING_TOLERANCE_T) / 1000.0
+    index["boundary_ratio"] = boundary_ratio
+    scheduler_config = json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())
+    teacher_shift = scheduler_config.get("shift", 1.0)
+    shift = stock_scheduler_shift(steps, [teacher_shift, 1.0])
+    plan.update(convention="wan22", dete_form="merged", boundary_ratio=boundary_ratio,
+                stock_scheduler_shift=shift)
+    with io.atomic_dir(out) as tmp:
+        dual.materialize("seme").save_pretrained(tmp / "transformer")
+        dual.materialize("dete").save_pretrained(tmp / "transformer_2")
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0 if shift is None else shift,
+                                        use_dynamic_shifting=False).save_pretrained(tmp / "scheduler")
+        for name in ("vae", "text_encoder", "tokenizer"):
+            (tmp / name).symlink_to((teacher / name).resolve(), target_is_directory=True)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / SCHEDULE_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+        (tmp / "README.md").write_text(two_expert_recipe(plan))
+    return out
+
+
+def two_expert_recipe(plan: dict) -> str:
+    """README.md of a two-expert export: the stock pipeline call, or its loop with the student's sigmas."""
+    text = plan["pipeline"]
+    k = len(plan["steps"])
+    experts = ", ".join(f"{s['expert']} at σ = {s['sigma']:.4g}" for s in plan["steps"])
+    lines = [f"# DCM export ({plan['method']}): Wan 2.2 two-expert WanPipeline", "",
+             f"{k} Euler steps, no re-noising: {experts}, then σ = 0. `transformer` is SemE (the high-noise "
+             f"expert, fine-tuned), `transformer_2` is DetE (the low-noise expert with its LoRA merged); the "
+             f"pipeline switches at boundary_ratio = {plan['boundary_ratio']:.6g}. Stock diffusers only. "
+             "`vae/`, `text_encoder/` and `tokenizer/` link to the teacher folder.", "",
+             "The teacher's classifier-free guidance is distilled into both experts: guidance_scale = 1 "
+             "(one forward per step, no negative prompt).", ""]
+    load = ["import json", "", "import torch", "from diffusers import WanPipeline", "",
+            'plan = json.load(open("student_schedule.json"))',
+            f'pipe = WanPipeline.from_pretrained(".", torch_dtype={{"default": torch.float32, '
+            f'"vae": {DTYPE_NAMES[text["vae_dtype"]]}, "text_encoder": {DTYPE_NAMES[text["text_dtype"]]}}})']
+    if plan["stock_scheduler_shift"] is not None:
+        lines += [f"The scheduler (shift {plan['stock_scheduler_shift']:g}) makes these sigmas from "
+                  f"`num_inference_steps={k}`: the pipeline runs the student as is.", "",
+                  _code(load + [f"video = pipe(prompts, num_inference_steps={k}, guidance_scale=1.0, "
+                                f"max_sequence_length={text['max_sequence_length']}).frames"])]
+        return "\n".join(lines)
+    lines += ["No stock scheduler makes these sigmas from a step count: the loop below is the pipeline's own "
+              "with the student's sigmas set.", "",
+              _code(load + [f"text, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, "
+                            f"max_sequence_length={text['max_sequence_length']})",
+                            "x = torch.randn(len(prompts), C, T, H, W)",
+                            'pipe.scheduler.set_timesteps(sigmas=[s["sigma"] for s in plan["steps"]])',
+                            "boundary = plan['boundary_ratio'] * 1000",
+                            "with torch.no_grad():",
+                            "    for t in pipe.scheduler.timesteps:",
+                            "        model = pipe.transformer if t >= boundary else pipe.transformer_2",
+                            "        v = model(hidden_states=x, timestep=t.expand(len(x)), "
+                            "encoder_hidden_states=text.float(),",
+                            "                  return_dict=False)[0]",
+                            "        x = pipe.scheduler.step(v, t, x).prev_sample"])]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ the recipe

@@ -130,7 +130,13 @@ CONFIGS: dict[tuple[str, str], dict] = {
                               attention_bias=True, use_rotary_positional_embeddings=True),
     ("hunyuan15", "8.3B"): dict(_HY15_CONFIGS["8.3B"]),
 }
-VARIANTS = {"wan": ("1.3B", "14B"), "hunyuan": ("13B",), "hunyuan15": ("8.3B",), "cogvideox": ("2B", "5B")}
+#  Wan 2.2 T2V A14B: two experts of Wan 2.1 14B's configuration (the Wan2.2 repo, wan/configs/wan_t2v_A14B.py:
+#    dim 5120, ffn_dim 13824, num_heads 40, num_layers 40; high_noise_model and low_noise_model).
+CONFIGS[("wan", "A14B")] = CONFIGS[("wan", "14B")]
+VARIANTS = {"wan": ("1.3B", "14B", "A14B"), "hunyuan": ("13B",), "hunyuan15": ("8.3B",),
+            "cogvideox": ("2B", "5B")}
+# the teacher's transformers (each of the variant's config); one of them runs per forward
+EXPERTS = {("wan", "A14B"): 2}
 DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "hunyuan15": "8.3B", "cogvideox": "2B"}
 # (latent channels, spatial compression) of the family's VAE (time is ÷4 for all of them)
 LATENT = {"hunyuan15": (32, 16)}
@@ -193,6 +199,9 @@ class Workload:
     disc_steps: int = 1  # dete.disc_steps: D steps per generator step (> 1: the teacher runs again per step)
     vae_params: int = 0
     vae_bytes: int = 2
+    # the teacher's transformers, each of ``config`` (Wan 2.2 A14B: 2, its high- and low-noise experts); one
+    # runs per forward, so activations and FLOPs are one transformer's
+    experts: int = 1
     grid_points: int = 51
     num_trajectories: int = 0
     trajectory_bytes: int = 4
@@ -219,7 +228,8 @@ def preset_workload(family: str, variant: str | None = None, params: str | Path 
         raise ConfigError("--variant", variant, f"one of {list(VARIANTS[family])} for family {family!r}")
     # the preset as merged over params.yaml (load_raw: no check that the weights folder exists here)
     raw = dcm_config.load_raw(params, preset=family)
-    return raw_workload(raw, family, CONFIGS[(family, variant)], variant)
+    return replace(raw_workload(raw, family, CONFIGS[(family, variant)], variant),
+                   experts=EXPERTS.get((family, variant), 1))
 
 
 def raw_workload(raw: dict, family: str, cfg: dict, variant: str, dcm: str = "dcm",
@@ -305,8 +315,11 @@ def make_dete_meta(seme, work: Workload):
     meta."""
     from dcm.distill.experts import make_dete
 
+    # the LoRA form on SemE: a two-expert teacher's DetE (the same adapter on a copy of the low-noise expert
+    # of the same config) has these trainable numbers, its second frozen transformer is added in ``plan``
     backbone = SimpleNamespace(timestep_layer_names=TIMESTEP_LAYERS[work.family],
-                               lora_target_modules=LORA_TARGETS, model_timestep=lambda s: 1000.0 * s)
+                               lora_target_modules=LORA_TARGETS, model_timestep=lambda s: 1000.0 * s,
+                               two_experts=False)
     with torch.device("meta"):
         return make_dete(seme, backbone, work.lora_rank, 2.0 * work.lora_rank, kappa=1, sigma_kappa=0.5)
 
@@ -742,7 +755,8 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
     """Per-GPU bytes of SemE, DetE and DMD2 (rank 0: the largest shards) under setting ``s``."""
     c = DTYPE_BYTES[s.compute]
     sharded = s.shard > 1
-    teacher = 4 * (st.total if not s.shard_teacher else sum(local_numels(st.seme, s.shard)))
+    e = work.experts
+    teacher = 4 * e * (st.total if not s.shard_teacher else sum(local_numels(st.seme, s.shard)))
     vae = work.vae_params * work.vae_bytes
     rows = {}
     # SemE: the whole transformer trains
@@ -760,9 +774,11 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
     # DetE: LoRA + copied timestep layers train over a frozen SemE; the teacher's feature pass with grad
     lora, frozen = local_numels(st.dete, s.shard)
     lprof = st.profiles[(s.cp, "dete")]
+    # a two-expert teacher's DetE: its LoRA sits on a frozen copy of the low-noise expert, beside the frozen
+    # SemE
     dete = {"parameters (fp32)": 4 * lora, "gradients (fp32)": 4 * lora,
             "optimizer (AdamW, 2 × fp32)": 8 * lora,
-            "EMA (fp32)": 4 * lora if s.ema else 0, "frozen student weights": 4 * frozen,
+            "EMA (fp32)": 4 * lora if s.ema else 0, "frozen student weights": 4 * frozen * min(e, 2),
             "frozen teacher (fp32)": teacher, "VAE": vae,
             "discriminator (weights+grads+AdamW)": 16 * st.disc_params if work.gan else 0,
             "fake score (weights+grads+AdamW)": 0,
@@ -776,10 +792,15 @@ def plan(work: Workload, s: Setting, st: Structure) -> dict[str, dict[str, int]]
         dete["activations, checkpointing"] = max(dete_phases(lprof, tprof, adv, work, checkpointing=True))
         dete["activations, no checkpointing"] = max(dete_phases(lprof, tprof, adv, work, checkpointing=False))
     rows["DetE"] = dete
-    # DMD2: the generator as SemE (online target: no EMA) + the fake score sharded like it (fp32 weights,
-    # grads, AdamW); with the classifier, its head and the generator's second pass with grad (through the
-    # fake score)
-    dmd2 = {**seme, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * train,
+    # LCM / PCM: the whole teacher copied and trained (a two-expert teacher: both experts), an EMA with LCM's
+    baseline = {**seme, **{k: e * v for k, v in seme.items()
+                           if k in ("parameters (fp32)", "gradients (fp32)", "optimizer (AdamW, 2 × fp32)",
+                                    "EMA (fp32)")}}
+    rows["Baseline"] = baseline
+    # DMD2: the generator as a baseline (online target: no EMA) + the fake score sharded like it (fp32
+    # weights, grads, AdamW; a two-expert teacher: one per expert); with the classifier, its head and the
+    # generator's second pass with grad (through the fake score)
+    dmd2 = {**baseline, "EMA (fp32)": 0, "fake score (weights+grads+AdamW)": 16 * train * e,
             "discriminator (weights+grads+AdamW)": 16 * st.dmd2_head if work.dmd2_gan else 0}
     if work.dmd2_gan:  # the fake score stays frozen through the generator's backward (dcm.distill.dmd2)
         dmd2["activations, checkpointing"] = checkpointed_passes(prof, tprof)
@@ -825,10 +846,10 @@ def disk(work: Workload, st: Structure) -> dict[str, int]:
            # DetE: PEFT adapter + copied layers (fp32) + resume (them + Adam) + discriminator (weights + Adam)
            "train_dete (export + resume)": lora * 4 + lora * 12 + (st.disc_params * 12 if work.gan else 0),
            # LCM / PCM baselines: a full student + an EMA target (LCM) in the resume state
-           "train_baseline (export + resume, with EMA)": st.total * 4 + st.total * 16,
+           "train_baseline (export + resume, with EMA)": work.experts * (st.total * 4 + st.total * 16),
            # DMD2: the generator's export + resume (weights + Adam), and the fake score (+ head) with its Adam
-           "train_baseline dmd2 (export + resume)": (st.total * 4 + st.total * 12
-                                                     + (st.total + st.dmd2_head) * 12)}
+           "train_baseline dmd2 (export + resume)": (work.experts * (st.total * 4 + st.total * 12
+                                                                     + st.total * 12) + st.dmd2_head * 12)}
     return out
 
 
@@ -881,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, choices=sorted(VARIANTS))
     ap.add_argument("--params", default="params.yaml",
                     help="experiment file the preset overlays (default: params.yaml)")
-    ap.add_argument("--variant", help="1.3B|14B (wan), 13B (hunyuan), 8.3B (hunyuan15), 2B|5B (cogvideox)")
+    ap.add_argument("--variant", help="1.3B|14B|A14B (wan), 13B (hunyuan), 8.3B (hunyuan15), 2B|5B (cogvideox)")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GiB per GPU (an A100-80GB: 80)")
     ap.add_argument("--context-parallel", type=int, default=1)

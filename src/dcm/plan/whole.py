@@ -364,24 +364,26 @@ class Measurements:
 
 # ----------------------------------------------------------------------------- the params' workload
 
-def transformer_config(params: Params, variant: str | None = None) -> tuple[dict, str]:
-    """The transformer config the plan builds on meta, and its name: ``backbone.path``'s
-    ``transformer/config.json`` when the folder has one (and no ``variant`` is asked for), else the released
-    config of ``variant`` (default: the family's default variant)."""
+def transformer_config(params: Params, variant: str | None = None) -> tuple[dict, str, int]:
+    """The transformer config the plan builds on meta, its name and the teacher's transformer count:
+    ``backbone.path``'s ``transformer/config.json`` when the folder has one (and no ``variant`` is asked for;
+    2 transformers where it also has ``transformer_2/``), else the released config of ``variant``, else of
+    ``backbone.variant`` (a preset's), else of the family's default variant."""
     family = params.backbone.family
     if family not in memory.VARIANTS:
         raise ConfigError("backbone.family", family, f"one of {sorted(memory.VARIANTS)}: the shapes world's "
                           "toy teacher runs on a CPU and needs no plan")
-    folder = Path(params.backbone.path or "").expanduser() / "transformer" / "config.json"
+    root = Path(params.backbone.path or "").expanduser()
+    folder = root / "transformer" / "config.json"
     if variant is None and params.backbone.path and folder.is_file():
         accepted = inspect.signature(memory.transformer_class(family).__init__).parameters
         cfg = {k: v for k, v in json.loads(folder.read_text()).items() if k in accepted}
-        return cfg, str(folder.parent)
-    variant = variant or memory.DEFAULT_VARIANT[family]
+        return cfg, str(folder.parent), 2 if (root / "transformer_2" / "config.json").is_file() else 1
+    key = "--variant" if variant else "backbone.variant"
+    variant = variant or params.backbone.variant or memory.DEFAULT_VARIANT[family]
     if variant not in memory.VARIANTS[family]:
-        raise ConfigError("--variant", variant,
-                          f"one of {list(memory.VARIANTS[family])} for family {family!r}")
-    return memory.CONFIGS[(family, variant)], variant
+        raise ConfigError(key, variant, f"one of {list(memory.VARIANTS[family])} for family {family!r}")
+    return memory.CONFIGS[(family, variant)], variant, memory.EXPERTS.get((family, variant), 1)
 
 
 def guided_forwards(params: Params) -> int:
@@ -397,8 +399,9 @@ class Planner:
 
     def __init__(self, params: Params, options: Options | None = None):
         self.params, self.options = params, options or Options()
-        cfg, name = transformer_config(params, self.options.variant)
-        self.work = memory.raw_workload(params.to_dict(), params.backbone.family, cfg, name)
+        cfg, name, experts = transformer_config(params, self.options.variant)
+        work = memory.raw_workload(params.to_dict(), params.backbone.family, cfg, name)
+        self.work = dataclasses.replace(work, experts=experts)
         real = params.backbone.real
         self.measure = Measurements(self.work, (real.frames, real.height, real.width))
         self.g = guided_forwards(params)
@@ -551,12 +554,12 @@ def _trajectories(planner: Planner, run: StageRun) -> _Estimate:
     count, steps = p.trajectories.num_trajectories, p.grid.steps
     forward = m.forward()
     batch = p.trajectories.batch_size
-    weights = INFERENCE_WEIGHT_BYTES * m.parameters()
+    weights = INFERENCE_WEIGHT_BYTES * m.parameters() * work.experts
     activations = m.inference(batch * planner.g)
     # the solver keeps every grid point of its batch in fp32 until the shard is written
     points = batch * (steps + 1) * math.prod(work.latent) * 4
-    parts = {"transformer (fp32)": weights, "activations (bf16, no grad)": activations,
-             "trajectory points (fp32)": points}
+    teacher = f"{work.experts} transformers (fp32)" if work.experts > 1 else "transformer (fp32)"
+    parts = {teacher: weights, "activations (bf16, no grad)": activations, "trajectory points (fp32)": points}
     return _Estimate(flops=count * steps * planner.g * forward,
                      units=math.ceil(count / p.trajectories.shard_size),
                      peak_bytes=sum(parts.values()), memory_parts=parts,
@@ -564,16 +567,21 @@ def _trajectories(planner: Planner, run: StageRun) -> _Estimate:
                      notes=[f"{count} trajectories × {steps} steps × {planner.g} forward(s)"])
 
 
-def _resident_transformers(params: Params, method: str) -> tuple[int, str]:
+def _resident_transformers(params: Params, method: str, experts: int = 1) -> tuple[int, str]:
     """Transformers ``sample`` holds on the GPU at once, and which (``load_teacher`` puts the teacher
-    there)."""
+    there); ``experts``: the teacher's transformers (2: Wan 2.2 A14B, whose copies have both, and whose
+    DetE's LoRA sits on a copy of the low-noise expert)."""
     m = params.method(method)
     kind = METHOD_KINDS[m.kind]
     if not kind.trains:
-        return 1, "the teacher"
-    if len(kind.experts) > 1 and m.merge_experts:  # a dual expert sampled as merged copies
-        return 4, "the teacher, the loaded dual expert, SemE's and DetE's merged copies (at load)"
-    return 2, "the teacher and the student"
+        return experts, "the teacher"
+    if len(kind.experts) > 1:
+        dual = 1 + (experts > 1)
+        if m.merge_experts:  # a dual expert sampled as merged copies
+            return experts + dual + 2, ("the teacher, the loaded dual expert, SemE's and DetE's merged "
+                                        "copies (at load)")
+        return experts + dual, "the teacher and the dual expert"
+    return 2 * experts, "the teacher and the student"
 
 
 def _sample(planner: Planner, run: StageRun) -> _Estimate:
@@ -585,7 +593,7 @@ def _sample(planner: Planner, run: StageRun) -> _Estimate:
     real = p.backbone.real
     decode_flops, decode_bytes = m.vae_decode(real.vae_dtype, real.vae_tiling)
     decode_peak = decode_bytes if real.vae_slicing else decode_bytes * SAMPLE_BATCH
-    count, which = _resident_transformers(p, run.method)
+    count, which = _resident_transformers(p, run.method, work.experts)
     parts = {f"{count} transformer(s) (fp32): {which}": count * INFERENCE_WEIGHT_BYTES * m.parameters(),
              f"VAE ({real.vae_dtype})": work.vae_params * work.vae_bytes,
              "activations: transformer (bf16, no grad) or VAE decode":
@@ -667,7 +675,7 @@ def _train(planner: Planner, run: StageRun) -> _Estimate:
         out.error = str(err)
         return out
     st = planner.measure.structure(work, setting.cp, setting.compute)
-    key = MEMORY_ROW.get(run.stage, "DMD2" if m.dmd2 is not None else "SemE")
+    key = MEMORY_ROW.get(run.stage, "DMD2" if m.dmd2 is not None else "Baseline")
     mode = "checkpointing" if p.training.gradient_checkpointing else "no checkpointing"
     rows = memory.plan(work, setting, st)[key]
     out.peak_bytes = rows[f"total, {mode}"]
@@ -689,7 +697,7 @@ def training_disk(st: memory.Structure, stage: str, method, work: memory.Workloa
         return disk["train_dete (export + resume)"]
     if method.dmd2 is not None:
         return disk["train_baseline dmd2 (export + resume)"]
-    return st.total * 4 + st.total * (12 + (4 if method.target == "ema" else 0))
+    return work.experts * (st.total * 4 + st.total * (12 + (4 if method.target == "ema" else 0)))
 
 
 def _analyze(planner: Planner, run: StageRun) -> _Estimate:
