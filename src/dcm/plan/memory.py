@@ -902,7 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, choices=sorted(VARIANTS))
     ap.add_argument("--params", default="params.yaml",
                     help="experiment file the preset overlays (default: params.yaml)")
-    ap.add_argument("--variant", help="1.3B|14B|A14B (wan), 13B (hunyuan), 8.3B (hunyuan15), 2B|5B (cogvideox)")
+    ap.add_argument("--variant",
+                    help="1.3B|14B|A14B (wan), 13B (hunyuan), 8.3B (hunyuan15), 2B|5B (cogvideox)")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GiB per GPU (an A100-80GB: 80)")
     ap.add_argument("--context-parallel", type=int, default=1)
