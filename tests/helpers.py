@@ -244,6 +244,53 @@ def build_hunyuan(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
+# a chat template of the tiny tokenizer: HunyuanVideo15Pipeline._get_mllm_prompt_embeds formats every prompt
+# as a (system, user) conversation, as Qwen2.5-VL's template does, and crops the first 108 template tokens
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def build_hunyuan15(folder: Path) -> None:
+    """A tiny HunyuanVideo15Pipeline: a 3-layer Qwen2.5-VL text model (M-RoPE) with the word-level tokenizer
+    and a chat template, a 1-layer T5 encoder with the real (byte-level) ByT5Tokenizer, the 1.5 VAE at 8×
+    in space, the tiny transformer (in_channels 2·4 + 1), the 480p T2V scheduler shift and CFG guider."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from dcm.backbones.hunyuan15 import TRANSFORMER_CONFIGS as HY15_CONFIGS
+
+    tokenizer = tiny_tokenizer(2048)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, rope_parameters=rope,
+        pad_token_id=0, bos_token_id=None, eos_token_id=2))
+    byt5_tokenizer = ByT5Tokenizer()
+    byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                      spatial_compression_ratio=8, temporal_compression_ratio=4)
+    pipe = HunyuanVideo15Pipeline(text_encoder=qwen, tokenizer=tokenizer, text_encoder_2=byt5,
+                                  tokenizer_2=byt5_tokenizer, vae=vae,
+                                  transformer=HunyuanVideo15Transformer3DModel(**HY15_CONFIGS["tiny"]),
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.save_pretrained(folder)
+
+
 def build_cogvideox(folder: Path) -> None:
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -273,8 +320,8 @@ def build_cogvideox(folder: Path) -> None:
 
 
 # tiny teachers by name (a family's, or a family's other form: Wan 2.2 TI2V and A14B are family wan)
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "cogvideox": build_cogvideox,
-            "wan22_ti2v": build_wan22_ti2v, "wan22_a14b": build_wan22_a14b}
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "hunyuan15": build_hunyuan15,
+            "cogvideox": build_cogvideox, "wan22_ti2v": build_wan22_ti2v, "wan22_a14b": build_wan22_a14b}
 TEACHER_FAMILY = {"wan22_ti2v": "wan", "wan22_a14b": "wan"}
 # the TI2V VAE compresses 16× in space: 64-pixel frames give the same 2×2 tokens per latent frame
 TEACHER_VIDEO = {"wan22_ti2v": {**VIDEO, "height": 64, "width": 64}}
@@ -415,6 +462,9 @@ def plan_workloads(ti2v: bool = True) -> dict:
                    num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
                    guidance_embeds=True,
                    text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
+    hunyuan15 = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16,
+                     num_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32,
+                     text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
     cog = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
@@ -431,6 +481,8 @@ def plan_workloads(ti2v: bool = True) -> dict:
                               name="wan ti2v tiny", **mp.PIPELINE_EXTRAS[("wan", "ti2v-tiny")], **common), 1),
         "hunyuan": (Workload("hunyuan", hunyuan, (16, 8, 16, 16), batch=2, text_tokens=6, name="hunyuan tiny",
                              **common), 1),
+        "hunyuan15": (Workload("hunyuan15", hunyuan15, (16, 4, 8, 8), batch=2, text_tokens=6,
+                               name="hunyuan15 tiny", **common), 1),
         "cogvideox": (Workload("cogvideox", cog, (4, 8, 16, 16), batch=2, text_tokens=16,
                                name="cogvideox tiny", **common), 1),
     }

@@ -292,7 +292,7 @@ def test_real_presets_carry_the_official_schedules_and_prompt_dropout(tmp_path):
             cog.training.prompt_dropout) == (0.0, 0.1, 0.0)
     assert config.load(REPO / "params.yaml").training.prompt_dropout == 0.0
     assert config.load(REPO / "params.yaml").method("dcm").schedule is None
-    for preset in ("hunyuan", "wan", "wan22_ti2v", "cogvideox"):
+    for preset in ("hunyuan", "hunyuan15", "wan", "wan22_ti2v", "wan22_a14b", "cogvideox"):
         jsonschema.validate(config.load_raw(REPO / "params.yaml", preset), config.json_schema())
 
 

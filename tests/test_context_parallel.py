@@ -25,14 +25,19 @@ TC_OFFSET = 3  # METHODS.md: SemE's frame offset l = 3 latent frames
 OUT_ATOL = 1e-5
 GRAD_ATOL = 1e-5
 CASES = ["wan", "wan-checkpointing", "wan-fsdp", "wan-dete", "wan-a14b", "wan-ti2v", "wan-ti2v-dete",
-         "hunyuan", "cogvideox", "cogvideox-rope"]
+         "hunyuan", "hunyuan15", "cogvideox", "cogvideox-rope"]
 
 
 # ============================================================================ the cases (worker side)
 
 def tiny_transformer(family: str, **overrides):
     """DESIGN.md's tiny configurations, built directly from diffusers' classes."""
-    from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
+    from diffusers import (
+        CogVideoXTransformer3DModel,
+        HunyuanVideo15Transformer3DModel,
+        HunyuanVideoTransformer3DModel,
+        WanTransformer3DModel,
+    )
 
     if family == "wan":
         cfg = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
@@ -45,6 +50,11 @@ def tiny_transformer(family: str, **overrides):
                    guidance_embeds=True,
                    text_embed_dim=384, pooled_projection_dim=384, rope_axes_dim=(8, 12, 12))
         return HunyuanVideoTransformer3DModel(**{**cfg, **overrides})
+    if family == "hunyuan15":  # T2V: 2·16 + 1 input channels (latents, zero condition latents, zero mask)
+        cfg = dict(in_channels=33, out_channels=16, num_attention_heads=4, attention_head_dim=16,
+                   num_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+                   text_embed_2_dim=32, image_embed_dim=16, rope_axes_dim=(4, 6, 6), task_type="t2v")
+        return HunyuanVideo15Transformer3DModel(**{**cfg, **overrides})
     cfg = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
                text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
@@ -97,6 +107,18 @@ def make_case(name: str):
                       encoder_hidden_states=torch.randn(batch, 6, 384, generator=g),
                       encoder_attention_mask=mask, pooled_projections=torch.randn(batch, 384, generator=g),
                       guidance=torch.tensor([6000.0, 6000.0]))
+        to_bcthw = None
+    elif family == "hunyuan15":
+        mask, glyph_mask = torch.ones(batch, 6, dtype=torch.long), torch.zeros(batch, 5, dtype=torch.long)
+        mask[1, 4:] = 0  # padded prompt
+        glyph_mask[0, :2] = 1  # one prompt quotes glyph text, the other none (all-zero ByT5 mask)
+        latents = torch.randn(batch, 16, frames, size, size, generator=g)
+        inputs = dict(hidden_states=torch.cat([latents, torch.zeros(batch, 17, frames, size, size)], 1),
+                      timestep=torch.tensor([900.0, 300.0]),
+                      encoder_hidden_states=torch.randn(batch, 6, 32, generator=g),
+                      encoder_attention_mask=mask,
+                      encoder_hidden_states_2=torch.randn(batch, 5, 32, generator=g),
+                      encoder_attention_mask_2=glyph_mask, image_embeds=torch.zeros(batch, 3, 16))
         to_bcthw = None
     else:
         inputs = dict(hidden_states=torch.randn(batch, frames, 4, size, size, generator=g),

@@ -225,7 +225,7 @@ class RealVideos:
         return len(self.x0)
 
 
-@pytest.mark.parametrize("family", ["wan", "wan22_ti2v", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "wan22_ti2v", "hunyuan", "hunyuan15", "cogvideox"])
 def test_a_dmd2_step_with_the_classifier_runs_on_every_real_family(family, tmp_path):
     """Tiny Wan (2.1; 2.2 TI2V: per-token timesteps) / HunyuanVideo (embedded guidance) / CogVideoX (VP)
     pipelines under activation checkpointing:

@@ -1,9 +1,9 @@
 """`dcm export` per family: the folder loads with stock diffusers + peft and its README recipe, run as
 written, gives the same few-step samples as dcm's sampler, with DetE taking its steps.
 
-Tiny random Wan (2.1, and 2.2 TI2V with its per-token timestep), HunyuanVideo and CogVideoX pipelines come
-from tests/helpers.py's builders (saved with ``save_pretrained``, loaded through the adapters); CogVideoX is
-also checked with RoPE on
+Tiny random Wan (2.1, and 2.2 TI2V with its per-token timestep), HunyuanVideo, HunyuanVideo 1.5 and CogVideoX
+pipelines come from tests/helpers.py's builders (saved with ``save_pretrained``, loaded through the adapters);
+CogVideoX is also checked with RoPE on
 (CogVideoX-5B's form, which the recipe builds with the stock pipeline's own helper).
 """
 
@@ -75,8 +75,8 @@ def dual_expert(backbone, params, rank: int = 2) -> tuple[DualExpert, list[sched
 
 
 @pytest.mark.parametrize("teacher,rope", [("wan", False), ("wan22_ti2v", False), ("hunyuan", False),
-                                          ("cogvideox", False), ("cogvideox", True)],
-                         ids=["wan", "wan22_ti2v", "hunyuan", "cogvideox", "cogvideox-rope"])
+                                          ("hunyuan15", False), ("cogvideox", False), ("cogvideox", True)],
+                         ids=["wan", "wan22_ti2v", "hunyuan", "hunyuan15", "cogvideox", "cogvideox-rope"])
 def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(teacher, rope, tmp_path, monkeypatch):
     folder = tmp_path / "teacher"
     build_teacher(teacher, folder, rope)
@@ -113,6 +113,8 @@ def test_export_recipe_with_stock_diffusers_and_peft_samples_like_dcm(teacher, r
     assert ("transpose(1, 2)" in code and 'step["timestep"]' in code) == (family == "cogvideox")
     # Wan 2.2 TI2V: the recipe gives the timestep per video token
     assert ("t.expand(len(x), tokens)" in code) == (teacher == "wan22_ti2v")
+    assert ("encoder_hidden_states_2=text_2" in code and "image_embeds=image" in code) \
+        == (teacher == "hunyuan15")
 
     # run it as written
     shape = backbone.video_latent_shape(params)

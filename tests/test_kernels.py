@@ -139,6 +139,7 @@ def test_context_parallel_processors_keep_the_backend_of_the_processors_they_rep
     ("toy", "backbone.attention_backend", "flash_hub", "one of 'native', '_native_math'"),
     ("hunyuan", "backbone.attention_backend", "flash", "takes HunyuanVideo's text mask"),
     ("hunyuan", "backbone.attention_backend", "_native_flash", "'flash_varlen'"),
+    ("hunyuan15", "backbone.attention_backend", "flash_varlen", "(B, 1, S, S) query-and-key mask"),
     ("cogvideox", "backbone.attention_backend", "_native_cudnn", "'native' for family 'cogvideox'"),
     ("toy", "training.compile", "yes", "true or false"),
 ])

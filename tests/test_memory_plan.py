@@ -162,7 +162,12 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
     if stage == "DetE":
         inputs["timestep"] = torch.full_like(inputs["timestep"], 300)  # below t_κ: DetE's phase
     x = inputs["hidden_states"]
-    target = torch.randn(x.shape, generator=g)
+    # HunyuanVideo 1.5's input is its latents + zero condition channels; the output has the latents' channels
+    latents = work.config["out_channels"] if work.family == "hunyuan15" else x.shape[1]
+    target = torch.randn(x[:, :latents].shape, generator=g)
+
+    def as_input(out):
+        return torch.cat([out, x[:, out.shape[1]:]], dim=1) if work.family == "hunyuan15" else out
 
     def step():
         out = student(**inputs, return_dict=False)[0]
@@ -172,7 +177,7 @@ def measure(work, cp: int, stage: str, checkpointing: bool) -> dict:
                                          target.transpose(1, 2) if work.family == "cogvideox" else target, 3)
         # the teacher's feature pass on the student's output, with grad (DetE's fake features)
         if stage == "DetE":
-            feats = teacher(**{**inputs, "hidden_states": out}, return_dict=False)[0]
+            feats = teacher(**{**inputs, "hidden_states": as_input(out)}, return_dict=False)[0]
             loss = loss + feats.float().pow(2).mean()
             del feats
         loss.backward()
@@ -420,7 +425,7 @@ def test_checkpointed_passes_recompute_the_last_pass_first():
     assert mp.checkpointed_passes(first, second, terms) == 4 + 8 + max(70, 2 + 6 + max(30, 40))
 
 
-@pytest.mark.parametrize("name", ["toy", "wan", "wan-ti2v", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("name", ["toy", "wan", "wan-ti2v", "hunyuan", "hunyuan15", "cogvideox"])
 def test_meta_activation_profiles_equal_a_real_forward(name):
     """What autograd saves, block by block, is the same on meta (the plan) as in a real CPU forward of the
     same configuration: SemE, DetE on its path (adapters on, its copies of the timestep layers in), and the

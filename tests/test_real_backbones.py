@@ -1,10 +1,11 @@
-"""Real teachers (wan, hunyuan, cogvideox) on tiny random pipelines built from the same diffusers and
-transformers classes, saved with ``save_pretrained`` and loaded through the adapters' normal path."""
+"""Real teachers (wan, hunyuan, hunyuan15, cogvideox) on tiny random pipelines built from the same diffusers
+and transformers classes, saved with ``save_pretrained`` and loaded through the adapters' normal path."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,10 @@ from dcm.backbones.cogvideox import (
 from dcm.backbones.hunyuan import embedded_guidance
 from dcm.config import ConfigError
 from dcm.distill.experts import make_dete
-from helpers import BUILDERS, PROMPTS, TEACHER_FAMILY, family_params, family_raw, real_data
+from helpers import BUILDERS, PROMPTS, TEACHER_FAMILY, VIDEO, family_params, family_raw, real_data
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ("wan", "hunyuan", "cogvideox")
+FAMILIES = ("wan", "hunyuan", "hunyuan15", "cogvideox")
 TEACHERS = (*FAMILIES, "wan22_ti2v")  # Wan 2.2 TI2V-5B's form: family wan, per-token timesteps, 48-ch VAE
 
 
@@ -114,7 +115,7 @@ def test_vae_round_trip_keeps_the_latent_shape(family, loaded):
 
 
 def test_guidance_modes_embedded_for_hunyuan_cfg_for_wan_and_cogvideox(loaded):
-    assert [adapter_class(f).guidance_mode for f in FAMILIES] == ["cfg", "embedded", "cfg"]
+    assert [adapter_class(f).guidance_mode for f in FAMILIES] == ["cfg", "embedded", "cfg", "cfg"]
     backbone, params = loaded("hunyuan")
     assert float(embedded_guidance(torch.tensor([6.0]))) == 6016.0  # the pipeline's bf16 guidance input
     x, sigma, cond = inputs(backbone, params)
@@ -209,6 +210,34 @@ def test_guided_teacher_sampler_equals_the_stock_wan_pipeline(family, loaded):
                   backbone.encode_prompts(PROMPTS[:1]))
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
     assert stock.abs().max() > 0.1  # the stock run moved the latents
+def test_hunyuan15_guided_sampler_equals_the_stock_pipeline_with_its_guider_and_glyph_prompt(loaded):
+    """Two Euler steps of the stock HunyuanVideo15Pipeline (output_type="latent": its own encode_prompt for
+    the prompt and the default negative prompt, its zero condition latents and image tokens, its
+    ClassifierFreeGuidance) equal dcm's sampler on the adapter's guided velocity; the quoted text reaches
+    the ByT5 glyph encoder (a non-zero mask)."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    from dcm.sampling import sample, teacher_velocity
+
+    backbone, params = loaded("hunyuan15")
+    prompts = ['a red square moves left with a sign "stop"']
+    cond = backbone.encode_prompts(prompts)
+    assert cond.extra["attention_mask_2"].sum() > 0 and cond.extra["hidden_2"].abs().sum() > 0
+    assert backbone.encode_prompts(PROMPTS[:1]).extra["attention_mask_2"].sum() == 0  # nothing quoted
+    stock = HunyuanVideo15Pipeline.from_pretrained(backbone.path, local_files_only=True)
+    stock.tokenizer_max_length = backbone.max_sequence_length  # backbone.real.max_sequence_length (12)
+    assert stock.guider.guidance_scale == backbone.guidance_scale == 6.0
+    noise = torch.randn(1, *backbone.video_latent_shape(params), generator=torch.Generator().manual_seed(0))
+    theirs = stock(prompt=prompts, height=VIDEO["height"], width=VIDEO["width"], num_frames=VIDEO["frames"],
+                   num_inference_steps=2, latents=noise.clone(), output_type="latent").frames
+    steps = [schedule.SamplingStep(float(s), "teacher") for s in stock.scheduler.sigmas[:-1]]
+    ours = sample({"teacher": teacher_velocity(backbone, None)}, steps, noise, cond)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        unguided = backbone.guided_velocity(backbone.transformer, noise, torch.ones(1), cond,
+                                            backbone.null_prompts(1), scale=1.0)
+        plain = backbone.predict(backbone.transformer, noise, torch.ones(1), cond)
+    torch.testing.assert_close(unguided, plain)
 
 
 # ------------------------------------------------------------------------------ CogVideoX: VP ↔ flow
@@ -308,6 +337,21 @@ def test_wrong_family_and_missing_paths_fail_with_the_key(folders, tmp_path):
         config.parse(raw)
 
 
+def test_hunyuan15_refuses_a_guider_it_does_not_reproduce(folders, tmp_path):
+    """The adapter's CFG is ClassifierFreeGuidance on every step: a guider limited to a step range is refused
+    when the folder loads, naming the key and the setting."""
+    import shutil
+
+    folder = tmp_path / "hy15"
+    shutil.copytree(folders("hunyuan15"), folder)
+    cfg = folder / "guider" / "guider_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "stop": 0.5}))
+    settings = family_params("hunyuan15", folder).backbone
+    message = r"backbone\.path = .* \(start, stop, enabled\) = \(0\.0, 0\.5, True\)"
+    with pytest.raises(ConfigError, match=message):
+        adapter_class("hunyuan15").from_folder(folder, settings.real, settings.guidance_scale, networks=False)
+
+
 def test_recorded_teacher_refuses_a_changed_folder(folders, tmp_path):
     import shutil
 
@@ -355,6 +399,10 @@ def test_trajectories_stage_stores_the_family_guidance(family, mode, folders, tm
     assert index["latent_shape"] == list(backbone.video_latent_shape(params))
 
 
+# the newest teachers also train the consistency baselines (LCM, PCM: train_baseline) in their chains
+CHAIN_BASELINES = {"hunyuan15": ("lcm", "pcm"), "wan22_ti2v": ("lcm", "pcm")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TEACHERS)
 def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, monkeypatch):
@@ -363,11 +411,10 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
     run("train_seme", "--method", "dcm")
     run("train_dete", "--method", "dcm")
     run("sample", "--method", "dcm")
-    # the consistency baselines, one step each on the same store, on the TI2V teacher (CI's time budget: the
-    # other teachers' chains stop at DCM)
-    for baseline in ("lcm", "pcm") if family == "wan22_ti2v" else ():
-        run("train_baseline", "--method", baseline)
-        assert (paths.checkpoint(baseline) / "history.jsonl").is_file()
+    for method in CHAIN_BASELINES.get(family, ()):
+        run("train_baseline", "--method", method)
+        history = (paths.checkpoint(method) / "history.jsonl").read_text().splitlines()
+        assert history and all(math.isfinite(json.loads(line)["loss"]) for line in history)
     expert = json.loads((paths.checkpoint("dcm", "dete") / "expert.json").read_text())
     assert expert["timestep_layer_names"] == list(adapter_class(TEACHER_FAMILY.get(family, family))
                                                   .timestep_layer_names)
@@ -380,6 +427,7 @@ def test_smoke_chain_trajectories_seme_dete_sample(family, folders, tmp_path, mo
 
 
 @pytest.mark.parametrize("preset,kappa,shift,dcm_steps,fm,cfg", [("hunyuan", 37, 17.0, 4, 1.0, 6.0),
+                                                                 ("hunyuan15", 37, 5.0, 4, 1.0, 6.0),
                                                                  ("wan", 34, 17.0, 6, 10.0, 6.0),
                                                                  ("wan22_ti2v", 34, 17.0, 6, 10.0, 5.0),
                                                                  ("cogvideox", 37, 4.0, 4, 1.0, 6.0)])
@@ -405,6 +453,10 @@ def test_presets_carry_the_methods_numbers(preset, kappa, shift, dcm_steps, fm, 
             == [(wan.methods[m].train_steps, wan.methods[m].lr) for m in ("lcm", "pcm")]
         assert (dcm.seme.train_steps, dcm.dete.train_steps) == (1000, 1000)
         assert params.training.global_batch_size == 1 and params.training.parallel.context_parallel == 4
+    if preset == "hunyuan15":  # HunyuanVideo-1.5 480p T2V as diffusers ships it (pipeline defaults, guider)
+        real = params.backbone.real
+        assert (real.height, real.width, real.frames, real.max_sequence_length) == (480, 848, 121, 1000)
+        assert adapter_class(preset).guidance_mode == "cfg"
 
 
 @pytest.mark.parametrize("preset", [*FAMILIES, "wan22_ti2v"])
@@ -414,7 +466,7 @@ def test_resource_rows_cover_every_stage(preset):
 
     rows = {s: load_resources(s, REPO / "slurm" / f"resources-{preset}.yaml") for s in STAGES}
     assert rows["train_seme"].gpus * rows["train_seme"].nodes \
-        == {"hunyuan": 24, "wan": 1, "cogvideox": 8, "wan22_ti2v": 4}[preset]
+        == {"hunyuan": 24, "hunyuan15": 8, "wan": 1, "cogvideox": 8, "wan22_ti2v": 4}[preset]
     if preset == "wan22_ti2v":  # one context-parallel group of 4 per training job (global batch 1)
         assert {rows[s].gpus for s in ("train_seme", "train_dete", "train_baseline")} == {4}
         assert all(rows[s].gpu_type == "a100" for s in STAGES if rows[s].gpus)

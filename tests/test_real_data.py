@@ -433,12 +433,13 @@ def test_the_stored_embeddings_are_the_encoders_and_a_missing_prompt_is_an_error
         stored.encode_prompts(["a prompt nobody preprocessed"])
 
 
-@pytest.mark.parametrize("family", ["hunyuan", "cogvideox"])
+@pytest.mark.parametrize("family", ["hunyuan", "hunyuan15", "cogvideox"])
 def test_hunyuan_and_cogvideox_preprocess_their_prompts_and_videos_with_their_own_encoders(family, tmp_path,
                                                                                           monkeypatch):
-    """The other two families through prepare → teacher → preprocess with a captioned video set: the stored
-    conditioning (HunyuanVideo's two encoders: hidden states, pooled vector and mask) is the encoders', the
-    video store holds every clip's VAE latents at the family's latent shape."""
+    """The other families through prepare → teacher → preprocess with a captioned video set: the stored
+    conditioning (HunyuanVideo's two encoders: hidden states, pooled vector and mask; HunyuanVideo 1.5's:
+    Qwen2.5-VL and ByT5 hidden states with their masks) is the encoders', the video store holds every clip's
+    VAE latents at the family's latent shape."""
     from dcm.backbones import adapter_class, load_teacher
 
     torch.manual_seed(0)

@@ -76,7 +76,7 @@ class ToyBackboneConfig:
 
 @dataclass(config=SECTION)
 class RealBackboneConfig:
-    """Real teachers (wan, hunyuan, cogvideox): the video size and how the frozen parts run."""
+    """Real teachers (wan, hunyuan, hunyuan15, cogvideox): the video size and how the frozen parts run."""
 
     height: Int = at_least(16)  # pixels, a multiple of 16 (VAE ×8 · patch 2; 32 with Wan 2.2's ×16 VAE)
     width: Int = at_least(16)
@@ -86,7 +86,7 @@ class RealBackboneConfig:
     vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
     vae_tiling: Bool = False
     vae_slicing: Bool = False
-    negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, cogvideox)
+    negative_prompt: Str = ""  # the unconditional prompt of CFG (wan, hunyuan15, cogvideox)
     # a two-expert Wan 2.2 folder (transformer_2): the low-noise expert's CFG scale (WanPipeline's
     # guidance_scale_2); null: backbone.guidance_scale for both experts, as the pipeline does
     guidance_scale_2: Float | None = at_least(0, None)
@@ -100,15 +100,17 @@ ATTENTION_BACKENDS = typing.get_args(AttentionBackend)
 CUDA_ATTENTION = ATTENTION_BACKENDS[3:]  # GPU only: the CPU runs SDPA's native, math and flash kernels
 # no attention mask (HunyuanVideo masks its prompts' padding; the *_varlen kernels take it as key lengths)
 MASKLESS_ATTENTION = ("_native_flash", "flash", "_flash_3")
+# SDPA's kernels that take a full (B, 1, S, S) mask (HunyuanVideo 1.5's attention processor builds one)
+SQUARE_MASK_ATTENTION = ("native", "_native_math", "_native_efficient", "_native_cudnn")
 
 
 @dataclass(config=SECTION)
 class BackboneConfig:
-    family: Literal["toy", "wan", "hunyuan", "cogvideox"]
+    family: Literal["toy", "wan", "hunyuan", "hunyuan15", "cogvideox"]
     path: Str | None  # local diffusers folder for real backbones (never a hub id)
     guidance_scale: Float = at_least(0)  # CFG scale (embedded guidance for hunyuan)
     toy: ToyBackboneConfig | None = None
-    real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, cogvideox
+    real: RealBackboneConfig | None = None  # video size etc. for wan, hunyuan, hunyuan15, cogvideox
     # the attention kernel of every stage's transformers, by diffusers' backend name (ATTENTION_BACKENDS)
     attention_backend: AttentionBackend = "native"
     # the released configuration `dcm plan` sizes when backbone.path holds no transformer/config.json
@@ -902,6 +904,11 @@ def _check_attention_backend(bb: BackboneConfig) -> None:
     if bb.family == "cogvideox" and backend != "native":
         raise ConfigError(key, backend, "'native' for family 'cogvideox': its attention processor calls "
                                         "PyTorch's SDPA itself (which picks flash, efficient or cuDNN)")
+    if bb.family == "hunyuan15" and backend not in SQUARE_MASK_ATTENTION:
+        raise ConfigError(key, backend, f"one of {list(SQUARE_MASK_ATTENTION)} for family 'hunyuan15': its "
+                                        "attention processor passes a (B, 1, S, S) query-and-key mask, which "
+                                        "only SDPA's mask-taking kernels take (the flash-attn packages' are "
+                                        "maskless or read key lengths)")
     if bb.family == "hunyuan" and backend in MASKLESS_ATTENTION:
         takes_mask = [b for b in ATTENTION_BACKENDS if b not in MASKLESS_ATTENTION]
         raise ConfigError(key, backend, f"one that takes HunyuanVideo's text mask: {takes_mask} "

@@ -1,7 +1,7 @@
 """Teacher families behind one protocol (``Backbone``); ``load_teacher`` picks the adapter from params.
 
 - ``toy``: the shapes-world teacher, pretrained by the ``teacher`` stage and saved to models/teacher.
-- ``wan``, ``hunyuan``, ``cogvideox``: a diffusers pipeline folder at ``backbone.path``; the
+- ``wan``, ``hunyuan``, ``hunyuan15``, ``cogvideox``: a diffusers pipeline folder at ``backbone.path``; the
   ``teacher`` stage checks it and records it (``record_teacher``), the ``preprocess`` stage encodes
   every prompt once (``data/preprocessed/prompts``), and later stages load the recorded folder without
   its text encoders, the prompts' embeddings from that store (``dcm.backbones.real``).
@@ -18,7 +18,7 @@ from dcm.config import ConfigError, Params
 __all__ = ["Backbone", "PromptEmbeds", "load_teacher", "load_encoders", "create_teacher", "record_teacher",
            "adapter_class", "FAMILIES"]
 
-FAMILIES = ("toy", "wan", "hunyuan", "cogvideox")
+FAMILIES = ("toy", "wan", "hunyuan", "hunyuan15", "cogvideox")
 REAL_FAMILIES = FAMILIES[1:]
 
 
@@ -32,6 +32,10 @@ def adapter_class(family: str):
         from dcm.backbones.hunyuan import HunyuanBackbone
 
         return HunyuanBackbone
+    if family == "hunyuan15":
+        from dcm.backbones.hunyuan15 import Hunyuan15Backbone
+
+        return Hunyuan15Backbone
     if family == "cogvideox":
         from dcm.backbones.cogvideox import CogVideoXBackbone
 

@@ -43,12 +43,16 @@ class PromptEmbeds:
 
     def pooled(self) -> torch.Tensor:
         """(B, D) one vector per prompt: the family's pooled embedding (Hunyuan's CLIP) where it has one,
-        else the mean of the token embeddings that are not all zero (the toy's and Wan's padding is zero;
-        CogVideoX's pipeline returns the encoder's outputs at pad tokens, so they count there)."""
+        else the mean of the real tokens: those of the text mask where the family keeps one (HunyuanVideo
+        1.5: its Qwen2.5-VL states at padding are not zero), else those not all zero (the toy's and Wan's
+        padding is zero; CogVideoX's pipeline returns the encoder's outputs at pad tokens, so they count)."""
         if self.extra and "pooled" in self.extra:
             return self.extra["pooled"]
         hidden = self.hidden.float()
-        real = (hidden.abs().sum(-1, keepdim=True) > 0).float()
+        if self.extra and "attention_mask" in self.extra:
+            real = self.extra["attention_mask"].to(hidden.device, torch.float32).unsqueeze(-1)
+        else:
+            real = (hidden.abs().sum(-1, keepdim=True) > 0).float()
         return (hidden * real).sum(1) / real.sum(1).clamp(min=1.0)
 
 

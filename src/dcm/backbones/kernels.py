@@ -19,9 +19,10 @@ the stage (a student from its checkpoint) dispatches to.  The values are diffuse
 HunyuanVideo masks its prompts' padding in every joint attention, and the mask keeps a prefix of the keys
 (the video tokens, then the prompt's real ones): the mask-taking and the varlen kernels compute the same
 attention; the maskless ones are refused for it when the params are read.  Its token refiner keeps
-diffusers' ``AttnProcessor2_0`` (SDPA with its own square mask) whatever the setting.  CogVideoX's
-processor calls SDPA itself, so ``native`` is its only value.  The Hub-downloaded kernels (``*_hub``) are
-left out: stages never reach the network.
+diffusers' ``AttnProcessor2_0`` (SDPA with its own square mask) whatever the setting.  HunyuanVideo 1.5's
+processor builds a (B, 1, S, S) query-and-key mask: only SDPA's mask-taking kernels are allowed for it.
+CogVideoX's processor calls SDPA itself, so ``native`` is its only value.  The Hub-downloaded kernels
+(``*_hub``) are left out: stages never reach the network.
 
 Compile.  Each repeated block (the units FSDP2 shards: ``transformer_blocks``) gets its class's
 ``forward`` through one ``torch.compile`` (inductor), bound to the block as its ``forward``.  The module's

@@ -1,4 +1,5 @@
-"""What the real teachers (wan, hunyuan, cogvideox) share: a diffusers pipeline folder on local disk.
+"""What the real teachers (wan, hunyuan, hunyuan15, cogvideox) share: a diffusers pipeline folder on local
+disk.
 
 The folder is the pipeline layout ``save_pretrained`` writes and the released ``*-Diffusers``
 repositories ship (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``,
@@ -41,6 +42,7 @@ RECORD_FILE = "backbone.json"
 TEXT_BATCH = 16  # prompts per text-encoder call
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")  # hashed by content
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # hashed by name and size
+CONFIG_ONLY = ("tokenizer", "tokenizer_2", "scheduler", "guider")  # components without weights
 
 
 class PipelineBackbone(Backbone):
@@ -100,7 +102,7 @@ class PipelineBackbone(Backbone):
             sub = folder / name
             if not sub.is_dir() or not any(sub.iterdir()):
                 missing.append(f"{name}/")
-            elif name not in ("tokenizer", "tokenizer_2", "scheduler") and not _has_weights(sub):
+            elif name not in CONFIG_ONLY and not _has_weights(sub):
                 missing.append(f"{name}/ weights (*.safetensors or *.bin)")
         if missing:
             raise ConfigError(key, str(path),
@@ -124,13 +126,18 @@ class PipelineBackbone(Backbone):
             skip.update(dict.fromkeys(cls.network_components))
         dtypes = {"default": torch.float32, "vae": DTYPES[settings.vae_dtype],
                   **dict.fromkeys(cls.text_components, DTYPES[settings.text_dtype])}
-        pipe = cls.pipeline_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtypes, **skip)
-        backbone = cls(pipe, settings, guidance_scale, folder)
+        backbone = cls(cls.load_pipeline(folder, dtypes, skip), settings, guidance_scale, folder)
         if backbone.transformer is not None:
             backbone.transformer.eval().requires_grad_(False)
         if backbone.vae is not None:
             backbone.vae.eval().requires_grad_(False)
         return backbone
+
+    @classmethod
+    def load_pipeline(cls, folder: Path, dtypes: dict, skip: dict):
+        """The pipeline class's own ``from_pretrained`` on the local folder, ``skip`` naming the components
+        passed in (None: not loaded)."""
+        return cls.pipeline_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtypes, **skip)
 
     def load_text_encoders(self) -> None:
         """The text encoders of the folder, loaded once (they are skipped while the prompt table suffices)."""

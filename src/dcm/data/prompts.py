@@ -6,7 +6,7 @@ Train rows cycle over a seeded shuffle of every caption of the world, with disti
 every attribute value, each with ``world.eval_seeds`` distinct seeds ≥ TRAIN_SEED_LIMIT: unseen by
 teacher training and by the trajectories.  Everything is deterministic from ``params.seed``.
 
-A real family (wan, hunyuan, cogvideox) takes its prompts from the user's files instead
+A real family (wan, hunyuan, hunyuan15, cogvideox) takes its prompts from the user's files instead
 (``real_prompt_sets``: ``data.prompts``, or the captions of ``data.videos``, and ``evaluation.prompts``)
 and refuses to run without them: the shapes grammar is the toy teacher's, never a real teacher's.
 """

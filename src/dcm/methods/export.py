@@ -26,6 +26,10 @@ tests/test_export.py follows it for tiny Wan, HunyuanVideo and CogVideoX pipelin
 - hunyuan (HunyuanVideoTransformer3DModel): also ``encoder_attention_mask``, ``pooled_projections``
   and the embedded ``guidance`` input: the teacher's w · 1000 rounded through bf16 (6 → 6016), the
   value the adapter gives every student forward (recorded as ``guidance``).
+- hunyuan15 (HunyuanVideo15Transformer3DModel): the T2V input ``cat([x, zeros (C), zeros (1)])`` (zero
+  condition latents and mask, as ``HunyuanVideo15Pipeline.prepare_cond_latents_and_mask``), zero
+  ``image_embeds`` (729 tokens), the Qwen2.5-VL embeddings and mask and the ByT5 glyph embeddings and mask
+  of the pipeline's ``encode_prompt``; CFG is distilled, one forward per step with the prompt.
 - cogvideox (CogVideoXTransformer3DModel): a VP v-prediction model.  Each step records the model's
   timestep (the fractional VP t of σ) and the VP coefficients (α, s, r) of σ; the recipe feeds
   ``z = x / r`` transposed to (B, T, C, H, W), and turns the output v into the flow velocity
@@ -56,9 +60,13 @@ FORMAT_VERSION = 2
 
 # the forward convention of each diffusers transformer class (the toy teacher is a WanTransformer3DModel)
 CLASS_CONVENTION = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan",
+                    "HunyuanVideo15Transformer3DModel": "hunyuan15",
                     "CogVideoXTransformer3DModel": "cogvideox"}
-FAMILY_CONVENTION = {"toy": "wan", "wan": "wan", "hunyuan": "hunyuan", "cogvideox": "cogvideox"}
-PIPELINES = {"wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline", "cogvideox": "CogVideoXPipeline"}
+FAMILY_CONVENTION = {"toy": "wan", "wan": "wan", "hunyuan": "hunyuan", "hunyuan15": "hunyuan15",
+                     "cogvideox": "cogvideox"}
+PIPELINES = {"wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline", "hunyuan15": "HunyuanVideo15Pipeline",
+             "cogvideox": "CogVideoXPipeline"}
+TWO_TEXT_ENCODERS = ("hunyuan", "hunyuan15")
 DTYPE_NAMES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 
 
@@ -138,7 +146,10 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
                             "max_sequence_length": int(backbone.max_sequence_length),
                             "text_dtype": settings.text_dtype, "vae_dtype": settings.vae_dtype,
                             "vae_tiling": bool(settings.vae_tiling),
-                            "vae_slicing": bool(settings.vae_slicing)}
+                            # as the run decoded: the setting, or the adapter's own slicing (hunyuan15)
+                            "vae_slicing": bool(settings.vae_slicing
+                                                or getattr(getattr(backbone, "vae", None), "use_slicing",
+                                                           False))}
         if family == "wan":  # Wan 2.2 TI2V: one timestep per video token
             plan["pipeline"]["expand_timesteps"] = bool(backbone.expand_timesteps)
 
@@ -328,7 +339,7 @@ def _text_block(plan: dict, teacher: str) -> str:
                          f'toy = ToyBackbone.from_pretrained("{teacher}")',
                          "text = toy.encode_prompts(prompts).hidden"]))
     text = plan["pipeline"]
-    encoders = ("text_encoder", "text_encoder_2") if family == "hunyuan" else ("text_encoder",)
+    encoders = ("text_encoder", "text_encoder_2") if family in TWO_TEXT_ENCODERS else ("text_encoder",)
     dtypes = ", ".join([f'"vae": {DTYPE_NAMES[text["vae_dtype"]]}',
                         *(f'"{e}": {DTYPE_NAMES[text["text_dtype"]]}' for e in encoders)])
     lines = ["# the teacher pipeline's text encoders and VAE, holding SemE as its transformer",
@@ -340,6 +351,13 @@ def _text_block(plan: dict, teacher: str) -> str:
                   "text, pooled = text.float(), pooled.float()"]
         note = (f"Guidance is embedded: every forward gets `guidance = {plan['guidance']:g}` (the teacher's "
                 f"w = {plan['guidance_scale']:g} as its pipeline passes it: w · 1000, rounded through bf16).")
+    elif family == "hunyuan15":
+        lines += [f"pipe.tokenizer_max_length = {max_len}  # the run's Qwen2.5-VL text length "
+                  "(a pipeline attribute)",
+                  "text, mask, text_2, mask_2 = pipe.encode_prompt(prompts, batch_size=len(prompts))",
+                  "text, text_2 = text.float(), text_2.float()  # Qwen2.5-VL and ByT5 (glyph) embeddings"]
+        note = ("The teacher's classifier-free guidance is distilled into both experts: one forward per step "
+                "with the prompt, no negative prompt. Both text encoders run as the pipeline runs them.")
     else:
         lines += [f"text, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, "
                   f"max_sequence_length={max_len})",
@@ -379,6 +397,18 @@ def _sample_block(plan: dict) -> str:
                   "        v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=text,",
                   "                  encoder_attention_mask=mask, pooled_projections=pooled,",
                   '                  guidance=torch.full((len(x),), plan["guidance"]), return_dict=False)[0]']
+    elif convention == "hunyuan15":
+        lines += ["        # T2V: latents + zero condition latents + a zero mask channel, zero image tokens; "
+                  "t = 1000·σ",
+                  "        latent_input = torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], "
+                  "dim=1)",
+                  "        image = torch.zeros(len(x), pipe.vision_num_semantic_tokens, "
+                  "seme.config.image_embed_dim)",
+                  "        v = model(hidden_states=latent_input, timestep=t.expand(len(x)), "
+                  "encoder_hidden_states=text,",
+                  "                  encoder_attention_mask=mask, encoder_hidden_states_2=text_2,",
+                  "                  encoder_attention_mask_2=mask_2, image_embeds=image, "
+                  "return_dict=False)[0]"]
     else:
         lines += ["        # VP v-prediction: the model sees z = x / r at the VP timestep of σ (not the",
                   "        # scheduler's t = 1000·σ), frames before channels; "

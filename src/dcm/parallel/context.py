@@ -45,8 +45,9 @@ from torch import nn
 from dcm.config import ConfigError
 
 KEY = "training.parallel.context_parallel"
-FAMILIES = ("wan", "hunyuan", "cogvideox")
+FAMILIES = ("wan", "hunyuan", "hunyuan15", "cogvideox")
 _CLASS_FAMILY = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan",
+                 "HunyuanVideo15Transformer3DModel": "hunyuan15",
                  "CogVideoXTransformer3DModel": "cogvideox"}
 _FAMILY_ALIASES = {"toy": "wan"}  # the toy teacher is a WanTransformer3DModel
 
@@ -85,7 +86,7 @@ def _family_of(module: nn.Module) -> str | None:
 
 
 def transformer_family(model: nn.Module) -> str:
-    """'wan', 'hunyuan' or 'cogvideox' from the diffusers transformer's class."""
+    """'wan', 'hunyuan', 'hunyuan15' or 'cogvideox' from the diffusers transformer's class."""
     family = _family_of(model)
     if family is None:
         raise TypeError(f"context parallelism supports {sorted(_CLASS_FAMILY)}, got {type(model).__name__}")
@@ -98,14 +99,17 @@ def video_tokens(config: Any, latent_thw: Iterable[int], family: str | None = No
     cfg = dict(config)
     t, h, w = (int(v) for v in latent_thw)
     if family is None:
-        family = ("hunyuan" if "num_single_layers" in cfg else "cogvideox" if "max_text_seq_length" in cfg
-                  else "wan")
+        family = ("hunyuan" if "num_single_layers" in cfg else "hunyuan15" if "text_embed_2_dim" in cfg
+                  else "cogvideox" if "max_text_seq_length" in cfg else "wan")
     family = _FAMILY_ALIASES.get(family, family)
     if family == "wan":
         pt, ph, pw = (int(p) for p in cfg.get("patch_size", (1, 2, 2)))
     elif family == "hunyuan":
         pt, ph, pw = (int(cfg.get("patch_size_t", 1)), int(cfg.get("patch_size", 2)),
                       int(cfg.get("patch_size", 2)))
+    elif family == "hunyuan15":
+        pt, ph, pw = (int(cfg.get("patch_size_t", 1)), int(cfg.get("patch_size", 1)),
+                      int(cfg.get("patch_size", 1)))
     elif family == "cogvideox":
         pt, ph = int(cfg.get("patch_size_t") or 1), int(cfg.get("patch_size", 2))
         pw, t = ph, t + (-t) % pt  # CogVideoX 1.5 pads the frames to the temporal patch
@@ -310,6 +314,20 @@ class HunyuanVideoContextParallelAttnProcessor(_UlyssesProcessor):
         return image_out, text_out
 
 
+class HunyuanVideo15ContextParallelAttnProcessor(HunyuanVideoContextParallelAttnProcessor):
+    """HunyuanVideo 1.5's dual-stream joint attention over [video; text]: ``HunyuanVideo15AttnProcessor2_0``
+    gets the text mask (B, L), pads it with True for the video tokens and attends with the query-and-key
+    mask m_i & m_j (padded text tokens neither attend nor are attended to).  Here the same mask is built for
+    the whole clip (the rank's tokens × the group size), then the dual-stream path above runs."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        tokens = hidden_states.shape[1] * dist.get_world_size(self.group)
+        keep = torch.nn.functional.pad(attention_mask.bool(), (tokens, 0), value=True)  # (B, tokens + L)
+        mask = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, S, S)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+
+
 class CogVideoXContextParallelAttnProcessor(_UlyssesProcessor):
     """CogVideoX's joint attention over [text; video] with shared projections; RoPE (5B, 1.5) on the
     video tokens after the all-to-all."""
@@ -342,6 +360,7 @@ class CogVideoXContextParallelAttnProcessor(_UlyssesProcessor):
 
 
 _PROCESSORS = {"wan": WanContextParallelAttnProcessor, "hunyuan": HunyuanVideoContextParallelAttnProcessor,
+               "hunyuan15": HunyuanVideo15ContextParallelAttnProcessor,
                "cogvideox": CogVideoXContextParallelAttnProcessor}
 
 
@@ -371,7 +390,7 @@ def _blocks(model: nn.Module, family: str) -> list[nn.Module]:
 def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
     """The attention modules whose processor does the all-to-all (Wan: self-attention only; HunyuanVideo:
     the dual- and single-stream blocks' joint attention, not the text-only token refiner)."""
-    if family == "hunyuan":
+    if family in ("hunyuan", "hunyuan15"):
         return [block.attn for block in _blocks(model, family)]
     return [block.attn1 for block in _blocks(model, family)]
 
@@ -441,7 +460,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], group) -> None:
 def enable_context_parallel(model: nn.Module, family: Any = None, group=None) -> ContextParallel:
     """Split the video tokens of every diffusers transformer inside ``model`` over ``group`` (a process
     group or a 1-D DeviceMesh; None: the default group).  ``family`` ('wan' | 'toy' | 'hunyuan' |
-    'cogvideox', or a backbone with a ``family``) is checked against the transformer's class.
+    'hunyuan15' | 'cogvideox', or a backbone with a ``family``) is checked against the transformer's class.
 
     Installs the Ulysses attention processors, a pre-hook on the first block that keeps the rank's
     slice of the tokens and a hook on the last block that gathers them; the call signature and the

@@ -35,9 +35,11 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 EXPECTED_CLASSES = {
     "wan": {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan"},
     "hunyuan": {"transformer": "HunyuanVideoTransformer3DModel", "vae": "AutoencoderKLHunyuanVideo"},
+    "hunyuan15": {"transformer": "HunyuanVideo15Transformer3DModel", "vae": "AutoencoderKLHunyuanVideo15",
+                  "guider": "ClassifierFreeGuidance"},
     "cogvideox": {"transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX"},
 }
-TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "scheduler")  # no weights, not models
+TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "scheduler", "guider")  # no weights, not models
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,12 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from dcm.backbones.hunyuan15 import TRANSFORMER_CONFIGS as _HY15_CONFIGS
 from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
 from dcm.config import ConfigError, accumulation
 from dcm.parallel.context import allowed_degrees, check_context_parallel, enable_context_parallel
@@ -102,6 +103,10 @@ SHARD_KEY = "training.parallel.shard_group_size"
 #  CogVideoX: diffusers' scripts/convert_cogvideox_to_diffusers.py ("For CogVideoX-2B, num_layers is 30.
 #    For 5B, it is 42"; heads 30 / 48; RoPE off for 2B, on for 5B) over the class defaults (head dim 64,
 #    time_embed_dim 512, text 4096 (T5-XXL), max_text_seq_length 226, sample 49 × 60 × 90, patch 2).
+#  HunyuanVideo 1.5 8.3B (T2V): diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py,
+#    TRANSFORMER_CONFIGS["480p_t2v"] (dcm.backbones.hunyuan15): 16 heads × 128, 54 dual-stream blocks,
+#    patch 1, 65 input channels (32 latent + 32 condition + 1 mask), text 3584 (Qwen2.5-VL-7B) + 1472
+#    (ByT5), image 1152.
 CONFIGS: dict[tuple[str, str], dict] = {
     ("wan", "1.3B"): dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
                           in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
@@ -127,15 +132,23 @@ CONFIGS: dict[tuple[str, str], dict] = {
     # Wan 2.2 TI2V-5B and its tiny CPU form: dcm.backbones.wan.TRANSFORMER_CONFIGS (sources cited there)
     ("wan", "ti2v-5B"): WAN_CONFIGS["ti2v-5B"],
     ("wan", "ti2v-tiny"): WAN_CONFIGS["ti2v-tiny"],
+    ("hunyuan15", "8.3B"): dict(_HY15_CONFIGS["8.3B"]),
 }
 #  Wan 2.2 T2V A14B: two experts of Wan 2.1 14B's configuration (the Wan2.2 repo, wan/configs/wan_t2v_A14B.py:
 #    dim 5120, ffn_dim 13824, num_heads 40, num_layers 40; high_noise_model and low_noise_model).
 CONFIGS[("wan", "A14B")] = CONFIGS[("wan", "14B")]
 VARIANTS = {"wan": ("1.3B", "14B", "A14B", "ti2v-5B", "ti2v-tiny"), "hunyuan": ("13B",),
-            "cogvideox": ("2B", "5B")}
+            "hunyuan15": ("8.3B",), "cogvideox": ("2B", "5B")}
 # the teacher's transformers (each of the variant's config); one of them runs per forward
 EXPERTS = {("wan", "A14B"): 2}
-DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "cogvideox": "2B"}
+DEFAULT_VARIANT = {"wan": "1.3B", "hunyuan": "13B", "hunyuan15": "8.3B", "cogvideox": "2B"}
+# (latent channels, spatial compression) of the family's VAE (time is ÷4 for all of them), where a variant's
+# own VAE config (PIPELINE_EXTRAS) does not say
+LATENT = {"hunyuan15": (32, 16)}
+DEFAULT_LATENT = (16, 8)
+# HunyuanVideo 1.5's other text streams beside the Qwen2.5-VL tokens: ByT5's 256 glyph tokens and the T2V
+# call's 729 zero image tokens (HunyuanVideo15Pipeline.tokenizer_2_max_length, vision_num_semantic_tokens)
+HY15_GLYPH_TOKENS, HY15_IMAGE_TOKENS = 256, 729
 # the Wan 2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json, as diffusers'
 # scripts/convert_wan_to_diffusers.py writes it: z_dim 48, residual, patchified by 2 into 12 channels, 16×
 # spatial compression); its latents_mean / latents_std do not change sizes and are left at the defaults
@@ -152,6 +165,7 @@ VARIANT_PRESET = {("wan", "ti2v-5B"): "wan22_ti2v", ("wan", "ti2v-tiny"): "wan22
 # what DetE copies and where the LoRA goes (dcm.backbones.<family>: timestep_layer_names, lora_target_modules)
 TIMESTEP_LAYERS = {"wan": ("condition_embedder", "norm_out", "proj_out"),
                    "hunyuan": ("time_text_embed", "norm_out", "proj_out"),
+                   "hunyuan15": ("time_embed", "norm_out", "proj_out"),
                    "cogvideox": ("time_embedding", "norm_out", "proj_out")}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ROLES = ("seme", "dete", "teacher")  # what trains in a forward: every weight, DetE's adapters, nothing
@@ -163,6 +177,7 @@ def transformer_class(family: str):
     import diffusers
 
     return {"wan": diffusers.WanTransformer3DModel, "hunyuan": diffusers.HunyuanVideoTransformer3DModel,
+            "hunyuan15": diffusers.HunyuanVideo15Transformer3DModel,
             "cogvideox": diffusers.CogVideoXTransformer3DModel}[family]
 
 
@@ -171,6 +186,7 @@ def vae_class(family: str):
     import diffusers
 
     return {"wan": diffusers.AutoencoderKLWan, "hunyuan": diffusers.AutoencoderKLHunyuanVideo,
+            "hunyuan15": diffusers.AutoencoderKLHunyuanVideo15,
             "cogvideox": diffusers.AutoencoderKLCogVideoX}[family]
 
 
@@ -245,13 +261,17 @@ def raw_workload(raw: dict, family: str, cfg: dict, variant: str, dcm: str = "dc
     ``cfg`` (named ``variant``): DetE's settings from the row ``dcm``, DMD2's from the row ``dmd2``;
     ``vae_config`` and ``per_token_timestep`` as ``PIPELINE_EXTRAS`` gives them."""
     real = raw["backbone"]["real"]
-    # the VAEs: ÷4 in time, ÷8 in space (Wan 2.2's: z_dim 48, ÷16 in space)
+    # the VAEs: ÷4 in time, ÷8 in space (a variant's own VAE config where it has one, Wan 2.2's: z_dim 48,
+    # ÷16; HunyuanVideo 1.5: 32 channels, ÷16)
     vae = vae_config or {}
-    channels, spatial = vae.get("z_dim", 16), vae.get("scale_factor_spatial", 8)
+    channels, spatial = LATENT.get(family, DEFAULT_LATENT)
+    channels, spatial = vae.get("z_dim", channels), vae.get("scale_factor_spatial", spatial)
     temporal = vae.get("scale_factor_temporal", 4)
     latent = (channels, (real["frames"] - 1) // temporal + 1, real["height"] // spatial,
               real["width"] // spatial)
-    text = cfg["max_text_seq_length"] if family == "cogvideox" else (real.get("max_sequence_length") or 256)
+    default_text = 1000 if family == "hunyuan15" else 256  # the pipelines' max_sequence_length defaults
+    text = (cfg["max_text_seq_length"] if family == "cogvideox"
+            else (real.get("max_sequence_length") or default_text))
     dete = (raw["methods"].get(dcm) or {}).get("dete") or {}
     dmd2_row = (raw["methods"].get(dmd2) or {}).get("dmd2") or {}
     trajectories = raw["trajectories"]
@@ -287,7 +307,37 @@ def fake_world(size: int):
 
 def build(work: Workload, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):
-        return transformer_class(work.family)(**work.config).to(dtype)
+        model = transformer_class(work.family)(**work.config).to(dtype)
+    if work.family == "hunyuan15":
+        model.forward = MethodType(_hunyuan15_meta_forward, model)
+    return model
+
+
+def _hunyuan15_meta_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                            encoder_hidden_states_2=None, encoder_attention_mask_2=None, image_embeds=None,
+                            return_dict=False, **_):
+    """``HunyuanVideo15Transformer3DModel.forward`` with shapes only, for the meta device: its T2V test
+    (``torch.all(image_embeds == 0)``) and its per-sample reorder of the text tokens (valid ones first, by
+    boolean masks) need values.  Here the three text streams are concatenated in place (image, ByT5, Qwen,
+    each with its condition-type embedding): tensors of the sizes the real forward makes; then the same
+    blocks, output head and unpatchify."""
+    b, _, t, h, w = hidden_states.shape
+    pt, p = self.config.patch_size_t, self.config.patch_size
+    rotary = self.rope(hidden_states)
+    temb = self.time_embed(timestep)
+    x = self.x_embedder(hidden_states)
+    streams = [self.image_embedder(image_embeds), self.context_embedder_2(encoder_hidden_states_2),
+               self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)]
+    kinds = [torch.full(s.shape[:2], k, dtype=torch.long, device=s.device)
+             for k, s in zip((2, 1, 0), streams)]
+    context = torch.cat([s + self.cond_type_embed(k) for s, k in zip(streams, kinds)], dim=1)
+    mask = torch.cat([torch.zeros(b, image_embeds.shape[1], dtype=torch.bool, device=x.device),
+                      encoder_attention_mask_2.bool(), encoder_attention_mask.bool()], dim=1)
+    for block in self.transformer_blocks:
+        x, context = block(x, context, temb, mask, rotary)
+    x = self.proj_out(self.norm_out(x, temb))
+    x = x.reshape(b, t // pt, h // p, w // p, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return (x.reshape(b, x.shape[1], t, h, w),)
 
 
 def make_dete_meta(seme, work: Workload):
@@ -365,18 +415,21 @@ def fsdp_working_set(block: tuple[int, int], compute_bytes: int) -> int:
 # ----------------------------------------------------------------------------- activations on meta
 
 class _FusedAttention(torch.autograd.Function):
-    """Shape-only SDPA that saves what a fused kernel saves: q, k, v, out and the log-sum-exp."""
+    """Shape-only SDPA that saves what a fused kernel saves: q, k, v, out and the log-sum-exp, and an
+    attention mask as the additive bias in q's dtype that the masked kernels keep for backward (HunyuanVideo
+    1.5's (B, 1, S, S) query-and-key mask is quadratic in the tokens)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, bias=None):
         out = torch.empty_like(q)
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        saved = (q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        ctx.save_for_backward(*saved, *(() if bias is None else (bias,)))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
 @contextlib.contextmanager
@@ -388,7 +441,8 @@ def fused_attention_accounting():
         if query.device.type != "meta":
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
-        return _FusedAttention.apply(query, key, value)
+        bias = None if attn_mask is None else attn_mask.new_empty(attn_mask.shape, dtype=query.dtype)
+        return _FusedAttention.apply(query, key, value, bias)
 
     functional.scaled_dot_product_attention = sdpa
     try:
@@ -412,6 +466,17 @@ def model_inputs(work: Workload, dtype: torch.dtype, device="meta", generator: t
     if work.family == "wan":
         return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_dim"]))
+    if work.family == "hunyuan15":  # the T2V input: latents + zero condition latents + zero mask channel
+        mask = torch.ones(b, work.text_tokens, dtype=torch.long, device=device)
+        # the timestep in the compute dtype, as the pipeline passes it (t.expand(B).to(latents.dtype))
+        return dict(hidden_states=randn(b, cfg["in_channels"], t, h, w), timestep=timestep.to(dtype),
+                    encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
+                    encoder_attention_mask=mask,
+                    encoder_hidden_states_2=randn(b, HY15_GLYPH_TOKENS, cfg["text_embed_2_dim"]),
+                    encoder_attention_mask_2=torch.ones(b, HY15_GLYPH_TOKENS, dtype=torch.long,
+                                                        device=device),
+                    image_embeds=torch.zeros(b, HY15_IMAGE_TOKENS, cfg["image_embed_dim"], dtype=dtype,
+                                             device=device))  # T2V: zero image tokens
     if work.family == "hunyuan":
         return dict(hidden_states=randn(b, c, t, h, w), timestep=timestep,
                     encoder_hidden_states=randn(b, work.text_tokens, cfg["text_embed_dim"]),
@@ -869,8 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, choices=sorted(VARIANTS))
     ap.add_argument("--params", default="params.yaml",
                     help="experiment file the preset overlays (default: params.yaml)")
-    ap.add_argument("--variant", help="1.3B|14B|ti2v-5B (wan; ti2v-5B at the wan22_ti2v preset), 13B "
-                                      "(hunyuan), 2B|5B (cogvideox)")
+    ap.add_argument("--variant", help="1.3B|14B|A14B|ti2v-5B (wan; ti2v-5B at the wan22_ti2v preset), 13B "
+                                      "(hunyuan), 8.3B (hunyuan15), 2B|5B (cogvideox)")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GiB per GPU (an A100-80GB: 80)")
     ap.add_argument("--context-parallel", type=int, default=1)

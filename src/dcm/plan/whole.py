@@ -90,8 +90,9 @@ VBENCH_SUITE_PROMPTS = 946
 VBENCH_SUITE_VIDEOS = 5
 # the released text encoders, parameters: Wan 2.1's umT5-XXL encoder (its 11.4 GB bf16 checkpoint);
 # HunyuanVideo's LLaVA-Llama-3-8B language model without its head (7.5 B) + CLIP-L's text tower (0.12 B);
-# CogVideoX's T5-v1.1-XXL encoder
-TEXT_ENCODER_PARAMS = {"wan": 5.7e9, "hunyuan": 7.62e9, "cogvideox": 4.76e9}
+# CogVideoX's T5-v1.1-XXL encoder; HunyuanVideo 1.5's Qwen2.5-VL-7B language model without its head and
+# vision tower (7.07 B: 28 layers of Qwen2.5-7B + its 152k × 3584 embedding) + ByT5-small's encoder (0.22 B)
+TEXT_ENCODER_PARAMS = {"wan": 5.7e9, "hunyuan": 7.62e9, "hunyuan15": 7.29e9, "cogvideox": 4.76e9}
 INFERENCE_WEIGHT_BYTES = 4  # dcm.backbones.real loads the transformer in fp32; autocast computes in bf16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NOT_PLANNED = ("mcm_setting",)  # the shapes world's own pipeline (the mcm preset), never a real family's

@@ -2,7 +2,7 @@
 
 The folder is a saved backbone (``backbone.save``: transformer/, prompt_encoder/, backbone.json)
 plus ``training.json`` (steps, final loss, wall time, loss curve); ``load_teacher(params,
-"models/teacher")`` reads it back.  A real family (wan, hunyuan, cogvideox) does not train: the
+"models/teacher")`` reads it back.  A real family (wan, hunyuan, hunyuan15, cogvideox) does not train: the
 folder at ``backbone.path`` is checked and recorded (backbone.json with its absolute path and a
 digest of its config files; ``record_teacher``); the ``preprocess`` stage then encodes the prompts.
 """
