@@ -471,10 +471,13 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
 
 
-def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated: Observations,
-              real: RealSets, weights: np.ndarray, present: list[str]) -> dict:
-    """Coverage of ``attribute`` over ``rows`` (those leaving it open); ``weights``: (n, prompts) bootstrap
-    draws of the prompts in ``present`` (row 0: the sample itself)."""
+def coverage_draws(attribute: str, rows: list[int], prompts: Sequence[str], generated: Observations,
+                   real: RealSets, weights: np.ndarray, present: list[str]) -> dict[str, np.ndarray]:
+    """The draws ``_coverage`` summarises, one per row of ``weights`` ((n, prompts) bootstrap weights of the
+    prompts in ``present``, row 0 the sample itself): ``tv`` and ``tv_floor`` (the generated and the floor
+    set's distance to the reference), ``repeat`` and ``repeat_floor``, and the pooled ``detected`` and
+    ``real`` distributions.  Two samplers scored with the same ``weights`` give paired draws
+    (``benchmarks/world_decision.py``)."""
     values = list(shapes.VOCABULARY[attribute])
     k = len(values)
     by_prompt = {p: [i for i in rows if prompts[i] == p] for p in present}
@@ -487,7 +490,6 @@ def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated
                                         attribute, values) for p in present])
     n_rows = gen.sum(axis=1)  # rows per prompt (the floor set has as many)
     reference = reference / reference.sum(axis=1, keepdims=True) * n_rows[:, None]  # weighted like the rows
-    uniform = np.append(np.full(k, 1 / k), 0.0)
 
     def pooled(counts: np.ndarray) -> np.ndarray:  # (n, K + 1) distributions of every draw
         return (weights @ counts) / (weights @ n_rows)[:, None]
@@ -497,8 +499,21 @@ def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated
         return _ratio(weights @ agree, weights @ (n_rows * (n_rows - 1) / 2))
 
     ref_dist = pooled(reference)
-    tv, tv_floor = _tv(pooled(gen), ref_dist), _tv(pooled(floor), ref_dist)
-    rep, rep_floor = repeat(gen), repeat(floor)
+    gen_dist = pooled(gen)
+    return {"tv": _tv(gen_dist, ref_dist), "tv_floor": _tv(pooled(floor), ref_dist), "repeat": repeat(gen),
+            "repeat_floor": repeat(floor), "detected": gen_dist, "floor": pooled(floor), "real": ref_dist,
+            "rows_per_prompt": n_rows}
+
+
+def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated: Observations,
+              real: RealSets, weights: np.ndarray, present: list[str]) -> dict:
+    """Coverage of ``attribute`` over ``rows`` (those leaving it open); ``weights``: (n, prompts) bootstrap
+    draws of the prompts in ``present`` (row 0: the sample itself)."""
+    values = list(shapes.VOCABULARY[attribute])
+    k = len(values)
+    d = coverage_draws(attribute, rows, prompts, generated, real, weights, present)
+    tv, tv_floor, rep, rep_floor = d["tv"], d["tv_floor"], d["repeat"], d["repeat_floor"]
+    uniform = np.append(np.full(k, 1 / k), 0.0)
     names = [*values, NONE_VALUE]
     out = {
         "rows": len(rows), "prompts": len(present),
@@ -507,10 +522,10 @@ def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated
         "tv_real_floor_ci95": recentred_ci(tv_floor[0], tv_floor[1:], low=0.0),
         "tv_excess": float(tv[0] - tv_floor[0]),
         "tv_excess_ci95": recentred_ci(tv[0] - tv_floor[0], tv[1:] - tv_floor[1:]),
-        "tv_uniform": float(_tv(pooled(gen)[0], uniform)),
-        "tv_uniform_real_floor": float(_tv(pooled(floor)[0], uniform)),
-        "detected": dict(zip(names, pooled(gen)[0].round(6).tolist(), strict=True)),
-        "real": dict(zip(names, ref_dist[0].round(6).tolist(), strict=True)),
+        "tv_uniform": float(_tv(d["detected"][0], uniform)),
+        "tv_uniform_real_floor": float(_tv(d["floor"][0], uniform)),
+        "detected": dict(zip(names, d["detected"][0].round(6).tolist(), strict=True)),
+        "real": dict(zip(names, d["real"][0].round(6).tolist(), strict=True)),
         "repeat": None, "repeat_ci95": None, "repeat_real_floor": None, "repeat_excess": None,
         "repeat_excess_ci95": None, "repeat_uniform": 1 / k,
     }
@@ -522,6 +537,16 @@ def _coverage(attribute: str, rows: list[int], prompts: Sequence[str], generated
             "repeat_excess_ci95": recentred_ci(rep[0] - rep_floor[0], (rep - rep_floor)[1:][ok]),
         })
     return out
+
+
+def prompt_weights(prompts: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n + 1, prompts) bootstrap weights: row 0 the sample itself, then ``n`` resamples of the prompts
+    (how often each is drawn), the ``weights`` of ``coverage_draws``."""
+    draws = rng.integers(0, prompts, (n, prompts))
+    weights = np.zeros((n + 1, prompts))
+    weights[0] = 1.0
+    np.add.at(weights, (1 + np.arange(n)[:, None], draws), 1.0)
+    return weights
 
 
 def open_world_metrics(prompts: Sequence[str], generated: Observations, real: RealSets, n: int = 1000,
@@ -556,10 +581,7 @@ def open_world_metrics(prompts: Sequence[str], generated: Observations, real: Re
         if not rows:
             continue
         present = list(dict.fromkeys(prompts[i] for i in rows))
-        draws = rng.integers(0, len(present), (n, len(present)))
-        weights = np.zeros((n + 1, len(present)))
-        weights[0] = 1.0
-        np.add.at(weights, (1 + np.arange(n)[:, None], draws), 1.0)
+        weights = prompt_weights(len(present), n, rng)
         coverage[attribute] = _coverage(attribute, rows, prompts, generated, real, weights, present)
     open_rows = sum(bool(s) for s in open_sets)
     note = (f"coverage over the {open_rows} rows whose prompt leaves an attribute open" if open_rows else
