@@ -163,7 +163,8 @@ def worker(out_path: str) -> None:
         family, model, inputs, to_bcthw = make_case(name)
         reference = copy.deepcopy(model)
         shape = inputs["hidden_states"].shape
-        target = torch.randn(shape[0], shape[2] if family == "cogvideox" else shape[1], 8, 8, 8,
+        # the output's channels (HunyuanVideo 1.5 takes 2C + 1 in: its condition latents and mask)
+        target = torch.randn(shape[0], model.config.out_channels, 8, 8, 8,
                              generator=torch.Generator().manual_seed(2))
         ref_out, _, ref_tc = run_and_backward(reference, inputs, to_bcthw, target)
 

@@ -2,7 +2,7 @@
 
 Two modules route this way: Wan 2.2 A14B's own experts (``BoundaryExperts``: the high-noise
 ``transformer`` for t ≥ the boundary, the low-noise ``transformer_2`` below it, ``WanPipeline.__call__``'s
-rule) and DCM's SemE/DetE (``dcm.distill.experts.DualExpert``).  Both route *per sample* and reassemble
+rule) and DCM's SemE/DetE (the distillation layer's ``DualExpert``).  Both route *per sample* and reassemble
 the outputs in batch order, so a batch that mixes noise levels (the consistency loop's draws) runs each
 sample through the right expert; the pipeline switches the whole batch on its one timestep, which is the
 same thing for its batches.

@@ -102,7 +102,7 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
         ratio = pipe.config.get("boundary_ratio") if hasattr(pipe, "config") else None
         low = getattr(pipe, "transformer_2", None)
         # the low-noise expert's CFG scale: WanPipeline's guidance_scale_2, defaulting to guidance_scale
-        scale_2 = settings.guidance_scale_2
+        scale_2 = getattr(settings, "guidance_scale_2", None)
         self.guidance_scale_2 = self.guidance_scale if scale_2 is None else float(scale_2)
         self.boundary_ratio = None if ratio is None else float(ratio)
         if low is not None and self.transformer is not None:
