@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -286,19 +287,28 @@ def test_dvc_repro_runs_the_smoke_dag_and_reruns_only_what_a_change_touches(dvc_
             assert (tmp_path / path).exists(), (path, first_stdout[-2000:])
     again = _dvc(tmp_path, "repro", "report")
     assert "Running stage" not in again.stdout
-    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    raw["methods"]["lcm"]["lr"] = 2.0e-4
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    changed = _dvc(tmp_path, "repro", "report")
-    ran = set(re.findall(r"Running stage '([^']+)'", changed.stdout))
-    assert ran == {"train_baseline@lcm", "sample@lcm", "evaluate@lcm", "report"}
-    # a DetE setting: SemE (params methods.dcm.seme only) stays, DetE and what samples from it re-run
-    raw["methods"]["dcm"]["dete"]["lr"] = 1.0e-4
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(tmp_path, "repro", "report").stdout))
-    assert "train_dete@dcm" in ran and "train_seme@dcm" not in ran, ran
-    assert ran <= {"train_dete@dcm", "sample@dcm", "sample@dcm8", "evaluate@dcm", "evaluate@dcm8",
-                   "report"}, ran
+    # what a change touches, read from `dvc status` (the stages whose own dependencies changed; the re-run
+    # itself is shown once, by the κ experiment below): an LCM setting touches LCM's runs only, a DetE setting
+    # DetE and what samples from it, never SemE
+    original = (tmp_path / "params.yaml").read_text()
+    raw = yaml.safe_load(original)
+    lcm_runs = {"train_baseline@lcm", "sample@lcm", "evaluate@lcm", "report"}
+    dete_runs = {"train_dete@dcm", "sample@dcm", "sample@dcm8", "evaluate@dcm", "evaluate@dcm8", "report"}
+    for key, value, allowed, never in ((("lcm", "lr"), 2.0e-4, lcm_runs,
+                                        {"train_baseline@pcm", "train_seme@dcm"}),
+                                       (("dcm", "dete", "lr"), 1.0e-4, dete_runs,
+                                        {"train_seme@dcm", "train_baseline@lcm"})):
+        changed = copy.deepcopy(raw)
+        section = changed["methods"]
+        for part in key[:-1]:
+            section = section[part]
+        section[key[-1]] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+        stale = set(json.loads(_dvc(tmp_path, "status", "--json").stdout))
+        assert f"train_{'dete' if key[0] == 'dcm' else 'baseline'}@{key[0]}" in stale, (key, stale)
+        assert stale <= allowed and not stale & never, (key, stale)
+        (tmp_path / "params.yaml").write_text(original)
+    assert json.loads(_dvc(tmp_path, "status", "--json").stdout) == {}
 
     # an experiment with another κ: only the expert split and what follows it re-run
     subprocess.run(["git", "-c", "user.name=dcm-test", "-c", "user.email=test@localhost", "add", "-A"],

@@ -102,18 +102,22 @@ def preset_params(preset: str, folder: Path, **overrides) -> config.Params:
 
 @pytest.fixture(scope="module")
 def preset_plans(tmp_path_factory) -> dict:
-    """family → (params, runs, plans, planner) on slurm/resources-<family>.yaml."""
+    """family → (params, runs, plans, planner) on slurm/resources-<family>.yaml: every run of the wan preset's
+    DAG, the training runs of the hunyuan preset's (its 720p teacher-50 sample plan alone costs about a minute
+    of meta VAE decoding on 2 cores, and the plan code is the family-agnostic one the wan DAG runs)."""
     out = {}
     for family in ("wan", "hunyuan"):
         params = preset_params(family, tmp_path_factory.mktemp(family))
         runs = launch.stage_runs(params, REPO / "slurm" / f"resources-{family}.yaml")
+        if family == "hunyuan":
+            runs = [r for r in runs if r.stage.startswith("train")]
         planner = whole.Planner(params)
         out[family] = (params, runs, [planner.plan(r) for r in runs], planner)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+@pytest.mark.parametrize("family", ["wan"])
 def test_the_plan_lists_every_run_of_the_default_dag_with_gpu_hours(preset_plans, family):
     params, runs, plans, _ = preset_plans[family]
     assert [p.label for p in plans] == [f"{s.name}[{m}]" if m else s.name for s, m in dag.runs(params)]
