@@ -102,6 +102,11 @@ def test_launch_returns_nonzero_when_the_stage_fails(cluster_project, capsys):
     assert "prepare" in capsys.readouterr().err
 
 
+# the executor plugin waits 40 s before its first squeue and 10 s between them (a busy cluster's pace); the
+# one-node test cluster answers at once
+FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1")
+
+
 @pytest.mark.slow
 @needs_cluster
 def test_snakemake_slurm_profile_runs_prepare_then_teacher(cluster_project):
@@ -112,7 +117,7 @@ def test_snakemake_slurm_profile_runs_prepare_then_teacher(cluster_project):
     raw["launcher"] = "local"
     Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "--default-resources",
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", *FAST_POLLING, "--default-resources",
          "slurm_partition=gpu", "gres=none", "mem_mb=2048", "cpus_per_task=1", "--", "models/teacher"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
         env={**os.environ, "DCM_TRACKING": "off"})
@@ -330,7 +335,7 @@ def test_snakemake_slurm_profile_trains_seme_as_a_two_task_fsdp2_job(cluster_pro
     raw["launcher"] = "local"  # the rule calls `dcm run` inside its own SLURM job (no nested submission)
     Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "--default-resources",
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", *FAST_POLLING, "--default-resources",
          "slurm_partition=gpu", "gres=none", "mem_mb=2048", "cpus_per_task=1", "--allowed-rules",
          "train_seme", "--", "checkpoints/dcm/seme"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
