@@ -137,7 +137,14 @@ def tiny_tokenizer(max_length: int = 512):
                                    eos_token="</s>", model_max_length=max_length)
 
 
-def build_wan(folder: Path) -> None:
+TINY_WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                    temperal_downsample=[False, True, True])
+
+
+def save_tiny_wan(folder: Path, vae: dict, transformers: tuple[str, ...], shift: float, **pipeline) -> None:
+    """A tiny WanPipeline saved by ``save_pretrained``: the tiny tokenizer and UMT5 encoder, an
+    ``AutoencoderKLWan(**vae)``, one ``WanTransformer3DModel`` per name of ``transformers`` (wan.py's
+    TRANSFORMER_CONFIGS; the second is ``transformer_2``), built in that order from the current seed."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -151,66 +158,34 @@ def build_wan(folder: Path) -> None:
     tokenizer = tiny_tokenizer()
     encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
                                           num_layers=1, num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=WanTransformer3DModel(**WAN_CONFIGS["tiny"]))
-    pipe.save_pretrained(folder)
+    autoencoder = AutoencoderKLWan(**vae)
+    models = [WanTransformer3DModel(**WAN_CONFIGS[name]) for name in transformers]
+    experts = dict(zip(("transformer", "transformer_2"), models))
+    WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=autoencoder,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), **experts, **pipeline
+                ).save_pretrained(folder)
+
+
+def build_wan(folder: Path) -> None:
+    save_tiny_wan(folder, TINY_WAN_VAE, ("tiny",), shift=3.0)
 
 
 def build_wan22_a14b(folder: Path, boundary_ratio: float = 0.875) -> None:
     """Wan 2.2 A14B's layout at tiny size: a WanPipeline with two transformers of the same configuration
     (high noise ``transformer``, low noise ``transformer_2``, different random weights) and
     ``boundary_ratio`` in its model_index.json."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
-
-    tokenizer = tiny_tokenizer()
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
-                                          num_layers=1, num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    high = WanTransformer3DModel(**WAN_CONFIGS["tiny"])
-    low = WanTransformer3DModel(**WAN_CONFIGS["tiny"])
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=12.0), transformer=high,
-                       transformer_2=low, boundary_ratio=boundary_ratio)
-    pipe.save_pretrained(folder)
+    save_tiny_wan(folder, TINY_WAN_VAE, ("tiny", "tiny"), shift=12.0, boundary_ratio=boundary_ratio)
 
 
 def build_wan22_ti2v(folder: Path) -> None:
     """A tiny Wan 2.2 TI2V pipeline: ``expand_timesteps`` on, the Wan 2.2 VAE's form (z_dim 48, residual,
     patch size 2, 16× spatial compression) with its own per-channel latents_mean / latents_std."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from dcm.backbones.wan import TRANSFORMER_CONFIGS as WAN_CONFIGS
-
-    tokenizer = tiny_tokenizer()
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
-                                          num_layers=1, num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
-                           in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                           temperal_downsample=[False, True, True],
-                           latents_mean=torch.linspace(-0.3, 0.3, 48).tolist(),
-                           latents_std=torch.linspace(0.5, 2.0, 48).tolist())
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-                       transformer=WanTransformer3DModel(**WAN_CONFIGS["ti2v-tiny"]), expand_timesteps=True)
-    pipe.save_pretrained(folder)
+    vae = dict(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+               in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+               temperal_downsample=[False, True, True],
+               latents_mean=torch.linspace(-0.3, 0.3, 48).tolist(),
+               latents_std=torch.linspace(0.5, 2.0, 48).tolist())
+    save_tiny_wan(folder, vae, ("ti2v-tiny",), shift=5.0, expand_timesteps=True)
 
 
 def build_hunyuan(folder: Path) -> None:

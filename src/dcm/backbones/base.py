@@ -256,14 +256,20 @@ class Backbone(ABC):
             for h in handles:
                 h.remove()
 
+    def guidance_scales(self, sigma: torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+        """The teacher's own guidance scale at these samples: ``guidance_scale`` (a two-expert teacher: each
+        sample's expert's, a tensor broadcasting over x)."""
+        return self.guidance_scale
+
     def guided_velocity(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
                         uncond: PromptEmbeds | None, scale: float | None = None) -> torch.Tensor:
-        """Teacher velocity with guidance: CFG v_u + w·(v_c − v_u) in one batched forward, or embedded."""
-        w = self.guidance_scale if scale is None else scale
+        """Teacher velocity with guidance: CFG v_u + w·(v_c − v_u) in one batched forward, or embedded; w is
+        ``scale``, else the teacher's own (``guidance_scales``)."""
+        w = self.guidance_scales(sigma, x) if scale is None else scale
         if self.guidance_mode == "embedded":
             g = torch.full((x.shape[0],), float(w), device=x.device)
             return self.forward(model, x, sigma, cond, guidance=g)
-        if uncond is None or w == 1.0:
+        if uncond is None or (not torch.is_tensor(w) and w == 1.0):
             return self.forward(model, x, sigma, cond)
         v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]),
                          PromptEmbeds.cat([uncond, cond]))

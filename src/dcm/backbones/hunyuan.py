@@ -49,7 +49,34 @@ def embedded_guidance(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.bfloat16) * GUIDANCE_SCALE_FACTOR
 
 
-class HunyuanBackbone(PipelineBackbone):
+class HunyuanVideoParts:
+    """What HunyuanVideo and HunyuanVideo 1.5 share: the VAE's latent grid (``temporal_compression_ratio``,
+    ``spatial_compression_ratio``, ``latent_channels``), tokens holding (C, p_t, p, p), and the output head
+    ``proj_out(norm_out(h, temb))`` (``norm_out``: an AdaLayerNormContinuous, temb its second input)."""
+
+    default_spatial_compression = 8  # the VAE's, when the folder is recorded without its VAE
+
+    def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        cfg = self.vae.config if self.vae is not None else None
+        temporal = cfg.temporal_compression_ratio if cfg else 4
+        spatial = cfg.spatial_compression_ratio if cfg else self.default_spatial_compression
+        channels = cfg.latent_channels if cfg else self.transformer.config.out_channels
+        return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+    def token_patch(self, model: nn.Module) -> tuple[int, int, int]:
+        cfg = unwrap(model).config
+        return (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
+
+    def watch_head_condition(self, model: nn.Module, store):
+        return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, args: store(args[1]))
+
+    def output_head(self, model: nn.Module, hidden: torch.Tensor,
+                    head_condition: torch.Tensor) -> torch.Tensor:
+        m = unwrap(model)
+        return m.proj_out(m.norm_out(hidden, head_condition))
+
+
+class HunyuanBackbone(HunyuanVideoParts, PipelineBackbone):
     family = "hunyuan"
     guidance_mode = "embedded"
     timestep_layer_names = ("time_text_embed", "norm_out", "proj_out")
@@ -64,29 +91,9 @@ class HunyuanBackbone(PipelineBackbone):
                                                        max_sequence_length=self.max_sequence_length)
         return PromptEmbeds(hidden, {"attention_mask": mask, "pooled": pooled})
 
-    # --- video
-    def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        cfg = self.vae.config if self.vae is not None else None
-        temporal = cfg.temporal_compression_ratio if cfg else 4
-        spatial = cfg.spatial_compression_ratio if cfg else 8
-        channels = cfg.latent_channels if cfg else self.transformer.config.in_channels
-        return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
-
     # --- network
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return unwrap(model).single_transformer_blocks
-
-    def token_patch(self, model: nn.Module) -> tuple[int, int, int]:
-        cfg = unwrap(model).config
-        return (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
-
-    def watch_head_condition(self, model: nn.Module, store):
-        return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, args: store(args[1]))
-
-    def output_head(self, model: nn.Module, hidden: torch.Tensor,
-                    head_condition: torch.Tensor) -> torch.Tensor:
-        m = unwrap(model)
-        return m.proj_out(m.norm_out(hidden, head_condition))
 
     def forward(self, model, x, sigma, cond, guidance=None):
         batch = x.shape[0]

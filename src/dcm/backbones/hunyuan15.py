@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from dcm.backbones.base import PromptEmbeds, unwrap
+from dcm.backbones.hunyuan import HunyuanVideoParts
 from dcm.backbones.real import PipelineBackbone
 from dcm.config import ConfigError
 
@@ -63,8 +64,9 @@ TRANSFORMER_CONFIGS = {
 VISION_TOKENS = 729  # HunyuanVideo15Pipeline.vision_num_semantic_tokens: the zero image tokens of T2V
 
 
-class Hunyuan15Backbone(PipelineBackbone):
+class Hunyuan15Backbone(HunyuanVideoParts, PipelineBackbone):
     family = "hunyuan15"
+    default_spatial_compression = 16
     guidance_mode = "cfg"
     timestep_layer_names = ("time_embed", "norm_out", "proj_out")
     pipeline_class_name = "HunyuanVideo15Pipeline"
@@ -162,29 +164,9 @@ class Hunyuan15Backbone(PipelineBackbone):
             guided = rescale_noise_cfg(guided, v_c, rescale)
         return guided
 
-    # --- video
-    def latent_shape_hw(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        cfg = self.vae.config if self.vae is not None else None
-        temporal = cfg.temporal_compression_ratio if cfg else 4
-        spatial = cfg.spatial_compression_ratio if cfg else 16
-        channels = cfg.latent_channels if cfg else self.transformer.config.out_channels
-        return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
-
     # --- network
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return unwrap(model).transformer_blocks
-
-    def token_patch(self, model: nn.Module) -> tuple[int, int, int]:
-        cfg = unwrap(model).config
-        return (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
-
-    def watch_head_condition(self, model: nn.Module, store):
-        return unwrap(model).norm_out.register_forward_pre_hook(lambda _m, args: store(args[1]))
-
-    def output_head(self, model: nn.Module, hidden: torch.Tensor,
-                    head_condition: torch.Tensor) -> torch.Tensor:
-        m = unwrap(model)
-        return m.proj_out(m.norm_out(hidden, head_condition))
 
     def forward(self, model, x, sigma, cond, guidance=None):
         batch, extra = x.shape[0], cond.extra or {}

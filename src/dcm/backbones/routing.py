@@ -11,6 +11,7 @@ same thing for its batches.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -30,19 +31,33 @@ def row_timesteps(timestep: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(-1).expand(batch)
 
 
-class TimestepRouted(nn.Module):
+class TimestepRouted(nn.Module, ABC):
     """The routing both two-expert modules share: ``route`` names a sample's expert, ``run_expert`` runs
-    one expert on a (sub-)batch; ``forward`` has the diffusers transformer's call signature."""
+    one expert on a (sub-)batch; ``forward`` has the diffusers transformer's call signature, and the module
+    reports the configuration and dtype of its ``primary`` transformer (the experts share one config)."""
 
     expert_names: tuple[str, str] = ("first", "second")
 
+    @property
+    @abstractmethod
+    def primary(self) -> nn.Module:
+        """The diffusers transformer whose configuration and dtype this module reports."""
+
+    @abstractmethod
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
         """(B,) bool: True where a sample goes to ``expert_names[0]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run_expert(self, expert: str, **inputs) -> torch.Tensor:
         """One expert on the whole (sub-)batch; ``inputs`` are the transformer's keyword arguments."""
-        raise NotImplementedError
+
+    @property
+    def config(self):
+        return self.primary.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.primary.dtype
 
     def record_timestep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook, registered ahead of a wrapper's own (``dcm.parallel.fsdp.parallelize``): the
@@ -108,12 +123,8 @@ class BoundaryExperts(TimestepRouted):
         self.boundary_t = float(boundary_t)
 
     @property
-    def config(self):
-        return self.high.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.high.dtype
+    def primary(self) -> nn.Module:
+        return self.high
 
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
         return timestep.detach().double() >= self.boundary_t

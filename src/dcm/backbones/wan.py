@@ -32,9 +32,9 @@ import math
 import torch
 from torch import nn
 
-from dcm.backbones.base import PromptEmbeds, token_grid, unwrap
+from dcm.backbones.base import token_grid, unwrap
 from dcm.backbones.real import PipelineBackbone
-from dcm.backbones.routing import BoundaryExperts
+from dcm.backbones.routing import BoundaryExperts, row_timesteps
 from dcm.config import ConfigError, folder_vae_config
 
 # Random-initialised transformer configurations (benchmarks; "tiny" for CPU tests).
@@ -133,22 +133,9 @@ class WanBackbone(WanOutputHead, PipelineBackbone):
         sample's timestep picks (WanPipeline's ``current_guidance_scale``), shaped to broadcast over x."""
         if not self.two_experts or self.guidance_scale_2 == self.guidance_scale:
             return self.guidance_scale
-        high = self.transformer.route(self.timestep(sigma, x))
+        high = self.transformer.route(row_timesteps(self.timestep(sigma, x), x.shape[0]))
         scale = torch.where(high, torch.tensor(self.guidance_scale), torch.tensor(self.guidance_scale_2))
         return scale.to(x.device, torch.float32).view(-1, *([1] * (x.ndim - 1)))
-
-    def guided_velocity(self, model, x, sigma, cond, uncond, scale=None):
-        """CFG as ``Backbone.guided_velocity``; the teacher's own scale (``scale`` None) is per expert for a
-        two-expert folder."""
-        if scale is not None or not self.two_experts or uncond is None:
-            return super().guided_velocity(model, x, sigma, cond, uncond, scale)
-        w = self.guidance_scales(sigma, x)
-        if not torch.is_tensor(w):
-            return super().guided_velocity(model, x, sigma, cond, uncond, w)
-        v = self.forward(model, torch.cat([x, x]), torch.cat([sigma, sigma]),
-                         PromptEmbeds.cat([uncond, cond]))
-        v_u, v_c = v.chunk(2)
-        return v_u + w * (v_c - v_u)
 
     def record(self) -> dict:
         record = super().record()

@@ -110,12 +110,8 @@ class DualExpert(TimestepRouted):
         return _base_transformer(self.model)
 
     @property
-    def config(self):
-        return self.seme_transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.seme_transformer.dtype
+    def primary(self) -> nn.Module:
+        return self.seme_transformer
 
     def dete_timestep_layer(self, name: str) -> nn.Module | nn.Parameter:
         return self.dete_parameters[name] if name in self.dete_parameters else self.dete_modules[name]
