@@ -279,6 +279,28 @@ def has_weights(layer) -> bool:
 
 
 @pytest.mark.parametrize("family", TEACHERS)
+def test_the_token_count_read_before_loading_is_the_adapters_token_grid(family, loaded):
+    """``fsdp.token_count`` (context parallelism's divisor check, from config files only) counts the tokens
+    the loaded adapter makes: each VAE's own compression (HunyuanVideo 1.5's and Wan 2.2's ÷16)."""
+    from dcm.parallel.fsdp import token_count
+
+    backbone, params = loaded(family)
+    _, t, h, w = backbone.video_latent_shape(params)
+    pt, ph, pw = backbone.token_patch(backbone.transformer)
+    assert token_count(params) == (t // pt) * (h // ph) * (w // pw)
+
+
+def test_the_vae_compression_comes_from_either_config_key_else_the_familys_released_vae(tmp_path):
+    from dcm.config import vae_spatial_compression
+
+    assert vae_spatial_compression("hunyuan15", tmp_path) == 16 and vae_spatial_compression("wan", None) == 8
+    (tmp_path / "vae").mkdir()
+    for config_key in ("spatial_compression_ratio", "scale_factor_spatial"):
+        (tmp_path / "vae" / "config.json").write_text(json.dumps({config_key: 16}))
+        assert vae_spatial_compression("hunyuan", tmp_path) == 16
+
+
+@pytest.mark.parametrize("family", TEACHERS)
 def test_dete_trains_only_lora_and_the_copied_timestep_layers(family, loaded):
     backbone, params = loaded(family)
     grid = schedule.teacher_grid(params.grid.steps, params.grid.shift, params.grid.num_train_timesteps)

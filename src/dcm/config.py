@@ -923,6 +923,15 @@ def folder_vae_config(path: str | os.PathLike | None) -> dict:
     return json.loads(file.read_text()) if path and file.is_file() else {}
 
 
+def vae_spatial_compression(family: str, path: str | os.PathLike | None) -> int:
+    """The VAE's spatial compression: the folder's config (the Wan VAEs' ``scale_factor_spatial``, the
+    HunyuanVideo VAEs' ``spatial_compression_ratio``), else the family's released VAE (16 for HunyuanVideo
+    1.5's, 8 for the others)."""
+    cfg = folder_vae_config(path)
+    return int(cfg.get("scale_factor_spatial") or cfg.get("spatial_compression_ratio")
+               or (16 if family == "hunyuan15" else 8))
+
+
 def _check_backbone(params: Params) -> None:
     bb = params.backbone
     _check_attention_backend(bb)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dcm.backbones.base import transformer_blocks
-from dcm.config import SHARDED, ConfigError, ParallelConfig, Params, folder_vae_config
+from dcm.config import SHARDED, ConfigError, ParallelConfig, Params, vae_spatial_compression
 
 KEY = "training.parallel"
 
@@ -125,8 +125,8 @@ def token_count(params: Params) -> int | None:
     else:
         pt, ph = int(cfg.get("patch_size_t") or 1), int(patch or 1)
         pw = ph
-    frames = (bb.real.frames - 1) // 4 + 1  # the VAEs: time ÷4 (4k+1 frames), space ÷8 (Wan 2.2: ÷16)
-    spatial = folder_vae_config(bb.path).get("scale_factor_spatial") or 8
+    frames = (bb.real.frames - 1) // 4 + 1  # the VAEs: time ÷4 (4k+1 frames), space ÷8 (Wan 2.2, HV 1.5: ÷16)
+    spatial = vae_spatial_compression(bb.family, bb.path)
     return (frames // pt) * (bb.real.height // spatial // ph) * (bb.real.width // spatial // pw)
 
 
