@@ -72,10 +72,6 @@ class ToyBackboneConfig:
     freq_dim: Int = at_least(8)
     codec_factor: Int = at_least(1)  # pixel-unshuffle factor: latent channels = 3·f²
     patch_size: list[Int] = Field(default_factory=lambda: [1, 2, 2])
-    # the output's skip path (``ToyBackbone.forward``): ``edm`` makes the velocity c_skip(σ)·x + c_out(σ)·F,
-    # EDM's preconditioning for this interpolant, so the network needs not carry its input noise through
-    # the transformer; ``none``: the transformer's output is the velocity (teachers saved before the key)
-    output_skip: Literal["edm", "none"] = "edm"
 
 
 @dataclass(config=SECTION)

@@ -97,21 +97,6 @@ class PixelCodec:
         return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
 
-def skip_coefficients(sigma: torch.Tensor, sigma_data: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDM's output preconditioning (Karras et al. 2022, Table 1) for the flow interpolant
-    x = (1 − σ)·x0 + σ·ε and its velocity target v = ε − x0, with data std s = ``sigma_data``:
-
-        d = Var(x) = (1 − σ)²·s² + σ²
-        c_skip = Cov(v, x) / Var(x) = (σ − (1 − σ)·s²) / d     (the regression of v on x)
-        c_out = s / √d                                          (the std of what the regression leaves)
-
-    so v = c_skip·x + c_out·F asks the network F for a unit-scale residual.  At σ = 1, c_skip = 1: the
-    noise rides the skip path (v = x − x0 exactly when F = −x0), and the network never has to copy its
-    input through the transformer; at σ = 0, c_skip = −1 (v = −x0 + ε, ε unknowable)."""
-    d = (1 - sigma) ** 2 * sigma_data**2 + sigma**2
-    return (sigma - (1 - sigma) * sigma_data**2) / d, sigma_data / d.sqrt()
-
-
 class ToyBackbone(WanOutputHead, Backbone):
     family = "toy"
     guidance_mode = "cfg"
@@ -121,16 +106,11 @@ class ToyBackbone(WanOutputHead, Backbone):
 
     def __init__(self, transformer: WanTransformer3DModel, prompt_encoder: PromptEncoder, codec_factor: int,
                  guidance_scale: float = 4.0, latent_mean: float = LATENT_MEAN,
-                 latent_std: float = LATENT_STD, output_skip: str = "none"):
+                 latent_std: float = LATENT_STD):
         self.transformer = transformer
         self.prompt_encoder = prompt_encoder
         self.codec = PixelCodec(codec_factor, latent_mean, latent_std)
         self.guidance_scale = guidance_scale
-        if output_skip not in ("edm", "none"):
-            raise ValueError(f"output_skip {output_skip!r}: expected 'edm' or 'none'")
-        # "edm": the velocity is skip_coefficients' c_skip·x + c_out·(transformer output), with the codec's
-        # unit-scale latents (data std 1); "none": the transformer's output is the velocity
-        self.output_skip = output_skip
 
     # --------------------------------------------------------------------------- construction
     @classmethod
@@ -147,7 +127,7 @@ class ToyBackbone(WanOutputHead, Backbone):
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
         )
         encoder = PromptEncoder(vocabulary=caption_vocabulary(open_captions), text_dim=cfg.text_dim)
-        return cls(transformer, encoder, cfg.codec_factor, guidance_scale, output_skip=cfg.output_skip)
+        return cls(transformer, encoder, cfg.codec_factor, guidance_scale)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, guidance_scale: float | None = None) -> ToyBackbone:
@@ -159,10 +139,9 @@ class ToyBackbone(WanOutputHead, Backbone):
         transformer = WanTransformer3DModel.from_pretrained(path / "transformer")
         encoder = PromptEncoder.from_pretrained(path / "prompt_encoder")
         scale = meta["guidance_scale"] if guidance_scale is None else guidance_scale
-        # a folder saved before the codec normalised its latents: identity normalisation; before the
-        # output skip: none
+        # a folder saved before the codec normalised its latents: identity normalisation
         return cls(transformer, encoder, meta["codec_factor"], scale,
-                   meta.get("latent_mean", 0.0), meta.get("latent_std", 1.0), meta.get("output_skip", "none"))
+                   meta.get("latent_mean", 0.0), meta.get("latent_std", 1.0))
 
     def save(self, path: str | Path, transformer: nn.Module | None = None) -> None:
         path = Path(path)
@@ -170,7 +149,7 @@ class ToyBackbone(WanOutputHead, Backbone):
         self.prompt_encoder.save_pretrained(path / "prompt_encoder")
         meta = {"family": self.family, "codec_factor": self.codec.factor,
                 "guidance_scale": self.guidance_scale, "latent_mean": self.codec.mean,
-                "latent_std": self.codec.std, "output_skip": self.output_skip}
+                "latent_std": self.codec.std}
         (path / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     # --------------------------------------------------------------------------- protocol
@@ -193,10 +172,6 @@ class ToyBackbone(WanOutputHead, Backbone):
 
     def forward(self, model, x, sigma, cond, guidance=None):
         timestep = (sigma * 1000.0).to(x.dtype).expand(x.shape[0])
-        out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.hidden.to(x.dtype),
-                    return_dict=False)[0]
-        if self.output_skip == "none":
-            return out
-        c_skip, c_out = skip_coefficients(sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1)))
-        return c_skip * x + c_out * out
+        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.hidden.to(x.dtype),
+                     return_dict=False)[0]
 

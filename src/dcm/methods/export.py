@@ -135,8 +135,6 @@ def export_dual_expert(dual: DualExpert, steps: list[schedule.SamplingStep], out
             "kappa": dual.kappa, "sigma_kappa": dual.sigma_kappa, "t_kappa": dual.t_kappa,
             "dete_form": "lora" if dual.is_lora else "full", "final_sigma": 0.0,
             "steps": export_steps(steps, convention, backbone)}
-    if family == "toy":
-        plan["output_skip"] = backbone.output_skip
     if convention == "hunyuan":
         from dcm.backbones.hunyuan import embedded_guidance
 
@@ -394,12 +392,6 @@ def _sample_block(plan: dict) -> str:
         lines += ["        # timestep t = 1000·σ (= step[\"timestep\"]); the output is the flow velocity",
                   f"        v = model(hidden_states=x, timestep={timestep}, encoder_hidden_states=text,",
                   "                  return_dict=False)[0]"]
-        if plan.get("output_skip") == "edm":
-            lines += ["        # the toy teacher's output skip (EDM preconditioning, data std 1): "
-                      "the velocity is c_skip·x + c_out·F",
-                      '        s = step["sigma"]',
-                      "        d = (1 - s) ** 2 + s**2",
-                      "        v = (s - (1 - s)) / d * x + v / d**0.5"]
     elif convention == "hunyuan":
         lines += ["        # timestep t = 1000·σ (= step[\"timestep\"]); the output is the flow velocity",
                   "        v = model(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=text,",
