@@ -1,7 +1,8 @@
 """The paper report end to end on hand-written metrics files (evaluate's format): the claims table first, a
 verdict per claim decided by the constructed differences and beside it its control (Euler-k in place of the
-distilled row); the headline tables at 2 and 4 steps; the curves against NFE; rows that never ran reported
-as not run.  And no plot of the reports puts its legend over the data."""
+distilled row); each family's quality at 1, 2 and 4 steps; the coverage of open attributes, or a sentence
+where the world has no open prompts; the headline tables at 2 and 4 steps; the curves against NFE; rows
+that never ran reported as not run.  And no plot of the reports puts its legend over the data."""
 
 from __future__ import annotations
 
@@ -37,17 +38,48 @@ TOTALS = {
 }  # no od_pe_tc, lcm8, ...: never ran
 
 
+def section(summary: str, heading: str) -> str:
+    """The text of ``summary``'s section ``## heading…``, up to the next section."""
+    return summary.split(f"\n## {heading}")[1].split("\n## ")[0]
+
+
+def table_rows(summary: str, heading: str) -> dict[str, dict[str, str]]:
+    """The table of the section ``heading``: each row's cells by column header, keyed by its first cell."""
+    table = [line for line in section(summary, heading).splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
+    return {row[0]: dict(zip(cells[0], row, strict=True)) for row in cells[2:]}
+
+
 def claim_row(summary: str, text: str) -> dict[str, str]:
     """The cells of the claims table's row for the claim ``text``, by column header."""
-    table = [line for line in summary.split("## Claims")[1].split("\n## ")[0].splitlines()
-             if line.startswith("|")]
-    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
-    assert cells and tuple(cells[0]) == report_paper.CLAIMS_HEADER
-    return next(dict(zip(cells[0], row)) for row in cells[2:] if row[0] == text)
+    row = table_rows(summary, "Claims")[text]
+    assert tuple(row) == report_paper.CLAIMS_HEADER
+    return row
 
 
-def write_metrics(params, name: str, totals: np.ndarray) -> dict:
-    """metrics/<name>.json as ``evaluate`` writes it (dcm.evaluation.metrics), with made-up scores."""
+def steps_cell(record: dict, row: str) -> str:
+    """A cell of the steps table as the report must write it from ``row``'s metrics."""
+    lo, hi = record["total_ci95"]
+    return (f"{100 * record['total']:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]; "
+            f"FD excess {record['fd_excess']:.2f} (`{row}`)")
+
+
+def open_world(colour: float, shape: float, share: float) -> dict:
+    """An ``open_world`` block with the keys ``distribution.open_world_metrics`` writes (the ones the report
+    reads: coverage.<attribute>.tv_excess and its interval, averaged_mode.share and its interval)."""
+    def coverage(excess: float) -> dict:
+        return {"rows": 16, "prompts": 8, "tv": excess + 0.1, "tv_ci95": [excess, excess + 0.2],
+                "tv_real_floor": 0.1, "tv_excess": excess, "tv_excess_ci95": [excess - 0.05, excess + 0.05]}
+
+    return {"open_rows": 16, "rows": 80, "coverage": {"colour": coverage(colour), "shape": coverage(shape)},
+            "averaged_mode": {"share": share, "ci95": [share / 2, 2 * share], "real_floor": 0.0,
+                              "excess": share},
+            "note": "coverage over the 16 rows whose prompt leaves an attribute open"}
+
+
+def write_metrics(params, name: str, totals: np.ndarray, **extra) -> dict:
+    """metrics/<name>.json as ``evaluate`` writes it (dcm.evaluation.metrics), with made-up scores (and the
+    keys ``extra``)."""
     m = params.methods[name]
     n, seed = params.evaluation.bootstrap, params.seed
     rows = [{"prompt": f"prompt {i // 2}", "seed": i % 2} for i in range(ROWS)]
@@ -65,7 +97,7 @@ def write_metrics(params, name: str, totals: np.ndarray) -> dict:
         "fd": fd_excess + 1.0, "fd_ci95": [fd_excess + 0.5, fd_excess + 1.5], "fd_real_floor": 1.0,
         "fd_excess": fd_excess, "fd_excess_ci95": [fd_excess - 0.5, fd_excess + 0.5],
         "diversity": total, "diversity_ci95": [total - 0.05, total + 0.05],
-        "per_row": [{**r, "total": float(t), "color": float(t)} for r, t in zip(rows, totals)],
+        "per_row": [{**r, "total": float(t), "color": float(t)} for r, t in zip(rows, totals)], **extra,
     }
     Path("metrics").mkdir(exist_ok=True)
     Path(f"metrics/{name}.json").write_text(json.dumps(record))
@@ -74,6 +106,7 @@ def write_metrics(params, name: str, totals: np.ndarray) -> dict:
 
 def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(project):
     params = config.load("params.yaml")
+    params.world.open_share, params.world.eval_open_prompts = 0.0, 0  # a full-caption world: no coverage
     records = {name: write_metrics(params, name, totals) for name, totals in TOTALS.items()}
     report_paper.run(params)
     summary = (project / "paper" / "summary.md").read_text()
@@ -115,8 +148,28 @@ def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(proje
     for row in ("teacher", "euler4", "lcm", "pcm", "dcm", "mcm", "dmd2"):
         assert f"| {row} |" in four, row
     assert "| dcm8 |" not in two + four and "| vcm |" not in four  # other step counts; ablations apart
-    assert summary.index("## Claims") < summary.index("## At 2 steps") < summary.index("## Against NFE") \
-        < summary.index("## Methods and ablation rows")
+    assert summary.index("## Claims") < summary.index("## Quality at 1, 2 and 4 steps") \
+        < summary.index("## Coverage of open attributes") < summary.index("## At 2 steps") \
+        < summary.index("## Against NFE") < summary.index("## Methods and ablation rows")
+
+    # every family of CURVES at 1, 2 and 4 steps, from its rows' metrics; — where no row at k ran
+    quality = table_rows(summary, "Quality at 1, 2 and 4 steps")
+    assert list(quality) == ["teacher (Euler)", "LCM", "PCM", "DCM", "DMD2", "MCM"]
+    assert quality["LCM"] == {"family": "LCM", "1 step": steps_cell(records["lcm1"], "lcm1"),
+                              "2 steps": steps_cell(records["lcm2"], "lcm2"),
+                              "4 steps": steps_cell(records["lcm"], "lcm")}
+    lcm1 = TOTALS["lcm1"].mean()  # 5 points below the teacher; FD excess 5 × (0.9 − Total)
+    assert quality["LCM"]["1 step"].startswith(f"{100 * lcm1:.2f} [")
+    assert quality["LCM"]["1 step"].endswith(f"]; FD excess {5 * (0.9 - lcm1):.2f} (`lcm1`)")
+    assert quality["teacher (Euler)"]["4 steps"] == steps_cell(records["euler4"], "euler4")
+    assert quality["PCM"]["1 step"] == quality["DCM"]["1 step"] == quality["MCM"]["2 steps"] == "—"
+    assert quality["DMD2"]["1 step"] == steps_cell(records["dmd2_1"], "dmd2_1")
+    assert f"Reference, the teacher at 50 steps: {steps_cell(records['teacher'], 'teacher')}." in summary
+    # the world of params.yaml has no open prompts: a sentence, not an empty table
+    assert section(summary, "Coverage of open attributes").strip() == (
+        "The world has no open prompts (world.open_share = 0, world.eval_open_prompts = 0): every prompt "
+        "names all its attributes, so there is no coverage to measure (docs/shapes-world.md, \"Open "
+        "captions\").")
     assert "Not run: lcm8." in summary  # a curve's row that never ran
     ablations = summary.split("## Methods and ablation rows")[1]
     assert "| od_pe |" in ablations and "| euler1 |" not in ablations and "od_pe_tc" in ablations
@@ -134,6 +187,16 @@ def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(proje
     assert lines[2] == "| " + " | ".join(report_paper.CLAIMS_HEADER) + " |"
     assert f"| DCM-4 > PCM-4 | {so_does} |" in block
     assert lines[2 + 2 + len(report_paper.CLAIMS)] == "" and "- **dmd2 higher**" in block
+    # then the steps table and the coverage sentence, quoted whole
+    block = results_block.render(project)
+    steps_table = [line for line in section(summary, "Quality at").splitlines() if line.startswith("|")]
+    quoted = block.split("Quality at 1, 2 and 4 steps (written ")[1].split("Coverage of open attributes (")
+    assert len(steps_table) == 2 + len(report_paper.CURVES) and "\n".join(steps_table) in quoted[0]
+    assert f"| LCM | {steps_cell(records['lcm1'], 'lcm1')} |" in quoted[0]
+    assert "Reference, the teacher at 50 steps: " in quoted[0]
+    assert "The world has no open prompts (world.open_share = 0" in quoted[1].split("MCM's claims")[0]
+    assert block.index("The paper's claims (") < block.index("Quality at 1, 2 and 4 steps (") \
+        < block.index("Coverage of open attributes (") < block.index("MCM's claims in its own setting (")
 
 
 def test_paper_report_with_no_metrics_says_not_run_for_every_claim(project):
@@ -149,6 +212,10 @@ def test_paper_report_with_no_metrics_says_not_run_for_every_claim(project):
         # names euler4, and b's row where that is missing too
         assert row["control verdict"].startswith("control not run (euler4")
     assert "no row at 2 steps ran" in summary and not list((project / "paper").glob("*.png"))
+    quality = table_rows(summary, "Quality at 1, 2 and 4 steps")
+    assert list(quality) == ["teacher (Euler)", "LCM", "PCM", "DCM", "DMD2"]  # MCM: only where it ran
+    assert {cell for row in quality.values() for cell in list(row.values())[1:]} == {"—"}
+    assert "Reference, the teacher (`teacher`): not run." in summary
 
 
 @pytest.fixture
@@ -219,6 +286,7 @@ def test_training_seeds_pool_into_the_verdicts_and_the_seed_table(project):
         and "| 4.0 |" in table
     assert "| pcm |" not in table  # one run: nothing to pool
     assert "hierarchical bootstrap" in pooled and "## Training seeds" not in one_run
+    assert pooled.index("## Quality at") < pooled.index("## Coverage of") < pooled.index("## Training seeds")
 
 
 def test_mcm_setting_section_gives_mcms_claims_from_its_own_metrics(project):
@@ -258,6 +326,42 @@ def test_mcm_setting_section_gives_mcms_claims_from_its_own_metrics(project):
     assert line("MCM-4 ≈ its low-quality teacher-50").startswith("- **inconclusive**")  # 0.5 below, surely
     assert "| mcm | 60.00 | +10.00 [+10.00, +10.00] |" in section and "| teacher | 50.00 |  |" in section
     assert "MCM in its own setting" in (project / "paper" / "index.html").read_text()
+
+
+def test_coverage_section_gives_each_rows_tv_excess_per_open_attribute_and_its_averaged_modes(project):
+    """With open prompts, the metrics' open_world blocks become one row per method that ran (teacher, Euler-4,
+    the 4-step rows), one column per open attribute (TV excess [95%]) and the averaged-mode share; a row
+    whose block holds only a note, or that has none, shows — ."""
+    params = config.load("params.yaml")
+    blocks = {"teacher": open_world(0.01, -0.02, 0.0), "euler4": open_world(0.12, 0.05, 0.25),
+              "dcm": open_world(0.04, 0.0, 0.0625), "lcm": {"note": "not computed: coverage needs 2 videos"}}
+    for name in ("teacher", "euler4", "lcm", "dcm", "pcm", "euler8"):
+        write_metrics(params, name, TOTALS[name], **({"open_world": blocks[name]} if name in blocks else {}))
+    report_paper.run(params)
+    summary = (project / "paper" / "summary.md").read_text()
+    rows = table_rows(summary, "Coverage of open attributes")
+    assert list(rows) == ["teacher", "euler4", "lcm", "pcm", "dcm"]  # COVERAGE_ROWS' order; euler8 not one
+    assert rows["euler4"] == {"method": "euler4", "colour: TV excess [95% CI]": "+0.12 [+0.07, +0.17]",
+                              "shape: TV excess [95% CI]": "+0.05 [+0.00, +0.10]",
+                              "averaged-mode share [95% CI]": "0.25 [0.12, 0.50]"}
+    assert rows["teacher"]["shape: TV excess [95% CI]"] == "-0.02 [-0.07, +0.03]"
+    assert rows["dcm"]["averaged-mode share [95% CI]"] == "0.06 [0.03, 0.12]"
+    assert list(rows["lcm"].values())[1:] == list(rows["pcm"].values())[1:] == ["—"] * 3
+    assert report_paper.COVERAGE_NOTE in section(summary, "Coverage of open attributes")
+    assert "<th>colour: TV excess [95% CI]</th>" in (project / "paper" / "index.html").read_text()
+
+
+def test_coverage_section_without_open_world_blocks_names_the_worlds_keys(project):
+    """A world with open prompts whose metrics have no open_world block (metrics older than the option):
+    the section says to re-run evaluate instead of claiming the world has none."""
+    params = config.load("params.yaml")
+    params.world.open_share, params.world.eval_open_prompts = 0.0, 8
+    write_metrics(params, "teacher", TOTALS["teacher"])
+    report_paper.run(params)
+    coverage = section((project / "paper" / "summary.md").read_text(), "Coverage of open attributes")
+    assert coverage.strip() == ("No row's metrics has an `open_world` block although the world has open "
+                                "prompts (world.open_share = 0, world.eval_open_prompts = 8): re-run `dcm "
+                                "run evaluate --method <row>`.")
 
 
 SO_DOES = "holds, but so does Euler-4 (no distillation)"

@@ -39,6 +39,15 @@ METRICS = {
     "dcm": _metrics("dcm", 4, 4, 0.125, 0.9057, [0.895, 0.915], (0.0034, [-0.0063, 0.0118]), 0.9),
 }
 ORDER = ["teacher", "dcm", "lcm"]  # the report's order, not the files' (alphabetical) one
+# paper/summary.md's steps and coverage sections as report_paper writes them: a table, then a note
+STEPS_SECTION = ["| family | 1 step | 2 steps | 4 steps |", "|---|---|---|---|",
+                 "| LCM | 80.00 [78.00, 82.00]; FD excess 0.50 (`lcm1`) | — "
+                 "| 85.00 [83.00, 87.00]; FD excess 0.25 (`lcm`) |", "| PCM | — | — | — |", "",
+                 "Each cell: Total ×100. Reference, the teacher at 50 steps: 90.23 [89.00, 91.00]; "
+                 "FD excess 0.00 (`teacher`)."]
+COVERAGE_SECTION = ["| method | colour: TV excess [95% CI] | averaged-mode share [95% CI] |", "|---|---|---|",
+                    "| dcm | +0.04 [-0.01, +0.09] | 0.06 [0.03, 0.12] |", "",
+                    "TV excess: ≈ 0 is the data's coverage, > 0 coverage lost."]
 
 
 def _write_project(root: Path, report: bool = True, paper: bool = True, teacher: bool = True) -> Path:
@@ -59,8 +68,10 @@ def _write_project(root: Path, report: bool = True, paper: bool = True, teacher:
         mcm = [Verdict(Claim("MCM-4 > LCM-4 (MCM's claim)", "mcm", "lcm", "better"), INCONCLUSIVE,
                        Difference(0.004, (-0.002, 0.01), 64))]
         md = ["# shapes: the paper's claims\n", "## Claims\n", "Each verdict is the paired difference.", "",
-              *(v.line(steps) for v in claims), "", "## Training seeds\n", "| row | seeds |", "|---|---|",
-              "| dcm | 3 |", "", "## MCM in its own setting\n", "The `mcm` preset's pipeline.", "",
+              *(v.line(steps) for v in claims), "", "## Quality at 1, 2 and 4 steps\n", *STEPS_SECTION, "",
+              "## Coverage of open attributes\n", *COVERAGE_SECTION, "", "## Training seeds\n",
+              "| row | seeds |", "|---|---|", "| dcm | 3 |", "", "## MCM in its own setting\n",
+              "The `mcm` preset's pipeline.", "",
               *(v.line(steps) for v in mcm), "", "## Methods and ablation rows (scores ×100)\n",
               "- not a claim"]
         (root / "paper").mkdir()
@@ -84,7 +95,8 @@ def _git_commit(root: Path) -> str:
 
 
 def _table_rows(block: str) -> dict[str, list[str]]:
-    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    """The rows of the block's first table (the methods, under the stamp) by method."""
+    rows = block.split("\n\n")[1].splitlines()[2:]
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
 
 
@@ -135,6 +147,22 @@ def test_paper_claims_are_quoted_with_their_verdicts_per_section(tmp_path):
     assert any(line.startswith("MCM's claims in its own setting (written ") for line in lines)
     assert "- **inconclusive** — MCM-4 > LCM-4 (MCM's claim)" in block
     assert "- not a claim" not in block  # bullets of other sections are not verdicts
+
+
+def test_the_steps_and_coverage_sections_are_quoted_whole_after_the_claims(tmp_path):
+    lines = results_block.render(_write_project(tmp_path)).splitlines()
+
+    def quoted(title: str, n: int) -> list[str]:
+        """The ``n`` lines under the block's heading ``title`` and its blank line."""
+        start = lines.index(next(line for line in lines if line.startswith(f"{title} (written ")))
+        return lines[start + 2:start + 2 + n]
+
+    assert quoted("Quality at 1, 2 and 4 steps", len(STEPS_SECTION) + 1) == [*STEPS_SECTION, ""]
+    assert quoted("Coverage of open attributes", len(COVERAGE_SECTION) + 1) == [*COVERAGE_SECTION, ""]
+    titles = [line.split(" (written ")[0] for line in lines if " (written " in line]
+    assert titles == ["The paper's claims", "Quality at 1, 2 and 4 steps", "Coverage of open attributes",
+                      "MCM's claims in its own setting"]
+    assert "| dcm | 3 |" not in lines  # the training seeds' table is not quoted
 
 
 def test_render_errors_name_the_folder_or_the_file_and_key(tmp_path):

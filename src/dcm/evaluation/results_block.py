@@ -3,8 +3,9 @@
 ``render(project)`` builds a Markdown block from a project folder after ``make demo`` (and, when it ran,
 ``make paper``): the method table from ``metrics/<method>.json`` in the order of ``reports/summary.md``,
 the paper's claims with their verdicts and their controls (plain Euler at the claim's step count, no
-distillation) from ``paper/summary.md``, and a stamp saying which commit,
-when, on what machine and how fast its teacher trained (``models/teacher/training.json``).
+distillation), the quality of each family at 1, 2 and 4 steps and the coverage of open attributes from
+``paper/summary.md``, and a stamp saying which commit, when, on what machine and how fast its teacher
+trained (``models/teacher/training.json``).
 ``update_readme(readme, block)`` puts the block between the marker lines, atomically.  ``dcm results
 [--project DIR] [--write README.md]`` is ``main``.
 
@@ -28,10 +29,14 @@ END = "<!-- results:end -->"
 TEACHER = "teacher"
 # The per-method keys the block reads: the metrics/<method>.json contract (dcm.evaluation.metrics).
 REQUIRED_KEYS = ("total", "quality", "semantic")
-# The sections of paper/summary.md (written by the report_paper stage) whose verdict lines and claims table
-# (the table whose header starts CLAIMS_TABLE: each claim with its Euler control) the block quotes.
+# The sections of paper/summary.md (written by the report_paper stage) the block quotes: of a claims section
+# its verdict lines and claims table (the table whose header starts CLAIMS_TABLE: each claim with its Euler
+# control); of a section in WHOLE_SECTIONS every line (a table and the notes under it).
 PAPER_SECTIONS = {"## Claims": "The paper's claims",
+                  "## Quality at 1, 2 and 4 steps": "Quality at 1, 2 and 4 steps",
+                  "## Coverage of open attributes": "Coverage of open attributes",
                   "## MCM in its own setting": "MCM's claims in its own setting"}
+WHOLE_SECTIONS = ("## Quality at 1, 2 and 4 steps", "## Coverage of open attributes")
 CLAIMS_TABLE = "| claim |"
 
 
@@ -110,17 +115,19 @@ def method_table(metrics: dict[str, dict], order: list[str]) -> str:
 
 
 def paper_claims(project: Path) -> list[str]:
-    """The claims tables and verdict lines of paper/summary.md under a heading per section; [] when `make
-    paper` has not run."""
+    """The claims tables and verdict lines of paper/summary.md, and its steps and coverage sections whole,
+    under a heading per section; [] when `make paper` has not run."""
     summary = project / paths.PAPER / "summary.md"
     if not summary.is_file():
         return []
-    out, section, in_table = [], None, False
+    out, section, whole, in_table, blank = [], None, False, False, False
     for line in summary.read_text().splitlines():
         if line.startswith("## "):
-            section, in_table = PAPER_SECTIONS.get(line.strip()), False
+            section, whole, in_table = PAPER_SECTIONS.get(line.strip()), line.strip() in WHOLE_SECTIONS, False
             if section:
                 out += ["", f"{section} ({_written(summary)}, `{paths.PAPER / 'summary.md'}`):", ""]
+        elif whole and line.strip():
+            out += ["", line] if blank and out[-1] else [line]  # its parts one blank line apart
         elif section and (line.startswith(CLAIMS_TABLE) or in_table and line.startswith("|")):
             in_table = True
             out.append(line)
@@ -129,6 +136,7 @@ def paper_claims(project: Path) -> list[str]:
             out += ["", line] if out[-1].startswith("|") else [line]  # a list after a table: a blank line
         else:
             in_table = False
+        blank = not line.strip()
     return out
 
 

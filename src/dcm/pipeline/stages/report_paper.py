@@ -4,7 +4,9 @@ In order: the paper's claims as the first table, each with a verdict computed fr
 intervals (``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
 bootstrap) and beside it its control, the same claim with the teacher sampled by plain Euler at the claim's
 step count in place of the distilled row (``CURVES["teacher (Euler)"]``), and DMD2 against DCM as a
-comparison; each row's Total per training seed; the headline tables at 2 and 4 steps; Total, FD excess
+comparison; each family's Total and FD excess at 1, 2 and 4 steps (``STEP_COUNTS``), one row per family of
+``CURVES``; the coverage of open attributes (the metrics' ``open_world`` block, where the world has open
+prompts); each row's Total per training seed; the headline tables at 2 and 4 steps; Total, FD excess
 and diversity against NFE, one line per method; MCM's claims in its own setting (stage ``mcm_setting``:
 ``mcm_setting/metrics/``); the ablation table.  A row the claims or curves name that has no metrics is
 reported as not run.
@@ -61,6 +63,16 @@ CURVES = {
     "MCM": ["mcm"],
 }
 HEADLINE_STEPS = (2, 4)
+STEP_COUNTS = (1, 2, 4)  # the columns of the quality-at-steps table
+STEPS_TABLE_IF_RUN = ("MCM",)  # families the steps table lists only where one of their rows ran
+# the coverage table's rows (those that ran): the teacher, plain Euler at 4 steps, each method's 4-step row
+COVERAGE_ROWS = (TEACHER, "euler4", "lcm", "pcm", "dcm", "dmd2", "mcm")
+COVERAGE_NOTE = (
+    "TV excess: the total-variation distance between an open attribute's detected values, over the rows "
+    "whose prompt leaves it open, and those of real renders of the same prompts, less the real-vs-real "
+    "floor: ≈ 0 is the data's coverage, > 0 coverage lost (up to 1 − 1/K for a collapse onto one of K "
+    "values). Averaged-mode share: the share of videos flagged as blends, ghosts or smears (a clean "
+    "render: 0). 95% bootstrap intervals; docs/shapes-world.md explains both.")
 CONTROL_RULE = (
     "Control: each claim is decided again, by the same rule, with its distilled row a replaced by the "
     "teacher sampled with plain Euler at a's step count k (Euler-k, no distillation): Euler-k ≈ teacher-50 "
@@ -130,6 +142,22 @@ def run(params: Params) -> None:
                *(v.line(steps) for v in comparisons), ""]
         sections.append(("Claims", f"<p>{html.escape(rule)}</p>" + _html_table(header, rows_, bold=(1, 4))
                          + _html_list(comparisons, steps)))
+
+        title = f"Quality at {', '.join(map(str, STEP_COUNTS[:-1]))} and {STEP_COUNTS[-1]} steps"
+        header, rows_ = _steps_table(metrics, steps)
+        note = _steps_note(metrics, steps)
+        md += [f"## {title}\n", _markdown_rows(header, rows_), "", note, ""]
+        sections.append((title, _html_table(header, rows_) + f"<p>{html.escape(note)}</p>"))
+
+        title = "Coverage of open attributes"
+        coverage = _coverage_table(metrics)
+        if coverage:
+            md += [f"## {title}\n", _markdown_rows(*coverage), "", COVERAGE_NOTE, ""]
+            sections.append((title, _html_table(*coverage) + f"<p>{html.escape(COVERAGE_NOTE)}</p>"))
+        else:
+            no_open = _no_coverage_note(params)
+            md += [f"## {title}\n", no_open, ""]
+            sections.append((title, f"<p>{html.escape(no_open)}</p>"))
 
         seed_table = _seed_table(metrics, seeds, n, seed)
         if seed_table:
@@ -220,10 +248,76 @@ def _mcm_setting(params: Params, n: int, seed: int) -> dict:
 
 
 def _interval(diff: dict | None) -> str:
-    if not diff:
+    return _with_ci(diff["mean"], diff.get("ci95"), 100.0, "+.2f") if diff else "—"
+
+
+def _with_ci(value: float | None, ci: list[float] | None, scale: float = 1.0, spec: str = ".2f") -> str:
+    """``value`` × ``scale`` with its 95% interval where it has one; — where there is no value."""
+    if value is None:
         return "—"
-    lo, hi = diff["ci95"]
-    return f"{100 * diff['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    return format(scale * value, spec) + (f" [{format(scale * ci[0], spec)}, {format(scale * ci[1], spec)}]"
+                                          if ci else "")
+
+
+def _steps_cell(row: str, m: dict) -> str:
+    """A row's Total ×100 with its 95% interval, its FD excess where evaluated, and its key."""
+    fd = m.get("fd_excess")
+    return (_with_ci(m["total"], m.get("total_ci95"), 100.0)
+            + ("" if fd is None else f"; FD excess {fd:.2f}") + f" (`{row}`)")
+
+
+def _steps_table(metrics: dict[str, dict], steps: dict) -> tuple[tuple[str, ...], list[list[str]]]:
+    """One row per family of ``CURVES`` (those of ``STEPS_TABLE_IF_RUN`` only where a row ran), one cell per
+    step count of ``STEP_COUNTS``: the family's row sampled at that many steps (its metrics' ``steps``), or —
+    where none ran."""
+    header = ("family", *(f"{k} step{'s' if k > 1 else ''}" for k in STEP_COUNTS))
+    rows = []
+    for (family, series), name in zip(CURVES.items(), labelled_curves(metrics), strict=True):
+        ran = [m for m in series if m in metrics]
+        if family in STEPS_TABLE_IF_RUN and not ran:
+            continue
+        at = {k: next((m for m in ran if steps[m] == k), None) for k in STEP_COUNTS}
+        rows.append([name, *("—" if m is None else _steps_cell(m, metrics[m]) for m in at.values())])
+    return header, rows
+
+
+def _steps_note(metrics: dict[str, dict], steps: dict) -> str:
+    """The line under the steps table: what a cell holds, and the teacher's own Total as the reference."""
+    reference = (f"the teacher at {steps[TEACHER]} steps: {_steps_cell(TEACHER, metrics[TEACHER])}"
+                 if TEACHER in metrics else f"the teacher (`{TEACHER}`): not run")
+    return ("Each cell: Total ×100 [95% bootstrap interval over the evaluation rows]; FD excess, the Fréchet "
+            "distance to real renders less the real-vs-real floor (lower is better, ≈ 0: like real videos); "
+            "then the row (`metrics/<row>.json`). —: the family has no row at that step count, or it did "
+            f"not run. Reference, {reference}.")
+
+
+def _coverage_table(metrics: dict[str, dict]) -> tuple[tuple[str, ...], list[list[str]]] | None:
+    """The rows of ``COVERAGE_ROWS`` that ran, one column per open attribute (TV excess and its interval)
+    and the averaged-mode share, from the metrics' ``open_world`` blocks
+    (``dcm.evaluation.distribution.open_world_metrics``); None where no row has one."""
+    blocks = {m: metrics[m].get("open_world") or {} for m in COVERAGE_ROWS if m in metrics}
+    if not any(blocks.values()):
+        return None
+    attributes = list(dict.fromkeys(a for b in blocks.values() for a in b.get("coverage", {})))
+    header = ("method", *(f"{a}: TV excess [95% CI]" for a in attributes), "averaged-mode share [95% CI]")
+    rows = []
+    for m, block in blocks.items():
+        coverage, averaged = block.get("coverage", {}), block.get("averaged_mode") or {}
+        rows.append([reporting.shown_name(m, metrics[m]),
+                     *(_with_ci(coverage[a]["tv_excess"], coverage[a].get("tv_excess_ci95"), spec="+.2f")
+                       if a in coverage else "—" for a in attributes),
+                     _with_ci(averaged.get("share"), averaged.get("ci95"))])
+    return header, rows
+
+
+def _no_coverage_note(params: Params) -> str:
+    world = params.world
+    keys = f"world.open_share = {world.open_share:g}, world.eval_open_prompts = {world.eval_open_prompts}"
+    if world.open_share > 0 or world.eval_open_prompts > 0:
+        return (f"No row's metrics has an `open_world` block although the world has open prompts ({keys}): "
+                f"re-run `dcm run evaluate --method <row>`.")
+    return (f"The world has no open prompts ({keys}): every prompt names all its attributes, so there is "
+            f"no coverage to measure (docs/shapes-world.md, \"Open captions\").")
 
 
 def _seeds_rule(params: Params, metrics: dict) -> str:
