@@ -26,7 +26,22 @@ def smoke_raw(**world) -> dict:
     return raw
 
 
-def test_the_default_world_has_no_open_prompt_and_the_open_world_keeps_its_full_rows():
+def test_params_yaml_holds_the_decided_open_world_and_the_smoke_and_mcm_presets_full_captions():
+    """docs/world-decision.md, section 6: the open world, the 7600-step teacher and guidance 2 are the
+    default experiment; the smoke DAG and MCM's own setting keep the full-caption world."""
+    params = config.load(REPO / "params.yaml")
+    assert (params.world.open_share, params.world.eval_open_prompts) == (0.5, 32)
+    assert (params.teacher.train_steps, params.backbone.guidance_scale) == (7600, 2.0)
+    rows = build_prompt_sets(params)["eval"]
+    assert sum(shapes.is_open(r["prompt"]) for r in rows) == 32 * params.world.eval_seeds == len(rows) // 2
+    for preset in ("smoke", "mcm"):
+        world = config.load(REPO / "params.yaml", preset=preset).world
+        assert (world.open_share, world.eval_open_prompts) == (0.0, 0), preset
+    mcm = config.load(REPO / "params.yaml", preset="mcm")
+    assert (mcm.teacher.train_steps, mcm.backbone.guidance_scale) == (3800, 4.0)
+
+
+def test_the_full_caption_world_has_no_open_prompt_and_the_open_world_keeps_its_full_rows():
     closed = build_prompt_sets(config.parse(smoke_raw()))
     assert not any(shapes.is_open(r["prompt"]) for split in closed.values() for r in split)
     opened = build_prompt_sets(config.parse(smoke_raw(open_share=0.5, eval_open_prompts=6)))

@@ -28,7 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def shapes_params():
-    return config.load(REPO / "params.yaml")
+    """The shapes world of params.yaml with full captions only (the open rows' contract:
+    tests/test_open_world.py)."""
+    params = config.load(REPO / "params.yaml")
+    params.world.open_share, params.world.eval_open_prompts = 0.0, 0
+    return params
 
 
 @pytest.fixture
