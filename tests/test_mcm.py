@@ -188,6 +188,28 @@ def test_image_discriminator_logits_depend_on_the_prompt(backbone, params):
     assert not torch.allclose(g_a, g_b)
 
 
+def test_unconditioned_image_discriminator_ignores_the_prompt(backbone, params):
+    """mcm.disc_text false (the one-change row on MCM's imaging quality): heads without a condition map,
+    whose generator term and D step are the same whatever the batch's prompts."""
+    features = mcm.TeacherFrameFeatures(backbone, backbone.transformer, 0.1)
+    torch.manual_seed(0)
+    disc = mcm.ImageDiscriminator(features, *hq_set(backbone, params), weight=1.0, disc_lr=1e-3,
+                                  r1_weight=1e-5, frames=2, conditioned=False)
+    assert all(head.cond_map is None for head in disc.discriminator.heads)
+    batch = make_batch(backbone, params)
+    other = make_batch(backbone, params)
+    other.cond = backbone.encode_prompts(["a blue striped square moves up quickly"] * 2)
+    assert disc.fake_text(batch) is None
+    torch.manual_seed(2)
+    g_a = disc.generator_loss(batch)["img_g"]
+    torch.manual_seed(2)
+    g_b = disc.generator_loss(other)["img_g"]
+    torch.testing.assert_close(g_a, g_b)
+    logged = disc.after_generator_step(batch)
+    assert {"d_loss", "r1", "d_real", "d_fake"} <= logged.keys()
+    assert params.method("mcm").mcm.disc_text is True  # MCM's conditioned heads stay the default
+
+
 def test_image_discriminator_scores_single_frames_of_the_students_x0(backbone, params):
     features = SpyFeatures(backbone, backbone.transformer, 0.1)
     images, text = hq_set(backbone, params)

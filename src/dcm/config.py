@@ -377,6 +377,9 @@ class McmConfig:
     disc_lr: Float = positive(5e-5)
     disc_r1: Float = at_least(0, 1e-5)  # R1 penalty on the real images' features
     disc_frames: Int = at_least(1, 2)  # single frames scored per video
+    # heads conditioned on the frame's prompt (MCM's: projection style); false: unconditioned heads, as
+    # this code had them before (issue 31's one-change rows on MCM's imaging quality)
+    disc_text: bool = True
     disc_sigma: Float = between(0, 1, 0.1, exclusive_max=True)  # noise of the frozen-teacher backbone
     hq_images: Int = at_least(1, 512)  # size of the high-quality still-image set
 

@@ -269,20 +269,22 @@ class ImageDiscriminator(Objective):
     Generator term ``img_g`` = weight · L_G on ``frames`` segment-sampled frames per video; after the
     student's step one D step (L_D + γ_R1·R1, clip ``max_grad_norm``, AdamW betas (0, 0.999)) on as
     many real frames drawn from the image set and the detached fake features.  ``hq_text`` (N, D): the
-    pooled prompt embedding of each still's caption (``PromptEmbeds.pooled``), the heads' condition.
+    pooled prompt embedding of each still's caption (``PromptEmbeds.pooled``), the heads' condition
+    (MCM's projection heads); ``conditioned=False`` builds unconditioned heads and never passes a prompt.
     """
 
     name = "img_gan"
 
     def __init__(self, features: FrameFeatures, hq_images: torch.Tensor, hq_text: torch.Tensor, *,
                  weight: float, disc_lr: float, r1_weight: float, frames: int, max_grad_norm: float = 1.0,
-                 weight_decay: float = 0.0, device: torch.device | str = "cpu"):
+                 weight_decay: float = 0.0, conditioned: bool = True, device: torch.device | str = "cpu"):
         if len(hq_text) != len(hq_images):
             raise ValueError(f"{len(hq_images)} high-quality images but {len(hq_text)} caption embeddings")
         self.features, self.weight, self.r1_weight, self.frames = features, weight, r1_weight, frames
         self.max_grad_norm = max_grad_norm
         self.discriminator = Discriminator(features.dim, features.num_taps, features.patch_size,
-                                           cond_dim=hq_text.shape[1]).to(device)
+                                           cond_dim=hq_text.shape[1] if conditioned else None).to(device)
+        self.conditioned = conditioned
         self.optimizer = adamw(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                            weight_decay=weight_decay)
         self.real_bank = features.real_frames(hq_images.to(device))
@@ -297,8 +299,11 @@ class ImageDiscriminator(Objective):
         x0 = student_x0(batch)
         return self.features.video_frames(x0, segment_frames(x0.shape[0], x0.shape[2], self.frames))
 
-    def fake_text(self, batch: ConsistencyBatch) -> torch.Tensor:
-        """Each fake frame's condition: its video's pooled prompt embedding (frames are video-major)."""
+    def fake_text(self, batch: ConsistencyBatch) -> torch.Tensor | None:
+        """Each fake frame's condition: its video's pooled prompt embedding (frames are video-major);
+        None for unconditioned heads."""
+        if not self.conditioned:
+            return None
         return batch.cond.pooled().float().repeat_interleave(self.frames, dim=0)
 
     def generator_loss(self, batch: ConsistencyBatch) -> dict[str, torch.Tensor]:
@@ -318,7 +323,8 @@ class ImageDiscriminator(Objective):
                 pending = ([f.detach() for f in self.features(fake)], fake.shape, self.fake_text(batch))
         feat_fake, fake_shape, fake_text = pending
         pick = torch.randint(len(self.real_bank), (fake_shape[0],)).to(self.real_bank.device)
-        real, real_text = self.real_bank[pick], self.real_text[pick]
+        real = self.real_bank[pick]
+        real_text = self.real_text[pick] if self.conditioned else None
         with torch.no_grad(), batch.autocast():
             feat_real = [f.detach().float().requires_grad_(True) for f in self.features(real)]
         self.optimizer.zero_grad(set_to_none=True)
@@ -374,6 +380,6 @@ def build(params, method: str, backbone: Backbone, student: nn.Module, videos: O
             text = backbone.encode_prompts(captions).pooled()
         objectives.append(ImageDiscriminator(features, images, text, weight=cfg.disc_weight,
                                              disc_lr=cfg.disc_lr, r1_weight=cfg.disc_r1,
-                                             frames=cfg.disc_frames,
+                                             frames=cfg.disc_frames, conditioned=cfg.disc_text,
                                              max_grad_norm=params.training.max_grad_norm, device=device))
     return source, space, objectives
