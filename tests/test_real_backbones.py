@@ -168,6 +168,23 @@ def test_wan22_ti2v_frame_size_must_be_a_multiple_of_32(folders):
         config.parse(raw)
 
 
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_frame_size_check_uses_the_adapters_own_token_size(teacher, loaded, folders):
+    """The params check's unit (``config.token_pixels``: VAE compression × patch, from the folder) is the
+    pixels per token side of the loaded adapter (frame height over its latent height over the patch);
+    half a token more is refused with that unit named."""
+    backbone, params = loaded(teacher)
+    patch = backbone.transformer.config.patch_size
+    patch = patch[1] if isinstance(patch, (list, tuple)) else patch
+    latent_h = backbone.video_latent_shape(params)[2]
+    unit = config.token_pixels(params.backbone.family, params.backbone.path)
+    assert unit == params.backbone.real.height * patch // latent_h
+    height = unit * 3 + unit // 2
+    raw = family_raw(teacher, folders(teacher), height=height)
+    with pytest.raises(ConfigError, match=rf"backbone\.real\.height = {height} .*multiple of {unit} "):
+        config.parse(raw)
+
+
 @pytest.mark.parametrize("family", ["wan", "wan22_ti2v"])
 def test_the_output_head_maps_the_last_block_to_the_velocity(family, loaded):
     """The head feature matching projects taps with (a per-token temb for TI2V) is the model's own: on the

@@ -928,11 +928,25 @@ def folder_vae_config(path: str | os.PathLike | None) -> dict:
 
 def vae_spatial_compression(family: str, path: str | os.PathLike | None) -> int:
     """The VAE's spatial compression: the folder's config (the Wan VAEs' ``scale_factor_spatial``, the
-    HunyuanVideo VAEs' ``spatial_compression_ratio``), else the family's released VAE (16 for HunyuanVideo
-    1.5's, 8 for the others)."""
+    HunyuanVideo VAEs' ``spatial_compression_ratio``; CogVideoX's names neither: one ÷2 per down block
+    after the first, 2^(len(block_out_channels) − 1), as its pipeline computes it), else the family's
+    released VAE (16 for HunyuanVideo 1.5's, 8 for the others)."""
     cfg = folder_vae_config(path)
-    return int(cfg.get("scale_factor_spatial") or cfg.get("spatial_compression_ratio")
-               or (16 if family == "hunyuan15" else 8))
+    ratio = cfg.get("scale_factor_spatial") or cfg.get("spatial_compression_ratio")
+    if not ratio and family == "cogvideox" and cfg.get("block_out_channels"):
+        ratio = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return int(ratio or (16 if family == "hunyuan15" else 8))
+
+
+def token_pixels(family: str, path: str | os.PathLike | None) -> int:
+    """Pixels per token side: the VAE's spatial compression × the transformer's spatial patch (its
+    config's ``patch_size``, an int or Wan's (t, h, w); else the family's: 1 for HunyuanVideo 1.5, 2 for
+    the others).  Frame heights and widths must be multiples of it."""
+    file = Path(os.path.expanduser(str(path or ""))) / "transformer" / "config.json"
+    patch = json.loads(file.read_text()).get("patch_size") if path and file.is_file() else None
+    if isinstance(patch, (list, tuple)):
+        patch = patch[1]
+    return vae_spatial_compression(family, path) * int(patch or (1 if family == "hunyuan15" else 2))
 
 
 def _check_backbone(params: Params) -> None:
@@ -962,12 +976,11 @@ def _check_backbone(params: Params) -> None:
                           "(height, width, frames of the videos)")
     if bb.real.frames % 4 != 1:
         raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
-    # the VAE's spatial compression (Wan VAEs name it in their config: 8, or 16 for Wan 2.2's) × patch 2
-    spatial = folder_vae_config(bb.path).get("scale_factor_spatial") or 8
+    unit, spatial = token_pixels(bb.family, bb.path), vae_spatial_compression(bb.family, bb.path)
     for key in ("height", "width"):
-        if getattr(bb.real, key) % (2 * spatial):
+        if getattr(bb.real, key) % unit:
             raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key),
-                              f"a multiple of {2 * spatial} (VAE {spatial}x, patch 2)")
+                              f"a multiple of {unit} (VAE {spatial}x, patch {unit // spatial})")
 
 
 def _check_method(name: str, m: MethodConfig, params: Params) -> None:

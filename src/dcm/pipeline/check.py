@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcm.config import METHOD_KINDS, ConfigError, Params
+from dcm.config import METHOD_KINDS, ConfigError, Params, vae_spatial_compression
 
 GiB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -229,8 +229,7 @@ def _latent_shape(params: Params) -> tuple[int, int, int, int]:
     cfg = _read_json(Path(os.path.expanduser(bb.path)) / "vae" / "config.json")
     channels = cfg.get("z_dim") or cfg.get("latent_channels") or 16
     temporal = cfg.get("scale_factor_temporal") or cfg.get("temporal_compression_ratio") or 4
-    spatial = (cfg.get("scale_factor_spatial") or cfg.get("spatial_compression_ratio")
-               or (2 ** (len(cfg["block_out_channels"]) - 1) if bb.family == "cogvideox" else 8))
+    spatial = vae_spatial_compression(bb.family, bb.path)
     real = bb.real
     frames = (real.frames - 1) // int(temporal) + 1
     return int(channels), frames, real.height // int(spatial), real.width // int(spatial)
