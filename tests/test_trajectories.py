@@ -22,15 +22,10 @@ from dcm.backbones import create_teacher, load_teacher
 from dcm.backbones.base import PromptEmbeds
 from dcm.data.prompts import build_prompt_sets
 from dcm.data.trajectories import (
-    INDEX,
-    PARTIAL_INDEX,
-    StoreError,
     TrajectoryStore,
     TrajectoryWriter,
     bytes_per_trajectory,
     initial_noise,
-    shard_name,
-    sidecar_name,
     solve,
     solve_velocity,
     store_header,
@@ -40,6 +35,7 @@ from dcm.pipeline.stages import trajectories as stage
 from dcm.pipeline.table import STAGES
 from dcm.sampling import sample, teacher_velocity
 from dcm.schedule import teacher_grid, uniform_schedule
+from dcm.shards import INDEX, PARTIAL_INDEX, StoreError, shard_name, sidecar_name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,14 +6,14 @@ A store is a folder::
     shard-00000.json          its sidecar, written after the shard: fingerprint, rows, sha256 and size
     index.json                the header (its fingerprint included) and every shard's entry, written last
 
-The pattern of the trajectory store (``dcm.data.trajectories.TrajectoryWriter``), for any tensors: shard i
-is computed by rank i mod N (``ShardWriter.mine``); a shard is written to a temporary file, fsynced and
-renamed, then its sidecar, so a kill leaves finished shards and at most a temporary file, which the next
-run removes.  A run with the same fingerprint reuses every shard whose sidecar matches and whose file has
-the size written (nothing is re-hashed); another fingerprint starts the store over.  After every rank's
-shards rank 0 writes ``index.json`` from the sidecars (``index.partial.json`` marks a store in progress).
-``ShardStore`` reads a finished store: shard sizes checked when it opens, a shard's fingerprint when it
-is first read, every sha256 on request (``verify``).
+The trajectory store (``dcm.data.trajectories.TrajectoryWriter``, a subclass) and the preprocessed data
+are such stores: shard i is computed by rank i mod N (``ShardWriter.mine``); a shard is written to a
+temporary file, fsynced and renamed, then its sidecar, so a kill leaves finished shards and at most a
+temporary file, which the next run removes. A run with the same fingerprint reuses every shard whose
+sidecar matches and whose file has the size written (nothing is re-hashed); another fingerprint starts the
+store over. After every rank's shards rank 0 writes ``index.json`` from the sidecars
+(``index.partial.json`` marks a store in progress). ``ShardStore`` reads a finished store: shard sizes
+checked when it opens, a shard's fingerprint when it is first read, every sha256 on request (``verify``).
 """
 
 from __future__ import annotations

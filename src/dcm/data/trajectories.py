@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,34 +48,20 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from dcm import distributed, io
 from dcm.backbones.base import Backbone, PromptEmbeds
 from dcm.sampling import Velocity, sample, teacher_velocity
 from dcm.schedule import SIGMA_MIN_INDEX, TeacherGrid, uniform_schedule
-from dcm.shards import fsync_dir, read_json_or_none, shard_name, sidecar_name  # the stores' shared layout
+
+# the stores' shared layout (one StoreError: the writer's finish and the reader raise the same class)
+from dcm.shards import INDEX, METADATA_KEY, PARTIAL_INDEX, ShardWriter, StoreError, file_sha256
 
 FORMAT_VERSION = 2  # 2: exact_steps in the header; fp32 = exact teacher steps (1: bf16 points, steps rounded)
-INDEX = "index.json"
-PARTIAL_INDEX = "index.partial.json"
 TENSOR = "latents"
-METADATA_KEY = "dcm"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXACT_DTYPE = "fp32"  # the faithful storage: x_n − x_{n−1} is the solver's fp32 step
 LAYOUT = "(S, N+1, C, T, H, W); axis 1 ascending over grid.sigmas: position n+1 = grid index n, 0 = sigma_min"
-
-
-class StoreError(RuntimeError):
-    """A trajectory store that is missing, incomplete, corrupted or of another format."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_digest(path: str | os.PathLike, exclude: Sequence[str] = ("training.json",)) -> str:
@@ -158,122 +143,29 @@ def store_header(grid: TeacherGrid, num_train_timesteps: int, shift: float, guid
 # ------------------------------------------------------------------------------------ writer
 
 
-class TrajectoryWriter:
-    """Builds a store shard by shard on every rank of the stage; a re-run with the same header resumes,
+class TrajectoryWriter(ShardWriter):
+    """The trajectory store's ``ShardWriter``: one (S, N+1, C, T, H, W) tensor per shard of
+    ``header["shard_size"]`` rows, stored in the header's dtype; a re-run with the same header resumes,
     another header starts over."""
 
     def __init__(self, root: str | os.PathLike, header: dict[str, Any], rows: list[dict],
                  world: distributed.World | None = None):
-        self.root = Path(root)
-        self.header = header
-        self.world = world or distributed.world()
         self.rows = [{"prompt_id": int(r["prompt_id"]), "prompt": str(r["prompt"]), "seed": int(r["seed"])}
                      for r in rows]
         size = header["shard_size"]
-        self.shard_rows = [self.rows[i:i + size] for i in range(0, len(self.rows), size)]
-        self.entries: dict[int, dict] = {}
-        self.started_over = False
-        self._open()
-
-    @property
-    def fingerprint(self) -> str:
-        return self.header["fingerprint"]
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.shard_rows)
-
-    def _open(self) -> None:
-        """Rank 0 starts a store of other params over and marks it in progress; then every rank finds
-        the finished shards from their sidecars."""
-        index, partial = self.root / INDEX, self.root / PARTIAL_INDEX
-        recorded = None
-        for path in (index, partial):
-            if recorded is None and path.is_file():
-                recorded = read_json_or_none(path) or {}
-        distributed.barrier()  # every rank has read what was there before rank 0 changes it
-        if self.world.is_main:
-            if recorded and recorded.get("fingerprint") != self.fingerprint:
-                shutil.rmtree(self.root)  # another grid, guidance, row set or teacher: never resume it
-                self.started_over = True
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stray in self.root.glob(".*.tmp-*"):  # temp files of a killed write
-                stray.unlink(missing_ok=True)
-        distributed.barrier()
-        self.started_over = bool(recorded) and recorded.get("fingerprint") != self.fingerprint
-        finished = {e["file"]: e for e in (recorded or {}).get("shards", [])} if index.is_file() else {}
-        for i in range(self.num_shards):
-            entry = self._reusable(i, finished.get(shard_name(i)))
-            if entry is not None:
-                self.entries[i] = entry
-        if self.world.is_main and len(self.entries) < self.num_shards:
-            index.unlink(missing_ok=True)
-            io.write_json_atomic(partial, {**self.header, "shards": []})
-        distributed.barrier()
-
-    def _reusable(self, i: int, indexed: dict | None) -> dict | None:
-        """A finished shard of this very store: its sidecar (or a finished index's entry) names this
-        store's fingerprint and rows, and the file has the size written."""
-        path = self.root / shard_name(i)
-        entry = indexed
-        if entry is None:
-            side = read_json_or_none(self.root / sidecar_name(i))
-            if not side or side.get("fingerprint") != self.fingerprint or side.get("shard") != i:
-                return None
-            entry = side["entry"]
-        if entry.get("rows") != self.shard_rows[i] or not path.is_file():
-            return None
-        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
-            return None
-        return entry
-
-    def pending(self) -> list[int]:
-        """Shard indices still to compute, in order."""
-        return [i for i in range(self.num_shards) if i not in self.entries]
-
-    def mine(self) -> list[int]:
-        """The pending shards this rank computes: shard i on rank i mod world size."""
-        return [i for i in self.pending() if i % self.world.size == self.world.rank]
+        super().__init__(root, header, [self.rows[i:i + size] for i in range(0, len(self.rows), size)], world)
 
     def write(self, i: int, latents: torch.Tensor) -> dict:
-        """Store shard ``i`` atomically (temp file, fsync, rename), then its sidecar; ``latents`` is
-        (S, N+1, C, T, H, W)."""
+        """Store shard ``i`` (``ShardWriter.write``: atomic, then its sidecar); its rows join the file's
+        metadata so a shard names its trajectories on its own."""
         expected = (len(self.shard_rows[i]), len(self.header["grid"]["sigmas"]), *self.header["latent_shape"])
         if tuple(latents.shape) != expected:
             raise ValueError(f"shard {i}: latents of shape {tuple(latents.shape)}, expected {expected}")
         if self.header["exact_steps"] and latents.dtype != torch.float32:
             raise ValueError(f"shard {i}: an exact ({EXACT_DTYPE}) store takes the solver's float32 latents, "
                              f"got {latents.dtype} (its steps would already be rounded)")
-        meta = {"fingerprint": self.fingerprint, "shard": i, "rows": self.shard_rows[i]}
-        tensor = latents.detach().to("cpu", DTYPES[self.header["dtype"]]).contiguous()
-        data = safetensors_bytes({TENSOR: tensor}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        io.write_bytes_atomic(self.root / shard_name(i), data)
-        fsync_dir(self.root)
-        entry = {"file": shard_name(i), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                 "rows": self.shard_rows[i]}
-        io.write_json_atomic(self.root / sidecar_name(i),
-                             {"fingerprint": self.fingerprint, "shard": i, "entry": entry})
-        self.entries[i] = entry
-        return entry
-
-    def finish(self) -> dict:
-        """After every rank's shards: rank 0 writes index.json last (from the sidecars) and leaves only
-        index.json and the shards in the folder; every rank returns the index."""
-        distributed.barrier()
-        if self.world.is_main:
-            entries = {i: self._reusable(i, self.entries.get(i)) for i in range(self.num_shards)}
-            missing = [i for i, e in entries.items() if e is None]
-            if missing:
-                raise StoreError(f"{self.root}: shards {missing} are not written yet")
-            index = {**self.header, "shards": [entries[i] for i in range(self.num_shards)]}
-            keep = {INDEX} | {e["file"] for e in index["shards"]}
-            for path in self.root.iterdir():
-                if path.name not in keep:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-            io.write_json_atomic(self.root / INDEX, index)
-            fsync_dir(self.root)
-        distributed.barrier()
-        return io.read_json(self.root / INDEX)
+        tensor = latents.detach().to("cpu", DTYPES[self.header["dtype"]])
+        return super().write(i, {TENSOR: tensor}, metadata={"rows": self.shard_rows[i]})
 
 
 # ------------------------------------------------------------------------------------ reader
