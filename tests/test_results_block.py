@@ -112,6 +112,26 @@ def test_render_lists_the_reports_methods_in_its_order_with_scores_x100(tmp_path
     assert "Scores ×100 (shapes-bench)" in block
 
 
+def test_after_make_paper_the_table_keeps_the_default_rows(tmp_path):
+    """The report of a paper project lists every row; the block's table only the default DAG's (params.yaml's
+    methods less ablation and NFE-curve rows; a training seed's row is not in the file)."""
+    root = _write_project(tmp_path)
+    extra = {"lcm_s1": _metrics("lcm_s1", 4, 4, 0.25, 0.86, [0.84, 0.88], (-0.04, [-0.05, -0.03]), 0.8),
+             "euler2": _metrics("euler2", 2, 4, 0.1, 0.80, [0.78, 0.82], (-0.1, [-0.12, -0.08]), 0.7),
+             "od": _metrics("od", 4, 4, 0.125, 0.85, [0.83, 0.87], (-0.05, [-0.06, -0.04]), 0.8)}
+    for name, record in extra.items():
+        write_json_atomic(root / "metrics" / f"{name}.json", record)
+    table = reporting.markdown_table(reporting.method_table({**METRICS, **extra}, [*ORDER, *extra]))
+    (root / "reports" / "summary.md").write_text(f"# shapes: results\n\n## Methods\n\n{table}\n")
+    assert list(_table_rows(results_block.render(root))) == [*ORDER, *extra]  # no params.yaml: as reported
+    (root / "params.yaml").write_text("methods:\n" + "".join(f"  {m}: {{kind: x}}\n" for m in ORDER)
+                                      + "  euler2: {kind: teacher, sample_steps: 2, nfe_curve: true}\n"
+                                      + "  od: {kind: dcm, ablation: true}\n")
+    assert list(_table_rows(results_block.render(root))) == ORDER
+    (root / "reports" / "summary.md").unlink()  # make paper builds report_paper, not report
+    assert list(_table_rows(results_block.render(root))) == ORDER  # params.yaml's order
+
+
 def test_render_without_a_report_shows_every_metrics_file_teacher_first(tmp_path):
     block = results_block.render(_write_project(tmp_path, report=False, paper=False))
     assert list(_table_rows(block)) == ["teacher", "dcm", "lcm"]
@@ -127,7 +147,7 @@ def test_stamp_names_the_commit_the_run_date_the_machine_and_the_teacher_speed(t
     assert "teacher 3800 steps in 9.5 min at 6.70 steps/s on 2 torch threads" in stamp
 
     write_json_atomic(tmp_path / "metrics" / "dcm.json", {**METRICS["dcm"], "total": 0.5})
-    assert f"commit `{commit}` with uncommitted changes" in results_block.render(tmp_path)
+    assert f"commit `{commit}` with uncommitted changes to metrics/dcm.json" in results_block.render(tmp_path)
 
 
 def test_stamp_outside_git_and_without_a_trained_teacher(tmp_path):

@@ -61,9 +61,27 @@ def _load_metrics(project: Path) -> dict[str, dict]:
     return metrics
 
 
+def _default_rows(project: Path) -> list[str] | None:
+    """The default DAG's rows of the project's params.yaml, in its order: its methods less the opt-in ones
+    (``ablation``, ``nfe_curve``; paper.seeds' ``<row>_s<k>`` are never in the file); None without a
+    readable file."""
+    import yaml
+
+    try:
+        methods = (yaml.safe_load((project / "params.yaml").read_text()) or {}).get("methods")
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(methods, dict):
+        return None
+    return [m for m, row in methods.items()
+            if not (isinstance(row, dict) and (row.get("ablation") or row.get("nfe_curve")))]
+
+
 def _report_order(project: Path, metrics: dict[str, dict]) -> list[str]:
-    """The rows of the report's first table (the default DAG's methods, as `make demo` shows them); every
-    method with metrics, teacher first, when there is no report."""
+    """The rows of the report's first table, the default DAG's methods only, as `make demo` shows them
+    (after `make paper` the report lists every row: its curves, seeds and ablations stay in its own
+    tables).  Without a report (`make paper` builds report_paper only): the default rows with metrics in
+    params.yaml's order, else every method with metrics, teacher first."""
     summary = project / paths.REPORTS / "summary.md"
     order: list[str] = []
     if summary.is_file():
@@ -77,8 +95,10 @@ def _report_order(project: Path, metrics: dict[str, dict]) -> list[str]:
                     order.append(cells[0].split(" ", 1)[0])  # the key, less a label beside it
             elif in_table:
                 break
-    order = [m for m in order if m in metrics]
-    return order or sorted(metrics, key=lambda m: (m != TEACHER, m))
+    default = _default_rows(project)
+    order = [m for m in order if m in metrics and (default is None or m in default)]
+    return (order or [m for m in default or () if m in metrics]
+            or sorted(metrics, key=lambda m: (m != TEACHER, m)))
 
 
 def _ci(ci, scale: float = 100.0, signed: bool = False) -> str:
@@ -146,7 +166,8 @@ def _written(file: Path) -> str:
 
 
 def git_commit(project: Path) -> str:
-    """The checkout's commit, short, with a note when tracked files differ from it."""
+    """The checkout's commit, short, naming the tracked files that differ from it (`make paper` and
+    `make ablations` rewrite params.yaml and dvc.yaml to switch their rows on)."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True, check=False)
 
@@ -156,8 +177,11 @@ def git_commit(project: Path) -> str:
         return "commit unknown (no git)"
     if head.returncode != 0:
         return "commit unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return f"commit `{head.stdout.strip()}`" + (" with uncommitted changes" if dirty else "")
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
+    if not changed:
+        return f"commit `{head.stdout.strip()}`"
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"commit `{head.stdout.strip()}` with uncommitted changes to {shown}"
 
 
 def cpu_model() -> str:
@@ -209,7 +233,8 @@ def render(project: Path) -> str:
              f"Scores ×100 ({', '.join(backends)}), the same prompts and seeds for every method; "
              f"intervals: 95% bootstrap over the evaluation rows (Total − teacher paired). Prompt match: "
              f"the share of videos whose colour, shape and direction all match the prompt. Everything "
-             f"else: `{paths.REPORTS / 'summary.md'}`. Regenerate: `dcm results --write README.md`."]
+             f"else: `{paths.REPORTS / 'summary.md'}` (after `make paper`: `{paths.PAPER / 'summary.md'}`). "
+             f"Regenerate: `dcm results --write README.md`."]
     lines += paper_claims(project)
     return "\n".join(lines) + "\n"
 
