@@ -28,9 +28,12 @@ from dcm.pipeline.stages.report_paper import CLAIMS, COMPARISONS, euler_rows, la
 
 
 def project(folder: Path) -> tuple[dict[str, dict], dict[int, str], dict[str, int]]:
-    """The folder's metrics by row, its Euler rows by step count and each row's sampling steps."""
+    """The folder's metrics by row (less a paper project's training-seed rows ``<row>_s<k>``), its Euler
+    rows by step count and each row's sampling steps."""
     params = config.load(folder / "params.yaml")
-    metrics = {p.stem: json.loads(p.read_text()) for p in sorted((folder / paths.METRICS).glob("*.json"))}
+    replicas = {m for m, row in params.methods.items() if row.replicate_of}
+    metrics = {p.stem: json.loads(p.read_text()) for p in sorted((folder / paths.METRICS).glob("*.json"))
+               if p.stem not in replicas}
     steps = {**{m: params.methods[m].sample_steps for m in params.methods},
              **{m: r["steps"] for m, r in metrics.items() if r.get("steps") is not None}}
     return metrics, euler_rows(params), steps
@@ -78,7 +81,7 @@ def main() -> None:
 
     print("| row | A: Total ×100 [95% CI] | B: Total ×100 [95% CI] | B inside A's interval? |")
     print("|---|---|---|---|")
-    for m in (r for r in ma if r in mb and "_s" not in r):
+    for m in (r for r in ma if r in mb):
         (ta, (lo, hi)), tb = (ma[m]["total"], ma[m]["total_ci95"]), mb[m]
         inside = lo <= tb["total"] <= hi
         print(f"| {m} | {100 * ta:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] | {100 * tb['total']:.2f} "

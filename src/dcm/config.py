@@ -938,15 +938,25 @@ def vae_spatial_compression(family: str, path: str | os.PathLike | None) -> int:
     return int(ratio or (16 if family == "hunyuan15" else 8))
 
 
-def token_pixels(family: str, path: str | os.PathLike | None) -> int:
-    """Pixels per token side: the VAE's spatial compression × the transformer's spatial patch (its
-    config's ``patch_size``, an int or Wan's (t, h, w); else the family's: 1 for HunyuanVideo 1.5, 2 for
-    the others).  Frame heights and widths must be multiples of it."""
+def folder_transformer_config(path: str | os.PathLike | None) -> dict:
+    """The pipeline folder's transformer/config.json ({} where there is none), read without loading it."""
     file = Path(os.path.expanduser(str(path or ""))) / "transformer" / "config.json"
-    patch = json.loads(file.read_text()).get("patch_size") if path and file.is_file() else None
+    return json.loads(file.read_text()) if path and file.is_file() else {}
+
+
+def spatial_patch(family: str, path: str | os.PathLike | None) -> int:
+    """The transformer's spatial patch: its config's ``patch_size`` (an int, or Wan's (t, h, w)), else the
+    family's (1 for HunyuanVideo 1.5, 2 for the others)."""
+    patch = folder_transformer_config(path).get("patch_size")
     if isinstance(patch, (list, tuple)):
         patch = patch[1]
-    return vae_spatial_compression(family, path) * int(patch or (1 if family == "hunyuan15" else 2))
+    return int(patch or (1 if family == "hunyuan15" else 2))
+
+
+def token_pixels(family: str, path: str | os.PathLike | None) -> int:
+    """Pixels per token side: the VAE's spatial compression × the transformer's spatial patch.  Frame
+    heights and widths must be multiples of it."""
+    return vae_spatial_compression(family, path) * spatial_patch(family, path)
 
 
 def _check_backbone(params: Params) -> None:
@@ -976,11 +986,11 @@ def _check_backbone(params: Params) -> None:
                           "(height, width, frames of the videos)")
     if bb.real.frames % 4 != 1:
         raise ConfigError("backbone.real.frames", bb.real.frames, "4k+1 frames (the VAEs compress time 4x)")
-    unit, spatial = token_pixels(bb.family, bb.path), vae_spatial_compression(bb.family, bb.path)
-    for key in ("height", "width"):
-        if getattr(bb.real, key) % unit:
+    spatial, patch = vae_spatial_compression(bb.family, bb.path), spatial_patch(bb.family, bb.path)
+    for key in ("height", "width"):  # multiples of token_pixels, each config read once
+        if getattr(bb.real, key) % (spatial * patch):
             raise ConfigError(f"backbone.real.{key}", getattr(bb.real, key),
-                              f"a multiple of {unit} (VAE {spatial}x, patch {unit // spatial})")
+                              f"a multiple of {spatial * patch} (VAE {spatial}x, patch {patch})")
 
 
 def _check_method(name: str, m: MethodConfig, params: Params) -> None:

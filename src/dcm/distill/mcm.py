@@ -284,11 +284,10 @@ class ImageDiscriminator(Objective):
         self.max_grad_norm = max_grad_norm
         self.discriminator = Discriminator(features.dim, features.num_taps, features.patch_size,
                                            cond_dim=hq_text.shape[1] if conditioned else None).to(device)
-        self.conditioned = conditioned
         self.optimizer = adamw(self.discriminator.parameters(), lr=disc_lr, betas=DISC_BETAS,
                                            weight_decay=weight_decay)
         self.real_bank = features.real_frames(hq_images.to(device))
-        self.real_text = hq_text.detach().float().to(device)
+        self.real_text = hq_text.detach().float().to(device) if conditioned else None
         self._pending: dict[int, tuple[list[torch.Tensor], torch.Size, torch.Tensor]] = {}
 
     def grad_networks(self) -> list[nn.Module]:
@@ -302,7 +301,7 @@ class ImageDiscriminator(Objective):
     def fake_text(self, batch: ConsistencyBatch) -> torch.Tensor | None:
         """Each fake frame's condition: its video's pooled prompt embedding (frames are video-major);
         None for unconditioned heads."""
-        if not self.conditioned:
+        if self.real_text is None:
             return None
         return batch.cond.pooled().float().repeat_interleave(self.frames, dim=0)
 
@@ -324,7 +323,7 @@ class ImageDiscriminator(Objective):
         feat_fake, fake_shape, fake_text = pending
         pick = torch.randint(len(self.real_bank), (fake_shape[0],)).to(self.real_bank.device)
         real = self.real_bank[pick]
-        real_text = self.real_text[pick] if self.conditioned else None
+        real_text = None if self.real_text is None else self.real_text[pick]
         with torch.no_grad(), batch.autocast():
             feat_real = [f.detach().float().requires_grad_(True) for f in self.features(real)]
         self.optimizer.zero_grad(set_to_none=True)

@@ -21,17 +21,22 @@ computed before any of this existed.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dcm.backbones.base import transformer_blocks
-from dcm.config import SHARDED, ConfigError, ParallelConfig, Params, vae_spatial_compression
+from dcm.config import (
+    SHARDED,
+    ConfigError,
+    ParallelConfig,
+    Params,
+    folder_transformer_config,
+    vae_spatial_compression,
+)
 
 KEY = "training.parallel"
 
@@ -132,8 +137,7 @@ def token_count(params: Params) -> int | None:
 
 def _transformer_config(params: Params) -> dict | None:
     """The real family's transformer config.json under ``backbone.path`` (None where there is none)."""
-    config = Path(os.path.expanduser(params.backbone.path or "")) / "transformer" / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else None
+    return folder_transformer_config(params.backbone.path) or None
 
 
 def head_count(params: Params) -> int | None:
