@@ -99,6 +99,25 @@ def test_training_draws_n_only_from_the_seme_phase_with_its_end(smoke):
     assert logged == drawn.tolist()
 
 
+def test_every_step_reaches_mlflow_in_batches_of_log_every(smoke, monkeypatch):
+    """history.jsonl and the MLflow run hold the same per-step values, though the loop sends them every
+    ``log_every`` steps (7 steps at 3: batches of 3, 3, 1)."""
+    from mlflow.tracking import MlflowClient
+
+    from dcm import tracking
+
+    monkeypatch.setenv("DCM_TRACKING", "on")  # the session's sqlite store (conftest)
+    params = smoke_params(source="online", log_every=3)
+    backbone, source = online_setup(params)
+    spec = make_spec(params, backbone, schedule.pcm_phases(params.grid.steps, 2), steps=7)
+    with tracking.stage_run(params, "train_baseline", "batched") as run:
+        train(spec, backbone, source, params, smoke / "run", run)
+        run_id = run.run_id
+    logged = MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in logged) == [(row["step"], row["loss"])
+                                                        for row in history(smoke / "run")]
+
+
 # --------------------------------------------------------------------------------- the targets
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -188,6 +188,20 @@ class StageRun:
         if self._mlflow is not None:
             with _signals_deferred():
                 self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def metric_steps(self, rows: Sequence[tuple[int, Mapping[str, float], float]]) -> None:
+        """Several steps' metrics in one MLflow call: ``(step, values, unix time in s)`` rows.  A training
+        loop buffers its steps and sends them every ``log_every`` steps: one sqlite transaction per
+        step costs ~12 ms, 5% of a shapes-world student step."""
+        if self._mlflow is not None and rows:
+            from mlflow.entities import Metric
+
+            batch = [Metric(k, float(v), int(t * 1000), step) for step, values, t in rows
+                     for k, v in values.items()]
+            with _signals_deferred():
+                client = self._mlflow.MlflowClient()
+                for start in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+                    client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
     def artifact(self, path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:

@@ -11,6 +11,9 @@ extra ``Objective``s (temporal coherence, GAN + feature matching, …).  Each st
             (M = identity unless a ConsistencySpace is given: MCM)
     backward (× grad_accum) → clip → AdamW → EMA → objectives' own steps → log → checkpoint
 
+Every step goes to ``history.jsonl`` at once and to MLflow in batches of ``training.log_every`` steps (and
+at each checkpoint, so a resumed run's MLflow curve has no gap).
+
 Every ``training.log_every`` steps (unless ``training.term_grad_norms`` is off, as in the real presets) the
 history also holds each loss term's gradient norm before clipping (``grad_norm/<term>``), from extra
 ``autograd.grad`` passes that leave ``.grad`` untouched; with grad_accum > 1 it is the mean over
@@ -571,6 +574,7 @@ class Trainer:
         step_losses: list[float] = []
         bar = tqdm(range(start, spec.train_steps), desc=spec.name, initial=start, total=spec.train_steps,
                    dynamic_ncols=True, disable=not self.ranks.is_main)
+        unsent: list[tuple[int, dict[str, float], float]] = []  # steps not yet sent to MLflow
         with open(self.history_path if self.ranks.is_main else os.devnull, "a") as history:
             for step in bar:
                 step_t0 = time.perf_counter()
@@ -579,13 +583,16 @@ class Trainer:
                 history.write(json.dumps({"step": step, **logged, "step_s": time.perf_counter() - step_t0,
                                           "n": samples_n, "loss_per_sample": samples_loss}) + "\n")
                 history.flush()
-                self.tracker.metrics(logged, step=step)
+                unsent.append((step, logged, time.time()))
                 bar.set_postfix(loss=f"{logged['loss']:.4g}", gnorm=f"{logged['grad_norm']:.3g}",
                                 refresh=False)
                 # a multi-rank job: every rank writes its shards
                 done = step + 1
-                if ((self.resume_state.sharded or self.ranks.is_main)
-                        and (done % self.cfg.checkpoint_every == 0 or done == spec.train_steps)):
+                checkpoint = done % self.cfg.checkpoint_every == 0 or done == spec.train_steps
+                if checkpoint or done % self.cfg.log_every == 0:  # every step, in batches
+                    self.tracker.metric_steps(unsent)
+                    unsent.clear()
+                if checkpoint and (self.resume_state.sharded or self.ranks.is_main):
                     self.last_checkpoint = self.resume_state.save(done,
                                                                   wall_before + time.perf_counter() - t0)
         bar.close()
