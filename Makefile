@@ -49,14 +49,16 @@ ablations: setup
 # The paper report: every row of the default DAG, the quality-against-steps rows (nfe_curve: true) and paper.rows
 # (each trained paper.seeds times, seed + k), and MCM in its own setting (stage mcm_setting: the mcm preset's
 # pipeline in mcm_setting/).  `dcm params --enable paper` switches them on in params.yaml (pipeline.paper) and
-# rewrites dvc.yaml; `dvc repro report_paper` builds what is missing, then paper/summary.md opens with the
-# paper's claims, each marked holds / does not hold / inconclusive from the paired intervals, with its control
-# beside it (plain Euler at the same step count in place of the distilled row: "holds, but so does Euler-k").
+# rewrites dvc.yaml; `dvc repro report report_paper` builds what is missing, then reports/summary.md (the
+# default table, as `make demo` writes it) and paper/summary.md, which opens with the paper's claims, each
+# marked holds / does not hold / inconclusive from the paired intervals, with its control beside it (plain
+# Euler at the same step count in place of the distilled row: "holds, but so does Euler-k").
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	$(VENV)/bin/dcm params --enable paper -o params.yaml
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report_paper
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report report_paper
 	@echo "paper report: paper/summary.md  (HTML: paper/index.html; curves: paper/*_vs_nfe.png)"
+	@echo "default table: reports/summary.md"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

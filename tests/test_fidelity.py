@@ -284,11 +284,11 @@ def test_the_headline_dmd2_row_is_shown_as_dmd2_without_its_gan_wherever_it_is_s
     assert label(params, "dmd2_gan") == {} and label(params, "dcm") == {}
     row = {"total": 0.9, "quality": 0.9, "semantic": 0.9, "steps": 4, "nfe": 4, "label": "DMD2 (no GAN)"}
     metrics = {"dcm": {**row, "label": None}, "dmd2": row}
-    assert "| dmd2 (DMD2 (no GAN)) |" in reporting.markdown_table(reporting.method_table(metrics, ["dmd2"]))
-    assert "| dmd2 (DMD2 (no GAN)) |" in results_block.method_table(metrics, ["dmd2"])
+    assert "| dmd2 — DMD2 (no GAN) |" in reporting.markdown_table(reporting.method_table(metrics, ["dmd2"]))
+    assert "| dmd2 — DMD2 (no GAN) |" in results_block.method_table(metrics, ["dmd2"])
     assert labelled(COMPARISONS[0], metrics).text.startswith("DCM vs DMD2 (no GAN) at 4 steps")
     assert "DMD2 (no GAN)" in labelled_curves(metrics) and "DMD2" not in labelled_curves(metrics)
     summary = tmp_path / "reports" / "summary.md"
     summary.parent.mkdir()
-    summary.write_text("| method | steps |\n|---|---|\n| dmd2 (DMD2 (no GAN)) | 4 |\n")
+    summary.write_text("| method | steps |\n|---|---|\n| dmd2 — DMD2 (no GAN) | 4 |\n")
     assert results_block._report_order(tmp_path, metrics) == ["dmd2"]

@@ -123,22 +123,20 @@ def test_paper_report_gives_a_computed_verdict_per_claim_tables_and_curves(proje
     for claim in ("ablation: + temporal coherence helps (OD+PE+TC > OD+PE)",
                   "ablation: + GAN and feature matching help (DCM > OD+PE+TC)"):
         assert verdict(claim) == "not run"
-        assert "`od_pe_tc`" in claim_row(summary, claim)["difference ×100 [95% CI]"]
+        assert "`od_pe_tc`" in claim_row(summary, claim)["a − b ×100 [95% CI]"]
     comparison = next(x for x in summary.splitlines() if "— DCM vs DMD2 at 4 steps" in x)
     assert comparison.startswith("- **dmd2 higher**")
     # the interval is the metrics' own paired Total − teacher (same rows, bootstrap, seed)
     dcm = claim_row(summary, "DCM-4 ≈ teacher-50")
     lo, hi = records["dcm"]["diff_vs_teacher"]["total"]["ci95"]
-    assert f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in dcm["difference ×100 [95% CI]"]
-    assert "Total(dcm, 4 steps) − Total(teacher, 50 steps)" in dcm["difference ×100 [95% CI]"]
+    assert dcm["a − b ×100 [95% CI]"].endswith(f"[{100 * lo:+.2f}, {100 * hi:+.2f}]")
+    assert dcm["score (a vs b), pairs"] == "Total: dcm, 4 steps vs teacher, 50 steps; 64 paired rows"
     # the control: Euler-4's own metrics, Total − teacher, decided by the same rule
     lo, hi = records["euler4"]["diff_vs_teacher"]["total"]["ci95"]
     assert dcm["control verdict"] == "does not hold"
-    assert dcm["control difference ×100 [95% CI]"].startswith(
-        f"Total(euler4, 4 steps) − Total(teacher, 50 steps) = -1.50 [{100 * lo:+.2f}, {100 * hi:+.2f}]")
-    assert dcm["a − Euler-k ×100 [95% CI]"].startswith("Total(dcm, 4 steps) − Total(euler4, 4 steps) = +1.60")
-    assert claim_row(summary, "DCM-4 > PCM-4")["control difference ×100 [95% CI]"].startswith(
-        "Total(euler4, 4 steps) − Total(pcm, 4 steps) = +0.50")
+    assert dcm["Euler-k − b ×100 [95% CI]"] == f"-1.50 [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    assert dcm["a − Euler-k ×100 [95% CI]"].startswith("+1.60 [")
+    assert claim_row(summary, "DCM-4 > PCM-4")["Euler-k − b ×100 [95% CI]"].startswith("+0.50 [")
     assert "margin 1 point" in summary and "Control: each claim is decided again" in summary
 
     two, four = summary.split("## At 2 steps")[1].split("## At 4 steps")
@@ -273,12 +271,12 @@ def test_training_seeds_pool_into_the_verdicts_and_the_seed_table(project):
 
     def line(summary: str, text: str) -> str:
         row = claim_row(summary, text)
-        return f"{row['verdict']}: {row['difference ×100 [95% CI]']}"
+        return f"{row['verdict']}: {row['a − b ×100 [95% CI]']} over {row['score (a vs b), pairs']}"
 
     assert line(one_run, "DCM-4 ≈ teacher-50").startswith("holds: ")
     assert "training seeds" not in line(one_run, "DCM-4 ≈ teacher-50")
     assert line(pooled, "DCM-4 ≈ teacher-50").startswith("inconclusive: ")
-    assert "over 64 paired rows × training seeds 3 vs 1" in line(pooled, "DCM-4 ≈ teacher-50")
+    assert line(pooled, "DCM-4 ≈ teacher-50").endswith("; 64 paired rows × training seeds 3 vs 1")
     assert "× training seeds 3 vs 1" in line(pooled, "DCM-4 > PCM-4")
     table = pooled.split("## Training seeds")[1].split("##")[0]
     dcm = 100 * TOTALS["dcm"].mean()
@@ -393,11 +391,11 @@ def test_each_claim_is_reported_beside_its_euler_control_in_the_first_table(proj
     for text, (verdict, control) in expect.items():
         row = claim_row(summary, text)
         assert (row["verdict"], row["control verdict"]) == (verdict, control), text
-        assert row["control: Euler-k in place of a"] == "Euler-4 (`euler4`) in place of `dcm`"
+        assert row["control: Euler-k as a"] == "`euler4`"
         if euler4 is None:
-            assert row["control difference ×100 [95% CI]"] == "no metrics for `euler4`"
+            assert row["Euler-k − b ×100 [95% CI]"] == "no metrics for `euler4`"
         else:
-            assert row["control difference ×100 [95% CI]"].startswith("Total(euler4, 4 steps) − ")
+            assert row["Euler-k − b ×100 [95% CI]"].endswith("]")
     first_table = next(line for line in summary.splitlines() if line.startswith("|"))
     assert first_table == "| " + " | ".join(report_paper.CLAIMS_HEADER) + " |"
     assert summary.index(first_table) < summary.index("## At 2 steps")

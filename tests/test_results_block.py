@@ -128,7 +128,7 @@ def test_after_make_paper_the_table_keeps_the_default_rows(tmp_path):
                                       + "  euler2: {kind: teacher, sample_steps: 2, nfe_curve: true}\n"
                                       + "  od: {kind: dcm, ablation: true}\n")
     assert list(_table_rows(results_block.render(root))) == ORDER
-    (root / "reports" / "summary.md").unlink()  # make paper builds report_paper, not report
+    (root / "reports" / "summary.md").unlink()  # a paper project built by `dvc repro report_paper` alone
     assert list(_table_rows(results_block.render(root))) == ORDER  # params.yaml's order
 
 

@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dcm.evaluation.results_block import shown_name  # noqa: E402
+
 QUALITY_KEYS = ("total", "quality", "semantic")
 
 
@@ -40,11 +42,6 @@ def protocol_note(metrics: dict[str, dict]) -> str | None:
 
     suites = [m.get("vbench_suite") for m in metrics.values() if m.get("vbench_suite")]
     return describe(suites[0]) if suites else None
-
-
-def shown_name(name: str, metrics: dict) -> str:
-    """A row as the tables show it: its key, and its label where it has one (``dmd2 (DMD2 (no GAN))``)."""
-    return f"{name} ({metrics['label']})" if metrics.get("label") else name
 
 
 def method_table(metrics: dict[str, dict], order: list[str]) -> list[dict]:

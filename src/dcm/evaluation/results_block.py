@@ -112,6 +112,11 @@ def _cell(value, spec: str, suffix: str = "") -> str:
     return "" if value is None else format(value, spec) + suffix
 
 
+def shown_name(name: str, metrics: dict) -> str:
+    """A row as every table shows it: its key, and its label where it has one (``dmd2 — DMD2 (no GAN)``)."""
+    return f"{name} — {metrics['label']}" if metrics.get("label") else name
+
+
 def method_table(metrics: dict[str, dict], order: list[str]) -> str:
     """Markdown: one row per method; scores ×100, intervals the metrics' 95% bootstrap ones."""
     teacher_latency = metrics.get(TEACHER, {}).get("latency_s")
@@ -126,8 +131,7 @@ def method_table(metrics: dict[str, dict], order: list[str]) -> str:
                      else f"{100 * diff['mean']:+.2f}{_ci(diff.get('ci95'), signed=True)}")
         match = m.get("match_rate")
         match_text = _cell(None if match is None else 100 * match, ".0f", "%")
-        shown = f"{name} ({m['label']})" if m.get("label") else name
-        lines.append(f"| {shown} | {_cell(m.get('steps'), 'd')} | {_cell(m.get('nfe'), 'd')} "
+        lines.append(f"| {shown_name(name, m)} | {_cell(m.get('steps'), 'd')} | {_cell(m.get('nfe'), 'd')} "
                      f"| {_cell(latency, '.3f')} | {_cell(speedup, '.1f', '×')} "
                      f"| {100 * m['total']:.2f}{_ci(m.get('total_ci95'))} | {100 * m['quality']:.2f} "
                      f"| {100 * m['semantic']:.2f} | {diff_text} | {match_text} |")

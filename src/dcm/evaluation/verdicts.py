@@ -81,6 +81,11 @@ class Difference:
     seeds: tuple[int, int] = (1, 1)  # training seeds pooled on each side (a, b)
 
 
+def row_at(row: str, steps: Mapping[str, int | None] | None) -> str:
+    """``row`` with the step count it sampled at, ``dcm, 4 steps``, where ``steps`` (row → steps) knows it."""
+    return f"{row}, {steps[row]} steps" if steps and steps.get(row) is not None else row
+
+
 @dataclass(frozen=True)
 class Verdict:
     claim: Claim
@@ -96,25 +101,33 @@ class Verdict:
         return {HOLDS: f"{self.claim.a} higher", DOES_NOT_HOLD: f"{self.claim.b} higher"}.get(
             self.outcome, INCONCLUSIVE)
 
-    def difference_text(self, steps: Mapping[str, int | None] | None = None) -> str:
-        """The difference (×100) the outcome was decided on, naming each row's step count (``steps``: row →
-        sampling steps, from the metrics) and the paired rows; for a claim not run, the rows without
-        metrics."""
-        c = self.claim
+    def interval_text(self) -> str:
+        """The difference (×100) the outcome was decided on with its 95% interval, ``+0.44 [-0.23, +1.40]``;
+        for a claim not run, the rows without metrics."""
         if self.outcome == NOT_RUN:
             return "no metrics for " + ", ".join(f"`{m}`" for m in self.missing)
         d = self.difference
-
-        def row(m: str) -> str:
-            return f"{m}, {steps[m]} steps" if steps and steps.get(m) is not None else m
-
         values = [100 * d.mean, 100 * d.ci95[0], 100 * d.ci95[1]]
         # two decimals, unless an interval bound would print as ±0.00 while the verdict rests on its sign
         spec = "+.2f" if all(v == 0 or abs(v) >= 0.005 for v in values[1:]) else "+.1e"
         mean, low, high = (format(v, spec) for v in values)
+        return f"{mean} [{low}, {high}]"
+
+    def pairing_text(self) -> str:
+        """The paired rows behind the difference, and the training seeds pooled on each side."""
+        d = self.difference
         seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != (1, 1) else ""
-        return (f"{c.score_name}({row(c.a)}) − {c.score_name}({row(c.b)}) = {mean} [{low}, {high}] "
-                f"over {d.rows} paired rows{seeds}")
+        return f"{d.rows} paired rows{seeds}"
+
+    def difference_text(self, steps: Mapping[str, int | None] | None = None) -> str:
+        """The difference (×100) the outcome was decided on, naming each row's step count (``steps``: row →
+        sampling steps, from the metrics) and the paired rows; for a claim not run, the rows without
+        metrics."""
+        if self.outcome == NOT_RUN:
+            return self.interval_text()
+        c = self.claim
+        return (f"{c.score_name}({row_at(c.a, steps)}) − {c.score_name}({row_at(c.b, steps)}) = "
+                f"{self.interval_text()} over {self.pairing_text()}")
 
     def line(self, steps: Mapping[str, int | None] | None = None) -> str:
         """One Markdown line: outcome, claim, and the difference (×100) it was decided on; ``steps`` (row →

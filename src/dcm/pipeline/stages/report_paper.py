@@ -20,13 +20,16 @@ import html
 from dcm import paths, tracking
 from dcm.config import Params
 from dcm.evaluation import reporting
+from dcm.evaluation.results_block import shown_name
 from dcm.evaluation.verdicts import (
     EQUIVALENCE_MARGIN,
+    NOT_RUN,
     Claim,
     Controlled,
     Verdict,
     controlled_verdict,
     pooled_total,
+    row_at,
     verdict,
 )
 from dcm.io import atomic_dir, read_json
@@ -77,9 +80,11 @@ CONTROL_RULE = (
     "Control: each claim is decided again, by the same rule, with its distilled row a replaced by the "
     "teacher sampled with plain Euler at a's step count k (Euler-k, no distillation): Euler-k ≈ teacher-50 "
     "for a ≈ teacher-50, Euler-k > b for a > b. A claim that holds while its control holds too is marked "
-    "holds, but so does Euler-k (no distillation): it does not show what distillation adds. The last "
-    "column, Total(a) − Total(Euler-k), says whether a beats plain Euler at its own step count. An Euler "
-    "row at k without metrics: control not run.")
+    "holds, but so does Euler-k (no distillation): it does not show what distillation adds. The column "
+    "a − Euler-k says whether a beats plain Euler at its own step count. The last column names the score, "
+    "the rows at their step counts and the claim's pairing (rows × training seeds pooled on each side); the "
+    "controls pair the same rows, with Euler-k's one run in place of a's seeds. An Euler row at k without "
+    "metrics: control not run.")
 # (metrics key, axis label, scale): the headline metrics plotted against NFE
 CURVE_METRICS = (
     ("total", "Total (×100, higher is better)", 100.0),
@@ -303,7 +308,7 @@ def _coverage_table(metrics: dict[str, dict]) -> tuple[tuple[str, ...], list[lis
     rows = []
     for m, block in blocks.items():
         coverage, averaged = block.get("coverage", {}), block.get("averaged_mode") or {}
-        rows.append([reporting.shown_name(m, metrics[m]),
+        rows.append([shown_name(m, metrics[m]),
                      *(_with_ci(coverage[a]["tv_excess"], coverage[a].get("tv_excess_ci95"), spec="+.2f")
                        if a in coverage else "—" for a in attributes),
                      _with_ci(averaged.get("share"), averaged.get("ci95"))])
@@ -355,19 +360,23 @@ def euler_rows(params: Params) -> dict[int, str]:
             if m != TEACHER and m in params.methods}
 
 
-CLAIMS_HEADER = ("claim", "verdict", "difference ×100 [95% CI]", "control: Euler-k in place of a",
-                 "control verdict", "control difference ×100 [95% CI]", "a − Euler-k ×100 [95% CI]")
+CLAIMS_HEADER = ("claim", "verdict", "a − b ×100 [95% CI]", "control: Euler-k as a", "control verdict",
+                 "Euler-k − b ×100 [95% CI]", "a − Euler-k ×100 [95% CI]", "score (a vs b), pairs")
 
 
 def _claims_table(controlled: list[Controlled], steps: dict) -> tuple[tuple[str, ...], list[list[str]]]:
-    """The claims with their controls: the header and one row of cells per claim."""
+    """The claims with their controls: the header and one row of cells per claim.  The difference cells
+    hold the figures alone; the last column names the score, the rows with their step counts and the
+    pairing they share (a claim not run: its missing rows)."""
     rows = []
     for c in controlled:
         v = c.verdict
-        control = "—" if c.euler is None else f"Euler-{c.steps} (`{c.euler}`) in place of `{v.claim.a}`"
-        rows.append([v.claim.text, c.label, v.difference_text(steps), control, c.control_label,
-                     c.control.difference_text(steps) if c.control else "—",
-                     c.gain.difference_text(steps) if c.gain else "—"])
+        claim = v.claim
+        pairs = "—" if v.outcome == NOT_RUN else (
+            f"{claim.score_name}: {row_at(claim.a, steps)} vs {row_at(claim.b, steps)}; {v.pairing_text()}")
+        rows.append([claim.text, c.label, v.interval_text(), "—" if c.euler is None else f"`{c.euler}`",
+                     c.control_label, c.control.interval_text() if c.control else "—",
+                     c.gain.interval_text() if c.gain else "—", pairs])
     return CLAIMS_HEADER, rows
 
 
