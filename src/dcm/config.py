@@ -944,13 +944,20 @@ def folder_transformer_config(path: str | os.PathLike | None) -> dict:
     return json.loads(file.read_text()) if path and file.is_file() else {}
 
 
-def spatial_patch(family: str, path: str | os.PathLike | None) -> int:
-    """The transformer's spatial patch: its config's ``patch_size`` (an int, or Wan's (t, h, w)), else the
-    family's (1 for HunyuanVideo 1.5, 2 for the others)."""
-    patch = folder_transformer_config(path).get("patch_size")
+def transformer_patch(family: str, path: str | os.PathLike | None) -> tuple[int, int, int]:
+    """The transformer's (t, h, w) patch from its config: Wan's ``patch_size`` tuple, else ``patch_size_t``
+    (absent: 1) and the int ``patch_size`` (absent: the family's, 1 for HunyuanVideo 1.5, else 2)."""
+    cfg = folder_transformer_config(path)
+    patch = cfg.get("patch_size")
     if isinstance(patch, (list, tuple)):
-        patch = patch[1]
-    return int(patch or (1 if family == "hunyuan15" else 2))
+        return tuple(int(p) for p in patch)
+    spatial = int(patch or (1 if family == "hunyuan15" else 2))
+    return int(cfg.get("patch_size_t") or 1), spatial, spatial
+
+
+def spatial_patch(family: str, path: str | os.PathLike | None) -> int:
+    """The transformer's spatial patch (``transformer_patch``'s h)."""
+    return transformer_patch(family, path)[1]
 
 
 def token_pixels(family: str, path: str | os.PathLike | None) -> int:

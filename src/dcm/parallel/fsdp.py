@@ -35,6 +35,7 @@ from dcm.config import (
     ParallelConfig,
     Params,
     folder_transformer_config,
+    transformer_patch,
     vae_spatial_compression,
 )
 
@@ -121,15 +122,9 @@ def token_count(params: Params) -> int | None:
     if bb.family == "toy":
         f, (pt, ph, pw) = bb.toy.codec_factor, bb.toy.patch_size
         return (params.world.frames // pt) * (params.world.size // f // ph) * (params.world.size // f // pw)
-    cfg = _transformer_config(params)
-    if bb.real is None or cfg is None:
+    if bb.real is None or _transformer_config(params) is None:
         return None
-    patch = cfg.get("patch_size")
-    if isinstance(patch, (list, tuple)):
-        pt, ph, pw = (int(p) for p in patch)
-    else:
-        pt, ph = int(cfg.get("patch_size_t") or 1), int(patch or 1)
-        pw = ph
+    pt, ph, pw = transformer_patch(bb.family, bb.path)
     frames = (bb.real.frames - 1) // 4 + 1  # the VAEs: time ÷4 (4k+1 frames), space ÷8 (Wan 2.2, HV 1.5: ÷16)
     spatial = vae_spatial_compression(bb.family, bb.path)
     return (frames // pt) * (bb.real.height // spatial // ph) * (bb.real.width // spatial // pw)
