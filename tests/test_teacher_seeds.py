@@ -36,7 +36,12 @@ def test_a_verdict_the_teacher_seed_moves_is_marked(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "teacher_seeds.py"), str(tmp_path / "a"),
                           str(tmp_path / "b"), "--bootstrap", "200"], capture_output=True, text=True,
                          check=True).stdout
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    single, pooled = out.split("\npooled: ")
+    rows = {line.split("|")[1].strip(): line for line in single.splitlines() if line.startswith("| ")}
+    rows.update({line.split("|")[1].strip(): line for line in pooled.split("\n\n| row |")[1].splitlines()
+                 if line.startswith("| ")})
+    pooled_rows = {line.split("|")[1].strip(): line.split("|")
+                   for line in pooled.split("\n\n| row |")[0].splitlines() if line.startswith("| ")}
     assert rows["DCM-4 > PCM-4"].rstrip().endswith("| **yes** |")
     cells = rows["DCM-4 > PCM-4"].split("|")
     assert cells[2].strip().startswith("holds") and cells[4].strip().startswith("does not hold")
@@ -44,3 +49,8 @@ def test_a_verdict_the_teacher_seed_moves_is_marked(tmp_path):
     assert rows["PCM-4 > LCM-4"].rstrip().endswith("| no |")
     assert "verdicts (or controls) the teacher's seed moved: 1" in out  # DCM ≈ teacher fails in both
     assert rows["dcm"].rstrip().endswith("| **no** |") and rows["teacher"].rstrip().endswith("| yes |")
+    # pooled over both teachers: DCM +2 under A, −2 under B → 0, inconclusive: A's own "holds" moved
+    dcm_pcm = [c.strip() for c in pooled_rows["DCM-4 > PCM-4"]]
+    assert dcm_pcm[2].startswith("holds") and dcm_pcm[4].startswith("inconclusive")
+    assert dcm_pcm[5] == "+0.00 [-2.00, +2.00]" and dcm_pcm[6] == "64 paired rows, over 2 teachers"
+    assert dcm_pcm[7] == "**yes**" and pooled_rows["PCM-4 > LCM-4"][7].strip() == "no"

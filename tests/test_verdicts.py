@@ -18,6 +18,7 @@ from dcm.evaluation.verdicts import (
     hierarchical_difference,
     paired_difference,
     pooled_total,
+    teacher_pooled_difference,
     verdict,
 )
 
@@ -150,6 +151,37 @@ def test_training_seeds_share_only_the_rows_every_seed_scored():
     with pytest.raises(ValueError, match="every training seed"):
         hierarchical_difference([m["a"]["per_row"], [{"prompt": "elsewhere", "seed": 9, "total": 1.0}]],
                                 [m["b"]["per_row"]], 100, 0)
+
+
+def test_one_teacher_is_the_training_seed_bootstrap_to_the_digit():
+    m = metrics_with_difference(0.01, 0.02)
+    seeds_a = [m["a"]["per_row"], per_row([r["total"] + 0.01 for r in m["a"]["per_row"]])]
+    assert teacher_pooled_difference([(seeds_a, [m["b"]["per_row"]])], 200, 0) == \
+        hierarchical_difference(seeds_a, [m["b"]["per_row"]], 200, 0)
+    assert verdict(BETTER, [m], 200, 0) == verdict(BETTER, m, 200, 0)
+
+
+def test_pooling_teachers_keeps_a_and_b_paired_within_a_teacher_and_covers_their_spread():
+    """Two teachers whose rows all sit 3 points apart (teacher B's rows and students higher): a − b is
+    +1 point within each, so the pooled difference is +1 with a tight interval (pairing by teacher removes
+    the teachers' offset).  Teachers whose a − b differ (+1 and −1) give 0 with an interval from −1 to +1."""
+    m = metrics_with_difference(0.01, 0.0)
+    a, b = (np.array([r["total"] for r in m[k]["per_row"]]) for k in ("a", "b"))
+    teacher_a = {"a": {"per_row": per_row(a)}, "b": {"per_row": per_row(b)}}
+    teacher_b = {"a": {"per_row": per_row(a + 0.03)}, "b": {"per_row": per_row(b + 0.03)}}
+    same = verdict(BETTER, [teacher_a, teacher_b], 400, 0)
+    assert same.difference.mean == pytest.approx(0.01) and same.difference.teachers == 2
+    assert same.difference.ci95[1] - same.difference.ci95[0] < 1e-9 and same.outcome == HOLDS
+    assert same.line().endswith("over 64 paired rows, over 2 teachers")
+
+    flipped = {"a": {"per_row": per_row(b - 0.01)}, "b": {"per_row": per_row(b)}}
+    split = verdict(BETTER, [teacher_a, flipped], 400, 0)
+    assert split.difference.mean == pytest.approx(0.0, abs=1e-12)
+    assert split.difference.ci95 == pytest.approx((-0.01, 0.01)) and split.outcome == INCONCLUSIVE
+    assert verdict(BETTER, [teacher_a, {"b": teacher_a["b"]}], 400, 0).missing == ("a",)
+    seeds = [{"a": ["a", "a_s1"], "b": ["b"]}, {"a": ["a"], "b": ["b"]}]
+    pooled = verdict(BETTER, [{**teacher_a, "a_s1": teacher_a["a"]}, teacher_b], 400, 0, seeds=seeds)
+    assert pooled.line().endswith("over 64 paired rows × training seeds 3 vs 2 in all, over 2 teachers")
 
 
 def test_pooled_total_is_the_mean_over_seeds_with_each_seeds_own_mean():

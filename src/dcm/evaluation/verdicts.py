@@ -24,6 +24,12 @@ with replacement; the estimate is the mean over seeds and rows of each side.  Th
 the retraining spread as well as the choice of evaluation rows.  With one training seed per side it is
 the paired row bootstrap above, to the digit.
 
+Every such verdict is conditional on one teacher.  Given one project per teacher seed (the same evaluation
+rows, students distilled from each project's own teacher), :func:`teacher_pooled_difference` adds a level
+on top: each resample draws the rows once, each teacher's training seeds, then the teachers with
+replacement; the difference stays within a teacher (a student against its own teacher's rows).  With one
+teacher it is :func:`hierarchical_difference`, to the digit.
+
 Controls (:func:`controlled_verdict`): a claim about a distilled row ``a`` sampled at k steps is decided
 again with ``a`` replaced by the teacher sampled with plain Euler at k steps (the row ``Euler-k``, no
 distillation): *Euler-k ≈ b* for ``a ≈ b``, *Euler-k > b* for ``a > b``, same rules and intervals.  A
@@ -35,7 +41,7 @@ Euler row at k with metrics: *control not run (<row>)*.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -78,7 +84,8 @@ class Difference:
     mean: float
     ci95: tuple[float, float]
     rows: int
-    seeds: tuple[int, int] = (1, 1)  # training seeds pooled on each side (a, b)
+    seeds: tuple[int, int] = (1, 1)  # training seeds pooled on each side (a, b), over all teachers
+    teachers: int = 1  # teachers (teacher seeds) pooled, each with its own students
 
 
 def row_at(row: str, steps: Mapping[str, int | None] | None) -> str:
@@ -116,8 +123,11 @@ class Verdict:
     def pairing_text(self) -> str:
         """The paired rows behind the difference, and the training seeds pooled on each side."""
         d = self.difference
-        seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != (1, 1) else ""
-        return f"{d.rows} paired rows{seeds}"
+        one_each = (d.teachers, d.teachers)  # one training seed per side and teacher
+        seeds = f" × training seeds {d.seeds[0]} vs {d.seeds[1]}" if d.seeds != one_each else ""
+        teachers = f" in all, over {d.teachers} teachers" if d.teachers > 1 and seeds else (
+            f", over {d.teachers} teachers" if d.teachers > 1 else "")
+        return f"{d.rows} paired rows{seeds}{teachers}"
 
     def difference_text(self, steps: Mapping[str, int | None] | None = None) -> str:
         """The difference (×100) the outcome was decided on, naming each row's step count (``steps``: row →
@@ -227,6 +237,38 @@ def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mappi
     return Difference(float(a.mean() - b.mean()), (float(lo), float(hi)), count, (len(a), len(b)))
 
 
+def teacher_pooled_difference(teachers: Sequence[tuple[list[list[Mapping]], list[list[Mapping]]]], n: int,
+                              seed: int, score: str = "total") -> Difference:
+    """Total(a) − Total(b) pooled over teachers: ``teachers[t]`` holds teacher t's ``(a_sets, b_sets)``, the
+    training seeds of its own rows a and b.  Estimate: the mean over teachers of each teacher's difference
+    (:func:`hierarchical_difference`'s); interval: every resample draws the shared rows once, within each
+    teacher both sides' training seeds, and then the teachers with replacement, so a and b stay paired by
+    teacher (a student is compared with rows of its own teacher).  One teacher is
+    :func:`hierarchical_difference`, to the digit."""
+    if len(teachers) == 1:
+        return hierarchical_difference(*teachers[0], n, seed, score)
+    if any(not a or not b for a, b in teachers):
+        raise ValueError("a difference needs at least one training seed on each side of every teacher")
+    missing = ("no (prompt, seed) row scored in every teacher's and training seed's metrics: a paired "
+               "difference needs shared rows (every project on the same evaluation set)")
+    count, totals = _shared_totals([s for a, b in teachers for s in (*a, *b)], missing, score)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, count, (n, count))
+    within, estimates, start = [], [], 0
+    for a_sets, b_sets in teachers:
+        a = totals[start:start + len(a_sets)]
+        b = totals[start + len(a_sets):start + len(a_sets) + len(b_sets)]
+        start += len(a_sets) + len(b_sets)
+        pick_a, pick_b = rng.integers(0, len(a), (n, len(a))), rng.integers(0, len(b), (n, len(b)))
+        within.append(_resampled_means(a, rows, pick_a) - _resampled_means(b, rows, pick_b))
+        estimates.append(a.mean() - b.mean())
+    pick = rng.integers(0, len(teachers), (n, len(teachers)))
+    values = np.stack(within)[pick.T, np.arange(n)].mean(0)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    seeds = (sum(len(a) for a, _ in teachers), sum(len(b) for _, b in teachers))
+    return Difference(float(np.mean(estimates)), (float(lo), float(hi)), count, seeds, len(teachers))
+
+
 def pooled_total(sets: list[list[Mapping]], n: int,
                  seed: int) -> tuple[float, tuple[float, float], list[float]]:
     """One row's Total over its training seeds (each seed's ``per_row``): the mean over seeds and the rows
@@ -252,34 +294,41 @@ def decide(kind: str, ci95: tuple[float, float], margin: float = EQUIVALENCE_MAR
     raise ValueError(f"claim kind {kind!r} is not one of {KINDS}")
 
 
-def verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
-            margin: float = EQUIVALENCE_MARGIN, seeds: Mapping[str, list[str]] | None = None) -> Verdict:
+def verdict(claim: Claim, metrics: Mapping[str, Mapping] | Sequence[Mapping[str, Mapping]], n: int, seed: int,
+            margin: float = EQUIVALENCE_MARGIN,
+            seeds: Mapping[str, list[str]] | Sequence[Mapping[str, list[str]]] | None = None) -> Verdict:
     """The claim's verdict from ``metrics`` (row name → metrics record with ``per_row``); not run when a
     row has no record.  ``seeds`` (row → its training-seed rows, itself first) pools the seeds that have
-    metrics with :func:`hierarchical_difference`."""
-    missing = tuple(m for m in (claim.a, claim.b) if m not in metrics)
+    metrics with :func:`hierarchical_difference`.  A list of ``metrics`` (and of ``seeds``) is one project
+    per teacher seed, pooled with :func:`teacher_pooled_difference`; a row missing in any of them: not run."""
+    projects = [metrics] if isinstance(metrics, Mapping) else list(metrics)
+    seed_maps = [seeds] if seeds is None or isinstance(seeds, Mapping) else list(seeds)
+    seed_maps = seed_maps * len(projects) if len(seed_maps) == 1 else seed_maps
+    missing = tuple(dict.fromkeys(m for p in projects for m in (claim.a, claim.b) if m not in p))
     if missing:
         return Verdict(claim, NOT_RUN, missing=missing)
-    sides = [[r for r in (seeds or {}).get(m, [m]) if r in metrics] or [m] for m in (claim.a, claim.b)]
-    for m in (r for side in sides for r in side):
-        if not metrics[m].get("per_row"):
-            raise ValueError(f"metrics of {m!r} have no 'per_row' scores: a verdict needs the paired rows "
-                             f"(re-run `dcm run evaluate --method {m}`)")
-    diff = hierarchical_difference(*([metrics[r]["per_row"] for r in side] for side in sides), n, seed,
-                                   claim.score)
+    teachers = []
+    for project, seed_map in zip(projects, seed_maps, strict=True):
+        sides = [[r for r in (seed_map or {}).get(m, [m]) if r in project] or [m] for m in (claim.a, claim.b)]
+        for m in (r for side in sides for r in side):
+            if not project[m].get("per_row"):
+                raise ValueError(f"metrics of {m!r} have no 'per_row' scores: a verdict needs the paired "
+                                 f"rows (re-run `dcm run evaluate --method {m}`)")
+        teachers.append(tuple([project[r]["per_row"] for r in side] for side in sides))
+    diff = teacher_pooled_difference(teachers, n, seed, claim.score)
     return Verdict(claim, decide(claim.kind, diff.ci95, margin), diff)
 
 
-
-def controlled_verdict(claim: Claim, metrics: Mapping[str, Mapping], n: int, seed: int,
-                       euler: Mapping[int, str], steps: Mapping[str, int | None],
+def controlled_verdict(claim: Claim, metrics: Mapping[str, Mapping] | Sequence[Mapping[str, Mapping]], n: int,
+                       seed: int, euler: Mapping[int, str], steps: Mapping[str, int | None],
                        margin: float = EQUIVALENCE_MARGIN,
-                       seeds: Mapping[str, list[str]] | None = None) -> Controlled:
+                       seeds: Mapping[str, list[str]] | Sequence[Mapping[str, list[str]]] | None = None,
+                       ) -> Controlled:
     """The claim's verdict with its control (module docstring).  ``euler``: sampling steps → the row that
     samples the teacher with plain Euler at that many steps; ``steps``: row → its sampling steps (the
     metrics' where it ran).  The control replaces the claim's row a by ``euler[steps[a]]``; the gain is
     a against that row (kind ``compare``).  Both decided as :func:`verdict`, with its ``n``, ``seed``,
-    ``margin`` and ``seeds``."""
+    ``margin`` and ``seeds``; a list of ``metrics`` pools teachers as there."""
     main = verdict(claim, metrics, n, seed, margin, seeds)
     k = steps.get(claim.a)
     row = euler.get(k) if k is not None else None
