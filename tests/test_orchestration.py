@@ -148,7 +148,7 @@ def test_a_bare_dvc_repro_builds_the_default_experiment_and_the_switches_add_the
     params = config.load(REPO / "params.yaml")
     assert (params.pipeline.ablations, params.pipeline.paper) == (False, False)
     opt_in_stages = {s.name for s in STAGES.values() if s.opt_in}
-    assert opt_in_stages == {"report_ablations", "mcm_setting", "report_paper"}
+    assert opt_in_stages == {"report_ablations", "mcm_setting", "teachers", "report_paper"}
     opt_in_rows = set(ablation_rows(params)) | set(curve_rows(params)) | set(paper_rows(params))
     assert {"vcm", "dcm_d3", "euler1", "pcm2", "lcm_s1", "dcm_s2"} <= opt_in_rows
     default_methods = {name.partition("@")[2] for name in default_runs} - {""}
@@ -163,18 +163,20 @@ def test_a_bare_dvc_repro_builds_the_default_experiment_and_the_switches_add_the
 
 
 def test_the_paper_switch_adds_the_paper_reports_rows_and_not_the_other_ablation_rows():
-    """pipeline.paper alone: mcm_setting, report_paper, the NFE curves, paper.rows (VCM and the OD rows among
-    them) and their training seeds; not report_ablations nor the ablation rows outside paper.rows."""
+    """pipeline.paper alone: mcm_setting, teachers, report_paper, the NFE curves, paper.rows (VCM and the OD
+    rows among them) and their training seeds; not report_ablations nor the ablation rows outside
+    paper.rows."""
     params = config.load(REPO / "params.yaml")
     runs = expand_dvc(dag.dvc_yaml(switched(params, paper=True)))
     stages = {name.partition("@")[0] for name in runs}
-    assert {"mcm_setting", "report_paper"} <= stages and "report_ablations" not in stages
+    assert {"mcm_setting", "teachers", "report_paper"} <= stages and "report_ablations" not in stages
     for row in ("euler1", "lcm8", "vcm", "od_pe_tc", "vcm_s1", "dcm_s2"):
         assert f"evaluate@{row}" in runs, row
     assert not {"evaluate@dcm_d3", "evaluate@mcm_raw", "train_baseline@dmd2_steps"} & set(runs)
     ablations = expand_dvc(dag.dvc_yaml(switched(params, ablations=True)))
     assert "report_ablations" in ablations and "evaluate@dcm_d3" in ablations
-    assert not {"report_paper", "mcm_setting", "evaluate@euler1", "evaluate@vcm_s1"} & set(ablations)
+    paper_only = {"report_paper", "mcm_setting", "teachers", "evaluate@euler1", "evaluate@vcm_s1"}
+    assert not paper_only & set(ablations)
 
 
 def test_enable_changes_only_the_switch_in_the_params_file_and_rewrites_dvc_yaml(tmp_path):
@@ -242,7 +244,7 @@ def test_dcm_stages_lists_the_dags_runs_and_what_each_switch_would_add(capsys):
     assert listed["evaluate"] == ", ".join(params.default_methods)
     off = [line for line in lines if line.startswith("off:")]
     assert len(off) == 2 and "report_ablations" in off[0] and "dcm_d3" in off[0]
-    assert "mcm_setting, report_paper" in off[1] and "euler1" in off[1] and "lcm_s1" in off[1]
+    assert "mcm_setting, teachers, report_paper" in off[1] and "euler1" in off[1] and "lcm_s1" in off[1]
     assert "dcm params --enable paper -o params.yaml" in off[1]
 
 
@@ -370,7 +372,8 @@ def test_nfe_curve_rows_are_opt_in_and_apart_from_the_ablation_rows():
     paper_deps = set(STAGES["report_paper"].resolve(params)["deps"])
     seeds = {f"{m}_s{k}" for m in params.paper.rows for k in range(1, params.paper.seeds)}
     wanted = set(STAGES["evaluate"].methods(params)) | set(curves) | set(params.paper.rows) | seeds
-    assert paper_deps == {f"metrics/{m}.json" for m in wanted} | {"mcm_setting"}  # MCM in its own setting
+    # MCM in its own setting, the other teachers' folders (paper.teachers)
+    assert paper_deps == {f"metrics/{m}.json" for m in wanted} | {"mcm_setting", "teachers"}
     assert "metrics/dcm_d3.json" not in paper_deps and "metrics/dmd2_steps.json" not in paper_deps
     # sampling-only rows reuse trained weights; pcm2 is trained as its own row
     train = {m for s, m in dag.runs(params, every_row=True) if s.name.startswith("train_")}

@@ -400,3 +400,33 @@ def test_each_claim_is_reported_beside_its_euler_control_in_the_first_table(proj
     assert first_table == "| " + " | ".join(report_paper.CLAIMS_HEADER) + " |"
     assert summary.index(first_table) < summary.index("## At 2 steps")
     assert "holds, but so does Euler-k (no distillation)" in summary  # the rule, stated in the report
+
+
+def test_with_two_teachers_each_claim_pools_this_project_and_the_second_teachers_folder(project, monkeypatch):
+    """paper.teachers: 2 — the claims read teachers/s1/metrics/ beside metrics/ and pool them (each row
+    against its own teacher's): DCM above PCM under teacher 0 and 2 points below it under teacher 1 moves
+    DCM-4 > PCM-4 from holds (one teacher) to inconclusive.  Without the folder the report says which
+    stage to run."""
+    params = config.parse(config.deep_merge(config.load_raw("params.yaml"), {"paper": {"teachers": 2}}))
+    for name in ("teacher", "euler4", "dcm", "pcm", "lcm"):
+        write_metrics(params, name, TOTALS[name])
+    with pytest.raises(config.ConfigError, match=r"paper.teachers.*dcm run teachers"):
+        report_paper.run(params)
+    second = project / "teachers" / "s1"
+    second.mkdir(parents=True)
+    monkeypatch.chdir(second)
+    for name in ("teacher", "euler4", "pcm", "lcm"):
+        write_metrics(params, name, TOTALS[name] + 0.01)
+    write_metrics(params, "dcm", TOTALS["pcm"] - 0.01)
+    monkeypatch.chdir(project)
+    report_paper.run(params)
+    summary = (project / "paper" / "summary.md").read_text()
+    row = claim_row(summary, "DCM-4 > PCM-4")
+    assert row["verdict"] == "inconclusive"
+    assert row["score (a vs b), pairs"].endswith("64 paired rows, over 2 teachers")
+    assert "The claims pool 2 teachers (paper.teachers" in summary
+    one = config.load("params.yaml")
+    report_paper.run(one)
+    single = (project / "paper" / "summary.md").read_text()
+    assert claim_row(single, "DCM-4 > PCM-4")["verdict"].startswith("holds")
+    assert "conditional on one teacher (paper.teachers: 1)" in single

@@ -571,6 +571,11 @@ class PaperConfig:
     # the rows the paper report compares besides the default DAG's (its claims' ablation rows) and whose
     # training seeds it pools; the NFE-curve rows come in through their own flag (methods.<m>.nfe_curve)
     rows: list[Str] = Field(default_factory=list)
+    # teachers the claims pool, the main one included: k = 1 … teachers−1 train another teacher with seed + k
+    # (stage `teachers`, in teachers/s<k>/: the claims' rows distilled from it with the main seeds, sampled
+    # and scored on the same evaluation rows); the claims then pool over teachers (verdicts.
+    # teacher_pooled_difference).  The shapes world only: a real teacher is given, not trained
+    teachers: Int = at_least(1, 1)
 
 
 @dataclass(config=SECTION)
@@ -1038,6 +1043,13 @@ def _check_method(name: str, m: MethodConfig, params: Params) -> None:
     _check_schedule(key, m, params.grid)
 
 
+def check_teachers(params: Params) -> None:
+    """``paper.teachers`` > 1 trains more teachers: the shapes world with the toy backbone only."""
+    if params.paper.teachers > 1 and (params.world.name != "shapes" or params.backbone.family != "toy"):
+        raise ConfigError("paper.teachers", params.paper.teachers, "1 unless the shapes world with the toy "
+                          "backbone: a real teacher is given, not trained")
+
+
 def _check_paper(params: Params) -> None:
     """``paper.rows``: trained rows, each once, with the rows whose weights they sample; the names
     ``<row>_s<k>`` free for the training seeds ``paper.seeds`` adds."""
@@ -1055,6 +1067,7 @@ def _check_paper(params: Params) -> None:
                               f"listed together with {m.checkpoint_from!r}, whose weights it samples")
     if len(set(p.rows)) != len(p.rows):
         raise ConfigError("paper.rows", p.rows, "each row once")
+    check_teachers(params)
     for k in range(1, p.seeds):
         for row in p.rows:
             if f"{row}_s{k}" in params.methods:

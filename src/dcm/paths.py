@@ -27,6 +27,7 @@ PAPER = Path("paper")  # the paper report: claims with verdicts, NFE curves (`ma
 EXPORT = Path("export")
 # MCM in its own setting: the `mcm` preset's pipeline in this folder (`make paper`)
 MCM_SETTING = Path("mcm_setting")
+TEACHERS = Path("teachers")  # the paper's other teachers: teachers/s<k>/ (stage teachers)
 
 
 def checkpoint(method: str, expert: str | None = None) -> Path:

@@ -6,7 +6,7 @@ methods whose kind declares this stage among those that train it (``trains``; ``
 
 The DAG of a params file (:func:`dag_rows`, :meth:`Stage.in_dag`) is the default experiment plus the opt-in
 groups its ``pipeline`` section switches on: ``ablations`` (the ablation rows, report_ablations) and
-``paper`` (the paper report's rows, mcm_setting, report_paper).
+``paper`` (the paper report's rows, mcm_setting, teachers, report_paper).
 """
 
 from __future__ import annotations
@@ -282,10 +282,17 @@ STAGES: dict[str, Stage] = {
               params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training",
                       "evaluation",
                       "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, opt_in="paper"),
+        Stage("teachers",
+              "the claims under more teachers (paper.teachers > 1): a teacher trained with seed + k and the "
+              "claims' rows distilled from it, sampled and scored in teachers/s<k>/ (opt-in: `make paper`)",
+              outs=("teachers",),
+              params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training",
+                      "evaluation", "methods", "paper.teachers"), resumable=True, opt_in="paper"),
         Stage("report_paper",
               "the paper's claims with computed verdicts, quality against NFE, the ablation table, "
               "MCM in its own setting (opt-in: `make paper`)",
-              deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json", "mcm_setting"),
+              deps=("metrics/{each}.json", "metrics/{paper}.json", "metrics/{curve}.json", "mcm_setting",
+                    "teachers"),
               outs=("paper",),
               params=("seed", "evaluation.bootstrap", "methods", "paper", "tracking"), opt_in="paper"),
     ]

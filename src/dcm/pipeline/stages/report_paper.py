@@ -18,7 +18,7 @@ import dataclasses
 import html
 
 from dcm import paths, tracking
-from dcm.config import Params
+from dcm.config import ConfigError, Params
 from dcm.evaluation import reporting
 from dcm.evaluation.results_block import shown_name
 from dcm.evaluation.verdicts import (
@@ -123,9 +123,13 @@ def run(params: Params) -> None:
     row_steps = {**{m: params.methods[m].sample_steps for m in params.methods},
                  **{m: k for m, k in steps.items() if k is not None}}
     euler = euler_rows(params)
-    controlled = [controlled_verdict(c, metrics, n, seed, euler, row_steps, seeds=seeds) for c in CLAIMS]
+    # with paper.teachers > 1 every claim pools this project and teachers/s<k>/ (stage teachers)
+    others = _other_teachers(params)
+    projects = [metrics, *others] if others else metrics
+    seed_maps = [seeds, *[None] * len(others)] if others else seeds
+    controlled = [controlled_verdict(c, projects, n, seed, euler, row_steps, seeds=seed_maps) for c in CLAIMS]
     claims = [c.verdict for c in controlled]
-    comparisons = [verdict(labelled(c, metrics), metrics, n, seed, seeds=seeds) for c in COMPARISONS]
+    comparisons = [verdict(labelled(c, metrics), projects, n, seed, seeds=seed_maps) for c in COMPARISONS]
     with tracking.stage_run(params, "report_paper", param_keys={"methods": ",".join(metrics)}) as run_, \
             atomic_dir(paths.PAPER) as out:
         md = [f"# {params.experiment}: the paper's claims, quality against steps, ablations\n"]
@@ -325,15 +329,37 @@ def _no_coverage_note(params: Params) -> str:
             f"no coverage to measure (docs/shapes-world.md, \"Open captions\").")
 
 
+def _other_teachers(params: Params) -> list[dict[str, dict]]:
+    """The metrics of teachers/s<k>/ (stage teachers), k = 1 … paper.teachers − 1, by row."""
+    from dcm.pipeline.stages.teachers import folder
+
+    out = []
+    for k in range(1, params.paper.teachers):
+        found = sorted((folder(k) / paths.METRICS).glob("*.json"))
+        if not found:
+            raise ConfigError("paper.teachers", params.paper.teachers,
+                              f"{folder(k) / paths.METRICS}/ holds no metrics: run `dcm run teachers` first")
+        out.append({p.stem: read_json(p) for p in found})
+    return out
+
+
 def _seeds_rule(params: Params, metrics: dict) -> str:
     pooled = sorted(m for m in metrics if params.methods[m].replicate_of)
     if not pooled:
-        return ("One training run per row: the intervals cover the evaluation rows, not training seeds, so a "
+        rule = ("One training run per row: the intervals cover the evaluation rows, not training seeds, so a "
                 "verdict says what this run shows, not what a retrained one would.")
-    return (f"Rows trained with several seeds (paper.seeds = {params.paper.seeds}: "
-            f"{', '.join(params.paper.rows)}) are pooled by a hierarchical bootstrap — each resample draws "
-            f"the evaluation rows (paired) and each side's training seeds — so their intervals cover "
-            f"retraining as well as the evaluation rows.")
+    else:
+        rule = (f"Rows trained with several seeds (paper.seeds = {params.paper.seeds}: "
+                f"{', '.join(params.paper.rows)}) are pooled by a hierarchical bootstrap — each resample "
+                f"draws the evaluation rows (paired) and each side's training seeds — so their intervals "
+                f"cover retraining as well as the evaluation rows.")
+    if params.paper.teachers > 1:
+        return rule + (f" The claims pool {params.paper.teachers} teachers (paper.teachers; seeds "
+                       f"{params.seed} … {params.seed + params.paper.teachers - 1}, the others' rows in "
+                       f"{paths.TEACHERS}/s<k>/): each student is compared with its own teacher's rows, and "
+                       f"the teachers are resampled on top.")
+    return rule + (" Every verdict is conditional on one teacher (paper.teachers: 1): the intervals do not "
+                   "cover the teacher's own training seed.")
 
 
 def _seed_table(metrics: dict, seeds: dict[str, list[str]], n: int, seed: int) -> str:

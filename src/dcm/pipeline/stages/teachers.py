@@ -1,0 +1,66 @@
+"""``teachers``: the paper's claims under more teachers (``paper.teachers`` > 1, ``make paper``).
+
+Every verdict of one project is conditional on its one teacher: the hierarchical bootstrap draws the
+evaluation rows and the students' training seeds, never the teacher's (docs/evaluation.md, "What the
+intervals do not cover").  For k = 1 … ``paper.teachers`` − 1 this stage trains another teacher with seed
+``seed`` + k in ``teachers/s<k>/`` and runs there, with this file's settings and seed otherwise (the same
+prompts, evaluation rows and students' seeds): trajectories, the claims' rows (report_paper's ``CLAIMS``
+and ``COMPARISONS``, and the Euler rows their controls use) distilled from that teacher, sampled and
+scored.  ``report_paper`` then pools every claim over the teachers (``verdicts.teacher_pooled_difference``:
+each student against its own teacher's rows).  Each folder is resumable (``dcm.pipeline.subproject``).
+With ``paper.teachers: 1`` it writes only ``teachers/progress.json``.
+"""
+
+from __future__ import annotations
+
+from dcm import io, paths
+from dcm.config import Params
+from dcm.pipeline import subproject
+
+TRAINING = ("train_baseline", "train_seme", "train_dete")
+
+
+def claim_rows(params: Params) -> list[str]:
+    """The rows the claims, their comparisons and their controls read, in params.yaml's order: the teacher
+    first (every row is scored against it)."""
+    from dcm.pipeline.stages.report_paper import CLAIMS, COMPARISONS, TEACHER, euler_rows
+
+    named = {TEACHER, *(m for c in (*CLAIMS, *COMPARISONS) for m in (c.a, c.b)), *euler_rows(params).values()}
+    return [m for m in params.methods if m in named and not params.methods[m].replicate_of]
+
+
+def folder(k: int):
+    return paths.TEACHERS / f"s{k}"
+
+
+def teacher_params(params: Params, k: int) -> tuple[Params, Params]:
+    """(the folder's params, its teacher stage's): the claims' rows, one training seed each, this file's
+    seed; the teacher trains with ``seed`` + k."""
+    from dcm import config
+
+    config.check_teachers(params)
+    sub = config.parse(subproject.reduced(params, claim_rows(params)))
+    return sub, sub.with_seed(params.seed + k)
+
+
+def runs(sub: Params) -> list[tuple[str, str | None]]:
+    """prepare, teacher, trajectories, each row's trainings, then every row sampled and scored (the
+    teacher first: the others are scored against it)."""
+    from dcm.pipeline.table import STAGES
+
+    trainings = [(s, m) for m in sub.methods for s in TRAINING if STAGES[s].runs_for(sub, m)]
+    return [("prepare", None), ("teacher", None), ("trajectories", None), *trainings,
+            *(("sample", m) for m in sub.methods), *(("evaluate", m) for m in sub.methods)]
+
+
+def run(params: Params) -> None:
+    paths.TEACHERS.mkdir(exist_ok=True)
+    io.write_json_atomic(paths.TEACHERS / subproject.PROGRESS, {"teachers": params.paper.teachers})
+    for k in range(1, params.paper.teachers):
+        sub, teacher = teacher_params(params, k)
+        subproject.run(folder(k), subproject.fingerprint(sub, f"teacher seed {teacher.seed}"), runs(sub),
+                       lambda stage, sub=sub, teacher=teacher: teacher if stage == "teacher" else sub,
+                       f"teachers s{k}", f"teacher seed {teacher.seed}", {"teacher_seed": teacher.seed})
+    print(f"teachers: {params.paper.teachers} in all"
+          + (f", {paths.TEACHERS}/s1..s{params.paper.teachers - 1}/metrics/" if params.paper.teachers > 1
+             else " (the main one; paper.teachers: 1)"))
