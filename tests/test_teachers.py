@@ -21,7 +21,8 @@ def test_the_folders_params_are_the_claims_rows_with_the_main_seed_and_the_teach
     params = smoke_with_teachers(3)
     rows = teachers.claim_rows(params)
     assert rows[0] == "teacher" and {"euler4", "dcm", "pcm", "lcm", "dmd2"} <= set(rows)
-    assert "dcm8" not in rows and not any("_s" in m for m in rows)  # nor NFE-curve nor training-seed rows
+    # neither NFE-curve rows nor training-seed rows, and of the Euler rows only the controls' (4 steps)
+    assert "dcm8" not in rows and "euler2" not in rows and not any("_s" in m for m in rows)
     sub, teacher = teachers.teacher_params(params, 2)
     assert list(sub.methods) == rows and sub.seed == params.seed and teacher.seed == params.seed + 2
     assert sub.paper.teachers == 1 and sub.paper.seeds == 1 and teacher.teacher == params.teacher

@@ -25,7 +25,9 @@ def claim_rows(params: Params) -> list[str]:
     first (every row is scored against it)."""
     from dcm.pipeline.stages.report_paper import CLAIMS, COMPARISONS, TEACHER, euler_rows
 
-    named = {TEACHER, *(m for c in (*CLAIMS, *COMPARISONS) for m in (c.a, c.b)), *euler_rows(params).values()}
+    named = {TEACHER, *(m for c in (*CLAIMS, *COMPARISONS) for m in (c.a, c.b))} & set(params.methods)
+    euler = euler_rows(params)  # the controls: Euler at each claim row's step count
+    named |= {euler[k] for k in (params.methods[m].sample_steps for m in named) if k in euler}
     return [m for m in params.methods if m in named and not params.methods[m].replicate_of]
 
 
