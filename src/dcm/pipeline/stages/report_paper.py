@@ -1,8 +1,9 @@
-"""``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dvc repro report_paper``).
+"""``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dvc repro report report_paper``).
 
 In order: the paper's claims as the first table, each with a verdict computed from the paired 95%
 intervals (``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
-bootstrap) and beside it its control, the same claim with the teacher sampled by plain Euler at the claim's
+bootstrap, and with `paper.teachers` > 1 over the teachers of ``teachers/s<k>/``, stage ``teachers``) and
+beside it its control, the same claim with the teacher sampled by plain Euler at the claim's
 step count in place of the distilled row (``CURVES["teacher (Euler)"]``), and DMD2 against DCM as a
 comparison; each family's Total and FD excess at 1, 2 and 4 steps (``STEP_COUNTS``), one row per family of
 ``CURVES``; the coverage of open attributes (the metrics' ``open_world`` block, where the world has open
