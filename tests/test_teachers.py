@@ -59,3 +59,6 @@ def test_a_second_teacher_runs_the_claims_rows_in_its_folder_and_resumes(project
         == json.loads((root / "data" / "prompts.json").read_text())
     weights = sorted((project / "models" / "teacher").rglob("*.safetensors"))
     assert weights and all(w.read_bytes() != (root / w.relative_to(project)).read_bytes() for w in weights)
+    # fewer teachers: the folder beyond paper.teachers goes
+    STAGES["teachers"].run(smoke_with_teachers(1))
+    assert not root.exists() and io.read_json(project / "teachers" / "progress.json") == {"teachers": 1}

@@ -13,6 +13,9 @@ With ``paper.teachers: 1`` it writes only ``teachers/progress.json``.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from dcm import io, paths
 from dcm.config import Params
 from dcm.pipeline import subproject
@@ -21,8 +24,8 @@ TRAINING = ("train_baseline", "train_seme", "train_dete")
 
 
 def claim_rows(params: Params) -> list[str]:
-    """The rows the claims, their comparisons and their controls read, in params.yaml's order: the teacher
-    first (every row is scored against it)."""
+    """The rows the claims, their comparisons and their controls read (the teacher-50 among them: every row
+    is scored against it), in params.yaml's order."""
     from dcm.pipeline.stages.report_paper import CLAIMS, COMPARISONS, TEACHER, euler_rows
 
     named = {TEACHER, *(m for c in (*CLAIMS, *COMPARISONS) for m in (c.a, c.b))} & set(params.methods)
@@ -31,7 +34,8 @@ def claim_rows(params: Params) -> list[str]:
     return [m for m in params.methods if m in named and not params.methods[m].replicate_of]
 
 
-def folder(k: int):
+def folder(k: int) -> Path:
+    """The folder of the teacher with seed ``seed`` + k."""
     return paths.TEACHERS / f"s{k}"
 
 
@@ -57,6 +61,10 @@ def runs(sub: Params) -> list[tuple[str, str | None]]:
 
 def run(params: Params) -> None:
     paths.TEACHERS.mkdir(exist_ok=True)
+    for stale in paths.TEACHERS.glob("s*"):  # teachers a larger paper.teachers left behind
+        if stale.is_dir() and stale.name[1:].isdigit() and int(stale.name[1:]) >= params.paper.teachers:
+            print(f"teachers: {stale}/ is beyond paper.teachers ({params.paper.teachers}): removed")
+            shutil.rmtree(stale)
     io.write_json_atomic(paths.TEACHERS / subproject.PROGRESS, {"teachers": params.paper.teachers})
     for k in range(1, params.paper.teachers):
         sub, teacher = teacher_params(params, k)
