@@ -35,6 +35,11 @@ def checkpoint(method: str, expert: str | None = None) -> Path:
     return CHECKPOINTS / method / expert if expert else CHECKPOINTS / method
 
 
+def teacher_folder(k: int) -> Path:
+    """teachers/s<k>/: the project of the teacher trained with seed + k (stage teachers)."""
+    return TEACHERS / f"s{k}"
+
+
 def samples(method: str) -> Path:
     return SAMPLES / method
 

@@ -231,10 +231,17 @@ def hierarchical_difference(a_sets: list[list[Mapping]], b_sets: list[list[Mappi
     a, b = totals[:len(a_sets)], totals[len(a_sets):]
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, count, (n, count))  # shared by both sides: the difference stays paired
-    pick_a, pick_b = rng.integers(0, len(a), (n, len(a))), rng.integers(0, len(b), (n, len(b)))
-    values = _resampled_means(a, rows, pick_a) - _resampled_means(b, rows, pick_b)
-    lo, hi = np.percentile(values, [2.5, 97.5])
+    lo, hi = np.percentile(_resampled_differences(a, b, rows, rng), [2.5, 97.5])
     return Difference(float(a.mean() - b.mean()), (float(lo), float(hi)), count, (len(a), len(b)))
+
+
+def _resampled_differences(a: np.ndarray, b: np.ndarray, rows: np.ndarray,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Per resample (``rows``: the drawn rows of each): a's mean minus b's, each side's training seeds drawn
+    with replacement (a's, then b's, from ``rng``)."""
+    n = len(rows)
+    pick_a, pick_b = rng.integers(0, len(a), (n, len(a))), rng.integers(0, len(b), (n, len(b)))
+    return _resampled_means(a, rows, pick_a) - _resampled_means(b, rows, pick_b)
 
 
 def teacher_pooled_difference(teachers: Sequence[tuple[list[list[Mapping]], list[list[Mapping]]]], n: int,
@@ -259,8 +266,7 @@ def teacher_pooled_difference(teachers: Sequence[tuple[list[list[Mapping]], list
         a = totals[start:start + len(a_sets)]
         b = totals[start + len(a_sets):start + len(a_sets) + len(b_sets)]
         start += len(a_sets) + len(b_sets)
-        pick_a, pick_b = rng.integers(0, len(a), (n, len(a))), rng.integers(0, len(b), (n, len(b)))
-        within.append(_resampled_means(a, rows, pick_a) - _resampled_means(b, rows, pick_b))
+        within.append(_resampled_differences(a, b, rows, rng))
         estimates.append(a.mean() - b.mean())
     pick = rng.integers(0, len(teachers), (n, len(teachers)))
     values = np.stack(within)[pick.T, np.arange(n)].mean(0)

@@ -126,8 +126,7 @@ def run(params: Params) -> None:
     euler = euler_rows(params)
     # with paper.teachers > 1 every claim pools this project and teachers/s<k>/ (stage teachers)
     others = _other_teachers(params)
-    projects = [metrics, *others] if others else metrics
-    seed_maps = [seeds, *[None] * len(others)] if others else seeds
+    projects, seed_maps = [metrics, *others], [seeds, *[None] * len(others)]
     controlled = [controlled_verdict(c, projects, n, seed, euler, row_steps, seeds=seed_maps) for c in CLAIMS]
     claims = [c.verdict for c in controlled]
     comparisons = [verdict(labelled(c, metrics), projects, n, seed, seeds=seed_maps) for c in COMPARISONS]
@@ -332,14 +331,13 @@ def _no_coverage_note(params: Params) -> str:
 
 def _other_teachers(params: Params) -> list[dict[str, dict]]:
     """The metrics of teachers/s<k>/ (stage teachers), k = 1 … paper.teachers − 1, by row."""
-    from dcm.pipeline.stages.teachers import folder
-
     out = []
     for k in range(1, params.paper.teachers):
-        found = sorted((folder(k) / paths.METRICS).glob("*.json"))
+        folder = paths.teacher_folder(k) / paths.METRICS
+        found = sorted(folder.glob("*.json"))
         if not found:
             raise ConfigError("paper.teachers", params.paper.teachers,
-                              f"{folder(k) / paths.METRICS}/ holds no metrics: run `dcm run teachers` first")
+                              f"{folder}/ holds no metrics: run `dcm run teachers` first")
         out.append({p.stem: read_json(p) for p in found})
     return out
 

@@ -14,7 +14,6 @@ With ``paper.teachers: 1`` it writes only ``teachers/progress.json``.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from dcm import io, paths
 from dcm.config import Params
@@ -32,11 +31,6 @@ def claim_rows(params: Params) -> list[str]:
     euler = euler_rows(params)  # the controls: Euler at each claim row's step count
     named |= {euler[k] for k in (params.methods[m].sample_steps for m in named) if k in euler}
     return [m for m in params.methods if m in named and not params.methods[m].replicate_of]
-
-
-def folder(k: int) -> Path:
-    """The folder of the teacher with seed ``seed`` + k."""
-    return paths.TEACHERS / f"s{k}"
 
 
 def teacher_params(params: Params, k: int) -> tuple[Params, Params]:
@@ -68,7 +62,8 @@ def run(params: Params) -> None:
     io.write_json_atomic(paths.TEACHERS / subproject.PROGRESS, {"teachers": params.paper.teachers})
     for k in range(1, params.paper.teachers):
         sub, teacher = teacher_params(params, k)
-        subproject.run(folder(k), subproject.fingerprint(sub, f"teacher seed {teacher.seed}"), runs(sub),
+        key = subproject.fingerprint(sub, f"teacher seed {teacher.seed}")
+        subproject.run(paths.teacher_folder(k), key, runs(sub),
                        lambda stage, sub=sub, teacher=teacher: teacher if stage == "teacher" else sub,
                        f"teachers s{k}", f"teacher seed {teacher.seed}", {"teacher_seed": teacher.seed})
     print(f"teachers: {params.paper.teachers} in all"
