@@ -6,6 +6,9 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.dcm-installed
 export DVC_NO_ANALYTICS := 1
 PYTEST_ARGS ?=
+# stage runs at a time (`dcm repro -j`), each with this machine's cores // JOBS torch threads; JOBS=1 is
+# `dvc repro` one stage after another
+JOBS ?= 2
 
 .PHONY: setup demo test test-fast ablations paper clean-outputs
 
@@ -27,7 +30,8 @@ demo: setup
 	$(VENV)/bin/dcm stages
 	@# one MLflow parent run for this pipeline execution; every stage run nests under it
 	@run_id=$$($(VENV)/bin/dcm pipeline-run); status=0; \
-	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report || status=$$?; \
+	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dcm repro -j $(JOBS) report \
+		|| status=$$?; \
 	$(VENV)/bin/dcm pipeline-run --finish "$$run_id" --exit-status $$status; exit $$status
 	@echo
 	@echo "== done =="
@@ -49,14 +53,17 @@ ablations: setup
 # The paper report: every row of the default DAG, the quality-against-steps rows (nfe_curve: true) and paper.rows
 # (each trained paper.seeds times, seed + k), and MCM in its own setting (stage mcm_setting: the mcm preset's
 # pipeline in mcm_setting/).  `dcm params --enable paper` switches them on in params.yaml (pipeline.paper) and
-# rewrites dvc.yaml; `dvc repro report report_paper` builds what is missing, then reports/summary.md (the
+# rewrites dvc.yaml; `dcm repro report report_paper` builds what is missing, then reports/summary.md (the
 # default table, as `make demo` writes it) and paper/summary.md, which opens with the paper's claims, each
 # marked holds / does not hold / inconclusive from the paired intervals, with its control beside it (plain
 # Euler at the same step count in place of the distilled row: "holds, but so does Euler-k").
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	$(VENV)/bin/dcm params --enable paper -o params.yaml
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro report report_paper
+	@run_id=$$($(VENV)/bin/dcm pipeline-run --name paper); status=0; \
+	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+		$(VENV)/bin/dcm repro -j $(JOBS) report report_paper || status=$$?; \
+	$(VENV)/bin/dcm pipeline-run --finish "$$run_id" --exit-status $$status; exit $$status
 	@echo "paper report: paper/summary.md  (HTML: paper/index.html; curves: paper/*_vs_nfe.png)"
 	@echo "default table: reports/summary.md"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from dcm import config
 from dcm.evaluation import reporting, results_block
@@ -36,6 +37,15 @@ TOTALS = {
     "pcm2": BASE - 0.04, "dcm2": BASE - 0.02, "dcm8": BASE, "mcm": BASE - 0.03,
     "dmd2_1": BASE - 0.01, "dmd2_2": BASE, "mcm_raw": BASE - 0.04,
 }  # no od_pe_tc, lcm8, ...: never ran
+
+
+@pytest.fixture
+def project(project):
+    """The repo's params with one teacher: these tests write one project's metrics (two teachers pooled:
+    test_with_two_teachers_...)."""
+    raw = config.deep_merge(config.load_raw("params.yaml"), {"paper": {"teachers": 1}})
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return project
 
 
 def section(summary: str, heading: str) -> str:

@@ -105,6 +105,27 @@ def _launch(args: argparse.Namespace) -> int:
                              plan_check=not args.no_plan_check)
 
 
+def _repro_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="*", help="DVC stages or runs (report, train_baseline@lcm; a per-method "
+                   "stage's name: all its runs) and what they need; none: the whole DAG")
+    p.add_argument("-j", "--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: this machine's cores // jobs)")
+    p.add_argument("--heartbeat", type=float, default=300.0,
+                   help="seconds between the running runs' progress lines (default 300)")
+    _params_args(p)
+
+
+@command("repro", "dvc repro with several stage runs at a time: each run is `dvc repro --single-item` once "
+         "what it needs is done, its output in logs/repro/", _repro_args)
+def _repro(args: argparse.Namespace) -> int:
+    from dcm.pipeline import repro
+
+    runs = repro.plan(_params(args), args.targets)
+    threads = args.threads or repro.default_threads(args.jobs)
+    return repro.execute(runs, args.jobs, threads, heartbeat=args.heartbeat)
+
+
 @command("check", "pre-flight: everything the DAG of these params needs (weights folder, data files, VBench, "
          "free disk), every problem at once; `prepare` runs it first", _params_args)
 def _check(args: argparse.Namespace) -> int:

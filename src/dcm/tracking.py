@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -138,6 +139,8 @@ def _tags(params: Params, stage: str, method: str | None = None) -> dict[str, st
     if commit:
         tags["mlflow.source.git.commit"] = commit
     tags.update({tag: os.environ[var] for var, tag in _ENV_TAGS.items() if os.environ.get(var)})
+    if "torch" in sys.modules:  # float reductions round by the number of threads they are split over
+        tags["dcm.torch_threads"] = str(sys.modules["torch"].get_num_threads())
     return tags
 
 

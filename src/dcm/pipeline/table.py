@@ -39,6 +39,9 @@ class Stage:
     # opt-in: in the DAG only when its group is switched on (params pipeline.<group>; `make ablations`,
     # `make paper`)
     opt_in: Literal["ablations", "paper"] | None = None
+    # rough minutes of one run on the shapes world with 2 cores; `dcm repro -j` starts the run with the most
+    # of it downstream first (the teachers before the many short student runs)
+    weight: float = 0.2
 
     def methods(self, params: Params, include_ablations: bool = False) -> list[str]:
         """The methods this stage runs for: the default DAG's, or every row with ``include_ablations``
@@ -232,7 +235,8 @@ STAGES: dict[str, Stage] = {
                       "data.videos", "evaluation.prompts", "evaluation.videos_per_prompt")),
         Stage("teacher", "pretrain the toy teacher by flow matching (real backbones: record the weights)",
               deps=("data/prompts.json",), outs=("models/teacher",),
-              params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps")),
+              params=("seed", "backbone", "world", "teacher", "grid.shift", "grid.num_train_timesteps"),
+              weight=23),
         Stage("preprocess", "real backbones: text embeddings and video latents, once, as checksummed shards "
                             "(toy: nothing)",
               deps=("data/prompts.json", "models/teacher", "{data.videos}"), outs=("data/preprocessed",),
@@ -240,7 +244,7 @@ STAGES: dict[str, Stage] = {
         Stage("trajectories", "teacher ODE solves with guidance, stored as checksummed shards",
               deps=("models/teacher", "data/prompts.json", "data/preprocessed"), outs=("trajectories",),
               data_parallel=True, resumable=True,
-              params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale")),
+              params=("seed", *TEACHER_GRID, "trajectories", "backbone.guidance_scale"), weight=1),
         Stage("analyze",
               "per-timestep loss / grad-norm dynamics of analysis.seeds whole-range students; proposes kappa",
               deps=("models/teacher", "trajectories", "data/preprocessed"), outs=("analysis",),
@@ -249,17 +253,17 @@ STAGES: dict[str, Stage] = {
               deps=("models/teacher", "trajectories", "data/prompts.json", "data/preprocessed"),
               outs=("checkpoints/{method}",),
               params=("seed", *TEACHER_GRID, "training", "world", "backbone.guidance_scale", "methods.{row}"),
-              per_method=True, trains=True, data_parallel=True, resumable=True),
+              per_method=True, trains=True, data_parallel=True, resumable=True, weight=1.7),
         Stage("train_seme", "semantic expert: full fine-tune on the high-noise phase + temporal coherence",
               deps=("models/teacher", "trajectories", "data/preprocessed"),
               outs=("checkpoints/{method}/seme",),
               params=("seed", "grid", "training", "methods.{row}.seme"), per_method=True, trains=True,
-              data_parallel=True, resumable=True),
+              data_parallel=True, resumable=True, weight=0.8),
         Stage("train_dete", "detail expert: LoRA + copied timestep layers, GAN + feature matching",
               deps=("models/teacher", "trajectories", "data/preprocessed", "checkpoints/{method}/seme"),
               outs=("checkpoints/{method}/dete",),
               params=("seed", "grid", "training", "methods.{row}.dete"), per_method=True, trains=True,
-              data_parallel=True, resumable=True),
+              data_parallel=True, resumable=True, weight=0.8),
         Stage("sample", "few-step (or teacher) sampling of the shared evaluation (prompt, seed) set",
               deps=("data/prompts.json", "models/teacher", "data/preprocessed", "{weights}"),
               outs=("samples/{method}",),
@@ -281,13 +285,14 @@ STAGES: dict[str, Stage] = {
               outs=("mcm_setting",),
               params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training",
                       "evaluation",
-                      "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, opt_in="paper"),
+                      "methods.teacher", "methods.lcm", "methods.mcm"), resumable=True, opt_in="paper",
+              weight=27),
         Stage("teachers",
               "the claims under more teachers (paper.teachers > 1): a teacher trained with seed + k and the "
               "claims' rows distilled from it, sampled and scored in teachers/s<k>/ (opt-in: `make paper`)",
               outs=("teachers",),
               params=("seed", "backbone", "world", "grid", "teacher", "trajectories", "training",
-                      "evaluation", "methods", "paper.teachers"), resumable=True, opt_in="paper"),
+                      "evaluation", "methods", "paper.teachers"), resumable=True, opt_in="paper", weight=45),
         Stage("report_paper",
               "the paper's claims with computed verdicts, quality against NFE, the ablation table, "
               "MCM in its own setting (opt-in: `make paper`)",
