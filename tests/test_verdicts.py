@@ -178,7 +178,10 @@ def test_pooling_teachers_keeps_a_and_b_paired_within_a_teacher_and_covers_their
     split = verdict(BETTER, [teacher_a, flipped], 400, 0)
     assert split.difference.mean == pytest.approx(0.0, abs=1e-12)
     assert split.difference.ci95 == pytest.approx((-0.01, 0.01)) and split.outcome == INCONCLUSIVE
-    assert verdict(BETTER, [teacher_a, {"b": teacher_a["b"]}], 400, 0).missing == ("a",)
+    lacking = verdict(BETTER, [teacher_a, {"b": teacher_a["b"]}], 400, 0)
+    assert lacking.missing == ("a (teacher 1)",)
+    assert lacking.interval_text() == "no metrics for `a` (teacher 1)"
+    assert verdict(BETTER, [{"b": teacher_a["b"]}, {"b": teacher_a["b"]}], 400, 0).missing == ("a",)
     seeds = [{"a": ["a", "a_s1"], "b": ["b"]}, {"a": ["a"], "b": ["b"]}]
     pooled = verdict(BETTER, [{**teacher_a, "a_s1": teacher_a["a"]}, teacher_b], 400, 0, seeds=seeds)
     assert pooled.line().endswith("over 64 paired rows × training seeds 3 vs 2 in all, over 2 teachers")

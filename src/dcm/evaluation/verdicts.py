@@ -112,7 +112,9 @@ class Verdict:
         """The difference (×100) the outcome was decided on with its 95% interval, ``+0.44 [-0.23, +1.40]``;
         for a claim not run, the rows without metrics."""
         if self.outcome == NOT_RUN:
-            return "no metrics for " + ", ".join(f"`{m}`" for m in self.missing)
+            rows = [m.partition(" (") for m in self.missing]  # `dcm` (teacher 1)
+            return "no metrics for " + ", ".join(f"`{row}`" + (f" ({where}" if where else "")
+                                                 for row, _, where in rows)
         d = self.difference
         values = [100 * d.mean, 100 * d.ci95[0], 100 * d.ci95[1]]
         # two decimals, unless an interval bound would print as ±0.00 while the verdict rests on its sign
@@ -306,11 +308,14 @@ def verdict(claim: Claim, metrics: Mapping[str, Mapping] | Sequence[Mapping[str,
     """The claim's verdict from ``metrics`` (row name → metrics record with ``per_row``); not run when a
     row has no record.  ``seeds`` (row → its training-seed rows, itself first) pools the seeds that have
     metrics with :func:`hierarchical_difference`.  A list of ``metrics`` (and of ``seeds``) is one project
-    per teacher seed, pooled with :func:`teacher_pooled_difference`; a row missing in any of them: not run."""
+    per teacher seed, pooled with :func:`teacher_pooled_difference`; a row missing in any of them: not run,
+    the row named with the teacher that lacks it where it is not the first (``dcm (teacher 1)``: the list's
+    second project, the report's teachers/s1/)."""
     projects = [metrics] if isinstance(metrics, Mapping) else list(metrics)
     seed_maps = [seeds] if seeds is None or isinstance(seeds, Mapping) else list(seeds)
     seed_maps = seed_maps * len(projects) if len(seed_maps) == 1 else seed_maps
-    missing = tuple(dict.fromkeys(m for p in projects for m in (claim.a, claim.b) if m not in p))
+    missing = tuple(dict.fromkeys(m if m not in projects[0] or k == 0 else f"{m} (teacher {k})"
+                                  for k, p in enumerate(projects) for m in (claim.a, claim.b) if m not in p))
     if missing:
         return Verdict(claim, NOT_RUN, missing=missing)
     teachers = []

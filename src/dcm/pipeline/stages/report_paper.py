@@ -1,4 +1,4 @@
-"""``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dvc repro report report_paper``).
+"""``report_paper``: paper/summary.md + paper/index.html (``make paper``: ``dcm repro report report_paper``).
 
 In order: the paper's claims as the first table, each with a verdict computed from the paired 95%
 intervals (``dcm.evaluation.verdicts``; pooled over a row's training seeds, `paper.seeds`, by a hierarchical
