@@ -115,6 +115,9 @@ def test_stage_runs_nest_under_the_pipeline_parent_run(monkeypatch, mlflow_sqlit
     tags = client.get_run(child).data.tags
     assert tags["mlflow.parentRunId"] == parent and tags["dvc.stage"] == "train_baseline@lcm"
     assert tags["dcm.method"] == "lcm"
+    import torch  # a stage imports it before its run starts: the run records its thread count
+
+    assert tags["dcm.torch_threads"] == str(torch.get_num_threads())
     assert client.get_run(parent).info.status == "FINISHED"
 
 

@@ -9,15 +9,15 @@ once every run it depends on has finished, N at a time, the run with the most wo
 dvc.lock entry, so the project afterwards is what ``dvc repro`` leaves.
 
 Each run gets ``--threads`` torch threads (default: this machine's cores // N) through ``OMP_NUM_THREADS``.
-The toy world's networks are small, so one thread does more than half of what two do: on a 2-core machine
-two one-thread runs side by side train ~1.4× as many teacher steps per second as one two-thread run.  A
+The shapes world's networks are small, so N one-thread runs side by side get through more work than one
+run on N threads (``benchmarks/threads.py`` measures it; docs/pipeline.md quotes it).  A
 float reduction split over another number of threads rounds differently, so a run's weights and figures
 depend on its thread count at the rounding level; every MLflow stage run records it (``dcm.torch_threads``).
 
 Every run's output goes to ``logs/repro/<run>.log``; the console gets one line as each run starts and ends,
 the running runs' last progress line every ``--heartbeat`` seconds, and a failed run's last lines.  After a
 failure no new run starts; the running ones finish (their work is kept) and the exit status is the failed
-run's.
+``dvc repro``'s.
 """
 
 from __future__ import annotations
