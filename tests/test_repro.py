@@ -55,6 +55,20 @@ def test_an_unknown_target_is_refused_naming_the_runs():
         repro.execute([], jobs=0, threads=1)
 
 
+def test_a_folder_without_dvc_or_with_a_stale_dvc_yaml_is_refused_before_anything_runs(project):
+    params = config.load("params.yaml")
+    with pytest.raises(ConfigError, match=r"\.dvc.*dvc init"):
+        repro.check_project(params)
+    run_dvc(project, "init", "-q", "--no-scm")
+    with pytest.raises(ConfigError, match=r"dvc.yaml = 'missing'.*python -m dcm.pipeline.dag"):
+        repro.check_project(params)
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    repro.check_project(params)
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text().replace("train_seme", "train_semi"))
+    with pytest.raises(ConfigError, match=r"dvc.yaml = 'stale'"):
+        repro.check_project(params)
+
+
 def _tiny_dvc_repo(path: Path, stages: dict) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     run_dvc(path, "init", "-q")

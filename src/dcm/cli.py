@@ -113,15 +113,16 @@ def _repro_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads per run (default: this machine's cores // jobs)")
     p.add_argument("--heartbeat", type=float, default=300.0,
                    help="seconds between the running runs' progress lines (default 300)")
-    _params_args(p)
 
 
-@command("repro", "dvc repro with several stage runs at a time: each run is `dvc repro --single-item` once "
-         "what it needs is done, its output in logs/repro/", _repro_args)
+@command("repro", "dvc repro of params.yaml's DAG with several stage runs at a time: each run is `dvc repro "
+         "--single-item` once what it needs is done, its output in logs/repro/", _repro_args)
 def _repro(args: argparse.Namespace) -> int:
     from dcm.pipeline import repro
 
-    runs = repro.plan(_params(args), args.targets)
+    params = config.load("params.yaml")  # what the stage commands of dvc.yaml read
+    repro.check_project(params)
+    runs = repro.plan(params, args.targets)
     threads = args.threads or repro.default_threads(args.jobs)
     return repro.execute(runs, args.jobs, threads, heartbeat=args.heartbeat)
 

@@ -54,6 +54,17 @@ class Run:
         return LOGS / f"{self.name}.log"
 
 
+def check_project(params: Params) -> None:
+    """A DVC project whose dvc.yaml is the DAG of ``params`` (the stage commands read params.yaml), before
+    anything runs."""
+    if not Path(".dvc").is_dir():
+        raise ConfigError(".dvc", str(Path.cwd()), "a DVC project: run `dvc init` here first")
+    written = Path("dvc.yaml").read_text() if Path("dvc.yaml").is_file() else None
+    if written != dag.dvc_yaml_text(params):
+        raise ConfigError("dvc.yaml", "missing" if written is None else "stale",
+                          "the DAG of params.yaml: regenerate it with `python -m dcm.pipeline.dag`")
+
+
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
