@@ -14,6 +14,7 @@ import pytest
 from dcm.evaluation import reporting, results_block
 from dcm.evaluation.verdicts import HOLDS, INCONCLUSIVE, NOT_RUN, Claim, Difference, Verdict
 from dcm.io import write_json_atomic
+from helpers import REPO
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIME = 1_796_212_800  # 2026-12-02 12:00 UTC: the metrics files' mtime, so the stamp's date is known
@@ -83,13 +84,13 @@ def _write_project(root: Path, report: bool = True, paper: bool = True, teacher:
     return root
 
 
-def _git_commit(root: Path) -> str:
+def _git_commit(root: Path, *more: str) -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
                               check=True, capture_output=True, text=True).stdout.strip()
 
     git("init", "-q")
-    git("add", "metrics")
+    git("add", "metrics", *more)
     git("commit", "-q", "-m", "run")
     return git("rev-parse", "--short=12", "HEAD")
 
@@ -148,6 +149,24 @@ def test_stamp_names_the_commit_the_run_date_the_machine_and_the_teacher_speed(t
 
     write_json_atomic(tmp_path / "metrics" / "dcm.json", {**METRICS["dcm"], "total": 0.5})
     assert f"commit `{commit}` with uncommitted changes to metrics/dcm.json" in results_block.render(tmp_path)
+
+
+def test_stamp_of_a_make_paper_checkout_names_the_switch_as_its_only_change(tmp_path):
+    """`make paper` switches pipeline.paper on in params.yaml and rewrites dvc.yaml: the stamp says so, and
+    any other change to params.yaml is an uncommitted change."""
+    _write_project(tmp_path)
+    committed = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(committed)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    commit = _git_commit(tmp_path, "params.yaml", "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(committed.replace("  paper: false", "  paper: true", 1))
+    (tmp_path / "dvc.yaml").write_text("stages: {report_paper: {cmd: x}}\n")
+    assert (f"commit `{commit}` with params.yaml changed only in switching `pipeline.paper` on and dvc.yaml "
+            "with it") in results_block.render(tmp_path)
+    (tmp_path / "params.yaml").write_text(committed.replace("  paper: false", "  paper: true", 1)
+                                          .replace("seeds: 3", "seeds: 2", 1))
+    assert f"commit `{commit}` with uncommitted changes to dvc.yaml, params.yaml" in \
+        results_block.render(tmp_path)
 
 
 def test_stamp_outside_git_and_without_a_trained_teacher(tmp_path):

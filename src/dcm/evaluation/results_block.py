@@ -169,6 +169,25 @@ def _written(file: Path) -> str:
     return f"written {when:%Y-%m-%d %H:%M} UTC"
 
 
+def _switches_only(project: Path, committed: str) -> list[str] | None:
+    """The opt-in groups switched on in the project's params.yaml where they are its only difference from
+    the ``committed`` text (what `make paper` / `make ablations` leave); None otherwise."""
+    import yaml
+
+    try:
+        now, then = yaml.safe_load((project / "params.yaml").read_text()), yaml.safe_load(committed)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(now, dict) or not isinstance(then, dict):
+        return None
+    switches_now, switches_then = now.pop("pipeline", None) or {}, then.pop("pipeline", None) or {}
+    if now != then:
+        return None
+    on = [g for g, value in switches_now.items() if value and not switches_then.get(g)]
+    off = [g for g, value in switches_then.items() if value and not switches_now.get(g)]
+    return on if on and not off else None
+
+
 def git_commit(project: Path) -> str:
     """The checkout's commit, short, naming the tracked files that differ from it (`make paper` and
     `make ablations` rewrite params.yaml and dvc.yaml to switch their rows on)."""
@@ -184,6 +203,12 @@ def git_commit(project: Path) -> str:
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
     if not changed:
         return f"commit `{head.stdout.strip()}`"
+    switches = _switches_only(project, git("show", "HEAD:params.yaml").stdout) \
+        if set(changed) <= {"params.yaml", "dvc.yaml"} and "params.yaml" in changed else None
+    if switches:
+        on = ", ".join(f"`pipeline.{g}`" for g in switches)
+        rest = " and dvc.yaml with it" if "dvc.yaml" in changed else ""
+        return f"commit `{head.stdout.strip()}` with params.yaml changed only in switching {on} on{rest}"
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     return f"commit `{head.stdout.strip()}` with uncommitted changes to {shown}"
 
