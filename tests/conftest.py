@@ -85,7 +85,7 @@ def dvc_smoke_repo(tmp_path_factory):
     so tests that change the repo afterwards don't affect what others compare against.
     """
     repo = smoke_dvc_repo(tmp_path_factory.mktemp("dvc-smoke"))
-    first = run_dvc(repo, "repro", "report")  # the default DAG, as `make demo` runs it
+    first = run_dvc(repo, "repro", "report")  # the default DAG one stage at a time (`make demo JOBS=1`)
     return repo, first.stdout, deterministic_metrics(repo / "metrics")
 
 
