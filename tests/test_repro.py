@@ -28,6 +28,9 @@ def test_the_plan_holds_what_the_targets_need_each_run_after_what_it_reads():
             "evaluate@lcm", "report"} <= set(runs)
     assert "report_paper" not in runs and "mcm_setting" not in runs
     assert runs["teacher"].after == {"prepare"}
+    # nothing runs beside the demo's teacher (every other run needs it): it keeps every core
+    assert runs["prepare"].alone and runs["teacher"].alone and not runs["trajectories"].alone
+    assert not any(r.alone for n, r in runs.items() if "@" in n)
     assert {"train_seme@dcm", "trajectories", "teacher"} <= runs["train_dete@dcm"].after
     assert runs["evaluate@lcm"].after == {"sample@lcm", "sample@teacher"}
     # a per-method stage's name stands for its runs, and brings only what they need
@@ -43,6 +46,7 @@ def test_the_run_with_the_most_work_downstream_starts_first():
     order = [r.name for r in runs]
     assert order[:2] == ["prepare", "teacher"]
     assert order.index("teachers") < order.index("mcm_setting") < order.index("train_baseline@lcm")
+    assert [r.name for r in runs if r.alone] == []  # the teachers of the paper run side by side
     for r in runs:
         assert all(r.downstream < next(b for b in runs if b.name == a).downstream for a in r.after)
 
@@ -107,15 +111,23 @@ def test_a_failed_run_stops_new_runs_lets_the_running_one_finish_and_shows_its_l
 
 
 def test_runs_get_their_thread_count_and_what_is_done_is_skipped(tmp_path, monkeypatch, capsys):
-    stages = {"threads": {"cmd": "echo $OMP_NUM_THREADS > threads.txt", "outs": ["threads.txt"]}}
+    stages = {"threads": {"cmd": "echo $OMP_NUM_THREADS > threads.txt", "outs": ["threads.txt"]},
+              "alone": {"cmd": "printenv OMP_NUM_THREADS > alone.txt || echo unset > alone.txt",
+                        "outs": ["alone.txt"]}}
     repo = _tiny_dvc_repo(tmp_path, stages)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runs = _runs(stages, {"threads": 1, "alone": 1})
+    next(r for r in runs if r.name == "alone").alone = True
     for _ in range(2):
-        assert repro.execute(_runs(stages, {"threads": 1}), jobs=1, threads=3, dvc=str(BIN / "dvc")) == 0
+        assert repro.execute(runs, jobs=1, threads=3, dvc=str(BIN / "dvc")) == 0
     assert (repo / "threads.txt").read_text().strip() == "3"
+    assert (repo / "alone.txt").read_text().strip() == "unset"  # the environment's: torch's default
     assert "didn't change, skipping" in (repo / "logs/repro/threads.log").read_text()
-    assert capsys.readouterr().out.count("done  threads") == 2
+    out = capsys.readouterr().out
+    assert out.count("done  threads") == 2
+    assert "start threads (3 threads)" in out and "start alone (alone)" in out
 
 
 @pytest.mark.slow

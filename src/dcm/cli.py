@@ -110,7 +110,8 @@ def _repro_args(p: argparse.ArgumentParser) -> None:
                    "stage's name: all its runs) and what they need; none: the whole DAG")
     p.add_argument("-j", "--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per run (default: this machine's cores // jobs)")
+                   help="torch threads of a run that may share the machine (default: this machine's cores // "
+                   "jobs); a run nothing can run beside keeps the environment's, as under dvc repro")
     p.add_argument("--heartbeat", type=float, default=300.0,
                    help="seconds between the running runs' progress lines (default 300)")
 

@@ -8,14 +8,17 @@ once every run it depends on has finished, N at a time, the run with the most wo
 (:attr:`dcm.pipeline.table.Stage.weight`).  DVC still decides whether each stage is stale and writes its
 dvc.lock entry, so the project afterwards is what ``dvc repro`` leaves.
 
-Each run gets ``--threads`` torch threads (default: this machine's cores // N) through ``OMP_NUM_THREADS``.
-The shapes world's networks are small, so N one-thread runs side by side get through more work than one
-run on N threads (``benchmarks/threads.py`` measures it; docs/pipeline.md quotes it).  A
-float reduction split over another number of threads rounds differently, so a run's weights and figures
-depend on its thread count at the rounding level; every MLflow stage run records it (``dcm.torch_threads``).
+Each run that may share the machine gets ``--threads`` torch threads (default: this machine's cores // N)
+through ``OMP_NUM_THREADS``; a run that nothing else in the plan can run beside (every other run comes before
+or after it: ``make demo``'s teacher) runs with the environment's threads, as under ``dvc repro``. The choice
+is the plan's, never the timing's, so a rerun of the same targets repeats it. The shapes world's networks are
+small, so N one-thread runs side by side get through more work than one run on N threads
+(``benchmarks/threads.py`` measures it; docs/pipeline.md quotes it). A float reduction split over another
+number of threads rounds differently, so a run's weights and figures depend on its thread count at the
+rounding level; every MLflow stage run records it (``dcm.torch_threads``).
 
 Every run's output goes to ``logs/repro/<run>.log``; the console gets one line as each run starts and ends,
-the running runs' last progress line every ``--heartbeat`` seconds, and a failed run's last lines.  After a
+the running runs' last progress line every ``--heartbeat`` seconds, and a failed run's last lines. After a
 failure no new run starts; the running ones finish (their work is kept) and the exit status is the failed
 ``dvc repro``'s.
 """
@@ -48,6 +51,7 @@ class Run:
     writes: list[str]
     after: set[str] = field(default_factory=set)  # the runs that write what it reads
     downstream: float = 0.0  # its own weight and that of every run after it
+    alone: bool = False  # every other run of the plan comes before or after it: nothing can run beside it
 
     @property
     def log(self) -> Path:
@@ -100,8 +104,13 @@ def plan(params: Params, targets: Sequence[str] = ()) -> list[Run]:
     for name in _topological(chosen):
         for before in chosen[name].after:
             below[before] |= {name} | below[name]
+    above: dict[str, set[str]] = {n: set() for n in chosen}  # every run before n
+    for name, after in below.items():
+        for n in after:
+            above[n].add(name)
     for name, run in chosen.items():
         run.downstream = run.weight + sum(chosen[n].weight for n in below[name])
+        run.alone = len(below[name]) + len(above[name]) + 1 == len(chosen)
     return sorted(chosen.values(), key=lambda r: -r.downstream)
 
 
@@ -148,15 +157,15 @@ def execute(runs: Sequence[Run], jobs: int, threads: int, dvc: str = "dvc", hear
     if shutil.which(dvc) is None and not Path(dvc).is_file():
         raise ConfigError("dvc", dvc, "the dvc executable on PATH (pip install dvc)")
     LOGS.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    shared = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = {r.name: r for r in runs}
     order = [r.name for r in runs]  # heaviest downstream first
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     done: set[str] = set()
     failed: list[tuple[str, int]] = []
     start, last_beat, total = time.monotonic(), time.monotonic(), len(order)
-    print(f"dcm repro: {total} runs, {jobs} at a time, {threads} torch thread(s) each; logs in {LOGS}/",
-          flush=True)
+    print(f"dcm repro: {total} runs, {jobs} at a time, {threads} torch thread(s) each (a run nothing can run "
+          f"beside: the environment's); logs in {LOGS}/", flush=True)
 
     def clock() -> str:
         return time.strftime("%H:%M:%S")
@@ -170,9 +179,11 @@ def execute(runs: Sequence[Run], jobs: int, threads: int, dvc: str = "dvc", hear
                 run = pending.pop(ready[0])
                 with run.log.open("w") as log:
                     proc = subprocess.Popen([dvc, "--wait-for-lock", "repro", "--single-item", run.name],
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(os.environ) if run.alone else shared)
                 running[run.name] = (proc, time.monotonic())
-                print(f"{clock()} [{len(done)}/{total}] start {run.name}", flush=True)
+                how = "alone" if run.alone else f"{threads} thread{'s' * (threads > 1)}"
+                print(f"{clock()} [{len(done)}/{total}] start {run.name} ({how})", flush=True)
             if failed and not running:
                 break
             if not running:  # nothing can start: a dependency outside the plan never finishes
