@@ -241,7 +241,8 @@ def teacher_speed(project: Path) -> str | None:
     t = read_json(file)
     if t.get("steps_per_s") is None:
         return None
-    threads = f" on {t['torch_threads']} torch threads" if t.get("torch_threads") else ""
+    n = t.get("torch_threads")
+    threads = f" on {n} torch thread{'s' * (n != 1)}" if n else ""
     wall = f" in {t['wall_s'] / 60:.1f} min" if t.get("wall_s") else ""
     return f"teacher {t.get('steps', '?')} steps{wall} at {t['steps_per_s']:.2f} steps/s{threads}"
 
