@@ -9,6 +9,12 @@ PYTEST_ARGS ?=
 # stage runs at a time (`dcm repro -j`), each with this machine's cores // JOBS torch threads; JOBS=1 is
 # `dvc repro` one stage after another
 JOBS ?= 2
+# $(call pipeline,TARGETS,PIPELINE-RUN OPTIONS): one MLflow parent run for this pipeline execution (every stage
+# run nests under it) around `dcm repro -j $(JOBS) TARGETS`, closed with its exit status
+pipeline = run_id=$$($(VENV)/bin/dcm pipeline-run $(2)); status=0; \
+	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dcm repro -j $(JOBS) $(1) \
+		|| status=$$?; \
+	$(VENV)/bin/dcm pipeline-run --finish "$$run_id" --exit-status $$status; exit $$status
 
 .PHONY: setup demo test test-fast ablations paper clean-outputs
 
@@ -28,11 +34,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	$(VENV)/bin/dcm stages
-	@# one MLflow parent run for this pipeline execution; every stage run nests under it
-	@run_id=$$($(VENV)/bin/dcm pipeline-run); status=0; \
-	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dcm repro -j $(JOBS) report \
-		|| status=$$?; \
-	$(VENV)/bin/dcm pipeline-run --finish "$$run_id" --exit-status $$status; exit $$status
+	@$(call pipeline,report,)
 	@echo
 	@echo "== done =="
 	@echo "comparison table : reports/summary.md  (HTML: reports/index.html)"
@@ -60,10 +62,7 @@ ablations: setup
 paper: setup
 	@test -d .dvc || $(VENV)/bin/dvc init -q $$(test -d .git || echo --no-scm)
 	$(VENV)/bin/dcm params --enable paper -o params.yaml
-	@run_id=$$($(VENV)/bin/dcm pipeline-run --name paper); status=0; \
-	DCM_PARENT_RUN_ID=$$run_id PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
-		$(VENV)/bin/dcm repro -j $(JOBS) report report_paper || status=$$?; \
-	$(VENV)/bin/dcm pipeline-run --finish "$$run_id" --exit-status $$status; exit $$status
+	@$(call pipeline,report report_paper,--name paper)
 	@echo "paper report: paper/summary.md  (HTML: paper/index.html; curves: paper/*_vs_nfe.png)"
 	@echo "default table: reports/summary.md"
 

@@ -2,7 +2,7 @@
 
 What `dcm repro -j N` trades: one run with all the machine's threads, or N runs with one thread each at once.
 Each measurement is a separate process that builds the toy teacher of ``--params`` and times ``--steps``
-training steps (scene batch, flow-matching loss, backward, clip, AdamW) after ``--warmup`` untimed ones.
+steps of the teacher stage's own training loop (``train_teacher``) after ``--warmup`` untimed ones.
 Per repeat, in this order: one process with ``--cores`` threads, then ``--cores`` one-thread processes
 started together; printed: each repeat's steps/s, the side-by-side sum, the ratio sum / wide, and the medians.
 
@@ -16,52 +16,32 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 def worker(params_path: str, steps: int, warmup: int) -> None:
-    import numpy as np
+    """The teacher stage's own training loop (``train_teacher``): ``warmup`` steps untimed, then ``steps``
+    (a fresh optimizer on the warmed-up model; its loop's wall time, the stage's ``wall_s``)."""
     import torch
 
-    from dcm import config, schedule
+    from dcm import config
     from dcm.backbones import create_teacher
-    from dcm.distill.optim import adamw
-    from dcm.distill.teacher_pretraining import MAX_GRAD_NORM, flow_matching_loss, sample_sigmas, scene_batch
+    from dcm.distill.teacher_pretraining import train_teacher
 
     params = config.load(params_path)
-    torch.manual_seed(params.seed)
     backbone = create_teacher(params)
-    cfg, world = params.teacher, params.world
-    sigmas = torch.from_numpy(schedule.training_sigmas(params.grid.num_train_timesteps,
-                                                       params.grid.shift)).float()
-    trainable = [p for m in (backbone.transformer, backbone.prompt_encoder) for p in m.parameters()]
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            videos, captions = scene_batch(rng, cfg.batch_size, world.size, world.frames, world.quality,
-                                           world.position_jitter, world.open_share, world.open_attributes)
-            x0 = backbone.encode_video(videos)
-            eps = torch.randn(x0.shape, generator=gen)
-            sigma = sample_sigmas(x0.shape[0], sigmas, gen)
-            loss = flow_matching_loss(backbone, backbone.transformer, x0, eps, sigma,
-                                      backbone.encode_prompts(captions))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-            optimizer.step()
+    def with_steps(n: int) -> config.Params:
+        return config.parse(config.deep_merge(config.load_raw(params_path),
+                                              {"teacher": {"train_steps": n, "warmup_steps": 0}}))
 
-    run(warmup)
-    start = time.perf_counter()
-    run(steps)
-    print(f"{steps / (time.perf_counter() - start):.4f} {torch.get_num_threads()}")
+    train_teacher(backbone, with_steps(warmup))
+    timed = train_teacher(backbone, with_steps(steps))
+    print(f"{steps / timed.wall_s:.4f} {torch.get_num_threads()}")
 
 
 def measure(args: argparse.Namespace, threads: int, processes: int) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_DISABLE": "1"}
     cmd = [sys.executable, __file__, "--worker", "--params", args.params, "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)]

@@ -160,7 +160,7 @@ def execute(runs: Sequence[Run], jobs: int, threads: int, dvc: str = "dvc", hear
     shared = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = {r.name: r for r in runs}
     order = [r.name for r in runs]  # heaviest downstream first
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[Run, subprocess.Popen, float]] = {}
     done: set[str] = set()
     failed: list[tuple[str, int]] = []
     start, last_beat, total = time.monotonic(), time.monotonic(), len(order)
@@ -181,7 +181,7 @@ def execute(runs: Sequence[Run], jobs: int, threads: int, dvc: str = "dvc", hear
                     proc = subprocess.Popen([dvc, "--wait-for-lock", "repro", "--single-item", run.name],
                                             stdout=log, stderr=subprocess.STDOUT,
                                             env=dict(os.environ) if run.alone else shared)
-                running[run.name] = (proc, time.monotonic())
+                running[run.name] = (run, proc, time.monotonic())
                 how = "alone" if run.alone else f"{threads} thread{'s' * (threads > 1)}"
                 print(f"{clock()} [{len(done)}/{total}] start {run.name} ({how})", flush=True)
             if failed and not running:
@@ -189,7 +189,7 @@ def execute(runs: Sequence[Run], jobs: int, threads: int, dvc: str = "dvc", hear
             if not running:  # nothing can start: a dependency outside the plan never finishes
                 raise ConfigError("targets", sorted(pending), "runs whose dependencies are in the DAG")
             time.sleep(poll)
-            for name, (proc, began) in list(running.items()):
+            for name, (run, proc, began) in list(running.items()):
                 status = proc.poll()
                 if status is None:
                     continue
@@ -200,24 +200,24 @@ def execute(runs: Sequence[Run], jobs: int, threads: int, dvc: str = "dvc", hear
                     print(f"{clock()} [{len(done)}/{total}] done  {name} in {seconds:.0f} s", flush=True)
                     continue
                 print(f"{clock()} FAILED {name} (exit {status}) after {seconds:.0f} s; last lines of "
-                      f"{LOGS / (name + '.log')}:", flush=True)
-                lines = (LOGS / f"{name}.log").read_text(errors="replace").replace("\r", "\n").splitlines()
+                      f"{run.log}:", flush=True)
+                lines = run.log.read_text(errors="replace").replace("\r", "\n").splitlines()
                 print("\n".join("    " + line for line in lines[-25:] if line.strip()), flush=True)
                 failed.append((name, status))
                 if len(failed) == 1 and running:
                     print(f"dcm repro: no new run starts; waiting for {', '.join(running)}", flush=True)
             if running and time.monotonic() - last_beat >= heartbeat:
                 last_beat = time.monotonic()
-                for name, (_, began) in running.items():
+                for name, (run, _, began) in running.items():
                     print(f"{clock()}   running {name} ({(time.monotonic() - began) / 60:.0f} min): "
-                          f"{_last_line(LOGS / (name + '.log'))}", flush=True)
+                          f"{_last_line(run.log)}", flush=True)
     except KeyboardInterrupt:  # a Ctrl-C reached the runs too (one process group); a signal sent to this
         # process alone is passed on.  Each stage stops, its MLflow run KILLED (dcm.tracking)
         time.sleep(1.0)
-        for proc, _ in running.values():
+        for _, proc, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-        for proc, _ in running.values():
+        for _, proc, _ in running.values():
             proc.wait()
         print("dcm repro: interrupted", file=sys.stderr, flush=True)
         return 130
