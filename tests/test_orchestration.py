@@ -136,6 +136,16 @@ def test_dvc_yaml_and_snakefile_have_the_same_runs_deps_and_outs(views, request)
         assert dvc_run["cmd"].replace("dcm launch", "dcm run") == snake["cmd"], name
 
 
+def test_every_output_folder_of_the_dag_is_in_gitignore():
+    """DVC appends an output it finds untracked to .gitignore: a folder missing there shows a `make paper`
+    checkout as changed (the README stamp's "uncommitted changes to .gitignore")."""
+    params = switched(config.load(REPO / "params.yaml"), paper=True, ablations=True)
+    ignored = {line.strip().strip("/") for line in (REPO / ".gitignore").read_text().splitlines()}
+    tops = {out.split("/")[0] for run in expand_dvc(dag.dvc_yaml(params)).values() for out in run["outs"]}
+    assert {"teachers", "mcm_setting", "paper", "metrics"} <= tops
+    assert tops <= ignored, sorted(tops - ignored)
+
+
 def test_a_bare_dvc_repro_builds_the_default_experiment_and_the_switches_add_the_opt_in_groups(
         default_views, opt_in_views):
     """The committed params.yaml has both groups off: dvc.yaml (what a bare `dvc repro` runs) holds no opt-in
