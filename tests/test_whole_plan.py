@@ -224,6 +224,10 @@ def slurm_stub(tmp_path, monkeypatch):
     sbatch = bin_dir / "sbatch"
     sbatch.write_text(f"#!/bin/sh\necho \"$@\" > {record}\necho 'sbatch: stub refuses' >&2\nexit 1\n")
     sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    # submitit's SlurmExecutor refuses to start where no `srun` is on PATH (a machine without SLURM installed)
+    srun = bin_dir / "srun"
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv(dag.RESOURCES_ENV, str(project / "resources.yaml"))
     monkeypatch.delenv(launch.NO_PLAN_CHECK_ENV, raising=False)
