@@ -27,12 +27,11 @@ def worker(params_path: str, steps: int, warmup: int) -> None:
     from dcm.backbones import create_teacher
     from dcm.distill.teacher_pretraining import train_teacher
 
-    params = config.load(params_path)
-    backbone = create_teacher(params)
+    raw = config.load_raw(params_path)
+    backbone = create_teacher(config.parse(raw))
 
     def with_steps(n: int) -> config.Params:
-        return config.parse(config.deep_merge(config.load_raw(params_path),
-                                              {"teacher": {"train_steps": n, "warmup_steps": 0}}))
+        return config.parse(config.deep_merge(raw, {"teacher": {"train_steps": n, "warmup_steps": 0}}))
 
     train_teacher(backbone, with_steps(warmup))
     timed = train_teacher(backbone, with_steps(steps))

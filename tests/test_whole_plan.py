@@ -221,13 +221,14 @@ def slurm_stub(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "sbatch-called"
-    sbatch = bin_dir / "sbatch"
-    sbatch.write_text(f"#!/bin/sh\necho \"$@\" > {record}\necho 'sbatch: stub refuses' >&2\nexit 1\n")
-    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
-    # submitit's SlurmExecutor refuses to start where no `srun` is on PATH (a machine without SLURM installed)
-    srun = bin_dir / "srun"
-    srun.write_text("#!/bin/sh\nexit 1\n")
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    # sbatch records its arguments and refuses; srun is never called, but submitit's SlurmExecutor refuses
+    # to start where none is on PATH (a machine without SLURM installed)
+    stubs = {"sbatch": f"echo \"$@\" > {record}\necho 'sbatch: stub refuses' >&2\nexit 1\n",
+             "srun": "exit 1\n"}
+    for name, body in stubs.items():
+        stub = bin_dir / name
+        stub.write_text("#!/bin/sh\n" + body)
+        stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv(dag.RESOURCES_ENV, str(project / "resources.yaml"))
     monkeypatch.delenv(launch.NO_PLAN_CHECK_ENV, raising=False)
