@@ -224,6 +224,33 @@ def assert_half_per_rank(run: Path) -> dict:
     return record
 
 
+# Two runs that agree at every step's loss can still end a few weights apart: the 2-rank reduction sums in
+# another order than one process, and Adam divides each gradient by its own running size, so a last-bit
+# difference in a gradient near 0 (or a flip of its sign) becomes an update of up to ~lr in that element.
+# Measured: 1 of 61664 SemE elements off by 1.7e-6 and 2 of 61664 LCM elements by 1.5e-5 (AMD EPYC and Intel
+# Xeon 2-core boxes) while other machines matched to 1e-6.  A sharding bug moves whole shards, so the rule is:
+# every element within (rtol 1e-5, atol), except at most OUTLIER_SHARE of them, which stay within the distance
+# Adam can put between two runs in the smoke runs' 4 steps at lr ≤ 1e-4 (≤ 2·lr per step).
+OUTLIER_SHARE = 1e-3
+ADAM_REACH = 4 * 2 * 1e-4
+
+
+def assert_same_weights(one: Path, two: Path, atol: float = 1e-6) -> None:
+    """The weights in two checkpoint folders are one training's, by the rule above."""
+    a, b = safetensors_in(one), safetensors_in(two)
+    assert a.keys() == b.keys()
+    outliers, total = [], 0
+    for name in a:
+        assert b[name].shape == a[name].shape, name
+        gap = (b[name].double() - a[name].double()).abs()
+        off = gap > atol + 1e-5 * a[name].double().abs()
+        total += gap.numel()
+        if off.any():
+            outliers.append((name, int(off.sum()), float(gap.max())))
+            assert float(gap.max()) <= ADAM_REACH, (name, float(gap.max()))
+    assert sum(n for _, n, _ in outliers) <= OUTLIER_SHARE * total, outliers
+
+
 @pytest.fixture(scope="module")
 def seme_one(base_project, tmp_path_factory):
     """SemE 4 steps in 1 process with batch 4: the reference of the 2-rank SemE runs, and DetE's input."""
@@ -247,10 +274,7 @@ def test_fsdp_seme_at_two_ranks_equals_one_process_with_the_same_global_batch(se
     assert_same_run(one, two)
     record = assert_half_per_rank(two)
     assert len(record["shapes"]) == len(safetensors_in(one / "transformer"))  # a full fine-tune: every weight
-    a, b = safetensors_in(one / "transformer"), safetensors_in(two / "transformer")  # consolidated by rank 0
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(one / "transformer", two / "transformer")  # rank 0 wrote the consolidated weights
     summary = json.loads(two.joinpath("train.json").read_text())
     assert summary["global_batch_size"] == 4 and summary["parallel"]["strategy"] == "fsdp"
     assert (two / "resume/dcp/.metadata").is_file() and not (two / "resume/state.pt").exists()
@@ -269,12 +293,7 @@ def test_hsdp_lcm_with_an_ema_target_equals_one_process(base_project, tmp_path):
     assert_same_run(one, two)
     assert json.loads(two.joinpath("distributed.json").read_text())["parallel"]["strategy"] == "hsdp"
     assert_half_per_rank(two)
-    a, b = safetensors_in(one / "transformer"), safetensors_in(two / "transformer")
-    # atol 5e-5, not 1e-6: the 2-rank all-reduce sums in another order than one process, and Adam turns that
-    # last-bit difference of a near-zero gradient into an lr-sized step (2026-12-02, this 2-core box: 2 of
-    # 61664 elements off by up to 1.5e-5 while every per-step loss agreed; other machines matched to 1e-6)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=5e-5, msg=name)
+    assert_same_weights(one / "transformer", two / "transformer")
 
 
 @pytest.mark.slow
@@ -292,10 +311,7 @@ def test_fsdp_lora_dete_at_two_ranks_equals_one_process(seme_runs, tmp_path):
     record = assert_half_per_rank(two)
     assert all("lora_" in name or name.startswith("dete_") for name in record["shapes"])
     for folder in ("adapter", "."):
-        a, b = safetensors_in(one / folder), safetensors_in(two / folder)
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_same_weights(one / folder, two / folder)
 
 
 @pytest.mark.slow
@@ -345,11 +361,6 @@ def assert_same_history(one: Path, two: Path) -> dict[str, float]:
     return worst
 
 
-def assert_same_weights(one: Path, two: Path) -> None:
-    a, b = safetensors_in(one), safetensors_in(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def assert_tokens_split(run: Path, per_rank: int) -> None:
@@ -386,8 +397,8 @@ def test_compiled_blocks_under_fsdp_context_parallel_and_checkpointing_train_as_
     """training.compile (inductor's CPU code) at 2 ranks × context_parallel 2 with activation checkpointing:
     every block's compiled forward between FSDP2's gathers, inside the recomputation and on the split tokens
     gives the losses, gradient norms (per-term ones too: backward over a kept graph) and weights of the eager
-    one-process run.  The weights within 1e-5 where 4 steps move them by 4e-4: Adam divides each gradient by
-    its own size, so inductor's rounding in a gradient near 0 shows in its update."""
+    one-process run.  The weights by assert_same_weights's rule with atol 1e-5 (4 steps move them by 4e-4):
+    inductor's rounding adds to the reduction order's in the gradients Adam divides by their own size."""
     two = make_project(base_project, tmp_path / "two", batch_size=4,
                        parallel={"strategy": "fsdp", "context_parallel": 2})
     raw = yaml.safe_load((two / "params.yaml").read_text())
@@ -397,10 +408,7 @@ def test_compiled_blocks_under_fsdp_context_parallel_and_checkpointing_train_as_
     one, two = seme_one / "checkpoints/dcm/seme", two / "checkpoints/dcm/seme"
     assert_same_history(one, two)
     assert_tokens_split(two, SMOKE_TOKENS // 2)
-    a, b = safetensors_in(one / "transformer"), safetensors_in(two / "transformer")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert_same_weights(one / "transformer", two / "transformer", atol=1e-5)
 
 
 @pytest.fixture(scope="module")
